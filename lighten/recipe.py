@@ -1,0 +1,212 @@
+"""Recipes: YAML that says which model, which data, and which steps, validated by pydantic.
+
+Every problem becomes one :class:`RecipeError` line that names the file, the key and what is
+allowed, e.g. ``demo.yaml: steps[1] quant.ptq: bits: Input should be less than or equal to 8``.
+"""
+
+from __future__ import annotations
+
+import types
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, Field, ValidationError
+
+from lighten.errors import RecipeError
+from lighten.registry import get_step
+from lighten.step import StrictModel
+
+
+class DeployConfig(StrictModel):
+    """Where the model will run; every stage is measured on this same backend."""
+
+    backend: Literal["onnxruntime", "torch"] = "onnxruntime"
+    threads: int | None = Field(None, ge=1)
+    latency_runs: int = Field(50, ge=3)
+
+
+class MeasureConfig(StrictModel):
+    robustness: bool = True
+    eval_limit: int | None = Field(None, ge=1, description="evaluate on the first N test samples")
+
+
+def _recipe_schema():
+    """Built lazily: the data/model/train specs live in modules that import torch."""
+    from lighten.data import DataSpec
+    from lighten.models import ModelSpec
+    from lighten.train import TrainConfig
+
+    class RecipeSchema(StrictModel):
+        name: str = Field(min_length=1)
+        model: ModelSpec
+        data: DataSpec
+        train: TrainConfig = TrainConfig()
+        deploy: DeployConfig = DeployConfig()
+        measure: MeasureConfig = MeasureConfig()
+        steps: list[dict[str, dict[str, Any] | None]] = Field(default_factory=list)
+        output: str | None = None
+        seed: int = 0
+
+    return RecipeSchema
+
+
+@dataclass(frozen=True)
+class ParsedStep:
+    name: str
+    config: BaseModel
+
+    def to_dict(self) -> dict:
+        return {self.name: self.config.model_dump(exclude_defaults=True)}
+
+
+@dataclass(frozen=True)
+class Recipe:
+    name: str
+    model: Any  # lighten.models.ModelSpec
+    data: Any  # lighten.data.DataSpec
+    train: Any  # lighten.train.TrainConfig
+    deploy: DeployConfig
+    measure: MeasureConfig
+    steps: tuple[ParsedStep, ...]
+    output: str
+    seed: int
+    source: str = "<dict>"
+    base_dir: Path = Path(".")
+
+    def to_dict(self) -> dict:
+        """The recipe as plain data: recorded in artifacts and reports, hashed for resume."""
+        return {
+            "name": self.name,
+            "model": self.model.model_dump(exclude_none=True),
+            "data": self.data.model_dump(exclude_none=True),
+            "train": self.train.model_dump(),
+            "deploy": self.deploy.model_dump(),
+            "measure": self.measure.model_dump(),
+            "steps": [s.to_dict() for s in self.steps],
+            "output": self.output,
+            "seed": self.seed,
+        }
+
+
+def load_recipe(path: str | Path) -> Recipe:
+    path = Path(path)
+    if not path.is_file():
+        raise RecipeError(f"recipe file not found: {path} (check the path; see recipes/ for examples)")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise RecipeError(f"{path}: not valid YAML{where}: {getattr(exc, 'problem', exc)}") from None
+    except UnicodeDecodeError:
+        raise RecipeError(f"{path}: not a text file; a recipe is YAML") from None
+    return parse_recipe(raw, source=str(path), base_dir=path.parent)
+
+
+def parse_recipe(raw: Any, *, source: str = "<dict>", base_dir: Path = Path(".")) -> Recipe:
+    if not isinstance(raw, dict):
+        raise RecipeError(f"{source}: a recipe must be a mapping with keys name, model, data, steps")
+    schema = _recipe_schema()
+    try:
+        top = schema.model_validate(raw)
+    except ValidationError as err:
+        raise RecipeError(f"{source}: {_describe(err, schema)}") from None
+    steps = tuple(_parse_step(i, entry, source) for i, entry in enumerate(top.steps))
+    model = _resolve_paths(top.model, base_dir, ("python", "weights"))
+    data = _resolve_paths(top.data, base_dir, ("python", "root"))
+    return Recipe(
+        name=top.name,
+        model=model,
+        data=data,
+        train=top.train,
+        deploy=top.deploy,
+        measure=top.measure,
+        steps=steps,
+        output=top.output or f"runs/{top.name}",
+        seed=top.seed,
+        source=source,
+        base_dir=base_dir,
+    )
+
+
+def _parse_step(index: int, entry: dict, source: str) -> ParsedStep:
+    where = f"{source}: steps[{index}]"
+    if len(entry) != 1:
+        keys = ", ".join(map(str, entry)) or "nothing"
+        raise RecipeError(f"{where}: each step is one mapping 'name: {{options}}', got keys {keys}")
+    (name, options), = entry.items()
+    try:
+        spec = get_step(name)
+    except RecipeError as err:
+        raise RecipeError(f"{where}: {err}") from None
+    try:
+        config = spec.config_type.model_validate(options or {})
+    except ValidationError as err:
+        raise RecipeError(f"{where} {name}: {_describe(err, spec.config_type)}") from None
+    return ParsedStep(name, config)
+
+
+def _resolve_paths(spec: BaseModel, base_dir: Path, fields: tuple[str, ...]) -> BaseModel:
+    """Relative file paths in a recipe are relative to the recipe file, not the shell."""
+    update = {}
+    for name in fields:
+        value = getattr(spec, name, None)
+        if not value:
+            continue
+        file_part, sep, rest = value.partition(":") if name == "python" else (value, "", "")
+        candidate = base_dir / file_part
+        if not Path(file_part).is_absolute() and candidate.exists():
+            update[name] = f"{candidate}{sep}{rest}"
+    return spec.model_copy(update=update) if update else spec
+
+
+def _describe(err: ValidationError, schema: type[BaseModel]) -> str:
+    """One line for the first problem: where, what, and what is allowed."""
+    first = err.errors()[0]
+    loc = [p for p in first["loc"] if not isinstance(p, str) or not p.startswith("function-")]
+    where = _format_loc(loc)
+    if first["type"] == "extra_forbidden":
+        allowed = _allowed_keys(schema, loc[:-1])
+        hint = f"; allowed keys: {', '.join(allowed)}" if allowed else ""
+        return f"unknown key {where!r}{hint}"
+    if first["type"] == "missing":
+        return f"missing required key {where!r}"
+    value = first.get("input")
+    shown = f" (got {value!r})" if not isinstance(value, dict | list) else ""
+    message = first["msg"].removeprefix("Value error, ")
+    return f"{where}: {message}{shown}" if where else f"{message}{shown}"
+
+
+def _format_loc(loc: list) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
+
+
+def _allowed_keys(schema: type[BaseModel], loc: list) -> list[str]:
+    current: Any = schema
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        model = _as_model(current)
+        if model is None or part not in model.model_fields:
+            return []
+        current = model.model_fields[part].annotation
+    model = _as_model(current)
+    return list(model.model_fields) if model else []
+
+
+def _as_model(annotation: Any) -> type[BaseModel] | None:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType, list):
+        for arg in typing.get_args(annotation):
+            found = _as_model(arg)
+            if found is not None:
+                return found
+    return None

@@ -1,0 +1,340 @@
+"""Turn a run's ``metrics.jsonl`` + ``run.json`` into a terminal table, report.md and report.html.
+
+The report is the proof a compression worked, so it shows every number against the baseline
+(first row) and says where they came from (versions, machine, recipe hash, seed). The HTML file
+embeds its plots so it can be mailed or attached to an issue as one file.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+import os
+import tempfile
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from lighten.errors import LightenError
+
+# Keys every metrics row has (docs/ARCHITECTURE.md); anything else is an extra column.
+CORE_KEYS = (
+    "stage", "step", "accuracy", "agreement", "params", "nonzero_params", "bytes", "macs",
+    "latency_ms_b1", "latency_ms_b64", "backend", "seconds",
+)
+
+
+class ReportError(LightenError):
+    """A run directory has no usable metrics to report."""
+
+
+# ----------------------------------------------------------------------------------- formatting
+
+
+def human_bytes(n: float | None) -> str:
+    if n is None:
+        return "-"
+    units, i = ("B", "KiB", "MiB", "GiB"), 0
+    while abs(n) >= 1024 and i < len(units) - 1:
+        n, i = n / 1024, i + 1
+    return f"{n:.0f} B" if i == 0 else f"{n:.1f} {units[i]}"
+
+
+def human_count(n: float | None) -> str:
+    if n is None:
+        return "-"
+    for unit, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(n) >= scale:
+            return f"{n / scale:.2f}{unit}"
+    return f"{n:.0f}"
+
+
+def _pct(x: float | None) -> str:
+    return "-" if x is None else f"{100 * x:.2f}%"
+
+
+def _ms(x: float | None) -> str:
+    return "-" if x is None else f"{x:.3f}"
+
+
+def _ratio(base: float | None, value: float | None, word: str) -> str:
+    """'12.3x smaller' style: how many times ``value`` improves on ``base``."""
+    if not base or not value:
+        return "-"
+    return f"{base / value:.1f}x {word}"
+
+
+def _delta_points(base: float | None, value: float | None) -> str:
+    if base is None or value is None:
+        return "-"
+    return f"{100 * (value - base):+.2f}"
+
+
+@dataclass(frozen=True)
+class Column:
+    title: str
+    cell: Callable[[dict, dict], str]  # (row, baseline row) -> text
+    left: bool = False
+
+
+STAGE_COLUMNS = (
+    Column("stage", lambda r, b: str(r.get("stage", "?")), left=True),
+    Column("acc", lambda r, b: _pct(r.get("accuracy"))),
+    Column("Δacc pts", lambda r, b: _delta_points(b.get("accuracy"), r.get("accuracy"))),
+    Column("agree", lambda r, b: _pct(r.get("agreement"))),
+    Column("params", lambda r, b: human_count(r.get("params"))),
+    Column("non-zero", lambda r, b: human_count(r.get("nonzero_params"))),
+    Column("bytes", lambda r, b: human_bytes(r.get("bytes"))),
+    Column("size", lambda r, b: _ratio(b.get("bytes"), r.get("bytes"), "smaller")),
+    Column("MACs", lambda r, b: human_count(r.get("macs"))),
+    Column("b1 ms", lambda r, b: _ms(r.get("latency_ms_b1"))),
+    Column("b64 ms", lambda r, b: _ms(r.get("latency_ms_b64"))),
+    Column("b64 speed", lambda r, b: _ratio(b.get("latency_ms_b64"), r.get("latency_ms_b64"),
+                                            "faster")),
+    Column("energy µJ", lambda r, b: "-" if r.get("energy_uj") is None
+           else f"{r['energy_uj']:.2f}"),
+    Column("sec", lambda r, b: "-" if r.get("seconds") is None else f"{r['seconds']:.1f}"),
+)
+
+
+def _cells(rows: Sequence[dict]) -> tuple[list[str], list[list[str]]]:
+    base = rows[0] if rows else {}
+    return [c.title for c in STAGE_COLUMNS], [[c.cell(r, base) for c in STAGE_COLUMNS]
+                                               for r in rows]
+
+
+def format_table(header: Sequence[str], body: Sequence[Sequence[str]], *,
+                 left: Sequence[bool] = ()) -> str:
+    """Fixed-width text table; columns flagged in ``left`` are left-aligned, others right."""
+    widths = [max(len(str(x)) for x in col) for col in zip(header, *body, strict=True)]
+    left = list(left) + [False] * (len(header) - len(left))
+
+    def line(cells):
+        return "  ".join(str(c).ljust(w) if lf else str(c).rjust(w)
+                         for c, w, lf in zip(cells, widths, left, strict=True)).rstrip()
+
+    rule = "  ".join("-" * w for w in widths)
+    return "\n".join([line(header), rule, *(line(r) for r in body)])
+
+
+def format_stage_table(rows: Sequence[dict]) -> str:
+    """The terminal view of a run: one line per stage, ratios against the first (baseline) row."""
+    header, body = _cells(rows)
+    return format_table(header, body, left=[c.left for c in STAGE_COLUMNS])
+
+
+# ------------------------------------------------------------------------------------- reading
+
+
+def read_metrics(output_dir: str | os.PathLike) -> list[dict]:
+    path = Path(output_dir) / "metrics.jsonl"
+    if not path.is_file():
+        raise ReportError(f"no metrics at {path}; run `lighten run RECIPE --output "
+                          f"{Path(output_dir)}` first")
+    rows = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ReportError(f"{path}:{number} is not valid JSON ({e.msg}); delete the line "
+                              "or rerun the stage with --resume") from None
+        if not isinstance(row, dict):
+            raise ReportError(f"{path}:{number} is not a JSON object; expected one stage per line")
+        rows.append(row)
+    if not rows:
+        raise ReportError(f"{path} is empty; the run stopped before the baseline was measured, "
+                          "rerun it with --resume")
+    return rows
+
+
+def read_run_info(output_dir: str | os.PathLike) -> dict:
+    """``run.json`` or an empty dict when it was never written (the report then says so)."""
+    path = Path(output_dir) / "run.json"
+    if not path.is_file():
+        return {}
+    try:
+        info = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ReportError(f"{path} is not valid JSON ({e.msg}); rerun the recipe to rewrite it") \
+            from None
+    if not isinstance(info, dict):
+        raise ReportError(f"{path} is not a JSON object; rerun the recipe to rewrite it")
+    return info
+
+
+# --------------------------------------------------------------------------------------- plots
+
+
+def _plot_png(rows: Sequence[dict], x_key: str, x_label: str, *, log_x: bool) -> bytes | None:
+    """Accuracy against one cost, one labelled point per stage; None when no row has both."""
+    points = [(r[x_key], r["accuracy"], str(r.get("stage", "?"))) for r in rows
+              if r.get(x_key) and r.get("accuracy") is not None]
+    if not points:
+        return None
+    from io import BytesIO
+
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(5.5, 3.8), dpi=100)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    xs, ys, labels = zip(*points, strict=True)
+    ax.plot(xs, [100 * y for y in ys], "-o", color="tab:blue")
+    for x, y, label in points:
+        ax.annotate(label, (x, 100 * y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    if log_x:
+        ax.set_xscale("log")
+    ax.set_xlabel(x_label)
+    ax.set_ylabel("accuracy (%)")
+    ax.grid(True, alpha=0.3)
+    fig.tight_layout()
+    buf = BytesIO()
+    fig.savefig(buf, format="png")
+    return buf.getvalue()
+
+
+PLOTS = (  # file stem, metrics key, axis label, log x
+    ("accuracy_vs_bytes", "bytes", "model size (bytes, log scale)", True),
+    ("accuracy_vs_latency_b64", "latency_ms_b64", "latency at batch 64 (ms)", False),
+)
+
+
+# --------------------------------------------------------------------------------- the report
+
+
+def _extra_keys(rows: Sequence[dict]) -> list[str]:
+    seen: dict[str, None] = {}
+    for r in rows:
+        for k, v in r.items():
+            if k not in CORE_KEYS and not isinstance(v, dict | list):
+                seen[k] = None
+    return list(seen)
+
+
+def _fmt_extra(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+def _sections(rows: Sequence[dict], info: dict) -> list[tuple[str, Any]]:
+    """The report as (title, content) pairs; content is text, a table or a list of lines."""
+    header, body = _cells(rows)
+    sections: list[tuple[str, Any]] = [("Stages", ("table", header, body))]
+    extras = _extra_keys(rows)
+    if extras:
+        sections.append(("Robustness, energy and other measurements",
+                         ("table", ["stage", *extras],
+                          [[str(r.get("stage", "?")), *(_fmt_extra(r.get(k)) for k in extras)]
+                           for r in rows])))
+    notes = info.get("notes") or []
+    sections.append(("Notes", ("lines", [str(n) for n in notes] or ["(none)"])))
+    prov = info.get("provenance") or {}
+    if not info:
+        sections.append(("Provenance", ("lines", ["run.json is missing: versions, machine and "
+                                                  "recipe were not recorded"])))
+        return sections
+    for title, key in (("Versions", "versions"), ("Machine", "machine")):
+        value = prov.get(key) or {}
+        if isinstance(value, dict):
+            sections.append((title, ("table", ["name", "value"],
+                                     [[str(k), str(v)] for k, v in value.items()])))
+        else:
+            sections.append((title, ("lines", [str(value)])))
+    recipe_lines = [f"recipe hash: {info.get('recipe_hash', '-')}",
+                    f"seed: {prov.get('seed', info.get('seed', '-'))}"]
+    sections.append(("Recipe", ("lines", recipe_lines)))
+    if info.get("recipe") is not None:
+        import yaml
+
+        sections.append(("Recipe file", ("code", yaml.safe_dump(info["recipe"], sort_keys=False))))
+    return sections
+
+
+def _markdown(title: str, sections, plots: dict[str, str]) -> str:
+    out = [f"# {title}", ""]
+    for stem, _png in plots.items():
+        out += [f"![{stem}](plots/{stem}.png)", ""]
+    for name, (kind, *content) in sections:
+        out += [f"## {name}", ""]
+        if kind == "table":
+            header, body = content
+            esc = [[c.replace("|", "\\|") for c in row] for row in [header, *body]]
+            out.append("| " + " | ".join(esc[0]) + " |")
+            out.append("|" + "|".join("---" for _ in header) + "|")
+            out += ["| " + " | ".join(row) + " |" for row in esc[1:]]
+        elif kind == "code":
+            out += ["```yaml", content[0].rstrip(), "```"]
+        else:
+            out += [f"- {line}" for line in content[0]]
+        out.append("")
+    return "\n".join(out)
+
+
+_CSS = ("body{font-family:system-ui,sans-serif;margin:2em;max-width:72em}"
+        "table{border-collapse:collapse;font-size:0.9em}"
+        "td,th{border:1px solid #ccc;padding:0.25em 0.6em;text-align:right}"
+        "td:first-child,th:first-child{text-align:left}pre{background:#f5f5f5;padding:1em}")
+
+
+def _html(title: str, sections, plots: dict[str, str]) -> str:
+    e = html.escape
+    out = [f"<!doctype html><html><head><meta charset='utf-8'><title>{e(title)}</title>",
+           f"<style>{_CSS}</style></head><body><h1>{e(title)}</h1>"]
+    for stem, b64 in plots.items():
+        out.append(f"<img alt='{e(stem)}' src='data:image/png;base64,{b64}'>")
+    for name, (kind, *content) in sections:
+        out.append(f"<h2>{e(name)}</h2>")
+        if kind == "table":
+            header, body = content
+            out.append("<table><tr>" + "".join(f"<th>{e(h)}</th>" for h in header) + "</tr>")
+            out += ["<tr>" + "".join(f"<td>{e(c)}</td>" for c in row) + "</tr>" for row in body]
+            out.append("</table>")
+        elif kind == "code":
+            out.append(f"<pre>{e(content[0])}</pre>")
+        else:
+            out.append("<ul>" + "".join(f"<li>{e(line)}</li>" for line in content[0]) + "</ul>")
+    out.append("</body></html>")
+    return "\n".join(out)
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    """Write next to ``path`` then rename, so a crash never leaves half a report."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_report(output_dir: str | os.PathLike) -> tuple[Path, Path]:
+    """Write OUTPUT/report.md (+ plots/*.png) and a self-contained OUTPUT/report.html."""
+    output_dir = Path(output_dir)
+    rows = read_metrics(output_dir)
+    info = read_run_info(output_dir)
+    recipe = info.get("recipe") if isinstance(info.get("recipe"), dict) else {}
+    title = f"lighten report: {recipe.get('name') or output_dir.name}"
+
+    plots: dict[str, str] = {}
+    for stem, key, label, log_x in PLOTS:
+        png = _plot_png(rows, key, label, log_x=log_x)
+        if png is not None:
+            _atomic_write(output_dir / "plots" / f"{stem}.png", png)
+            plots[stem] = base64.b64encode(png).decode("ascii")
+
+    sections = _sections(rows, info)
+    md_path, html_path = output_dir / "report.md", output_dir / "report.html"
+    _atomic_write(md_path, _markdown(title, sections, plots).encode("utf-8"))
+    _atomic_write(html_path, _html(title, sections, plots).encode("utf-8"))
+    return md_path, html_path

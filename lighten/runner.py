@@ -1,0 +1,303 @@
+"""Apply a recipe: baseline, then each step; save, measure and record every stage.
+
+Output folder layout (other tools read it; keep the names)::
+
+    OUTPUT/metrics.jsonl               one JSON row per stage, first "baseline"
+    OUTPUT/run.json                    recipe, its hash, provenance, notes
+    OUTPUT/state.json                  what is done, for --resume
+    OUTPUT/stages/NN-<stage>.safetensors   the model after each stage (lighten artifact)
+    OUTPUT/report.md, report.html      written at the end
+
+Everything the user got wrong (recipe, data, model, weights) is found before the output folder is
+touched, so a bad run never damages the output of a good one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from lighten.errors import ModelError, RecipeError
+from lighten.recipe import Recipe
+from lighten.step import StepContext
+
+STATE_VERSION = 1
+
+
+@dataclass
+class RunResult:
+    output_dir: Path
+    rows: list[dict]
+    notes: list[str] = field(default_factory=list)
+
+
+@dataclass
+class _Prepared:
+    data: object
+    model: nn.Module
+    baseline_source: str
+    baseline_seconds: float
+
+
+def run_recipe(
+    recipe: Recipe,
+    *,
+    resume: bool = False,
+    overwrite: bool = False,
+    progress: bool = True,
+    output: str | Path | None = None,
+) -> RunResult:
+    """Run ``recipe``; with ``resume`` continue after the last finished stage."""
+    from lighten.provenance import recipe_hash
+
+    out = Path(output or recipe.output)
+    recipe_dict = recipe.to_dict()
+    digest = recipe_hash(recipe_dict)
+    state = _read_state(out)
+    if state and not resume and not overwrite:
+        raise RecipeError(f"{out} already holds a run; pass --resume to continue it or choose "
+                          f"another --output (or --overwrite to replace it)")
+    if resume and state and state.get("recipe_hash") != digest:
+        raise RecipeError(f"the recipe changed since the run in {out} started; rerun without "
+                          f"--resume into a new --output")
+    if not (resume and state):
+        state = None
+
+    prepared = _prepare(recipe, progress=progress)  # all user-input errors surface here
+    _prepare_output(out, fresh=state is None)
+    return _execute(recipe, prepared, out, state, digest, recipe_dict, progress=progress)
+
+
+def _prepare(recipe: Recipe, *, progress: bool) -> _Prepared:
+    from lighten.data import load_data
+
+    torch.manual_seed(recipe.seed)
+    data = load_data(recipe.data)
+    model = _build(recipe, data)
+    start = time.perf_counter()
+    source = _load_or_train_baseline(model, recipe, data, progress=progress)
+    return _Prepared(data, model, source, time.perf_counter() - start)
+
+
+def _build(recipe: Recipe, data) -> nn.Module:
+    from lighten.models import build_model
+
+    spec_shape = getattr(recipe.model, "input_shape", None)
+    if spec_shape and tuple(spec_shape) != tuple(data.input_shape):
+        raise ModelError(f"model.input_shape {list(spec_shape)} does not match the data's "
+                         f"{list(data.input_shape)}; fix model.input_shape or choose other data")
+    model = build_model(recipe.model, input_shape=tuple(data.input_shape),
+                        num_classes=data.num_classes)
+    model.eval()
+    try:
+        with torch.no_grad():
+            logits = model(torch.zeros(2, *data.input_shape))
+    except Exception as exc:  # the user's model: any failure is a model/input mismatch
+        raise ModelError(f"the model fails on input of shape {[2, *data.input_shape]}: "
+                         f"{type(exc).__name__}: {exc}".splitlines()[0]) from None
+    if not isinstance(logits, torch.Tensor) or logits.shape != (2, data.num_classes):
+        shape = list(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
+        raise ModelError(f"the model must return logits of shape [batch, {data.num_classes}] "
+                         f"for {data.name}; it returned {shape}")
+    return model
+
+
+def _load_or_train_baseline(model: nn.Module, recipe: Recipe, data, *, progress: bool) -> str:
+    """Weights from the recipe, else the zoo's shipped checkpoint, else a cached or fresh training."""
+    from lighten.models import load_weights, shipped_checkpoint
+    from lighten.train import train
+
+    if recipe.model.weights:
+        load_weights(model, recipe.model.weights)
+        return f"weights {recipe.model.weights}"
+    if recipe.model.zoo:
+        shipped = shipped_checkpoint(recipe.model.zoo, data.name)
+        if shipped is not None:
+            load_weights(model, shipped)
+            return f"shipped checkpoint {shipped.name}"
+    cached = _cache_path(recipe)
+    if cached.is_file():
+        load_weights(model, cached)
+        return f"cached checkpoint {cached}"
+    train(model, data.train, recipe.train.model_copy(update={"seed": recipe.seed}),
+          progress=progress)
+    _save_weights(model, cached)
+    return f"trained here ({recipe.train.epochs} epochs), cached at {cached}"
+
+
+def _cache_path(recipe: Recipe) -> Path:
+    from lighten.provenance import recipe_hash
+
+    key = recipe_hash({"model": recipe.model.model_dump(), "data": recipe.data.model_dump(),
+                       "train": recipe.train.model_dump(), "seed": recipe.seed})
+    root = Path(os.environ.get("LIGHTEN_CACHE", Path.home() / ".cache" / "lighten"))
+    label = recipe.model.zoo or "model"
+    return root / "baselines" / f"{label}-{key}.safetensors"
+
+
+def _save_weights(model: nn.Module, path: Path) -> None:
+    from safetensors.torch import save_file
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    save_file(state, str(tmp))
+    os.replace(tmp, path)
+
+
+def _prepare_output(out: Path, *, fresh: bool) -> None:
+    if fresh:
+        for name in ("metrics.jsonl", "state.json", "run.json", "report.md", "report.html"):
+            (out / name).unlink(missing_ok=True)
+        stages = out / "stages"
+        if stages.is_dir():
+            for old in stages.glob("*.safetensors"):
+                old.unlink()
+    (out / "stages").mkdir(parents=True, exist_ok=True)
+
+
+def _execute(recipe, prepared: _Prepared, out: Path, state, digest, recipe_dict, *, progress):
+    from lighten.artifact import load_artifact, save_artifact
+    from lighten.backends import get_backend
+    from lighten.provenance import atomic_write_text, provenance
+    from lighten.report import write_report
+
+    data, model = prepared.data, prepared.model
+    backend = get_backend(recipe.deploy.backend, threads=recipe.deploy.threads)
+    model_spec = recipe.model.model_dump(exclude_none=True)
+    done: list[str] = list(state["done"]) if state else []
+    rows = _read_rows(out) if state else []
+    rows = [r for r in rows if r["stage"] in done]
+    notes: list[str] = list(state.get("notes", [])) if state else []
+    notes.append(f"baseline: {prepared.baseline_source}")
+    prov = provenance(recipe_dict, recipe.seed)
+    atomic_write_text(out / "run.json", json.dumps(
+        {"recipe": recipe_dict, "recipe_hash": digest, "source": recipe.source,
+         "provenance": prov, "notes": notes}, indent=2))
+
+    stage_names = ["baseline"] + _unique_stage_names(recipe)
+    baseline_copy = _clone(model)
+    reference = None
+    for index, stage in enumerate(stage_names):
+        artifact = out / "stages" / f"{index:02d}-{stage}.safetensors"
+        if stage in done:
+            if index == len(done) - 1:  # the last finished stage is where work continues
+                model, _ = load_artifact(artifact, model=_fresh_skeleton(recipe, data))
+            if index == 0:
+                reference = _reference_logits(out)
+                baseline_copy = _clone(load_artifact(artifact,
+                                                     model=_fresh_skeleton(recipe, data))[0])
+            continue
+        torch.manual_seed(recipe.seed + index)
+        step = recipe.steps[index - 1] if index else None
+        ctx = StepContext(data=data, train_config=recipe.train, baseline=baseline_copy,
+                          workdir=out, seed=recipe.seed + index, progress=progress)
+        start = time.perf_counter()
+        if step is not None:
+            model = step_apply(step, model, ctx)
+        seconds = prepared.baseline_seconds if step is None else time.perf_counter() - start
+        notes.extend(ctx.notes)
+        meta = {"recipe_hash": digest, "stage": stage, "provenance": prov}
+        nbytes = save_artifact(model, artifact, model_spec=model_spec,
+                               input_shape=list(data.input_shape),
+                               num_classes=data.num_classes, meta=meta)
+        row, logits = _measure(model, stage, step, data, backend, reference, nbytes, seconds,
+                               out, recipe, progress)
+        if index == 0:
+            reference = logits
+            _save_reference(out, logits)
+        rows.append(row)
+        done.append(stage)
+        atomic_write_text(out / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+        atomic_write_text(out / "state.json", json.dumps(
+            {"version": STATE_VERSION, "recipe_hash": digest, "done": done, "notes": notes}))
+    atomic_write_text(out / "run.json", json.dumps(
+        {"recipe": recipe_dict, "recipe_hash": digest, "source": recipe.source,
+         "provenance": prov, "notes": notes}, indent=2))
+    write_report(out)
+    return RunResult(out, rows, notes)
+
+
+def step_apply(step, model: nn.Module, ctx: StepContext) -> nn.Module:
+    from lighten.registry import get_step
+
+    result = get_step(step.name).apply(model, step.config, ctx)
+    if not isinstance(result, nn.Module):
+        raise TypeError(f"step {step.name} returned {type(result).__name__}, not a model")
+    return result.eval()
+
+
+def _measure(model, stage, step, data, backend, reference, nbytes, seconds, out, recipe, progress):
+    from lighten.measure import measure_stage
+
+    workdir = out / "deploy" / stage
+    workdir.mkdir(parents=True, exist_ok=True)
+    compiled = backend.compile(model, input_shape=tuple(data.input_shape), workdir=workdir)
+    return measure_stage(
+        model, stage=stage, step=None if step is None else step.name, data=data,
+        compiled=compiled, reference_logits=reference, artifact_bytes=nbytes, seconds=seconds,
+        eval_limit=recipe.measure.eval_limit, robustness=recipe.measure.robustness,
+        latency_runs=recipe.deploy.latency_runs, progress=progress,
+    )
+
+
+def _unique_stage_names(recipe: Recipe) -> list[str]:
+    names, seen = [], {}
+    for step in recipe.steps:
+        seen[step.name] = seen.get(step.name, 0) + 1
+        names.append(step.name if seen[step.name] == 1 else f"{step.name}#{seen[step.name]}")
+    return names
+
+
+def _fresh_skeleton(recipe: Recipe, data) -> nn.Module:
+    from lighten.models import build_model
+
+    return build_model(recipe.model.model_copy(update={"weights": None}),
+                       input_shape=tuple(data.input_shape), num_classes=data.num_classes)
+
+
+def _clone(model: nn.Module) -> nn.Module:
+    import copy
+
+    clone = copy.deepcopy(model).eval()
+    for p in clone.parameters():
+        p.requires_grad_(False)
+    return clone
+
+
+def _save_reference(out: Path, logits: torch.Tensor) -> None:
+    from safetensors.torch import save_file
+
+    tmp = out / "reference_logits.tmp"
+    save_file({"logits": logits.contiguous()}, str(tmp))
+    os.replace(tmp, out / "reference_logits.safetensors")
+
+
+def _reference_logits(out: Path) -> torch.Tensor:
+    from safetensors.torch import load_file
+
+    return load_file(str(out / "reference_logits.safetensors"))["logits"]
+
+
+def _read_state(out: Path) -> dict | None:
+    path = out / "state.json"
+    if not path.is_file():
+        return None
+    try:
+        state = json.loads(path.read_text())
+    except json.JSONDecodeError:
+        raise RecipeError(f"{path} is corrupt; rerun without --resume into a new --output") from None
+    return state if state.get("version") == STATE_VERSION else None
+
+
+def _read_rows(out: Path) -> list[dict]:
+    path = out / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
