@@ -7,6 +7,7 @@ technique adds one entry instead of another ``isinstance`` ladder.
 
 from __future__ import annotations
 
+import inspect
 import io
 import warnings
 from collections.abc import Callable, Sequence
@@ -41,11 +42,11 @@ QUANTIZABLE_TYPES = (nn.Conv2d, nn.Linear)
 MODULE_FACTS: dict[str, ModuleFact] = {
     "prunable": ModuleFact(
         _has_matrix_weight,
-        "magnitude pruning needs a `weight` Parameter of dim >= 2",
+        "no `weight` Parameter of dim >= 2",
     ),
     "quantizable": ModuleFact(
         lambda m: isinstance(m, QUANTIZABLE_TYPES),
-        "int8 quantization covers Conv2d/Linear only",
+        "int8 covers Conv2d/Linear only",
         otherwise="stays float",
     ),
 }
@@ -75,6 +76,22 @@ def _leaves(model: nn.Module) -> list[tuple[str, nn.Module]]:
 # ------------------------------------------------------------------------- whole-model probes
 
 
+def _untraceable(model: nn.Module) -> dict[str, str]:
+    """name -> error for every module fx would trace into and cannot (its own leaves excluded)."""
+    from torch import fx
+
+    tracer = fx.Tracer()
+    failing = {}
+    for name, module in model.named_modules():
+        if name and tracer.is_leaf_module(module, name):
+            continue  # fx never traces inside these (torch.nn built-ins)
+        try:
+            fx.symbolic_trace(module)
+        except Exception as e:
+            failing[name] = _first_line(e)
+    return failing
+
+
 def _trace_facts(model: nn.Module, leaves) -> dict[str, tuple[str, str | None]]:
     """name -> (cell, reason). Failures are blamed on the innermost module that will not trace."""
     from torch import fx
@@ -82,26 +99,28 @@ def _trace_facts(model: nn.Module, leaves) -> dict[str, tuple[str, str | None]]:
     try:
         graph = fx.symbolic_trace(model).graph
     except Exception:  # any tracing failure is a fact to report
-        failing = {}
-        for name, module in model.named_modules():
-            try:
-                fx.symbolic_trace(module)
-            except Exception as e:
-                failing[name] = _first_line(e)
+        failing = _untraceable(model)
+        culprits = [n for n in failing if not any(o.startswith(n + ".") or (n == "" and o)
+                                                  for o in failing)]
+        blame = ", ".join(f"`{c or type(model).__name__}`" for c in culprits)
         out = {}
         for name, _ in leaves:
-            owners = [n for n in failing if n == "" or name == n or name.startswith(n + ".")]
-            owner = max(owners, key=len, default="")
-            if owner == name:
+            if name in failing:
                 out[name] = (NO, failing[name])
             else:
-                where = f"inside `{owner}`" if owner else "model forward"
-                out[name] = (NO, f"{where} is not traceable: {failing.get(owner, 'trace failed')}")
+                out[name] = (NO, f"the model does not trace because of {blame}")
         return out
     called = {n.target for n in graph.nodes if n.op == "call_module"}
-    return {name: (YES, None) if name in called else
-            ("inlined", "fx traced through it, graph tools see its ops but not the module")
-            for name, _ in leaves}
+    tracer = fx.Tracer()
+    out = {}
+    for name, module in leaves:
+        if name in called:
+            out[name] = (YES, None)
+        elif name and tracer.is_leaf_module(module, name):
+            out[name] = (NO, "not in the traced graph (never called in forward)")
+        else:
+            out[name] = ("inlined", "fx traced through it: graph tools see its ops, not the module")
+    return out
 
 
 def _measure_facts(model, leaves, example) -> tuple[dict[str, tuple[str, str | None]], dict]:
@@ -128,21 +147,48 @@ def _measure_facts(model, leaves, example) -> tuple[dict[str, tuple[str, str | N
     return facts, macs
 
 
-def _export_error(module: nn.Module, example: torch.Tensor) -> str | None:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
+def _export(module: nn.Module, example: torch.Tensor) -> tuple[str | None, list]:
+    """(error or None, TracerWarnings): the warnings flag Python control flow frozen by tracing."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
         try:
             torch.onnx.export(module, (example,), io.BytesIO(), dynamo=False, opset_version=17)
         except Exception as e:
-            return _first_line(e)
-    return None
+            return _first_line(e), []
+    return None, [w for w in caught if issubclass(w.category, torch.jit.TracerWarning)]
+
+
+def _forward_span(module: nn.Module) -> tuple[str, int, int] | None:
+    try:
+        lines, first = inspect.getsourcelines(type(module).forward)
+        return inspect.getsourcefile(type(module).forward) or "", first, first + len(lines) - 1
+    except (OSError, TypeError):
+        return None
+
+
+def _blame_warnings(model: nn.Module, leaves, caught) -> dict[str, str]:
+    """Leaf name -> warning, via the innermost module whose forward source holds the warning."""
+    spans = {name: _forward_span(m) for name, m in model.named_modules()}
+    out: dict[str, str] = {}
+    for w in caught:
+        owners = [n for n, sp in spans.items()
+                  if sp and sp[0] == w.filename and sp[1] <= w.lineno <= sp[2]]
+        owner = max(owners, key=len, default="")
+        for name, _ in leaves:
+            if owner == "" or name == owner or name.startswith(owner + "."):
+                where = "" if name == owner else f"`{owner or type(model).__name__}` "
+                out.setdefault(name, f"{where}forward line {w.lineno}: "
+                                     f"{str(w.message).split('. ')[0]}")
+    return out
 
 
 def _export_facts(model, leaves, example) -> dict[str, tuple[str, str | None]]:
     """Export the whole model; on failure re-export each leaf alone to find the culprit."""
-    error = _export_error(model, example)
+    error, caught = _export(model, example)
     if error is None:
-        return {name: (YES, None) for name, _ in leaves}
+        frozen = _blame_warnings(model, leaves, caught)
+        return {name: ("frozen", f"ONNX trace froze Python control flow: {frozen[name]}")
+                if name in frozen else (YES, None) for name, _ in leaves}
     inputs: dict[nn.Module, torch.Tensor] = {}
 
     def grab(mod, args):
@@ -158,7 +204,7 @@ def _export_facts(model, leaves, example) -> dict[str, tuple[str, str | None]]:
             h.remove()
     out = {}
     for name, m in leaves:
-        own = _export_error(m, inputs[m]) if m in inputs else None
+        own = _export(m, inputs[m])[0] if m in inputs else None
         out[name] = (NO, f"ONNX export: {own}" if own else f"model export failed: {error}")
     return out
 
@@ -169,9 +215,13 @@ def _export_facts(model, leaves, example) -> dict[str, tuple[str, str | None]]:
 def check_model(model: nn.Module, input_shape: Sequence[int]) -> list[CheckRow]:
     """One row per leaf module: what tracing, MAC counting, ONNX export and each technique make
     of it. ``input_shape`` excludes the batch dimension, e.g. (1, 28, 28)."""
-    shape = tuple(int(d) for d in input_shape)
+    try:
+        shape = tuple(int(d) for d in input_shape)
+    except (TypeError, ValueError):
+        shape = ()
     if not shape or any(d <= 0 for d in shape):
-        raise ModelError(f"input shape {input_shape!r} is invalid; pass positive sizes like 1,28,28")
+        raise ModelError(f"input shape {input_shape!r} is invalid; "
+                         "pass positive sizes without the batch, like 1,28,28")
     example = torch.zeros(1, *shape)
     was_training = model.training
     model.eval()
@@ -221,5 +271,7 @@ def format_check(rows: Sequence[CheckRow]) -> str:
     body = [[r.name, r.type, human_count(r.params), human_count(r.macs),
              *(r.cells[f] for f in facts), "; ".join(r.why_not) or ""] for r in rows]
     table = format_table(header, body, left=[True, True] + [False] * (len(facts) + 2) + [True])
-    summary = ", ".join(f"{f} {sum(r.cells[f] == YES for r in rows)}/{len(rows)}" for f in facts)
+    counts = {f: (sum(r.cells[f] == YES for r in rows),
+                  sum(r.cells[f] != NOT_APPLICABLE for r in rows)) for f in facts}
+    summary = ", ".join(f"{f} {yes}/{total}" for f, (yes, total) in counts.items())
     return f"{table}\n\n{summary}"

@@ -31,6 +31,7 @@ FLOAT_RTOL = 1e-4  # float graphs: atol = 1e-4 * max(1, max|ref|)
 QUANT_RTOL = 0.1  # QDQ graphs: integer kernels round differently
 QUANT_MIN_AGREEMENT = 0.95
 _QDQ_OPS = {"QuantizeLinear", "DequantizeLinear"}
+_FOLDABLE = (np.int8, np.uint8, np.int16, np.uint16)  # zero-point dtypes the fold handles
 
 
 @dataclass
@@ -138,16 +139,19 @@ def fold_quantized_weights(proto) -> int:
     keep = []
     new_inits = []
     for node in graph.node:
-        if node.op_type == "QuantizeLinear" and len(node.input) == 3 and all(
-            name in consts for name in node.input
-        ):
-            x, scale, zero = (consts[name] for name in node.input)
-            axis = next((a.i for a in node.attribute if a.name == "axis"), 1)
-            q = quantize_linear(x, scale, zero, axis=axis)
-            new_inits.append(numpy_helper.from_array(q, name=node.output[0]))
-            folded += 1
-        else:
+        inputs = [name for name in node.input if name]  # "" marks an omitted optional input
+        if node.op_type != "QuantizeLinear" or not all(name in consts for name in inputs):
             keep.append(node)
+            continue
+        x, scale = consts[inputs[0]], consts[inputs[1]]
+        zero = consts[inputs[2]] if len(inputs) > 2 else np.zeros((), np.uint8)  # ONNX default
+        if zero.dtype not in _FOLDABLE:
+            keep.append(node)
+            continue
+        axis = next((a.i for a in node.attribute if a.name == "axis"), 1)
+        q = quantize_linear(x, scale, zero, axis=axis)
+        new_inits.append(numpy_helper.from_array(q, name=node.output[0]))
+        folded += 1
     if not folded:
         return 0
     del graph.node[:]
@@ -162,7 +166,7 @@ def quantize_linear(x: np.ndarray, scale: np.ndarray, zero: np.ndarray, *, axis:
     x = np.asarray(x, dtype=np.float32)
     scale = np.asarray(scale, dtype=np.float32)
     zero = np.asarray(zero)
-    if zero.dtype not in (np.int8, np.uint8, np.int16, np.uint16):
+    if zero.dtype not in _FOLDABLE:
         raise ExportError(f"QuantizeLinear zero point of dtype {zero.dtype} is not supported; "
                           "use int8 or uint8 zero points")
     if scale.ndim == 1 and x.ndim > 0:  # per-axis

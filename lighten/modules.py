@@ -44,13 +44,10 @@ def register_module_type(cls: type[nn.Module]) -> type[nn.Module]:
             raise TypeError(f"{cls.__qualname__} must define {method}() to be saved in artifacts")
     key = module_type_key(cls)
     previous = _TYPES.get(key)
-    same_origin = previous is not None and (
-        (previous.__module__, previous.__qualname__) == (cls.__module__, cls.__qualname__)
-    )
-    if previous is not None and previous is not cls and not same_origin:
+    # The same class body imported twice (a reload, or a user model file that lighten imports
+    # by path) re-registers; instances of both class objects keep saving under the key.
+    if previous is not None and previous.__qualname__ != cls.__qualname__:
         raise RuntimeError(f"module type {key!r} registered twice ({previous!r} and {cls!r})")
-    if previous is not None:  # a reloaded module: the new class object replaces the old one
-        _KEYS.pop(previous, None)
     _TYPES[key] = cls
     _KEYS[cls] = key
     return cls

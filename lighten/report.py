@@ -59,11 +59,13 @@ def _ms(x: float | None) -> str:
     return "-" if x is None else f"{x:.3f}"
 
 
-def _ratio(base: float | None, value: float | None, word: str) -> str:
-    """'12.3x smaller' style: how many times ``value`` improves on ``base``."""
+def _ratio(base: float | None, value: float | None, better: str, worse: str) -> str:
+    """'12.3x smaller' when ``value`` is below ``base``, '1.2x larger' when above."""
     if not base or not value:
         return "-"
-    return f"{base / value:.1f}x {word}"
+    if value <= base:
+        return f"{base / value:.1f}x {better}"
+    return f"{value / base:.1f}x {worse}"
 
 
 def _delta_points(base: float | None, value: float | None) -> str:
@@ -77,22 +79,25 @@ class Column:
     title: str
     cell: Callable[[dict, dict], str]  # (row, baseline row) -> text
     left: bool = False
+    relative: bool = False  # compares with the baseline: blank on the baseline row itself
 
 
 STAGE_COLUMNS = (
     Column("stage", lambda r, b: str(r.get("stage", "?")), left=True),
     Column("acc", lambda r, b: _pct(r.get("accuracy"))),
-    Column("Δacc pts", lambda r, b: _delta_points(b.get("accuracy"), r.get("accuracy"))),
+    Column("Δacc pts", lambda r, b: _delta_points(b.get("accuracy"), r.get("accuracy")),
+           relative=True),
     Column("agree", lambda r, b: _pct(r.get("agreement"))),
     Column("params", lambda r, b: human_count(r.get("params"))),
     Column("non-zero", lambda r, b: human_count(r.get("nonzero_params"))),
     Column("bytes", lambda r, b: human_bytes(r.get("bytes"))),
-    Column("size", lambda r, b: _ratio(b.get("bytes"), r.get("bytes"), "smaller")),
+    Column("size", lambda r, b: _ratio(b.get("bytes"), r.get("bytes"), "smaller", "larger"),
+           relative=True),
     Column("MACs", lambda r, b: human_count(r.get("macs"))),
     Column("b1 ms", lambda r, b: _ms(r.get("latency_ms_b1"))),
     Column("b64 ms", lambda r, b: _ms(r.get("latency_ms_b64"))),
     Column("b64 speed", lambda r, b: _ratio(b.get("latency_ms_b64"), r.get("latency_ms_b64"),
-                                            "faster")),
+                                            "faster", "slower"), relative=True),
     Column("energy µJ", lambda r, b: "-" if r.get("energy_uj") is None
            else f"{r['energy_uj']:.2f}"),
     Column("sec", lambda r, b: "-" if r.get("seconds") is None else f"{r['seconds']:.1f}"),
@@ -101,8 +106,9 @@ STAGE_COLUMNS = (
 
 def _cells(rows: Sequence[dict]) -> tuple[list[str], list[list[str]]]:
     base = rows[0] if rows else {}
-    return [c.title for c in STAGE_COLUMNS], [[c.cell(r, base) for c in STAGE_COLUMNS]
-                                               for r in rows]
+    body = [["-" if c.relative and i == 0 else c.cell(r, base) for c in STAGE_COLUMNS]
+            for i, r in enumerate(rows)]
+    return [c.title for c in STAGE_COLUMNS], body
 
 
 def format_table(header: Sequence[str], body: Sequence[Sequence[str]], *,
@@ -192,6 +198,7 @@ def _plot_png(rows: Sequence[dict], x_key: str, x_label: str, *, log_x: bool) ->
     ax.set_xlabel(x_label)
     ax.set_ylabel("accuracy (%)")
     ax.grid(True, alpha=0.3)
+    ax.margins(x=0.12, y=0.12)  # room for the stage labels
     fig.tight_layout()
     buf = BytesIO()
     fig.savefig(buf, format="png")
@@ -245,7 +252,7 @@ def _sections(rows: Sequence[dict], info: dict) -> list[tuple[str, Any]]:
         value = prov.get(key) or {}
         if isinstance(value, dict):
             sections.append((title, ("table", ["name", "value"],
-                                     [[str(k), str(v)] for k, v in value.items()])))
+                                     [[str(k), _fmt_extra(v)] for k, v in value.items()])))
         else:
             sections.append((title, ("lines", [str(value)])))
     recipe_lines = [f"recipe hash: {info.get('recipe_hash', '-')}",

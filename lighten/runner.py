@@ -238,7 +238,9 @@ def _measure(model, stage, step, data, backend, reference, nbytes, seconds, out,
 
     workdir = out / "deploy" / stage
     workdir.mkdir(parents=True, exist_ok=True)
-    compiled = backend.compile(model, input_shape=tuple(data.input_shape), workdir=workdir)
+    samples = torch.stack([data.test[i][0] for i in range(min(256, len(data.test)))])
+    compiled = backend.compile(model, input_shape=tuple(data.input_shape), workdir=workdir,
+                               sample_inputs=samples)
     return measure_stage(
         model, stage=stage, step=None if step is None else step.name, data=data,
         compiled=compiled, reference_logits=reference, artifact_bytes=nbytes, seconds=seconds,

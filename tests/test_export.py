@@ -31,8 +31,9 @@ class ResBlockNet(nn.Module):
 class FakeQuantNet(nn.Module):
     """Per-channel int8 fake-quantized weights, per-tensor fake-quantized activations."""
 
-    def __init__(self, width=32):
+    def __init__(self, width=32, *, fake_quant=True):
         super().__init__()
+        self.fake_quant = fake_quant
         self.conv = nn.Conv2d(1, width, 3, padding=1)
         self.fc = nn.Linear(width * 8 * 8, 10)
         for name, w in (("conv", self.conv.weight), ("fc", self.fc.weight)):
@@ -41,6 +42,8 @@ class FakeQuantNet(nn.Module):
             self.register_buffer(f"{name}_zero", torch.zeros(w.shape[0], dtype=torch.int32))
 
     def forward(self, x):
+        if not self.fake_quant:
+            return self.fc(F.relu(self.conv(x)).flatten(1))
         w = torch.fake_quantize_per_channel_affine(
             self.conv.weight, self.conv_scale, self.conv_zero, 0, -128, 127)
         x = F.relu(F.conv2d(x, w, self.conv.bias, padding=1))
@@ -81,10 +84,8 @@ def test_float_export_matches_torch(tmp_path):
 def test_fake_quant_weights_stored_as_int8(tmp_path):
     torch.manual_seed(0)
     model = FakeQuantNet()
-    float_model = FakeQuantNet()
+    float_model = FakeQuantNet(fake_quant=False)
     float_model.load_state_dict(model.state_dict())
-    float_model.forward = lambda x: F.linear(
-        F.relu(float_model.conv(x)).flatten(1), float_model.fc.weight, float_model.fc.bias)
 
     q = export_onnx(model, tmp_path / "q.onnx", input_shape=(1, 8, 8))
     f = export_onnx(float_model, tmp_path / "f.onnx", input_shape=(1, 8, 8))
@@ -140,3 +141,28 @@ def test_bad_input_shape_and_samples(tmp_path):
     with pytest.raises(ExportError, match="sample_inputs"):
         export_onnx(nn.Linear(3, 2), tmp_path / "a.onnx", input_shape=(3,),
                     sample_inputs=torch.zeros(4, 5))
+
+
+def test_fold_handles_constant_nodes_and_default_zero_point():
+    from onnx import TensorProto, helper
+
+    from lighten.export import fold_quantized_weights
+
+    w = np.array([[0.1, -0.2], [0.35, 0.04]], np.float32)
+    nodes = [
+        helper.make_node("Constant", [], ["w"], value=numpy_helper.from_array(w)),
+        helper.make_node("Constant", [], ["s"], value_float=0.1),
+        helper.make_node("QuantizeLinear", ["w", "s"], ["wq"]),  # zero point omitted: uint8
+        helper.make_node("DequantizeLinear", ["wq", "s"], ["wd"]),
+        helper.make_node("MatMul", ["input", "wd"], ["logits"]),
+    ]
+    graph = helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("input", TensorProto.FLOAT, [None, 2])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [None, 2])])
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    assert fold_quantized_weights(proto) == 1
+    assert [n.op_type for n in proto.graph.node] == ["Constant", "DequantizeLinear", "MatMul"]
+    (init,) = proto.graph.initializer
+    q = numpy_helper.to_array(init)
+    assert init.name == "wq" and q.dtype == np.uint8 and q.tolist() == [[1, 0], [4, 0]]
+    onnx.checker.check_model(proto)

@@ -16,16 +16,17 @@ from torch import nn
 class Net(nn.Module):
     def __init__(self):
         super().__init__()
-        self.conv = nn.Conv2d(1, 16, 3, padding=1)
-        self.bn = nn.BatchNorm2d(16)
-        self.conv2 = nn.Conv2d(16, 16, 3, padding=1)
-        self.head = nn.Linear(16 * 4 * 4, 4)
+        self.conv = nn.Conv2d(1, 32, 3, padding=1)
+        self.bn = nn.BatchNorm2d(32)
+        self.conv2 = nn.Conv2d(32, 32, 3, padding=1)
+        self.fc = nn.Linear(32 * 4 * 4, 64)
+        self.head = nn.Linear(64, 4)
 
     def forward(self, x):
         x = torch.relu(self.bn(self.conv(x)))
         x = x + torch.relu(self.conv2(x))   # a residual add
         x = nn.functional.max_pool2d(x, 2)
-        return self.head(x.flatten(1))
+        return self.head(torch.relu(self.fc(x.flatten(1))))
 
 def build():
     return Net()

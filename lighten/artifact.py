@@ -1,0 +1,473 @@
+"""Compressed models on disk: one ``.safetensors`` file whose size is the real, reported size.
+
+The JSON manifest lives in the safetensors metadata under ``"lighten"``. It says how to rebuild the
+model without executing or unpickling anything from the file:
+
+* ``model_spec``: how to build the original architecture (``lighten.models.build_model``);
+* ``modules``: registered custom modules (``lighten.modules``) as ``{path, type, config}``;
+* ``shapes``: standard torch layers whose constructor facts differ from a freshly built model
+  (structured pruning, BN folding) as ``{path, type, attrs}`` -- re-created before loading, so
+  the user's model code never needs to know the model was pruned;
+* ``tensors``: per state_dict entry ``{encoding, dtype, shape}``. ``dense`` stores the tensor as
+  is (int8 stays int8); ``sparse_bitmask`` stores a packed bit mask (``numpy.packbits``) plus the
+  non-zero values, chosen whenever that is smaller; ``alias`` marks tied tensors, stored once.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from lighten.errors import CheckpointError, LightenError, ModelError
+from lighten.modules import get_module_type, get_submodule, registered_key, set_submodule
+from lighten.provenance import atomic_write_bytes
+
+FORMAT = "lighten-artifact"
+VERSION = 1
+METADATA_KEY = "lighten"
+
+_CONV = ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation", "groups",
+         "bias", "padding_mode")
+_BN = ("num_features", "eps", "momentum", "affine", "track_running_stats")
+# Standard layers the loader may re-create, with the constructor arguments that define them.
+_RESIZABLE: dict[type[nn.Module], tuple[str, ...]] = {
+    nn.Conv1d: _CONV, nn.Conv2d: _CONV, nn.Conv3d: _CONV,
+    nn.Linear: ("in_features", "out_features", "bias"),
+    nn.BatchNorm1d: _BN, nn.BatchNorm2d: _BN, nn.BatchNorm3d: _BN,
+    nn.LayerNorm: ("normalized_shape", "eps", "elementwise_affine", "bias"),
+    nn.GroupNorm: ("num_groups", "num_channels", "eps", "affine"),
+    nn.Embedding: ("num_embeddings", "embedding_dim", "padding_idx", "max_norm", "norm_type",
+                   "scale_grad_by_freq", "sparse"),
+    nn.Identity: (),  # e.g. a BatchNorm folded away
+}
+_RESIZABLE_BY_NAME = {cls.__name__: cls for cls in _RESIZABLE}
+_PICKLE_HINT = "lighten never unpickles; load it with lighten.models.load_weights and save_artifact"
+
+
+# ----------------------------------------------------------------------------- save
+
+
+def save_artifact(model: nn.Module, path: str | os.PathLike, *, model_spec: dict,
+                  input_shape, num_classes: int, meta: dict | None = None) -> int:
+    """Write ``model`` as one artifact file atomically; returns the bytes on disk."""
+    if not isinstance(model, nn.Module):
+        raise CheckpointError(f"save_artifact needs an nn.Module, got {type(model).__name__}")
+    if not isinstance(model_spec, dict):
+        raise CheckpointError(f"model_spec must be a dict like {{'zoo': 'lenet5'}}, "
+                              f"got {type(model_spec).__name__}")
+    try:
+        shape, num_classes = [int(d) for d in input_shape], int(num_classes)
+    except (TypeError, ValueError):
+        raise CheckpointError(f"save_artifact needs input_shape like [1, 28, 28] and an int "
+                              f"num_classes, got {input_shape!r} and {num_classes!r}") from None
+    modules = _custom_modules(model)
+    covered = [m["path"] for m in modules]
+    fresh = _fresh_model(model_spec, shape, num_classes)
+    tensors, entries = _encode_state(model.state_dict())
+    manifest = {
+        "format": FORMAT, "version": VERSION,
+        "model_spec": model_spec, "input_shape": shape, "num_classes": num_classes,
+        "modules": modules, "shapes": _changed_layers(model, fresh, skip=covered),
+        "tensors": entries, "meta": meta or {},
+    }
+    try:
+        text = json.dumps(manifest, sort_keys=True, separators=(",", ":"))
+    except (TypeError, ValueError) as err:
+        raise CheckpointError(f"cannot save {path}: manifest is not JSON ({err}); model_spec, "
+                              "meta and artifact_config() must hold plain JSON values") from None
+    from safetensors.torch import save
+
+    data = save(tensors, metadata={"format": "pt", METADATA_KEY: text})
+    return atomic_write_bytes(path, data)
+
+
+def _custom_modules(model: nn.Module) -> list[dict]:
+    """Registered custom modules, outermost only (they rebuild their own children)."""
+    found: list[dict] = []
+    for path, module in model.named_modules():
+        key = registered_key(module)
+        if key is None or any(_under(path, m["path"]) for m in found):
+            continue
+        found.append({"path": path, "type": key, "config": module.artifact_config()})
+    return found
+
+
+def _fresh_model(model_spec: dict, input_shape: list[int], num_classes: int) -> nn.Module | None:
+    """The unpruned model to diff against; None when it cannot be built here (record all)."""
+    try:
+        from lighten.models import ModelSpec, build_model
+
+        spec = ModelSpec(**{k: v for k, v in model_spec.items() if k != "weights"})
+        with torch.random.fork_rng(devices=[]):  # saving must not shift the caller's RNG
+            return build_model(spec, input_shape=tuple(input_shape), num_classes=num_classes)
+    except (ImportError, LightenError, ValueError, TypeError):
+        return None
+
+
+def _changed_layers(model: nn.Module, fresh: nn.Module | None, *, skip: list[str]) -> list[dict]:
+    """Standard layers whose constructor facts or tensor shapes differ from ``fresh``."""
+    changed = []
+    for path, module in model.named_modules():
+        if type(module) not in _RESIZABLE or any(_under(path, p) for p in skip):
+            continue
+        attrs = _layer_attrs(module)
+        if fresh is not None:
+            try:
+                ref = get_submodule(fresh, path)
+            except ModelError:
+                ref = None
+            if (ref is not None and type(ref) is type(module) and _layer_attrs(ref) == attrs
+                    and _own_shapes(ref) == _own_shapes(module)):
+                continue
+        elif type(module) is nn.Identity:
+            continue  # no fresh model to compare: record only layers that carry shapes
+        changed.append({"path": path, "type": type(module).__name__, "attrs": attrs})
+    return changed
+
+
+def _layer_attrs(module: nn.Module) -> dict[str, Any]:
+    """Constructor arguments of a standard layer, JSON-normalised (tuples become lists)."""
+    attrs = {}
+    for name in _RESIZABLE[type(module)]:
+        value = getattr(module, name)
+        attrs[name] = (value is not None) if name == "bias" else value
+    return json.loads(json.dumps(attrs))
+
+
+def _own_shapes(module: nn.Module) -> dict[str, list[int]]:
+    tensors = {**module._parameters, **module._buffers}
+    return {k: list(v.shape) for k, v in tensors.items() if v is not None}
+
+
+def _under(path: str, prefix: str) -> bool:
+    return prefix == "" or path == prefix or path.startswith(prefix + ".")
+
+
+def _encode_state(state: dict) -> tuple[dict, dict]:
+    """state_dict -> (tensors to store, manifest entries); tied tensors are stored once."""
+    stored: dict[str, torch.Tensor] = {}
+    entries: dict[str, dict] = {}
+    first_name: dict[tuple, str] = {}
+    for name, value in state.items():
+        if not isinstance(value, torch.Tensor):
+            raise CheckpointError(f"cannot save state_dict entry {name!r} of type "
+                                  f"{type(value).__name__}; artifacts hold tensors only (put "
+                                  "other values in the module's artifact_config())")
+        t = value.detach()
+        if t.is_quantized or t.device.type == "meta":
+            raise CheckpointError(f"cannot save {name!r} ({t.dtype} on {t.device}); store "
+                                  "plain int8/float tensors plus scale tensors instead")
+        entry = {"dtype": str(t.dtype).removeprefix("torch."), "shape": list(t.shape)}
+        identity = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape),
+                    tuple(t.stride()), t.dtype, t.device)
+        if t.numel() > 0 and identity in first_name:
+            entries[name] = {"encoding": "alias", "of": first_name[identity], **entry}
+            continue
+        first_name[identity] = name
+        for key, part in _encode_tensor(name, t.cpu().contiguous(), entry).items():
+            if key in stored:
+                raise CheckpointError(f"state_dict key {key!r} clashes with an encoded tensor "
+                                      "name; rename that parameter or buffer")
+            stored[key] = part
+        entries[name] = entry
+    return stored, entries
+
+
+def _encode_tensor(name: str, t: torch.Tensor, entry: dict) -> dict[str, torch.Tensor]:
+    """Pick the smaller of dense and sparse_bitmask (counting sparse's extra header entry)."""
+    n, itemsize = t.numel(), t.element_size()
+    if n > 0:
+        nonzero = _nonzero_mask(t)
+        nnz = int(nonzero.sum())
+        sparse_bytes = math.ceil(n / 8) + nnz * itemsize + len(name) + 80
+        if sparse_bytes < n * itemsize:
+            entry.update(encoding="sparse_bitmask", nnz=nnz)
+            mask, values = pack_bitmask(t, nonzero=nonzero)
+            return {f"{name}#mask": mask, f"{name}#values": values}
+    entry["encoding"] = "dense"
+    return {name: t.clone()}  # own storage: safetensors refuses tensors that share memory
+
+
+def pack_bitmask(t: torch.Tensor, *,
+                 nonzero: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``t`` -> (packed bit mask, uint8 of ceil(n/8) bytes; its non-zero values in t.dtype)."""
+    flat = t.detach().cpu().contiguous().reshape(-1)
+    if nonzero is None:
+        nonzero = _nonzero_mask(flat)
+    mask = torch.from_numpy(np.packbits(nonzero.numpy()))  # (ceil(n/8),) uint8
+    return mask, flat[nonzero].clone()
+
+
+def unpack_bitmask(mask: torch.Tensor, values: torch.Tensor, *, dtype: torch.dtype,
+                   shape) -> torch.Tensor:
+    """Inverse of :func:`pack_bitmask`: every value comes back bit for bit, -0.0 as +0.0."""
+    n = math.prod(shape)
+    nonzero = torch.from_numpy(np.unpackbits(mask.numpy(), count=n).astype(bool))
+    out = torch.zeros(n, dtype=dtype)
+    out[nonzero] = values
+    return out.reshape(tuple(shape))
+
+
+def _nonzero_mask(t: torch.Tensor) -> torch.Tensor:
+    """True where the value is not zero. NaNs are kept with their payload; -0.0 counts as zero
+    (pruning by ``w * mask`` leaves many) and comes back as +0.0, an equal value."""
+    return t.reshape(-1) != 0
+
+
+# ----------------------------------------------------------------------------- load
+
+
+def load_artifact(path: str | os.PathLike, *,
+                  model: nn.Module | None = None) -> tuple[nn.Module, dict]:
+    """Rebuild the saved model (in eval mode) and return it with the manifest.
+
+    Without ``model`` the architecture is built from the manifest's ``model_spec`` (for a
+    ``python:`` spec that runs the named file, so for untrusted artifacts pass ``model``, which
+    is used as the skeleton and modified in place).
+    """
+    path = Path(path)
+    manifest = _read_manifest(path)
+    if model is not None and not isinstance(model, nn.Module):
+        raise CheckpointError(f"load_artifact(model=...) needs an nn.Module, "
+                              f"got {type(model).__name__}")
+    # Building modules draws random init values that are overwritten; keep the caller's RNG.
+    with torch.random.fork_rng(devices=[]):
+        if model is None:
+            model = _build_from_spec(path, manifest)
+        for entry in sorted(manifest["modules"], key=lambda e: e["path"].count(".")):
+            model = _replace(path, model, entry["path"], _build_custom(path, entry))
+        for entry in manifest["shapes"]:
+            model = _restore_layer(path, model, entry)
+    from safetensors import safe_open
+
+    with safe_open(path, framework="pt") as f:
+        stored = {key: f.get_tensor(key) for key in f.keys()}
+    state = _decode_state(path, manifest["tensors"], stored)
+    _check_fits(path, model, state)
+    _match_dtypes(model, state)
+    model.load_state_dict(state, strict=True)
+    return model.eval(), manifest
+
+
+def _read_manifest(path: Path) -> dict:
+    """Validate the file and return its manifest; every failure is one CheckpointError line."""
+    if not path.is_file():
+        raise CheckpointError(f"artifact {path} does not exist; check the path")
+    from safetensors import safe_open
+
+    try:
+        with safe_open(path, framework="pt") as f:
+            metadata = f.metadata() or {}
+    except Exception as err:  # safetensors raises its own SafetensorError for any bad header
+        with open(path, "rb") as f:
+            head = f.read(2)
+        # torch.save writes a zip (PK..) or, in the legacy format, a pickle (0x80, protocol).
+        if head == b"PK" or (head[:1] == b"\x80" and head[1:2] in b"\x02\x03\x04\x05") \
+                or path.suffix in (".pt", ".pth", ".pkl", ".ckpt"):
+            raise CheckpointError(f"{path} is a pickle/torch.save file; {_PICKLE_HINT}") from None
+        detail = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise CheckpointError(f"{path} is truncated or corrupt ({detail}); re-save it") from None
+    if METADATA_KEY not in metadata:
+        raise CheckpointError(f"{path} is not a lighten artifact (no manifest); use "
+                              "lighten.models.load_weights for plain weights")
+    try:
+        manifest = json.loads(metadata[METADATA_KEY])
+    except json.JSONDecodeError as err:
+        raise CheckpointError(f"{path} has a corrupt manifest ({err}); re-save it") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise CheckpointError(f"{path} is not a lighten artifact (unknown manifest format); use "
+                              "lighten.models.load_weights for plain weights")
+    version = manifest.get("version")
+    if not isinstance(version, int):
+        raise CheckpointError(f"{path} has no manifest version; re-save it")
+    if version > VERSION:
+        raise CheckpointError(f"{path} has manifest version {version}, newer than this lighten "
+                              f"supports ({VERSION}); upgrade lighten")
+    for key, kind in (("model_spec", dict), ("input_shape", list), ("num_classes", int),
+                      ("modules", list), ("shapes", list), ("tensors", dict), ("meta", dict)):
+        if not isinstance(manifest.get(key), kind):
+            raise CheckpointError(f"{path} manifest lacks a valid {key!r}; re-save it")
+    return manifest
+
+
+def _build_from_spec(path: Path, manifest: dict) -> nn.Module:
+    from pydantic import ValidationError
+
+    from lighten.models import ModelSpec, build_model
+
+    spec = {k: v for k, v in manifest["model_spec"].items() if k != "weights"}  # file has them
+    try:
+        model_spec = ModelSpec(**spec)
+    except (ValidationError, TypeError) as err:
+        raise CheckpointError(f"{path} has an invalid model_spec {spec} ({type(err).__name__}); "
+                              "pass load_artifact(..., model=...)") from None
+    return build_model(model_spec, input_shape=tuple(manifest["input_shape"]),
+                       num_classes=manifest["num_classes"])
+
+
+def _build_custom(path: Path, entry: dict) -> nn.Module:
+    cls = get_module_type(entry["type"])
+    try:
+        return cls.from_artifact(entry["config"])
+    except (KeyError, TypeError, ValueError) as err:
+        raise CheckpointError(f"{path}: {entry['type']} at {entry['path']!r} rejects its "
+                              f"config ({type(err).__name__}: {err}); re-save it") from None
+
+
+def _restore_layer(path: Path, model: nn.Module, entry: dict) -> nn.Module:
+    """Re-create one standard layer from recorded constructor facts if the skeleton differs."""
+    cls = _RESIZABLE_BY_NAME.get(entry["type"])
+    if cls is None:
+        raise CheckpointError(f"{path} records unknown module type {entry['type']!r} at "
+                              f"{entry['path']!r}; it needs a newer lighten")
+    current = _get(path, model, entry["path"])
+    if type(current) is cls and _layer_attrs(current) == entry["attrs"]:
+        return model
+    kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in entry["attrs"].items()}
+    try:
+        new = cls(**kwargs)
+    except (TypeError, ValueError) as err:
+        raise CheckpointError(f"{path}: cannot rebuild {entry['type']} at {entry['path']!r} "
+                              f"from {entry['attrs']} ({err}); re-save it") from None
+    return _replace(path, model, entry["path"], new)
+
+
+def _get(path: Path, model: nn.Module, module_path: str) -> nn.Module:
+    try:
+        return get_submodule(model, module_path)
+    except ModelError:
+        raise CheckpointError(f"{path} has module {module_path!r}, which "
+                              f"{type(model).__name__} lacks; pass the model it was saved from "
+                              "as load_artifact(..., model=...)") from None
+
+
+def _replace(path: Path, model: nn.Module, module_path: str, new: nn.Module) -> nn.Module:
+    if module_path == "":
+        return new
+    _get(path, model, module_path)
+    set_submodule(model, module_path, new)
+    return model
+
+
+def _decode_state(path: Path, entries: dict, stored: dict) -> dict[str, torch.Tensor]:
+    state: dict[str, torch.Tensor] = {}
+    aliases = {}
+    for name, entry in entries.items():
+        dtype, shape = _dtype(path, entry.get("dtype")), tuple(entry.get("shape", ()))
+        encoding = entry.get("encoding")
+        if encoding == "alias":
+            aliases[name] = entry
+            continue
+        if encoding == "dense":
+            t = _stored(path, stored, name)
+        elif encoding == "sparse_bitmask":
+            t = _decode_sparse(path, name, _stored(path, stored, f"{name}#mask"),
+                               _stored(path, stored, f"{name}#values"), dtype, shape)
+        else:
+            raise CheckpointError(f"{path}: tensor {name!r} uses unknown encoding {encoding!r}; "
+                                  "it needs a newer lighten")
+        if t.dtype != dtype or tuple(t.shape) != shape:
+            raise CheckpointError(f"{path}: tensor {name!r} is {t.dtype} {tuple(t.shape)} but the "
+                                  f"manifest says {dtype} {shape}; the file is corrupt, re-save it")
+        state[name] = t
+    for name, entry in aliases.items():
+        if entry.get("of") not in state:
+            raise CheckpointError(f"{path}: tensor {name!r} aliases missing {entry.get('of')!r}; "
+                                  "the file is corrupt, re-save it")
+        state[name] = state[entry["of"]]
+    return state
+
+
+def _decode_sparse(path: Path, name: str, mask: torch.Tensor, values: torch.Tensor,
+                   dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
+    n = math.prod(shape)
+    if mask.dtype != torch.uint8 or mask.numel() != math.ceil(n / 8) or values.dim() != 1:
+        raise CheckpointError(f"{path}: sparse tensor {name!r} has a mask/values layout that "
+                              f"does not match shape {shape}; the file is corrupt, re-save it")
+    bits = int(np.unpackbits(mask.numpy(), count=n).sum())
+    if bits != values.numel() or values.dtype != dtype:
+        raise CheckpointError(f"{path}: sparse tensor {name!r} has {values.numel()} values for "
+                              f"{bits} set mask bits; the file is corrupt, re-save it")
+    return unpack_bitmask(mask, values, dtype=dtype, shape=shape)
+
+
+def _stored(path: Path, stored: dict, key: str) -> torch.Tensor:
+    if key not in stored:
+        raise CheckpointError(f"{path} lacks stored tensor {key!r} named in its manifest; "
+                              "the file is corrupt, re-save it")
+    return stored[key]
+
+
+def _dtype(path: Path, name: Any) -> torch.dtype:
+    dtype = getattr(torch, name, None) if isinstance(name, str) else None
+    if not isinstance(dtype, torch.dtype):
+        raise CheckpointError(f"{path}: unknown dtype {name!r} in manifest; re-save it")
+    return dtype
+
+
+def _check_fits(path: Path, model: nn.Module, state: dict) -> None:
+    """One readable line instead of load_state_dict's multi-line RuntimeError."""
+    expected = model.state_dict()
+    problems = [f"missing {k!r}" for k in expected if k not in state]
+    problems += [f"unexpected {k!r}" for k in state if k not in expected]
+    problems += [f"{k!r} is {tuple(state[k].shape)} in the file but {tuple(v.shape)} in the model"
+                 for k, v in expected.items() if k in state and v.shape != state[k].shape]
+    if problems:
+        more = f" (+{len(problems) - 3} more)" if len(problems) > 3 else ""
+        raise CheckpointError(f"{path} does not fit {type(model).__name__}: "
+                              f"{'; '.join(problems[:3])}{more}; tensor/shape mismatch — pass the "
+                              "model it was saved from as load_artifact(..., model=...)")
+
+
+def _match_dtypes(model: nn.Module, state: dict) -> None:
+    """Give skeleton tensors the stored dtype (an int8 buffer stays int8, a half model half)."""
+    for name, t in state.items():
+        owner_path, _, attr = name.rpartition(".")
+        owner = get_submodule(model, owner_path)
+        param = owner._parameters.get(attr)
+        if param is not None and param.dtype != t.dtype:
+            param.data = param.data.to(t.dtype)
+        buf = owner._buffers.get(attr)
+        if buf is not None and buf.dtype != t.dtype:
+            owner._buffers[attr] = buf.to(t.dtype)
+
+
+# ----------------------------------------------------------------------------- inspect
+
+
+def artifact_bytes(path: str | os.PathLike) -> int:
+    """Size of the artifact on disk: the number reports call ``bytes``."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"artifact {path} does not exist; check the path")
+    return path.stat().st_size
+
+
+def describe_artifact(path: str | os.PathLike) -> list[dict]:
+    """Per tensor: name, encoding, dtype, shape and the bytes it takes in the file."""
+    path = Path(path)
+    manifest = _read_manifest(path)
+    spans = _stored_spans(path)
+    rows = []
+    for name, entry in manifest["tensors"].items():
+        keys = {"dense": [name], "sparse_bitmask": [f"{name}#mask", f"{name}#values"]}
+        stored = sum(spans.get(k, 0) for k in keys.get(entry["encoding"], []))
+        rows.append({"name": name, "encoding": entry["encoding"], "dtype": entry["dtype"],
+                     "shape": entry["shape"], "bytes": stored})
+    return rows
+
+
+def _stored_spans(path: Path) -> dict[str, int]:
+    """Bytes per stored tensor, from the safetensors header (already validated)."""
+    with open(path, "rb") as f:
+        header_len = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(header_len))
+    return {k: v["data_offsets"][1] - v["data_offsets"][0]
+            for k, v in header.items() if k != "__metadata__"}

@@ -1,0 +1,86 @@
+"""``lighten`` entry point: parse arguments, dispatch to a subcommand, turn errors into exit codes.
+
+Exit codes: 0 ok, 1 a lighten bug (traceback with --debug), 2 bad input (one ``error:`` line),
+130 interrupted (finished stages are kept; ``--resume`` continues).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+import traceback
+from collections.abc import Sequence
+
+# Subcommand name -> module. Each module has HELP, add_arguments(parser) and run(args) -> int.
+COMMANDS = {
+    "demo": "lighten.cli.demo",
+    "run": "lighten.cli.run",
+    "check": "lighten.cli.check",
+    "measure": "lighten.cli.measure",
+    "report": "lighten.cli.report",
+    "export": "lighten.cli.export",
+    "env": "lighten.cli.env",
+}
+
+
+def _version() -> str:
+    import lighten
+
+    return getattr(lighten, "__version__", "unknown")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="lighten",
+        description="Make trained PyTorch models lighter and prove it with measurements.",
+        epilog="Start with `lighten demo`; `lighten COMMAND --help` explains each command.",
+    )
+    parser.add_argument("--version", action="version", version=f"lighten {_version()}")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks for all errors")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, module_name in COMMANDS.items():
+        module = importlib.import_module(module_name)
+        cmd = sub.add_parser(name, help=module.HELP, description=module.__doc__)
+        # SUPPRESS keeps `lighten --debug run ...` working: the subparser default would reset it.
+        cmd.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                         help="show tracebacks for all errors")
+        module.add_arguments(cmd)
+        cmd.set_defaults(handler=module)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; returns the exit status (the ``lighten`` script exits with it)."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exit_:  # --help, --version and usage errors
+        return exit_.code if isinstance(exit_.code, int) else 2
+    from lighten.errors import LightenError
+
+    try:
+        return int(args.handler.run(args) or 0)
+    except LightenError as e:
+        if args.debug:
+            traceback.print_exc()
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        hint = (" finished stages are saved; rerun the same command with --resume to continue."
+                if getattr(args.handler, "RESUMABLE", False) else "")
+        print(f"\ninterrupted.{hint}", file=sys.stderr)
+        return 130
+    except Exception as e:
+        if args.debug:
+            traceback.print_exc()
+        else:
+            first = (str(e).strip().splitlines() or [""])[0]
+            print(f"internal error: {type(e).__name__}: {first} "
+                  "(a lighten bug; rerun with --debug for the traceback and report it)",
+                  file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

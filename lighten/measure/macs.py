@@ -1,0 +1,59 @@
+"""Multiply-accumulates per inference, counted by tracing the real forward at batch 1.
+
+``torch.utils.flop_counter`` sees every aten matmul/conv the model executes, so custom
+modules, functional calls and pruned shapes are all counted without per-layer formulas.
+One MAC = two FLOPs (the counter counts multiply and add separately).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from lighten.errors import ModelError
+
+
+@contextmanager
+def _eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
+
+
+def _trace(model: nn.Module, input_shape) -> FlopCounterMode:
+    x = torch.zeros(1, *tuple(input_shape))
+    counter = FlopCounterMode(display=False)
+    try:
+        with _eval_mode(model), torch.no_grad(), counter:
+            model(x)
+    except Exception as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        raise ModelError(f"cannot run {type(model).__name__} on input shape "
+                         f"{tuple(x.shape)} to count MACs: {type(exc).__name__}: {first}; "
+                         "check input_shape") from exc
+    return counter
+
+
+def count_macs(model: nn.Module, input_shape) -> int:
+    """MACs of one forward pass at batch 1."""
+    return _trace(model, input_shape).get_total_flops() // 2
+
+
+def count_macs_by_module(model: nn.Module, input_shape) -> dict[str, int]:
+    """Module name (as in ``named_modules``, root = "") -> MACs inside it, children included."""
+    counts = _trace(model, input_shape).get_flop_counts()
+    root = type(model).__name__
+    out = {}
+    for key, per_op in counts.items():
+        if key == "Global":
+            continue
+        name = "" if key == root else key.removeprefix(root + ".")
+        out[name] = sum(per_op.values()) // 2
+    return out

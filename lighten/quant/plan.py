@@ -1,0 +1,177 @@
+"""Where the quantizers go: a plain plan computed once from a torch.fx trace.
+
+ONNX Runtime runs a conv/linear on integers only when DequantizeLinear feeds it and
+QuantizeLinear reads its result. So each quantized layer gets an input quantizer and an output
+quantizer placed *after* the ReLU that follows it (the ReLU is absorbed into the layer; the
+original ReLU module becomes nn.Identity: a ReLU left between DequantizeLinear and a pool or
+add would keep that op in float). A ReLU module right after a residual add becomes
+a :class:`~lighten.quant.modules.QuantAct` so the add runs as QLinearAdd. A layer whose input is
+another quantized output seen through range-preserving ops (max-pool, flatten, reshape) reuses
+that output's parameters: the Q/DQ pair in between then cancels in ORT.
+"""
+
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+QUANTIZABLE = (nn.Conv2d, nn.Linear)
+RELU_MODULES = {nn.ReLU: "relu", nn.ReLU6: "relu6"}
+_RELU_FUNCTIONS = {F.relu: "relu", torch.relu: "relu", F.relu6: "relu6"}
+_ADD_FUNCTIONS = (operator.add, operator.iadd, torch.add)
+_PASSTHROUGH_MODULES = (nn.MaxPool1d, nn.MaxPool2d, nn.Flatten, nn.Identity, nn.Dropout,
+                        nn.Dropout2d, nn.Unflatten)
+_NOOP_MODULES = (nn.Identity, nn.Dropout, nn.Dropout2d)  # in eval mode
+_PASSTHROUGH_FUNCTIONS = (torch.flatten, F.max_pool2d, F.dropout, torch.reshape)
+_PASSTHROUGH_METHODS = ("view", "reshape", "flatten", "contiguous", "squeeze", "unsqueeze")
+
+
+@dataclass
+class LayerPlan:
+    name: str
+    activation: str = "none"  # ReLU absorbed into the layer before its output quantizer
+    input_from: str | None = None  # quant point whose parameters the input reuses
+    output_quant: bool = True  # False for a layer whose result is the model output
+    absorbed_module: str | None = None  # the ReLU module it absorbs (becomes nn.Identity)
+
+
+@dataclass
+class QuantPlan:
+    layers: dict[str, LayerPlan] = field(default_factory=dict)
+    acts: list[str] = field(default_factory=list)  # ReLU modules after adds -> QuantAct
+    traced: bool = True
+    trace_error: str | None = None
+
+
+def make_plan(model: nn.Module, candidates: list[str]) -> QuantPlan:
+    """Plan for ``candidates`` (names of Conv2d/Linear modules to quantize)."""
+    try:
+        from torch import fx
+
+        graph = fx.symbolic_trace(model).graph
+    except Exception as exc:  # fx raises many types for untraceable code
+        plan = _plan_from_sequential(model, candidates)
+        plan.traced, plan.trace_error = False, f"{type(exc).__name__}: {_first_line(exc)}"
+        return plan
+    return _plan_from_graph(model, graph, candidates)
+
+
+def _plan_from_graph(model: nn.Module, graph, candidates: list[str]) -> QuantPlan:
+    modules = dict(model.named_modules())
+    calls: dict[str, int] = {}
+    for node in graph.nodes:
+        if node.op == "call_module":
+            calls[node.target] = calls.get(node.target, 0) + 1
+    wanted = set(candidates)
+    plan = QuantPlan()
+    points = {}  # fx node -> quant point name (a layer name or a QuantAct name)
+    relu_points = set()  # points known to be >= 0
+    for node in graph.nodes:  # topological order: producers are planned before consumers
+        if node.op != "call_module":
+            continue
+        if node.target in wanted and calls[node.target] == 1:
+            layer = LayerPlan(node.target)
+            out_node = node
+            nxt = _skip_identities(node, modules)
+            kind = _relu_kind(nxt, modules) if nxt is not None else None
+            if kind is not None:
+                layer.activation, out_node = kind, nxt
+                relu_points.add(node.target)
+                if nxt.op == "call_module" and calls[nxt.target] == 1:
+                    layer.absorbed_module = nxt.target
+            src = _trace_back(node.args[0] if node.args else None, modules, points, relu_points)
+            layer.input_from = src
+            layer.output_quant = not _reaches_output(out_node, modules)
+            points[out_node] = node.target
+            plan.layers[node.target] = layer
+        elif node.target in wanted:  # a shared module: no absorption, no reuse
+            plan.layers.setdefault(node.target, LayerPlan(node.target))
+        elif (type(modules[node.target]) in RELU_MODULES and calls[node.target] == 1
+              and node.args and _is_add(node.args[0])):
+            plan.acts.append(node.target)
+            points[node] = node.target
+            relu_points.add(node.target)
+    return plan
+
+
+def _plan_from_sequential(model: nn.Module, candidates: list[str]) -> QuantPlan:
+    """Without a trace: absorb a ReLU that directly follows a layer inside the same Sequential."""
+    plan = QuantPlan(layers={name: LayerPlan(name) for name in candidates})
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.Sequential):
+            continue
+        children = list(module.named_children())
+        for (a_name, _), (_, b) in zip(children, children[1:], strict=False):
+            full = f"{name}.{a_name}" if name else a_name
+            if full in plan.layers and type(b) in RELU_MODULES:
+                plan.layers[full].activation = RELU_MODULES[type(b)]
+    return plan
+
+
+def _relu_kind(node, modules) -> str | None:
+    if node.op == "call_module":
+        return RELU_MODULES.get(type(modules[node.target]))
+    if node.op == "call_function":
+        return _RELU_FUNCTIONS.get(node.target)
+    if node.op == "call_method" and node.target in ("relu", "relu_"):
+        return "relu"
+    return None
+
+
+def _skip_identities(node, modules):
+    """The sole consumer of ``node`` past no-op modules (a folded BN is an nn.Identity)."""
+    while len(node.users) == 1:
+        (node,) = node.users
+        if not (node.op == "call_module" and isinstance(modules[node.target], _NOOP_MODULES)):
+            return node
+    return None
+
+
+def _is_add(node) -> bool:
+    if not hasattr(node, "op"):
+        return False
+    if node.op == "call_function":
+        return node.target in _ADD_FUNCTIONS
+    return node.op == "call_method" and node.target in ("add", "add_")
+
+
+def _is_passthrough(node, modules) -> bool:
+    if node.op == "call_module":
+        return isinstance(modules[node.target], _PASSTHROUGH_MODULES)
+    if node.op == "call_function":
+        return node.target in _PASSTHROUGH_FUNCTIONS
+    return node.op == "call_method" and node.target in _PASSTHROUGH_METHODS
+
+
+def _trace_back(node, modules, points, relu_points) -> str | None:
+    """The quant point feeding ``node`` through range-preserving ops, if any."""
+    while hasattr(node, "op"):
+        if node in points:
+            return points[node]
+        if _relu_kind(node, modules) == "relu" and node.args:
+            src = _trace_back(node.args[0], modules, points, relu_points)
+            return src if src in relu_points else None  # ReLU of a >= 0 tensor changes nothing
+        if not (_is_passthrough(node, modules) and node.args):
+            return None
+        node = node.args[0]
+    return None
+
+
+def _reaches_output(node, modules) -> bool:
+    """True when ``node``'s value becomes the model output through range-preserving ops only."""
+    while True:
+        users = list(node.users)
+        if any(u.op == "output" for u in users):
+            return True
+        if len(users) != 1 or not _is_passthrough(users[0], modules):
+            return False
+        node = users[0]
+
+
+def _first_line(exc: Exception) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else ""

@@ -1,0 +1,201 @@
+"""The one training loop every step shares: seeded, hookable, with tqdm progress.
+
+Steps never write their own loops; they pass ``loss_terms`` (extra penalties added to the
+cross-entropy) and ``callbacks`` (e.g. re-apply a pruning mask after each optimizer step).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field
+from torch import Tensor, nn
+from torch.utils.data import Dataset
+
+from lighten.errors import DataError, LightenError
+from lighten.step import StrictModel
+
+__all__ = ["Callback", "LossTerm", "TrainConfig", "evaluate", "predict", "train"]
+
+LossTerm = Callable[[nn.Module, Tensor, Tensor, Tensor], Tensor]  # (model, x, logits, y) -> loss
+
+
+class TrainConfig(StrictModel):
+    """The ``train:`` block of a recipe (also the base for every step's fine-tuning)."""
+
+    epochs: float = Field(3, ge=0, description="fractions run that share of one epoch's batches")
+    lr: float = Field(1e-3, gt=0)
+    batch_size: int = Field(128, ge=1)
+    optimizer: Literal["adam", "sgd"] = "adam"
+    momentum: float = Field(0.9, ge=0, lt=1)
+    weight_decay: float = Field(0.0, ge=0)
+    schedule: Literal["cosine", "constant"] = "cosine"
+    seed: int = 0
+    label_smoothing: float = Field(0.0, ge=0, lt=1)
+    augment: bool = Field(False, description="random crop (padded) + horizontal flip on images")
+
+
+class Callback:
+    """Hooks into :func:`train`; override only what you need (all default to no-ops)."""
+
+    def on_train_begin(self, model: nn.Module, optimizer: torch.optim.Optimizer,
+                       total_steps: int) -> None: ...
+
+    def on_step_end(self, model: nn.Module, step: int, total_steps: int) -> None:
+        """Called after ``optimizer.step()``; ``step`` counts finished steps, 1..total_steps."""
+
+    def on_epoch_end(self, model: nn.Module, epoch: int) -> None:
+        """``epoch`` is the 0-based index of the epoch that just finished."""
+
+    def on_train_end(self, model: nn.Module) -> None: ...
+
+
+class TrainingDiverged(LightenError):
+    """The loss became NaN or infinite."""
+
+
+def train(model: nn.Module, dataset: Dataset, cfg: TrainConfig, *,
+          loss_terms: Sequence[LossTerm] = (), callbacks: Sequence[Callback] = (),
+          progress: bool = True) -> list[float]:
+    """Train ``model`` in place; return the mean loss of each (possibly partial) epoch."""
+    from tqdm.auto import tqdm
+
+    from lighten.data import make_loader
+
+    if len(dataset) == 0:
+        raise DataError("training set is empty; check the data block (limit_train?)")
+    torch.manual_seed(cfg.seed)
+    loader = make_loader(dataset, cfg.batch_size, shuffle=True, seed=cfg.seed)
+    total_steps = math.ceil(cfg.epochs * len(loader))
+    if total_steps == 0:
+        return []
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise LightenError(f"{type(model).__name__} has no trainable parameters; "
+                           "nothing to train (set finetune epochs to 0)")
+    optimizer = _make_optimizer(params, cfg)
+    scheduler = _make_scheduler(optimizer, cfg, total_steps)
+    aug_gen = torch.Generator().manual_seed(cfg.seed + 1)
+    device = next(model.parameters(), torch.empty(0)).device
+
+    was_training = model.training
+    model.train()
+    for cb in callbacks:
+        cb.on_train_begin(model, optimizer, total_steps)
+    losses: list[float] = []
+    step = 0
+    bar = tqdm(total=total_steps, desc="train", unit="step", disable=not progress, leave=False)
+    try:
+        for epoch in range(math.ceil(cfg.epochs)):
+            running, batches = 0.0, 0
+            for x, y in loader:
+                x, y = x.to(device), y.to(device)
+                if cfg.augment:
+                    x = augment_batch(x, generator=aug_gen)
+                outputs = model(x)
+                loss = F.cross_entropy(outputs, y, label_smoothing=cfg.label_smoothing)
+                for term in loss_terms:
+                    loss = loss + term(model, x, outputs, y)
+                if not torch.isfinite(loss):
+                    raise TrainingDiverged(f"training loss became {loss.item()} at step "
+                                           f"{step + 1}; lower the learning rate (lr={cfg.lr})")
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                scheduler.step()
+                step += 1
+                running += loss.item()
+                batches += 1
+                for cb in callbacks:
+                    cb.on_step_end(model, step, total_steps)
+                bar.update(1)
+                bar.set_postfix(epoch=epoch + 1, loss=f"{running / batches:.4f}")
+                if step >= total_steps:
+                    break
+            losses.append(running / max(batches, 1))
+            for cb in callbacks:
+                cb.on_epoch_end(model, epoch)
+            if step >= total_steps:
+                break
+    finally:
+        bar.close()
+        model.train(was_training)
+    for cb in callbacks:
+        cb.on_train_end(model)
+    return losses
+
+
+def predict(model: nn.Module, dataset: Dataset, *, batch_size: int = 512,
+            progress: bool = False) -> Tensor:
+    """Logits ``(N, C)`` for the whole dataset, in order, computed in eval mode."""
+    logits, _ = _run(model, dataset, batch_size=batch_size, progress=progress)
+    return logits
+
+
+def evaluate(model: nn.Module, dataset: Dataset, *, batch_size: int = 512,
+             progress: bool = False) -> float:
+    """Top-1 accuracy in eval mode under ``torch.inference_mode``."""
+    logits, labels = _run(model, dataset, batch_size=batch_size, progress=progress)
+    if len(labels) == 0:
+        raise DataError("evaluation set is empty; check the data block (limit_test?)")
+    return (logits.argmax(dim=1) == labels).float().mean().item()
+
+
+def augment_batch(x: Tensor, *, generator: torch.Generator, pad: int | None = None) -> Tensor:
+    """Random crop after padding with the background value, plus a random horizontal flip."""
+    if x.dim() != 4:
+        raise DataError(f"augment needs image batches (B, C, H, W), got shape {tuple(x.shape)}; "
+                        "set train.augment: false")
+    b, _, h, w = x.shape  # (B, C, H, W)
+    pad = pad if pad is not None else max(1, min(h, w) // 12)  # 28x28 -> 2, 8x8 -> 1
+    padded = F.pad(x, (pad, pad, pad, pad), value=float(x.min()))
+    oy = torch.randint(0, 2 * pad + 1, (b,), generator=generator)
+    ox = torch.randint(0, 2 * pad + 1, (b,), generator=generator)
+    rows = (oy[:, None] + torch.arange(h))[:, :, None]  # (B, H, 1)
+    cols = (ox[:, None] + torch.arange(w))[:, None, :]  # (B, 1, W)
+    out = padded[torch.arange(b)[:, None, None], :, rows, cols]  # (B, H, W, C)
+    out = out.permute(0, 3, 1, 2)
+    flip = torch.rand(b, generator=generator) < 0.5
+    return torch.where(flip[:, None, None, None], out.flip(-1), out).contiguous()
+
+
+def _run(model: nn.Module, dataset: Dataset, *, batch_size: int, progress: bool):
+    from tqdm.auto import tqdm
+
+    from lighten.data import make_loader
+
+    device = next(model.parameters(), torch.empty(0)).device
+    was_training = model.training
+    model.eval()
+    logits, labels = [], []
+    try:
+        with torch.inference_mode():
+            loader = make_loader(dataset, batch_size, shuffle=False)
+            for x, y in tqdm(loader, desc="eval", disable=not progress, leave=False):
+                logits.append(model(x.to(device)).float().cpu())
+                labels.append(torch.as_tensor(y).cpu())
+    finally:
+        model.train(was_training)
+    if not logits:
+        return torch.empty(0, 0), torch.empty(0, dtype=torch.long)
+    return torch.cat(logits), torch.cat(labels)
+
+
+def _make_optimizer(params, cfg: TrainConfig) -> torch.optim.Optimizer:
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum,
+                               weight_decay=cfg.weight_decay)
+    return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def _make_scheduler(optimizer, cfg: TrainConfig, total_steps: int):
+    if cfg.schedule == "constant":
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: 0.5 * (1.0 + math.cos(math.pi * min(step, total_steps)
+                                                      / total_steps))
+    )
