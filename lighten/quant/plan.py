@@ -95,6 +95,8 @@ def _plan_from_graph(model: nn.Module, graph, candidates: list[str]) -> QuantPla
             plan.acts.append(node.target)
             points[node] = node.target
             relu_points.add(node.target)
+    for name in candidates:  # not in the graph: never called, reported as not reached
+        plan.layers.setdefault(name, LayerPlan(name))
     return plan
 
 
