@@ -6,6 +6,7 @@ allowed, e.g. ``demo.yaml: steps[1] quant.ptq: bits: Input should be less than o
 
 from __future__ import annotations
 
+import difflib
 import types
 import typing
 from dataclasses import dataclass
@@ -94,13 +95,14 @@ class Recipe:
 def load_recipe(path: str | Path) -> Recipe:
     path = Path(path)
     if not path.is_file():
-        raise RecipeError(f"recipe file not found: {path} (check the path; see recipes/ for examples)")
+        raise RecipeError(f"recipe file not found: {path} (check the path; examples in recipes/)")
     try:
         raw = yaml.safe_load(path.read_text())
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""
-        raise RecipeError(f"{path}: not valid YAML{where}: {getattr(exc, 'problem', exc)}") from None
+        problem = getattr(exc, "problem", exc)
+        raise RecipeError(f"{path}: not valid YAML{where}: {problem}") from None
     except UnicodeDecodeError:
         raise RecipeError(f"{path}: not a text file; a recipe is YAML") from None
     return parse_recipe(raw, source=str(path), base_dir=path.parent)
@@ -108,7 +110,8 @@ def load_recipe(path: str | Path) -> Recipe:
 
 def parse_recipe(raw: Any, *, source: str = "<dict>", base_dir: Path = Path(".")) -> Recipe:
     if not isinstance(raw, dict):
-        raise RecipeError(f"{source}: a recipe must be a mapping with keys name, model, data, steps")
+        raise RecipeError(f"{source}: a recipe must be a mapping with keys name, model, data, steps"
+                          )
     schema = _recipe_schema()
     try:
         top = schema.model_validate(raw)
@@ -165,12 +168,17 @@ def _resolve_paths(spec: BaseModel, base_dir: Path, fields: tuple[str, ...]) -> 
 
 def _describe(err: ValidationError, schema: type[BaseModel]) -> str:
     """One line for the first problem: where, what, and what is allowed."""
-    first = err.errors()[0]
+    # a typo shows up as "unknown key" and "missing key"; the unknown key is the useful one
+    errors = sorted(err.errors(), key=lambda e: e["type"] != "extra_forbidden")
+    first = errors[0]
     loc = [p for p in first["loc"] if not isinstance(p, str) or not p.startswith("function-")]
     where = _format_loc(loc)
     if first["type"] == "extra_forbidden":
         allowed = _allowed_keys(schema, loc[:-1])
-        hint = f"; allowed keys: {', '.join(allowed)}" if allowed else ""
+        close = difflib.get_close_matches(str(loc[-1]), allowed, n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        if allowed:
+            hint += f"{' ' if close else '; '}allowed keys: {', '.join(allowed)}"
         return f"unknown key {where!r}{hint}"
     if first["type"] == "missing":
         return f"missing required key {where!r}"

@@ -109,7 +109,7 @@ def _build(recipe: Recipe, data) -> nn.Module:
 
 
 def _load_or_train_baseline(model: nn.Module, recipe: Recipe, data, *, progress: bool) -> str:
-    """Weights from the recipe, else the zoo's shipped checkpoint, else a cached or fresh training."""
+    """Weights from the recipe, else the zoo's shipped checkpoint, else cached or fresh training."""
     from lighten.models import load_weights, shipped_checkpoint
     from lighten.train import train
 
@@ -294,7 +294,8 @@ def _read_state(out: Path) -> dict | None:
     try:
         state = json.loads(path.read_text())
     except json.JSONDecodeError:
-        raise RecipeError(f"{path} is corrupt; rerun without --resume into a new --output") from None
+        raise RecipeError(f"{path} is corrupt; rerun without --resume into a new --output"
+                          ) from None
     return state if state.get("version") == STATE_VERSION else None
 
 

@@ -31,7 +31,7 @@ def test_good_recipe_parses_with_defaults():
     [
         (with_changes(steps=[{"prune.magic": {}}]), "unknown step 'prune.magic'; known steps:"),
         (with_changes(steps=[{"prune.magnitude": {"sparsty": 0.5}}]),
-         "unknown key 'sparsty'; allowed keys: finetune, sparsity"),
+         "unknown key 'sparsty'; did you mean 'sparsity'? allowed keys: finetune, sparsity"),
         (with_changes(steps=[{"prune.magnitude": {"sparsity": 2}}]),
          "steps[0] prune.magnitude: sparsity: Input should be less than 1 (got 2)"),
         (with_changes(steps=[{"prune.magnitude": {"sparsity": 0.5, "scope": "all"}}]),

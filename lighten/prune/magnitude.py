@@ -111,7 +111,9 @@ class _MaskKeeper(Callback):
         apply_masks(self.weights, self.masks)
 
 
-def prune_magnitude_(model: nn.Module, config: MagnitudePruneConfig, ctx: StepContext | None = None):
+def prune_magnitude_(
+    model: nn.Module, config: MagnitudePruneConfig, ctx: StepContext | None = None
+) -> nn.Module:
     """Library call: prune ``model`` in place; fine-tunes through ``ctx`` when configured."""
     weights = prunable_weights(model, config.ignore)
     first = config.sparsity if config.schedule == "oneshot" else agp_sparsity(config.sparsity, 0.0)
