@@ -32,9 +32,9 @@ HYPERPARAMS: dict[str, dict] = {
     "lenet300": dict(epochs=15, lr=1e-3, optimizer="adam", batch_size=128),
     "resnet20": dict(epochs=10, lr=0.1, optimizer="sgd", momentum=0.9, weight_decay=5e-4,
                      batch_size=128, augment=True),
-    "mobilenetv2": dict(epochs=10, lr=0.1, optimizer="sgd", momentum=0.9, weight_decay=4e-5,
+    "mobilenetv2": dict(epochs=8, lr=0.1, optimizer="sgd", momentum=0.9, weight_decay=4e-5,
                         batch_size=128, augment=True),
-    "vgg_small": dict(epochs=10, lr=0.05, optimizer="sgd", momentum=0.9, weight_decay=5e-4,
+    "vgg_small": dict(epochs=6, lr=0.05, optimizer="sgd", momentum=0.9, weight_decay=5e-4,
                       batch_size=128, augment=True),
 }
 TARGETS = {"lenet5": 0.89, "lenet300": 0.88, "resnet20": 0.92, "mobilenetv2": 0.90,

@@ -25,4 +25,7 @@ def add_arguments(parser) -> None:
 def run(args) -> int:
     from lighten.cli.run import run_and_print
 
+    # The demo is meant to be rerun: a finished earlier demo is replaced, unless resuming.
+    if not args.resume:
+        args.overwrite = True
     return run_and_print(demo_recipe_path(), args)
