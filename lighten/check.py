@@ -44,6 +44,10 @@ MODULE_FACTS: dict[str, ModuleFact] = {
         _has_matrix_weight,
         "no `weight` Parameter of dim >= 2",
     ),
+    "prunable (structured)": ModuleFact(
+        lambda m: isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)),
+        "prune.channels/neurons slice Conv/Linear (BN/LayerNorm follow them)",
+    ),
     "quantizable": ModuleFact(
         lambda m: isinstance(m, QUANTIZABLE_TYPES),
         "int8 covers Conv2d/Linear only",

@@ -30,7 +30,14 @@ STEPS: dict[str, StepSpec] = {}
 # Modules that define built-in steps. Imported lazily so `import lighten` stays light.
 _BUILTIN_STEP_MODULES = (
     "lighten.prune.magnitude",
+    "lighten.prune.structured",
+    "lighten.prune.nm",
+    "lighten.prune.l1",
     "lighten.quant.ptq",
+    "lighten.quant.dynamic",
+    "lighten.quant.weight_only",
+    "lighten.quant.qat",
+    "lighten.quant.mixed",
 )
 
 

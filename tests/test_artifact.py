@@ -209,9 +209,9 @@ def test_shrunk_model_reloads_into_full_size_skeleton(tmp_path):
 
 
 def test_pruned_lenet5_reloads_from_model_spec(tmp_path):
-    lenet = pytest.importorskip("lighten.models")
+    import lighten.models as zoo
     spec = {"zoo": "lenet5"}
-    model = lenet.build_model(lenet.ModelSpec(**spec), input_shape=(1, 8, 8), num_classes=10)
+    model = zoo.build_model(zoo.ModelSpec(**spec), input_shape=(1, 8, 8), num_classes=10)
     model = randomized(model)
     model.features[4] = nn.Identity()  # a ReLU replaced by a standard shapeless module
     model.features[3] = nn.Conv2d(6, 4, 5, padding=2)  # pruned from 16 to 4 output channels
@@ -220,8 +220,8 @@ def test_pruned_lenet5_reloads_from_model_spec(tmp_path):
     x = torch.randn(3, 1, 8, 8)
     path = tmp_path / "lenet.safetensors"
     save_artifact(model, path, model_spec=spec, input_shape=(1, 8, 8), num_classes=10)
-    _, manifest = load_artifact(path, model=lenet.build_model(
-        lenet.ModelSpec(**spec), input_shape=(1, 8, 8), num_classes=10))
+    _, manifest = load_artifact(path, model=zoo.build_model(
+        zoo.ModelSpec(**spec), input_shape=(1, 8, 8), num_classes=10))
     # Only the layers that differ from a fresh lenet5 are recorded.
     assert [e["path"] for e in manifest["shapes"]] == ["features.3", "features.4", "classifier.1"]
     torch.manual_seed(123)
@@ -244,7 +244,6 @@ def net():
 
 
 def test_identity_replacing_batchnorm_and_conv_gaining_bias(tmp_path):
-    pytest.importorskip("lighten.models")
     (tmp_path / "net.py").write_text(NET_PY)
     spec = {"python": f"{tmp_path / 'net.py'}:net", "input_shape": [1, 8, 8]}
     model = randomized(nn.Sequential(nn.Conv2d(1, 8, 3, padding=1, bias=False),

@@ -113,7 +113,6 @@ def test_export_writes_a_verified_onnx_file(model_file, tmp_path, capsys):
 
 
 def test_measure_python_model_on_synthetic_data(model_file, capsys):
-    pytest.importorskip("lighten.measure")
     argv = ["measure", f"{model_file}:plain", "--input-shape", "1,8,8", "--data", "synthetic",
             "--limit", "64", "--latency-runs", "3", "--no-robustness", "--json"]
     assert main(argv) == 0
@@ -164,8 +163,6 @@ def test_package_exports_main():
 
 
 def test_run_tiny_recipe_end_to_end(tmp_path, monkeypatch, capsys):
-    pytest.importorskip("lighten.runner")
-    pytest.importorskip("lighten.measure")
     monkeypatch.setenv("LIGHTEN_CACHE", str(tmp_path / "cache"))
     (tmp_path / "tiny.py").write_text(TINY_MODEL)
     recipe = tmp_path / "recipe.yaml"
@@ -215,7 +212,6 @@ def test_check_zoo_model_warns_when_random(capsys):
 
 
 def test_check_and_export_an_artifact(model_file, tmp_path, capsys):
-    pytest.importorskip("lighten.artifact")
     from lighten.artifact import save_artifact
     from lighten.cli.model_ref import resolve_model
 

@@ -18,6 +18,7 @@ COMMANDS = {
     "run": "lighten.cli.run",
     "check": "lighten.cli.check",
     "measure": "lighten.cli.measure",
+    "analyze": "lighten.cli.analyze",
     "report": "lighten.cli.report",
     "export": "lighten.cli.export",
     "env": "lighten.cli.env",

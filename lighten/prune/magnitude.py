@@ -1,12 +1,20 @@
-"""Unstructured magnitude pruning, one-shot or gradual (AGP), layer-wise or global.
+"""Unstructured magnitude pruning: one-shot or gradual (AGP); global, per layer or per-layer ratios.
 
 Pruned weights are set to exactly zero and kept at zero while fine-tuning (the mask is re-applied
 after every optimizer step). The artifact stores such tensors sparsely, so bytes drop; MACs and
 latency of a dense runtime do not, and the report says so.
+
+Per-layer ratios come from a mapping ``{layer: ratio}`` or, with ``ratios: auto``, from a
+sensitivity analysis (:mod:`lighten.prune.sensitivity`) that spends the overall ``sparsity`` where
+it costs the least accuracy. ``rewind: true`` is weight rewinding (Frankle et al. 2019): after the
+first fine-tuning finds the final mask, every parameter and buffer is reset to its value at the
+start of fine-tuning, the mask applied, and the network fine-tuned again with the mask fixed.
 """
 
 from __future__ import annotations
 
+import copy
+from collections.abc import Callable
 from typing import Literal
 
 import torch
@@ -22,16 +30,34 @@ Masks = dict[str, torch.Tensor]
 
 
 class MagnitudePruneConfig(StepConfig):
-    sparsity: float = Field(gt=0, lt=1, description="fraction of prunable weights set to zero")
+    sparsity: float | None = Field(None, gt=0, lt=1,
+                                   description="fraction of prunable weights set to zero")
     scope: Literal["global", "layer"] = "global"
     schedule: Literal["oneshot", "agp"] = "oneshot"
     ignore: list[str] = Field(default_factory=list, description="module names left dense")
+    ratios: Literal["auto"] | dict[str, float] | None = Field(
+        None, description="per-layer sparsity: 'auto' (from sensitivity) or {layer: ratio}; "
+                          "layers not named use `sparsity` (or stay dense without it)")
+    auto_samples: int = Field(1000, ge=1, description="ratios: auto evaluates on this many "
+                                                      "training samples")
+    rewind: bool = Field(False, description="rewind to the start of fine-tuning with the "
+                                            "final mask, then fine-tune again")
 
     @model_validator(mode="after")
-    def _agp_needs_finetune(self):
-        if self.schedule == "agp" and (self.finetune is None or self.finetune.epochs == 0):
-            raise ValueError("schedule 'agp' prunes gradually while fine-tuning; add finetune: "
-                             "{epochs: N}")
+    def _check(self):
+        if self.sparsity is None and not isinstance(self.ratios, dict):
+            raise ValueError("sparsity is required (e.g. sparsity: 0.9) unless ratios maps "
+                             "layers to ratios")
+        if isinstance(self.ratios, dict):
+            bad = {k: v for k, v in self.ratios.items() if not 0 <= v < 1}
+            if bad:
+                name, value = next(iter(bad.items()))
+                raise ValueError(f"ratios: {name}: {value} is not a fraction in [0, 1)")
+        wants_training = self.schedule == "agp" or self.rewind
+        if wants_training and (self.finetune is None or self.finetune.epochs == 0):
+            what = "schedule 'agp' prunes gradually" if self.schedule == "agp" else \
+                "rewind: true re-trains"
+            raise ValueError(f"{what} while fine-tuning; add finetune: {{epochs: N}}")
         return self
 
 
@@ -67,6 +93,12 @@ def magnitude_masks(weights: dict[str, torch.Tensor], sparsity: float, scope: st
     return masks
 
 
+def layer_masks(weights: dict[str, torch.Tensor], ratios: dict[str, float]) -> Masks:
+    """Per-layer keep-masks: layer ``name`` loses exactly round(ratios[name] * n) weights."""
+    return {name: _keep_largest(w.detach().abs().flatten(), ratios.get(name, 0.0)).view_as(w)
+            for name, w in weights.items()}
+
+
 def _keep_largest(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
     n_prune = int(round(sparsity * scores.numel()))
     keep = torch.ones_like(scores, dtype=torch.bool)
@@ -89,11 +121,26 @@ def agp_sparsity(final: float, progress: float, initial: float = 0.0) -> float:
     return final + (initial - final) * (1.0 - t) ** 3
 
 
-class _MaskKeeper(Callback):
-    """Keeps pruned weights at zero while fine-tuning; with AGP also raises sparsity over time."""
+class KeepMasks(Callback):
+    """Re-applies fixed keep-masks after every optimizer step so pruned weights stay zero."""
 
-    def __init__(self, weights, masks, config: MagnitudePruneConfig, prune_steps: int = 10):
-        self.weights, self.masks, self.config = weights, masks, config
+    def __init__(self, weights: dict[str, nn.Parameter], masks: Masks):
+        self.weights, self.masks = weights, masks
+
+    def on_step_end(self, model, step, total_steps):
+        apply_masks(self.weights, self.masks)
+
+
+class _MaskKeeper(KeepMasks):
+    """Keeps pruned weights at zero while fine-tuning; with AGP also raises sparsity over time.
+
+    ``mask_at(progress)`` gives the masks for schedule progress in [0, 1] (1 = final target).
+    """
+
+    def __init__(self, weights, masks, mask_at: Callable[[float], Masks] | None = None,
+                 prune_steps: int = 10):
+        super().__init__(weights, masks)
+        self.mask_at = mask_at
         self.prune_steps = prune_steps
         self.total = 1
 
@@ -101,14 +148,50 @@ class _MaskKeeper(Callback):
         self.total = max(total_steps, 1)
 
     def on_step_end(self, model, step, total_steps):
-        if self.config.schedule == "agp":
+        if self.mask_at is not None:
             # prune during the first 3/4 of fine-tuning, then let the network recover
             span = max(int(self.total * 0.75), 1)
             every = max(span // self.prune_steps, 1)
             if step <= span and step % every == 0:
-                target = agp_sparsity(self.config.sparsity, step / span)
-                self.masks = magnitude_masks(self.weights, target, self.config.scope)
-        apply_masks(self.weights, self.masks)
+                self.masks = self.mask_at(step / span)
+        super().on_step_end(model, step, total_steps)
+
+
+def _mask_schedule(weights, config: MagnitudePruneConfig,
+                   ratios: dict[str, float] | None) -> Callable[[float], Masks]:
+    """Masks as a function of AGP progress t (one-shot uses t = 1 only)."""
+    if ratios is None:
+        return lambda t: magnitude_masks(weights, agp_sparsity(config.sparsity, t), config.scope)
+    return lambda t: layer_masks(weights, {n: agp_sparsity(r, t) for n, r in ratios.items()})
+
+
+def resolve_ratios(model: nn.Module, weights: dict[str, nn.Parameter],
+                   config: MagnitudePruneConfig,
+                   ctx: StepContext | None) -> dict[str, float] | None:
+    """Per-layer ratios for every prunable layer, or None for a single `sparsity`."""
+    if config.ratios is None:
+        return None
+    if config.ratios == "auto":
+        if ctx is None:
+            raise UnsupportedError("ratios: auto needs data for a sensitivity analysis; run it "
+                                   "as a recipe step or pass ctx")
+        from torch.utils.data import Subset
+
+        from lighten.prune.sensitivity import analyze, derive_ratios
+
+        n = min(config.auto_samples, len(ctx.data.train))
+        table = analyze(model, Subset(ctx.data.train, range(n)), ignore=config.ignore,
+                        progress=ctx.progress)
+        ratios = derive_ratios(table, config.sparsity)
+        ctx.note("prune.magnitude: ratios from sensitivity on "
+                 f"{n} training samples: " + ", ".join(f"{k}={v:.2f}" for k, v in ratios.items()))
+        return ratios
+    unknown = [name for name in config.ratios if name not in weights]
+    if unknown:
+        raise UnsupportedError(f"ratios: {unknown[0]!r} is not a prunable layer (choose from "
+                               f"{sorted(weights)[:4]}); remove it or fix the name")
+    default = config.sparsity or 0.0
+    return {name: config.ratios.get(name, default) for name in weights}
 
 
 def prune_magnitude_(
@@ -116,22 +199,28 @@ def prune_magnitude_(
 ) -> nn.Module:
     """Library call: prune ``model`` in place; fine-tunes through ``ctx`` when configured."""
     weights = prunable_weights(model, config.ignore)
-    first = config.sparsity if config.schedule == "oneshot" else agp_sparsity(config.sparsity, 0.0)
-    masks = magnitude_masks(weights, first, config.scope)
+    ratios = resolve_ratios(model, weights, config, ctx)
+    mask_at = _mask_schedule(weights, config, ratios)
+    start = copy.deepcopy(model.state_dict()) if config.rewind else None
+    masks = mask_at(1.0 if config.schedule == "oneshot" else 0.0)
     apply_masks(weights, masks)
     if ctx is not None and config.finetune is not None:
-        keeper = _MaskKeeper(weights, masks, config)
+        keeper = _MaskKeeper(weights, masks, mask_at if config.schedule == "agp" else None)
         ctx.finetune(model, config.finetune, callbacks=[keeper])
         masks = keeper.masks
     if config.schedule == "agp":  # the schedule ends at the target; make it exact
-        masks = magnitude_masks(weights, config.sparsity, config.scope)
+        masks = mask_at(1.0)
+    if start is not None and ctx is not None and config.finetune is not None:
+        model.load_state_dict(start)  # weight rewinding: same tensors, values at fine-tune start
+        apply_masks(weights, masks)
+        ctx.finetune(model, config.finetune, callbacks=[KeepMasks(weights, masks)])
     apply_masks(weights, masks)
     return model
 
 
 @register_step("prune.magnitude", MagnitudePruneConfig)
 def prune_magnitude(model: nn.Module, config: MagnitudePruneConfig, ctx: StepContext) -> nn.Module:
-    """Zero the smallest-magnitude weights (global or per layer, one-shot or gradual AGP)."""
+    """Zero the smallest-magnitude weights (global, per layer or per-layer ratios; AGP; rewind)."""
     prune_magnitude_(model, config, ctx)
     zeros = sum(int((w == 0).sum()) for w in prunable_weights(model, config.ignore).values())
     total = sum(w.numel() for w in prunable_weights(model, config.ignore).values())

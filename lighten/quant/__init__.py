@@ -24,3 +24,21 @@ def is_quantized(model: nn.Module) -> bool:
 
 __all__ = ["PTQConfig", "QuantAct", "QuantConv2d", "QuantLinear", "is_quantized", "quantize",
            "quantize_ptq_", "to_torch_int8"]
+
+# quantization-aware training (LSQ) and mixed precision
+from lighten.quant.mixed import MixedConfig, quantize_mixed_  # noqa: E402
+from lighten.quant.qat import QATConfig, convert_qat, prepare_qat  # noqa: E402
+
+__all__ += ["MixedConfig", "QATConfig", "convert_qat", "prepare_qat", "quantize_mixed_"]
+
+# dynamic quantization and weight-only low-bit quantization
+from lighten.quant.dynamic import DynamicConfig, DynamicQuantLinear, quantize_dynamic_  # noqa: E402
+from lighten.quant.weight_only import (  # noqa: E402
+    WeightOnlyConfig,
+    WeightOnlyConv2d,
+    WeightOnlyLinear,
+    quantize_weight_only_,
+)
+
+__all__ += ["DynamicConfig", "DynamicQuantLinear", "WeightOnlyConfig", "WeightOnlyConv2d",
+            "WeightOnlyLinear", "quantize_dynamic_", "quantize_weight_only_"]

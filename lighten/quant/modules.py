@@ -118,6 +118,19 @@ class _QuantLayer(nn.Module):
         q = quantize(weight.float(), scale, zp, spec.qmin, spec.qmax, axis=0)
         self.weight_int.copy_(q.to(torch.int8))
 
+    @torch.no_grad()
+    def set_quantized_weight(self, weight_int: torch.Tensor, scale: torch.Tensor,
+                             zero_point: torch.Tensor) -> None:
+        """Store weights quantized elsewhere (e.g. with scales learned by QAT) as they are."""
+        spec = self.weight_spec
+        lo, hi = int(weight_int.min()), int(weight_int.max())
+        if lo < spec.qmin or hi > spec.qmax:
+            raise ValueError(f"weight codes span [{lo}, {hi}], outside the {self.weight_bits}-bit "
+                             f"range [{spec.qmin}, {spec.qmax}]")
+        self.weight_scale.copy_(scale.detach().float().reshape(self.weight_scale.shape))
+        self.weight_zero_point.copy_(zero_point.detach().reshape(self.weight_zero_point.shape))
+        self.weight_int.copy_(weight_int.to(torch.int8))
+
     def dequantized_weight(self) -> torch.Tensor:
         return _DequantizeWeight.apply(self.weight_int, self.weight_scale,
                                        self.weight_zero_point, 0)

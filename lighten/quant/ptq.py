@@ -8,7 +8,7 @@ Statistics first, then apply: one calibration pass serves every layer.
 from __future__ import annotations
 
 import platform
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from functools import lru_cache
 from typing import Literal
 
@@ -57,31 +57,26 @@ def quantize_ptq_(
     config: PTQConfig | None = None,
     *,
     notes: list[str] | None = None,
+    weight_bits: Mapping[str, int] | None = None,
 ) -> nn.Module:
     """Quantize ``model`` in place and return it.
 
     ``calibration_batches`` yields input tensors (or ``(inputs, targets)`` pairs). Layers that
-    cannot be quantized stay float; why is appended to ``notes``.
+    cannot be quantized stay float; why is appended to ``notes``. ``weight_bits`` overrides the
+    weight bit width of named layers (mixed precision); activations keep ``config.bits``.
     """
-    from lighten.arch.fold import fold_batchnorm_report
-
     cfg = config or PTQConfig()
     notes = notes if notes is not None else []
     model.eval()
-    fold = fold_batchnorm_report(model)
-    if fold.method != "fx":
-        notes.append(f"BN folding: model not traceable ({fold.trace_error}); folded only "
-                     f"adjacent pairs in nn.Sequential ({len(fold.folded)} folded)")
-    for bn_name, reason in fold.skipped:
-        notes.append(f"BN {bn_name} not folded: {reason}")
+    fold_with_notes(model, notes)
 
     candidates = _candidates(model, cfg.skip, notes)
     plan = make_plan(model, candidates)
     if not plan.traced:
         notes.append(f"quant.ptq: model not traceable ({plan.trace_error}); each layer quantizes "
                      "its own output, residual adds stay float")
-    reduce_range = _default_reduce_range() if cfg.reduce_range is None else cfg.reduce_range
-    reduce_range = reduce_range and cfg.bits == 8  # below 8 bits the products cannot overflow
+    auto_reduce = _default_reduce_range() if cfg.reduce_range is None else cfg.reduce_range
+    reduce_range = auto_reduce and cfg.bits == 8  # below 8 bits the products cannot overflow
     act_signed = ACT_SIGNED if cfg.backend == "onnxruntime" else False  # torch x86 needs quint8
     spec = activation_spec(cfg.bits, act_signed)
 
@@ -95,8 +90,13 @@ def quantize_ptq_(
         if ("in", name) not in qparams:
             notes.append(f"{name} left in float: calibration data never reached it")
             continue
+        layer_common = common
+        if weight_bits and name in weight_bits:
+            bits = weight_bits[name]
+            layer_common = {**common, "weight_bits": bits,
+                            "reduce_range": auto_reduce and bits == 8}
         model.set_submodule(name, _quant_layer(model.get_submodule(name), layer_plan, qparams,
-                                               common))
+                                               layer_common))
         if layer_plan.absorbed_module:  # the layer applies this ReLU itself now
             model.set_submodule(layer_plan.absorbed_module, nn.Identity())
     for name in plan.acts:
@@ -123,6 +123,18 @@ def quantize_ptq(model: nn.Module, cfg: PTQConfig, ctx: StepContext) -> nn.Modul
     ctx.note(f"quant.ptq: {quantized} layers int{cfg.bits} ({cfg.calibration} calibration, "
              f"{'per-channel' if cfg.per_channel else 'per-tensor'} weights)")
     return ctx.finetune(model, cfg.finetune)
+
+
+def fold_with_notes(model: nn.Module, notes: list[str]) -> None:
+    """Fold BN in place (quantizers must see folded weights); say what could not be folded."""
+    from lighten.arch.fold import fold_batchnorm_report
+
+    fold = fold_batchnorm_report(model)
+    if fold.method != "fx":
+        notes.append(f"BN folding: model not traceable ({fold.trace_error}); folded only "
+                     f"adjacent pairs in nn.Sequential ({len(fold.folded)} folded)")
+    for bn_name, reason in fold.skipped:
+        notes.append(f"BN {bn_name} not folded: {reason}")
 
 
 def _candidates(model: nn.Module, skip: list[str], notes: list[str]) -> list[str]:

@@ -1,0 +1,477 @@
+"""Channel-dependency analysis: which tensors' channels must be pruned together.
+
+One ``torch.fx`` trace plus shape propagation. Every traced value gets a *layout*: its channel
+axis and the channel *spaces* (in order, with offsets) that make up that axis. Spaces that meet
+at a residual add or a channel-wise multiply are merged (union-find); a concatenation lays spaces
+side by side; a flatten before a Linear turns one channel into a block of H*W features.
+How channels flow through each operator is DATA (:data:`MODULE_KINDS`, :data:`FUNCTION_KINDS`,
+:data:`METHOD_KINDS`); anything not in those tables is refused with an
+:class:`~lighten.errors.UnsupportedError` naming the node, never guessed.
+
+The output is a plain list of :class:`Group`. Pruning algorithms consume it and never trace.
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+
+from lighten.errors import UnsupportedError
+
+__all__ = ["Group", "Member", "channel_groups"]
+
+
+@dataclass(frozen=True)
+class Member:
+    """One tensor axis that a group slices: ``module``'s weight along ``axis``.
+
+    Channel ``c`` of the group is index range ``offset + c*block ... offset + (c+1)*block - 1``
+    of that axis (``block`` > 1 only for a Linear after a flatten: one channel = H*W features).
+    """
+
+    module: str
+    kind: str  # "out" | "in" | "depthwise" | "norm"
+    offset: int = 0
+    block: int = 1
+
+    @property
+    def axis(self) -> int:
+        return 1 if self.kind == "in" else 0
+
+
+@dataclass
+class Group:
+    """Channels that must be removed together: index ``c`` means the same channel everywhere."""
+
+    size: int
+    members: list[Member]
+    pinned: list[str] = field(default_factory=list)  # why it must stay whole
+
+    @property
+    def prunable(self) -> bool:
+        return not self.pinned and self.size > 1
+
+    def producers(self) -> list[Member]:
+        """Members whose weights *create* the channels (filters, neurons, depthwise kernels)."""
+        return [m for m in self.members if m.kind in ("out", "depthwise")]
+
+    def __str__(self) -> str:
+        parts = ", ".join(f"{m.module}:{m.kind}" + (f"@{m.offset}" if m.offset else "")
+                          + (f"x{m.block}" if m.block > 1 else "") for m in self.members)
+        pin = f" pinned ({'; '.join(self.pinned)})" if self.pinned else ""
+        return f"Group({self.size} ch: {parts}){pin}"
+
+
+@dataclass(frozen=True)
+class _Seg:
+    space: int
+    size: int
+    block: int = 1
+
+
+@dataclass(frozen=True)
+class _Layout:
+    axis: int  # non-negative channel axis of the value
+    segs: tuple[_Seg, ...]
+
+
+# ----------------------------------------------------------------------------- operator facts
+# How channels flow through an operator, by kind:
+#   conv / linear   consume channels on the input, create a new space on the output
+#   batchnorm       per-channel parameters on axis 1; layout unchanged
+#   layernorm       per-feature parameters on the last axis; layout unchanged
+#   groupnorm       mixes channels within groups: coupled spaces stay whole
+#   same            shape-preserving along the channel axis (activations, pooling, dropout)
+#   elementwise     broadcasting binary op: operands with that channel axis share one space
+#   cat             concatenation: along the channel axis spaces sit side by side
+#   reshape         flatten / view: allowed when the channel axis survives (or is flattened last)
+#   reduce          mean/sum over non-channel axes
+#   meta            returns no tensor (x.size(), x.dim(), getitem on a tuple)
+#   refuse          moves channels around (permute, transpose, split): not analysable
+
+MODULE_KINDS: dict[type[nn.Module], str] = {
+    nn.Conv1d: "conv", nn.Conv2d: "conv", nn.Conv3d: "conv",
+    nn.Linear: "linear",
+    nn.BatchNorm1d: "batchnorm", nn.BatchNorm2d: "batchnorm", nn.BatchNorm3d: "batchnorm",
+    nn.LayerNorm: "layernorm", nn.GroupNorm: "groupnorm",
+    nn.Flatten: "reshape",
+    **{cls: "same" for cls in (
+        nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.ELU, nn.GELU, nn.SiLU, nn.Mish, nn.Sigmoid,
+        nn.Tanh, nn.Hardswish, nn.Hardsigmoid, nn.Hardtanh, nn.Softplus, nn.Identity,
+        nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.AlphaDropout,
+        nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
+        nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d,
+        nn.Upsample, nn.ZeroPad2d, nn.ConstantPad2d, nn.ReflectionPad2d)},
+}
+
+FUNCTION_KINDS: dict[Callable, str] = {
+    **{fn: "same" for fn in (
+        F.relu, F.relu6, F.leaky_relu, F.elu, F.gelu, F.silu, F.mish, F.hardswish,
+        F.hardsigmoid, F.hardtanh, F.softplus, F.dropout, F.max_pool1d, F.max_pool2d,
+        F.avg_pool1d, F.avg_pool2d, F.adaptive_avg_pool1d, F.adaptive_avg_pool2d,
+        F.adaptive_max_pool2d, F.interpolate, F.pad, torch.relu, torch.sigmoid, torch.tanh,
+        F.sigmoid, F.tanh, torch.clamp, torch.clone)},
+    **{fn: "elementwise" for fn in (
+        operator.add, operator.sub, operator.mul, operator.truediv, operator.iadd,
+        operator.imul, torch.add, torch.sub, torch.mul, torch.div, torch.maximum,
+        torch.minimum)},
+    torch.cat: "cat", torch.concat: "cat",
+    torch.flatten: "reshape", torch.reshape: "reshape",
+    torch.mean: "reduce", torch.sum: "reduce", torch.amax: "reduce",
+    getattr: "meta", operator.getitem: "getitem",
+    torch.permute: "refuse", torch.transpose: "refuse", torch.split: "refuse",
+    torch.chunk: "refuse", torch.roll: "refuse",
+}
+
+METHOD_KINDS: dict[str, str] = {
+    **{m: "same" for m in ("relu", "relu_", "sigmoid", "tanh", "clamp", "contiguous", "clone",
+                           "float", "detach")},
+    **{m: "elementwise" for m in ("add", "add_", "sub", "mul", "mul_", "div")},
+    "flatten": "reshape", "view": "reshape", "reshape": "reshape",
+    "mean": "reduce", "sum": "reduce", "amax": "reduce",
+    "size": "meta", "dim": "meta",
+    **{m: "refuse" for m in ("permute", "transpose", "split", "chunk", "roll", "unbind",
+                             "expand", "repeat", "t")},
+}
+
+
+def _module_kind(module: nn.Module) -> str | None:
+    for cls in type(module).__mro__:
+        if cls in MODULE_KINDS:
+            return MODULE_KINDS[cls]
+    return None
+
+
+# ----------------------------------------------------------------------------- analysis
+
+
+def channel_groups(model: nn.Module, example_input: torch.Tensor) -> list[Group]:
+    """Trace ``model`` and return its channel groups (pinned ones included, in graph order)."""
+    from torch.fx.passes.shape_prop import ShapeProp
+
+    try:
+        gm = fx.symbolic_trace(model)
+    except Exception as err:
+        first = (str(err).strip().splitlines() or [""])[0][:160]
+        raise UnsupportedError(f"structured pruning needs a torch.fx-traceable model; tracing "
+                               f"{type(model).__name__} failed ({type(err).__name__}: {first}); "
+                               "remove data-dependent control flow from forward") from None
+    was_training = model.training
+    gm.eval()
+    try:
+        with torch.no_grad():
+            ShapeProp(gm).propagate(example_input)
+    finally:
+        model.train(was_training)
+    return _Analysis(gm).run()
+
+
+def _shape(node: fx.Node) -> tuple[int, ...] | None:
+    meta = node.meta.get("tensor_meta")
+    shape = getattr(meta, "shape", None)
+    return tuple(shape) if shape is not None else None
+
+
+def _where(node: fx.Node) -> str:
+    """The module a node belongs to, for error messages."""
+    if node.op == "call_module":
+        return f"module {node.target!r}"
+    stack = node.meta.get("nn_module_stack") or {}
+    owner = next(reversed(stack.values()), None) if stack else None
+    path = owner[0] if isinstance(owner, tuple) else None
+    return f"node {node.name!r}" + (f" in module {path!r}" if path else "")
+
+
+def _op_name(node: fx.Node) -> str:
+    if node.op == "call_method":
+        return f"tensor.{node.target}()"
+    return getattr(node.target, "__name__", str(node.target))
+
+
+class _Analysis:
+    def __init__(self, gm: fx.GraphModule):
+        self.gm = gm
+        self.modules = dict(gm.named_modules())
+        self.parent: list[int] = []
+        self.size: list[int] = []
+        self.members: list[list[Member]] = []
+        self.pins: list[list[str]] = []
+        self.layouts: dict[fx.Node, _Layout | None] = {}
+        self.consts: set[fx.Node] = set()
+        self.bound: dict[tuple[str, str], _Layout] = {}  # (module, role) -> layout (reuse)
+
+    # -- union-find over channel spaces
+    def new_space(self, size: int, pin: str | None = None) -> int:
+        self.parent.append(len(self.parent))
+        self.size.append(size)
+        self.members.append([])
+        self.pins.append([pin] if pin else [])
+        return len(self.parent) - 1
+
+    def find(self, s: int) -> int:
+        while self.parent[s] != s:
+            self.parent[s] = self.parent[self.parent[s]]
+            s = self.parent[s]
+        return s
+
+    def unify(self, a: _Layout, b: _Layout, node: fx.Node) -> None:
+        shape_a = [(s.size, s.block) for s in a.segs]
+        shape_b = [(s.size, s.block) for s in b.segs]
+        if shape_a != shape_b:
+            raise UnsupportedError(f"{_where(node)}: {_op_name(node)} joins channel layouts "
+                                   f"{shape_a} and {shape_b} that do not line up (e.g. a concat "
+                                   "added to one tensor); exclude this part or restructure it")
+        for sa, sb in zip(a.segs, b.segs, strict=True):
+            ra, rb = self.find(sa.space), self.find(sb.space)
+            if ra != rb:
+                self.parent[rb] = ra
+                self.members[ra] += self.members[rb]
+                self.pins[ra] += self.pins[rb]
+
+    def pin(self, layout: _Layout, reason: str) -> None:
+        for seg in layout.segs:
+            self.pins[self.find(seg.space)].append(reason)
+
+    def attach(self, layout: _Layout, module: str, kind: str) -> None:
+        """Add ``module``'s axis as a member of every space in ``layout``, at its offset."""
+        offset = 0
+        for seg in layout.segs:
+            self.members[self.find(seg.space)].append(Member(module, kind, offset, seg.block))
+            offset += seg.size * seg.block
+
+    def bind(self, module: str, role: str, layout: _Layout, node: fx.Node) -> _Layout:
+        """A module called twice shares weights: its layouts must be the same spaces."""
+        key = (module, role)
+        if key in self.bound:
+            self.unify(self.bound[key], layout, node)
+            return self.bound[key]
+        self.bound[key] = layout
+        return layout
+
+    # -- walking the graph
+    def run(self) -> list[Group]:
+        for node in self.gm.graph.nodes:
+            self.layouts[node] = self.visit(node)
+        roots: dict[int, Group] = {}
+        for s in range(len(self.parent)):
+            r = self.find(s)
+            if r not in roots:
+                pins = list(dict.fromkeys(self.pins[r]))
+                roots[r] = Group(self.size[r], list(dict.fromkeys(self.members[r])), pins)
+        return list(roots.values())
+
+    def visit(self, node: fx.Node) -> _Layout | None:
+        if node.op == "placeholder":
+            shape = _shape(node)
+            if shape is None or len(shape) < 2:
+                return None
+            return _Layout(1, (_Seg(self.new_space(shape[1], "model input"), shape[1]),))
+        if node.op == "get_attr":
+            self.consts.add(node)
+            return None
+        if node.op == "output":
+            for arg in node.all_input_nodes:
+                if self.layouts.get(arg) is not None:
+                    self.pin(self.layouts[arg], "model output")
+            return None
+        if node.op == "call_module":
+            module = self.modules[node.target]
+            kind = _module_kind(module)
+            if kind is None:
+                raise UnsupportedError(f"module {node.target!r} ({type(module).__name__}) is not "
+                                       "understood by the channel analysis; structured pruning "
+                                       "cannot follow it (use prune.magnitude instead)")
+        elif _shape(node) is None and not any(self.layouts.get(a) is not None or a in self.consts
+                                              for a in node.all_input_nodes):
+            return None  # Python arithmetic on sizes (c // 2): no tensor, no channels
+        elif node.op == "call_function":
+            kind = FUNCTION_KINDS.get(node.target)
+        else:
+            kind = METHOD_KINDS.get(node.target)
+        if kind is None or kind == "refuse":
+            why = "moves channels around (channel shuffle?)" if kind else "is not understood"
+            raise UnsupportedError(f"{_where(node)}: operation {_op_name(node)} {why}; structured "
+                                   "pruning cannot follow it (use prune.magnitude instead)")
+        return getattr(self, f"_{kind}")(node)
+
+    def _input(self, node: fx.Node, arg=None) -> _Layout:
+        src = node.args[0] if arg is None else arg
+        layout = self.layouts.get(src) if isinstance(src, fx.Node) else None
+        if layout is None:
+            raise UnsupportedError(f"{_where(node)}: {_op_name(node)} gets an input whose "
+                                   "channels cannot be followed (a constant or parameter)")
+        return layout
+
+    def _check_axis(self, node: fx.Node, layout: _Layout, axis: int, what: str) -> None:
+        if layout.axis != axis:
+            raise UnsupportedError(f"{_where(node)}: {what} expects channels on axis {axis} but "
+                                   f"they are on axis {layout.axis}; structured pruning cannot "
+                                   "follow this layout")
+
+    # -- kinds
+    def _conv(self, node: fx.Node) -> _Layout:
+        name, conv = node.target, self.modules[node.target]
+        x = self._input(node)
+        self._check_axis(node, x, 1, "a convolution")
+        if any(seg.block != 1 for seg in x.segs):
+            raise UnsupportedError(f"module {name!r}: convolution after a flatten")
+        first_call = (name, "in") not in self.bound
+        x = self.bind(name, "in", x, node)
+        if conv.groups == 1:
+            out = self.bind(name, "out", _Layout(
+                1, (_Seg(self.new_space(conv.out_channels), conv.out_channels),)), node)
+            if first_call:
+                self.attach(x, name, "in")
+                self.attach(out, name, "out")
+            return out
+        if conv.groups == conv.in_channels == conv.out_channels:  # depthwise: passes through
+            if first_call:
+                self.attach(x, name, "depthwise")
+            return x
+        reason = f"grouped conv {name!r} (groups={conv.groups}) is kept whole"
+        self.pin(x, reason)
+        out = self.bind(name, "out", _Layout(
+            1, (_Seg(self.new_space(conv.out_channels, reason), conv.out_channels),)), node)
+        return out
+
+    def _linear(self, node: fx.Node) -> _Layout:
+        name, linear = node.target, self.modules[node.target]
+        x = self._input(node)
+        rank = len(_shape(node))
+        self._check_axis(node, x, rank - 1, "a Linear layer")
+        first_call = (name, "out") not in self.bound
+        x = self.bind(name, "in", x, node)
+        out = self.bind(name, "out", _Layout(
+            rank - 1, (_Seg(self.new_space(linear.out_features), linear.out_features),)), node)
+        if first_call:
+            self.attach(x, name, "in")
+            self.attach(out, name, "out")
+        return out
+
+    def _norm(self, node: fx.Node, axis: int) -> _Layout:
+        name, module = node.target, self.modules[node.target]
+        x = self._input(node)
+        self._check_axis(node, x, axis, type(module).__name__)
+        if any(seg.block != 1 for seg in x.segs):
+            raise UnsupportedError(f"module {name!r}: normalization over flattened channels")
+        first_call = (name, "in") not in self.bound
+        x = self.bind(name, "in", x, node)
+        if first_call:
+            self.attach(x, name, "norm")
+        return x
+
+    def _batchnorm(self, node: fx.Node) -> _Layout:
+        return self._norm(node, 1)
+
+    def _layernorm(self, node: fx.Node) -> _Layout:
+        module = self.modules[node.target]
+        rank = len(_shape(node))
+        if len(module.normalized_shape) != 1:
+            raise UnsupportedError(f"module {node.target!r}: LayerNorm over "
+                                   f"{tuple(module.normalized_shape)} mixes channels with other "
+                                   "axes; normalize over the feature axis only")
+        return self._norm(node, rank - 1)
+
+    def _groupnorm(self, node: fx.Node) -> _Layout:
+        x = self._input(node)
+        self.pin(x, f"GroupNorm {node.target!r} is kept whole")
+        return x
+
+    def _same(self, node: fx.Node) -> _Layout:
+        x = self._input(node)
+        src, out = _shape(node.args[0]), _shape(node)
+        if out is None or len(out) != len(src) or out[x.axis] != src[x.axis]:
+            raise UnsupportedError(f"{_where(node)}: {_op_name(node)} changes the channel axis "
+                                   f"({src} -> {out}); structured pruning cannot follow it")
+        return x
+
+    def _elementwise(self, node: fx.Node) -> _Layout | None:
+        out = _shape(node)
+        if out is None:
+            return None
+        result: _Layout | None = None
+        for arg in node.args:
+            if not isinstance(arg, fx.Node):
+                continue
+            shape = _shape(arg)
+            if shape is None or len(shape) == 0:
+                continue
+            lead = len(out) - len(shape)
+            layout = self.layouts.get(arg)
+            if layout is None:
+                if arg in self.consts and any(d > 1 for d in shape):
+                    raise UnsupportedError(f"{_where(node)}: {_op_name(node)} with a stored "
+                                           f"tensor of shape {shape}; per-channel constants are "
+                                           "not followed, register them as a BatchNorm/affine")
+                continue
+            axis = layout.axis + lead
+            if shape[layout.axis] == 1 and out[axis] != 1:
+                continue  # broadcast along the channel axis: no coupling
+            if result is None:
+                result = _Layout(axis, layout.segs)
+            elif result.axis != axis:
+                raise UnsupportedError(f"{_where(node)}: {_op_name(node)} combines tensors with "
+                                       f"channels on different axes ({result.axis} vs {axis})")
+            else:
+                self.unify(result, layout, node)
+        if result is None:  # only broadcast operands: channels follow the first tensor operand
+            first = next((a for a in node.args if isinstance(a, fx.Node)
+                          and self.layouts.get(a) is not None), None)
+            result = self.layouts.get(first) if first is not None else None
+        return result
+
+    def _cat(self, node: fx.Node) -> _Layout:
+        tensors = node.args[0]
+        dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
+        layouts = [self._input(node, t) for t in tensors]
+        rank = len(_shape(node))
+        dim = dim % rank
+        if all(lay.axis == dim for lay in layouts):
+            return _Layout(dim, tuple(seg for lay in layouts for seg in lay.segs))
+        for lay in layouts[1:]:
+            self._check_axis(node, lay, layouts[0].axis, "torch.cat")
+            self.unify(layouts[0], lay, node)
+        return layouts[0]
+
+    def _reshape(self, node: fx.Node) -> _Layout:
+        x = self._input(node)
+        src, out = _shape(node.args[0]), _shape(node)
+        a = x.axis
+        if out == src:
+            return x
+        if out[:a + 1] == src[:a + 1] and math.prod(out[a + 1:]) == math.prod(src[a + 1:]):
+            return x  # trailing axes reshaped, channel axis untouched (e.g. (B,C)->(B,C,1,1))
+        if len(out) == a + 1 and out[:a] == src[:a] and out[a] == math.prod(src[a:]):
+            k = math.prod(src[a + 1:])  # flatten: every channel becomes k features
+            return _Layout(a, tuple(_Seg(s.space, s.size, s.block * k) for s in x.segs))
+        raise UnsupportedError(f"{_where(node)}: {_op_name(node)} reshapes {src} -> {out} and "
+                               "moves the channel axis (channel shuffle?); structured pruning "
+                               "cannot follow it")
+
+    def _reduce(self, node: fx.Node) -> _Layout:
+        x = self._input(node)
+        rank = len(_shape(node.args[0]))
+        dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+        keepdim = node.args[2] if len(node.args) > 2 else node.kwargs.get("keepdim", False)
+        dims = [dims] if isinstance(dims, int) else dims
+        if dims is None or x.axis in {d % rank for d in dims}:
+            raise UnsupportedError(f"{_where(node)}: {_op_name(node)} reduces over the channel "
+                                   "axis; structured pruning would change its result")
+        before = sum(1 for d in dims if d % rank < x.axis)
+        return _Layout(x.axis if keepdim else x.axis - before, x.segs)
+
+    def _meta(self, node: fx.Node) -> None:
+        return None
+
+    def _getitem(self, node: fx.Node) -> None:
+        src = node.args[0]
+        if isinstance(src, fx.Node) and self.layouts.get(src) is not None:
+            raise UnsupportedError(f"{_where(node)}: indexing a tensor ({_op_name(node)}) may "
+                                   "select channels; structured pruning cannot follow it")
+        return None

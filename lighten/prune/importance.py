@@ -1,0 +1,123 @@
+"""Importance criteria: plain callables ``(model, group) -> scores`` (one score per channel).
+
+A low score means "remove first". Magnitude criteria look at the weights that *create* the
+channels (filters of convs, rows of Linear layers, depthwise kernels); ``bn_scale`` at the
+BatchNorm gamma (network slimming); ``taylor`` at weight x gradient over the whole group, so its
+gradients must be accumulated first (:func:`accumulate_gradients`: statistics, then apply).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from lighten.errors import LightenError, UnsupportedError
+from lighten.graph import Group, Member
+
+Importance = Callable[[nn.Module, Group], torch.Tensor | None]
+
+__all__ = ["IMPORTANCE", "Importance", "accumulate_gradients", "channel_rows", "make_importance"]
+
+
+def channel_rows(t: torch.Tensor, member: Member, size: int) -> torch.Tensor:
+    """The part of ``t`` (a member's weight or its gradient) that belongs to each channel.
+
+    Returns (size, k): row c holds every element removed together with channel c.
+    """
+    if member.axis == 0:
+        return t[member.offset : member.offset + size].reshape(size, -1)
+    span = t[:, member.offset : member.offset + size * member.block]  # (out, size*block, ...)
+    span = span.reshape(t.shape[0], size, member.block, -1)
+    return span.transpose(0, 1).reshape(size, -1)
+
+
+def _producer_rows(model: nn.Module, group: Group) -> torch.Tensor:
+    rows = [channel_rows(model.get_submodule(m.module).weight.detach(), m, group.size)
+            for m in group.producers()]
+    if not rows:
+        raise UnsupportedError(f"group {group} has no layer that creates its channels")
+    return torch.cat(rows, dim=1)  # (size, k)
+
+
+def l1(model: nn.Module, group: Group) -> torch.Tensor:
+    return _producer_rows(model, group).abs().sum(1)
+
+
+def l2(model: nn.Module, group: Group) -> torch.Tensor:
+    return _producer_rows(model, group).norm(dim=1)
+
+
+def fpgm(model: nn.Module, group: Group) -> torch.Tensor:
+    """He et al. 2019: filters near the geometric median are replaceable by the others."""
+    rows = _producer_rows(model, group)
+    return torch.cdist(rows[None], rows[None])[0].sum(1)
+
+
+def bn_scale(model: nn.Module, group: Group) -> torch.Tensor | None:
+    """Liu et al. 2017 (network slimming): |gamma| of the BatchNorms; None if there are none."""
+    scores = None
+    for m in group.members:
+        bn = model.get_submodule(m.module)
+        if m.kind != "norm" or not isinstance(bn, _BatchNorm) or bn.weight is None:
+            continue
+        gamma = bn.weight.detach()[m.offset : m.offset + group.size].abs()
+        scores = gamma if scores is None else scores + gamma
+    return scores
+
+
+def taylor(model: nn.Module, group: Group) -> torch.Tensor:
+    """Molchanov et al. 2019: (sum over the group's weights of w * dL/dw)^2 per channel."""
+    total = torch.zeros(group.size)
+    for m in group.members:
+        module = model.get_submodule(m.module)
+        for name in ("weight", "bias") if m.axis == 0 else ("weight",):
+            p = getattr(module, name, None)
+            if p is None:
+                continue
+            if p.grad is None:
+                raise LightenError("importance 'taylor' needs gradients; call "
+                                   "accumulate_gradients(model, batches) first")
+            total += channel_rows((p.detach() * p.grad).float(), m, group.size).sum(1)
+    return total.pow(2)
+
+
+def make_random(seed: int = 0) -> Importance:
+    """A control: random scores (reproducible for a given seed)."""
+    g = torch.Generator().manual_seed(seed)
+    return lambda model, group: torch.rand(group.size, generator=g)
+
+
+IMPORTANCE: dict[str, Importance] = {"l1": l1, "l2": l2, "fpgm": fpgm, "bn_scale": bn_scale,
+                                     "taylor": taylor}
+NEEDS_GRADIENTS = frozenset({"taylor"})
+
+
+def make_importance(name: str, *, seed: int = 0) -> Importance:
+    if name == "random":
+        return make_random(seed)
+    if name not in IMPORTANCE:
+        raise UnsupportedError(f"unknown importance {name!r}; choose one of "
+                               f"{', '.join([*IMPORTANCE, 'random'])}")
+    return IMPORTANCE[name]
+
+
+def accumulate_gradients(model: nn.Module,
+                         batches: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> int:
+    """Sum cross-entropy gradients over labelled batches into ``.grad``; returns samples seen."""
+    was_training = model.training
+    model.eval()  # BN statistics must not move while we only measure
+    model.zero_grad(set_to_none=True)
+    seen = 0
+    try:
+        for x, y in batches:
+            F.cross_entropy(model(x), y, reduction="sum").backward()
+            seen += len(x)
+    finally:
+        model.train(was_training)
+    if seen == 0:
+        raise LightenError("importance 'taylor' got no calibration batches; give it data")
+    return seen

@@ -1,0 +1,300 @@
+"""Structured pruning that physically removes channels (``prune.channels``) and Linear neurons
+(``prune.neurons``): the model really gets smaller and faster, not just sparser.
+
+The work is split in three: :mod:`lighten.graph` says which channels are coupled (groups),
+:mod:`lighten.prune.importance` scores each group's channels, :mod:`lighten.prune.surgery` slices
+the layers. This module only decides how many channels each group loses -- by ``ratio``, or by a
+MAC / parameter budget found by bisection on the ratio, measured with ``lighten.measure`` -- and
+repeats prune -> fine-tune ``iterative_steps`` times.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+from pydantic import Field, model_validator
+from torch import nn
+from torch.nn.modules.conv import _ConvNd
+
+from lighten.errors import ModelError, UnsupportedError
+from lighten.graph import Group, channel_groups
+from lighten.prune.importance import NEEDS_GRADIENTS, accumulate_gradients, make_importance
+from lighten.prune.surgery import axis_length, prune_module_
+from lighten.registry import register_step
+from lighten.step import StepConfig, StepContext
+
+__all__ = ["ChannelPruneConfig", "NeuronPruneConfig", "PruneReport", "apply_keep_",
+           "plan_keep", "prunable_groups", "prune_channels_"]
+
+Scope = Literal["channels", "neurons"]
+Finetuner = Callable[[nn.Module, float], None]  # (model, share of the fine-tune budget)
+Batches = Callable[[], Iterable[tuple[torch.Tensor, torch.Tensor]]]  # labelled (x, y)
+MAX_RATIO = 0.95  # never search beyond removing 95% of a group
+
+
+class ChannelPruneConfig(StepConfig):
+    ratio: float | None = Field(None, gt=0, lt=1, description="fraction of channels removed")
+    target_macs: float | None = Field(None, gt=0, lt=1,
+                                      description="fraction of the baseline MACs kept")
+    target_params: float | None = Field(None, gt=0, lt=1,
+                                        description="fraction of the baseline parameters kept")
+    importance: Literal["l1", "l2", "fpgm", "bn_scale", "taylor", "random"] = "l2"
+    iterative_steps: int = Field(1, ge=1, description="prune a bit, fine-tune, repeat")
+    ignore: list[str] = Field(default_factory=list,
+                              description="modules whose output channels are kept")
+    global_ranking: bool = Field(False, description="rank channels across layers, not per layer")
+    calibration_samples: int = Field(256, ge=1, description="labelled samples for taylor")
+
+    @model_validator(mode="after")
+    def _one_target(self):
+        given = [k for k in ("ratio", "target_macs", "target_params") if getattr(self, k)]
+        if len(given) != 1:
+            raise ValueError("give exactly one of ratio (fraction removed), target_macs or "
+                             f"target_params (fraction kept); got {given or 'none'}")
+        return self
+
+
+class NeuronPruneConfig(ChannelPruneConfig):
+    """Same keys as ``prune.channels``; applies to hidden features of Linear layers."""
+
+
+@dataclass
+class PruneReport:
+    macs_before: int
+    macs_after: int
+    params_before: int
+    params_after: int
+    channels_before: int
+    channels_after: int
+    notes: list[str] = field(default_factory=list)
+
+    def summary(self, step: str) -> str:
+        return (f"{step}: {self.channels_before} -> {self.channels_after} prunable channels; "
+                f"MACs {self.macs_after / max(self.macs_before, 1):.1%} and params "
+                f"{self.params_after / max(self.params_before, 1):.1%} of before")
+
+
+# ----------------------------------------------------------------------------- groups
+
+
+def _in_scope(group: Group, model: nn.Module, scope: Scope) -> bool:
+    kinds = [isinstance(model.get_submodule(m.module), _ConvNd) for m in group.producers()]
+    return any(kinds) if scope == "channels" else bool(kinds) and not any(kinds)
+
+
+def prunable_groups(model: nn.Module, example_input: torch.Tensor, *, scope: Scope = "channels",
+                    ignore: Iterable[str] = ()) -> list[Group]:
+    """Groups this step may prune: unpinned, in scope, not produced by an ignored module."""
+    ignore = list(ignore)
+    names = {name for name, _ in model.named_modules()}
+    unknown = [n for n in ignore if n not in names]
+    if unknown:
+        raise UnsupportedError(f"ignore: no module named {unknown[0]!r} in the model "
+                               f"(names look like {sorted(names - {''})[:3]})")
+    groups = []
+    for group in channel_groups(model, example_input):
+        ignored = [m.module for m in group.producers() if m.module in ignore]
+        if ignored:
+            group.pinned.append(f"ignored {ignored[0]!r}")
+        if group.prunable and _in_scope(group, model, scope):
+            groups.append(group)
+    return groups
+
+
+# ----------------------------------------------------------------------------- planning
+
+
+def plan_keep(groups: list[Group], scores: list[torch.Tensor | None], ratio: float, *,
+              global_ranking: bool = False) -> list[torch.Tensor]:
+    """Sorted indices to keep per group; every group keeps at least one channel."""
+    if global_ranking:
+        return _plan_global(groups, scores, ratio)
+    keeps = []
+    for group, s in zip(groups, scores, strict=True):
+        n_remove = 0 if s is None else min(round(ratio * group.size), group.size - 1)
+        order = torch.sort(s, stable=True).indices if s is not None else torch.arange(group.size)
+        keeps.append(order[n_remove:].sort().values)
+    return keeps
+
+
+def _plan_global(groups, scores, ratio) -> list[torch.Tensor]:
+    """One ranking over all groups; scores are divided by their group mean to be comparable."""
+    flat = [(float(v) / (float(s.mean()) + 1e-12), g, c)
+            for g, s in enumerate(scores) if s is not None for c, v in enumerate(s)]
+    budget = round(ratio * len(flat))
+    left = [group.size for group in groups]
+    removed: list[set[int]] = [set() for _ in groups]
+    for _, g, c in sorted(flat, key=lambda t: t[0]):
+        if budget == 0:
+            break
+        if left[g] > 1:
+            removed[g].add(c)
+            left[g] -= 1
+            budget -= 1
+    return [torch.tensor([c for c in range(group.size) if c not in gone], dtype=torch.long)
+            for group, gone in zip(groups, removed, strict=True)]
+
+
+def apply_keep_(model: nn.Module, groups: list[Group], keeps: list[torch.Tensor]) -> None:
+    """Slice every member of every group. Masks are built per layer axis first, so offsets
+    (concatenations) stay valid however many groups share one layer."""
+    masks: dict[tuple[str, str], torch.Tensor] = {}
+    for group, keep in zip(groups, keeps, strict=True):
+        removed = torch.ones(group.size, dtype=torch.bool)
+        removed[keep] = False
+        gone = removed.nonzero().flatten()
+        if len(gone) == 0:
+            continue
+        for m in group.members:
+            module = model.get_submodule(m.module)
+            mask = masks.setdefault((m.module, m.kind),
+                                    torch.ones(axis_length(module, m.kind), dtype=torch.bool))
+            idx = m.offset + gone[:, None] * m.block + torch.arange(m.block)  # (gone, block)
+            mask[idx.flatten()] = False
+    for (name, kind), mask in masks.items():
+        prune_module_(model.get_submodule(name), kind, mask.nonzero().flatten())
+
+
+# ----------------------------------------------------------------------------- targets
+
+
+def _measure(model: nn.Module, what: str, input_shape) -> int:
+    from lighten.measure import count_macs, count_params
+
+    return count_macs(model, input_shape) if what == "macs" else count_params(model)[0]
+
+
+def _ratio_for(model, groups, scores, *, what: str, goal: float, input_shape,
+               global_ranking: bool) -> float:
+    """Smallest ratio whose pruned copy measures <= goal (bisection; MACs fall with ratio)."""
+    def value(ratio: float) -> int:
+        trial = copy.deepcopy(model)
+        apply_keep_(trial, groups, plan_keep(groups, scores, ratio,
+                                             global_ranking=global_ranking))
+        return _measure(trial, what, input_shape)
+
+    lo, hi = 0.0, MAX_RATIO
+    if value(hi) > goal:
+        return hi
+    for _ in range(12):
+        mid = (lo + hi) / 2
+        lo, hi = (lo, mid) if value(mid) <= goal else (mid, hi)
+    return hi
+
+
+# ----------------------------------------------------------------------------- the library call
+
+
+def prune_channels_(model: nn.Module, config: ChannelPruneConfig, example_input: torch.Tensor,
+                    *, scope: Scope = "channels",
+                    batches: Batches | None = None,
+                    finetune: Finetuner | None = None, seed: int = 0) -> PruneReport:
+    """Prune ``model`` in place; ``batches()`` yields labelled batches (needed by taylor) and
+    ``finetune(model, share)`` trains for that share of the budget after each iterative step."""
+    input_shape = tuple(example_input.shape[1:])
+    out_shape = _output_shape(model, example_input)
+    importance = make_importance(config.importance, seed=seed)
+    what = "macs" if config.target_macs else "params"
+    start = {"macs": _measure(model, "macs", input_shape),
+             "params": _measure(model, "params", input_shape)}
+    groups = prunable_groups(model, example_input, scope=scope, ignore=config.ignore)
+    if not groups:
+        raise UnsupportedError(f"no prunable {scope} found (all groups are pinned by the model "
+                               "input/output, ignore:, or grouped convs)")
+    report = PruneReport(start["macs"], 0, start["params"], 0,
+                         sum(g.size for g in groups), 0)
+    k = config.iterative_steps
+    for i in range(1, k + 1):
+        if i > 1:
+            groups = prunable_groups(model, example_input, scope=scope, ignore=config.ignore)
+        scores = _scores(model, groups, importance, config.importance, batches, report)
+        if config.ratio:
+            ratio = 1 - (1 - config.ratio * i / k) / (1 - config.ratio * (i - 1) / k)
+        else:
+            target = config.target_macs or config.target_params
+            goal = start[what] * (1 - (1 - target) * i / k)
+            ratio = _ratio_for(model, groups, scores, what=what, goal=goal,
+                               input_shape=input_shape, global_ranking=config.global_ranking)
+        apply_keep_(model, groups, plan_keep(groups, scores, ratio,
+                                             global_ranking=config.global_ranking))
+        model.zero_grad(set_to_none=True)
+        if finetune is not None:
+            finetune(model, 1 / k)
+    if _output_shape(model, example_input) != out_shape:
+        raise ModelError(f"pruning changed the output shape from {out_shape}; this is a lighten "
+                         "bug, please report it with the model")
+    report.macs_after = _measure(model, "macs", input_shape)
+    report.params_after = _measure(model, "params", input_shape)
+    report.channels_after = sum(g.size for g in prunable_groups(
+        model, example_input, scope=scope, ignore=config.ignore))
+    if not config.ratio:
+        reached = report.macs_after if what == "macs" else report.params_after
+        report.notes.append(f"{what} target {target:.0%}: reached "
+                            f"{reached / start[what]:.1%} of baseline")
+    return report
+
+
+def _scores(model, groups, importance, name, batches, report) -> list[torch.Tensor | None]:
+    if name in NEEDS_GRADIENTS:
+        if batches is None:
+            raise UnsupportedError(f"importance {name!r} needs labelled data; pass batches= "
+                                   "(the recipe step takes them from the training set)")
+        accumulate_gradients(model, batches())
+    scores = [importance(model, g) for g in groups]
+    skipped = sum(s is None for s in scores)
+    if skipped:
+        report.notes.append(f"importance {name!r}: {skipped} group(s) without BatchNorm kept whole")
+    return scores
+
+
+def _output_shape(model: nn.Module, x: torch.Tensor) -> tuple[int, ...]:
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            return tuple(model(x).shape)
+    finally:
+        model.train(was_training)
+
+
+# ----------------------------------------------------------------------------- recipe steps
+
+
+def _labelled_batches(ctx: StepContext, samples: int, batch_size: int = 64) -> Iterator:
+    g = torch.Generator().manual_seed(ctx.seed)
+    idx = torch.randperm(len(ctx.data.train), generator=g)[:samples]
+    for start in range(0, len(idx), batch_size):
+        items = [ctx.data.train[int(i)] for i in idx[start : start + batch_size]]
+        yield (torch.stack([x for x, _ in items]),
+               torch.stack([torch.as_tensor(y) for _, y in items]))
+
+
+def _run_step(name: str, scope: Scope, model, config, ctx: StepContext) -> nn.Module:
+    def finetune(m: nn.Module, share: float) -> None:
+        epochs = config.finetune.epochs * share
+        ctx.finetune(m, config.finetune.model_copy(update={"epochs": epochs}))
+
+    report = prune_channels_(
+        model, config, ctx.example_input(), scope=scope, seed=ctx.seed,
+        batches=lambda: _labelled_batches(ctx, config.calibration_samples),
+        finetune=finetune if config.finetune is not None else None)
+    ctx.note(report.summary(name))
+    for line in report.notes:
+        ctx.note(f"{name}: {line}")
+    return model
+
+
+@register_step("prune.channels", ChannelPruneConfig)
+def prune_channels(model: nn.Module, config: ChannelPruneConfig, ctx: StepContext) -> nn.Module:
+    """Remove whole conv channels (filters) and every tensor coupled to them."""
+    return _run_step("prune.channels", "channels", model, config, ctx)
+
+
+@register_step("prune.neurons", NeuronPruneConfig)
+def prune_neurons(model: nn.Module, config: NeuronPruneConfig, ctx: StepContext) -> nn.Module:
+    """Remove hidden neurons of Linear layers (rows and the matching input columns)."""
+    return _run_step("prune.neurons", "neurons", model, config, ctx)

@@ -1,0 +1,103 @@
+"""Tiny, symmetric per-layer surgery: keep some indices of one axis of a layer's tensors.
+
+Each function slices the parameters (and running statistics) of one layer in place and updates
+the constructor facts (``out_channels``, ``in_features``, ``groups``, ``num_features``...) so the
+layer is indistinguishable from one built at the smaller size; the artifact records these facts.
+:data:`SURGERY` maps (layer type, member kind) to the function, as data.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.modules.conv import _ConvNd
+
+from lighten.errors import UnsupportedError
+
+__all__ = ["SURGERY", "axis_length", "prune_module_"]
+
+
+def _slice_param(module: nn.Module, name: str, keep: torch.Tensor, axis: int) -> None:
+    t = getattr(module, name, None)
+    if t is None:
+        return
+    new = t.detach().index_select(axis, keep).clone()
+    if isinstance(t, nn.Parameter):
+        setattr(module, name, nn.Parameter(new, requires_grad=t.requires_grad))
+    else:
+        module._buffers[name] = new  # running statistics
+
+
+def conv_out(conv: _ConvNd, keep: torch.Tensor) -> None:
+    _slice_param(conv, "weight", keep, 0)
+    _slice_param(conv, "bias", keep, 0)
+    conv.out_channels = len(keep)
+
+
+def conv_in(conv: _ConvNd, keep: torch.Tensor) -> None:
+    if conv.groups != 1:
+        raise UnsupportedError(f"cannot slice the input channels of a grouped conv "
+                               f"(groups={conv.groups}) independently of its outputs")
+    _slice_param(conv, "weight", keep, 1)
+    conv.in_channels = len(keep)
+
+
+def conv_depthwise(conv: _ConvNd, keep: torch.Tensor) -> None:
+    """A depthwise conv's channel c is both input c and output c (one filter per channel)."""
+    conv_out(conv, keep)
+    conv.in_channels = conv.groups = len(keep)
+
+
+def linear_out(linear: nn.Linear, keep: torch.Tensor) -> None:
+    _slice_param(linear, "weight", keep, 0)
+    _slice_param(linear, "bias", keep, 0)
+    linear.out_features = len(keep)
+
+
+def linear_in(linear: nn.Linear, keep: torch.Tensor) -> None:
+    _slice_param(linear, "weight", keep, 1)
+    linear.in_features = len(keep)
+
+
+def batchnorm(bn: _BatchNorm, keep: torch.Tensor) -> None:
+    for name in ("weight", "bias", "running_mean", "running_var"):
+        _slice_param(bn, name, keep, 0)
+    bn.num_features = len(keep)
+
+
+def layernorm(ln: nn.LayerNorm, keep: torch.Tensor) -> None:
+    _slice_param(ln, "weight", keep, 0)
+    _slice_param(ln, "bias", keep, 0)
+    ln.normalized_shape = (len(keep),)
+
+
+SURGERY: dict[tuple[type[nn.Module], str], Callable[[nn.Module, torch.Tensor], None]] = {
+    (_ConvNd, "out"): conv_out, (_ConvNd, "in"): conv_in, (_ConvNd, "depthwise"): conv_depthwise,
+    (nn.Linear, "out"): linear_out, (nn.Linear, "in"): linear_in,
+    (_BatchNorm, "norm"): batchnorm, (nn.LayerNorm, "norm"): layernorm,
+}
+
+_LENGTH: dict[str, Callable[[nn.Module], int]] = {
+    "out": lambda m: m.weight.shape[0],
+    "depthwise": lambda m: m.weight.shape[0],
+    "in": lambda m: m.weight.shape[1],
+    "norm": lambda m: m.num_features if isinstance(m, _BatchNorm) else m.normalized_shape[0],
+}
+
+
+def axis_length(module: nn.Module, kind: str) -> int:
+    """Length of the axis a member of ``kind`` slices."""
+    return _LENGTH[kind](module)
+
+
+def prune_module_(module: nn.Module, kind: str, keep: torch.Tensor) -> None:
+    """Keep indices ``keep`` (sorted, int64) of ``module``'s ``kind`` axis, in place."""
+    for cls in type(module).__mro__:
+        fn = SURGERY.get((cls, kind))
+        if fn is not None:
+            fn(module, keep.to(torch.long))
+            return
+    raise UnsupportedError(f"no surgery for {type(module).__name__} along {kind!r}")

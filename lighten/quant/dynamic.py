@@ -1,0 +1,184 @@
+"""``quant.dynamic``: int8 weights, activation ranges measured at run time, integer matmuls.
+
+Each ``nn.Linear`` becomes a :class:`DynamicQuantLinear`. Its forward computes exactly what ONNX
+Runtime runs for the exported graph::
+
+    q, s, z = DynamicQuantizeLinear(x)          # uint8, per tensor, from this batch's min/max
+    acc     = MatMulInteger(q, Wq^T, z)         # int32 accumulators
+    y       = Cast(acc) * (s * w_scale) + bias  # ORT fuses this into DynamicQuantizeMatMul
+
+No calibration data is needed. Weights are symmetric int8 (per output channel by default); on
+x86 without VNNI they use 7 bits by default, as in ``quant.ptq``, because the u8 x s8 kernels
+saturate with full-range weights. LSTM is not converted (a note says so).
+"""
+
+from __future__ import annotations
+
+import torch
+from pydantic import Field
+from torch import nn
+
+from lighten.errors import UnsupportedError
+from lighten.modules import register_module_type
+from lighten.registry import register_step
+from lighten.step import StepConfig, StepContext
+
+_ONNX_FLOAT = 1
+
+
+class DynamicConfig(StepConfig):
+    """Dynamic quantization of Linear layers (int8 weights, run-time activation ranges)."""
+
+    bits: int = Field(8, ge=2, le=8, description="weight bits (activations: dynamic uint8)")
+    per_channel: bool = Field(True, description="one weight scale per output feature")
+    reduce_range: bool | None = Field(
+        None, description="7-bit weights against U8S8 overflow; None = auto (x86 without VNNI)")
+    skip: list[str] = Field(default_factory=list, description="module names left in float")
+
+
+def dynamic_quantize_u8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """ONNX DynamicQuantizeLinear: (uint8 values as float, scale, zero point as float).
+
+    The range always contains 0; round half to even, like the ONNX operator.
+    """
+    lo = torch.clamp(x.min(), max=0.0)
+    hi = torch.clamp(x.max(), min=0.0)
+    scale = (hi - lo) / 255.0
+    safe = torch.where(scale == 0, torch.ones_like(scale), scale)
+    zero = torch.clamp(torch.round(0.0 - lo / safe), 0, 255)
+    q = torch.clamp(torch.round(x / safe) + zero, 0, 255)
+    return q, scale, zero
+
+
+class _DynamicLinear(torch.autograd.Function):
+    """Integer-exact forward; straight-through backward (so biases/norms can be fine-tuned)."""
+
+    @staticmethod
+    def forward(ctx, x, w_int, w_scale, bias):
+        q, s, z = dynamic_quantize_u8(x)
+        # int32 accumulation, computed in float64 where every partial sum is an exact integer
+        acc = (q.double() - z.double()) @ w_int.double().T
+        y = acc.float() * (s * w_scale)
+        if bias is not None:
+            y = y + bias
+        ctx.save_for_backward(w_int, w_scale)
+        ctx.has_bias = bias is not None
+        return y
+
+    @staticmethod
+    def backward(ctx, grad):
+        w_int, w_scale = ctx.saved_tensors
+        weight = w_int.float() * w_scale.reshape(-1, 1)
+        grad_bias = grad.reshape(-1, grad.shape[-1]).sum(0) if ctx.has_bias else None
+        return grad @ weight, None, None, grad_bias
+
+    @staticmethod
+    def symbolic(g, x, w_int, w_scale, bias):
+        q, s, z = g.op("DynamicQuantizeLinear", x, outputs=3)
+        w_t = g.op("Transpose", w_int, perm_i=[1, 0])  # (in, out), folded into the initializer
+        acc = g.op("MatMulInteger", q, w_t, z)
+        y = g.op("Mul", g.op("Cast", acc, to_i=_ONNX_FLOAT), g.op("Mul", s, w_scale))
+        if bias is not None and not (hasattr(bias, "node") and bias.node().mustBeNone()):
+            y = g.op("Add", y, bias)
+        return y
+
+
+@register_module_type
+class DynamicQuantLinear(nn.Module):
+    """Linear with int8 weights whose input is quantized per batch at run time."""
+
+    def __init__(self, in_features: int, out_features: int, *, bias: bool = True, bits: int = 8,
+                 per_channel: bool = True, reduce_range: bool = False):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.bits, self.per_channel, self.reduce_range = bits, per_channel, reduce_range
+        self.register_buffer("weight_int", torch.zeros(out_features, in_features,
+                                                       dtype=torch.int8))
+        self.register_buffer("weight_scale", torch.ones(out_features if per_channel else 1))
+        self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
+
+    @property
+    def qmax(self) -> int:
+        bits = self.bits - 1 if self.reduce_range and self.bits == 8 else self.bits
+        return 2 ** (bits - 1) - 1
+
+    @classmethod
+    def from_float(cls, linear: nn.Linear, **options) -> DynamicQuantLinear:
+        q = cls(linear.in_features, linear.out_features, bias=linear.bias is not None, **options)
+        q.set_weight(linear.weight.detach())
+        if linear.bias is not None:
+            q.bias.data.copy_(linear.bias.detach())
+        return q
+
+    @torch.no_grad()
+    def set_weight(self, weight: torch.Tensor) -> None:
+        w = weight.float()
+        amax = w.abs().amax(dim=1) if self.per_channel else w.abs().amax().reshape(1)
+        scale = (amax / self.qmax).clamp_min(torch.finfo(torch.float32).eps)
+        self.weight_scale.copy_(scale)
+        q = torch.clamp(torch.round(w / scale[:, None]), -self.qmax, self.qmax)
+        self.weight_int.copy_(q.to(torch.int8))
+
+    def dequantized_weight(self) -> torch.Tensor:
+        return self.weight_int.float() * self.weight_scale[:, None]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _DynamicLinear.apply(x, self.weight_int, self.weight_scale, self.bias)
+
+    def artifact_config(self) -> dict:
+        return {"in_features": self.in_features, "out_features": self.out_features,
+                "bias": self.bias is not None, "bits": self.bits,
+                "per_channel": self.per_channel, "reduce_range": self.reduce_range}
+
+    @classmethod
+    def from_artifact(cls, config: dict) -> DynamicQuantLinear:
+        c = dict(config)
+        return cls(c.pop("in_features"), c.pop("out_features"), **c)
+
+    def extra_repr(self) -> str:
+        return (f"{self.in_features}, {self.out_features}, w{self.bits}"
+                f"{' (7-bit range)' if self.qmax == 63 else ''}, dynamic uint8 activations")
+
+
+def quantize_dynamic_(model: nn.Module, config: DynamicConfig | None = None, *,
+                      notes: list[str] | None = None) -> nn.Module:
+    """Replace every ``nn.Linear`` of ``model`` (in place) by :class:`DynamicQuantLinear`."""
+    from lighten.quant.ptq import _default_reduce_range
+
+    cfg = config or DynamicConfig()
+    notes = notes if notes is not None else []
+    names = {n for n, _ in model.named_modules()}
+    unknown = [s for s in cfg.skip if s not in names]
+    if unknown:
+        raise UnsupportedError(f"skip: no module named {unknown[0]!r} in the model "
+                               f"(names look like {sorted(names - {''})[:3]})")
+    reduce_range = _default_reduce_range() if cfg.reduce_range is None else cfg.reduce_range
+    targets = [n for n, m in model.named_modules() if type(m) is nn.Linear and n not in cfg.skip]
+    if not targets or "" in targets:
+        raise UnsupportedError("quant.dynamic found no nn.Linear inside the model to quantize "
+                               "(a bare Linear must be wrapped in nn.Sequential); check skip")
+    for name in targets:
+        layer = model.get_submodule(name)
+        model.set_submodule(name, DynamicQuantLinear.from_float(
+            layer, bits=cfg.bits, per_channel=cfg.per_channel, reduce_range=reduce_range))
+    for name, m in model.named_modules():
+        if isinstance(m, (nn.LSTM, nn.GRU, nn.RNN, nn.MultiheadAttention)):
+            notes.append(f"{name} ({type(m).__name__}) stays float: quant.dynamic converts "
+                         "nn.Linear only")
+        elif isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+            notes.append(f"{name} ({type(m).__name__}) stays float: use quant.ptq for convs")
+    return model.eval()
+
+
+@register_step("quant.dynamic", DynamicConfig)
+def quantize_dynamic(model: nn.Module, cfg: DynamicConfig, ctx: StepContext) -> nn.Module:
+    """Int8 Linear weights, activations quantized at run time (MatMulInteger on ORT)."""
+    notes: list[str] = []
+    quantize_dynamic_(model, cfg, notes=notes)
+    count = sum(isinstance(m, DynamicQuantLinear) for m in model.modules())
+    ctx.note(f"quant.dynamic: {count} Linear layers with int8 weights and run-time uint8 "
+             "activation ranges (no calibration)")
+    for message in notes:
+        ctx.note(message)
+    ctx.finetune(model, cfg.finetune)  # biases and norms; the int8 weights stay fixed
+    return model

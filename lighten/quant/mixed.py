@@ -1,0 +1,200 @@
+"""``quant.mixed``: per-layer weight bits chosen from measured sensitivity under a byte budget.
+
+1. Measure: for every quantizable layer and candidate width, how much the model output changes
+   when only that layer's weights are quantized (``sqnr``), or the HAWQ-v2 estimate
+   ``mean Tr(H) * ||Q(W) - W||^2`` with a Hutchinson trace of the Hessian of the output error
+   (``hessian``; no labels needed).
+2. Choose: a multiple-choice knapsack over layers (exact Pareto-front dynamic programming) picks
+   the widths with the least total sensitivity whose weight bytes fit the budget.
+3. Apply: PTQ with those per-layer weight widths and 8-bit activations.
+
+Bytes are weight bytes only (``numel * bits / 8``), the part the artifact packs at its bit width.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from typing import Literal
+
+import torch
+from pydantic import Field, field_validator
+from torch import nn
+
+from lighten.errors import UnsupportedError
+from lighten.quant.modules import weight_spec
+from lighten.quant.ptq import (
+    PTQConfig,
+    _candidates,
+    _default_reduce_range,
+    fold_with_notes,
+    quantize_ptq_,
+)
+from lighten.quant.quantizer import fake_quantize, weight_qparams
+from lighten.registry import register_step
+from lighten.step import StepConfig, StepContext
+
+_FRONT_CAP = 20000  # Pareto states kept per layer; beyond it states are bucketed by cost
+
+
+class MixedConfig(StepConfig):
+    """Mixed-precision weights: the least sensitive layers get the fewest bits."""
+
+    budget_bytes: float = Field(gt=0, le=1, description="weight bytes allowed, as a fraction of "
+                                "the float32 weight bytes (uniform 4-bit = 0.125)")
+    candidates: list[int] = Field(default_factory=lambda: [2, 4, 8], min_length=1)
+    metric: Literal["sqnr", "hessian"] = "sqnr"
+    per_channel: bool = True
+    calibration: Literal["minmax", "moving_average", "percentile", "mse"] = "minmax"
+    calib_samples: int = Field(512, ge=1)
+
+    @field_validator("candidates")
+    @classmethod
+    def _bits_in_range(cls, v: list[int]) -> list[int]:
+        bad = [b for b in v if not 2 <= b <= 8]
+        if bad:
+            raise ValueError(f"candidate bit width {bad[0]} is not supported; use 2..8")
+        return sorted(set(v))
+
+
+def weight_bytes(numel: int, bits: int) -> int:
+    return math.ceil(numel * bits / 8)
+
+
+def _quantized_weight(weight: torch.Tensor, bits: int, per_channel: bool) -> torch.Tensor:
+    spec = weight_spec(bits, per_channel=per_channel,
+                       reduce_range=_default_reduce_range() and bits == 8)
+    scale, zp = weight_qparams(weight, spec)
+    return fake_quantize(weight.detach().float(), scale, zp, spec)
+
+
+@torch.no_grad()
+def output_error_sensitivity(model: nn.Module, layers: Sequence[str], inputs: list[torch.Tensor],
+                             candidates: Sequence[int], *, per_channel: bool = True
+                             ) -> dict[str, dict[int, float]]:
+    """Relative output error (noise power / signal power) with one layer quantized at a time."""
+    model.eval()
+    reference = [model(x) for x in inputs]
+    signal = sum(float(r.pow(2).sum()) for r in reference) or 1.0
+    out: dict[str, dict[int, float]] = {}
+    for name in layers:
+        weight = model.get_submodule(name).weight
+        original = weight.detach().clone()
+        out[name] = {}
+        try:
+            for bits in candidates:
+                weight.copy_(_quantized_weight(original, bits, per_channel))
+                noise = sum(float((model(x) - r).pow(2).sum()) for x, r in zip(inputs, reference,
+                                                                               strict=True))
+                out[name][bits] = noise / signal
+        finally:
+            weight.copy_(original)
+    return out
+
+
+def hessian_sensitivity(model: nn.Module, layers: Sequence[str], inputs: list[torch.Tensor],
+                        candidates: Sequence[int], *, per_channel: bool = True, probes: int = 8,
+                        seed: int = 0) -> dict[str, dict[int, float]]:
+    """HAWQ-v2: ``Tr(H) / n * ||Q(W) - W||^2`` for the loss ``||f(x; W) - f(x; W0)||^2``.
+
+    At ``W0`` that loss has zero gradient and its Hessian is the Gauss-Newton matrix ``2 J^T J``,
+    so the trace needs no labels. Hutchinson: ``Tr(H) = E[v^T H v]`` over Rademacher ``v``.
+    """
+    model.eval()
+    weights = [model.get_submodule(n).weight for n in layers]
+    gen = torch.Generator().manual_seed(seed)
+    traces = [0.0] * len(layers)
+    for x in inputs:
+        with torch.no_grad():
+            reference = model(x)
+        loss = (model(x) - reference).pow(2).sum() / len(inputs)
+        grads = torch.autograd.grad(loss, weights, create_graph=True, allow_unused=True)
+        used = [i for i, g in enumerate(grads) if g is not None]  # unreached layers: trace 0
+        for _ in range(probes):
+            vs = [torch.randint(0, 2, weights[i].shape, generator=gen).float() * 2 - 1
+                  for i in used]
+            hvs = torch.autograd.grad([grads[i] for i in used], [weights[i] for i in used],
+                                      grad_outputs=vs, retain_graph=True, allow_unused=True)
+            for i, v, hv in zip(used, vs, hvs, strict=True):
+                if hv is not None:
+                    traces[i] += float((v * hv).sum()) / probes
+    out: dict[str, dict[int, float]] = {}
+    for name, w, trace in zip(layers, weights, traces, strict=True):
+        mean_trace = trace / w.numel()
+        out[name] = {b: mean_trace * float((_quantized_weight(w, b, per_channel) - w.detach())
+                                           .pow(2).sum()) for b in candidates}
+    return out
+
+
+def choose_bits(sensitivity: dict[str, dict[int, float]], numels: dict[str, int],
+                budget: int) -> dict[str, int]:
+    """Bits per layer with the least total sensitivity whose weight bytes are <= ``budget``.
+
+    Exact multiple-choice knapsack on the Pareto front of (bytes, error) partial assignments.
+    """
+    names = list(sensitivity)
+    least = sum(weight_bytes(numels[n], min(sensitivity[n])) for n in names)
+    if least > budget:
+        raise UnsupportedError(f"budget of {budget} weight bytes is below the smallest possible "
+                               f"({least} bytes with every layer at {min(sensitivity[names[0]])} "
+                               "bits); raise budget_bytes or add a smaller candidate")
+    front: list[tuple[int, float, tuple[int, ...]]] = [(0, 0.0, ())]
+    for name in names:
+        options = [(weight_bytes(numels[name], b), err, b) for b, err in sensitivity[name].items()]
+        grown = [(c + oc, e + oe, bits + (b,)) for c, e, bits in front for oc, oe, b in options
+                 if c + oc <= budget]
+        front = _pareto(grown)
+    best = min(front, key=lambda s: (s[1], s[0]))
+    return dict(zip(names, best[2], strict=True))
+
+
+def _pareto(states):
+    """Keep states no other state beats in both bytes and error (thinned past _FRONT_CAP)."""
+    states.sort(key=lambda s: (s[0], s[1]))
+    front, best_err = [], math.inf
+    for s in states:
+        if s[1] < best_err:
+            front.append(s)
+            best_err = s[1]
+    if len(front) > _FRONT_CAP:  # keep evenly spaced states along the front (and its end)
+        step = len(front) / _FRONT_CAP
+        front = [front[int(i * step)] for i in range(_FRONT_CAP)] + [front[-1]]
+    return front
+
+
+_METRICS: dict[str, Callable[..., dict[str, dict[int, float]]]] = {
+    "sqnr": output_error_sensitivity, "hessian": hessian_sensitivity}
+
+
+def quantize_mixed_(model: nn.Module, calibration_batches, config: MixedConfig, *,
+                    notes: list[str] | None = None) -> tuple[nn.Module, dict[str, int]]:
+    """Measure, choose, quantize ``model`` in place; return it with the chosen bits per layer."""
+    notes = notes if notes is not None else []
+    model.eval()
+    fold_with_notes(model, notes)  # sensitivities must be measured on the folded weights
+    inputs = [b[0] if isinstance(b, (tuple, list)) else b for b in calibration_batches]
+    layers = _candidates(model, [], notes)
+    if not layers:
+        raise UnsupportedError("quant.mixed found no Conv2d / Linear layers to quantize")
+    numels = {n: model.get_submodule(n).weight.numel() for n in layers}
+    budget = int(config.budget_bytes * 4 * sum(numels.values()))
+    sens = _METRICS[config.metric](model, layers, inputs, config.candidates,
+                                   per_channel=config.per_channel)
+    bits = choose_bits(sens, numels, budget)
+    ptq = PTQConfig(bits=8, per_channel=config.per_channel, calibration=config.calibration)
+    quantize_ptq_(model, inputs, ptq, notes=notes, weight_bits=bits)
+    used = sum(weight_bytes(numels[n], b) for n, b in bits.items())
+    notes.append(f"quant.mixed ({config.metric}): {used} of {budget} budget weight bytes "
+                 f"({used / (4 * sum(numels.values())):.3f} of float); bits "
+                 + ", ".join(f"{n}={b}" for n, b in bits.items()))
+    return model, bits
+
+
+@register_step("quant.mixed", MixedConfig)
+def quantize_mixed(model: nn.Module, cfg: MixedConfig, ctx: StepContext) -> nn.Module:
+    """Per-layer weight bits from measured sensitivity under a byte budget; 8-bit activations."""
+    notes: list[str] = []
+    quantize_mixed_(model, ctx.calibration_batches(cfg.calib_samples), cfg, notes=notes)
+    for message in notes:
+        ctx.note(message)
+    return ctx.finetune(model, cfg.finetune)
