@@ -5,7 +5,7 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).parent
-BENCHMARKS = ["backend_latency.py", "demo_stages.py"]
+BENCHMARKS = ["backend_latency.py", "demo_stages.py", "recipes_table.py"]
 
 if __name__ == "__main__":
     for script in BENCHMARKS:

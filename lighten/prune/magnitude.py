@@ -180,8 +180,10 @@ def resolve_ratios(model: nn.Module, weights: dict[str, nn.Parameter],
         from lighten.prune.sensitivity import analyze, derive_ratios
 
         n = min(config.auto_samples, len(ctx.data.train))
-        table = analyze(model, Subset(ctx.data.train, range(n)), ignore=config.ignore,
-                        progress=ctx.progress)
+        # the sweep reaches past the target so the derived ratios can average to it
+        sweep = sorted({0.3, 0.5, 0.7, 0.9, (1 + config.sparsity) / 2})
+        table = analyze(model, Subset(ctx.data.train, range(n)), ratios=sweep,
+                        ignore=config.ignore, progress=ctx.progress)
         ratios = derive_ratios(table, config.sparsity)
         ctx.note("prune.magnitude: ratios from sensitivity on "
                  f"{n} training samples: " + ", ".join(f"{k}={v:.2f}" for k, v in ratios.items()))

@@ -40,6 +40,8 @@ class PTQConfig(StepConfig):
     """Static int8 PTQ: per-channel symmetric weights, calibrated per-tensor activations."""
 
     bits: int = Field(8, ge=2, le=8, description="weight and activation bits (int8 container)")
+    weight_bits: int | None = Field(
+        None, ge=2, le=8, description="weight bits when they differ from `bits` (e.g. w4a8)")
     per_channel: bool = Field(True, description="one weight scale per output channel")
     symmetric: bool = Field(True, description="symmetric weights (zero point 0)")
     calibration: Literal["minmax", "moving_average", "percentile", "mse"] = "minmax"
@@ -84,6 +86,8 @@ def quantize_ptq_(
     qparams = {key: compute_qparams(torch.tensor(lo), torch.tensor(hi), spec)
                for key, (lo, hi) in ranges.items()}
 
+    if cfg.weight_bits is not None:  # a uniform override; an explicit per-layer mapping wins
+        weight_bits = {**{name: cfg.weight_bits for name in plan.layers}, **(weight_bits or {})}
     common = dict(weight_bits=cfg.bits, activation_bits=cfg.bits, per_channel=cfg.per_channel,
                   symmetric=cfg.symmetric, reduce_range=reduce_range, act_signed=act_signed)
     for name, layer_plan in plan.layers.items():
