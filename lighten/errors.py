@@ -35,3 +35,7 @@ class UnsupportedError(LightenError):
 
 class BackendError(LightenError):
     """A deployment backend is missing or cannot execute the model."""
+
+
+class ReportError(LightenError):
+    """A run directory has no usable metrics to report."""

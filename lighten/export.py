@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import io
 import os
-import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +22,7 @@ import torch
 from torch import nn
 
 from lighten.errors import ExportError
+from lighten.provenance import atomic_write_bytes
 
 INPUT_NAME = "input"
 OUTPUT_NAME = "logits"
@@ -78,7 +78,7 @@ def export_onnx(
             )
     finally:
         model.train(was_training)
-    _write_atomic(path, data)
+    atomic_write_bytes(path, data)
     return ExportCheck(path, max_diff, agree, len(data), quantized, folded)
 
 
@@ -250,18 +250,6 @@ def _verify(model, data: bytes, sample_inputs, input_shape, *, quantized: bool, 
             f"(min {min_agree:.2f}); pass atol= to accept or check the unsupported op"
         )
     return diff, agree
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _one_line(exc: BaseException) -> str:

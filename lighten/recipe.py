@@ -24,7 +24,7 @@ from lighten.step import StrictModel
 class DeployConfig(StrictModel):
     """Where the model will run; every stage is measured on this same backend."""
 
-    backend: Literal["onnxruntime", "torch"] = "onnxruntime"
+    backend: Literal["onnxruntime", "torch", "openvino"] = "onnxruntime"
     threads: int | None = Field(None, ge=1)
     latency_runs: int = Field(50, ge=3)
 

@@ -11,23 +11,19 @@ import base64
 import html
 import json
 import os
-import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lighten.errors import LightenError
+from lighten.errors import ReportError
+from lighten.provenance import atomic_write_bytes
 
 # Keys every metrics row has (docs/ARCHITECTURE.md); anything else is an extra column.
 CORE_KEYS = (
     "stage", "step", "accuracy", "agreement", "params", "nonzero_params", "bytes", "macs",
     "latency_ms_b1", "latency_ms_b64", "backend", "seconds",
 )
-
-
-class ReportError(LightenError):
-    """A run directory has no usable metrics to report."""
 
 
 # ----------------------------------------------------------------------------------- formatting
@@ -312,19 +308,6 @@ def _html(title: str, sections, plots: dict[str, str]) -> str:
     return "\n".join(out)
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    """Write next to ``path`` then rename, so a crash never leaves half a report."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def write_report(output_dir: str | os.PathLike) -> tuple[Path, Path]:
     """Write OUTPUT/report.md (+ plots/*.png) and a self-contained OUTPUT/report.html."""
     output_dir = Path(output_dir)
@@ -337,11 +320,11 @@ def write_report(output_dir: str | os.PathLike) -> tuple[Path, Path]:
     for stem, key, label, log_x in PLOTS:
         png = _plot_png(rows, key, label, log_x=log_x)
         if png is not None:
-            _atomic_write(output_dir / "plots" / f"{stem}.png", png)
+            atomic_write_bytes(output_dir / "plots" / f"{stem}.png", png)
             plots[stem] = base64.b64encode(png).decode("ascii")
 
     sections = _sections(rows, info)
     md_path, html_path = output_dir / "report.md", output_dir / "report.html"
-    _atomic_write(md_path, _markdown(title, sections, plots).encode("utf-8"))
-    _atomic_write(html_path, _html(title, sections, plots).encode("utf-8"))
+    atomic_write_bytes(md_path, _markdown(title, sections, plots).encode("utf-8"))
+    atomic_write_bytes(html_path, _html(title, sections, plots).encode("utf-8"))
     return md_path, html_path

@@ -23,15 +23,6 @@ from lighten.models import (
 )
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models on a shared CPU run faster single-threaded than fighting for cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.mark.parametrize("shape", [(1, 28, 28), (1, 8, 8)])
 @pytest.mark.parametrize("name", sorted(ZOO))
 def test_zoo_logits_and_fx_trace(name, shape):

@@ -12,15 +12,6 @@ from lighten.prune.magnitude import (
 )
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models on a shared CPU run faster single-threaded than fighting for cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def tiny_cnn():
     torch.manual_seed(0)
     return nn.Sequential(

@@ -13,15 +13,6 @@ from lighten.prune.nm import NMPruneConfig, nm_mask, padded_layers, prune_nm_
 SPEC = {"python": "tests/nowhere.py:tiny_cnn", "input_shape": [1, 8, 8]}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models on a shared CPU run faster single-threaded than fighting for cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def tiny_cnn():
     torch.manual_seed(0)
     return nn.Sequential(  # conv rows have 1*3*3 = 9 inputs: not a multiple of 4

@@ -12,15 +12,6 @@ from lighten.prune.magnitude import prunable_weights
 from lighten.prune.sensitivity import SensitivityRow, SensitivityTable, analyze, derive_ratios
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models on a shared CPU run faster single-threaded than fighting for cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def trained_tiny():
     """A small MLP fitted for a few steps on separable synthetic data, so pruning costs accuracy."""
     torch.manual_seed(0)

@@ -13,15 +13,6 @@ from lighten.models import ZOO
 from lighten.train import Callback, TrainConfig, augment_batch, evaluate, predict, train
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models on a shared CPU run faster single-threaded than fighting for cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def data():
     return load_data(DataSpec(name="synthetic", samples=256, input_shape=[1, 8, 8]))

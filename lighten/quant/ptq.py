@@ -47,7 +47,7 @@ class PTQConfig(StepConfig):
     calibration: Literal["minmax", "moving_average", "percentile", "mse"] = "minmax"
     percentile: float = Field(99.99, gt=50, le=100, description="for calibration: percentile")
     calib_samples: int = Field(512, ge=1, description="training samples used for calibration")
-    backend: Literal["onnxruntime", "torch"] = "onnxruntime"
+    backend: Literal["onnxruntime", "torch", "openvino"] = "onnxruntime"
     skip: list[str] = Field(default_factory=list, description="module names left in float")
     reduce_range: bool | None = Field(
         None, description="7-bit weights against U8S8 overflow; None = auto (x86 without VNNI)")

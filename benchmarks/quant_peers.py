@@ -1,0 +1,244 @@
+"""Int8 PTQ side by side with its peers on Fashion-MNIST: ours vs ONNX Runtime `quantize_static`
+vs NNCF -> OpenVINO, each on its own runtime and (where the file format allows) on the other.
+
+    python benchmarks/quant_peers.py [--models lenet5 resnet20] [--threads 2] [--calib 512]
+
+Every method gets the same float checkpoint and the same calibration samples (the first
+``--calib`` training images). Accuracy and top-1 agreement with the float model come from the
+*deployed* file on the test set; latency is the median of many runs with threads pinned. The
+hardware ceiling is a 1024^3 uint8 x int8 MatMulInteger vs fp32 MatMul in ONNX Runtime.
+Writes benchmarks/results/quant_peers.{json,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from lighten.backends import get_backend
+from lighten.backends.onnxrt import OrtCompiled
+from lighten.data import DataSpec, load_data
+from lighten.export import INPUT_NAME
+from lighten.measure import accuracy, agreement
+from lighten.measure.latency import median_latency_ms
+from lighten.models import ModelSpec, build_model, shipped_checkpoint
+from lighten.provenance import atomic_write_text, machine, versions
+from lighten.quant import PTQConfig, quantize_ptq_
+
+RESULTS = Path(__file__).parent / "results"
+SHAPE = (1, 28, 28)
+
+
+def ort_file(path: Path, threads: int, **info) -> OrtCompiled:
+    """An ONNX file another tool wrote, on ORT with the same session settings as our backend."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads, opts.inter_op_num_threads = threads, 1
+    opts.log_severity_level = 3
+    session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    return OrtCompiled(session, input_shape=SHAPE, onnx_path=path, info=info)
+
+
+def float_onnx(model, calib, work: Path, threads: int) -> dict:
+    """Float model: our verified export on ORT, the very same file on OpenVINO."""
+    ort = get_backend("onnxruntime", threads=threads).compile(
+        model, input_shape=SHAPE, workdir=work / "float", sample_inputs=calib[:64])
+    ov = get_backend("openvino", threads=threads).compile_file(ort.onnx_path, input_shape=SHAPE)
+    return {"float / onnxruntime": ort, "float / openvino": ov}
+
+
+def ours(model, calib, work: Path, threads: int, calibration: str) -> dict:
+    """lighten quant.ptq (BN folded, per-channel weights) exported once, run on both runtimes."""
+    q = quantize_ptq_(copy.deepcopy(model), calib.split(64), PTQConfig(calibration=calibration))
+    ort = get_backend("onnxruntime", threads=threads).compile(
+        q, input_shape=SHAPE, workdir=work / f"ours-{calibration}", sample_inputs=calib[:64])
+    ov = get_backend("openvino", threads=threads).compile_file(ort.onnx_path, input_shape=SHAPE)
+    name = f"lighten quant.ptq {calibration}"
+    return {f"{name} / onnxruntime": ort, f"{name} / openvino": ov}
+
+
+class _Reader:
+    """onnxruntime.quantization wants a CalibrationDataReader: one feed dict per call."""
+
+    def __init__(self, calib: torch.Tensor):
+        self._batches = iter([{INPUT_NAME: b.numpy()} for b in calib.split(64)])
+
+    def get_next(self):
+        return next(self._batches, None)
+
+
+def ort_static(float_path: Path, calib, work: Path, threads: int, fmt: str) -> dict:
+    """ORT quantize_static, QDQ, per-channel, MinMax: S8S8, or U8S8 with 7-bit weights."""
+    from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    pre, out = work / "ort-pre.onnx", work / f"ort-{fmt}.onnx"
+    if not pre.exists():
+        quant_pre_process(str(float_path), str(pre))
+    act = QuantType.QInt8 if fmt == "S8S8" else QuantType.QUInt8
+    quantize_static(str(pre), str(out), _Reader(calib), quant_format=QuantFormat.QDQ,
+                    activation_type=act, weight_type=QuantType.QInt8, per_channel=True,
+                    reduce_range=fmt == "U8S8")
+    name = f"ORT quantize_static {fmt}{' reduce_range' if fmt == 'U8S8' else ''}"
+    ov = get_backend("openvino", threads=threads).compile_file(out, input_shape=SHAPE)
+    return {f"{name} / onnxruntime": ort_file(out, threads), f"{name} / openvino": ov}
+
+
+def nncf_openvino(float_path: Path, calib, work: Path, threads: int) -> dict:
+    """NNCF post-training quantization of the OpenVINO model (default preset), saved as IR."""
+    import nncf
+    import openvino as ov
+
+    dataset = nncf.Dataset(list(calib.split(64)), lambda b: b.numpy())
+    quantized = nncf.quantize(ov.Core().read_model(str(float_path)), dataset,
+                              subset_size=len(calib))
+    ov.save_model(quantized, str(work / "nncf.xml"), compress_to_fp16=False)
+    ov_c = get_backend("openvino", threads=threads).compile_file(work / "nncf.xml",
+                                                                input_shape=SHAPE)
+    return {"NNCF int8 / openvino": ov_c}
+
+
+def matmul_ceiling(threads: int, runs: int) -> dict:
+    """1024^3 matmul on ORT: uint8 x int8 MatMulInteger vs fp32 MatMul (the best int8 can do)."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    n, rng = 1024, np.random.default_rng(0)
+    cases = {  # kind: (op, A dtype, Y dtype, A, B)
+        "fp32": ("MatMul", TensorProto.FLOAT, TensorProto.FLOAT,
+                 rng.standard_normal((n, n), dtype=np.float32),
+                 rng.standard_normal((n, n), dtype=np.float32)),
+        "int8": ("MatMulInteger", TensorProto.UINT8, TensorProto.INT32,
+                 rng.integers(0, 256, (n, n)).astype(np.uint8),
+                 rng.integers(-128, 128, (n, n)).astype(np.int8)),
+    }
+    times = {}
+    for kind, (op, a_type, y_type, a, b) in cases.items():
+        graph = helper.make_graph(
+            [helper.make_node(op, ["a", "b"], ["y"])], kind,
+            [helper.make_tensor_value_info("a", a_type, [n, n])],
+            [helper.make_tensor_value_info("y", y_type, [n, n])],
+            [numpy_helper.from_array(b, "b")])
+        proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = threads
+        session = ort.InferenceSession(proto.SerializeToString(), opts,
+                                       providers=["CPUExecutionProvider"])
+        times[kind] = median_latency_ms(lambda s=session, a=a: s.run(None, {"a": a}), runs=runs)
+    return {"fp32_ms": times["fp32"], "int8_ms": times["int8"],
+            "ratio": times["fp32"] / times["int8"]}
+
+
+def evaluate(compiled, x: np.ndarray, labels, reference) -> tuple[float, float, torch.Tensor]:
+    logits = torch.from_numpy(np.concatenate([compiled(b) for b in np.array_split(x, 20)]))
+    ref = logits if reference is None else reference
+    return accuracy(logits, labels), agreement(logits, ref), logits
+
+
+def bench_model(name: str, data, args, work: Path) -> list[dict]:
+    spec = ModelSpec(zoo=name, weights=str(shipped_checkpoint(name, "fashion-mnist")))
+    model = build_model(spec, input_shape=SHAPE, num_classes=10).eval()
+    calib = torch.stack([data.train[i][0] for i in range(args.calib)])  # same for every method
+    test_x = torch.stack([data.test[i][0] for i in range(len(data.test))]).numpy()
+    labels = torch.tensor([int(data.test[i][1]) for i in range(len(data.test))])
+
+    deployed = float_onnx(model, calib, work, args.threads)
+    float_path = deployed["float / onnxruntime"].onnx_path
+    for calibration in args.calibrations:
+        deployed |= ours(model, calib, work, args.threads, calibration)
+    for fmt in ("S8S8", "U8S8"):
+        deployed |= ort_static(float_path, calib, work, args.threads, fmt)
+    deployed |= nncf_openvino(float_path, calib, work, args.threads)
+
+    rows, reference = [], None
+    for method, compiled in deployed.items():
+        acc, agree, logits = evaluate(compiled, test_x, labels, reference)
+        reference = logits if reference is None else reference  # float on ORT comes first
+        runs = args.runs
+        rows.append({
+            "model": name, "method": method, "runtime": compiled.backend,
+            "accuracy": acc, "agreement": agree, "bytes": compiled.bytes_on_disk,
+            "latency_ms_b1": compiled.latency_ms(1, warmup=20, runs=runs * 4),
+            "latency_ms_b64": compiled.latency_ms(64, warmup=5, runs=runs),
+            "int8_layers": compiled.info.get("int8_layers"),
+            "compute_layers": compiled.info.get("compute_layers"),
+        })
+        print(f"  {name}: {method}: acc {acc:.4f}, b64 {rows[-1]['latency_ms_b64']:.2f} ms",
+              flush=True)
+    return rows
+
+
+def table(rows: list[dict], ceiling: float) -> str:
+    lines = ["| model | method / runtime | acc % | Δ pts | agree % | bytes | b1 ms | b64 ms | "
+             "b64 speedup vs ORT float | vs same-runtime float | of int8 ceiling |",
+             "|---" * 11 + "|"]
+    floats = {(r["model"], r["runtime"]): r for r in rows if r["method"].startswith("float")}
+    for r in rows:
+        base, same = floats[(r["model"], "onnxruntime")], floats[(r["model"], r["runtime"])]
+        s_ort = base["latency_ms_b64"] / r["latency_ms_b64"]
+        s_same = same["latency_ms_b64"] / r["latency_ms_b64"]
+        lines.append(
+            f"| {r['model']} | {r['method']} | {100 * r['accuracy']:.2f} | "
+            f"{100 * (r['accuracy'] - base['accuracy']):+.2f} | {100 * r['agreement']:.2f} | "
+            f"{r['bytes']:,} | {r['latency_ms_b1']:.3f} | {r['latency_ms_b64']:.2f} | "
+            f"{s_ort:.2f}x | {s_same:.2f}x | {100 * s_same / ceiling:.0f}% |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="+", default=["lenet5", "resnet20"])
+    parser.add_argument("--calibrations", nargs="+", default=["minmax", "percentile"])
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--calib", type=int, default=512, help="calibration training samples")
+    parser.add_argument("--runs", type=int, default=100, help="timed runs at batch 64 (x4 at b1)")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+
+    data = load_data(DataSpec(name="fashion-mnist"))
+    load_before = os.getloadavg()
+    rows, skipped = [], []
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in args.models:
+            if shipped_checkpoint(name, "fashion-mnist") is None:
+                skipped.append(name)
+                print(f"skipping {name}: no shipped Fashion-MNIST checkpoint yet")
+                continue
+            (Path(tmp) / name).mkdir()
+            rows += bench_model(name, data, args, Path(tmp) / name)
+    ceiling = matmul_ceiling(args.threads, runs=30)
+    load_after = os.getloadavg()
+
+    md = table(rows, ceiling["ratio"])
+    note = (f"\n\nint8 ceiling (ORT 1024^3 MatMulInteger u8s8 vs MatMul fp32, {args.threads} "
+            f"threads): {ceiling['int8_ms']:.1f} ms vs {ceiling['fp32_ms']:.1f} ms = "
+            f"{ceiling['ratio']:.2f}x. Load average before/after: "
+            f"{load_before[0]:.1f} / {load_after[0]:.1f} (shared machine; medians of "
+            f"{args.runs} runs at b64, {4 * args.runs} at b1). Calibration: first {args.calib} "
+            f"training images for every method.")
+    if skipped:
+        note += f" Not measured (no checkpoint yet): {', '.join(skipped)}."
+    print(md + note)
+    RESULTS.mkdir(exist_ok=True)
+    import nncf
+    import openvino
+
+    info = {"machine": machine(), "threads": args.threads,
+            "versions": {**versions(), "openvino": openvino.__version__,
+                         "nncf": nncf.__version__},
+            "calib_samples": args.calib, "load_average": [load_before, load_after],
+            "ceiling": ceiling, "skipped": skipped, "rows": rows}
+    atomic_write_text(RESULTS / "quant_peers.json", json.dumps(info, indent=2))
+    atomic_write_text(RESULTS / "quant_peers.md", md + note + "\n")
+
+
+if __name__ == "__main__":
+    main()
