@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from lighten.backends import get_backend
-from lighten.backends.onnxrt import OrtCompiled
+from lighten.backends.onnxrt import OrtCompiled, integer_ops
 from lighten.data import DataSpec, load_data
 from lighten.export import INPUT_NAME
 from lighten.measure import accuracy, agreement
@@ -36,15 +36,19 @@ RESULTS = Path(__file__).parent / "results"
 SHAPE = (1, 28, 28)
 
 
-def ort_file(path: Path, threads: int, **info) -> OrtCompiled:
+def ort_file(path: Path, threads: int) -> OrtCompiled:
     """An ONNX file another tool wrote, on ORT with the same session settings as our backend."""
+    import onnx
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
     opts.intra_op_num_threads, opts.inter_op_num_threads = threads, 1
+    opts.optimized_model_filepath = str(path.with_suffix(".optimized.onnx"))
     opts.log_severity_level = 3
     session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-    return OrtCompiled(session, input_shape=SHAPE, onnx_path=path, info=info)
+    ops = {n.op_type: 1 for n in onnx.load(opts.optimized_model_filepath).graph.node}
+    return OrtCompiled(session, input_shape=SHAPE, onnx_path=path,
+                       info={"integer_ops": integer_ops(ops)})
 
 
 def float_onnx(model, calib, work: Path, threads: int) -> dict:
@@ -98,8 +102,9 @@ def nncf_openvino(float_path: Path, calib, work: Path, threads: int) -> dict:
     import openvino as ov
 
     dataset = nncf.Dataset(list(calib.split(64)), lambda b: b.numpy())
+    batches = -(-len(calib) // 64)  # subset_size counts dataset items (batches of 64)
     quantized = nncf.quantize(ov.Core().read_model(str(float_path)), dataset,
-                              subset_size=len(calib))
+                              subset_size=batches)
     ov.save_model(quantized, str(work / "nncf.xml"), compress_to_fp16=False)
     ov_c = get_backend("openvino", threads=threads).compile_file(work / "nncf.xml",
                                                                 input_shape=SHAPE)
@@ -162,34 +167,47 @@ def bench_model(name: str, data, args, work: Path) -> list[dict]:
     for method, compiled in deployed.items():
         acc, agree, logits = evaluate(compiled, test_x, labels, reference)
         reference = logits if reference is None else reference  # float on ORT comes first
-        runs = args.runs
-        rows.append({
-            "model": name, "method": method, "runtime": compiled.backend,
-            "accuracy": acc, "agreement": agree, "bytes": compiled.bytes_on_disk,
-            "latency_ms_b1": compiled.latency_ms(1, warmup=20, runs=runs * 4),
-            "latency_ms_b64": compiled.latency_ms(64, warmup=5, runs=runs),
-            "int8_layers": compiled.info.get("int8_layers"),
-            "compute_layers": compiled.info.get("compute_layers"),
-        })
-        print(f"  {name}: {method}: acc {acc:.4f}, b64 {rows[-1]['latency_ms_b64']:.2f} ms",
-              flush=True)
+        rows.append({"model": name, "method": method, "runtime": compiled.backend,
+                     "accuracy": acc, "agreement": agree, "bytes": compiled.bytes_on_disk,
+                     "int8_layers": int8_layers(compiled.info)})
+        print(f"  {name}: {method}: accuracy {acc:.4f}, agreement {agree:.4f}", flush=True)
+    for batch, runs in ((1, 4 * args.runs), (64, args.runs)):
+        times = interleaved_latency(list(deployed.values()), batch, runs)
+        for row, ms in zip(rows, times, strict=True):
+            row[f"latency_ms_b{batch}"] = ms
     return rows
+
+
+def int8_layers(info: dict) -> str:
+    """OpenVINO: compute layers that run int8 / all (runtime graph); ORT: its integer op types."""
+    if "int8_layers" in info:
+        return f"{info['int8_layers']}/{info['compute_layers']}"
+    return ", ".join(info.get("integer_ops", [])) or "-"
+
+
+def interleaved_latency(compiled: list, batch: int, runs: int, rounds: int = 5) -> list[float]:
+    """Median over rounds that visit every method in turn, so load drift on a shared machine
+    hits all methods alike instead of whichever happened to run during a busy minute."""
+    per_round = [[c.latency_ms(batch, warmup=3, runs=max(1, runs // rounds)) for c in compiled]
+                 for _ in range(rounds)]
+    return [float(np.median(col)) for col in zip(*per_round, strict=True)]
 
 
 def table(rows: list[dict], ceiling: float) -> str:
     lines = ["| model | method / runtime | acc % | Δ pts | agree % | bytes | b1 ms | b64 ms | "
-             "b64 speedup vs ORT float | vs same-runtime float | of int8 ceiling |",
-             "|---" * 11 + "|"]
+             "b64 speedup vs ORT float | vs same-runtime float | of int8 ceiling | int8 layers |",
+             "|---" * 12 + "|"]
     floats = {(r["model"], r["runtime"]): r for r in rows if r["method"].startswith("float")}
     for r in rows:
         base, same = floats[(r["model"], "onnxruntime")], floats[(r["model"], r["runtime"])]
         s_ort = base["latency_ms_b64"] / r["latency_ms_b64"]
         s_same = same["latency_ms_b64"] / r["latency_ms_b64"]
+        of_ceiling = "-" if r is same else f"{100 * s_same / ceiling:.0f}%"
         lines.append(
             f"| {r['model']} | {r['method']} | {100 * r['accuracy']:.2f} | "
             f"{100 * (r['accuracy'] - base['accuracy']):+.2f} | {100 * r['agreement']:.2f} | "
             f"{r['bytes']:,} | {r['latency_ms_b1']:.3f} | {r['latency_ms_b64']:.2f} | "
-            f"{s_ort:.2f}x | {s_same:.2f}x | {100 * s_same / ceiling:.0f}% |")
+            f"{s_ort:.2f}x | {s_same:.2f}x | {of_ceiling} | {r['int8_layers']} |")
     return "\n".join(lines)
 
 

@@ -8,6 +8,9 @@ model without executing or unpickling anything from the file:
 * ``shapes``: standard torch layers whose constructor facts differ from a freshly built model
   (structured pruning, BN folding) as ``{path, type, attrs}`` -- re-created before loading, so
   the user's model code never needs to know the model was pruned;
+* ``values`` (only when non-empty): plain int/float/bool attributes of other modules that differ
+  from the fresh model (a head count after attention-head pruning, ``use_nested_tensor``) as
+  ``{path, name, value}``; the loader sets only attributes the skeleton already has, same type;
 * ``tensors``: per state_dict entry ``{encoding, dtype, shape}``. ``dense`` stores the tensor as
   is (int8 stays int8); ``sparse_bitmask`` stores a packed bit mask (``numpy.packbits``) plus the
   non-zero values, chosen whenever that is smaller; ``alias`` marks tied tensors, stored once.
@@ -82,6 +85,9 @@ def save_artifact(model: nn.Module, path: str | os.PathLike, *, model_spec: dict
         "modules": modules, "shapes": _changed_layers(model, fresh, skip=covered),
         "tensors": entries, "meta": meta or {},
     }
+    values = _changed_values(model, fresh, skip=covered)
+    if values:
+        manifest["values"] = values
     try:
         text = json.dumps(manifest, sort_keys=True, separators=(",", ":"))
     except (TypeError, ValueError) as err:
@@ -135,6 +141,45 @@ def _changed_layers(model: nn.Module, fresh: nn.Module | None, *, skip: list[str
             continue  # no fresh model to compare: record only layers that carry shapes
         changed.append({"path": path, "type": type(module).__name__, "attrs": attrs})
     return changed
+
+
+_VALUE_TYPES = (bool, int, float)
+
+
+def _changed_values(model: nn.Module, fresh: nn.Module | None, *, skip: list[str]) -> list[dict]:
+    """Plain scalar attributes of non-resizable modules that differ from ``fresh``."""
+    if fresh is None:
+        return []
+    changed = []
+    for path, module in model.named_modules():
+        if type(module) in _RESIZABLE or any(_under(path, p) for p in skip):
+            continue
+        try:
+            ref = get_submodule(fresh, path)
+        except ModelError:
+            continue
+        if type(ref).__qualname__ != type(module).__qualname__:  # user classes may be
+            continue  # imported twice (by path), so compare names, not class objects
+        for name, value in vars(module).items():
+            old = vars(ref).get(name)
+            if (name.startswith("_") or name == "training" or type(value) not in _VALUE_TYPES
+                    or type(old) is not type(value) or old == value):
+                continue
+            changed.append({"path": path, "name": name, "value": value})
+    return changed
+
+
+def _restore_value(path: Path, model: nn.Module, entry: dict) -> None:
+    """Set one recorded scalar attribute; only an existing attribute of the same type."""
+    module = _get(path, model, entry.get("path", ""))
+    name, value = entry.get("name"), entry.get("value")
+    current = vars(module).get(name) if isinstance(name, str) else None
+    if (not isinstance(name, str) or name.startswith("_") or type(value) not in _VALUE_TYPES
+            or type(current) is not type(value)):
+        raise CheckpointError(f"{path}: recorded value {name!r}={value!r} at "
+                              f"{entry.get('path')!r} does not fit the model's attribute "
+                              f"({current!r}); pass the model it was saved from")
+    setattr(module, name, value)
 
 
 def _layer_attrs(module: nn.Module) -> dict[str, Any]:
@@ -338,6 +383,11 @@ def load_artifact(path: str | os.PathLike, *,
             model = _replace(path, model, entry["path"], _build_custom(path, entry))
         for entry in manifest["shapes"]:
             model = _restore_layer(path, model, entry)
+        values = manifest.get("values", [])
+        if not isinstance(values, list) or not all(isinstance(e, dict) for e in values):
+            raise CheckpointError(f"{path} manifest has an invalid 'values'; re-save it")
+        for entry in values:
+            _restore_value(path, model, entry)
     from safetensors import safe_open
 
     with safe_open(path, framework="pt") as f:

@@ -33,6 +33,8 @@ _BUILTIN_STEP_MODULES = (
     "lighten.prune.structured",
     "lighten.prune.nm",
     "lighten.prune.l1",
+    "lighten.prune.layers",
+    "lighten.prune.heads",
     "lighten.quant.ptq",
     "lighten.quant.dynamic",
     "lighten.quant.weight_only",
