@@ -204,3 +204,23 @@ def test_measure_stage_row(tmp_path, backend):
                               reference_logits=-logits, artifact_bytes=1, seconds=0,
                               eval_limit=260, robustness=False, latency_runs=3)
     assert second["agreement"] < 0.5 and "robust_noise_acc" not in second
+
+
+def test_multihead_attention_macs_are_counted():
+    """The fused MHA fast path hides its matmuls from the flop counter; count them anyway."""
+    from torch import nn
+
+    from lighten.measure import count_macs
+
+    class Attn(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attn = nn.MultiheadAttention(32, 4, batch_first=True)
+
+        def forward(self, x):
+            return self.attn(x, x, x, need_weights=False)[0]
+
+    tokens, dim = 8, 32
+    projections = 4 * tokens * dim * dim  # q, k, v and out projections
+    scores = 2 * tokens * tokens * dim  # q·kᵀ and attention·v
+    assert count_macs(Attn(), (tokens, dim)) == projections + scores

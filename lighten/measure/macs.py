@@ -12,24 +12,38 @@ from contextlib import contextmanager
 
 import torch
 from torch import nn
-from torch.utils.flop_counter import FlopCounterMode
+from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
 from lighten.errors import ModelError
 
 
 @contextmanager
 def _eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """Eval mode with PyTorch's fused attention fast path off: its single fused kernel
+    (``_native_multi_head_attention``) is invisible to the flop counter, which would make
+    nn.MultiheadAttention look free."""
     was_training = model.training
+    fastpath = torch.backends.mha.get_fastpath_enabled()
     model.eval()
+    torch.backends.mha.set_fastpath_enabled(False)
     try:
         yield model
     finally:
+        torch.backends.mha.set_fastpath_enabled(fastpath)
         model.train(was_training)
+
+
+def _sdpa_cpu_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+    """PyTorch's counter knows the CUDA attention kernels but not the CPU one."""
+    return sdpa_flop_count(query_shape, key_shape, value_shape)
+
+
+_CUSTOM_FLOPS = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _sdpa_cpu_flops}
 
 
 def _trace(model: nn.Module, input_shape) -> FlopCounterMode:
     x = torch.zeros(1, *tuple(input_shape))
-    counter = FlopCounterMode(display=False)
+    counter = FlopCounterMode(display=False, custom_mapping=_CUSTOM_FLOPS)
     try:
         with _eval_mode(model), torch.no_grad(), counter:
             model(x)
