@@ -30,7 +30,7 @@ SEED = 0
 HYPERPARAMS: dict[str, dict] = {
     "lenet5": dict(epochs=12, lr=1e-3, optimizer="adam", batch_size=128),
     "lenet300": dict(epochs=15, lr=1e-3, optimizer="adam", batch_size=128),
-    "resnet20": dict(epochs=10, lr=0.1, optimizer="sgd", momentum=0.9, weight_decay=5e-4,
+    "resnet20": dict(epochs=6, lr=0.1, optimizer="sgd", momentum=0.9, weight_decay=5e-4,
                      batch_size=128, augment=True),
     "mobilenetv2": dict(epochs=8, lr=0.1, optimizer="sgd", momentum=0.9, weight_decay=4e-5,
                         batch_size=128, augment=True),
