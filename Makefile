@@ -30,6 +30,7 @@ lint: install
 	$(BIN)/ruff check lighten tests benchmarks
 
 bench: install dataset
+	$(BIN)/pip install -q -e '.[bench]'
 	$(BIN)/python benchmarks/run_all.py
 
 clean:

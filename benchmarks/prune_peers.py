@@ -1,0 +1,184 @@
+"""Structured channel pruning side by side with Torch-Pruning on Fashion-MNIST zoo models.
+
+    python benchmarks/prune_peers.py [--epochs 2] [--models resnet20 mobilenetv2]
+
+Both methods start from the same shipped checkpoint, aim at <= 50% of the baseline MACs with
+L2-magnitude channel importance (classifier untouched, per-layer ratios), and get the very same
+fine-tuning budget from ``lighten.train.train``. MACs and parameters come from one counter
+(``lighten.measure``) for every row, so the budgets are comparable; latency is the ONNX Runtime
+backend (the deployment target), median of 50 runs. Fine-tuning runs on one torch thread
+because a second core is usually busy; latency uses two ORT threads (the load average is
+recorded). Writes benchmarks/results/prune_peers.{json,md} after each model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import tempfile
+import time
+from importlib import metadata
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from lighten.backends import get_backend
+from lighten.data import DataSpec, load_data
+from lighten.measure import agreement, count_macs, count_params
+from lighten.models import ModelSpec, build_model, load_weights
+from lighten.provenance import atomic_write_text, machine, versions
+from lighten.prune.structured import ChannelPruneConfig, prune_channels_
+from lighten.train import TrainConfig, evaluate, predict, train
+
+RESULTS = Path(__file__).parent / "results"
+WEIGHTS = Path(__file__).parent.parent / "lighten" / "models" / "weights"
+SHAPE = (1, 28, 28)
+TARGET_MACS = 0.5  # fraction of the baseline MACs kept
+
+
+def baseline(name: str) -> nn.Module:
+    model = build_model(ModelSpec(zoo=name), input_shape=SHAPE, num_classes=10)
+    return load_weights(model, WEIGHTS / f"{name}-fashion-mnist.safetensors").eval()
+
+
+def prune_lighten(model: nn.Module, example: torch.Tensor) -> tuple[nn.Module, str]:
+    """lighten ``prune.channels`` through its library call: the ratio is bisected inside."""
+    report = prune_channels_(model, ChannelPruneConfig(target_macs=TARGET_MACS, importance="l2"),
+                             example)
+    return model, "; ".join(report.notes)
+
+
+def _tp_prune(model: nn.Module, example: torch.Tensor, ratio: float) -> nn.Module:
+    import torch_pruning as tp
+
+    pruner = tp.pruner.MetaPruner(
+        model, example, importance=tp.importance.GroupMagnitudeImportance(p=2),
+        pruning_ratio=ratio, global_pruning=False, ignored_layers=[_classifier(model)])
+    pruner.step()
+    return model
+
+
+def _classifier(model: nn.Module) -> nn.Module:
+    """The last Linear layer: its outputs are the class logits."""
+    return [m for m in model.modules() if isinstance(m, nn.Linear)][-1]
+
+
+def prune_torch_pruning(model: nn.Module, example: torch.Tensor) -> tuple[nn.Module, str]:
+    """Torch-Pruning MetaPruner; its channel ratio is bisected until MACs <= the target."""
+    goal = TARGET_MACS * count_macs(model, SHAPE)
+
+    def macs(ratio: float) -> int:
+        return count_macs(_tp_prune(copy.deepcopy(model), example, ratio), SHAPE)
+
+    lo, hi = 0.0, 0.95
+    for _ in range(14):
+        mid = (lo + hi) / 2
+        lo, hi = (lo, mid) if macs(mid) <= goal else (mid, hi)
+    return _tp_prune(model, example, hi), f"pruning_ratio {hi:.4f} (bisected)"
+
+
+METHODS = {"lighten prune.channels": prune_lighten, "Torch-Pruning": prune_torch_pruning}
+
+
+def finetune(model: nn.Module, data, epochs: float) -> float:
+    """The budget every method gets; returns the seconds it took."""
+    start = time.perf_counter()
+    cfg = TrainConfig(epochs=epochs, lr=0.01, optimizer="sgd", momentum=0.9, weight_decay=5e-4,
+                      schedule="cosine", augment=True, seed=0)
+    train(model, data.train, cfg, progress=False)
+    return time.perf_counter() - start
+
+
+def measure(model: nn.Module, data, reference: torch.Tensor | None, workdir: Path) -> dict:
+    """Accuracy, agreement with the baseline's top-1, size, compute, ORT latency b1/b64."""
+    model.eval()
+    logits = predict(model, data.test)
+    compiled = get_backend("onnxruntime", threads=2).compile(
+        model, input_shape=SHAPE, workdir=workdir, sample_inputs=data.test[:64][0])
+    return {
+        "accuracy": evaluate(model, data.test),
+        "agreement": agreement(logits, reference) if reference is not None else 1.0,
+        "macs": count_macs(model, SHAPE),
+        "params": count_params(model)[0],
+        "latency_b1_ms": compiled.latency_ms(1, runs=50),
+        "latency_b64_ms": compiled.latency_ms(64, runs=50),
+    }, logits
+
+
+def run_model(name: str, data, epochs: float, work: Path) -> list[dict]:
+    model = baseline(name)
+    example = data.test[:1][0]
+    base, ref = measure(model, data, None, work / f"{name}-baseline")
+    rows = [{"model": name, "method": "baseline", **base}]
+    print(_line(rows[-1]), flush=True)
+    for method, prune in METHODS.items():
+        pruned, how = prune(copy.deepcopy(model), example)
+        before_ft = evaluate(pruned, data.test)
+        seconds = finetune(pruned, data, epochs)
+        row, _ = measure(pruned, data, ref, work / f"{name}-{method.split()[0]}")
+        rows.append({"model": name, "method": method, "how": how,
+                     "accuracy_pruned": before_ft, "finetune_s": round(seconds, 1), **row})
+        print(_line(rows[-1]), flush=True)
+    return rows
+
+
+def _line(row: dict) -> str:
+    return f"{row['model']} / {row['method']}: " + ", ".join(
+        f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+        for k, v in row.items() if k not in ("model", "method"))
+
+
+def markdown(rows: list[dict], epochs: float) -> str:
+    head = ("| model | method | acc. after prune | acc. after fine-tune | agreement | MACs | "
+            "params | ORT b1 ms | ORT b64 ms | b64 vs baseline |\n|" + "---|" * 10)
+    lines = [f"Fine-tune budget: {epochs:g} epochs (SGD lr 0.01, cosine, augment) for both "
+             f"methods; MAC target {TARGET_MACS:.0%} of baseline.", "", head]
+    base = {}
+    for r in rows:
+        base.setdefault(r["model"], r)
+        b = base[r["model"]]
+        pruned = f"{r['accuracy_pruned']:.4f}" if "accuracy_pruned" in r else "-"
+        lines.append(
+            f"| {r['model']} | {r['method']} | {pruned} | {r['accuracy']:.4f} | "
+            f"{r['agreement']:.4f} | {r['macs'] / 1e6:.2f}M ({r['macs'] / b['macs']:.1%}) | "
+            f"{r['params'] / 1e3:.1f}k ({r['params'] / b['params']:.1%}) | "
+            f"{r['latency_b1_ms']:.3f} | {r['latency_b64_ms']:.2f} | "
+            f"{r['latency_b64_ms'] / b['latency_b64_ms']:.2f}x |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--epochs", type=float, default=2)
+    parser.add_argument("--models", nargs="+", default=["resnet20", "mobilenetv2"])
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    data = load_data(DataSpec(name="fashion-mnist"))
+    load_before, start, rows, table = os.getloadavg(), time.perf_counter(), [], ""
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in args.models:
+            if not (WEIGHTS / f"{name}-fashion-mnist.safetensors").exists():
+                print(f"{name}: no shipped checkpoint yet, skipped", flush=True)
+                continue
+            rows += run_model(name, data, args.epochs, Path(tmp))
+            table = markdown(rows, args.epochs)
+            result = {"command": "python benchmarks/prune_peers.py --epochs "
+                                 f"{args.epochs:g} --models {' '.join(args.models)}",
+                      "rows": rows, "epochs": args.epochs, "target_macs": TARGET_MACS,
+                      "torch_pruning": metadata.version("torch-pruning"), "versions": versions(),
+                      "machine": machine(), "loadavg_before": load_before,
+                      "loadavg_after": os.getloadavg(),
+                      "wall_s": round(time.perf_counter() - start, 1)}
+            RESULTS.mkdir(exist_ok=True)
+            atomic_write_text(RESULTS / "prune_peers.json", json.dumps(result, indent=2) + "\n")
+            atomic_write_text(RESULTS / "prune_peers.md", table)
+    print(table)
+    print(f"wall {time.perf_counter() - start:.0f} s; load average before {load_before}, "
+          f"after {os.getloadavg()}")
+
+
+if __name__ == "__main__":
+    main()
