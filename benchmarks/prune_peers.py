@@ -19,6 +19,7 @@ import json
 import os
 import tempfile
 import time
+from functools import partial
 from importlib import metadata
 from pathlib import Path
 
@@ -51,12 +52,14 @@ def prune_lighten(model: nn.Module, example: torch.Tensor) -> tuple[nn.Module, s
     return model, "; ".join(report.notes)
 
 
-def _tp_prune(model: nn.Module, example: torch.Tensor, ratio: float) -> nn.Module:
+def _tp_prune(model: nn.Module, example: torch.Tensor, ratio: float,
+              round_to: int | None) -> nn.Module:
     import torch_pruning as tp
 
     pruner = tp.pruner.MetaPruner(
         model, example, importance=tp.importance.GroupMagnitudeImportance(p=2),
-        pruning_ratio=ratio, global_pruning=False, ignored_layers=[_classifier(model)])
+        pruning_ratio=ratio, global_pruning=False, ignored_layers=[_classifier(model)],
+        round_to=round_to)
     pruner.step()
     return model
 
@@ -66,21 +69,25 @@ def _classifier(model: nn.Module) -> nn.Module:
     return [m for m in model.modules() if isinstance(m, nn.Linear)][-1]
 
 
-def prune_torch_pruning(model: nn.Module, example: torch.Tensor) -> tuple[nn.Module, str]:
-    """Torch-Pruning MetaPruner; its channel ratio is bisected until MACs <= the target."""
+def prune_torch_pruning(model: nn.Module, example: torch.Tensor, *,
+                        round_to: int | None = None) -> tuple[nn.Module, str]:
+    """Torch-Pruning MetaPruner; its channel ratio is bisected until MACs <= the target.
+    ``round_to=8`` keeps channel counts multiples of 8, which ONNX Runtime's blocked (NCHWc)
+    convolution kernels need: other counts fall back to a slower path."""
     goal = TARGET_MACS * count_macs(model, SHAPE)
 
     def macs(ratio: float) -> int:
-        return count_macs(_tp_prune(copy.deepcopy(model), example, ratio), SHAPE)
+        return count_macs(_tp_prune(copy.deepcopy(model), example, ratio, round_to), SHAPE)
 
     lo, hi = 0.0, 0.95
     for _ in range(14):
         mid = (lo + hi) / 2
         lo, hi = (lo, mid) if macs(mid) <= goal else (mid, hi)
-    return _tp_prune(model, example, hi), f"pruning_ratio {hi:.4f} (bisected)"
+    return _tp_prune(model, example, hi, round_to), f"pruning_ratio {hi:.4f} (bisected)"
 
 
-METHODS = {"lighten prune.channels": prune_lighten, "Torch-Pruning": prune_torch_pruning}
+METHODS = {"lighten prune.channels": prune_lighten, "Torch-Pruning": prune_torch_pruning,
+           "Torch-Pruning round_to=8": partial(prune_torch_pruning, round_to=8)}
 
 
 def finetune(model: nn.Module, data, epochs: float) -> float:
@@ -108,21 +115,23 @@ def measure(model: nn.Module, data, reference: torch.Tensor | None, workdir: Pat
     }, logits
 
 
-def run_model(name: str, data, epochs: float, work: Path) -> list[dict]:
+def run_model(name: str, data, epochs: float, work: Path, rows: list[dict], save) -> None:
+    """Baseline then every method; ``save()`` after each row so a cut-off run keeps its rows."""
     model = baseline(name)
     example = data.test[:1][0]
     base, ref = measure(model, data, None, work / f"{name}-baseline")
-    rows = [{"model": name, "method": "baseline", **base}]
+    rows.append({"model": name, "method": "baseline", **base})
     print(_line(rows[-1]), flush=True)
-    for method, prune in METHODS.items():
+    save()
+    for i, (method, prune) in enumerate(METHODS.items()):
         pruned, how = prune(copy.deepcopy(model), example)
         before_ft = evaluate(pruned, data.test)
         seconds = finetune(pruned, data, epochs)
-        row, _ = measure(pruned, data, ref, work / f"{name}-{method.split()[0]}")
+        row, _ = measure(pruned, data, ref, work / f"{name}-{i}")
         rows.append({"model": name, "method": method, "how": how,
                      "accuracy_pruned": before_ft, "finetune_s": round(seconds, 1), **row})
         print(_line(rows[-1]), flush=True)
-    return rows
+        save()
 
 
 def _line(row: dict) -> str:
@@ -134,8 +143,8 @@ def _line(row: dict) -> str:
 def markdown(rows: list[dict], epochs: float) -> str:
     head = ("| model | method | acc. after prune | acc. after fine-tune | agreement | MACs | "
             "params | ORT b1 ms | ORT b64 ms | b64 vs baseline |\n|" + "---|" * 10)
-    lines = [f"Fine-tune budget: {epochs:g} epochs (SGD lr 0.01, cosine, augment) for both "
-             f"methods; MAC target {TARGET_MACS:.0%} of baseline.", "", head]
+    lines = [f"Fine-tune budget: {epochs:g} epochs (SGD lr 0.01, cosine, augment), the same for "
+             f"every method; MAC target {TARGET_MACS:.0%} of baseline.", "", head]
     base = {}
     for r in rows:
         base.setdefault(r["model"], r)
@@ -150,6 +159,14 @@ def markdown(rows: list[dict], epochs: float) -> str:
     return "\n".join(lines) + "\n"
 
 
+def footer(result: dict) -> str:
+    m = result["machine"]
+    return (f"\n`{result['command']}` -- torch-pruning {result['torch_pruning']}, "
+            f"{m['cpu']} ({m['available_cores']} cores), wall {result['wall_s']:.0f} s, load "
+            f"average (1 min) {result['loadavg_before'][0]:.1f} before / "
+            f"{result['loadavg_after'][0]:.1f} after: latency is noisy on a shared machine.\n")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--epochs", type=float, default=2)
@@ -157,25 +174,27 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
     data = load_data(DataSpec(name="fashion-mnist"))
-    load_before, start, rows, table = os.getloadavg(), time.perf_counter(), [], ""
+    load_before, start, rows = os.getloadavg(), time.perf_counter(), []
+
+    def save() -> None:
+        result = {"command": "python benchmarks/prune_peers.py --epochs "
+                             f"{args.epochs:g} --models {' '.join(args.models)}",
+                  "rows": rows, "epochs": args.epochs, "target_macs": TARGET_MACS,
+                  "torch_pruning": metadata.version("torch-pruning"), "versions": versions(),
+                  "machine": machine(), "loadavg_before": load_before,
+                  "loadavg_after": os.getloadavg(),
+                  "wall_s": round(time.perf_counter() - start, 1)}
+        RESULTS.mkdir(exist_ok=True)
+        atomic_write_text(RESULTS / "prune_peers.json", json.dumps(result, indent=2) + "\n")
+        atomic_write_text(RESULTS / "prune_peers.md", markdown(rows, args.epochs) + footer(result))
+
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.models:
             if not (WEIGHTS / f"{name}-fashion-mnist.safetensors").exists():
                 print(f"{name}: no shipped checkpoint yet, skipped", flush=True)
                 continue
-            rows += run_model(name, data, args.epochs, Path(tmp))
-            table = markdown(rows, args.epochs)
-            result = {"command": "python benchmarks/prune_peers.py --epochs "
-                                 f"{args.epochs:g} --models {' '.join(args.models)}",
-                      "rows": rows, "epochs": args.epochs, "target_macs": TARGET_MACS,
-                      "torch_pruning": metadata.version("torch-pruning"), "versions": versions(),
-                      "machine": machine(), "loadavg_before": load_before,
-                      "loadavg_after": os.getloadavg(),
-                      "wall_s": round(time.perf_counter() - start, 1)}
-            RESULTS.mkdir(exist_ok=True)
-            atomic_write_text(RESULTS / "prune_peers.json", json.dumps(result, indent=2) + "\n")
-            atomic_write_text(RESULTS / "prune_peers.md", table)
-    print(table)
+            run_model(name, data, args.epochs, Path(tmp), rows, save)
+    print(markdown(rows, args.epochs))
     print(f"wall {time.perf_counter() - start:.0f} s; load average before {load_before}, "
           f"after {os.getloadavg()}")
 

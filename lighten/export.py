@@ -30,7 +30,10 @@ DEFAULT_SAMPLES = 16
 FLOAT_RTOL = 1e-4  # float graphs: atol = 1e-4 * max(1, max|ref|)
 QUANT_RTOL = 0.1  # QDQ graphs: integer kernels round differently
 QUANT_MIN_AGREEMENT = 0.95
-_QDQ_OPS = {"QuantizeLinear", "DequantizeLinear"}
+# Ops whose presence makes a graph "quantized": integer kernels round differently from PyTorch's
+# float reference, so such graphs get the looser check.
+_QDQ_OPS = {"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "MatMulInteger",
+            "ConvInteger"}
 _FOLDABLE = (np.int8, np.uint8, np.int16, np.uint16)  # zero-point dtypes the fold handles
 
 

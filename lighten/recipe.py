@@ -162,7 +162,8 @@ def _resolve_paths(spec: BaseModel, base_dir: Path, fields: tuple[str, ...]) -> 
         file_part, sep, rest = value.partition(":") if name == "python" else (value, "", "")
         candidate = base_dir / file_part
         if not Path(file_part).is_absolute() and candidate.exists():
-            update[name] = f"{candidate}{sep}{rest}"
+            # absolute, so artifacts that record the spec load from any working directory
+            update[name] = f"{candidate.resolve()}{sep}{rest}"
     return spec.model_copy(update=update) if update else spec
 
 

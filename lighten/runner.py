@@ -135,10 +135,22 @@ def _cache_path(recipe: Recipe) -> Path:
     from lighten.provenance import recipe_hash
 
     key = recipe_hash({"model": recipe.model.model_dump(), "data": recipe.data.model_dump(),
-                       "train": recipe.train.model_dump(), "seed": recipe.seed})
+                       "train": recipe.train.model_dump(), "seed": recipe.seed,
+                       "code": [_file_digest(recipe.model.python),
+                                _file_digest(recipe.data.python)]})
     root = Path(os.environ.get("LIGHTEN_CACHE", Path.home() / ".cache" / "lighten"))
     label = recipe.model.zoo or "model"
     return root / "baselines" / f"{label}-{key}.safetensors"
+
+
+def _file_digest(reference: str | None) -> str | None:
+    """Hash of the user's code behind ``file.py:function``: editing the model retrains it."""
+    if not reference:
+        return None
+    import hashlib
+
+    path = Path(reference.rpartition(":")[0] or reference)
+    return hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else None
 
 
 def _save_weights(model: nn.Module, path: Path) -> None:

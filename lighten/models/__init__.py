@@ -100,10 +100,12 @@ def _check_output(model: nn.Module, input_shape, num_classes: int, name: str) ->
                          f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}") from exc
     finally:
         model.train(was_training)
-    if not isinstance(out, torch.Tensor) or tuple(out.shape) != (2, num_classes):
-        got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
-        raise ModelError(f"model {name!r} returns {got} for a batch of 2, expected logits "
-                         f"(2, {num_classes}); match num_classes to the data")
+    if not isinstance(out, torch.Tensor):
+        raise ModelError(f"model {name!r} returns a {type(out).__name__}, expected one logits "
+                         f"tensor (batch, {num_classes}); make forward return only the logits")
+    if tuple(out.shape) != (2, num_classes):
+        raise ModelError(f"model {name!r} returns {tuple(out.shape)} for a batch of 2, expected "
+                         f"logits (2, {num_classes}); match num_classes to the data")
 
 
 def shipped_checkpoint(zoo_name: str, data_name: str) -> Path | None:

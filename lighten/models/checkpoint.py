@@ -29,8 +29,11 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     else:
         raise CheckpointError(f"weights file {str(path)!r} has unknown extension "
                               f"{path.suffix!r}; use .safetensors, .pt or .pth")
-    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
-        state = state["state_dict"]  # common training-checkpoint layout
+    if isinstance(state, dict):  # common training-checkpoint layouts: {"model": sd, "epoch": 3}
+        for key in ("state_dict", "model_state_dict", "model"):
+            if isinstance(state.get(key), dict):
+                state = state[key]
+                break
     if not isinstance(state, dict) or not all(
         isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()
     ):

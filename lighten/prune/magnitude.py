@@ -224,8 +224,26 @@ def prune_magnitude_(
 def prune_magnitude(model: nn.Module, config: MagnitudePruneConfig, ctx: StepContext) -> nn.Module:
     """Zero the smallest-magnitude weights (global, per layer or per-layer ratios; AGP; rewind)."""
     prune_magnitude_(model, config, ctx)
-    zeros = sum(int((w == 0).sum()) for w in prunable_weights(model, config.ignore).values())
-    total = sum(w.numel() for w in prunable_weights(model, config.ignore).values())
-    ctx.note(f"prune.magnitude: {zeros / total:.1%} of prunable weights are zero "
-             f"(stored sparsely; dense runtimes still execute every MAC)")
+    for message in sparsity_notes("prune.magnitude", model, prunable_weights(model, config.ignore)):
+        ctx.note(message)
     return model
+
+
+# A layer left with fewer non-zeros than this is almost certainly broken (global pruning tends to
+# empty small, low-magnitude layers such as a classifier head).
+NEAR_EMPTY_DENSITY = 0.02
+
+
+def sparsity_notes(step: str, model: nn.Module, weights: dict[str, torch.Tensor]) -> list[str]:
+    """What the report should say: overall sparsity, its share of ALL weights, emptied layers."""
+    zeros = sum(int((w == 0).sum()) for w in weights.values())
+    total = sum(w.numel() for w in weights.values())
+    everything = sum(p.numel() for p in model.parameters())
+    notes = [f"{step}: {zeros / total:.1%} of prunable weights are zero, {zeros / everything:.1%} "
+             "of all parameters (stored sparsely; dense runtimes still execute every MAC)"]
+    for name, w in weights.items():
+        density = float((w != 0).float().mean())
+        if density < NEAR_EMPTY_DENSITY:
+            notes.append(f"{step}: WARNING {name} keeps only {density:.2%} of its weights; "
+                         f"add it to ignore: or use scope: layer")
+    return notes

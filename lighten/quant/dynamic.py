@@ -20,6 +20,7 @@ from torch import nn
 
 from lighten.errors import UnsupportedError
 from lighten.modules import register_module_type
+from lighten.quant.eligibility import swappable
 from lighten.registry import register_step
 from lighten.step import StepConfig, StepContext
 
@@ -154,6 +155,7 @@ def quantize_dynamic_(model: nn.Module, config: DynamicConfig | None = None, *,
                                f"(names look like {sorted(names - {''})[:3]})")
     reduce_range = _default_reduce_range() if cfg.reduce_range is None else cfg.reduce_range
     targets = [n for n, m in model.named_modules() if type(m) is nn.Linear and n not in cfg.skip]
+    targets = swappable(model, targets, notes)
     if not targets or "" in targets:
         raise UnsupportedError("quant.dynamic found no nn.Linear inside the model to quantize "
                                "(a bare Linear must be wrapped in nn.Sequential); check skip")

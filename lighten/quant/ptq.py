@@ -17,6 +17,7 @@ from pydantic import Field
 from torch import nn
 
 from lighten.errors import DataError, RecipeError
+from lighten.quant.eligibility import swappable
 from lighten.quant.modules import (
     QuantAct,
     QuantConv2d,
@@ -159,7 +160,7 @@ def _candidates(model: nn.Module, skip: list[str], notes: list[str]) -> list[str
                 out.append(name)
         elif isinstance(module, (nn.Conv1d, nn.Conv3d, nn.ConvTranspose2d)) and not skipped:
             notes.append(f"{name} left in float: {type(module).__name__} is not quantized")
-    return out
+    return swappable(model, out, notes)
 
 
 def _calibrate(model, plan, batches, cfg: PTQConfig, spec) -> dict:

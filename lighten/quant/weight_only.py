@@ -23,6 +23,7 @@ from torch import nn
 
 from lighten.errors import DataError, UnsupportedError
 from lighten.modules import register_module_type
+from lighten.quant.eligibility import swappable
 from lighten.quant.gptq import InputStats, gptq_quantize, im2col_supported
 from lighten.registry import register_step
 from lighten.step import StepConfig, StepContext
@@ -266,7 +267,7 @@ def quantize_weight_only_(model: nn.Module, config: WeightOnlyConfig | None = No
     """
     cfg = config or WeightOnlyConfig()
     notes = notes if notes is not None else []
-    names = _targets(model, cfg.skip)
+    names = swappable(model, _targets(model, cfg.skip), notes)
     need_data = cfg.method == "gptq" or cfg.bias_correction
     batches = _materialize(calibration_batches) if need_data else []
     if need_data and not batches:
