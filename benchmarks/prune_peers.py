@@ -45,10 +45,11 @@ def baseline(name: str) -> nn.Module:
     return load_weights(model, WEIGHTS / f"{name}-fashion-mnist.safetensors").eval()
 
 
-def prune_lighten(model: nn.Module, example: torch.Tensor) -> tuple[nn.Module, str]:
+def prune_lighten(model: nn.Module, example: torch.Tensor, *,
+                  round_to: int | None = None) -> tuple[nn.Module, str]:
     """lighten ``prune.channels`` through its library call: the ratio is bisected inside."""
-    report = prune_channels_(model, ChannelPruneConfig(target_macs=TARGET_MACS, importance="l2"),
-                             example)
+    config = ChannelPruneConfig(target_macs=TARGET_MACS, importance="l2", round_to=round_to)
+    report = prune_channels_(model, config, example)
     return model, "; ".join(report.notes)
 
 
@@ -86,7 +87,9 @@ def prune_torch_pruning(model: nn.Module, example: torch.Tensor, *,
     return _tp_prune(model, example, hi, round_to), f"pruning_ratio {hi:.4f} (bisected)"
 
 
-METHODS = {"lighten prune.channels": prune_lighten, "Torch-Pruning": prune_torch_pruning,
+METHODS = {"lighten prune.channels": prune_lighten,
+           "lighten prune.channels round_to=8": partial(prune_lighten, round_to=8),
+           "Torch-Pruning": prune_torch_pruning,
            "Torch-Pruning round_to=8": partial(prune_torch_pruning, round_to=8)}
 
 

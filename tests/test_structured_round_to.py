@@ -1,0 +1,27 @@
+import torch
+from torch import nn
+
+from lighten.measure import count_macs
+from lighten.models import ZOO
+from lighten.prune.structured import ChannelPruneConfig, prune_channels_
+
+
+def test_round_to_keeps_channel_counts_at_multiples_and_meets_the_mac_target():
+    torch.manual_seed(0)
+    model = ZOO["resnet20"](num_classes=10, input_shape=(1, 16, 16)).eval()
+    x = torch.randn(2, 1, 16, 16)
+    before = count_macs(model, (1, 16, 16))
+    prune_channels_(model, ChannelPruneConfig(target_macs=0.5, round_to=8), x)
+    widths = {m.out_channels for m in model.modules() if isinstance(m, nn.Conv2d)}
+    assert widths and all(w % 8 == 0 for w in widths), widths
+    assert count_macs(model, (1, 16, 16)) <= 0.5 * before
+    assert model(x).shape == (2, 10)
+
+
+def test_round_to_adds_back_the_best_scored_channels():
+    from lighten.prune.structured import _round_up
+
+    keep = torch.tensor([0, 5, 9])
+    scores = torch.arange(12, dtype=torch.float)  # channel 11 scores best, then 10, ...
+    grown = _round_up(keep, 12, scores, 4)
+    assert grown.tolist() == [0, 5, 9, 11]
