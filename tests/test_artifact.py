@@ -16,10 +16,9 @@ from lighten.artifact import (
     artifact_bytes,
     describe_artifact,
     load_artifact,
-    pack_bitmask,
     save_artifact,
-    unpack_bitmask,
 )
+from lighten.codecs import pack_bitmask, unpack_bitmask
 from lighten.errors import CheckpointError, ModelError
 from lighten.modules import (
     get_module_type,

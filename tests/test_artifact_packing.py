@@ -14,11 +14,9 @@ from torch import nn
 from lighten.artifact import (
     describe_artifact,
     load_artifact,
-    pack_bits,
-    packed_width,
     save_artifact,
-    unpack_bits,
 )
+from lighten.codecs import pack_bits, packed_width, unpack_bits
 from lighten.errors import CheckpointError
 
 SPEC = {"python": "tests/nowhere.py:net", "input_shape": [1]}

@@ -1,0 +1,93 @@
+"""Lossless bit-level codecs for artifact tensors: packed b-bit integers and sparse bit masks.
+
+Pure functions on tensors, no file format: :mod:`lighten.artifact` decides which encoding a
+tensor gets and records it in the manifest.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+__all__ = ["nonzero_mask", "pack_bitmask", "pack_bits", "packed_width", "unpack_bitmask",
+           "unpack_bits"]
+
+
+def packed_width(values: torch.Tensor) -> tuple[int, int]:
+    """(bits, offset): the fewest bits that hold every ``value - offset``, offset = min value."""
+    if values.numel() == 0:
+        return 0, 0
+    low, high = int(values.min()), int(values.max())
+    return (high - low).bit_length(), low
+
+
+def pack_bits(values: torch.Tensor, *, bits: int, offset: int) -> torch.Tensor:
+    """Integer tensor -> uint8 of ceil(n * bits / 8): ``value - offset`` in ``bits`` bits each.
+
+    Little-endian bit order: element i occupies bits [i*bits, (i+1)*bits) of the byte stream, so
+    4-bit values go two per byte with the first in the low nibble (ONNX's int4 layout).
+    """
+    if not 0 <= bits <= 64:
+        raise ValueError(f"bits must be in 0..64, got {bits}")
+    flat = values.detach().cpu().contiguous().reshape(-1).numpy().astype(np.int64)
+    # uint64 wrap-around arithmetic gives the exact difference even for extreme int64 ranges
+    delta = flat.view(np.uint64) - np.array(offset, dtype=np.int64).view(np.uint64)
+    if bits == 0:
+        return torch.zeros(0, dtype=torch.uint8)
+    if 8 % bits == 0:  # 1, 2, 4, 8 bits: whole elements per byte, no bit planes needed
+        per_byte = 8 // bits
+        padded = np.zeros(math.ceil(len(delta) / per_byte) * per_byte, dtype=np.uint8)
+        padded[: len(delta)] = delta.astype(np.uint8)
+        lanes = padded.reshape(-1, per_byte)
+        packed = np.zeros(len(lanes), dtype=np.uint8)
+        for i in range(per_byte):
+            packed |= lanes[:, i] << np.uint8(i * bits)
+        return torch.from_numpy(packed)
+    planes = (delta[:, None] >> np.arange(bits, dtype=np.uint64)) & np.uint64(1)  # (n, bits)
+    return torch.from_numpy(np.packbits(planes.astype(np.uint8).reshape(-1), bitorder="little"))
+
+
+def unpack_bits(packed: torch.Tensor, *, bits: int, offset: int, count: int,
+                dtype: torch.dtype) -> torch.Tensor:
+    """Inverse of :func:`pack_bits`: ``count`` values of ``dtype``, bit for bit."""
+    raw = packed.detach().cpu().contiguous().numpy()
+    if bits == 0:
+        delta = np.zeros(count, dtype=np.uint64)
+    elif 8 % bits == 0:
+        per_byte = 8 // bits
+        lanes = [(raw >> np.uint8(i * bits)) & np.uint8((1 << bits) - 1) for i in range(per_byte)]
+        delta = np.stack(lanes, axis=1).reshape(-1)[:count].astype(np.uint64)
+    else:
+        planes = np.unpackbits(raw, count=count * bits, bitorder="little").reshape(count, bits)
+        delta = (planes.astype(np.uint64) << np.arange(bits, dtype=np.uint64)).sum(
+            axis=1, dtype=np.uint64)
+    value = (delta + np.array(offset, dtype=np.int64).view(np.uint64)).view(np.int64)
+    return torch.from_numpy(value).to(dtype)
+
+
+def pack_bitmask(t: torch.Tensor, *,
+                 nonzero: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``t`` -> (packed bit mask, uint8 of ceil(n/8) bytes; its non-zero values in t.dtype)."""
+    flat = t.detach().cpu().contiguous().reshape(-1)
+    if nonzero is None:
+        nonzero = nonzero_mask(flat)
+    mask = torch.from_numpy(np.packbits(nonzero.numpy()))  # (ceil(n/8),) uint8
+    return mask, flat[nonzero].clone()
+
+
+def unpack_bitmask(mask: torch.Tensor, values: torch.Tensor, *, dtype: torch.dtype,
+                   shape) -> torch.Tensor:
+    """Inverse of :func:`pack_bitmask`: every value comes back bit for bit, -0.0 as +0.0."""
+    n = math.prod(shape)
+    nonzero = torch.from_numpy(np.unpackbits(mask.numpy(), count=n).astype(bool))
+    out = torch.zeros(n, dtype=dtype)
+    out[nonzero] = values
+    return out.reshape(tuple(shape))
+
+
+def nonzero_mask(t: torch.Tensor) -> torch.Tensor:
+    """True where the value is not zero. NaNs are kept with their payload; -0.0 counts as zero
+    (pruning by ``w * mask`` leaves many) and comes back as +0.0, an equal value."""
+    return t.reshape(-1) != 0
