@@ -118,3 +118,14 @@ def set_submodule(model: nn.Module, path: str, new_module: nn.Module) -> None:
     get_submodule(model, path)  # one clear error if it does not exist
     parent = get_submodule(model, parent_path)
     parent._modules[name] = new_module
+
+
+def require_modules(model: nn.Module, names, *, key: str) -> None:
+    """Fail with one clear line when a recipe names (under ``key``) a module the model lacks."""
+    known = {name for name, _ in model.named_modules()}
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        from lighten.errors import UnsupportedError
+
+        raise UnsupportedError(f"{key}: no module named {unknown[0]!r} in the model "
+                               f"(names look like {sorted(known - {''})[:3]})")

@@ -93,3 +93,14 @@ class StepContext:
         for start in range(0, len(idx), batch_size):
             chunk = idx[start : start + batch_size]
             yield torch.stack([self.data.train[int(i)][0] for i in chunk])
+
+    def labelled_batches(self, samples: int, batch_size: int = 64,
+                         ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """(inputs, labels) from the training split, deterministic for a given seed (for
+        gradient-based importance such as Taylor)."""
+        g = torch.Generator().manual_seed(self.seed)
+        idx = torch.randperm(len(self.data.train), generator=g)[:samples]
+        for start in range(0, len(idx), batch_size):
+            items = [self.data.train[int(i)] for i in idx[start : start + batch_size]]
+            yield (torch.stack([x for x, _ in items]),
+                   torch.stack([torch.as_tensor(y) for _, y in items]))

@@ -34,7 +34,7 @@ from pydantic import Field
 from torch import nn
 
 from lighten.errors import UnsupportedError
-from lighten.modules import register_module_type, set_submodule
+from lighten.modules import register_module_type, require_modules, set_submodule
 from lighten.prune.importance import accumulate_gradients
 from lighten.prune.surgery import linear_in, linear_out
 from lighten.registry import register_step
@@ -232,11 +232,7 @@ def _site(path: str, module: nn.Module) -> AttentionSite | None:
 def find_attention(model: nn.Module, *, ignore: Iterable[str] = ()) -> list[AttentionSite]:
     """Attention modules whose heads can be removed, outside ``ignore``."""
     ignore = list(ignore)
-    names = {name for name, _ in model.named_modules()}
-    unknown = [n for n in ignore if n not in names]
-    if unknown:
-        raise UnsupportedError(f"ignore: no module named {unknown[0]!r} in the model "
-                               f"(names look like {sorted(names - {''})[:3]})")
+    require_modules(model, ignore, key="ignore")
     sites = []
     for path, module in model.named_modules():
         if any(path == i or path.startswith(i + ".") for i in ignore):
@@ -421,10 +417,8 @@ def _no_nested_tensor_fast_path(model: nn.Module) -> None:
 @register_step("prune.heads", HeadPruneConfig)
 def prune_heads(model: nn.Module, config: HeadPruneConfig, ctx: StepContext) -> nn.Module:
     """Remove the least important attention heads (q/k/v rows, out-projection columns)."""
-    from lighten.prune.structured import _labelled_batches
-
     report = prune_heads_(model, config, ctx.example_input(), seed=ctx.seed,
-                          batches=lambda: _labelled_batches(ctx, config.calibration_samples))
+                          batches=lambda: ctx.labelled_batches(config.calibration_samples))
     ctx.note(report.summary())
     for line in report.notes:
         ctx.note(f"prune.heads: {line}")

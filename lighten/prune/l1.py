@@ -17,6 +17,7 @@ from pydantic import Field, model_validator
 from torch import Tensor, nn
 
 from lighten.errors import UnsupportedError
+from lighten.modules import require_modules
 from lighten.prune.magnitude import (
     Masks,
     apply_masks,
@@ -49,10 +50,7 @@ class L1PruneConfig(StepConfig):
 
 def bn_scales(model: nn.Module, ignore: list[str] = ()) -> dict[str, nn.Parameter]:
     """The affine scale (gamma) of every BatchNorm layer not in ``ignore``."""
-    names = {name for name, _ in model.named_modules()}
-    unknown = [n for n in ignore if n not in names]
-    if unknown:
-        raise UnsupportedError(f"ignore: no module named {unknown[0]!r} in the model")
+    require_modules(model, ignore, key="ignore")
     found = {name: m.weight for name, m in model.named_modules()
              if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.affine
              and name not in ignore}

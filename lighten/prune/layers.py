@@ -29,7 +29,7 @@ from pydantic import Field, model_validator
 from torch import fx, nn
 
 from lighten.errors import LightenError, ModelError, UnsupportedError
-from lighten.modules import register_module_type, set_submodule
+from lighten.modules import register_module_type, require_modules, set_submodule
 from lighten.registry import register_step
 from lighten.step import StepConfig, StepContext
 
@@ -248,16 +248,12 @@ def find_residual_blocks(model: nn.Module, example_input: torch.Tensor, *,
                          ignore: Iterable[str] = ()) -> tuple[list[ResidualBlock], list[str]]:
     """Removable residual blocks (innermost, graph order) and notes on blocks that are not."""
     ignore = list(ignore)
-    names = dict(model.named_modules())
-    unknown = [n for n in ignore if n not in names]
-    if unknown:
-        raise UnsupportedError(f"ignore: no module named {unknown[0]!r} in the model "
-                               f"(names look like {sorted(set(names) - {''})[:3]})")
+    require_modules(model, ignore, key="ignore")
     inputs = _block_inputs(model, example_input)
     tracer, found = fx.Tracer(), _Found()
     was_training = model.training
     try:
-        for path, module in names.items():
+        for path, module in model.named_modules():
             if path and path in inputs and not tracer.is_leaf_module(module, path):
                 _analyse(path, module, inputs[path], found)
     finally:
@@ -420,9 +416,8 @@ def prune_layers_(model: nn.Module, config: LayerPruneConfig, example_input: tor
 @register_step("prune.layers", LayerPruneConfig)
 def prune_layers(model: nn.Module, config: LayerPruneConfig, ctx: StepContext) -> nn.Module:
     """Remove whole residual blocks (keeping their post-add activation), least important first."""
-    from lighten.prune.structured import _labelled_batches
     report = prune_layers_(model, config, ctx.example_input(), seed=ctx.seed,
-                           batches=lambda: _labelled_batches(ctx, config.calibration_samples))
+                           batches=lambda: ctx.labelled_batches(config.calibration_samples))
     ctx.note(report.summary())
     for line in report.notes:
         ctx.note(f"prune.layers: {line}")

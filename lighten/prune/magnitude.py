@@ -22,6 +22,7 @@ from pydantic import Field, model_validator
 from torch import nn
 
 from lighten.errors import UnsupportedError
+from lighten.modules import require_modules
 from lighten.registry import register_step
 from lighten.step import StepConfig, StepContext
 from lighten.train import Callback
@@ -63,11 +64,7 @@ class MagnitudePruneConfig(StepConfig):
 
 def prunable_weights(model: nn.Module, ignore: list[str] = ()) -> dict[str, nn.Parameter]:
     """Weights of matrix-like layers (Conv, Linear, ...): any ``weight`` parameter with dim >= 2."""
-    names = {name for name, _ in model.named_modules()}
-    unknown = [n for n in ignore if n not in names]
-    if unknown:
-        raise UnsupportedError(f"ignore: no module named {unknown[0]!r} in the model "
-                               f"(names look like {sorted(names - {''})[:3]})")
+    require_modules(model, ignore, key="ignore")
     found = {}
     for name, module in model.named_modules():
         weight = getattr(module, "weight", None)

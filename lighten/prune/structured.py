@@ -11,7 +11,7 @@ repeats prune -> fine-tune ``iterative_steps`` times.
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -22,6 +22,7 @@ from torch.nn.modules.conv import _ConvNd
 
 from lighten.errors import ModelError, UnsupportedError
 from lighten.graph import Group, channel_groups
+from lighten.modules import require_modules
 from lighten.prune.importance import NEEDS_GRADIENTS, accumulate_gradients, make_importance
 from lighten.prune.surgery import axis_length, prune_module_
 from lighten.registry import register_step
@@ -93,11 +94,7 @@ def prunable_groups(model: nn.Module, example_input: torch.Tensor, *, scope: Sco
                     ignore: Iterable[str] = ()) -> list[Group]:
     """Groups this step may prune: unpinned, in scope, not produced by an ignored module."""
     ignore = list(ignore)
-    names = {name for name, _ in model.named_modules()}
-    unknown = [n for n in ignore if n not in names]
-    if unknown:
-        raise UnsupportedError(f"ignore: no module named {unknown[0]!r} in the model "
-                               f"(names look like {sorted(names - {''})[:3]})")
+    require_modules(model, ignore, key="ignore")
     groups = []
     for group in channel_groups(model, example_input):
         ignored = [m.module for m in group.producers() if m.module in ignore]
@@ -286,15 +283,6 @@ def _output_shape(model: nn.Module, x: torch.Tensor) -> tuple[int, ...]:
 # ----------------------------------------------------------------------------- recipe steps
 
 
-def _labelled_batches(ctx: StepContext, samples: int, batch_size: int = 64) -> Iterator:
-    g = torch.Generator().manual_seed(ctx.seed)
-    idx = torch.randperm(len(ctx.data.train), generator=g)[:samples]
-    for start in range(0, len(idx), batch_size):
-        items = [ctx.data.train[int(i)] for i in idx[start : start + batch_size]]
-        yield (torch.stack([x for x, _ in items]),
-               torch.stack([torch.as_tensor(y) for _, y in items]))
-
-
 def _run_step(name: str, scope: Scope, model, config, ctx: StepContext) -> nn.Module:
     def finetune(m: nn.Module, share: float) -> None:
         epochs = config.finetune.epochs * share
@@ -302,7 +290,7 @@ def _run_step(name: str, scope: Scope, model, config, ctx: StepContext) -> nn.Mo
 
     report = prune_channels_(
         model, config, ctx.example_input(), scope=scope, seed=ctx.seed,
-        batches=lambda: _labelled_batches(ctx, config.calibration_samples),
+        batches=lambda: ctx.labelled_batches(config.calibration_samples),
         finetune=finetune if config.finetune is not None else None)
     ctx.note(report.summary(name))
     for line in report.notes:

@@ -19,7 +19,7 @@ from pydantic import Field
 from torch import nn
 
 from lighten.errors import UnsupportedError
-from lighten.modules import register_module_type
+from lighten.modules import register_module_type, require_modules
 from lighten.quant.eligibility import swappable
 from lighten.registry import register_step
 from lighten.step import StepConfig, StepContext
@@ -148,11 +148,7 @@ def quantize_dynamic_(model: nn.Module, config: DynamicConfig | None = None, *,
 
     cfg = config or DynamicConfig()
     notes = notes if notes is not None else []
-    names = {n for n, _ in model.named_modules()}
-    unknown = [s for s in cfg.skip if s not in names]
-    if unknown:
-        raise UnsupportedError(f"skip: no module named {unknown[0]!r} in the model "
-                               f"(names look like {sorted(names - {''})[:3]})")
+    require_modules(model, cfg.skip, key="skip")
     reduce_range = _default_reduce_range() if cfg.reduce_range is None else cfg.reduce_range
     targets = [n for n, m in model.named_modules() if type(m) is nn.Linear and n not in cfg.skip]
     targets = swappable(model, targets, notes)

@@ -22,7 +22,7 @@ from pydantic import Field, field_validator
 from torch import nn
 
 from lighten.errors import DataError, UnsupportedError
-from lighten.modules import register_module_type
+from lighten.modules import register_module_type, require_modules
 from lighten.quant.eligibility import swappable
 from lighten.quant.gptq import InputStats, gptq_quantize, im2col_supported
 from lighten.registry import register_step
@@ -312,11 +312,7 @@ def quantize_weight_only_(model: nn.Module, config: WeightOnlyConfig | None = No
 
 
 def _targets(model: nn.Module, skip: list[str]) -> list[str]:
-    names = {n for n, _ in model.named_modules()}
-    unknown = [s for s in skip if s not in names]
-    if unknown:
-        raise UnsupportedError(f"skip: no module named {unknown[0]!r} in the model "
-                               f"(names look like {sorted(names - {''})[:3]})")
+    require_modules(model, skip, key="skip")
     found = [n for n, m in model.named_modules()
              if type(m) in (nn.Linear, nn.Conv2d) and n not in skip]
     if not found:
