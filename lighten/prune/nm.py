@@ -17,7 +17,13 @@ from pydantic import Field, model_validator
 from torch import nn
 from torch.nn import functional as F
 
-from lighten.prune.magnitude import KeepMasks, Masks, apply_masks, prunable_weights
+from lighten.prune.magnitude import (
+    KeepMasks,
+    Masks,
+    apply_masks,
+    prunable_weights,
+    sparsity_notes,
+)
 from lighten.registry import register_step
 from lighten.step import StepConfig, StepContext
 
@@ -76,10 +82,9 @@ def prune_nm(model: nn.Module, config: NMPruneConfig, ctx: StepContext) -> nn.Mo
     """Keep the N largest of every M consecutive input weights (e.g. 2:4 sparsity)."""
     prune_nm_(model, config, ctx)
     weights = prunable_weights(model, config.ignore)
-    zeros = sum(int((w == 0).sum()) for w in weights.values())
-    total = sum(w.numel() for w in weights.values())
-    ctx.note(f"prune.nm: {config.n}:{config.m} pattern, {zeros / total:.1%} of prunable weights "
-             "are zero (stored sparsely; dense runtimes still execute every MAC)")
+    ctx.note(f"prune.nm: {config.n}:{config.m} pattern along each layer's input dimension")
+    for message in sparsity_notes("prune.nm", model, weights):
+        ctx.note(message)
     padded = padded_layers(weights, config.m)
     if padded:
         ctx.note(f"prune.nm: input length of {', '.join(padded)} is not a multiple of "
