@@ -60,15 +60,14 @@ def run(args) -> int:
     import json
     from pathlib import Path
 
-    from lighten.cli.measure import _load_data
-    from lighten.cli.model_ref import default_data, resolve_model
+    from lighten.cli.model_ref import default_data, load_data_for, resolve_model
     from lighten.errors import LightenError
 
     if not args.sensitivity:
         raise LightenError("nothing to analyze; add --sensitivity")
     resolved = resolve_model(args.model, input_shape=args.input_shape, weights=args.weights,
                              num_classes=args.num_classes, data=args.data)
-    data = _load_data(args.data or default_data(resolved.input_shape), resolved)
+    data = load_data_for(args.data or default_data(resolved.input_shape), resolved)
 
     from lighten.prune.sensitivity import analyze, derive_ratios
 

@@ -26,34 +26,15 @@ def add_arguments(parser) -> None:
     parser.add_argument("--json", action="store_true", help="print the metrics row as JSON")
 
 
-def _load_data(name: str, resolved):
-    from lighten.data import DataSpec, load_data
-    from lighten.errors import DataError
-
-    if name == "synthetic":
-        spec = DataSpec(name="synthetic", input_shape=list(resolved.input_shape),
-                        num_classes=max(resolved.num_classes, 2))
-    else:
-        spec = DataSpec(name=name)
-    bundle = load_data(spec)
-    if tuple(bundle.input_shape) != tuple(resolved.input_shape):
-        raise DataError(f"{name} samples are {list(bundle.input_shape)} but the model takes "
-                        f"{list(resolved.input_shape)}; pick matching --data or --input-shape")
-    if resolved.num_classes and bundle.num_classes != resolved.num_classes:
-        raise DataError(f"{name} has {bundle.num_classes} classes but the model outputs "
-                        f"{resolved.num_classes}; pick matching --data or --num-classes")
-    return bundle
-
-
 def run(args) -> int:
     import json
     import tempfile
     from pathlib import Path
 
-    from lighten.cli.model_ref import default_data, resolve_model
+    from lighten.cli.model_ref import default_data, load_data_for, resolve_model
     resolved = resolve_model(args.model, input_shape=args.input_shape, weights=args.weights,
                              num_classes=args.num_classes, data=args.data)
-    data = _load_data(args.data or default_data(resolved.input_shape), resolved)
+    data = load_data_for(args.data or default_data(resolved.input_shape), resolved)
 
     from lighten.artifact import save_artifact
     from lighten.backends import get_backend

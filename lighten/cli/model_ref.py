@@ -183,3 +183,24 @@ def _from_python(ref, input_shape, weights, num_classes) -> ResolvedModel:
     if weights is not None:
         spec["weights"] = weights
     return ResolvedModel(model, tuple(input_shape), int(out.shape[1]), ref, spec)
+
+
+def load_data_for(name: str, resolved):
+    """The dataset ``name`` (fashion-mnist, digits, synthetic), checked against the model's
+    input shape and class count so a mismatch is one clear line, not a crash mid-run."""
+    from lighten.data import DataSpec, load_data
+    from lighten.errors import DataError
+
+    if name == "synthetic":
+        spec = DataSpec(name="synthetic", input_shape=list(resolved.input_shape),
+                        num_classes=max(resolved.num_classes, 2))
+    else:
+        spec = DataSpec(name=name)
+    bundle = load_data(spec)
+    if tuple(bundle.input_shape) != tuple(resolved.input_shape):
+        raise DataError(f"{name} samples are {list(bundle.input_shape)} but the model takes "
+                        f"{list(resolved.input_shape)}; pick matching --data or --input-shape")
+    if resolved.num_classes and bundle.num_classes != resolved.num_classes:
+        raise DataError(f"{name} has {bundle.num_classes} classes but the model outputs "
+                        f"{resolved.num_classes}; pick matching --data or --num-classes")
+    return bundle
