@@ -97,7 +97,9 @@ def load_recipe(path: str | Path) -> Recipe:
     if not path.is_file():
         raise RecipeError(f"recipe file not found: {path} (check the path; examples in recipes/)")
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = yaml.load(path.read_text(), Loader=_UniqueKeyLoader)  # a SafeLoader subclass
+    except _DuplicateKeyError as exc:
+        raise RecipeError(f"{path}: {exc}") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""
@@ -106,6 +108,24 @@ def load_recipe(path: str | Path) -> Recipe:
     except UnicodeDecodeError:
         raise RecipeError(f"{path}: not a text file; a recipe is YAML") from None
     return parse_recipe(raw, source=str(path), base_dir=path.parent)
+
+
+class _DuplicateKeyError(Exception):
+    pass
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """SafeLoader that refuses a key given twice (plain YAML keeps the last one silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                line = key_node.start_mark.line + 1
+                raise _DuplicateKeyError(f"key {key!r} appears twice (line {line}); keep one")
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
 
 
 def parse_recipe(raw: Any, *, source: str = "<dict>", base_dir: Path = Path(".")) -> Recipe:

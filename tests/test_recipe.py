@@ -61,6 +61,18 @@ def test_load_recipe_file_errors(tmp_path):
         load_recipe(bad)
 
 
+def test_duplicate_keys_are_refused(tmp_path):
+    path = tmp_path / "dup.yaml"
+    path.write_text("name: a\nmodel: {zoo: lenet5}\ndata: {name: digits}\nname: b\n")
+    with pytest.raises(RecipeError, match=r"key 'name' appears twice \(line 4\); keep one"):
+        load_recipe(path)
+    nested = tmp_path / "nested.yaml"
+    nested.write_text("name: a\nmodel: {zoo: lenet5}\ndata: {name: digits}\nsteps:\n"
+                      "  - prune.magnitude: {sparsity: 0.5, sparsity: 0.9}\n")
+    with pytest.raises(RecipeError, match="key 'sparsity' appears twice"):
+        load_recipe(nested)
+
+
 def test_python_paths_are_relative_to_recipe(tmp_path):
     (tmp_path / "net.py").write_text("def build():\n    pass\n")
     path = tmp_path / "r.yaml"
