@@ -14,7 +14,8 @@ def test_round_to_keeps_channel_counts_at_multiples_and_meets_the_mac_target():
     prune_channels_(model, ChannelPruneConfig(target_macs=0.5, round_to=8), x)
     widths = {m.out_channels for m in model.modules() if isinstance(m, nn.Conv2d)}
     assert widths and all(w % 8 == 0 for w in widths), widths
-    assert count_macs(model, (1, 16, 16)) <= 0.5 * before
+    after = count_macs(model, (1, 16, 16))
+    assert 0.42 * before < after <= 0.5 * before  # channels given back up to the target
     assert model(x).shape == (2, 10)
 
 
