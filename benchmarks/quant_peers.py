@@ -1,22 +1,27 @@
 """Int8 PTQ side by side with its peers on Fashion-MNIST: ours vs ONNX Runtime `quantize_static`
-vs NNCF -> OpenVINO, each on its own runtime and (where the file format allows) on the other.
+vs NNCF -> OpenVINO vs plain torch.ao FX, each on its own runtime and (where the file format
+allows) on the others.
 
     python benchmarks/quant_peers.py [--models lenet5 resnet20] [--threads 2] [--calib 512]
+                                     [--out DIR]
 
 Every method gets the same float checkpoint and the same calibration samples (the first
 ``--calib`` training images). Accuracy and top-1 agreement with the float model come from the
 *deployed* file on the test set; latency is the median of many runs with threads pinned. The
 hardware ceiling is a 1024^3 uint8 x int8 MatMulInteger vs fp32 MatMul in ONNX Runtime.
-Writes benchmarks/results/quant_peers.{json,md}.
+Writes quant_peers.{json,md} to ``--out`` (default benchmarks/results/).
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import io
 import json
 import os
 import tempfile
+import warnings
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -24,8 +29,9 @@ import torch
 
 from lighten.backends import get_backend
 from lighten.backends.onnxrt import OrtCompiled, integer_ops
+from lighten.backends.torch_eager import TorchCompiled
 from lighten.data import DataSpec, load_data
-from lighten.export import INPUT_NAME
+from lighten.export import INPUT_NAME, OUTPUT_NAME
 from lighten.measure import accuracy, agreement
 from lighten.measure.latency import median_latency_ms
 from lighten.models import ModelSpec, build_model, shipped_checkpoint
@@ -56,7 +62,10 @@ def float_onnx(model, calib, work: Path, threads: int) -> dict:
     ort = get_backend("onnxruntime", threads=threads).compile(
         model, input_shape=SHAPE, workdir=work / "float", sample_inputs=calib[:64])
     ov = get_backend("openvino", threads=threads).compile_file(ort.onnx_path, input_shape=SHAPE)
-    return {"float / onnxruntime": ort, "float / openvino": ov}
+    eager = get_backend("torch", threads=threads).compile(model, input_shape=SHAPE,
+                                                          workdir=work / "float")
+    eager.bytes_on_disk = saved_bytes(model)
+    return {"float / onnxruntime": ort, "float / openvino": ov, "float / torch": eager}
 
 
 def ours(model, calib, work: Path, threads: int, calibration: str) -> dict:
@@ -111,6 +120,71 @@ def nncf_openvino(float_path: Path, calib, work: Path, threads: int) -> dict:
     return {"NNCF int8 / openvino": ov_c}
 
 
+@contextmanager
+def _quiet_torch_ao():
+    """torch.ao.quantization and the TorchScript exporter are deprecated in torch 2.13 and say
+    so on every call; the peer is measured as it ships, so only the warnings are silenced."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        warnings.simplefilter("ignore", FutureWarning)
+        warnings.filterwarnings("ignore", message="(?s).*deprecat", category=UserWarning)
+        yield
+
+
+def saved_bytes(model) -> int:
+    """Size of ``torch.save(model.state_dict())``: what a plain PyTorch user ships."""
+    buffer = io.BytesIO()
+    torch.save(model.state_dict(), buffer)
+    return buffer.tell()
+
+
+def torch_ao_fx(model, calib, work: Path, threads: int) -> tuple[dict, dict]:
+    """Plain torch.ao FX PTQ: prepare_fx / convert_fx with the x86 qconfig mapping, calibrated
+    on the same batches, run by PyTorch's x86 int8 engine; its ONNX export (if the exporter
+    takes it) on ORT and OpenVINO. Returns (deployed, {method: why it is missing})."""
+    torch.backends.quantized.engine = "x86"
+    with _quiet_torch_ao():
+        from torch.ao.quantization import get_default_qconfig_mapping
+        from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
+
+        prepared = prepare_fx(copy.deepcopy(model).eval(), get_default_qconfig_mapping("x86"),
+                              (calib[:1],))
+        with torch.no_grad():
+            for batch in calib.split(64):
+                prepared(batch)
+        quantized = convert_fx(prepared).eval()
+    name = "torch.ao FX PTQ x86"
+    eager = TorchCompiled(quantized, input_shape=SHAPE, threads=threads,
+                          info={"engine": "int8 (x86)", **_ao_layer_counts(quantized)})
+    eager.bytes_on_disk = saved_bytes(quantized)
+    deployed, missing = {f"{name} / torch": eager}, {}
+    path = work / "torch-ao.onnx"
+    try:
+        with _quiet_torch_ao():
+            # output_names is required: without it the TorchScript exporter's dynamic-axes
+            # check reads the fx GraphModule's graph as a TorchScript graph and fails
+            torch.onnx.export(quantized, (calib[:1],), str(path), dynamo=False,
+                              opset_version=17, input_names=[INPUT_NAME],
+                              output_names=[OUTPUT_NAME],
+                              dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}})
+    except Exception as exc:  # the exporter raises many types; the row says why it is absent
+        why = f"ONNX export failed: {type(exc).__name__}: {str(exc).strip().splitlines()[0]}"
+        missing = {f"{name} / onnxruntime": why, f"{name} / openvino": why}
+        return deployed, missing
+    ov = get_backend("openvino", threads=threads).compile_file(path, input_shape=SHAPE)
+    return deployed | {f"{name} / onnxruntime": ort_file(path, threads),
+                       f"{name} / openvino": ov}, missing
+
+
+def _ao_layer_counts(quantized) -> dict:
+    """Conv/Linear layers that became int8 modules vs all conv/linear layers."""
+    from torch.ao.nn.quantized.modules.utils import WeightedQuantizedModule
+
+    int8 = sum(isinstance(m, WeightedQuantizedModule) for m in quantized.modules())
+    floats = sum(isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)) for m in quantized.modules())
+    return {"int8_layers": int8, "compute_layers": int8 + floats}
+
+
 def matmul_ceiling(threads: int, runs: int) -> dict:
     """1024^3 matmul on ORT: uint8 x int8 MatMulInteger vs fp32 MatMul (the best int8 can do)."""
     import onnxruntime as ort
@@ -162,6 +236,8 @@ def bench_model(name: str, data, args, work: Path) -> list[dict]:
     for fmt in ("S8S8", "U8S8"):
         deployed |= ort_static(float_path, calib, work, args.threads, fmt)
     deployed |= nncf_openvino(float_path, calib, work, args.threads)
+    ao, missing = torch_ao_fx(model, calib, work, args.threads)
+    deployed |= ao
 
     rows, reference = [], None
     for method, compiled in deployed.items():
@@ -175,6 +251,10 @@ def bench_model(name: str, data, args, work: Path) -> list[dict]:
         times = interleaved_latency(list(deployed.values()), batch, runs)
         for row, ms in zip(rows, times, strict=True):
             row[f"latency_ms_b{batch}"] = ms
+    for method, why in missing.items():
+        runtime = method.rsplit(" / ", 1)[1]
+        rows.append({"model": name, "method": method, "runtime": runtime, "missing": why})
+        print(f"  {name}: {method}: not measured ({why})", flush=True)
     return rows
 
 
@@ -199,6 +279,9 @@ def table(rows: list[dict], ceiling: float) -> str:
              "|---" * 12 + "|"]
     floats = {(r["model"], r["runtime"]): r for r in rows if r["method"].startswith("float")}
     for r in rows:
+        if "missing" in r:
+            lines.append(f"| {r['model']} | {r['method']} | " + " | ".join(["-"] * 10) + " |")
+            continue
         base, same = floats[(r["model"], "onnxruntime")], floats[(r["model"], r["runtime"])]
         s_ort = base["latency_ms_b64"] / r["latency_ms_b64"]
         s_same = same["latency_ms_b64"] / r["latency_ms_b64"]
@@ -218,6 +301,8 @@ def main(argv=None) -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--calib", type=int, default=512, help="calibration training samples")
     parser.add_argument("--runs", type=int, default=100, help="timed runs at batch 64 (x4 at b1)")
+    parser.add_argument("--out", type=Path, default=RESULTS,
+                        help="folder for quant_peers.{json,md} (a trial run: somewhere in /tmp)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
 
@@ -244,8 +329,13 @@ def main(argv=None) -> None:
             f"training images for every method.")
     if skipped:
         note += f" Not measured (no checkpoint yet): {', '.join(skipped)}."
+    for why in sorted({r["missing"] for r in rows if "missing" in r}):
+        note += f" torch.ao FX rows with '-': {why}."
+    note += (" torch.ao FX PTQ: prepare_fx/convert_fx with get_default_qconfig_mapping('x86'), "
+             "run eagerly by PyTorch's x86 int8 engine (bytes: saved state_dict); its rows on "
+             "onnxruntime/openvino run the TorchScript export of that same GraphModule.")
     print(md + note)
-    RESULTS.mkdir(exist_ok=True)
+    args.out.mkdir(parents=True, exist_ok=True)
     import nncf
     import openvino
 
@@ -254,8 +344,8 @@ def main(argv=None) -> None:
                          "nncf": nncf.__version__},
             "calib_samples": args.calib, "load_average": [load_before, load_after],
             "ceiling": ceiling, "skipped": skipped, "rows": rows}
-    atomic_write_text(RESULTS / "quant_peers.json", json.dumps(info, indent=2))
-    atomic_write_text(RESULTS / "quant_peers.md", md + note + "\n")
+    atomic_write_text(args.out / "quant_peers.json", json.dumps(info, indent=2))
+    atomic_write_text(args.out / "quant_peers.md", md + note + "\n")
 
 
 if __name__ == "__main__":

@@ -33,7 +33,7 @@ QUANT_MIN_AGREEMENT = 0.95
 # Ops whose presence makes a graph "quantized": integer kernels round differently from PyTorch's
 # float reference, so such graphs get the looser check.
 _QDQ_OPS = {"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "MatMulInteger",
-            "ConvInteger"}
+            "ConvInteger", "DynamicQuantizeLSTM"}
 _FOLDABLE = (np.int8, np.uint8, np.int16, np.uint16)  # zero-point dtypes the fold handles
 
 

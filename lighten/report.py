@@ -227,7 +227,8 @@ def _fmt_extra(value: Any) -> str:
     return str(value)
 
 
-def _sections(rows: Sequence[dict], info: dict) -> list[tuple[str, Any]]:
+def _sections(rows: Sequence[dict], info: dict, *, output_dir: Path | None = None,
+              ) -> list[tuple[str, Any]]:
     """The report as (title, content) pairs; content is text, a table or a list of lines."""
     header, body = _cells(rows)
     sections: list[tuple[str, Any]] = [("Stages", ("table", header, body))]
@@ -237,6 +238,8 @@ def _sections(rows: Sequence[dict], info: dict) -> list[tuple[str, Any]]:
                          ("table", ["stage", *extras],
                           [[str(r.get("stage", "?")), *(_fmt_extra(r.get(k)) for k in extras)]
                            for r in rows])))
+    if output_dir is not None:
+        sections += _layer_sections(output_dir, rows)
     notes = info.get("notes") or []
     sections.append(("Notes", ("lines", [str(n) for n in notes] or ["(none)"])))
     prov = info.get("provenance") or {}
@@ -259,6 +262,58 @@ def _sections(rows: Sequence[dict], info: dict) -> list[tuple[str, Any]]:
 
         sections.append(("Recipe file", ("code", yaml.safe_dump(info["recipe"], sort_keys=False))))
     return sections
+
+
+LAYER_COLUMNS = ("layer", "kind", "W bits", "A bits", "granularity", "scale min",
+                 "scale median", "scale max", "SQNR dB", "in model dB", "compared with", "note")
+
+
+def _db(x: float | None) -> str:
+    return "-" if x is None else f"{x:.1f}"
+
+
+def _layer_cells(r: dict) -> list[str]:
+    bits = _fmt_extra(r.get("weight_bits"))
+    used = r.get("weight_range_bits")
+    if used is not None and used != r.get("weight_bits"):
+        bits += f" ({used} used)"
+    gran = str(r.get("granularity", "-"))
+    if r.get("group_size"):
+        gran += f" {r['group_size']}"
+    return [str(r.get("name", "?")), str(r.get("kind", "?")), bits,
+            _fmt_extra(r.get("activation_bits")), gran,
+            *(_fmt_extra(r.get(k)) for k in ("scale_min", "scale_median", "scale_max")),
+            _db(r.get("sqnr_db")), _db(r.get("sqnr_in_model_db")),
+            str(r.get("compared_with", "-")), str(r.get("note") or "")]
+
+
+def _layer_sections(output_dir: Path, rows: Sequence[dict]) -> list[tuple[str, Any]]:
+    """One table per stage with quantized layers (``stages/NN-<stage>.layers.json``), worst
+    SQNR first: the layer that hurts most is the first line."""
+    out: list[tuple[str, Any]] = []
+    for index, row in enumerate(rows):
+        stage = str(row.get("stage", "?"))
+        path = output_dir / "stages" / f"{index:02d}-{stage}.layers.json"
+        if not path.is_file():
+            continue
+        try:
+            table = json.loads(path.read_text(encoding="utf-8"))
+            layers = sorted(table["rows"], key=lambda r: (r.get("sqnr_db") is None,
+                                                          r.get("sqnr_db") or 0.0))
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            out.append((f"Quantized layers: {stage}", ("lines", [
+                f"{path} is unreadable ({type(e).__name__}); rerun the stage to rewrite it"])))
+            continue
+        title = (f"Quantized layers: {stage} (logits SQNR {_db(table.get('logits_sqnr_db'))} dB "
+                 f"on {table.get('samples', '?')} test samples)")
+        out.append((title, ("table", list(LAYER_COLUMNS), [_layer_cells(r) for r in layers])))
+    if out:
+        out.insert(0, ("Quantized layers", ("lines", [
+            "each quantized layer against the same layer of the stage's input model, worst "
+            "first; SQNR dB: the layer alone on the float model's inputs at that layer",
+            "in model dB: the layer's output inside the quantized model (errors of earlier "
+            "layers included); a folded BN and an absorbed ReLU are part of the float side"])))
+    return out
 
 
 def _markdown(title: str, sections, plots: dict[str, str]) -> str:
@@ -323,7 +378,7 @@ def write_report(output_dir: str | os.PathLike) -> tuple[Path, Path]:
             atomic_write_bytes(output_dir / "plots" / f"{stem}.png", png)
             plots[stem] = base64.b64encode(png).decode("ascii")
 
-    sections = _sections(rows, info)
+    sections = _sections(rows, info, output_dir=output_dir)
     md_path, html_path = output_dir / "report.md", output_dir / "report.html"
     atomic_write_bytes(md_path, _markdown(title, sections, plots).encode("utf-8"))
     atomic_write_bytes(html_path, _html(title, sections, plots).encode("utf-8"))

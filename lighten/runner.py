@@ -6,6 +6,7 @@ Output folder layout (other tools read it; keep the names)::
     OUTPUT/run.json                    recipe, its hash, provenance, notes
     OUTPUT/state.json                  what is done, for --resume
     OUTPUT/stages/NN-<stage>.safetensors   the model after each stage (lighten artifact)
+    OUTPUT/stages/NN-<stage>.layers.json   per quantized layer: bits, scales, SQNR vs float
     OUTPUT/report.md, report.html      written at the end
 
 Everything the user got wrong (recipe, data, model, weights) is found before the output folder is
@@ -169,7 +170,7 @@ def _prepare_output(out: Path, *, fresh: bool) -> None:
             (out / name).unlink(missing_ok=True)
         stages = out / "stages"
         if stages.is_dir():
-            for old in stages.glob("*.safetensors"):
+            for old in [*stages.glob("*.safetensors"), *stages.glob("*.layers.json")]:
                 old.unlink()
     (out / "stages").mkdir(parents=True, exist_ok=True)
 
@@ -219,6 +220,9 @@ def _execute(recipe, prepared: _Prepared, out: Path, state, digest, recipe_dict,
         nbytes = save_artifact(model, artifact, model_spec=model_spec,
                                input_shape=list(data.input_shape),
                                num_classes=data.num_classes, meta=meta)
+        if step is not None:
+            _save_layer_table(model, artifact, out / "stages" / f"{index - 1:02d}-"
+                              f"{stage_names[index - 1]}.safetensors", recipe, data)
         row, logits = _measure(model, stage, step, data, backend, reference, nbytes, seconds,
                                out, recipe, progress)
         if index == 0:
@@ -243,6 +247,19 @@ def step_apply(step, model: nn.Module, ctx: StepContext) -> nn.Module:
     if not isinstance(result, nn.Module):
         raise TypeError(f"step {step.name} returned {type(result).__name__}, not a model")
     return result.eval()
+
+
+def _save_layer_table(model: nn.Module, artifact: Path, previous: Path, recipe, data) -> None:
+    """Per quantized layer: bits, scales, SQNR against the stage's input (the previous stage's
+    artifact), on the first 128 test samples; written next to the artifact as .layers.json."""
+    from lighten.artifact import load_artifact
+    from lighten.quant.layer_report import has_quantized_layers, write_layer_table
+
+    if len(data.test) == 0 or not has_quantized_layers(model):
+        return
+    before, _ = load_artifact(previous, model=_fresh_skeleton(recipe, data))
+    samples = torch.stack([data.test[i][0] for i in range(min(128, len(data.test)))])
+    write_layer_table(artifact.with_suffix(".layers.json"), before, model, samples.split(64))
 
 
 def _measure(model, stage, step, data, backend, reference, nbytes, seconds, out, recipe, progress):

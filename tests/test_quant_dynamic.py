@@ -123,24 +123,24 @@ def test_backward_is_straight_through_so_biases_can_finetune():
 def test_step_notes_layers_left_float_and_errors():
     from lighten.registry import get_step
 
-    class WithLSTM(nn.Module):
+    class WithGRU(nn.Module):  # LSTMs are converted (tests/test_dynamic_rnn.py); GRUs are not
         def __init__(self):
             super().__init__()
-            self.rnn, self.head = nn.LSTM(4, 8, batch_first=True), nn.Linear(8, 2)
+            self.rnn, self.head = nn.GRU(4, 8, batch_first=True), nn.Linear(8, 2)
 
         def forward(self, x):
             return self.head(self.rnn(x)[0][:, -1])
 
     notes: list[str] = []
-    model = quantize_dynamic_(WithLSTM(), DynamicConfig(), notes=notes)
+    model = quantize_dynamic_(WithGRU(), DynamicConfig(), notes=notes)
     assert isinstance(model.head, DynamicQuantLinear)
-    assert any("rnn (LSTM) stays float" in n for n in notes)
+    assert any("rnn (GRU) stays float" in n for n in notes)
     assert get_step("quant.dynamic").config_type is DynamicConfig
     with pytest.raises(ValidationError):
         DynamicConfig(bits=16)
     with pytest.raises(ValidationError):
         DynamicConfig(calibration="minmax")
-    with pytest.raises(UnsupportedError, match="no nn.Linear"):
+    with pytest.raises(UnsupportedError, match="no nn.Linear or nn.LSTM"):
         quantize_dynamic_(nn.Sequential(nn.Conv2d(1, 2, 3)))
     with pytest.raises(UnsupportedError, match="no module named 'x'"):
         quantize_dynamic_(mlp(), DynamicConfig(skip=["x"]))

@@ -119,3 +119,37 @@ def test_growth_is_reported_as_larger_and_slower():
     rows = [dict(ROWS[0]), dict(ROWS[1], bytes=369_000, latency_ms_b64=10.0)]
     line = format_stage_table(rows).splitlines()[3]
     assert "1.5x larger" in line and "2.5x slower" in line
+
+
+def layer_row(name, sqnr, **extra):
+    return {"name": name, "kind": "WeightOnlyLinear", "weight_bits": 4, "weight_range_bits": 4,
+            "activation_bits": "float", "granularity": "group", "group_size": 32,
+            "scale_min": 0.01, "scale_median": 0.02, "scale_max": 0.03, "sqnr_db": sqnr,
+            "sqnr_in_model_db": sqnr, "compared_with": name, "note": "", **extra}
+
+
+def test_layer_tables_are_shown_per_stage_worst_sqnr_first(tmp_path):
+    out = write_run(tmp_path / "run")
+    (out / "stages").mkdir()
+    table = {"version": 1, "compared_with": "the stage's input model", "samples": 128,
+             "logits_sqnr_db": 21.5, "notes": [],
+             "rows": [layer_row("fc1", 30.0), layer_row("fc3", None, note="identical to float"),
+                      layer_row("fc2", 12.25)]}
+    (out / "stages" / "02-quant.ptq.layers.json").write_text(json.dumps(table))
+    md, html = write_report(out)
+    text = md.read_text()
+    assert "## Quantized layers: quant.ptq (logits SQNR 21.5 dB on 128 test samples)" in text
+    assert "Quantized layers: prune.magnitude" not in text  # no table file for that stage
+    lines = [ln for ln in text.splitlines() if ln.startswith("| fc")]
+    assert [ln.split(" | ")[0] for ln in lines] == ["| fc2", "| fc1", "| fc3"]
+    assert "| 4 | float | group 32 |" in lines[0] and "| 12.2 |" in lines[0]
+    assert "identical to float" in lines[2]
+    assert "<td>fc2</td>" in html.read_text()
+
+
+def test_unreadable_layer_table_is_named_in_the_report(tmp_path):
+    out = write_run(tmp_path / "run")
+    (out / "stages").mkdir()
+    (out / "stages" / "02-quant.ptq.layers.json").write_text("{not json")
+    md, _ = write_report(out)
+    assert "02-quant.ptq.layers.json is unreadable" in md.read_text()

@@ -20,7 +20,7 @@ from lighten.errors import BackendError
 from lighten.measure.latency import median_latency_ms
 
 _INTEGER_OPS = {"QGemm", "DynamicQuantizeMatMul", "DynamicQuantizeLinear", "ConvInteger",
-                "MatMulInteger", "MatMulIntegerToFloat", "QAttention"}
+                "MatMulInteger", "MatMulIntegerToFloat", "QAttention", "DynamicQuantizeLSTM"}
 
 
 def integer_ops(op_types: dict[str, int]) -> list[str]:

@@ -9,7 +9,8 @@ Runtime runs for the exported graph::
 
 No calibration data is needed. Weights are symmetric int8 (per output channel by default); on
 x86 without VNNI they use 7 bits by default, as in ``quant.ptq``, because the u8 x s8 kernels
-saturate with full-range weights. LSTM is not converted (a note says so).
+saturate with full-range weights. Each ``nn.LSTM`` becomes a ``DynamicQuantLSTM``
+(``quant/dynamic_rnn.py``: ORT's DynamicQuantizeLSTM); GRU/RNN stay float with a note.
 """
 
 from __future__ import annotations
@@ -143,26 +144,31 @@ class DynamicQuantLinear(nn.Module):
 
 def quantize_dynamic_(model: nn.Module, config: DynamicConfig | None = None, *,
                       notes: list[str] | None = None) -> nn.Module:
-    """Replace every ``nn.Linear`` of ``model`` (in place) by :class:`DynamicQuantLinear`."""
+    """Replace every ``nn.Linear`` (``nn.LSTM``) of ``model`` in place by
+    :class:`DynamicQuantLinear` (``DynamicQuantLSTM``)."""
+    from lighten.quant.dynamic_rnn import DynamicQuantLSTM
     from lighten.quant.ptq import _default_reduce_range
 
     cfg = config or DynamicConfig()
     notes = notes if notes is not None else []
     require_modules(model, cfg.skip, key="skip")
     reduce_range = _default_reduce_range() if cfg.reduce_range is None else cfg.reduce_range
-    targets = [n for n, m in model.named_modules() if type(m) is nn.Linear and n not in cfg.skip]
+    swaps = {nn.Linear: DynamicQuantLinear, nn.LSTM: DynamicQuantLSTM}
+    targets = [n for n, m in model.named_modules() if type(m) in swaps and n not in cfg.skip
+               and not getattr(m, "proj_size", 0)]  # no integer kernel for LSTM projections
     targets = swappable(model, targets, notes)
     if not targets or "" in targets:
-        raise UnsupportedError("quant.dynamic found no nn.Linear inside the model to quantize "
-                               "(a bare Linear must be wrapped in nn.Sequential); check skip")
+        raise UnsupportedError("quant.dynamic found no nn.Linear or nn.LSTM inside the model to "
+                               "quantize (a bare layer must be wrapped in nn.Sequential); "
+                               "check skip")
     for name in targets:
         layer = model.get_submodule(name)
-        model.set_submodule(name, DynamicQuantLinear.from_float(
+        model.set_submodule(name, swaps[type(layer)].from_float(
             layer, bits=cfg.bits, per_channel=cfg.per_channel, reduce_range=reduce_range))
     for name, m in model.named_modules():
         if isinstance(m, (nn.LSTM, nn.GRU, nn.RNN, nn.MultiheadAttention)):
             notes.append(f"{name} ({type(m).__name__}) stays float: quant.dynamic converts "
-                         "nn.Linear only")
+                         "nn.Linear and nn.LSTM without proj_size only")
         elif isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
             notes.append(f"{name} ({type(m).__name__}) stays float: use quant.ptq for convs")
     return model.eval()
@@ -170,12 +176,15 @@ def quantize_dynamic_(model: nn.Module, config: DynamicConfig | None = None, *,
 
 @register_step("quant.dynamic", DynamicConfig)
 def quantize_dynamic(model: nn.Module, cfg: DynamicConfig, ctx: StepContext) -> nn.Module:
-    """Int8 Linear weights, activations quantized at run time (MatMulInteger on ORT)."""
+    """Int8 Linear/LSTM weights, activations quantized at run time (integer GEMMs on ORT)."""
+    from lighten.quant.dynamic_rnn import DynamicQuantLSTM
+
     notes: list[str] = []
     quantize_dynamic_(model, cfg, notes=notes)
     count = sum(isinstance(m, DynamicQuantLinear) for m in model.modules())
-    ctx.note(f"quant.dynamic: {count} Linear layers with int8 weights and run-time uint8 "
-             "activation ranges (no calibration)")
+    lstms = sum(isinstance(m, DynamicQuantLSTM) for m in model.modules())
+    ctx.note(f"quant.dynamic: {count} Linear and {lstms} LSTM layers with int8 weights and "
+             "run-time uint8 activation ranges (no calibration)")
     for message in notes:
         ctx.note(message)
     ctx.finetune(model, cfg.finetune)  # biases and norms; the int8 weights stay fixed

@@ -45,7 +45,7 @@ class MixedConfig(StepConfig):
     candidates: list[int] = Field(default_factory=lambda: [2, 4, 8], min_length=1)
     metric: Literal["sqnr", "hessian"] = "sqnr"
     per_channel: bool = True
-    calibration: Literal["minmax", "moving_average", "percentile", "mse"] = "minmax"
+    calibration: Literal["minmax", "moving_average", "percentile", "mse", "entropy"] = "minmax"
     calib_samples: int = Field(512, ge=1)
 
     @field_validator("candidates")

@@ -45,7 +45,7 @@ class PTQConfig(StepConfig):
         None, ge=2, le=8, description="weight bits when they differ from `bits` (e.g. w4a8)")
     per_channel: bool = Field(True, description="one weight scale per output channel")
     symmetric: bool = Field(True, description="symmetric weights (zero point 0)")
-    calibration: Literal["minmax", "moving_average", "percentile", "mse"] = "minmax"
+    calibration: Literal["minmax", "moving_average", "percentile", "mse", "entropy"] = "minmax"
     percentile: float = Field(99.99, gt=50, le=100, description="for calibration: percentile")
     calib_samples: int = Field(512, ge=1, description="training samples used for calibration")
     backend: Literal["onnxruntime", "torch", "openvino"] = "onnxruntime"

@@ -53,7 +53,7 @@ class QATConfig(StepConfig):
     per_channel: bool = Field(True, description="one weight scale per output channel")
     lsq: bool = Field(True, description="learn the step sizes (Esser et al. 2019); false keeps "
                       "calibrated activation scales and min/max weight scales")
-    calibration: Literal["minmax", "moving_average", "percentile", "mse"] = "minmax"
+    calibration: Literal["minmax", "moving_average", "percentile", "mse", "entropy"] = "minmax"
     calib_samples: int = Field(512, ge=1, description="training samples for the initial scales")
 
     @model_validator(mode="after")

@@ -23,6 +23,7 @@ from torch import nn
 
 from lighten.errors import DataError, UnsupportedError
 from lighten.modules import register_module_type, require_modules
+from lighten.quant.adaround import adaround_quantize, collect_rows
 from lighten.quant.eligibility import swappable
 from lighten.quant.gptq import InputStats, gptq_quantize, im2col_supported
 from lighten.registry import register_step
@@ -39,7 +40,12 @@ class WeightOnlyConfig(StepConfig):
     group_size: int | None = Field(32, description="input columns per scale; -1/None = per "
                                                    "output channel")
     symmetric: bool = Field(True, description="zero point 0 (else one int zero point per group)")
-    method: Literal["rtn", "gptq"] = "gptq"
+    method: Literal["rtn", "gptq", "adaround"] = "gptq"
+    levels: Literal["uniform", "pow2"] = Field(
+        "uniform", description="pow2: ±scale·2^-k and 0 (lighten.quant.nonuniform; rtn only)")
+    adaround_iters: int = Field(500, ge=1, description="adaround: optimization steps per layer")
+    adaround_reg: float = Field(0.01, ge=0, description="adaround: weight of the rounding "
+                                                        "regularizer (lambda)")
     calib_samples: int = Field(512, ge=1, description="training samples for gptq/bias_correction")
     damp: float = Field(0.01, gt=0, le=1, description="gptq: Hessian damping, x mean diagonal")
     bias_correction: bool = False
@@ -266,9 +272,13 @@ def quantize_weight_only_(model: nn.Module, config: WeightOnlyConfig | None = No
     already-quantized layers before it, so later layers compensate earlier errors.
     """
     cfg = config or WeightOnlyConfig()
+    if cfg.levels == "pow2":  # non-uniform levels: round-to-nearest only
+        from lighten.quant.nonuniform import checked_config
+
+        cfg = checked_config(cfg)
     notes = notes if notes is not None else []
     names = swappable(model, _targets(model, cfg.skip), notes)
-    need_data = cfg.method == "gptq" or cfg.bias_correction
+    need_data = cfg.method in ("gptq", "adaround") or cfg.bias_correction
     batches = _materialize(calibration_batches) if need_data else []
     if need_data and not batches:
         raise DataError(f"quant.weight_only method={cfg.method} bias_correction="
@@ -280,8 +290,8 @@ def quantize_weight_only_(model: nn.Module, config: WeightOnlyConfig | None = No
         layer = model.get_submodule(name)
         method = cfg.method
         why = im2col_supported(layer)
-        if method == "gptq" and why:
-            notes.append(f"{name}: {why}; rounded to nearest instead of GPTQ")
+        if method in ("gptq", "adaround") and why:
+            notes.append(f"{name}: {why}; rounded to nearest instead of {method}")
             method = "rtn"
         correct = cfg.bias_correction and why is None
         if cfg.bias_correction and why:
@@ -293,9 +303,22 @@ def quantize_weight_only_(model: nn.Module, config: WeightOnlyConfig | None = No
         if method == "gptq":
             q, scale, zero = gptq_quantize(weight, stats.hessian, group_size=size, grid=grid,
                                            damp=cfg.damp)
+        elif method == "adaround":
+            rows = collect_rows(model, layer, batches)
+            q, scale, zero = adaround_quantize(weight, rows, group_size=size, grid=grid,
+                                               iters=cfg.adaround_iters, reg=cfg.adaround_reg,
+                                               desc=f"adaround {name}")
+        elif cfg.levels == "pow2":
+            from lighten.quant.nonuniform import pow2_rtn
+
+            q, scale, zero = pow2_rtn(weight, group_size=size, bits=cfg.bits)
         else:
             q, scale, zero = rtn_quantize(weight, group_size=size, grid=grid)
         new = WeightOnlyLinear if type(layer) is nn.Linear else WeightOnlyConv2d
+        if cfg.levels == "pow2":
+            from lighten.quant.nonuniform import POW2_TYPES
+
+            new = POW2_TYPES[new]
         has_bias = layer.bias is not None or correct
         wo = new.like(layer, bias=has_bias, bits=cfg.bits, group_size=cfg.group_size,
                       symmetric=cfg.symmetric)
@@ -353,7 +376,9 @@ def quantize_weight_only(model: nn.Module, cfg: WeightOnlyConfig,
     quantize_weight_only_(model, cfg, batches, notes=notes)
     count = sum(isinstance(m, _WeightOnlyLayer) for m in model.modules())
     ctx.note(f"quant.weight_only: {count} layers at {cfg.bits} bits, group_size "
-             f"{cfg.group_size or 'per channel'}, {cfg.method}; activations stay float")
+             f"{cfg.group_size or 'per channel'}, "
+             f"{'pow2 levels, rtn' if cfg.levels == 'pow2' else cfg.method}; "
+             "activations stay float")
     for message in notes:
         ctx.note(message)
     ctx.finetune(model, cfg.finetune)  # trains what stayed float (biases, norms); weights fixed
