@@ -4,6 +4,14 @@ One ``torch.fx`` trace plus shape propagation. Every traced value gets a *layout
 axis and the channel *spaces* (in order, with offsets) that make up that axis. Spaces that meet
 at a residual add or a channel-wise multiply are merged (union-find); a concatenation lays spaces
 side by side; a flatten before a Linear turns one channel into a block of H*W features.
+Grouped convolutions and channel shuffles *tie* channels: a conv with ``g`` groups must keep the
+same channels in every group, so channel ``c`` and ``c + C/g`` become copies of one channel (the
+space is split into ``g`` copies); a shuffle then interleaves the copies (a block of ``g``).
+Keeping the *same* channels per group (not merely as many) is stricter than needed but keeps
+every member a plain (offset, block) slice, so importance, ``round_to`` and surgery need nothing
+special: one group channel is g filters. Where the groups cannot be tied (a concat straddling
+them) the conv is kept whole; a view that hard-codes a channel count pins those channels (or, in
+a shuffle, is refused) because the pruned model would reshape wrongly.
 How channels flow through each operator is DATA (:data:`MODULE_KINDS`, :data:`FUNCTION_KINDS`,
 :data:`METHOD_KINDS`); anything not in those tables is refused with an
 :class:`~lighten.errors.UnsupportedError` naming the node, never guessed.
@@ -44,6 +52,17 @@ class Member:
     def axis(self) -> int:
         return 1 if self.kind == "in" else 0
 
+    def indices(self, channels: torch.Tensor) -> torch.Tensor:
+        """Positions along :attr:`axis` that ``channels`` (int64) occupy, ``block`` each."""
+        return (self.offset + channels[:, None] * self.block + torch.arange(self.block)).flatten()
+
+    def rows(self, t: torch.Tensor, size: int) -> torch.Tensor:
+        """The part of ``t`` (this member's weight, gradient or norm scale) that belongs to each
+        of ``size`` channels: (size, k). Blocks count on either axis (after a channel shuffle a
+        depthwise conv or a BatchNorm holds ``block`` rows per channel)."""
+        span = t.narrow(self.axis, self.offset, size * self.block).movedim(self.axis, 0)
+        return span.reshape(size, -1)
+
 
 @dataclass
 class Group:
@@ -80,6 +99,21 @@ class _Layout:
     axis: int  # non-negative channel axis of the value
     segs: tuple[_Seg, ...]
 
+    @property
+    def width(self) -> int:
+        """Length of the channel axis."""
+        return sum(s.size * s.block for s in self.segs)
+
+
+@dataclass(frozen=True)
+class _Split:
+    """The channel axis viewed as two axes ``(groups, width // groups)`` -- the first half of a
+    channel shuffle; ``swapped`` once a transpose exchanged them. Only a merge may follow."""
+
+    layout: _Layout
+    groups: int
+    swapped: bool = False
+
 
 # ----------------------------------------------------------------------------- operator facts
 # How channels flow through an operator, by kind:
@@ -90,17 +124,21 @@ class _Layout:
 #   same            shape-preserving along the channel axis (activations, pooling, dropout)
 #   elementwise     broadcasting binary op: operands with that channel axis share one space
 #   cat             concatenation: along the channel axis spaces sit side by side
-#   reshape         flatten / view: allowed when the channel axis survives (or is flattened last)
+#   reshape         flatten / view: allowed when the channel axis survives (or is flattened last),
+#                   or splits it in two / merges it back (the two halves of a channel shuffle)
+#   permute         transpose / permute: the channel axis moves; swapping the two halves of a
+#                   split channel axis is a channel shuffle
+#   shuffle         nn.ChannelShuffle
 #   reduce          mean/sum over non-channel axes
 #   meta            returns no tensor (x.size(), x.dim(), getitem on a tuple)
-#   refuse          moves channels around (permute, transpose, split): not analysable
+#   refuse          moves or selects channels (split, chunk, roll, expand): not analysable
 
 MODULE_KINDS: dict[type[nn.Module], str] = {
     nn.Conv1d: "conv", nn.Conv2d: "conv", nn.Conv3d: "conv",
     nn.Linear: "linear",
     nn.BatchNorm1d: "batchnorm", nn.BatchNorm2d: "batchnorm", nn.BatchNorm3d: "batchnorm",
     nn.LayerNorm: "layernorm", nn.GroupNorm: "groupnorm",
-    nn.Flatten: "reshape",
+    nn.Flatten: "reshape", nn.ChannelShuffle: "shuffle",
     **{cls: "same" for cls in (
         nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.ELU, nn.GELU, nn.SiLU, nn.Mish, nn.Sigmoid,
         nn.Tanh, nn.Hardswish, nn.Hardsigmoid, nn.Hardtanh, nn.Softplus, nn.Identity,
@@ -125,7 +163,7 @@ FUNCTION_KINDS: dict[Callable, str] = {
     torch.flatten: "reshape", torch.reshape: "reshape",
     torch.mean: "reduce", torch.sum: "reduce", torch.amax: "reduce",
     getattr: "meta", operator.getitem: "getitem",
-    torch.permute: "refuse", torch.transpose: "refuse", torch.split: "refuse",
+    torch.permute: "permute", torch.transpose: "permute", torch.split: "refuse",
     torch.chunk: "refuse", torch.roll: "refuse",
 }
 
@@ -136,8 +174,8 @@ METHOD_KINDS: dict[str, str] = {
     "flatten": "reshape", "view": "reshape", "reshape": "reshape",
     "mean": "reduce", "sum": "reduce", "amax": "reduce",
     "size": "meta", "dim": "meta",
-    **{m: "refuse" for m in ("permute", "transpose", "split", "chunk", "roll", "unbind",
-                             "expand", "repeat", "t")},
+    "permute": "permute", "transpose": "permute", "t": "permute",
+    **{m: "refuse" for m in ("split", "chunk", "roll", "unbind", "expand", "repeat")},
 }
 
 
@@ -194,6 +232,43 @@ def _op_name(node: fx.Node) -> str:
     return getattr(node.target, "__name__", str(node.target))
 
 
+def _literal_size(node: fx.Node, axis: int) -> int | None:
+    """The size a view/reshape hard-codes for output ``axis`` (None if computed or -1)."""
+    if node.op == "call_module" or node.target in ("flatten", torch.flatten):
+        return None
+    sizes = node.args[1:] or (node.kwargs.get("shape"),)
+    if len(sizes) == 1 and isinstance(sizes[0], (tuple, list)):
+        sizes = sizes[0]
+    size = sizes[axis] if axis < len(sizes) else None
+    return size if isinstance(size, int) and size != -1 else None
+
+
+def _permutation(node: fx.Node, rank: int) -> list[int]:
+    """Where each output axis of a transpose / permute / t comes from."""
+    args = node.args[1:]
+    if node.target == "t":
+        return list(reversed(range(rank)))
+    if node.target in ("transpose", torch.transpose):
+        swap = [args[0] if args else node.kwargs.get("dim0"),
+                args[1] if len(args) > 1 else node.kwargs.get("dim1")]
+        if all(isinstance(d, int) for d in swap):
+            dims = list(range(rank))
+            dims[swap[0] % rank], dims[swap[1] % rank] = swap[1] % rank, swap[0] % rank
+            return dims
+        dims = swap
+    else:
+        dims = args[0] if len(args) == 1 and isinstance(args[0], (tuple, list)) else args
+        dims = dims or node.kwargs.get("dims", ())
+    if not all(isinstance(d, int) for d in dims) or len(dims) != rank:
+        raise UnsupportedError(f"{_where(node)}: {_op_name(node)} with axes computed at run time; "
+                               "structured pruning needs them as constants")
+    return [d % rank for d in dims]
+
+
+class _Untied(Exception):
+    """Channels cannot be tied into equal groups (the caller pins or refuses)."""
+
+
 class _Analysis:
     def __init__(self, gm: fx.GraphModule):
         self.gm = gm
@@ -202,9 +277,10 @@ class _Analysis:
         self.size: list[int] = []
         self.members: list[list[Member]] = []
         self.pins: list[list[str]] = []
-        self.layouts: dict[fx.Node, _Layout | None] = {}
+        self.layouts: dict[fx.Node, _Layout | _Split | None] = {}
         self.consts: set[fx.Node] = set()
         self.bound: dict[tuple[str, str], _Layout] = {}  # (module, role) -> layout (reuse)
+        self.split_into: dict[int, tuple[int, int]] = {}  # root -> (copy space, copies)
 
     # -- union-find over channel spaces
     def new_space(self, size: int, pin: str | None = None) -> int:
@@ -220,7 +296,32 @@ class _Analysis:
             s = self.parent[s]
         return s
 
+    def split(self, space: int, copies: int) -> None:
+        """Tie channel ``c`` and ``c + size/copies`` of a space: it becomes ``copies`` copies of a
+        smaller space, and every member already attached is re-expressed per copy."""
+        root = self.find(space)
+        n = self.size[root] // copies
+        new = self.new_space(n)
+        self.pins[new] = self.pins[root]
+        self.members[new] = [Member(m.module, m.kind, m.offset + j * n * m.block, m.block)
+                             for j in range(copies) for m in self.members[root]]
+        self.members[root], self.pins[root] = [], []
+        self.split_into[root] = (new, copies)
+
+    def resolve(self, layout: _Layout) -> _Layout:
+        """``layout`` with every split space replaced by its copies (layouts are stored early)."""
+        segs = tuple(seg for s in layout.segs for seg in self._expand(s))
+        return layout if segs == layout.segs else _Layout(layout.axis, segs)
+
+    def _expand(self, seg: _Seg) -> tuple[_Seg, ...]:
+        root = self.find(seg.space)
+        if root not in self.split_into:
+            return (seg,)
+        new, copies = self.split_into[root]
+        return self._expand(_Seg(new, seg.size // copies, seg.block)) * copies
+
     def unify(self, a: _Layout, b: _Layout, node: fx.Node) -> None:
+        a, b = self.align(a, b)
         shape_a = [(s.size, s.block) for s in a.segs]
         shape_b = [(s.size, s.block) for s in b.segs]
         if shape_a != shape_b:
@@ -234,14 +335,59 @@ class _Analysis:
                 self.members[ra] += self.members[rb]
                 self.pins[ra] += self.pins[rb]
 
-    def pin(self, layout: _Layout, reason: str) -> None:
+    def align(self, a: _Layout, b: _Layout) -> tuple[_Layout, _Layout]:
+        """Where a whole space meets a run of smaller ones (a tied tensor added to an untied one),
+        split the big space into copies so both sides are made of equal pieces."""
+        while True:
+            a, b = self.resolve(a), self.resolve(b)
+            for sa, sb in zip(a.segs, b.segs, strict=False):
+                if (sa.size, sa.block) == (sb.size, sb.block):
+                    continue
+                big, small = (sa, sb) if sa.size > sb.size else (sb, sa)
+                if sa.block != sb.block or big.size % small.size:
+                    return a, b
+                self.split(big.space, big.size // small.size)
+                break
+            else:
+                return a, b
+
+    def tie(self, layout: _Layout, groups: int, node: fx.Node) -> _Layout:
+        """Cut ``layout`` into ``groups`` equal parts whose channels are tied position by position
+        (a grouped conv keeps the same channels in every group); return one part."""
+        layout = self.resolve(layout)
+        if groups < 1 or layout.width % groups:
+            raise _Untied(f"{layout.width} channels do not split into {groups} groups")
+        unit = layout.width // groups
+        while big := next((s for s in layout.segs if s.size * s.block > unit), None):
+            copies = big.size * big.block // unit
+            if big.size * big.block % unit or big.size % copies:
+                raise _Untied(f"{big.size} channels (x{big.block}) do not split into "
+                              f"{unit}-wide groups")
+            self.split(big.space, copies)
+            layout = self.resolve(layout)
+        chunks, part, width = [], [], 0
         for seg in layout.segs:
+            part.append(seg)
+            width += seg.size * seg.block
+            if width > unit:
+                raise _Untied("concatenated tensors straddle the group boundaries")
+            if width == unit:
+                chunks.append(_Layout(layout.axis, tuple(part)))
+                part, width = [], 0
+        if len({tuple((s.size, s.block) for s in c.segs) for c in chunks}) > 1:
+            raise _Untied("the groups are made of differently sized concatenated tensors")
+        for chunk in chunks[1:]:
+            self.unify(chunks[0], chunk, node)
+        return self.resolve(chunks[0])
+
+    def pin(self, layout: _Layout, reason: str) -> None:
+        for seg in self.resolve(layout).segs:
             self.pins[self.find(seg.space)].append(reason)
 
     def attach(self, layout: _Layout, module: str, kind: str) -> None:
         """Add ``module``'s axis as a member of every space in ``layout``, at its offset."""
         offset = 0
-        for seg in layout.segs:
+        for seg in self.resolve(layout).segs:
             self.members[self.find(seg.space)].append(Member(module, kind, offset, seg.block))
             offset += seg.size * seg.block
 
@@ -250,7 +396,7 @@ class _Analysis:
         key = (module, role)
         if key in self.bound:
             self.unify(self.bound[key], layout, node)
-            return self.bound[key]
+            return self.resolve(self.bound[key])
         self.bound[key] = layout
         return layout
 
@@ -261,12 +407,12 @@ class _Analysis:
         roots: dict[int, Group] = {}
         for s in range(len(self.parent)):
             r = self.find(s)
-            if r not in roots:
+            if r not in roots and r not in self.split_into:
                 pins = list(dict.fromkeys(self.pins[r]))
                 roots[r] = Group(self.size[r], list(dict.fromkeys(self.members[r])), pins)
         return list(roots.values())
 
-    def visit(self, node: fx.Node) -> _Layout | None:
+    def visit(self, node: fx.Node) -> _Layout | _Split | None:
         if node.op == "placeholder":
             shape = _shape(node)
             if shape is None or len(shape) < 2:
@@ -277,8 +423,10 @@ class _Analysis:
             return None
         if node.op == "output":
             for arg in node.all_input_nodes:
-                if self.layouts.get(arg) is not None:
-                    self.pin(self.layouts[arg], "model output")
+                layout = self.layouts.get(arg)
+                if layout is not None:
+                    self.pin(layout.layout if isinstance(layout, _Split) else layout,
+                             "model output")
             return None
         if node.op == "call_module":
             module = self.modules[node.target]
@@ -295,9 +443,14 @@ class _Analysis:
         else:
             kind = METHOD_KINDS.get(node.target)
         if kind is None or kind == "refuse":
-            why = "moves channels around (channel shuffle?)" if kind else "is not understood"
+            why = "moves or selects channels" if kind else "is not understood"
             raise UnsupportedError(f"{_where(node)}: operation {_op_name(node)} {why}; structured "
                                    "pruning cannot follow it (use prune.magnitude instead)")
+        if kind not in ("reshape", "permute", "same", "meta") and any(
+                isinstance(self.layouts.get(a), _Split) for a in node.all_input_nodes):
+            raise UnsupportedError(f"{_where(node)}: {_op_name(node)} works on a channel axis "
+                                   "split in two; only a channel shuffle (view -> transpose -> "
+                                   "view back) is understood there")
         return getattr(self, f"_{kind}")(node)
 
     def _input(self, node: fx.Node, arg=None) -> _Layout:
@@ -306,7 +459,7 @@ class _Analysis:
         if layout is None:
             raise UnsupportedError(f"{_where(node)}: {_op_name(node)} gets an input whose "
                                    "channels cannot be followed (a constant or parameter)")
-        return layout
+        return self.resolve(layout)
 
     def _check_axis(self, node: fx.Node, layout: _Layout, axis: int, what: str) -> None:
         if layout.axis != axis:
@@ -316,28 +469,33 @@ class _Analysis:
 
     # -- kinds
     def _conv(self, node: fx.Node) -> _Layout:
+        """Groups=1 and depthwise as usual. A conv with g groups ties its inputs (and outputs)
+        into g copies: every group keeps the same channels, so it stays a g-group conv."""
         name, conv = node.target, self.modules[node.target]
         x = self._input(node)
         self._check_axis(node, x, 1, "a convolution")
-        if any(seg.block != 1 for seg in x.segs):
-            raise UnsupportedError(f"module {name!r}: convolution after a flatten")
         first_call = (name, "in") not in self.bound
         x = self.bind(name, "in", x, node)
-        if conv.groups == 1:
-            out = self.bind(name, "out", _Layout(
-                1, (_Seg(self.new_space(conv.out_channels), conv.out_channels),)), node)
-            if first_call:
-                self.attach(x, name, "in")
-                self.attach(out, name, "out")
-            return out
-        if conv.groups == conv.in_channels == conv.out_channels:  # depthwise: passes through
+        g = conv.groups
+        if g > 1 and g == conv.in_channels == conv.out_channels:  # depthwise: passes through
             if first_call:
                 self.attach(x, name, "depthwise")
             return x
-        reason = f"grouped conv {name!r} (groups={conv.groups}) is kept whole"
-        self.pin(x, reason)
-        out = self.bind(name, "out", _Layout(
-            1, (_Seg(self.new_space(conv.out_channels, reason), conv.out_channels),)), node)
+        try:
+            unit = self.tie(x, g, node)
+        except _Untied as why:
+            reason = f"grouped conv {name!r} (groups={g}) is kept whole: {why}"
+            self.pin(x, reason)
+            out = self.bind(name, "out", _Layout(
+                1, (_Seg(self.new_space(conv.out_channels, reason), conv.out_channels),)), node)
+            if first_call:
+                self.attach(out, name, "out")
+            return out
+        n = conv.out_channels // g
+        out = self.bind(name, "out", _Layout(1, (_Seg(self.new_space(n), n),) * g), node)
+        if first_call:
+            self.attach(unit, name, "in")
+            self.attach(out, name, "out")
         return out
 
     def _linear(self, node: fx.Node) -> _Layout:
@@ -358,8 +516,6 @@ class _Analysis:
         name, module = node.target, self.modules[node.target]
         x = self._input(node)
         self._check_axis(node, x, axis, type(module).__name__)
-        if any(seg.block != 1 for seg in x.segs):
-            raise UnsupportedError(f"module {name!r}: normalization over flattened channels")
         first_call = (name, "in") not in self.bound
         x = self.bind(name, "in", x, node)
         if first_call:
@@ -367,7 +523,7 @@ class _Analysis:
         return x
 
     def _batchnorm(self, node: fx.Node) -> _Layout:
-        return self._norm(node, 1)
+        return self._norm(node, 1)  # per channel: blocks (after a shuffle) are fine
 
     def _layernorm(self, node: fx.Node) -> _Layout:
         module = self.modules[node.target]
@@ -376,6 +532,9 @@ class _Analysis:
             raise UnsupportedError(f"module {node.target!r}: LayerNorm over "
                                    f"{tuple(module.normalized_shape)} mixes channels with other "
                                    "axes; normalize over the feature axis only")
+        if any(seg.block != 1 for seg in self._input(node).segs):
+            raise UnsupportedError(f"module {node.target!r}: normalization over flattened "
+                                   "channels")
         return self._norm(node, rank - 1)
 
     def _groupnorm(self, node: fx.Node) -> _Layout:
@@ -383,9 +542,16 @@ class _Analysis:
         self.pin(x, f"GroupNorm {node.target!r} is kept whole")
         return x
 
-    def _same(self, node: fx.Node) -> _Layout:
-        x = self._input(node)
+    def _same(self, node: fx.Node) -> _Layout | _Split:
         src, out = _shape(node.args[0]), _shape(node)
+        split = self.layouts.get(node.args[0])
+        if isinstance(split, _Split):
+            if out != src:
+                raise UnsupportedError(f"{_where(node)}: {_op_name(node)} changes the shape of a "
+                                       "channel axis split in two; structured pruning cannot "
+                                       "follow it")
+            return split
+        x = self._input(node)
         if out is None or len(out) != len(src) or out[x.axis] != src[x.axis]:
             raise UnsupportedError(f"{_where(node)}: {_op_name(node)} changes the channel axis "
                                    f"({src} -> {out}); structured pruning cannot follow it")
@@ -410,6 +576,7 @@ class _Analysis:
                                            f"tensor of shape {shape}; per-channel constants are "
                                            "not followed, register them as a BatchNorm/affine")
                 continue
+            layout = self.resolve(layout)
             axis = layout.axis + lead
             if shape[layout.axis] == 1 and out[axis] != 1:
                 continue  # broadcast along the channel axis: no coupling
@@ -424,7 +591,7 @@ class _Analysis:
             first = next((a for a in node.args if isinstance(a, fx.Node)
                           and self.layouts.get(a) is not None), None)
             result = self.layouts.get(first) if first is not None else None
-        return result
+        return self.resolve(result) if result is not None else None
 
     def _cat(self, node: fx.Node) -> _Layout:
         tensors = node.args[0]
@@ -437,22 +604,87 @@ class _Analysis:
         for lay in layouts[1:]:
             self._check_axis(node, lay, layouts[0].axis, "torch.cat")
             self.unify(layouts[0], lay, node)
-        return layouts[0]
+        return self.resolve(layouts[0])
 
-    def _reshape(self, node: fx.Node) -> _Layout:
+    def _reshape(self, node: fx.Node) -> _Layout | _Split:
+        """Keep, flatten, split in two (a shuffle begins) or merge back (a shuffle ends)."""
+        split = self.layouts.get(node.args[0])
+        if isinstance(split, _Split):
+            return self._merge(node, split)
         x = self._input(node)
         src, out = _shape(node.args[0]), _shape(node)
         a = x.axis
-        if out == src:
-            return x
-        if out[:a + 1] == src[:a + 1] and math.prod(out[a + 1:]) == math.prod(src[a + 1:]):
-            return x  # trailing axes reshaped, channel axis untouched (e.g. (B,C)->(B,C,1,1))
-        if len(out) == a + 1 and out[:a] == src[:a] and out[a] == math.prod(src[a:]):
+        keeps = out == src or (out[:a + 1] == src[:a + 1]
+                               and math.prod(out[a + 1:]) == math.prod(src[a + 1:]))
+        if not keeps and len(out) == len(src) + 1 and out[:a] == src[:a] \
+                and out[a + 2:] == src[a + 1:] and out[a] * out[a + 1] == src[a]:
+            self._refuse_literal(node, a + 1, "channels per group")
+            return _Split(x, out[a])  # (N, C, ...) -> (N, g, C/g, ...)
+        if not keeps and len(out) == a + 1 and out[:a] == src[:a] \
+                and out[a] == math.prod(src[a:]):
             k = math.prod(src[a + 1:])  # flatten: every channel becomes k features
-            return _Layout(a, tuple(_Seg(s.space, s.size, s.block * k) for s in x.segs))
-        raise UnsupportedError(f"{_where(node)}: {_op_name(node)} reshapes {src} -> {out} and "
-                               "moves the channel axis (channel shuffle?); structured pruning "
-                               "cannot follow it")
+            x = _Layout(a, tuple(_Seg(s.space, s.size, s.block * k) for s in x.segs))
+        elif not keeps:
+            raise UnsupportedError(f"{_where(node)}: {_op_name(node)} reshapes {src} -> {out} "
+                                   "and moves the channel axis; structured pruning cannot "
+                                   "follow it")
+        size = _literal_size(node, a)
+        if size is not None:
+            self.pin(x, f"{_where(node)}: {_op_name(node)} hard-codes {size} channels")
+        return x
+
+    def _merge(self, node: fx.Node, split: _Split) -> _Layout:
+        src, out = _shape(node.args[0]), _shape(node)
+        a = split.layout.axis
+        if not (len(out) == len(src) - 1 and out[:a] == src[:a] and out[a + 1:] == src[a + 2:]
+                and out[a] == src[a] * src[a + 1]):
+            raise UnsupportedError(f"{_where(node)}: {_op_name(node)} reshapes a channel axis "
+                                   f"split in two ({src} -> {out}); only merging it back (the "
+                                   "end of a channel shuffle) is understood")
+        self._refuse_literal(node, a, "channels")
+        if not split.swapped:
+            return self.resolve(split.layout)
+        try:  # out channel i*g + j was channel j*C/g + i: part channel i, j-th of a block of g
+            part = self.tie(split.layout, split.groups, node)
+        except _Untied as why:
+            raise UnsupportedError(f"{_where(node)}: the channel shuffle ending in "
+                                   f"{_op_name(node)} cannot be followed ({why})") from None
+        return _Layout(a, tuple(_Seg(s.space, s.size, s.block * split.groups)
+                                for s in part.segs))
+
+    def _refuse_literal(self, node: fx.Node, axis: int, what: str) -> None:
+        size = _literal_size(node, axis)
+        if size is not None:
+            raise UnsupportedError(f"{_where(node)}: {_op_name(node)} hard-codes {size} {what}, "
+                                   "which pruning changes; compute it from x.size(1) (or pass "
+                                   "-1) in the model's forward")
+
+    def _permute(self, node: fx.Node) -> _Layout | _Split:
+        """The channel axis moves; swapping the halves of a split channel axis is a shuffle."""
+        perm = _permutation(node, len(_shape(node.args[0])))
+        split = self.layouts.get(node.args[0])
+        if isinstance(split, _Split):
+            a = split.layout.axis
+            swap = list(range(len(perm)))
+            swap[a], swap[a + 1] = a + 1, a
+            if perm != swap:
+                raise UnsupportedError(f"{_where(node)}: {_op_name(node)} moves a channel axis "
+                                       "split in two other than by swapping its halves (a "
+                                       "channel shuffle); structured pruning cannot follow it")
+            return _Split(split.layout, split.groups, not split.swapped)
+        x = self._input(node)
+        return _Layout(perm.index(x.axis), x.segs)
+
+    def _shuffle(self, node: fx.Node) -> _Layout:
+        x = self._input(node)
+        self._check_axis(node, x, 1, "a channel shuffle")
+        groups = self.modules[node.target].groups
+        try:
+            part = self.tie(x, groups, node)
+        except _Untied as why:
+            raise UnsupportedError(f"module {node.target!r}: channel shuffle cannot be followed "
+                                   f"({why})") from None
+        return _Layout(1, tuple(_Seg(s.space, s.size, s.block * groups) for s in part.segs))
 
     def _reduce(self, node: fx.Node) -> _Layout:
         x = self._input(node)

@@ -97,9 +97,25 @@ class Shuffle(nn.Module):
         return self.head(x).mean((2, 3))
 
 
-def test_channel_shuffle_is_refused_naming_the_node():
-    with pytest.raises(UnsupportedError, match=r"node 'view'.*channel shuffle"):
-        channel_groups(Shuffle(), X)
+def test_channel_shuffle_ties_the_producer_and_interleaves_its_copies():
+    groups = channel_groups(Shuffle(), X)
+    # conv channel c and c + 4 are one channel; after the shuffle they sit side by side (block 2)
+    tied = group_of(groups, Member("conv", "out"))
+    assert tied.size == 4 and tied.prunable
+    assert set(tied.members) == {Member("conv", "out", 0), Member("conv", "out", 4),
+                                 Member("head", "in", 0, 2)}
+
+
+class HardCodedShuffle(Shuffle):
+    def forward(self, x):
+        x = self.conv(x)
+        x = x.view(-1, 2, 4, 6, 6).transpose(1, 2).reshape(-1, 8, 6, 6)
+        return self.head(x).mean((2, 3))
+
+
+def test_channel_shuffle_with_hard_coded_sizes_is_refused_naming_the_node():
+    with pytest.raises(UnsupportedError, match=r"node 'view'.*hard-codes 4 channels per group"):
+        channel_groups(HardCodedShuffle(), X)
 
 
 class ConcatPlusOne(nn.Module):
@@ -153,12 +169,33 @@ def test_grouped_conv_pins_its_groups_and_shared_modules_unify():
             return self.head(self.shared(self.shared(y))).flatten(1)
 
     groups = channel_groups(Grouped(), X)
-    assert any("grouped conv 'g'" in p for p in group_of(groups, Member("a", "out")).pinned)
-    # the conv called twice feeds itself: its input and output become one channel space, which
-    # therefore inherits the grouped conv's pin from its input
+    # every group of g keeps the same channels: a's channel c and c + 4 are one channel
+    tied = group_of(groups, Member("a", "out"))
+    assert tied.size == 4 and tied.prunable
+    assert {Member("a", "out", 4), Member("g", "in")} <= set(tied.members)
+    # the conv called twice feeds itself: its input and output become one channel space, tied
+    # like g's output that feeds it
     shared = group_of(groups, Member("shared", "out"))
-    assert Member("shared", "in") in shared.members and not shared.prunable
-    assert Member("head", "in") in shared.members
+    assert {Member("g", "out", 0), Member("g", "out", 4), Member("shared", "in", 4),
+            Member("shared", "out", 4), Member("head", "in", 4)} <= set(shared.members)
+    assert shared.size == 4 and shared.prunable
+
+
+def test_grouped_conv_whose_groups_straddle_a_concat_is_kept_whole():
+    class Straddle(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Conv2d(1, 3, 1), nn.Conv2d(1, 5, 1)
+            self.g = nn.Conv2d(8, 8, 3, groups=2)
+            self.head = nn.Conv2d(8, 2, 1)
+
+        def forward(self, x):
+            return self.head(self.g(torch.cat([self.a(x), self.b(x)], 1))).flatten(1)
+
+    groups = channel_groups(Straddle(), X)
+    for name in ("a", "b", "g"):
+        pins = group_of(groups, Member(name, "out")).pinned
+        assert any("grouped conv 'g' (groups=2) is kept whole" in p for p in pins), name
 
 
 def test_untraceable_model_is_refused():
@@ -168,3 +205,43 @@ def test_untraceable_model_is_refused():
 
     with pytest.raises(UnsupportedError, match="torch.fx-traceable"):
         channel_groups(Dynamic(), X)
+
+
+def test_transpose_moves_the_channel_axis_and_attention_heads_are_refused():
+    class SeqConv(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inp, self.conv, self.out = nn.Linear(4, 6), nn.Conv1d(6, 5, 3), nn.Linear(5, 2)
+
+        def forward(self, x):  # (B, 4, T)
+            y = self.conv(self.inp(x.transpose(1, 2)).transpose(1, 2))  # (B, 6, T-2)
+            return self.out(y.permute(0, 2, 1)).mean(1)
+
+    class Heads(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.q = nn.Linear(4, 8)
+
+        def forward(self, x):  # (B, 4, T)
+            b, _, t = x.shape
+            return self.q(x.transpose(1, 2)).view(b, t, 2, -1).transpose(1, 2).sum((1, 3))
+
+    seq = torch.zeros(1, 4, 7)
+    groups = channel_groups(SeqConv(), seq)
+    assert Member("conv", "in") in group_of(groups, Member("inp", "out")).members
+    assert Member("out", "in") in group_of(groups, Member("conv", "out")).members
+    with pytest.raises(UnsupportedError, match=r"node 'transpose_1'.*split in two"):
+        channel_groups(Heads(), seq)
+
+
+def test_flatten_with_a_hard_coded_width_pins_those_channels():
+    class Fixed(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.fc = nn.Conv2d(1, 4, 3), nn.Linear(4 * 6 * 6, 2)
+
+        def forward(self, x):
+            return self.fc(self.conv(x).view(-1, 144))
+
+    group = group_of(channel_groups(Fixed(), X), Member("conv", "out"))
+    assert not group.prunable and any("hard-codes 144 channels" in p for p in group.pinned)

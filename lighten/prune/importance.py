@@ -26,13 +26,10 @@ __all__ = ["IMPORTANCE", "Importance", "accumulate_gradients", "channel_rows", "
 def channel_rows(t: torch.Tensor, member: Member, size: int) -> torch.Tensor:
     """The part of ``t`` (a member's weight or its gradient) that belongs to each channel.
 
-    Returns (size, k): row c holds every element removed together with channel c.
+    Returns (size, k): row c holds every element removed together with channel c (``block``
+    rows or columns per channel, e.g. a depthwise conv after a channel shuffle).
     """
-    if member.axis == 0:
-        return t[member.offset : member.offset + size].reshape(size, -1)
-    span = t[:, member.offset : member.offset + size * member.block]  # (out, size*block, ...)
-    span = span.reshape(t.shape[0], size, member.block, -1)
-    return span.transpose(0, 1).reshape(size, -1)
+    return member.rows(t, size)
 
 
 def _producer_rows(model: nn.Module, group: Group) -> torch.Tensor:
@@ -64,7 +61,7 @@ def bn_scale(model: nn.Module, group: Group) -> torch.Tensor | None:
         bn = model.get_submodule(m.module)
         if m.kind != "norm" or not isinstance(bn, _BatchNorm) or bn.weight is None:
             continue
-        gamma = bn.weight.detach()[m.offset : m.offset + group.size].abs()
+        gamma = m.rows(bn.weight.detach().abs(), group.size).sum(1)
         scores = gamma if scores is None else scores + gamma
     return scores
 

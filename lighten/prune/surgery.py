@@ -31,24 +31,33 @@ def _slice_param(module: nn.Module, name: str, keep: torch.Tensor, axis: int) ->
         module._buffers[name] = new  # running statistics
 
 
+def _check_groups(conv: _ConvNd, count: int, what: str) -> None:
+    if count == 0 or count % conv.groups:
+        raise UnsupportedError(f"keeping {count} {what} of a conv with groups={conv.groups} "
+                               "would leave unequal groups; the channel analysis should have "
+                               "tied them (please report this model)")
+
+
 def conv_out(conv: _ConvNd, keep: torch.Tensor) -> None:
+    """Filters of every group; a grouped conv must keep as many in each group."""
+    _check_groups(conv, len(keep), "filters")
     _slice_param(conv, "weight", keep, 0)
     _slice_param(conv, "bias", keep, 0)
     conv.out_channels = len(keep)
 
 
 def conv_in(conv: _ConvNd, keep: torch.Tensor) -> None:
-    if conv.groups != 1:
-        raise UnsupportedError(f"cannot slice the input channels of a grouped conv "
-                               f"(groups={conv.groups}) independently of its outputs")
+    """``keep`` indexes the weight's input axis, which a conv with g groups shares between its
+    groups (in_channels / g long): the same inputs are kept in every group."""
     _slice_param(conv, "weight", keep, 1)
-    conv.in_channels = len(keep)
+    conv.in_channels = len(keep) * conv.groups
 
 
 def conv_depthwise(conv: _ConvNd, keep: torch.Tensor) -> None:
     """A depthwise conv's channel c is both input c and output c (one filter per channel)."""
+    conv.groups = len(keep)
     conv_out(conv, keep)
-    conv.in_channels = conv.groups = len(keep)
+    conv.in_channels = len(keep)
 
 
 def linear_out(linear: nn.Linear, keep: torch.Tensor) -> None:
