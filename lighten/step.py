@@ -1,11 +1,12 @@
 """What every step receives: its typed config (a pydantic model) and a :class:`StepContext`.
 
 A step never trains on its own terms: it asks ``ctx.finetune`` so every step shares the same
-loop, seed handling, progress bars and (later) distillation options.
+loop, seed handling, progress bars and distillation from the baseline (``distill:``).
 """
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +33,9 @@ class FinetuneConfig(StrictModel):
     epochs: float = Field(1, ge=0, description="epochs of fine-tuning; fractions allowed")
     lr: float | None = Field(None, gt=0)
     batch_size: int | None = Field(None, ge=1)
+    distill: float = Field(0.0, ge=0, description="weight of a soft-target loss from the "
+                           "recipe's baseline model (the teacher); 0 = labels only")
+    temperature: float = Field(4.0, gt=0, description="softmax temperature for distill")
 
 
 class StepConfig(StrictModel):
@@ -81,6 +85,12 @@ class StepContext:
                 "seed": self.seed,
             }
         )
+        if config.distill:
+            from lighten.distill import teacher_term
+
+            teacher = copy.deepcopy(self.baseline)
+            loss_terms = [*loss_terms, teacher_term(teacher, weight=config.distill,
+                                                    temperature=config.temperature)]
         train(model, self.data.train, cfg, loss_terms=loss_terms, callbacks=callbacks,
               progress=self.progress)
         return model
