@@ -1,7 +1,10 @@
 """Compressed models on disk: one ``.safetensors`` file whose size is the real, reported size.
 
-The JSON manifest lives in the safetensors metadata under ``"lighten"``. It says how to rebuild the
-model without executing or unpickling anything from the file:
+The JSON manifest lives in the safetensors metadata under ``"lighten"``, zlib-compressed (level 9)
+and base64-encoded inside a small envelope ``{"format", "version", "zlib"}`` -- an envelope, so an
+older lighten still reads the version and asks for an upgrade. Version 1 files (plain JSON
+manifest, every tensor its own safetensors entry) load unchanged. The manifest says how to rebuild
+the model without executing or unpickling anything from the file:
 
 * ``model_spec``: how to build the original architecture (``lighten.models.build_model``);
 * ``modules``: registered custom modules (``lighten.modules``) as ``{path, type, config}``;
@@ -11,21 +14,30 @@ model without executing or unpickling anything from the file:
 * ``values`` (only when non-empty): plain int/float/bool attributes of other modules that differ
   from the fresh model (a head count after attention-head pruning, ``use_nested_tensor``) as
   ``{path, name, value}``; the loader sets only attributes the skeleton already has, same type;
-* ``tensors``: per state_dict entry ``{encoding, dtype, shape}``. ``dense`` stores the tensor as
-  is (int8 stays int8); ``sparse_bitmask`` stores a packed bit mask (``numpy.packbits``) plus the
-  non-zero values, chosen whenever that is smaller; ``alias`` marks tied tensors, stored once.
-  Integer tensors whose values span fewer bits than their dtype (int4 weights in int8
-  containers) are stored ``packed_bits``: ``value - offset`` in ``bits`` bits per element
-  (:func:`pack_bits`, little-endian, so 4-bit values go two per byte, first in the low nibble);
+* ``tensors``: per state_dict entry ``{encoding, dtype, shape}``, left out for ``dense`` tensors
+  (their stored dtype and shape say it all; :func:`load_artifact` fills them back in). ``dense``
+  stores the tensor as is (int8 stays int8); ``sparse_bitmask`` stores a packed bit mask
+  (``numpy.packbits``) plus the non-zero values, chosen whenever that is smaller; ``alias``
+  marks tied tensors, stored once. Integer tensors whose values span fewer bits than their
+  dtype (int4 weights in int8 containers) are stored ``packed_bits``: ``value - offset`` in
+  ``bits`` bits per element (:func:`pack_bits`, little-endian, so 4-bit values go two per byte,
+  first in the low nibble);
   ``sparse_packed_bits`` is the bit mask plus the non-zero values packed that way. The saver
   picks the smallest encoding per tensor; every one round-trips bit for bit.
+* ``blob`` (version 2): stored parts of at most ``TINY_BYTES`` (biases, scales, zero points, BN
+  statistics) are joined into one uint8 tensor ``#blob``; ``blob`` lists ``[key, dtype, shape]``
+  in storage order (:func:`lighten.codecs.join_tensors`), so the safetensors header holds a handful
+  of entries instead of hundreds, while large tensors stay plain entries any safetensors tool reads.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 import json
 import math
 import os
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -34,10 +46,13 @@ import torch
 from torch import nn
 
 from lighten.codecs import (
+    RAW_DTYPES,
+    join_tensors,
     nonzero_mask,
     pack_bitmask,
     pack_bits,
     packed_width,
+    split_tensors,
     unpack_bitmask,
     unpack_bits,
 )
@@ -46,8 +61,14 @@ from lighten.modules import get_module_type, get_submodule, registered_key, set_
 from lighten.provenance import atomic_write_bytes
 
 FORMAT = "lighten-artifact"
-VERSION = 1
+VERSION = 2
 METADATA_KEY = "lighten"
+BLOB_KEY = "#blob"
+# Stored parts up to this size go into the blob: a safetensors header entry costs ~80 bytes plus
+# the name, a blob index entry ~15 compressed bytes. 1 KiB = 256 float32 values.
+TINY_BYTES = 1024
+# Decompressed manifests above this are refused (a zlib bomb in a downloaded file).
+_MAX_MANIFEST_BYTES = 64 << 20
 
 _CONV = ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation", "groups",
          "bias", "padding_mode")
@@ -86,16 +107,20 @@ def save_artifact(model: nn.Module, path: str | os.PathLike, *, model_spec: dict
     modules = _custom_modules(model)
     covered = [m["path"] for m in modules]
     fresh = _fresh_model(model_spec, shape, num_classes)
-    tensors, entries = _encode_state(model.state_dict())
+    parts, entries = _encode_state(model.state_dict())
+    tensors, blob_index = _join_tiny(parts)
     manifest = {
         "format": FORMAT, "version": VERSION,
         "model_spec": model_spec, "input_shape": shape, "num_classes": num_classes,
         "modules": modules, "shapes": _changed_layers(model, fresh, skip=covered),
-        "tensors": entries, "meta": meta or {},
+        "tensors": {k: e for k, e in entries.items() if e["encoding"] != "dense" or "#" in k},
+        "meta": meta or {},
     }
     values = _changed_values(model, fresh, skip=covered)
     if values:
         manifest["values"] = values
+    if blob_index:
+        manifest["blob"] = blob_index
     try:
         text = json.dumps(manifest, sort_keys=True, separators=(",", ":"))
     except (TypeError, ValueError) as err:
@@ -103,8 +128,30 @@ def save_artifact(model: nn.Module, path: str | os.PathLike, *, model_spec: dict
                               "meta and artifact_config() must hold plain JSON values") from None
     from safetensors.torch import save
 
-    data = save(tensors, metadata={"format": "pt", METADATA_KEY: text})
+    data = save(tensors, metadata={"format": "pt", METADATA_KEY: _envelope(text)})
     return atomic_write_bytes(path, data)
+
+
+def _envelope(text: str) -> str:
+    """The manifest as stored: compressed, base64 (metadata values must be strings)."""
+    packed = base64.b64encode(zlib.compress(text.encode("utf-8"), 9)).decode("ascii")
+    return json.dumps({"format": FORMAT, "version": VERSION, "zlib": packed},
+                      separators=(",", ":"))
+
+
+def _join_tiny(parts: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], list[list]]:
+    """Parts of at most TINY_BYTES go into one blob tensor; returns (tensors to save, index)."""
+    if BLOB_KEY in parts:
+        raise CheckpointError(f"state_dict key {BLOB_KEY!r} clashes with the artifact's blob of "
+                              "small tensors; rename that parameter or buffer")
+    tiny = {k: t for k, t in parts.items()
+            if t.nbytes <= TINY_BYTES and t.dtype in RAW_DTYPES}
+    if not tiny:
+        return parts, []
+    blob, index = join_tensors(tiny)
+    stored = {k: t for k, t in parts.items() if k not in tiny}
+    stored[BLOB_KEY] = blob
+    return stored, index
 
 
 def _custom_modules(model: nn.Module) -> list[dict]:
@@ -241,26 +288,28 @@ def _encode_state(state: dict) -> tuple[dict, dict]:
 def _encode_tensor(name: str, t: torch.Tensor, entry: dict) -> dict[str, torch.Tensor]:
     """Pick the smallest of dense, sparse_bitmask and (integers) packed_bits/sparse_packed_bits.
 
-    Each candidate's size counts the extra safetensors header entries it needs (~80 bytes each).
+    Each candidate's size counts the index entries its parts need (:func:`_part_cost`) and, for
+    encodings other than dense, the manifest entry that names them.
     """
     n, itemsize = t.numel(), t.element_size()
-    candidates: dict[str, int] = {"dense": n * itemsize}
+    candidates: dict[str, int] = {"dense": _part_cost(name, n * itemsize)}
     nonzero = nnz = None
     if n > 0:
         nonzero = nonzero_mask(t)
         nnz = int(nonzero.sum())
-        candidates["sparse_bitmask"] = math.ceil(n / 8) + nnz * itemsize + len(name) + 80
+        mask = _part_cost(name, math.ceil(n / 8)) + _ENTRY_COST
+        candidates["sparse_bitmask"] = mask + _part_cost(name, nnz * itemsize)
         if t.dtype in _PACKABLE:
             flat = t.reshape(-1)
             bits, offset = packed_width(flat)
             if bits < itemsize * 8:
-                candidates["packed_bits"] = math.ceil(n * bits / 8) + len(name) + 80
+                candidates["packed_bits"] = _part_cost(name, math.ceil(n * bits / 8)) + (
+                    _ENTRY_COST)
             if 0 < nnz < n:
                 sbits, soffset = packed_width(flat[nonzero])
                 if sbits < itemsize * 8:
-                    packed = math.ceil(nnz * sbits / 8)
-                    candidates["sparse_packed_bits"] = math.ceil(n / 8) + packed + 2 * (
-                        len(name) + 80)
+                    candidates["sparse_packed_bits"] = mask + _part_cost(
+                        name, math.ceil(nnz * sbits / 8))
     encoding = min(candidates, key=lambda k: (candidates[k], k != "dense"))
     if "packed" in encoding:  # bit-packing must pay for itself (see _PACK_MIN_GAIN)
         plain = min(candidates[k] for k in ("dense", "sparse_bitmask") if k in candidates)
@@ -281,6 +330,14 @@ def _encode_tensor(name: str, t: torch.Tensor, entry: dict) -> dict[str, torch.T
     return {f"{name}#mask": mask, f"{name}#packed": pack_bits(values, bits=sbits, offset=soffset)}
 
 
+def _part_cost(name: str, nbytes: int) -> int:
+    """Bytes one stored part costs: its data plus a blob index or safetensors header entry."""
+    return nbytes + (_BLOB_ENTRY_COST if nbytes <= TINY_BYTES else len(name) + 80)
+
+
+# Rough compressed sizes of a blob index entry and of a manifest `tensors` entry.
+_BLOB_ENTRY_COST = 12
+_ENTRY_COST = 16
 # Packing is chosen only when it saves at least this fraction over dense/sparse_bitmask: a plain
 # int8 tensor stays readable by any safetensors tool and loads without unpacking, so 7-bit values
 # (PTQ's reduce_range weights, 12.5% smaller packed) stay dense while 2..6-bit ones are packed.
@@ -318,15 +375,40 @@ def load_artifact(path: str | os.PathLike, *,
             raise CheckpointError(f"{path} manifest has an invalid 'values'; re-save it")
         for entry in values:
             _restore_value(path, model, entry)
+    entries, stored = _read_stored(path, manifest)
+    state = _decode_state(path, entries, stored)
+    _check_fits(path, model, state)
+    _match_dtypes(model, state)
+    model.load_state_dict(state, strict=True)
+    manifest = {k: v for k, v in manifest.items() if k != "blob"}
+    return model.eval(), {**manifest, "tensors": entries}
+
+
+def _read_stored(path: Path, manifest: dict) -> tuple[dict, dict[str, torch.Tensor]]:
+    """(every tensor's manifest entry, stored parts by key) with the blob split back apart."""
     from safetensors import safe_open
 
     with safe_open(path, framework="pt") as f:
         stored = {key: f.get_tensor(key) for key in f.keys()}
-    state = _decode_state(path, manifest["tensors"], stored)
-    _check_fits(path, model, state)
-    _match_dtypes(model, state)
-    model.load_state_dict(state, strict=True)
-    return model.eval(), manifest
+    if "blob" in manifest:
+        blob = _stored(path, stored, BLOB_KEY)
+        del stored[BLOB_KEY]
+        try:
+            parts = split_tensors(blob, manifest["blob"])
+        except ValueError as err:
+            raise CheckpointError(f"{path}: its blob of small tensors is corrupt ({err}); "
+                                  "re-save it") from None
+        clash = next((k for k in parts if k in stored), None)
+        if clash is not None:
+            raise CheckpointError(f"{path} stores {clash!r} twice (in the blob and on its own); "
+                                  "the file is corrupt, re-save it")
+        stored.update(parts)
+    entries = dict(manifest["tensors"])
+    for key, t in stored.items():  # dense tensors have no entry since version 2
+        if "#" not in key and key not in entries:
+            entries[key] = {"encoding": "dense", "dtype": str(t.dtype).removeprefix("torch."),
+                            "shape": list(t.shape)}
+    return entries, stored
 
 
 def _read_manifest(path: Path) -> dict:
@@ -340,10 +422,12 @@ def _read_manifest(path: Path) -> dict:
             metadata = f.metadata() or {}
     except Exception as err:  # safetensors raises its own SafetensorError for any bad header
         with open(path, "rb") as f:
-            head = f.read(2)
-        # torch.save writes a zip (PK..) or, in the legacy format, a pickle (0x80, protocol).
-        if head == b"PK" or (head[:1] == b"\x80" and head[1:2] in b"\x02\x03\x04\x05") \
-                or path.suffix in (".pt", ".pth", ".pkl", ".ckpt"):
+            head = f.read(3)
+        # torch.save writes a zip (PK..) or, in the legacy format, a pickle (0x80, protocol, an
+        # opcode). A safetensors header length can start 0x80 0x02 too, but then a zero byte.
+        pickled = head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05") \
+            and head[2:3] not in (b"", b"\x00")
+        if head[:2] == b"PK" or pickled or path.suffix in (".pt", ".pth", ".pkl", ".ckpt"):
             raise CheckpointError(f"{path} is a pickle/torch.save file; {_PICKLE_HINT}") from None
         detail = str(err).splitlines()[0] if str(err) else type(err).__name__
         raise CheckpointError(f"{path} is truncated or corrupt ({detail}); re-save it") from None
@@ -354,6 +438,21 @@ def _read_manifest(path: Path) -> dict:
         manifest = json.loads(metadata[METADATA_KEY])
     except json.JSONDecodeError as err:
         raise CheckpointError(f"{path} has a corrupt manifest ({err}); re-save it") from None
+    _check_header(path, manifest)
+    if "zlib" in manifest:
+        manifest = _inflate(path, manifest["zlib"])
+        _check_header(path, manifest)
+    for key, kind in (("model_spec", dict), ("input_shape", list), ("num_classes", int),
+                      ("modules", list), ("shapes", list), ("tensors", dict), ("meta", dict)):
+        if not isinstance(manifest.get(key), kind):
+            raise CheckpointError(f"{path} manifest lacks a valid {key!r}; re-save it")
+    if not isinstance(manifest.get("blob", []), list):
+        raise CheckpointError(f"{path} manifest lacks a valid 'blob'; re-save it")
+    return manifest
+
+
+def _check_header(path: Path, manifest: Any) -> None:
+    """Format and version of the envelope (version 2) or of the manifest itself."""
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not a lighten artifact (unknown manifest format); use "
                               "lighten.models.load_weights for plain weights")
@@ -363,11 +462,25 @@ def _read_manifest(path: Path) -> dict:
     if version > VERSION:
         raise CheckpointError(f"{path} has manifest version {version}, newer than this lighten "
                               f"supports ({VERSION}); upgrade lighten")
-    for key, kind in (("model_spec", dict), ("input_shape", list), ("num_classes", int),
-                      ("modules", list), ("shapes", list), ("tensors", dict), ("meta", dict)):
-        if not isinstance(manifest.get(key), kind):
-            raise CheckpointError(f"{path} manifest lacks a valid {key!r}; re-save it")
-    return manifest
+
+
+def _inflate(path: Path, packed: Any) -> Any:
+    """base64 + zlib -> JSON, bounded in size; any damage is one CheckpointError line."""
+    try:
+        if not isinstance(packed, str):
+            raise ValueError(f"'zlib' holds {type(packed).__name__}, not text")
+        raw = base64.b64decode(packed, validate=True)
+        inflater = zlib.decompressobj()
+        text = inflater.decompress(raw, _MAX_MANIFEST_BYTES)
+        if inflater.unconsumed_tail:
+            raise ValueError(f"it inflates past {_MAX_MANIFEST_BYTES} bytes")
+        if not inflater.eof:
+            raise ValueError("the zlib stream is truncated")
+        return json.loads(text)
+    except (ValueError, binascii.Error, zlib.error) as err:  # JSON and UTF-8 errors included
+        detail = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise CheckpointError(f"{path} has a corrupt compressed manifest ({detail}); "
+                              "re-save it") from None
 
 
 def _build_from_spec(path: Path, manifest: dict) -> nn.Module:
@@ -561,23 +674,14 @@ def artifact_bytes(path: str | os.PathLike) -> int:
 def describe_artifact(path: str | os.PathLike) -> list[dict]:
     """Per tensor: name, encoding, dtype, shape and the bytes it takes in the file."""
     path = Path(path)
-    manifest = _read_manifest(path)
-    spans = _stored_spans(path)
+    entries, parts = _read_stored(path, _read_manifest(path))
     rows = []
-    for name, entry in manifest["tensors"].items():
+    for name, entry in entries.items():
         keys = {"dense": [name], "sparse_bitmask": [f"{name}#mask", f"{name}#values"],
                 "packed_bits": [f"{name}#packed"],
                 "sparse_packed_bits": [f"{name}#mask", f"{name}#packed"]}
-        stored = sum(spans.get(k, 0) for k in keys.get(entry["encoding"], []))
+        stored = sum(parts[k].nbytes for k in keys.get(entry["encoding"], []) if k in parts)
         rows.append({"name": name, "encoding": entry["encoding"], "dtype": entry["dtype"],
                      "shape": entry["shape"], "bytes": stored})
     return rows
 
-
-def _stored_spans(path: Path) -> dict[str, int]:
-    """Bytes per stored tensor, from the safetensors header (already validated)."""
-    with open(path, "rb") as f:
-        header_len = int.from_bytes(f.read(8), "little")
-        header = json.loads(f.read(header_len))
-    return {k: v["data_offsets"][1] - v["data_offsets"][0]
-            for k, v in header.items() if k != "__metadata__"}

@@ -1,4 +1,5 @@
-"""Lossless bit-level codecs for artifact tensors: packed b-bit integers and sparse bit masks.
+"""Lossless bit-level codecs for artifact tensors: packed b-bit integers, sparse bit masks, and
+many small tensors joined into one byte blob.
 
 Pure functions on tensors, no file format: :mod:`lighten.artifact` decides which encoding a
 tensor gets and records it in the manifest.
@@ -11,8 +12,8 @@ import math
 import numpy as np
 import torch
 
-__all__ = ["nonzero_mask", "pack_bitmask", "pack_bits", "packed_width", "unpack_bitmask",
-           "unpack_bits"]
+__all__ = ["RAW_DTYPES", "join_tensors", "nonzero_mask", "pack_bitmask", "pack_bits",
+           "packed_width", "split_tensors", "unpack_bitmask", "unpack_bits"]
 
 
 def packed_width(values: torch.Tensor) -> tuple[int, int]:
@@ -91,3 +92,60 @@ def nonzero_mask(t: torch.Tensor) -> torch.Tensor:
     """True where the value is not zero. NaNs are kept with their payload; -0.0 counts as zero
     (pruning by ``w * mask`` leaves many) and comes back as +0.0, an equal value."""
     return t.reshape(-1) != 0
+
+
+# dtypes whose bytes are plainly their values (what safetensors stores); not quantized types.
+RAW_DTYPES = frozenset(getattr(torch, name) for name in (
+    "bool", "uint8", "int8", "int16", "int32", "int64", "uint16", "uint32", "uint64", "float16",
+    "bfloat16", "float32", "float64", "float8_e4m3fn", "float8_e5m2", "complex64")
+    if hasattr(torch, name))
+
+
+def join_tensors(parts: dict[str, torch.Tensor]) -> tuple[torch.Tensor, list[list]]:
+    """Many small tensors -> one uint8 tensor of their raw bytes end to end, plus the index.
+
+    The index is ``[[key, dtype, shape], ...]`` in storage order; offsets follow from
+    dtype x shape, so it holds no numbers that would not compress. Bytes are the tensors' own
+    (little-endian on every platform torch runs on), so :func:`split_tensors` is bit-exact.
+    """
+    chunks, index = [], []
+    for key, t in parts.items():
+        if t.dtype not in RAW_DTYPES:
+            raise ValueError(f"{key!r} is {t.dtype}, whose bytes are not plain values")
+        t = t.detach().cpu().contiguous()
+        chunks.append(t.reshape(-1).view(torch.uint8))  # (numel * itemsize,)
+        index.append([key, str(t.dtype).removeprefix("torch."), list(t.shape)])
+    blob = torch.cat(chunks) if chunks else torch.zeros(0, dtype=torch.uint8)
+    return blob, index
+
+
+def split_tensors(blob: torch.Tensor, index: list) -> dict[str, torch.Tensor]:
+    """Inverse of :func:`join_tensors`; ValueError names the first entry that does not fit."""
+    if blob.dtype != torch.uint8 or blob.dim() != 1:
+        raise ValueError(f"blob is {blob.dtype} of shape {tuple(blob.shape)}, not 1-D uint8")
+    if not isinstance(index, list):
+        raise ValueError(f"index is {type(index).__name__}, not a list")
+    parts: dict[str, torch.Tensor] = {}
+    start = 0
+    for item in index:
+        key, dtype, shape = _index_entry(item)
+        if key in parts:
+            raise ValueError(f"{key!r} is listed twice")
+        end = start + math.prod(shape) * dtype.itemsize
+        if end > blob.numel():
+            raise ValueError(f"{key!r} ends at byte {end}, past the blob's {blob.numel()}")
+        parts[key] = blob[start:end].clone().view(dtype).reshape(shape)  # own aligned storage
+        start = end
+    if start != blob.numel():
+        raise ValueError(f"the index covers {start} of the blob's {blob.numel()} bytes")
+    return parts
+
+
+def _index_entry(item) -> tuple[str, torch.dtype, tuple[int, ...]]:
+    ok = isinstance(item, list) and len(item) == 3 and isinstance(item[0], str)
+    dtype = getattr(torch, item[1], None) if ok and isinstance(item[1], str) else None
+    shape = item[2] if ok else None
+    if (dtype not in RAW_DTYPES or not isinstance(shape, list)
+            or not all(type(d) is int and d >= 0 for d in shape)):
+        raise ValueError(f"index entry {item!r} is not [key, dtype, shape]")
+    return item[0], dtype, tuple(shape)

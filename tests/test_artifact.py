@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import math
+import zlib
 
 import pytest
 import torch
@@ -107,7 +109,7 @@ def test_dense_round_trip_is_exact(tmp_path):
     assert_same_state(model, loaded)
     assert torch.equal(model(X), loaded(X))
     assert not loaded.training
-    assert manifest["format"] == "lighten-artifact" and manifest["version"] == 1
+    assert manifest["format"] == "lighten-artifact" and manifest["version"] == 2
     assert manifest["meta"] == {"stage": "baseline"} and manifest["input_shape"] == [1, 8, 8]
     assert {e["encoding"] for e in manifest["tensors"].values()} == {"dense"}
     rows = describe_artifact(path)
@@ -286,14 +288,26 @@ def saved(tmp_path):
     return path
 
 
-def rewrite_manifest(path, edit) -> None:
-    """Re-save ``path`` with ``edit(manifest)`` applied: forge a file from the future or a bug."""
+def read_stored_manifest(path) -> tuple[dict, dict]:
+    """(stored tensors, manifest as stored): the documented envelope, decoded by hand."""
     with safe_open(path, framework="pt") as f:
         tensors = {k: f.get_tensor(k) for k in f.keys()}
-        meta = f.metadata()
-    manifest = json.loads(meta["lighten"])
+        envelope = json.loads(f.metadata()["lighten"])
+    assert set(envelope) == {"format", "version", "zlib"}
+    return tensors, json.loads(zlib.decompress(base64.b64decode(envelope["zlib"])))
+
+
+def write_stored_manifest(path, tensors: dict, manifest: dict) -> None:
+    text = base64.b64encode(zlib.compress(json.dumps(manifest).encode())).decode()
+    envelope = {"format": manifest["format"], "version": manifest["version"], "zlib": text}
+    save_file(tensors, path, metadata={"lighten": json.dumps(envelope)})
+
+
+def rewrite_manifest(path, edit) -> None:
+    """Re-save ``path`` with ``edit(manifest)`` applied: forge a file from the future or a bug."""
+    tensors, manifest = read_stored_manifest(path)
     edit(manifest)
-    save_file(tensors, path, metadata={"lighten": json.dumps(manifest)})
+    write_stored_manifest(path, tensors, manifest)
 
 
 def expect_error(match: str, path, **kwargs) -> str:
@@ -343,8 +357,18 @@ def test_unknown_module_type(saved):
 
 
 def test_tensor_shape_mismatch_in_manifest(saved):
-    rewrite_manifest(saved, lambda m: m["tensors"]["head.bias"].update(shape=[11]))
+    entry = {"encoding": "dense", "dtype": "float32", "shape": [11]}  # head.bias holds 10
+    rewrite_manifest(saved, lambda m: m["tensors"].update({"head.bias": entry}))
     expect_error("'head.bias' is .* manifest says", saved, model=SmallCNN())
+
+
+def test_blob_index_that_does_not_fit_the_blob(saved):
+    def grow_bias(manifest):
+        row = next(r for r in manifest["blob"] if r[0] == "head.bias")
+        row[2] = [11]
+
+    rewrite_manifest(saved, grow_bias)
+    expect_error("blob of small tensors is corrupt", saved, model=SmallCNN())
 
 
 def test_model_that_does_not_fit(saved):
@@ -513,10 +537,13 @@ def test_module_type_keys_and_lookup():
 
 
 def test_bytes_roundtrip_of_plain_save_matches_safetensors(tmp_path):
-    """The file is plain safetensors: other tools can read the tensors without lighten."""
-    model = randomized(SmallCNN())
+    """The file is plain safetensors: other tools read the large tensors without lighten."""
+    model = randomized(SmallCNN(c1=16, c2=32))
     path = tmp_path / "m.safetensors"
     save_artifact(model, path, model_spec=SPEC, input_shape=(1, 8, 8), num_classes=10)
     with safe_open(path, framework="pt") as f:
-        assert torch.equal(f.get_tensor("head.weight"), model.head.weight)
-    assert len(save(model.state_dict())) < path.stat().st_size  # only the manifest on top
+        assert torch.equal(f.get_tensor("features.3.weight"), model.features[3].weight)
+        assert torch.equal(f.get_tensor("head.weight"), model.head.weight)  # 1280 bytes
+        assert "head.bias" not in f.keys()  # 40 bytes: in the blob
+    # 13 tensors, 4 safetensors entries: smaller than a plain save despite the manifest.
+    assert path.stat().st_size < len(save(model.state_dict()))

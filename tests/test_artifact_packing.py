@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import math
+import zlib
 
 import pytest
 import torch
@@ -144,9 +146,11 @@ def test_corrupt_packed_entry_is_one_clear_error(tmp_path):
     _, _, _, path = save_load(tmp_path, q=q)
     with safe_open(path, framework="pt") as f:
         tensors = {k: f.get_tensor(k) for k in f.keys()}
-        manifest = json.loads(f.metadata()["lighten"])
+        envelope = json.loads(f.metadata()["lighten"])
+    manifest = json.loads(zlib.decompress(base64.b64decode(envelope["zlib"])))
     manifest["tensors"]["q"]["bits"] = 5
-    save_file(tensors, path, metadata={"lighten": json.dumps(manifest)})
+    envelope["zlib"] = base64.b64encode(zlib.compress(json.dumps(manifest).encode())).decode()
+    save_file(tensors, path, metadata={"lighten": json.dumps(envelope)})
     with pytest.raises(CheckpointError, match="holds 500 bytes, not 625") as info:
         load_artifact(path, model=holder(q=torch.zeros_like(q)))
     assert "\n" not in str(info.value)
