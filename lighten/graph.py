@@ -265,6 +265,31 @@ def _permutation(node: fx.Node, rank: int) -> list[int]:
     return [d % rank for d in dims]
 
 
+def _axis_after_index(index, axis: int, rank: int) -> int | None:
+    """Where ``axis`` lands after ``x[index]`` when the index only holds full slices (``:``),
+    ``None`` (new axes) and one ``...``; None for any index that could drop or select."""
+    items = list(index) if isinstance(index, tuple) else [index]
+    full = slice(None)
+    if not all(i is None or i is Ellipsis or i == full for i in items) \
+            or items.count(Ellipsis) > 1:
+        return None
+    if Ellipsis in items:
+        taken = sum(1 for i in items if i == full)
+        at = items.index(Ellipsis)
+        items[at:at + 1] = [full] * (rank - taken)
+    out = 0
+    dim = 0
+    for item in items:
+        if item is None:
+            out += 1
+            continue
+        if dim == axis:
+            return out
+        dim += 1
+        out += 1
+    return out + axis - dim  # the channel axis is past the index: shifted by the new axes
+
+
 class _Untied(Exception):
     """Channels cannot be tied into equal groups (the caller pins or refuses)."""
 
@@ -701,9 +726,16 @@ class _Analysis:
     def _meta(self, node: fx.Node) -> None:
         return None
 
-    def _getitem(self, node: fx.Node) -> None:
+    def _getitem(self, node: fx.Node) -> _Layout | None:
+        """Indexing that only adds axes (``s[:, :, None, None]``, an SE gate) moves the channel
+        axis; any other indexing of a followed tensor may select channels and is refused."""
         src = node.args[0]
         if isinstance(src, fx.Node) and self.layouts.get(src) is not None:
-            raise UnsupportedError(f"{_where(node)}: indexing a tensor ({_op_name(node)}) may "
-                                   "select channels; structured pruning cannot follow it")
+            x = self._input(node)
+            axis = _axis_after_index(node.args[1], x.axis, len(_shape(src)))
+            if axis is None:
+                raise UnsupportedError(f"{_where(node)}: indexing a tensor ({_op_name(node)}) "
+                                       "may select channels; structured pruning cannot follow "
+                                       "it")
+            return _Layout(axis, x.segs)
         return None

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 
 if TYPE_CHECKING:
@@ -36,6 +36,13 @@ class FinetuneConfig(StrictModel):
     distill: float = Field(0.0, ge=0, description="weight of a soft-target loss from the "
                            "recipe's baseline model (the teacher); 0 = labels only")
     temperature: float = Field(4.0, gt=0, description="softmax temperature for distill")
+
+    @model_validator(mode="after")
+    def _temperature_needs_distill(self):
+        if "temperature" in self.model_fields_set and not self.distill:
+            raise ValueError("finetune temperature only applies with distill > 0; set distill "
+                             "(e.g. 0.5) or remove temperature")
+        return self
 
 
 class StepConfig(StrictModel):

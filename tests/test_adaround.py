@@ -99,7 +99,8 @@ def test_end_to_end_export_and_artifact_round_trip(tmp_path):
     calib, held_out = x[:32], x[32:]
     outputs = {}
     for method in ("rtn", "adaround"):
-        cfg = WeightOnlyConfig(bits=3, group_size=16, method=method, adaround_iters=80)
+        extra = {"adaround_iters": 80} if method == "adaround" else {}
+        cfg = WeightOnlyConfig(bits=3, group_size=16, method=method, **extra)
         q = quantize_weight_only_(copy.deepcopy(model), cfg, [calib[:16], (calib[16:], None)])
         with torch.no_grad():
             outputs[method] = float((q(held_out) - model(held_out)).pow(2).mean())

@@ -7,6 +7,7 @@ One MAC = two FLOPs (the counter counts multiply and add separately).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -38,7 +39,16 @@ def _sdpa_cpu_flops(query_shape, key_shape, value_shape, *args, out_shape=None, 
     return sdpa_flop_count(query_shape, key_shape, value_shape)
 
 
-_CUSTOM_FLOPS = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _sdpa_cpu_flops}
+def _mkldnn_lstm_flops(input_shape, w_ih_shape, w_hh_shape, *args, out_shape=None,
+                       **kwargs) -> int:
+    """One direction of one nn.LSTM layer on CPU (a fused kernel the counter does not know):
+    every step multiplies its input by ``W_ih (4H, I)`` and its state by ``W_hh (4H, H)``."""
+    rows = math.prod(input_shape[:-1])  # steps x batch
+    return 2 * rows * (math.prod(w_ih_shape) + math.prod(w_hh_shape))
+
+
+_CUSTOM_FLOPS = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _sdpa_cpu_flops,
+                 torch.ops.aten.mkldnn_rnn_layer: _mkldnn_lstm_flops}
 
 
 def _trace(model: nn.Module, input_shape) -> FlopCounterMode:

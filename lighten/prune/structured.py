@@ -11,6 +11,7 @@ repeats prune -> fine-tune ``iterative_steps`` times.
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Literal
@@ -122,9 +123,21 @@ def plan_keep(groups: list[Group], scores: list[torch.Tensor | None], ratio: flo
                      else torch.arange(group.size))
             keeps.append(order[n_remove:].sort().values)
     if round_to and round_to > 1:
-        keeps = [_round_up(keep, group.size, s, round_to)
+        keeps = [_round_up(keep, group.size, s, _round_step(group, round_to))
                  for keep, group, s in zip(keeps, groups, scores, strict=True)]
     return keeps
+
+
+def _round_step(group: Group, round_to: int) -> int:
+    """Group channels per ``round_to`` layer channels. One group channel can be several channels
+    of a layer (a grouped conv keeps the same channels in each of its g groups), so widths are
+    multiples of ``round_to`` once the group keeps multiples of ``round_to / gcd(round_to, k)``,
+    ``k`` = layer channels per group channel."""
+    per_layer: dict[str, int] = {}
+    for m in group.producers():
+        per_layer[m.module] = per_layer.get(m.module, 0) + m.block
+    k = max(per_layer.values(), default=1)
+    return round_to // math.gcd(round_to, k)
 
 
 def _round_up(keep: torch.Tensor, size: int, scores: torch.Tensor | None, multiple: int,
@@ -233,7 +246,8 @@ def _fill_to_goal(model, groups, scores, keeps, *, what: str, goal: float, input
         if best is None:
             return keeps
         g = best[1]
-        grown = _round_up(keeps[g], groups[g].size, scores[g], step, at_least=len(keeps[g]) + 1)
+        grown = _round_up(keeps[g], groups[g].size, scores[g], _round_step(groups[g], step),
+                          at_least=len(keeps[g]) + 1)
         candidate = keeps[:g] + [grown] + keeps[g + 1:]
         if value(candidate) <= goal:
             keeps = candidate

@@ -18,7 +18,7 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from torch import nn
 
 from lighten.errors import DataError, UnsupportedError
@@ -60,6 +60,15 @@ class WeightOnlyConfig(StepConfig):
             raise ValueError("group_size must be a positive number of columns, or -1 for one "
                              "group per output channel")
         return v
+
+    @model_validator(mode="after")
+    def _adaround_options(self):
+        given = sorted(k for k in ("adaround_iters", "adaround_reg")
+                       if k in self.model_fields_set)
+        if given and self.method != "adaround":
+            raise ValueError(f"{', '.join(given)} only apply to method: adaround (method is "
+                             f"{self.method}); set method: adaround or remove them")
+        return self
 
 
 # ----------------------------------------------------------------------------- grid math
