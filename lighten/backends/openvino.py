@@ -126,14 +126,17 @@ class OpenVinoBackend:
         path = Path(path)
         if not path.exists():
             raise BackendError(f"openvino: no model file at {path}; export it first")
+        # f32 pinned: on CPUs with AVX512-BF16 / AMX, OpenVINO would otherwise run every float
+        # layer in bf16 (logits off by ~1%), so a "float" row would not be float. int8 layers
+        # of a QDQ file still run in int8.
         config = {"INFERENCE_NUM_THREADS": self.threads, "NUM_STREAMS": 1,
-                  "PERFORMANCE_HINT": "LATENCY"}
+                  "PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": "f32"}
         try:
             compiled = ov.Core().compile_model(str(path), "CPU", config)
         except Exception as exc:  # OpenVINO raises bare RuntimeError with multi-line text
             raise BackendError(f"OpenVINO cannot compile {path}: "
                                f"{str(exc).strip().splitlines()[0]}") from exc
-        precision = compiled.get_property("INFERENCE_PRECISION_HINT")  # f32 unless bf16 CPU
+        precision = compiled.get_property("INFERENCE_PRECISION_HINT")
         info = {"model_path": str(path), "threads": self.threads,
                 "inference_precision": precision.to_string(),
                 **runtime_precisions(compiled)}
