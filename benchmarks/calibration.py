@@ -31,7 +31,7 @@ from lighten.backends import get_backend
 from lighten.data import DataSpec, load_data
 from lighten.measure import accuracy, agreement
 from lighten.models import ModelSpec, build_model, shipped_checkpoint
-from lighten.provenance import atomic_write_text, machine, versions
+from lighten.provenance import atomic_write_text, describe_machine, machine, versions
 from lighten.quant import PTQConfig, quantize_ptq_
 from lighten.quant.quantizer import sqnr_db
 
@@ -132,8 +132,8 @@ def main(argv=None) -> None:
             f"Load average before/after: {load_before[0]:.1f} / {load_after[0]:.1f}.")
     if skipped:
         note += f" Not measured (no checkpoint): {', '.join(skipped)}."
-    note += (f"\n\nCommand: `{command}`. Machine: {info['cpu']}, {info['available_cores']} "
-             f"usable cores, {args.threads} threads; torch {versions().get('torch')}, "
+    note += (f"\n\nCommand: `{command}`. Machine: {describe_machine(info)}, "
+             f"{args.threads} threads; torch {versions().get('torch')}, "
              f"onnxruntime {versions().get('onnxruntime')}.")
     print(md + note)
     RESULTS.mkdir(exist_ok=True)

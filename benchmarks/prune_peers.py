@@ -1,6 +1,7 @@
 """Structured channel pruning side by side with Torch-Pruning on Fashion-MNIST zoo models.
 
     python benchmarks/prune_peers.py [--epochs 2] [--models resnet20 mobilenetv2]
+                                     [--methods 1 3 4] [--threads 1] [--name prune_peers]
 
 Both methods start from the same shipped checkpoint, aim at <= 50% of the baseline MACs with
 L2-magnitude channel importance (classifier untouched, per-layer ratios), and get the very same
@@ -8,7 +9,8 @@ fine-tuning budget from ``lighten.train.train``. MACs and parameters come from o
 (``lighten.measure``) for every row, so the budgets are comparable; latency is the ONNX Runtime
 backend (the deployment target), median of 50 runs. Fine-tuning runs on one torch thread
 because a second core is usually busy; latency uses two ORT threads (the load average is
-recorded). Writes benchmarks/results/prune_peers.{json,md} after each model.
+recorded). Writes benchmarks/results/NAME.{json,md} (``--name``, default prune_peers) after
+each row.
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ import argparse
 import copy
 import json
 import os
+import shlex
+import sys
 import tempfile
 import time
 from functools import partial
@@ -30,7 +34,13 @@ from lighten.backends import get_backend
 from lighten.data import DataSpec, load_data
 from lighten.measure import agreement, count_macs, count_params
 from lighten.models import ModelSpec, build_model, load_weights
-from lighten.provenance import atomic_write_text, machine, versions
+from lighten.provenance import (
+    atomic_write_text,
+    describe_machine,
+    machine,
+    simd_float_width,
+    versions,
+)
 from lighten.prune.structured import ChannelPruneConfig, prune_channels_
 from lighten.train import TrainConfig, evaluate, predict, train
 
@@ -73,8 +83,10 @@ def _classifier(model: nn.Module) -> nn.Module:
 def prune_torch_pruning(model: nn.Module, example: torch.Tensor, *,
                         round_to: int | None = None) -> tuple[nn.Module, str]:
     """Torch-Pruning MetaPruner; its channel ratio is bisected until MACs <= the target.
-    ``round_to=8`` keeps channel counts multiples of 8, which ONNX Runtime's blocked (NCHWc)
-    convolution kernels need: other counts fall back to a slower path."""
+
+    With ``round_to`` Torch-Pruning's MACs are not monotonic in the ratio (at 16 on ResNet-20
+    they jump 52% -> 70% -> 100%), and the target may be out of reach; the ratios on a 0.01 grid
+    are then searched for the largest MACs <= the target, else the smallest MACs reachable."""
     goal = TARGET_MACS * count_macs(model, SHAPE)
 
     def macs(ratio: float) -> int:
@@ -84,17 +96,28 @@ def prune_torch_pruning(model: nn.Module, example: torch.Tensor, *,
     for _ in range(14):
         mid = (lo + hi) / 2
         lo, hi = (lo, mid) if macs(mid) <= goal else (mid, hi)
-    return _tp_prune(model, example, hi, round_to), f"pruning_ratio {hi:.4f} (bisected)"
+    how = f"pruning_ratio {hi:.4f} (bisected)"
+    if round_to and macs(hi) > goal:
+        grid = {r / 100: macs(r / 100) for r in range(1, 96)}
+        fits = {r: m for r, m in grid.items() if m <= goal}
+        hi = (max(fits, key=fits.get) if fits else min(grid, key=grid.get))
+        how = (f"pruning_ratio {hi:.2f} (grid search; "
+               f"{'target reached' if fits else 'target out of reach, closest MACs'})")
+    return _tp_prune(model, example, hi, round_to), how
 
 
+BLOCK = simd_float_width()  # channels per SIMD block on this CPU: what round_to=auto picks
+ROUNDED = f"Torch-Pruning round_to={BLOCK}"
 METHODS = {"lighten prune.channels": prune_lighten,
-           "lighten prune.channels round_to=8": partial(prune_lighten, round_to=8),
+           f"lighten prune.channels round_to=auto ({BLOCK})": partial(prune_lighten,
+                                                                      round_to="auto"),
            "Torch-Pruning": prune_torch_pruning,
-           "Torch-Pruning round_to=8": partial(prune_torch_pruning, round_to=8)}
-# Rounding lands each tool at its own MAC count below the target; this row asks lighten for the
-# MACs Torch-Pruning round_to=8 actually reached, so accuracy and latency compare at equal MACs.
-MATCHED = "lighten prune.channels round_to=8 at Torch-Pruning's MACs"
-MATCH_SOURCE = "Torch-Pruning round_to=8"
+           ROUNDED: partial(prune_torch_pruning, round_to=BLOCK)}
+# Rounding lands each tool at its own MAC count near the target; this row asks lighten for the
+# MACs Torch-Pruning's rounded run actually reached, so accuracy and latency compare at equal
+# MACs.
+MATCHED = f"lighten prune.channels round_to=auto at {ROUNDED}'s MACs"
+MATCH_SOURCE = ROUNDED
 
 
 def finetune(model: nn.Module, data, epochs: float) -> float:
@@ -122,7 +145,8 @@ def measure(model: nn.Module, data, reference: torch.Tensor | None, workdir: Pat
     }, logits
 
 
-def run_model(name: str, data, epochs: float, work: Path, rows: list[dict], save) -> None:
+def run_model(name: str, data, epochs: float, work: Path, rows: list[dict], save,
+              only: set[str] | None = None) -> None:
     """Baseline then every method; ``save()`` after each row so a cut-off run keeps its rows."""
     model = baseline(name)
     example = data.test[:1][0]
@@ -142,10 +166,16 @@ def run_model(name: str, data, epochs: float, work: Path, rows: list[dict], save
         save()
 
     for i, (method, prune) in enumerate(METHODS.items()):
-        run_method(method, prune, str(i))
-    reached = next(r["macs"] for r in rows if r["model"] == name and r["method"] == MATCH_SOURCE)
-    run_method(MATCHED, partial(prune_lighten, target=reached / base["macs"] + 1e-6, round_to=8),
-               "matched")
+        if only is None or method in only:
+            run_method(method, prune, str(i))
+    if only is not None and MATCHED not in only:
+        return
+    reached = next((r["macs"] for r in rows
+                    if r["model"] == name and r["method"] == MATCH_SOURCE), None)
+    if reached is None:
+        return
+    run_method(MATCHED, partial(prune_lighten, target=min(reached / base["macs"] + 1e-6, 0.99),
+                                round_to="auto"), "matched")
 
 
 def _line(row: dict) -> str:
@@ -176,7 +206,7 @@ def markdown(rows: list[dict], epochs: float) -> str:
 def footer(result: dict) -> str:
     m = result["machine"]
     return (f"\n`{result['command']}` -- torch-pruning {result['torch_pruning']}, "
-            f"{m['cpu']} ({m['available_cores']} cores), wall {result['wall_s']:.0f} s, load "
+            f"{describe_machine(m)}, wall {result['wall_s']:.0f} s, load "
             f"average (1 min) {result['loadavg_before'][0]:.1f} before / "
             f"{result['loadavg_after'][0]:.1f} after: latency is noisy on a shared machine.\n")
 
@@ -185,29 +215,36 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--epochs", type=float, default=2)
     parser.add_argument("--models", nargs="+", default=["resnet20", "mobilenetv2"])
+    parser.add_argument("--methods", nargs="+", type=int, default=None,
+                        help="run only these rows, numbered as listed: "
+                        + "; ".join(f"{i}: {m}" for i, m in enumerate([*METHODS, MATCHED])))
+    parser.add_argument("--threads", type=int, default=1, help="torch threads for fine-tuning")
+    parser.add_argument("--name", default="prune_peers",
+                        help="results file stem under benchmarks/results/")
     args = parser.parse_args()
-    torch.set_num_threads(1)
+    torch.set_num_threads(args.threads)
     data = load_data(DataSpec(name="fashion-mnist"))
     load_before, start, rows = os.getloadavg(), time.perf_counter(), []
 
     def save() -> None:
-        result = {"command": "python benchmarks/prune_peers.py --epochs "
-                             f"{args.epochs:g} --models {' '.join(args.models)}",
+        result = {"command": shlex.join(["python", "benchmarks/prune_peers.py", *sys.argv[1:]]),
                   "rows": rows, "epochs": args.epochs, "target_macs": TARGET_MACS,
                   "torch_pruning": metadata.version("torch-pruning"), "versions": versions(),
                   "machine": machine(), "loadavg_before": load_before,
                   "loadavg_after": os.getloadavg(),
                   "wall_s": round(time.perf_counter() - start, 1)}
         RESULTS.mkdir(exist_ok=True)
-        atomic_write_text(RESULTS / "prune_peers.json", json.dumps(result, indent=2) + "\n")
-        atomic_write_text(RESULTS / "prune_peers.md", markdown(rows, args.epochs) + footer(result))
+        atomic_write_text(RESULTS / f"{args.name}.json", json.dumps(result, indent=2) + "\n")
+        atomic_write_text(RESULTS / f"{args.name}.md", markdown(rows, args.epochs) + footer(result))
 
+    names = [*METHODS, MATCHED]
+    only = None if args.methods is None else {names[i] for i in args.methods}
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.models:
             if not (WEIGHTS / f"{name}-fashion-mnist.safetensors").exists():
                 print(f"{name}: no shipped checkpoint yet, skipped", flush=True)
                 continue
-            run_model(name, data, args.epochs, Path(tmp), rows, save)
+            run_model(name, data, args.epochs, Path(tmp), rows, save, only)
     print(markdown(rows, args.epochs))
     print(f"wall {time.perf_counter() - start:.0f} s; load average before {load_before}, "
           f"after {os.getloadavg()}")

@@ -39,7 +39,7 @@ from quant_peers import (
 from lighten.backends import get_backend
 from lighten.data import DataSpec, load_data
 from lighten.measure import count_macs, count_params
-from lighten.provenance import atomic_write_text, machine, versions
+from lighten.provenance import atomic_write_text, describe_machine, machine, versions
 from lighten.registry import get_step
 from lighten.step import StepContext
 from lighten.train import TrainConfig
@@ -160,8 +160,8 @@ def footer(result: dict) -> str:
             f"{TARGET_MACS:.0%}, round_to 8, L2 importance; quant.ptq percentile on {CALIB} "
             f"training images drawn by the step (seeded); NNCF: the first {CALIB}.{limit} "
             f"Latency: medians, {result['threads']} thread(s), {result['runs']} runs at b64 and "
-            f"{4 * result['runs']} at b1, interleaved.\n\n`{result['command']}` -- {m['cpu']} "
-            f"({m['available_cores']} cores), wall {result['wall_s']:.0f} s, load average "
+            f"{4 * result['runs']} at b1, interleaved.\n\n`{result['command']}` -- "
+            f"{describe_machine(m)}, wall {result['wall_s']:.0f} s, load average "
             f"(1 min) {load[0][0]:.1f} before / {load[1][0]:.1f} after (shared machine).\n")
 
 

@@ -35,7 +35,7 @@ from lighten.export import INPUT_NAME, OUTPUT_NAME
 from lighten.measure import accuracy, agreement
 from lighten.measure.latency import median_latency_ms
 from lighten.models import ModelSpec, build_model, shipped_checkpoint
-from lighten.provenance import atomic_write_text, machine, versions
+from lighten.provenance import atomic_write_text, describe_machine, machine, versions
 from lighten.quant import PTQConfig, quantize_ptq_
 
 RESULTS = Path(__file__).parent / "results"
@@ -386,7 +386,7 @@ def main(argv=None) -> None:
             "Conv ceiling (6 x conv 3x3 64->64 + ReLU, 7x7, b64, lighten quant.ptq): ORT "
             f"{conv['onnxruntime']['ratio']:.2f}x, OpenVINO {conv['openvino']['ratio']:.2f}x. "
             "'of int8 ceiling' = speed-up over the same runtime's float / that runtime's matmul "
-            "ceiling. Load average before/after: "
+            f"ceiling. Machine: {describe_machine(machine())}. Load average before/after: "
             f"{load_before[0]:.1f} / {load_after[0]:.1f} (shared machine; medians of "
             f"{args.runs} runs at b64, {4 * args.runs} at b1). Calibration: first {args.calib} "
             f"training images for every method.")

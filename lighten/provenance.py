@@ -58,6 +58,7 @@ def machine() -> dict[str, Any]:
     usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else logical
     return {
         "cpu": _cpu_model(),
+        "cpu_features": cpu_features(),
         "logical_cores": logical,
         "available_cores": usable,
         "cpu_quota": _cgroup_cpu_quota(),
@@ -65,6 +66,40 @@ def machine() -> dict[str, Any]:
         "os": platform.platform(),
         "ram_gb": _total_ram_gb(),
     }
+
+
+# The instruction sets that decide kernel speed: VNNI makes int8 dot products several times
+# faster than fp32, BF16/AMX change what a float runtime computes in. "AMD EPYC" alone hides them.
+SPEED_FEATURES = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_int8")
+
+
+def cpu_features() -> list[str]:
+    """Which of ``SPEED_FEATURES`` this CPU has (empty where /proc/cpuinfo is unreadable)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+                return [f for f in SPEED_FEATURES if f in flags]
+    except OSError:
+        pass
+    return []
+
+
+def simd_float_width() -> int:
+    """fp32 lanes of this CPU's widest vector unit: the channel block CPU runtimes tile
+    convolutions by (ONNX Runtime's NCHWc and oneDNN's nChw16c / nChw8c layouts). A layer
+    whose width is not a multiple is padded up to one, so the channels in between cost as
+    much as the full block."""
+    features = cpu_features()
+    if "avx512f" in features:
+        return 16
+    return 8  # AVX2, and a safe multiple of the 4 lanes of 128-bit units (SSE, NEON)
+
+
+def describe_machine(m: dict[str, Any]) -> str:
+    """One line for a benchmark footer: CPU, usable cores, the kernel-relevant features."""
+    features = "/".join(m.get("cpu_features") or []) or "features unknown"
+    return f"{m['cpu']} ({m['available_cores']} usable cores; {features})"
 
 
 def _cpu_model() -> str:

@@ -1,3 +1,4 @@
+import pytest
 import torch
 from torch import nn
 
@@ -26,3 +27,24 @@ def test_round_to_adds_back_the_best_scored_channels():
     scores = torch.arange(12, dtype=torch.float)  # channel 11 scores best, then 10, ...
     grown = _round_up(keep, 12, scores, 4)
     assert grown.tolist() == [0, 5, 9, 11]
+
+
+@pytest.mark.parametrize(("features", "block"), [(["avx2", "avx512f"], 16), (["avx2"], 8), ([], 8)])
+def test_round_to_auto_uses_the_cpu_channel_block(monkeypatch, features, block):
+    import lighten.provenance as provenance
+
+    monkeypatch.setattr(provenance, "cpu_features", lambda: features)
+    torch.manual_seed(0)
+    model = ZOO["resnet20"](num_classes=10, input_shape=(1, 16, 16)).eval()
+    x = torch.randn(2, 1, 16, 16)
+    report = prune_channels_(model, ChannelPruneConfig(target_macs=0.6, round_to="auto"), x)
+    widths = {m.out_channels for m in model.modules() if isinstance(m, nn.Conv2d)}
+    assert all(w % block == 0 for w in widths), widths
+    assert any(w < 64 for w in widths)
+    assert f"multiples of {block} channels" in " ".join(report.notes)
+
+
+@pytest.mark.parametrize("bad", [0, -8, "fast"])
+def test_round_to_refuses_what_is_not_a_positive_count_or_auto(bad):
+    with pytest.raises(ValueError, match="round_to"):
+        ChannelPruneConfig(target_macs=0.5, round_to=bad)

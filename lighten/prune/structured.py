@@ -17,13 +17,14 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 from torch import nn
 from torch.nn.modules.conv import _ConvNd
 
 from lighten.errors import ModelError, UnsupportedError
 from lighten.graph import Group, channel_groups
 from lighten.modules import require_modules
+from lighten.provenance import simd_float_width
 from lighten.prune.importance import NEEDS_GRADIENTS, accumulate_gradients, make_importance
 from lighten.prune.surgery import axis_length, prune_module_
 from lighten.registry import register_step
@@ -50,9 +51,21 @@ class ChannelPruneConfig(StepConfig):
                               description="modules whose output channels are kept")
     global_ranking: bool = Field(False, description="rank channels across layers, not per layer")
     calibration_samples: int = Field(256, ge=1, description="labelled samples for taylor")
-    round_to: int | None = Field(
-        None, ge=1, description="keep channel counts at multiples of this (e.g. 8): CPU "
-        "kernels are fastest on such widths, so latency falls with MACs")
+    round_to: int | Literal["auto"] | None = Field(
+        None, description="keep channel counts at multiples of this: CPU conv kernels work "
+        "in blocks of 8 (AVX2) or 16 (AVX-512) channels and pad a partial block, so only "
+        "whole blocks removed make the model faster; 'auto' = this CPU's block")
+
+    @field_validator("round_to")
+    @classmethod
+    def _positive_round_to(cls, v):
+        if isinstance(v, int) and v < 1:
+            raise ValueError(f"round_to must be a positive integer or 'auto', got {v}")
+        return v
+
+    def channel_multiple(self) -> int | None:
+        """``round_to`` as a number (``auto`` resolved for the CPU this runs on)."""
+        return simd_float_width() if self.round_to == "auto" else self.round_to
 
     @model_validator(mode="after")
     def _one_target(self):
@@ -283,6 +296,9 @@ def prune_channels_(model: nn.Module, config: ChannelPruneConfig, example_input:
     report = PruneReport(start["macs"], 0, start["params"], 0,
                          sum(g.size for g in groups), 0)
     k = config.iterative_steps
+    round_to = config.channel_multiple()
+    if config.round_to == "auto":
+        report.notes.append(f"round_to auto: multiples of {round_to} channels (this CPU)")
     for i in range(1, k + 1):
         if i > 1:
             groups = prunable_groups(model, example_input, scope=scope, ignore=config.ignore)
@@ -294,12 +310,12 @@ def prune_channels_(model: nn.Module, config: ChannelPruneConfig, example_input:
             goal = start[what] * (1 - (1 - target) * i / k)
             ratio = _ratio_for(model, groups, scores, what=what, goal=goal,
                                input_shape=input_shape, global_ranking=config.global_ranking,
-                               round_to=config.round_to)
+                               round_to=round_to)
         keeps = plan_keep(groups, scores, ratio, global_ranking=config.global_ranking,
-                          round_to=config.round_to)
-        if not config.ratio and config.round_to and config.round_to > 1:
+                          round_to=round_to)
+        if not config.ratio and round_to and round_to > 1:
             keeps = _fill_to_goal(model, groups, scores, keeps, what=what, goal=goal,
-                                  input_shape=input_shape, step=config.round_to)
+                                  input_shape=input_shape, step=round_to)
         apply_keep_(model, groups, keeps)
         model.zero_grad(set_to_none=True)
         if finetune is not None:
