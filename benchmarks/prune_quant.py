@@ -39,7 +39,13 @@ from quant_peers import (
 from lighten.backends import get_backend
 from lighten.data import DataSpec, load_data
 from lighten.measure import count_macs, count_params
-from lighten.provenance import atomic_write_text, describe_machine, machine, versions
+from lighten.provenance import (
+    atomic_write_text,
+    describe_machine,
+    machine,
+    simd_float_width,
+    versions,
+)
 from lighten.registry import get_step
 from lighten.step import StepContext
 from lighten.train import TrainConfig
@@ -53,7 +59,7 @@ PRUNED_INT8 = "lighten prune.channels -> quant.ptq"
 def recipe_steps(epochs: float) -> list[dict]:
     """The two recipe steps, in their YAML form."""
     return [
-        {"prune.channels": {"target_macs": TARGET_MACS, "round_to": 8, "importance": "l2",
+        {"prune.channels": {"target_macs": TARGET_MACS, "round_to": "auto", "importance": "l2",
                             "finetune": {"epochs": epochs, "lr": 0.01}}},
         {"quant.ptq": {"calibration": "percentile", "calib_samples": CALIB}},
     ]
@@ -157,8 +163,9 @@ def footer(result: dict) -> str:
     limit = (f" Fine-tuned on the first {result['limit_train']} training images only (a "
              "validation run, not the benchmark)." if result["limit_train"] else "")
     return (f"Fine-tune: {result['epochs']:g} epoch(s) (SGD lr 0.01, cosine, augment); MAC target "
-            f"{TARGET_MACS:.0%}, round_to 8, L2 importance; quant.ptq percentile on {CALIB} "
-            f"training images drawn by the step (seeded); NNCF: the first {CALIB}.{limit} "
+            f"{TARGET_MACS:.0%}, round_to auto ({simd_float_width()} here), L2 importance; "
+            f"quant.ptq percentile on {CALIB} training images drawn by the step (seeded); "
+            f"NNCF: the first {CALIB}.{limit} "
             f"Latency: medians, {result['threads']} thread(s), {result['runs']} runs at b64 and "
             f"{4 * result['runs']} at b1, interleaved.\n\n`{result['command']}` -- "
             f"{describe_machine(m)}, wall {result['wall_s']:.0f} s, load average "

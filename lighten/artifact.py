@@ -14,6 +14,8 @@ the model without executing or unpickling anything from the file:
 * ``values`` (only when non-empty): plain int/float/bool attributes of other modules that differ
   from the fresh model (a head count after attention-head pruning, ``use_nested_tensor``) as
   ``{path, name, value}``; the loader sets only attributes the skeleton already has, same type;
+* ``resized`` (only when non-empty): own parameters/buffers of other modules whose shape differs
+  from the fresh model (a layer scale sliced by structured pruning) as ``{path, name, shape}``;
 * ``tensors``: per state_dict entry ``{encoding, dtype, shape}``, left out for ``dense`` tensors
   (their stored dtype and shape say it all; :func:`load_artifact` fills them back in). ``dense``
   stores the tensor as is (int8 stays int8); ``sparse_bitmask`` stores a packed bit mask
@@ -119,6 +121,9 @@ def save_artifact(model: nn.Module, path: str | os.PathLike, *, model_spec: dict
     values = _changed_values(model, fresh, skip=covered)
     if values:
         manifest["values"] = values
+    resized = _resized_tensors(model, fresh, skip=covered)
+    if resized:
+        manifest["resized"] = resized
     if blob_index:
         manifest["blob"] = blob_index
     try:
@@ -235,6 +240,47 @@ def _restore_value(path: Path, model: nn.Module, entry: dict) -> None:
                               f"{entry.get('path')!r} does not fit the model's attribute "
                               f"({current!r}); pass the model it was saved from")
     setattr(module, name, value)
+
+
+def _resized_tensors(model: nn.Module, fresh: nn.Module | None, *,
+                     skip: list[str]) -> list[dict]:
+    """Own parameters/buffers of non-resizable modules whose shape differs from ``fresh`` (a
+    layer scale or positional embedding sliced by prune.channels)."""
+    if fresh is None:
+        return []
+    changed = []
+    for path, module in model.named_modules():
+        if type(module) in _RESIZABLE or any(_under(path, p) for p in skip):
+            continue
+        try:
+            ref = get_submodule(fresh, path)
+        except ModelError:
+            continue
+        if type(ref).__qualname__ != type(module).__qualname__:
+            continue
+        old = _own_shapes(ref)
+        changed += [{"path": path, "name": name, "shape": shape}
+                    for name, shape in _own_shapes(module).items()
+                    if name in old and old[name] != shape]
+    return changed
+
+
+def _restore_size(path: Path, model: nn.Module, entry: dict) -> None:
+    """Give one recorded parameter/buffer its saved shape (values come from the file)."""
+    module = _get(path, model, entry.get("path", ""))
+    name, shape = entry.get("name"), entry.get("shape")
+    tensors = {**module._parameters, **module._buffers}
+    current = tensors.get(name) if isinstance(name, str) else None
+    if current is None or not isinstance(shape, list) or not all(
+            isinstance(d, int) and d >= 0 for d in shape):
+        raise CheckpointError(f"{path}: recorded shape {shape!r} of {name!r} at "
+                              f"{entry.get('path')!r} does not fit the model; pass the model it "
+                              "was saved from")
+    new = torch.empty(shape, dtype=current.dtype)
+    if name in module._parameters:
+        module._parameters[name] = nn.Parameter(new, requires_grad=current.requires_grad)
+    else:
+        module._buffers[name] = new
 
 
 def _layer_attrs(module: nn.Module) -> dict[str, Any]:
@@ -375,6 +421,11 @@ def load_artifact(path: str | os.PathLike, *,
             raise CheckpointError(f"{path} manifest has an invalid 'values'; re-save it")
         for entry in values:
             _restore_value(path, model, entry)
+        resized = manifest.get("resized", [])
+        if not isinstance(resized, list) or not all(isinstance(e, dict) for e in resized):
+            raise CheckpointError(f"{path} manifest has an invalid 'resized'; re-save it")
+        for entry in resized:
+            _restore_size(path, model, entry)
     entries, stored = _read_stored(path, manifest)
     state = _decode_state(path, entries, stored)
     _check_fits(path, model, state)

@@ -44,12 +44,14 @@ class Member:
     """
 
     module: str
-    kind: str  # "out" | "in" | "depthwise" | "norm"
+    kind: str  # "out" | "in" | "depthwise" | "norm" | "param:NAME:DIM" (a stored tensor)
     offset: int = 0
     block: int = 1
 
     @property
     def axis(self) -> int:
+        if self.kind.startswith("param:"):  # param:NAME:DIM, a module's own tensor
+            return int(self.kind.rsplit(":", 1)[1])
         return 1 if self.kind == "in" else 0
 
     def indices(self, channels: torch.Tensor) -> torch.Tensor:
@@ -290,6 +292,24 @@ def _axis_after_index(index, axis: int, rank: int) -> int | None:
     return out + axis - dim  # the channel axis is past the index: shifted by the new axes
 
 
+def _cut(a: _Layout, b: _Layout) -> tuple[int, list[int]] | None:
+    """The first space of ``a`` that a segment boundary of ``b`` falls inside, with the sizes of
+    the pieces it must be cut into (None when every boundary of ``b`` is one of ``a``'s)."""
+    bounds, at = set(), 0
+    for seg in b.segs:
+        at += seg.size * seg.block
+        bounds.add(at)
+    start = 0
+    for seg in a.segs:
+        end = start + seg.size * seg.block
+        inner = sorted(p - start for p in bounds if start < p < end)
+        if inner and all(p % seg.block == 0 for p in inner):
+            edges = [0, *(p // seg.block for p in inner), seg.size]
+            return seg.space, [hi - lo for lo, hi in zip(edges, edges[1:], strict=False)]
+        start = end
+    return None
+
+
 class _Untied(Exception):
     """Channels cannot be tied into equal groups (the caller pins or refuses)."""
 
@@ -305,7 +325,7 @@ class _Analysis:
         self.layouts: dict[fx.Node, _Layout | _Split | None] = {}
         self.consts: set[fx.Node] = set()
         self.bound: dict[tuple[str, str], _Layout] = {}  # (module, role) -> layout (reuse)
-        self.split_into: dict[int, tuple[int, int]] = {}  # root -> (copy space, copies)
+        self.split_into: dict[int, list[int]] = {}  # root -> its pieces (or copies)
 
     # -- union-find over channel spaces
     def new_space(self, size: int, pin: str | None = None) -> int:
@@ -331,7 +351,22 @@ class _Analysis:
         self.members[new] = [Member(m.module, m.kind, m.offset + j * n * m.block, m.block)
                              for j in range(copies) for m in self.members[root]]
         self.members[root], self.pins[root] = [], []
-        self.split_into[root] = (new, copies)
+        self.split_into[root] = [new] * copies
+
+    def partition(self, space: int, sizes: list[int]) -> None:
+        """Cut a space into consecutive, independent pieces of ``sizes`` channels (a concat meets
+        one tensor); every member already attached is re-expressed per piece."""
+        root = self.find(space)
+        pieces, start = [], 0
+        for n in sizes:
+            new = self.new_space(n)
+            self.pins[new] = list(self.pins[root])
+            self.members[new] = [Member(m.module, m.kind, m.offset + start * m.block, m.block)
+                                 for m in self.members[root]]
+            pieces.append(new)
+            start += n
+        self.members[root], self.pins[root] = [], []
+        self.split_into[root] = pieces
 
     def resolve(self, layout: _Layout) -> _Layout:
         """``layout`` with every split space replaced by its copies (layouts are stored early)."""
@@ -342,8 +377,8 @@ class _Analysis:
         root = self.find(seg.space)
         if root not in self.split_into:
             return (seg,)
-        new, copies = self.split_into[root]
-        return self._expand(_Seg(new, seg.size // copies, seg.block)) * copies
+        return tuple(part for piece in self.split_into[root]
+                     for part in self._expand(_Seg(piece, self.size[piece], seg.block)))
 
     def unify(self, a: _Layout, b: _Layout, node: fx.Node) -> None:
         a, b = self.align(a, b)
@@ -361,20 +396,16 @@ class _Analysis:
                 self.pins[ra] += self.pins[rb]
 
     def align(self, a: _Layout, b: _Layout) -> tuple[_Layout, _Layout]:
-        """Where a whole space meets a run of smaller ones (a tied tensor added to an untied one),
-        split the big space into copies so both sides are made of equal pieces."""
+        """Where the two sides cut the channel axis at different places (a concat meets one
+        tensor, a grouped conv's tied copies meet an untied shortcut), cut each space at the other
+        side's boundaries so both are made of equal pieces. Cutting, not tying: the pieces of a
+        plain tensor are independent channels; tied copies on the other side merge them."""
         while True:
             a, b = self.resolve(a), self.resolve(b)
-            for sa, sb in zip(a.segs, b.segs, strict=False):
-                if (sa.size, sa.block) == (sb.size, sb.block):
-                    continue
-                big, small = (sa, sb) if sa.size > sb.size else (sb, sa)
-                if sa.block != sb.block or big.size % small.size:
-                    return a, b
-                self.split(big.space, big.size // small.size)
-                break
-            else:
+            cut = _cut(a, b) or _cut(b, a)
+            if cut is None:
                 return a, b
+            self.partition(*cut)
 
     def tie(self, layout: _Layout, groups: int, node: fx.Node) -> _Layout:
         """Cut ``layout`` into ``groups`` equal parts whose channels are tied position by position
@@ -587,6 +618,7 @@ class _Analysis:
         if out is None:
             return None
         result: _Layout | None = None
+        stored: list[fx.Node] = []
         for arg in node.args:
             if not isinstance(arg, fx.Node):
                 continue
@@ -597,9 +629,7 @@ class _Analysis:
             layout = self.layouts.get(arg)
             if layout is None:
                 if arg in self.consts and any(d > 1 for d in shape):
-                    raise UnsupportedError(f"{_where(node)}: {_op_name(node)} with a stored "
-                                           f"tensor of shape {shape}; per-channel constants are "
-                                           "not followed, register them as a BatchNorm/affine")
+                    stored.append(arg)
                 continue
             layout = self.resolve(layout)
             axis = layout.axis + lead
@@ -616,7 +646,35 @@ class _Analysis:
             first = next((a for a in node.args if isinstance(a, fx.Node)
                           and self.layouts.get(a) is not None), None)
             result = self.layouts.get(first) if first is not None else None
+        if result is not None:
+            for arg in stored:
+                self._stored(node, arg, self.resolve(result))
         return self.resolve(result) if result is not None else None
+
+    def _stored(self, node: fx.Node, arg: fx.Node, layout: _Layout) -> None:
+        """A parameter or buffer combined per channel (a layer scale, a positional embedding) is
+        sliced with the channels: it joins the group as member ``param:NAME:DIM`` of its owner."""
+        shape, rank = _shape(arg), len(_shape(node))
+        dim = layout.axis - (rank - len(shape))
+        if dim < 0 or shape[dim] == 1:
+            return  # broadcast along the channel axis: no coupling
+        owner, _, name = arg.target.rpartition(".")
+        module = self.modules.get(owner)
+        if module is None or shape[dim] != layout.width or not (
+                name in module._parameters or name in module._buffers):
+            raise UnsupportedError(f"{_where(node)}: {_op_name(node)} with a constant of shape "
+                                   f"{shape} that is not a parameter or buffer of a module; "
+                                   "structured pruning cannot slice it (register it with "
+                                   "nn.Parameter or register_buffer)")
+        if any(seg.block != 1 for seg in layout.segs):
+            raise UnsupportedError(f"{_where(node)}: {_op_name(node)} with {arg.target!r} over "
+                                   "flattened channels; structured pruning cannot slice it")
+        kind = f"param:{name}:{dim}"
+        if (owner, kind) not in self.bound:
+            self.bound[(owner, kind)] = layout
+            self.attach(layout, owner, kind)
+        else:
+            self.bind(owner, kind, layout, node)
 
     def _cat(self, node: fx.Node) -> _Layout:
         tensors = node.args[0]

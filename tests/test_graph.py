@@ -127,9 +127,10 @@ class ConcatPlusOne(nn.Module):
         return (torch.cat([self.a(x), self.b(x)], 1) + self.c(x)).mean((2, 3))
 
 
-def test_concat_joined_to_one_tensor_is_refused():
-    with pytest.raises(UnsupportedError, match=r"node 'add'.*do not line up"):
-        channel_groups(ConcatPlusOne(), X)
+def test_concat_joined_to_one_tensor_cuts_that_tensor():
+    groups = {g.size: set(g.members) for g in channel_groups(ConcatPlusOne(), X)}
+    assert groups[3] == {Member("a", "out"), Member("c", "out")}
+    assert groups[5] == {Member("b", "out"), Member("c", "out", 3)}
 
 
 def test_unknown_function_and_channel_reduction_are_refused():

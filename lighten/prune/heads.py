@@ -24,6 +24,7 @@ module's name instead of yielding a silently wrong model.
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Literal
@@ -331,7 +332,8 @@ def _outputs(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 
 def _verify(model: nn.Module, sites, keeps, x: torch.Tensor) -> float:
-    """Max |difference| between the pruned copy and the zeroed-heads copy."""
+    """Max |difference| between the pruned copy and the zeroed-heads copy; inf when the pruned
+    copy no longer runs (a forward that computes head_dim as width // heads fails to reshape)."""
     ref, trial = copy.deepcopy(model), copy.deepcopy(model)
     for site, keep in zip(sites, keeps, strict=True):
         gone = torch.tensor([h for h in range(site.num_heads) if h not in set(keep.tolist())])
@@ -339,8 +341,13 @@ def _verify(model: nn.Module, sites, keeps, x: torch.Tensor) -> float:
             _zero_heads_(ref, site, gone)
             _remove_heads_(trial, site, keep)
     expected = _outputs(ref, x)
-    return float((_outputs(trial, x) - expected).abs().max()) / max(
-        1.0, float(expected.abs().max()))
+    try:
+        got = _outputs(trial, x)
+    except Exception:  # the user's forward: any error means it does not follow the head count
+        return math.inf
+    if got.shape != expected.shape:
+        return math.inf
+    return float((got - expected).abs().max()) / max(1.0, float(expected.abs().max()))
 
 
 # ----------------------------------------------------------------------------- the library call

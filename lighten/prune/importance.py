@@ -70,6 +70,8 @@ def taylor(model: nn.Module, group: Group) -> torch.Tensor:
     """Molchanov et al. 2019: (sum over the group's weights of w * dL/dw)^2 per channel."""
     total = torch.zeros(group.size)
     for m in group.members:
+        if m.kind.startswith("param:"):
+            continue  # a layer scale / embedding: the layers that make the channel score it
         module = model.get_submodule(m.module)
         for name in ("weight", "bias") if m.axis == 0 else ("weight",):
             p = getattr(module, name, None)

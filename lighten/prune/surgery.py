@@ -97,13 +97,29 @@ _LENGTH: dict[str, Callable[[nn.Module], int]] = {
 }
 
 
+def _stored(kind: str) -> tuple[str, int] | None:
+    """(tensor name, axis) of a ``param:NAME:DIM`` member: a module's own parameter or buffer
+    combined per channel (a layer scale, a positional embedding)."""
+    if not kind.startswith("param:"):
+        return None
+    name, dim = kind.removeprefix("param:").rsplit(":", 1)
+    return name, int(dim)
+
+
 def axis_length(module: nn.Module, kind: str) -> int:
     """Length of the axis a member of ``kind`` slices."""
+    stored = _stored(kind)
+    if stored is not None:
+        return getattr(module, stored[0]).shape[stored[1]]
     return _LENGTH[kind](module)
 
 
 def prune_module_(module: nn.Module, kind: str, keep: torch.Tensor) -> None:
     """Keep indices ``keep`` (sorted, int64) of ``module``'s ``kind`` axis, in place."""
+    stored = _stored(kind)
+    if stored is not None:
+        _slice_param(module, stored[0], keep.to(torch.long), stored[1])
+        return
     for cls in type(module).__mro__:
         fn = SURGERY.get((cls, kind))
         if fn is not None:
