@@ -122,3 +122,16 @@ def test_step_notes_chosen_bits():
     step = get_step("quant.mixed")
     q = step.apply(_outlier_pair(), MixedConfig(budget_bytes=5 / 32, calib_samples=64), ctx)
     assert q[0].weight_bits == 8 and any("quant.mixed (sqnr)" in n for n in ctx.notes)
+
+
+def test_budget_in_whole_bytes_equals_the_same_fraction():
+    model = _outlier_pair()
+    calib = [_inputs(64, 0, dim=32)]
+    numels = {n: m.weight.numel() for n, m in model.named_modules() if hasattr(m, "weight")}
+    float_bytes = 4 * sum(numels.values())
+    _, by_fraction = quantize_mixed_(copy.deepcopy(model), calib, MixedConfig(budget_bytes=0.2))
+    _, by_bytes = quantize_mixed_(copy.deepcopy(model), calib,
+                                  MixedConfig(budget_bytes=int(0.2 * float_bytes)))
+    assert by_bytes == by_fraction
+    with pytest.raises(ValidationError, match="whole number of bytes"):
+        MixedConfig(budget_bytes=1.5)

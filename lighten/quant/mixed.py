@@ -40,13 +40,27 @@ _FRONT_CAP = 20000  # Pareto states kept per layer; beyond it states are buckete
 class MixedConfig(StepConfig):
     """Mixed-precision weights: the least sensitive layers get the fewest bits."""
 
-    budget_bytes: float = Field(gt=0, le=1, description="weight bytes allowed, as a fraction of "
-                                "the float32 weight bytes (uniform 4-bit = 0.125)")
+    budget_bytes: float = Field(gt=0, description="weight bytes allowed: a fraction (<= 1) of the "
+                                "float32 weight bytes (uniform 4-bit = 0.125), or a whole "
+                                "number of bytes (> 1)")
     candidates: list[int] = Field(default_factory=lambda: [2, 4, 8], min_length=1)
     metric: Literal["sqnr", "hessian"] = "sqnr"
     per_channel: bool = True
     calibration: Literal["minmax", "moving_average", "percentile", "mse", "entropy"] = "minmax"
     calib_samples: int = Field(512, ge=1)
+
+    @field_validator("budget_bytes")
+    @classmethod
+    def _fraction_or_bytes(cls, v: float) -> float:
+        if v > 1 and v != int(v):
+            raise ValueError(f"budget_bytes {v} is neither a fraction (<= 1) of the float weight "
+                             "bytes nor a whole number of bytes; e.g. 0.15 or 20000")
+        return v
+
+    def budget_for(self, float_bytes: int) -> int:
+        """The budget in bytes for weights that take ``float_bytes`` in float32."""
+        return int(self.budget_bytes * float_bytes if self.budget_bytes <= 1
+                   else self.budget_bytes)
 
     @field_validator("candidates")
     @classmethod
@@ -177,7 +191,7 @@ def quantize_mixed_(model: nn.Module, calibration_batches, config: MixedConfig, 
     if not layers:
         raise UnsupportedError("quant.mixed found no Conv2d / Linear layers to quantize")
     numels = {n: model.get_submodule(n).weight.numel() for n in layers}
-    budget = int(config.budget_bytes * 4 * sum(numels.values()))
+    budget = config.budget_for(4 * sum(numels.values()))
     sens = _METRICS[config.metric](model, layers, inputs, config.candidates,
                                    per_channel=config.per_channel)
     bits = choose_bits(sens, numels, budget)
