@@ -7,7 +7,8 @@ Both methods start from the same shipped checkpoint, aim at <= 50% of the baseli
 L2-magnitude channel importance (classifier untouched, per-layer ratios), and get the very same
 fine-tuning budget from ``lighten.train.train``. MACs and parameters come from one counter
 (``lighten.measure``) for every row, so the budgets are comparable; latency is the ONNX Runtime
-backend (the deployment target), median of 50 runs. Fine-tuning runs on one torch thread
+backend (the deployment target): medians of interleaved rounds over all rows of a model, taken
+after the last row is fine-tuned. Fine-tuning runs on one torch thread
 because a second core is usually busy; latency uses two ORT threads (the load average is
 recorded). Writes benchmarks/results/NAME.{json,md} (``--name``, default prune_peers) after
 each row.
@@ -28,6 +29,7 @@ from importlib import metadata
 from pathlib import Path
 
 import torch
+from quant_peers import interleaved_latency
 from torch import nn
 
 from lighten.backends import get_backend
@@ -55,12 +57,23 @@ def baseline(name: str) -> nn.Module:
     return load_weights(model, WEIGHTS / f"{name}-fashion-mnist.safetensors").eval()
 
 
-def prune_lighten(model: nn.Module, example: torch.Tensor, *, target: float = TARGET_MACS,
-                  round_to: int | None = None) -> tuple[nn.Module, str]:
-    """lighten ``prune.channels`` through its library call: the ratio is bisected inside."""
-    config = ChannelPruneConfig(target_macs=target, importance="l2", round_to=round_to)
-    report = prune_channels_(model, config, example)
+def prune_lighten(model: nn.Module, example: torch.Tensor, data=None, *,
+                  target: float = TARGET_MACS, round_to: int | str | None = None,
+                  ratios: str | None = None) -> tuple[nn.Module, str]:
+    """lighten ``prune.channels`` through its library call: the ratio is bisected inside;
+    ``ratios="auto"`` measures each group's sensitivity on 1000 training images first."""
+    config = ChannelPruneConfig(target_macs=target, importance="l2", round_to=round_to,
+                                ratios=ratios)
+    report = prune_channels_(model, config, example,
+                             eval_batches=lambda: _training_batches(data, 1000))
     return model, "; ".join(report.notes)
+
+
+def _training_batches(data, samples: int, batch: int = 250):
+    """The first ``samples`` training images, labelled, in batches."""
+    for start in range(0, samples, batch):
+        x, y = data.train[start:start + batch]
+        yield x, y
 
 
 def _tp_prune(model: nn.Module, example: torch.Tensor, ratio: float,
@@ -80,7 +93,7 @@ def _classifier(model: nn.Module) -> nn.Module:
     return [m for m in model.modules() if isinstance(m, nn.Linear)][-1]
 
 
-def prune_torch_pruning(model: nn.Module, example: torch.Tensor, *,
+def prune_torch_pruning(model: nn.Module, example: torch.Tensor, data=None, *,
                         round_to: int | None = None) -> tuple[nn.Module, str]:
     """Torch-Pruning MetaPruner; its channel ratio is bisected until MACs <= the target.
 
@@ -109,6 +122,7 @@ def prune_torch_pruning(model: nn.Module, example: torch.Tensor, *,
 BLOCK = simd_float_width()  # channels per SIMD block on this CPU: what round_to=auto picks
 ROUNDED = f"Torch-Pruning round_to={BLOCK}"
 METHODS = {"lighten prune.channels": prune_lighten,
+           "lighten prune.channels ratios=auto": partial(prune_lighten, ratios="auto"),
            f"lighten prune.channels round_to=auto ({BLOCK})": partial(prune_lighten,
                                                                       round_to="auto"),
            "Torch-Pruning": prune_torch_pruning,
@@ -129,8 +143,9 @@ def finetune(model: nn.Module, data, epochs: float) -> float:
     return time.perf_counter() - start
 
 
-def measure(model: nn.Module, data, reference: torch.Tensor | None, workdir: Path) -> dict:
-    """Accuracy, agreement with the baseline's top-1, size, compute, ORT latency b1/b64."""
+def measure(model: nn.Module, data, reference: torch.Tensor | None, workdir: Path):
+    """Accuracy, agreement with the baseline's top-1, size, compute, a first ORT latency; the
+    compiled model is returned too, for the interleaved timing at the end of the model."""
     model.eval()
     logits = predict(model, data.test)
     compiled = get_backend("onnxruntime", threads=2).compile(
@@ -142,40 +157,55 @@ def measure(model: nn.Module, data, reference: torch.Tensor | None, workdir: Pat
         "params": count_params(model)[0],
         "latency_b1_ms": compiled.latency_ms(1, runs=50),
         "latency_b64_ms": compiled.latency_ms(64, runs=50),
-    }, logits
+    }, logits, compiled
+
+
+def retime(rows: list[dict], compiled: list, runs: int = 100) -> None:
+    """Replace every row's latency by medians over rounds that visit all rows in turn: rows are
+    measured minutes apart while fine-tuning shares the CPU, and only interleaving makes them
+    comparable."""
+    for batch, key in ((1, "latency_b1_ms"), (64, "latency_b64_ms")):
+        times = interleaved_latency(compiled, batch, 4 * runs if batch == 1 else runs, rounds=10)
+        for row, ms in zip(rows, times, strict=True):
+            row[key] = ms
+            row["latency"] = "interleaved"
 
 
 def run_model(name: str, data, epochs: float, work: Path, rows: list[dict], save,
               only: set[str] | None = None) -> None:
-    """Baseline then every method; ``save()`` after each row so a cut-off run keeps its rows."""
+    """Baseline then every method; ``save()`` after each row so a cut-off run keeps its rows;
+    at the end all rows of the model are timed again, interleaved."""
     model = baseline(name)
     example = data.test[:1][0]
-    base, ref = measure(model, data, None, work / f"{name}-baseline")
+    base, ref, compiled = measure(model, data, None, work / f"{name}-baseline")
+    first = len(rows)
     rows.append({"model": name, "method": "baseline", **base})
+    timed = [compiled]
     print(_line(rows[-1]), flush=True)
     save()
 
     def run_method(method: str, prune, tag: str) -> None:
-        pruned, how = prune(copy.deepcopy(model), example)
+        pruned, how = prune(copy.deepcopy(model), example, data)
         before_ft = evaluate(pruned, data.test)
         seconds = finetune(pruned, data, epochs)
-        row, _ = measure(pruned, data, ref, work / f"{name}-{tag}")
+        row, _, compiled = measure(pruned, data, ref, work / f"{name}-{tag}")
         rows.append({"model": name, "method": method, "how": how,
                      "accuracy_pruned": before_ft, "finetune_s": round(seconds, 1), **row})
+        timed.append(compiled)
         print(_line(rows[-1]), flush=True)
         save()
 
     for i, (method, prune) in enumerate(METHODS.items()):
         if only is None or method in only:
             run_method(method, prune, str(i))
-    if only is not None and MATCHED not in only:
-        return
     reached = next((r["macs"] for r in rows
                     if r["model"] == name and r["method"] == MATCH_SOURCE), None)
-    if reached is None:
-        return
-    run_method(MATCHED, partial(prune_lighten, target=min(reached / base["macs"] + 1e-6, 0.99),
-                                round_to="auto"), "matched")
+    if reached is not None and (only is None or MATCHED in only):
+        run_method(MATCHED, partial(prune_lighten, target=min(reached / base["macs"] + 1e-6,
+                                                              0.99), round_to="auto"),
+                   "matched")
+    retime(rows[first:], timed)
+    save()
 
 
 def _line(row: dict) -> str:

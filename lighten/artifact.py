@@ -74,10 +74,12 @@ _MAX_MANIFEST_BYTES = 64 << 20
 
 _CONV = ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation", "groups",
          "bias", "padding_mode")
+_CONV_T = (*_CONV, "output_padding")
 _BN = ("num_features", "eps", "momentum", "affine", "track_running_stats")
 # Standard layers the loader may re-create, with the constructor arguments that define them.
 _RESIZABLE: dict[type[nn.Module], tuple[str, ...]] = {
     nn.Conv1d: _CONV, nn.Conv2d: _CONV, nn.Conv3d: _CONV,
+    nn.ConvTranspose1d: _CONV_T, nn.ConvTranspose2d: _CONV_T, nn.ConvTranspose3d: _CONV_T,
     nn.Linear: ("in_features", "out_features", "bias"),
     nn.BatchNorm1d: _BN, nn.BatchNorm2d: _BN, nn.BatchNorm3d: _BN,
     nn.LayerNorm: ("normalized_shape", "eps", "elementwise_affine", "bias"),

@@ -11,7 +11,10 @@ Keeping the *same* channels per group (not merely as many) is stricter than need
 every member a plain (offset, block) slice, so importance, ``round_to`` and surgery need nothing
 special: one group channel is g filters. Where the groups cannot be tied (a concat straddling
 them) the conv is kept whole; a view that hard-codes a channel count pins those channels (or, in
-a shuffle, is refused) because the pruned model would reshape wrongly.
+a shuffle, is refused) because the pruned model would reshape wrongly. A transposed conv is a
+conv whose weight holds its outputs on axis 1 (its members say ``transposed``). A parameter
+combined per channel -- added, multiplied, or concatenated along another axis like a ViT cls
+token, maybe after an ``expand`` -- is sliced with the channels.
 How channels flow through each operator is DATA (:data:`MODULE_KINDS`, :data:`FUNCTION_KINDS`,
 :data:`METHOD_KINDS`); anything not in those tables is refused with an
 :class:`~lighten.errors.UnsupportedError` naming the node, never guessed.
@@ -21,6 +24,7 @@ The output is a plain list of :class:`Group`. Pruning algorithms consume it and 
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import operator
 from collections.abc import Callable
@@ -41,17 +45,22 @@ class Member:
 
     Channel ``c`` of the group is index range ``offset + c*block ... offset + (c+1)*block - 1``
     of that axis (``block`` > 1 only for a Linear after a flatten: one channel = H*W features).
+    ``transposed`` marks a transposed conv, whose weight is (in, out/groups, k...): its output
+    channels are weight axis 1 and its inputs axis 0, the reverse of every other layer.
     """
 
     module: str
     kind: str  # "out" | "in" | "depthwise" | "norm" | "param:NAME:DIM" (a stored tensor)
     offset: int = 0
     block: int = 1
+    transposed: bool = False
 
     @property
     def axis(self) -> int:
         if self.kind.startswith("param:"):  # param:NAME:DIM, a module's own tensor
             return int(self.kind.rsplit(":", 1)[1])
+        if self.transposed and self.kind in ("out", "in"):
+            return 0 if self.kind == "in" else 1
         return 1 if self.kind == "in" else 0
 
     def indices(self, channels: torch.Tensor) -> torch.Tensor:
@@ -83,7 +92,8 @@ class Group:
         return [m for m in self.members if m.kind in ("out", "depthwise")]
 
     def __str__(self) -> str:
-        parts = ", ".join(f"{m.module}:{m.kind}" + (f"@{m.offset}" if m.offset else "")
+        parts = ", ".join(f"{m.module}:{m.kind}" + ("(T)" if m.transposed else "")
+                          + (f"@{m.offset}" if m.offset else "")
                           + (f"x{m.block}" if m.block > 1 else "") for m in self.members)
         pin = f" pinned ({'; '.join(self.pinned)})" if self.pinned else ""
         return f"Group({self.size} ch: {parts}){pin}"
@@ -120,6 +130,7 @@ class _Split:
 # ----------------------------------------------------------------------------- operator facts
 # How channels flow through an operator, by kind:
 #   conv / linear   consume channels on the input, create a new space on the output
+#   convt           a transposed conv: as conv, but its weight holds outputs on axis 1
 #   batchnorm       per-channel parameters on axis 1; layout unchanged
 #   layernorm       per-feature parameters on the last axis; layout unchanged
 #   groupnorm       mixes channels within groups: coupled spaces stay whole
@@ -128,15 +139,17 @@ class _Split:
 #   cat             concatenation: along the channel axis spaces sit side by side
 #   reshape         flatten / view: allowed when the channel axis survives (or is flattened last),
 #                   or splits it in two / merges it back (the two halves of a channel shuffle)
+#   broadcast       expand / expand_as: new leading axes; the channel axis must keep its size
 #   permute         transpose / permute: the channel axis moves; swapping the two halves of a
 #                   split channel axis is a channel shuffle
 #   shuffle         nn.ChannelShuffle
 #   reduce          mean/sum over non-channel axes
 #   meta            returns no tensor (x.size(), x.dim(), getitem on a tuple)
-#   refuse          moves or selects channels (split, chunk, roll, expand): not analysable
+#   refuse          moves or selects channels (split, chunk, roll, repeat): not analysable
 
 MODULE_KINDS: dict[type[nn.Module], str] = {
     nn.Conv1d: "conv", nn.Conv2d: "conv", nn.Conv3d: "conv",
+    nn.ConvTranspose1d: "convt", nn.ConvTranspose2d: "convt", nn.ConvTranspose3d: "convt",
     nn.Linear: "linear",
     nn.BatchNorm1d: "batchnorm", nn.BatchNorm2d: "batchnorm", nn.BatchNorm3d: "batchnorm",
     nn.LayerNorm: "layernorm", nn.GroupNorm: "groupnorm",
@@ -177,7 +190,8 @@ METHOD_KINDS: dict[str, str] = {
     "mean": "reduce", "sum": "reduce", "amax": "reduce",
     "size": "meta", "dim": "meta",
     "permute": "permute", "transpose": "permute", "t": "permute",
-    **{m: "refuse" for m in ("split", "chunk", "roll", "unbind", "expand", "repeat")},
+    "expand": "broadcast", "expand_as": "broadcast",
+    **{m: "refuse" for m in ("split", "chunk", "roll", "unbind", "repeat")},
 }
 
 
@@ -268,15 +282,16 @@ def _permutation(node: fx.Node, rank: int) -> list[int]:
 
 
 def _axis_after_index(index, axis: int, rank: int) -> int | None:
-    """Where ``axis`` lands after ``x[index]`` when the index only holds full slices (``:``),
-    ``None`` (new axes) and one ``...``; None for any index that could drop or select."""
+    """Where ``axis`` lands after ``x[index]``: ``None`` adds axes, one ``...``; other axes may
+    be sliced or taken at an integer (a ViT's ``x[:, 0]``), the channel axis only as a full
+    slice (``:``). None for any index that could select channels."""
     items = list(index) if isinstance(index, tuple) else [index]
     full = slice(None)
-    if not all(i is None or i is Ellipsis or i == full for i in items) \
-            or items.count(Ellipsis) > 1:
+    if not all(i is None or i is Ellipsis or isinstance(i, slice) or type(i) is int
+               for i in items) or items.count(Ellipsis) > 1:
         return None
     if Ellipsis in items:
-        taken = sum(1 for i in items if i == full)
+        taken = sum(1 for i in items if i is not None and i is not Ellipsis)
         at = items.index(Ellipsis)
         items[at:at + 1] = [full] * (rank - taken)
     out = 0
@@ -286,9 +301,9 @@ def _axis_after_index(index, axis: int, rank: int) -> int | None:
             out += 1
             continue
         if dim == axis:
-            return out
+            return out if item == full else None
         dim += 1
-        out += 1
+        out += isinstance(item, slice)  # an integer drops the axis
     return out + axis - dim  # the channel axis is past the index: shifted by the new axes
 
 
@@ -310,6 +325,16 @@ def _cut(a: _Layout, b: _Layout) -> tuple[int, list[int]] | None:
     return None
 
 
+@dataclass(frozen=True)
+class _Const:
+    """A value made from one module parameter or buffer (``source``, its get_attr node), maybe
+    expanded (a ViT cls token): ``literal`` is, per axis of the value, the size an expand
+    hard-coded there (None where kept or computed at run time)."""
+
+    source: fx.Node
+    literal: tuple[int | None, ...]
+
+
 class _Untied(Exception):
     """Channels cannot be tied into equal groups (the caller pins or refuses)."""
 
@@ -323,7 +348,7 @@ class _Analysis:
         self.members: list[list[Member]] = []
         self.pins: list[list[str]] = []
         self.layouts: dict[fx.Node, _Layout | _Split | None] = {}
-        self.consts: set[fx.Node] = set()
+        self.consts: dict[fx.Node, _Const] = {}
         self.bound: dict[tuple[str, str], _Layout] = {}  # (module, role) -> layout (reuse)
         self.split_into: dict[int, list[int]] = {}  # root -> its pieces (or copies)
 
@@ -348,7 +373,7 @@ class _Analysis:
         n = self.size[root] // copies
         new = self.new_space(n)
         self.pins[new] = self.pins[root]
-        self.members[new] = [Member(m.module, m.kind, m.offset + j * n * m.block, m.block)
+        self.members[new] = [dataclasses.replace(m, offset=m.offset + j * n * m.block)
                              for j in range(copies) for m in self.members[root]]
         self.members[root], self.pins[root] = [], []
         self.split_into[root] = [new] * copies
@@ -361,7 +386,7 @@ class _Analysis:
         for n in sizes:
             new = self.new_space(n)
             self.pins[new] = list(self.pins[root])
-            self.members[new] = [Member(m.module, m.kind, m.offset + start * m.block, m.block)
+            self.members[new] = [dataclasses.replace(m, offset=m.offset + start * m.block)
                                  for m in self.members[root]]
             pieces.append(new)
             start += n
@@ -440,11 +465,12 @@ class _Analysis:
         for seg in self.resolve(layout).segs:
             self.pins[self.find(seg.space)].append(reason)
 
-    def attach(self, layout: _Layout, module: str, kind: str) -> None:
+    def attach(self, layout: _Layout, module: str, kind: str, transposed: bool = False) -> None:
         """Add ``module``'s axis as a member of every space in ``layout``, at its offset."""
         offset = 0
         for seg in self.resolve(layout).segs:
-            self.members[self.find(seg.space)].append(Member(module, kind, offset, seg.block))
+            self.members[self.find(seg.space)].append(
+                Member(module, kind, offset, seg.block, transposed))
             offset += seg.size * seg.block
 
     def bind(self, module: str, role: str, layout: _Layout, node: fx.Node) -> _Layout:
@@ -475,7 +501,7 @@ class _Analysis:
                 return None
             return _Layout(1, (_Seg(self.new_space(shape[1], "model input"), shape[1]),))
         if node.op == "get_attr":
-            self.consts.add(node)
+            self.consts[node] = _Const(node, (None,) * len(_shape(node) or ()))
             return None
         if node.op == "output":
             for arg in node.all_input_nodes:
@@ -552,6 +578,37 @@ class _Analysis:
         if first_call:
             self.attach(unit, name, "in")
             self.attach(out, name, "out")
+        return out
+
+    def _convt(self, node: fx.Node) -> _Layout:
+        """A transposed conv's weight is (in, out/groups, k...): members say ``transposed`` so
+        importance and surgery take outputs from axis 1. Stride, padding and output_padding only
+        change the spatial size. Depthwise passes through (weight (C, 1, k...): channel c is row
+        c, as in a conv). With g groups the inputs and outputs are tied into g copies, as for a
+        conv, but mirrored: axis 0 holds every group's inputs, axis 1 the out/g outputs that all
+        groups share (the bias holds g copies of them)."""
+        name, conv = node.target, self.modules[node.target]
+        x = self._input(node)
+        self._check_axis(node, x, 1, "a transposed convolution")
+        first_call = (name, "in") not in self.bound
+        x = self.bind(name, "in", x, node)
+        g = conv.groups
+        if g > 1 and g == conv.in_channels == conv.out_channels:
+            if first_call:
+                self.attach(x, name, "depthwise")
+            return x
+        try:
+            self.tie(x, g, node)
+        except _Untied as why:
+            reason = f"grouped transposed conv {name!r} (groups={g}) is kept whole: {why}"
+            self.pin(x, reason)
+            n = conv.out_channels
+            return self.bind(name, "out", _Layout(1, (_Seg(self.new_space(n, reason), n),)), node)
+        n = conv.out_channels // g
+        out = self.bind(name, "out", _Layout(1, (_Seg(self.new_space(n), n),) * g), node)
+        if first_call:
+            self.attach(x, name, "in", transposed=True)
+            self.attach(_Layout(1, out.segs[:1]), name, "out", transposed=True)
         return out
 
     def _linear(self, node: fx.Node) -> _Layout:
@@ -652,10 +709,20 @@ class _Analysis:
         return self.resolve(result) if result is not None else None
 
     def _stored(self, node: fx.Node, arg: fx.Node, layout: _Layout) -> None:
-        """A parameter or buffer combined per channel (a layer scale, a positional embedding) is
-        sliced with the channels: it joins the group as member ``param:NAME:DIM`` of its owner."""
-        shape, rank = _shape(arg), len(_shape(node))
-        dim = layout.axis - (rank - len(shape))
+        """A parameter or buffer combined per channel (a layer scale, a positional embedding, a
+        cls token concatenated along another axis) is sliced with the channels: it joins the
+        group as member ``param:NAME:DIM`` of its owner. ``arg`` may be it expanded."""
+        const = self.consts[arg]
+        at = layout.axis - (len(_shape(node)) - len(_shape(arg)))  # the channel axis in arg
+        if at < 0:
+            return  # broadcast along the channel axis: no coupling
+        if const.literal[at] is not None:
+            self.pin(layout, f"{_where(arg)}: {_op_name(arg)} hard-codes "
+                             f"{const.literal[at]} channels")
+            return
+        arg = const.source
+        shape = _shape(arg)
+        dim = at - (len(const.literal) - len(shape))
         if dim < 0 or shape[dim] == 1:
             return  # broadcast along the channel axis: no coupling
         owner, _, name = arg.target.rpartition(".")
@@ -677,17 +744,79 @@ class _Analysis:
             self.bind(owner, kind, layout, node)
 
     def _cat(self, node: fx.Node) -> _Layout:
+        """Along the channel axis spaces sit side by side; along another axis the tensors share
+        channels, and a parameter among them (a ViT cls token) is sliced with them."""
         tensors = node.args[0]
         dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
-        layouts = [self._input(node, t) for t in tensors]
+        followed = [t for t in tensors if self.layouts.get(t) is not None]
+        stored = [t for t in tensors if t not in followed and t in self.consts]
+        if not followed or len(followed) + len(stored) < len(tensors):
+            self._input(node, next((t for t in tensors if t not in followed and t not in stored),
+                                   tensors[0]))  # raises: channels that cannot be followed
+        layouts = [self._input(node, t) for t in followed]
         rank = len(_shape(node))
         dim = dim % rank
         if all(lay.axis == dim for lay in layouts):
+            if stored:
+                raise UnsupportedError(f"{_where(node)}: torch.cat adds the channels of "
+                                       f"{self.consts[stored[0]].source.target!r} (a parameter "
+                                       "or buffer) to followed channels; structured pruning "
+                                       "cannot follow it")
             return _Layout(dim, tuple(seg for lay in layouts for seg in lay.segs))
         for lay in layouts[1:]:
             self._check_axis(node, lay, layouts[0].axis, "torch.cat")
             self.unify(layouts[0], lay, node)
+        for arg in stored:
+            self._stored(node, arg, self.resolve(layouts[0]))
         return self.resolve(layouts[0])
+
+    def _broadcast(self, node: fx.Node) -> _Layout | None:
+        """``expand`` / ``expand_as``: new leading axes, size-1 axes widened. The channel axis
+        must keep its size (-1, computed, or ``expand_as`` a tensor with the same channels, which
+        joins the group); a size written into the forward pins the channels. Expanding a
+        parameter (a ViT cls token) leaves a constant that joins a group where it meets channels
+        (a cat along another axis, an add)."""
+        src, other = node.args[0], None
+        out, shape = _shape(node), _shape(src)
+        lead = len(out) - len(shape)
+        if node.target == "expand":
+            sizes = node.args[1:] or (node.kwargs.get("size"),)
+            if len(sizes) == 1 and isinstance(sizes[0], (tuple, list)):
+                sizes = sizes[0]
+            if len(sizes) != len(out):  # x.expand(y.shape): computed at run time
+                sizes = [None] * len(out)
+        else:
+            other, sizes = node.args[1], [None] * len(out)
+        kept = [i >= lead and (sizes[i] == -1 or other is not None) for i in range(len(out))]
+        literal = [s if type(s) is int and s != -1 else None for s in sizes]
+        into = self.layouts.get(other) if isinstance(other, fx.Node) else None
+        into = self.resolve(into) if isinstance(into, _Layout) else None
+        if src in self.consts and self.layouts.get(src) is None:
+            const = self.consts[src]
+            self.consts[node] = _Const(const.source, tuple(
+                const.literal[i - lead] if kept[i] else literal[i] for i in range(len(out))))
+            if into is None:
+                return None
+            self._stored(node, node, into)  # cls.expand_as(x): the parameter takes x's channels
+            return into
+        x = self._input(node)
+        a = x.axis + lead
+        if out[a] != shape[x.axis]:
+            raise UnsupportedError(f"{_where(node)}: {_op_name(node)} changes the channel axis "
+                                   f"({shape} -> {out}); structured pruning can follow an expand "
+                                   "only where the channel axis keeps its size")
+        if literal[a] is not None:
+            self.pin(x, f"{_where(node)}: {_op_name(node)} hard-codes {literal[a]} channels")
+        result = _Layout(a, x.segs)
+        if into is not None:  # the output takes other's shape: its channels are these
+            self._check_axis(node, into, a, _op_name(node))
+            self.unify(result, into, node)
+        elif other in self.consts:
+            self._stored(node, other, result)
+        elif other is not None:
+            raise UnsupportedError(f"{_where(node)}: {_op_name(node)} takes its shape from a "
+                                   "tensor whose channels cannot be followed")
+        return self.resolve(result)
 
     def _reshape(self, node: fx.Node) -> _Layout | _Split:
         """Keep, flatten, split in two (a shuffle begins) or merge back (a shuffle ends)."""

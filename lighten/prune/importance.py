@@ -1,13 +1,15 @@
 """Importance criteria: plain callables ``(model, group) -> scores`` (one score per channel).
 
 A low score means "remove first". Magnitude criteria look at the weights that *create* the
-channels (filters of convs, rows of Linear layers, depthwise kernels); ``bn_scale`` at the
+channels (filters of convs, rows of Linear layers, depthwise kernels; each along the axis
+:attr:`~lighten.graph.Member.axis` names, axis 1 for a transposed conv); ``bn_scale`` at the
 BatchNorm gamma (network slimming); ``taylor`` at weight x gradient over the whole group, so its
 gradients must be accumulated first (:func:`accumulate_gradients`: statistics, then apply).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Iterable
 
 import torch
@@ -73,14 +75,18 @@ def taylor(model: nn.Module, group: Group) -> torch.Tensor:
         if m.kind.startswith("param:"):
             continue  # a layer scale / embedding: the layers that make the channel score it
         module = model.get_submodule(m.module)
-        for name in ("weight", "bias") if m.axis == 0 else ("weight",):
+        for name in ("weight",) if m.kind == "in" else ("weight", "bias"):
             p = getattr(module, name, None)
             if p is None:
                 continue
             if p.grad is None:
                 raise LightenError("importance 'taylor' needs gradients; call "
                                    "accumulate_gradients(model, batches) first")
-            total += channel_rows((p.detach() * p.grad).float(), m, group.size).sum(1)
+            t, along = (p.detach() * p.grad).float(), m
+            if name == "bias" and m.transposed:  # 1-D: each group's copy of the axis-1 outputs
+                t, along = t.reshape(module.groups, -1).sum(0), dataclasses.replace(
+                    m, transposed=False)
+            total += channel_rows(t, along, group.size).sum(1)
     return total.pow(2)
 
 

@@ -200,7 +200,7 @@ def derive_ratios(table: SensitivityTable, target_sparsity: float, *,
     total = sum(sizes.values())
 
     def at(tau: float) -> dict[str, float]:
-        return {layer: _ratio_at(curve, tau) for layer, curve in curves.items()}
+        return {layer: ratio_at_drop(curve, tau) for layer, curve in curves.items()}
 
     def sparsity(ratios: dict[str, float]) -> float:
         return sum(ratios[n] * sizes[n] for n in ratios) / total
@@ -239,7 +239,7 @@ def _drop_curve(table: SensitivityTable, layer: str,
     return points
 
 
-def _ratio_at(curve: list[tuple[float, float]], tau: float) -> float:
+def ratio_at_drop(curve: list[tuple[float, float]], tau: float) -> float:
     """Largest ratio whose (interpolated) drop is <= tau; 0 when tau < 0."""
     if tau < 0:
         return 0.0

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -25,6 +25,7 @@ from lighten.errors import ModelError, UnsupportedError
 from lighten.graph import Group, channel_groups
 from lighten.modules import require_modules
 from lighten.provenance import simd_float_width
+from lighten.prune.channel_sensitivity import ChannelSensitivity
 from lighten.prune.importance import NEEDS_GRADIENTS, accumulate_gradients, make_importance
 from lighten.prune.surgery import axis_length, prune_module_
 from lighten.registry import register_step
@@ -51,6 +52,10 @@ class ChannelPruneConfig(StepConfig):
                               description="modules whose output channels are kept")
     global_ranking: bool = Field(False, description="rank channels across layers, not per layer")
     calibration_samples: int = Field(256, ge=1, description="labelled samples for taylor")
+    ratios: Literal["auto"] | None = Field(
+        None, description="'auto': per-group ratios from a sensitivity analysis (each group "
+        "pruned alone, accuracy measured) that meet target_macs / target_params losing least")
+    auto_samples: int = Field(1000, ge=1, description="training samples ratios: auto evaluates")
     round_to: int | Literal["auto"] | None = Field(
         None, description="keep channel counts at multiples of this: CPU conv kernels work "
         "in blocks of 8 (AVX2) or 16 (AVX-512) channels and pad a partial block, so only "
@@ -73,6 +78,9 @@ class ChannelPruneConfig(StepConfig):
         if len(given) != 1:
             raise ValueError("give exactly one of ratio (fraction removed), target_macs or "
                              f"target_params (fraction kept); got {given or 'none'}")
+        if self.ratios == "auto" and (self.ratio or self.global_ranking):
+            raise ValueError("ratios: auto spends a target_macs / target_params budget per group; "
+                             "it does not combine with ratio or global_ranking")
         return self
 
 
@@ -89,6 +97,7 @@ class PruneReport:
     channels_before: int
     channels_after: int
     notes: list[str] = field(default_factory=list)
+    sensitivity: ChannelSensitivity | None = None  # the last ratios: auto analysis
 
     def summary(self, step: str) -> str:
         return (f"{step}: {self.channels_before} -> {self.channels_after} prunable channels; "
@@ -122,23 +131,31 @@ def prunable_groups(model: nn.Module, example_input: torch.Tensor, *, scope: Sco
 # ----------------------------------------------------------------------------- planning
 
 
-def plan_keep(groups: list[Group], scores: list[torch.Tensor | None], ratio: float, *,
-              global_ranking: bool = False, round_to: int | None = None) -> list[torch.Tensor]:
-    """Sorted indices to keep per group; every group keeps at least one channel (and a multiple
-    of ``round_to`` channels when given, adding back the best-scored removed ones)."""
+def plan_keep(groups: list[Group], scores: list[torch.Tensor | None],
+              ratio: float | Sequence[float], *, global_ranking: bool = False,
+              round_to: int | None = None) -> list[torch.Tensor]:
+    """Sorted indices to keep per group, removing ``ratio`` of each (one ratio, or one per
+    group); every group keeps at least one channel (and a multiple of ``round_to`` channels when
+    given, adding back the best-scored removed ones)."""
     if global_ranking:
         keeps = _plan_global(groups, scores, ratio)
     else:
-        keeps = []
-        for group, s in zip(groups, scores, strict=True):
-            n_remove = 0 if s is None else min(round(ratio * group.size), group.size - 1)
-            order = (torch.sort(s, stable=True).indices if s is not None
-                     else torch.arange(group.size))
-            keeps.append(order[n_remove:].sort().values)
+        ratios = [ratio] * len(groups) if isinstance(ratio, (int, float)) else list(ratio)
+        keeps = [_keep_lowest_removed(group, s, r)
+                 for group, s, r in zip(groups, scores, ratios, strict=True)]
     if round_to and round_to > 1:
         keeps = [_round_up(keep, group.size, s, _round_step(group, round_to))
                  for keep, group, s in zip(keeps, groups, scores, strict=True)]
     return keeps
+
+
+def _keep_lowest_removed(group: Group, scores: torch.Tensor | None,
+                         ratio: float) -> torch.Tensor:
+    """The group's channels minus its ``ratio`` lowest-scored (all of them without scores)."""
+    n_remove = 0 if scores is None else min(round(ratio * group.size), group.size - 1)
+    order = (torch.sort(scores, stable=True).indices if scores is not None
+             else torch.arange(group.size))
+    return order[n_remove:].sort().values
 
 
 def _round_step(group: Group, round_to: int) -> int:
@@ -231,6 +248,37 @@ def _ratio_for(model, groups, scores, *, what: str, goal: float, input_shape,
     return hi
 
 
+def _auto_ratios(model, groups, scores, eval_batches: Batches | None, *, what: str,
+                 goal: float, input_shape, round_to: int | None, report: PruneReport,
+                 progress: bool) -> list[float]:
+    """Per-group ratios from each group's measured sensitivity, meeting ``goal``."""
+    from lighten.prune.channel_sensitivity import derive_group_ratios, measure_channel_sensitivity
+
+    if eval_batches is None:
+        raise UnsupportedError("ratios: auto needs labelled data to measure each group's "
+                               "sensitivity; pass eval_batches= (the recipe step takes them "
+                               "from the training set)")
+    pairs = list(eval_batches())
+    inputs = torch.cat([x for x, _ in pairs]) if pairs else torch.empty(0)
+    labels = torch.cat([y for _, y in pairs]) if pairs else torch.empty(0, dtype=torch.long)
+    table = measure_channel_sensitivity(
+        model, groups, lambda g, r: _keep_lowest_removed(groups[g], scores[g], r), apply_keep_,
+        inputs, labels, progress=progress)
+
+    def fits(ratios: list[float]) -> bool:
+        trial = copy.deepcopy(model)
+        apply_keep_(trial, groups, plan_keep(groups, scores, ratios, round_to=round_to))
+        return _measure(trial, what, input_shape) <= goal
+
+    ratios = derive_group_ratios(table, fits)
+    report.notes.append(f"ratios auto (sensitivity on {table.samples} samples, "
+                        f"{table.seconds:.0f} s): " + ", ".join(
+                            f"{label}={r:.2f}" for label, r in zip(table.labels, ratios,
+                                                                    strict=True)))
+    report.sensitivity = table
+    return ratios
+
+
 def _fill_to_goal(model, groups, scores, keeps, *, what: str, goal: float, input_shape,
                   step: int) -> list[torch.Tensor]:
     """Give channels back, ``step`` at a time, while the pruned model still measures <= goal.
@@ -279,9 +327,11 @@ def _removed(keep: torch.Tensor, size: int) -> torch.Tensor:
 
 def prune_channels_(model: nn.Module, config: ChannelPruneConfig, example_input: torch.Tensor,
                     *, scope: Scope = "channels",
-                    batches: Batches | None = None,
-                    finetune: Finetuner | None = None, seed: int = 0) -> PruneReport:
-    """Prune ``model`` in place; ``batches()`` yields labelled batches (needed by taylor) and
+                    batches: Batches | None = None, eval_batches: Batches | None = None,
+                    finetune: Finetuner | None = None, seed: int = 0,
+                    progress: bool = False) -> PruneReport:
+    """Prune ``model`` in place; ``batches()`` yields labelled batches (needed by taylor),
+    ``eval_batches()`` those ``ratios: auto`` measures sensitivity on, and
     ``finetune(model, share)`` trains for that share of the budget after each iterative step."""
     input_shape = tuple(example_input.shape[1:])
     out_shape = _output_shape(model, example_input)
@@ -308,6 +358,11 @@ def prune_channels_(model: nn.Module, config: ChannelPruneConfig, example_input:
         else:
             target = config.target_macs or config.target_params
             goal = start[what] * (1 - (1 - target) * i / k)
+        if config.ratios == "auto":
+            ratio = _auto_ratios(model, groups, scores, eval_batches, what=what, goal=goal,
+                                 input_shape=input_shape, round_to=round_to, report=report,
+                                 progress=progress)
+        elif not config.ratio:
             ratio = _ratio_for(model, groups, scores, what=what, goal=goal,
                                input_shape=input_shape, global_ranking=config.global_ranking,
                                round_to=round_to)
@@ -368,6 +423,7 @@ def _run_step(name: str, scope: Scope, model, config, ctx: StepContext) -> nn.Mo
     report = prune_channels_(
         model, config, ctx.example_input(), scope=scope, seed=ctx.seed,
         batches=lambda: ctx.labelled_batches(config.calibration_samples),
+        eval_batches=lambda: ctx.labelled_batches(config.auto_samples), progress=ctx.progress,
         finetune=finetune if config.finetune is not None else None)
     ctx.note(report.summary(name))
     for line in report.notes:

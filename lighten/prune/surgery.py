@@ -13,7 +13,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
-from torch.nn.modules.conv import _ConvNd
+from torch.nn.modules.conv import _ConvNd, _ConvTransposeNd
 
 from lighten.errors import UnsupportedError
 
@@ -60,6 +60,23 @@ def conv_depthwise(conv: _ConvNd, keep: torch.Tensor) -> None:
     conv.in_channels = len(keep)
 
 
+def conv_transpose_out(conv: _ConvTransposeNd, keep: torch.Tensor) -> None:
+    """A transposed conv's weight is (in, out/groups, k...): ``keep`` indexes axis 1, which its
+    groups share, so the same outputs are kept in every group (the bias holds each group's)."""
+    _check_groups(conv, len(keep) * conv.groups, "filters")
+    per_group = conv.weight.shape[1]
+    _slice_param(conv, "weight", keep, 1)
+    _slice_param(conv, "bias", (keep + per_group * torch.arange(conv.groups)[:, None]).flatten(), 0)
+    conv.out_channels = len(keep) * conv.groups
+
+
+def conv_transpose_in(conv: _ConvTransposeNd, keep: torch.Tensor) -> None:
+    """Weight axis 0 holds every group's inputs: a grouped one keeps as many in each group."""
+    _check_groups(conv, len(keep), "inputs")
+    _slice_param(conv, "weight", keep, 0)
+    conv.in_channels = len(keep)
+
+
 def linear_out(linear: nn.Linear, keep: torch.Tensor) -> None:
     _slice_param(linear, "weight", keep, 0)
     _slice_param(linear, "bias", keep, 0)
@@ -83,7 +100,10 @@ def layernorm(ln: nn.LayerNorm, keep: torch.Tensor) -> None:
     ln.normalized_shape = (len(keep),)
 
 
+# prune_module_ walks the MRO: _ConvTransposeNd (a _ConvNd subclass) must be found first.
 SURGERY: dict[tuple[type[nn.Module], str], Callable[[nn.Module, torch.Tensor], None]] = {
+    (_ConvTransposeNd, "out"): conv_transpose_out, (_ConvTransposeNd, "in"): conv_transpose_in,
+    (_ConvTransposeNd, "depthwise"): conv_depthwise,  # weight (C, 1, k...): rows, as a conv
     (_ConvNd, "out"): conv_out, (_ConvNd, "in"): conv_in, (_ConvNd, "depthwise"): conv_depthwise,
     (nn.Linear, "out"): linear_out, (nn.Linear, "in"): linear_in,
     (_BatchNorm, "norm"): batchnorm, (nn.LayerNorm, "norm"): layernorm,
@@ -111,6 +131,8 @@ def axis_length(module: nn.Module, kind: str) -> int:
     stored = _stored(kind)
     if stored is not None:
         return getattr(module, stored[0]).shape[stored[1]]
+    if isinstance(module, _ConvTransposeNd) and kind in ("out", "in"):
+        return module.weight.shape[1 if kind == "out" else 0]  # weight (in, out/groups, k...)
     return _LENGTH[kind](module)
 
 
