@@ -136,3 +136,20 @@ def test_auto_ratios_run_from_a_recipe(tmp_path):
     """))
     base, final = run_recipe(load_recipe(recipe), progress=False).rows
     assert final["macs"] <= 0.5 * base["macs"]
+
+
+def test_cli_structured_sensitivity_writes_one_row_per_group(tmp_path, capsys):
+    from lighten.cli.main import main
+
+    out = tmp_path / "an"
+    rc = main(["analyze", "resnet20", "--sensitivity", "--structured", "--data", "synthetic",
+               "--limit", "16", "--ratios", "0.5,0.9", "--output", str(out)])
+    assert rc == 0
+    assert "| group | channels | 0.5 | 0.9 |" in capsys.readouterr().out
+    rows = (out / "channel_sensitivity.csv").read_text().splitlines()[1:]
+    groups = {row.split(",")[0] for row in rows}
+    assert len(rows) == 2 * len(groups) and len(groups) == 12  # 3 stage widths + 9 inner convs
+    assert (out / "channel_sensitivity.png").stat().st_size > 1000
+    assert main(["analyze", "resnet20", "--sensitivity", "--structured", "--data", "synthetic",
+                 "--target-sparsity", "0.5", "--output", str(out)]) == 2
+    assert "ratios: auto" in capsys.readouterr().err

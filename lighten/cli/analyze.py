@@ -2,6 +2,8 @@
 
 Writes sensitivity.csv, sensitivity.md and sensitivity.png to --output; with --target-sparsity
 also derives non-uniform per-layer ratios (ratios.json) usable as `prune.magnitude: {ratios: ...}`.
+With --structured, each channel group is removed physically instead (channel_sensitivity.*):
+the table `prune.channels: {ratios: auto}` spends its MAC budget by.
 """
 
 from __future__ import annotations
@@ -40,6 +42,9 @@ def add_arguments(parser) -> None:
     add_model_arguments(parser)
     parser.add_argument("--sensitivity", action="store_true",
                         help="prune each layer alone at each ratio and measure accuracy")
+    parser.add_argument("--structured", action="store_true",
+                        help="with --sensitivity: remove channel groups (prune.channels) "
+                        "instead of zeroing single weights")
     parser.add_argument("--data", choices=DATA_CHOICES,
                         help="test data (default: the built-in dataset matching the input shape)")
     parser.add_argument("--ratios", type=_ratios, default=(0.3, 0.5, 0.7, 0.9),
@@ -69,11 +74,24 @@ def run(args) -> int:
                              num_classes=args.num_classes, data=args.data)
     data = load_data_for(args.data or default_data(resolved.input_shape), resolved)
 
+    out = Path(args.output)
+    if args.structured:
+        if args.target_sparsity is not None:
+            raise LightenError("--target-sparsity derives unstructured ratios; with --structured "
+                               "use prune.channels: {target_macs: ..., ratios: auto} in a recipe")
+        from lighten.prune.channel_sensitivity import analyze_channels
+
+        groups = analyze_channels(resolved.model, data, ratios=args.ratios,
+                                  eval_limit=args.limit, ignore=args.ignore, progress=True)
+        paths = groups.write(out)
+        print(groups.to_markdown())
+        print("wrote " + ", ".join(str(p) for p in paths.values()))
+        return 0
+
     from lighten.prune.sensitivity import analyze, derive_ratios
 
     table = analyze(resolved.model, data, ratios=args.ratios, eval_limit=args.limit,
                     ignore=args.ignore, progress=True)
-    out = Path(args.output)
     paths = table.write(out)
     print(table.to_markdown())
     if args.target_sparsity is not None:

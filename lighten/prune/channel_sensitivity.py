@@ -14,9 +14,12 @@ bisects that threshold until the pruned model meets the budget (the channel-leve
 from __future__ import annotations
 
 import copy
+import csv
+import io
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -26,7 +29,7 @@ from lighten.errors import UnsupportedError
 from lighten.graph import Group
 from lighten.prune.sensitivity import ratio_at_drop
 
-__all__ = ["ChannelSensitivity", "derive_group_ratios", "group_label",
+__all__ = ["ChannelSensitivity", "analyze_channels", "derive_group_ratios", "group_label",
            "measure_channel_sensitivity"]
 
 SWEEP = (0.3, 0.5, 0.7, 0.9)
@@ -75,6 +78,83 @@ class ChannelSensitivity:
             lines.append("| " + " | ".join([label, str(size), *(f"{a:.2%}" for a in accs)])
                          + " |")
         return "\n".join(lines) + "\n"
+
+    def to_csv(self) -> str:
+        out = io.StringIO()
+        writer = csv.writer(out, lineterminator="\n")
+        writer.writerow(["group", "channels", "ratio", "accuracy", "drop"])
+        for label, size, accs in zip(self.labels, self.sizes, self.accuracy, strict=True):
+            for ratio, acc in zip(self.ratios, accs, strict=True):
+                writer.writerow([label, size, f"{ratio:g}", f"{acc:.4f}",
+                                 f"{self.baseline - acc:.4f}"])
+        return out.getvalue()
+
+    def plot(self, path: str | Path) -> Path:
+        """Accuracy vs ratio, one line per group (matplotlib Agg, imported only here)."""
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+
+        fig = Figure(figsize=(7, 4.5))
+        FigureCanvasAgg(fig)
+        ax = fig.add_subplot()
+        for label, accs in zip(self.labels, self.accuracy, strict=True):
+            ax.plot([0, *self.ratios], [100 * self.baseline, *(100 * a for a in accs)],
+                    marker="o", label=label)
+        ax.axhline(100 * self.baseline, color="gray", linestyle="--", label="baseline")
+        ax.set_xlabel("fraction of the group's channels removed")
+        ax.set_ylabel("accuracy (%)")
+        ax.set_title("Per-group channel sensitivity")
+        ax.legend(fontsize="small", ncol=2 if len(self.labels) > 8 else 1)
+        fig.tight_layout()
+        path = Path(path)
+        fig.savefig(path, dpi=110)
+        return path
+
+    def write(self, directory: str | Path) -> dict[str, Path]:
+        """channel_sensitivity.{csv,md,png} in ``directory``."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        paths = {"csv": directory / "channel_sensitivity.csv",
+                 "md": directory / "channel_sensitivity.md"}
+        paths["csv"].write_text(self.to_csv())
+        paths["md"].write_text(self.to_markdown())
+        paths["png"] = self.plot(directory / "channel_sensitivity.png")
+        return paths
+
+
+def analyze_channels(model: nn.Module, data, *, ratios: Sequence[float] = SWEEP,
+                     eval_limit: int | None = 1000, importance: str = "l2",
+                     ignore: Sequence[str] = (), progress: bool = False) -> ChannelSensitivity:
+    """The table ``prune.channels`` with ``ratios: auto`` measures, for ``lighten analyze
+    --structured``: every prunable channel group of ``model`` (unchanged) pruned alone.
+
+    ``data`` is a DataBundle (its test split is used) or a map-style dataset of (x, y) pairs.
+    """
+    from lighten.prune import structured
+    from lighten.prune.importance import NEEDS_GRADIENTS, make_importance
+
+    if importance in NEEDS_GRADIENTS:
+        raise UnsupportedError(f"importance {importance!r} needs gradients; analyze with a "
+                               "magnitude criterion (l1, l2, fpgm, bn_scale)")
+    bad = [r for r in ratios if not 0 < r < 1]
+    if bad or not ratios:
+        raise UnsupportedError(f"sensitivity ratios must be fractions in (0, 1), got "
+                               f"{list(ratios)}; e.g. 0.3,0.5,0.7,0.9")
+    dataset = getattr(data, "test", data)
+    n = len(dataset) if eval_limit is None else min(eval_limit, len(dataset))
+    pairs = [dataset[i] for i in range(n)]
+    inputs = torch.stack([x for x, _ in pairs]) if pairs else torch.empty(0)
+    labels = torch.stack([torch.as_tensor(y) for _, y in pairs]) if pairs else torch.empty(0)
+    model = copy.deepcopy(model).eval()
+    groups = structured.prunable_groups(model, inputs[:1], ignore=ignore)
+    if not groups:
+        raise UnsupportedError("no prunable channel groups (all pinned by the model input/"
+                               "output or ignore:)")
+    score = make_importance(importance)
+    scores = [score(model, g) for g in groups]
+    return measure_channel_sensitivity(
+        model, groups, lambda g, r: structured.keep_lowest_removed(groups[g], scores[g], r),
+        structured.apply_keep_, inputs, labels, ratios=ratios, progress=progress)
 
 
 def measure_channel_sensitivity(

@@ -141,7 +141,7 @@ def plan_keep(groups: list[Group], scores: list[torch.Tensor | None],
         keeps = _plan_global(groups, scores, ratio)
     else:
         ratios = [ratio] * len(groups) if isinstance(ratio, (int, float)) else list(ratio)
-        keeps = [_keep_lowest_removed(group, s, r)
+        keeps = [keep_lowest_removed(group, s, r)
                  for group, s, r in zip(groups, scores, ratios, strict=True)]
     if round_to and round_to > 1:
         keeps = [_round_up(keep, group.size, s, _round_step(group, round_to))
@@ -149,7 +149,7 @@ def plan_keep(groups: list[Group], scores: list[torch.Tensor | None],
     return keeps
 
 
-def _keep_lowest_removed(group: Group, scores: torch.Tensor | None,
+def keep_lowest_removed(group: Group, scores: torch.Tensor | None,
                          ratio: float) -> torch.Tensor:
     """The group's channels minus its ``ratio`` lowest-scored (all of them without scores)."""
     n_remove = 0 if scores is None else min(round(ratio * group.size), group.size - 1)
@@ -262,7 +262,7 @@ def _auto_ratios(model, groups, scores, eval_batches: Batches | None, *, what: s
     inputs = torch.cat([x for x, _ in pairs]) if pairs else torch.empty(0)
     labels = torch.cat([y for _, y in pairs]) if pairs else torch.empty(0, dtype=torch.long)
     table = measure_channel_sensitivity(
-        model, groups, lambda g, r: _keep_lowest_removed(groups[g], scores[g], r), apply_keep_,
+        model, groups, lambda g, r: keep_lowest_removed(groups[g], scores[g], r), apply_keep_,
         inputs, labels, progress=progress)
 
     def fits(ratios: list[float]) -> bool:
