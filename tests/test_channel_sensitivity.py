@@ -153,3 +153,19 @@ def test_cli_structured_sensitivity_writes_one_row_per_group(tmp_path, capsys):
     assert main(["analyze", "resnet20", "--sensitivity", "--structured", "--data", "synthetic",
                  "--target-sparsity", "0.5", "--output", str(out)]) == 2
     assert "ratios: auto" in capsys.readouterr().err
+
+
+def test_rounded_widths_are_given_back_where_accuracy_returns():
+    results = {}
+    for ratios in (None, "auto"):
+        model = _two_branch()
+        x, y = _labelled_by_model(model)
+        before = count_macs(model, (1, 8, 8))
+        prune_channels_(model, ChannelPruneConfig(target_macs=0.65, ratios=ratios, round_to=4),
+                        x[:1], eval_batches=lambda x=x, y=y: [(x[:256], y[:256])])
+        assert count_macs(model, (1, 8, 8)) <= 0.65 * before
+        assert model.a.out_channels % 4 == 0 and model.b.out_channels % 4 == 0
+        results[ratios] = (model.a.out_channels, model.b.out_channels,
+                           _agreement(model, x[256:], y[256:]))
+    assert results["auto"][0] > results["auto"][1]  # the branch the head reads stays wider
+    assert results["auto"][2] > results[None][2] + 0.3, results  # measured: 0.92 vs 0.25

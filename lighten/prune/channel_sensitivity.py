@@ -65,6 +65,14 @@ class ChannelSensitivity:
             points.append((ratio, worst))
         return points
 
+    def drop_at(self, g: int, ratio: float) -> float:
+        """Group ``g``'s drop at ``ratio``, linear between measured ratios (flat past the last)."""
+        curve = self.drop_curve(g)
+        for (r0, d0), (r1, d1) in zip(curve, curve[1:], strict=False):
+            if ratio <= r1:
+                return d0 + (d1 - d0) * max(0.0, ratio - r0) / (r1 - r0)
+        return curve[-1][1]
+
     def ratios_at(self, tau: float) -> list[float]:
         """Per group, the largest ratio whose (interpolated) drop stays <= ``tau``."""
         return [ratio_at_drop(self.drop_curve(g), tau) for g in range(len(self.labels))]

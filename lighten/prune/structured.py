@@ -280,38 +280,59 @@ def _auto_ratios(model, groups, scores, eval_batches: Batches | None, *, what: s
 
 
 def _fill_to_goal(model, groups, scores, keeps, *, what: str, goal: float, input_shape,
-                  step: int) -> list[torch.Tensor]:
+                  step: int, sensitivity: ChannelSensitivity | None = None
+                  ) -> list[torch.Tensor]:
     """Give channels back, ``step`` at a time, while the pruned model still measures <= goal.
 
     With ``round_to`` every width moves in jumps of ``step``, so the bisection lands well under
-    the target (39% of the MACs for a 50% goal on ResNet-20). The group whose best removed
-    channel scores highest (relative to its group's mean) gets channels back first; a group that
-    no longer fits is never tried again, since the model only grows.
+    the target (39% of the MACs for a 50% goal on ResNet-20). Which group gets channels back
+    first: with a ``sensitivity`` table (``ratios: auto``), the one whose measured accuracy
+    drop shrinks most per MAC (or parameter) the channels cost; otherwise the one whose best
+    removed channel scores highest relative to its group's mean. A group that no longer fits
+    is never tried again, since the model only grows.
     """
     def value(candidate: list[torch.Tensor]) -> int:
         trial = copy.deepcopy(model)
         apply_keep_(trial, groups, candidate)
         return _measure(trial, what, input_shape)
 
+    def grow(g: int) -> list[torch.Tensor]:
+        grown = _round_up(keeps[g], groups[g].size, scores[g], _round_step(groups[g], step),
+                          at_least=len(keeps[g]) + 1)
+        return keeps[:g] + [grown] + keeps[g + 1:]
+
+    def regained(g: int, candidate: list[torch.Tensor]) -> float:
+        size = groups[g].size
+        return (sensitivity.drop_at(g, 1 - len(keeps[g]) / size)
+                - sensitivity.drop_at(g, 1 - len(candidate[g]) / size))
+
     keeps = list(keeps)
     full = {g for g, s in enumerate(scores) if s is None}
+    current = value(keeps) if sensitivity is not None else 0
     while True:
         best = None
         for g, (group, s) in enumerate(zip(groups, scores, strict=True)):
             if g in full or len(keeps[g]) >= group.size:
                 continue
             removed = _removed(keeps[g], group.size)
-            priority = float(s[removed].max()) / (float(s.mean()) + 1e-12)
+            priority = (float(s[removed].max()) / (float(s.mean()) + 1e-12),)
+            candidate = None
+            if sensitivity is not None:
+                candidate = grow(g)
+                cost = value(candidate) - current
+                if current + cost > goal:
+                    full.add(g)
+                    continue
+                priority = (regained(g, candidate) / max(cost, 1), *priority)
             if best is None or priority > best[0]:
-                best = (priority, g)
+                best = (priority, g, candidate)
         if best is None:
             return keeps
-        g = best[1]
-        grown = _round_up(keeps[g], groups[g].size, scores[g], _round_step(groups[g], step),
-                          at_least=len(keeps[g]) + 1)
-        candidate = keeps[:g] + [grown] + keeps[g + 1:]
-        if value(candidate) <= goal:
-            keeps = candidate
+        _, g, candidate = best
+        candidate = candidate if candidate is not None else grow(g)
+        measured = value(candidate)
+        if measured <= goal:
+            keeps, current = candidate, measured
         else:
             full.add(g)
 
@@ -370,7 +391,8 @@ def prune_channels_(model: nn.Module, config: ChannelPruneConfig, example_input:
                           round_to=round_to)
         if not config.ratio and round_to and round_to > 1:
             keeps = _fill_to_goal(model, groups, scores, keeps, what=what, goal=goal,
-                                  input_shape=input_shape, step=round_to)
+                                  input_shape=input_shape, step=round_to,
+                                  sensitivity=report.sensitivity if config.ratios else None)
         apply_keep_(model, groups, keeps)
         model.zero_grad(set_to_none=True)
         if finetune is not None:
