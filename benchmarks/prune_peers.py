@@ -126,7 +126,9 @@ METHODS = {"lighten prune.channels": prune_lighten,
            f"lighten prune.channels round_to=auto ({BLOCK})": partial(prune_lighten,
                                                                       round_to="auto"),
            "Torch-Pruning": prune_torch_pruning,
-           ROUNDED: partial(prune_torch_pruning, round_to=BLOCK)}
+           ROUNDED: partial(prune_torch_pruning, round_to=BLOCK),
+           "lighten prune.channels ratios=auto round_to=auto": partial(
+               prune_lighten, ratios="auto", round_to="auto")}
 # Rounding lands each tool at its own MAC count near the target; this row asks lighten for the
 # MACs Torch-Pruning's rounded run actually reached, so accuracy and latency compare at equal
 # MACs.
