@@ -169,3 +169,31 @@ def test_rounded_widths_are_given_back_where_accuracy_returns():
                            _agreement(model, x[256:], y[256:]))
     assert results["auto"][0] > results["auto"][1]  # the branch the head reads stays wider
     assert results["auto"][2] > results[None][2] + 0.3, results  # measured: 0.92 vs 0.25
+
+
+def test_named_ratios_prune_each_group_by_its_own_fraction_in_iterative_steps():
+    from lighten.models import ZOO
+
+    model = ZOO["resnet20"](num_classes=10, input_shape=(1, 8, 8)).eval()
+    x = torch.randn(2, 1, 8, 8)
+    config = ChannelPruneConfig(ratios={"layers.0.conv1": 0.5, "layers.6.conv1": 0.75},
+                                ratio=0.25, iterative_steps=2)
+    prune_channels_(model, config, x)
+    assert model.layers[0].conv1.out_channels == 8       # 16 * (1 - 0.5)
+    assert model.layers[6].conv1.out_channels == 16      # 64 * (1 - 0.75)
+    assert model.layers[1].conv1.out_channels == 12      # the default ratio
+    assert model(x).shape == (2, 10)
+
+
+def test_named_ratios_refuse_unknown_modules_and_split_residual_stages():
+    from lighten.models import ZOO
+
+    model = ZOO["resnet20"](num_classes=10, input_shape=(1, 8, 8)).eval()
+    x = torch.randn(2, 1, 8, 8)
+    with pytest.raises(UnsupportedError, match="'layers.0.conv9' produces no prunable"):
+        prune_channels_(model, ChannelPruneConfig(ratios={"layers.0.conv9": 0.5}), x)
+    with pytest.raises(UnsupportedError, match="share their channels"):  # one residual stage
+        prune_channels_(model, ChannelPruneConfig(
+            ratios={"layers.0.conv2": 0.5, "layers.1.conv2": 0.25}), x)
+    with pytest.raises(ValueError, match="fixes every group"):
+        ChannelPruneConfig(ratios={"layers.0.conv1": 0.5}, target_macs=0.5)

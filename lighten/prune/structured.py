@@ -14,7 +14,7 @@ import copy
 import math
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Annotated, Literal
 
 import torch
 from pydantic import Field, field_validator, model_validator
@@ -52,9 +52,10 @@ class ChannelPruneConfig(StepConfig):
                               description="modules whose output channels are kept")
     global_ranking: bool = Field(False, description="rank channels across layers, not per layer")
     calibration_samples: int = Field(256, ge=1, description="labelled samples for taylor")
-    ratios: Literal["auto"] | None = Field(
-        None, description="'auto': per-group ratios from a sensitivity analysis (each group "
-        "pruned alone, accuracy measured) that meet target_macs / target_params losing least")
+    ratios: Literal["auto"] | dict[str, Annotated[float, Field(ge=0, lt=1)]] | None = Field(
+        None, description="per-group ratios: 'auto' (from a sensitivity analysis: each group "
+        "pruned alone, accuracy measured, meeting target_macs / target_params losing least) or "
+        "{module: fraction removed} (groups not named lose `ratio`, default none)")
     auto_samples: int = Field(1000, ge=1, description="training samples ratios: auto evaluates")
     round_to: int | Literal["auto"] | None = Field(
         None, description="keep channel counts at multiples of this: CPU conv kernels work "
@@ -75,6 +76,12 @@ class ChannelPruneConfig(StepConfig):
     @model_validator(mode="after")
     def _one_target(self):
         given = [k for k in ("ratio", "target_macs", "target_params") if getattr(self, k)]
+        if isinstance(self.ratios, dict):
+            if self.target_macs or self.target_params or self.global_ranking:
+                raise ValueError("ratios: {module: fraction} fixes every group's ratio; it does "
+                                 "not combine with target_macs / target_params / global_ranking "
+                                 "(use ratios: auto for a budget)")
+            return self
         if len(given) != 1:
             raise ValueError("give exactly one of ratio (fraction removed), target_macs or "
                              f"target_params (fraction kept); got {given or 'none'}")
@@ -248,6 +255,66 @@ def _ratio_for(model, groups, scores, *, what: str, goal: float, input_shape,
     return hi
 
 
+def _plan_step(model, groups, scores, config: ChannelPruneConfig, *, step: tuple[int, int],
+               goal: float | None, what: str, input_shape, round_to: int | None,
+               report: PruneReport, eval_batches: Batches | None,
+               progress: bool) -> list[torch.Tensor]:
+    """Channels each group keeps in iterative ``step`` (i, k): fixed ratios (``ratio``, named
+    ``ratios``) take their share of the step; a ``goal`` is met by a uniform ratio (bisected)
+    or per-group ratios (``ratios: auto``), widths rounded and then refilled up to it."""
+    i, k = step
+    if goal is None:
+        if isinstance(config.ratios, dict):
+            ratio = [_step_ratio(r, i, k)
+                     for r in _named_ratios(groups, config.ratios, config.ratio or 0.0)]
+        else:
+            ratio = _step_ratio(config.ratio, i, k)
+        return plan_keep(groups, scores, ratio, global_ranking=config.global_ranking,
+                         round_to=round_to)
+    if config.ratios == "auto":
+        ratio = _auto_ratios(model, groups, scores, eval_batches, what=what, goal=goal,
+                             input_shape=input_shape, round_to=round_to, report=report,
+                             progress=progress)
+    else:
+        ratio = _ratio_for(model, groups, scores, what=what, goal=goal, input_shape=input_shape,
+                           global_ranking=config.global_ranking, round_to=round_to)
+    keeps = plan_keep(groups, scores, ratio, global_ranking=config.global_ranking,
+                      round_to=round_to)
+    if round_to and round_to > 1:
+        keeps = _fill_to_goal(model, groups, scores, keeps, what=what, goal=goal,
+                              input_shape=input_shape, step=round_to,
+                              sensitivity=report.sensitivity if config.ratios == "auto" else None)
+    return keeps
+
+
+def _step_ratio(ratio: float, i: int, k: int) -> float:
+    """The share of what is left that step ``i`` of ``k`` removes, so ``k`` steps remove
+    ``ratio`` of the original channels in equal parts."""
+    return 1 - (1 - ratio * i / k) / (1 - ratio * (i - 1) / k)
+
+
+def _named_ratios(groups: list[Group], ratios: dict[str, float], default: float) -> list[float]:
+    """Per group, the ratio given for one of the modules producing its channels, else
+    ``default``; coupled modules (a residual stage) share channels, so share one ratio."""
+    from lighten.prune.channel_sensitivity import group_label
+
+    known = {m.module for g in groups for m in g.producers()}
+    unknown = sorted(set(ratios) - known)
+    if unknown:
+        raise UnsupportedError(f"ratios: {unknown[0]!r} produces no prunable channels here; "
+                               f"name one of {', '.join(sorted(known)[:8])}"
+                               + (", ..." if len(known) > 8 else ""))
+    out = []
+    for group in groups:
+        named = {m.module: ratios[m.module] for m in group.producers() if m.module in ratios}
+        if len(set(named.values())) > 1:
+            raise UnsupportedError(f"ratios: {', '.join(sorted(named))} share their channels "
+                                   f"(group {group_label(group)}) but were given different "
+                                   "ratios; give one of them, or the same ratio")
+        out.append(next(iter(named.values())) if named else default)
+    return out
+
+
 def _auto_ratios(model, groups, scores, eval_batches: Batches | None, *, what: str,
                  goal: float, input_shape, round_to: int | None, report: PruneReport,
                  progress: bool) -> list[float]:
@@ -370,29 +437,15 @@ def prune_channels_(model: nn.Module, config: ChannelPruneConfig, example_input:
     round_to = config.channel_multiple()
     if config.round_to == "auto":
         report.notes.append(f"round_to auto: multiples of {round_to} channels (this CPU)")
+    target = config.target_macs or config.target_params  # None: ratios are fixed
     for i in range(1, k + 1):
         if i > 1:
             groups = prunable_groups(model, example_input, scope=scope, ignore=config.ignore)
         scores = _scores(model, groups, importance, config.importance, batches, report)
-        if config.ratio:
-            ratio = 1 - (1 - config.ratio * i / k) / (1 - config.ratio * (i - 1) / k)
-        else:
-            target = config.target_macs or config.target_params
-            goal = start[what] * (1 - (1 - target) * i / k)
-        if config.ratios == "auto":
-            ratio = _auto_ratios(model, groups, scores, eval_batches, what=what, goal=goal,
-                                 input_shape=input_shape, round_to=round_to, report=report,
-                                 progress=progress)
-        elif not config.ratio:
-            ratio = _ratio_for(model, groups, scores, what=what, goal=goal,
-                               input_shape=input_shape, global_ranking=config.global_ranking,
-                               round_to=round_to)
-        keeps = plan_keep(groups, scores, ratio, global_ranking=config.global_ranking,
-                          round_to=round_to)
-        if not config.ratio and round_to and round_to > 1:
-            keeps = _fill_to_goal(model, groups, scores, keeps, what=what, goal=goal,
-                                  input_shape=input_shape, step=round_to,
-                                  sensitivity=report.sensitivity if config.ratios else None)
+        goal = None if target is None else start[what] * (1 - (1 - target) * i / k)
+        keeps = _plan_step(model, groups, scores, config, step=(i, k), goal=goal, what=what,
+                           input_shape=input_shape, round_to=round_to, report=report,
+                           eval_batches=eval_batches, progress=progress)
         apply_keep_(model, groups, keeps)
         model.zero_grad(set_to_none=True)
         if finetune is not None:
@@ -404,7 +457,7 @@ def prune_channels_(model: nn.Module, config: ChannelPruneConfig, example_input:
     report.params_after = _measure(model, "params", input_shape)
     report.channels_after = sum(g.size for g in prunable_groups(
         model, example_input, scope=scope, ignore=config.ignore))
-    if not config.ratio:
+    if target is not None:
         reached = report.macs_after if what == "macs" else report.params_after
         report.notes.append(f"{what} target {target:.0%}: reached "
                             f"{reached / start[what]:.1%} of baseline")
