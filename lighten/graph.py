@@ -223,7 +223,7 @@ def channel_groups(model: nn.Module, example_input: torch.Tensor) -> list[Group]
             ShapeProp(gm).propagate(example_input)
     finally:
         model.train(was_training)
-    return _Analysis(gm).run()
+    return _Analysis(gm, model).run()
 
 
 def _shape(node: fx.Node) -> tuple[int, ...] | None:
@@ -340,9 +340,11 @@ class _Untied(Exception):
 
 
 class _Analysis:
-    def __init__(self, gm: fx.GraphModule):
+    def __init__(self, gm: fx.GraphModule, model: nn.Module):
         self.gm = gm
         self.modules = dict(gm.named_modules())
+        # the user's modules: tracing copies their buffers as persistent ones
+        self.originals = dict(model.named_modules())
         self.parent: list[int] = []
         self.size: list[int] = []
         self.members: list[list[Member]] = []
@@ -726,13 +728,22 @@ class _Analysis:
         if dim < 0 or shape[dim] == 1:
             return  # broadcast along the channel axis: no coupling
         owner, _, name = arg.target.rpartition(".")
-        module = self.modules.get(owner)
-        if module is None or shape[dim] != layout.width or not (
-                name in module._parameters or name in module._buffers):
+        module = self.originals.get(owner)
+        if module is None or not (name in module._parameters or name in module._buffers):
             raise UnsupportedError(f"{_where(node)}: {_op_name(node)} with a constant of shape "
                                    f"{shape} that is not a parameter or buffer of a module; "
                                    "structured pruning cannot slice it (register it with "
                                    "nn.Parameter or register_buffer)")
+        if shape[dim] != layout.width:
+            raise UnsupportedError(f"{_where(node)}: {arg.target!r} has {shape[dim]} channels "
+                                   f"where the tensor it meets has {layout.width}; a parameter "
+                                   "that widens the channel axis is not followed")
+        if name in module._non_persistent_buffers_set:
+            # not in the state_dict: a sliced copy could not be saved, the reload would be wrong
+            self.pin(layout, f"{_where(node)}: {arg.target!r} is a non-persistent buffer "
+                             "(register_buffer(..., persistent=False)); make it persistent to "
+                             "prune these channels")
+            return
         if any(seg.block != 1 for seg in layout.segs):
             raise UnsupportedError(f"{_where(node)}: {_op_name(node)} with {arg.target!r} over "
                                    "flattened channels; structured pruning cannot slice it")

@@ -197,3 +197,19 @@ def test_named_ratios_refuse_unknown_modules_and_split_residual_stages():
             ratios={"layers.0.conv2": 0.5, "layers.1.conv2": 0.25}), x)
     with pytest.raises(ValueError, match="fixes every group"):
         ChannelPruneConfig(ratios={"layers.0.conv1": 0.5}, target_macs=0.5)
+
+
+def test_flat_curves_do_not_push_every_group_to_the_end_of_its_plateau():
+    flat = [0.90, 0.90, 0.80, 0.70]  # no drop up to half the channels: accuracy moves in steps
+    table = _table([flat, flat, flat])
+    ratios = derive_group_ratios(table, lambda r: sum(r) / 3 >= 0.1)
+    assert sum(ratios) / 3 == pytest.approx(0.1, abs=1e-3)  # was 0.5 each
+
+
+def test_a_mild_mac_target_is_not_overshot():
+    model = _two_branch()
+    x, y = _labelled_by_model(model)
+    before = count_macs(model, (1, 8, 8))
+    prune_channels_(model, ChannelPruneConfig(target_macs=0.9, ratios="auto"), x[:1],
+                    eval_batches=lambda: [(x[:256], y[:256])])
+    assert 0.8 * before <= count_macs(model, (1, 8, 8)) <= 0.9 * before

@@ -121,3 +121,51 @@ def test_indexing_that_selects_channels_is_still_refused(index):
 
     with pytest.raises(UnsupportedError, match="select channels"):
         channel_groups(Net().eval(), torch.randn(1, 3, 4, 4))
+
+
+class _Offsets(nn.Module):
+    """A per-channel offset after conv ``a``, kept as a buffer; conv ``b`` follows."""
+
+    def __init__(self, persistent: bool):
+        super().__init__()
+        self.a = nn.Conv2d(1, 8, 3, padding=1)
+        self.b = nn.Conv2d(8, 8, 3, padding=1)
+        self.register_buffer("pe", torch.randn(1, 8, 1, 1), persistent=persistent)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x):
+        x = torch.relu(self.b(torch.relu(self.a(x) + self.pe)))
+        return self.head(x.mean((2, 3)))
+
+
+def test_a_non_persistent_buffer_pins_its_channels_and_a_persistent_one_is_sliced():
+    from lighten.graph import channel_groups
+
+    x = torch.randn(2, 1, 6, 6)
+    pinned = next(g for g in channel_groups(_Offsets(False).eval(), x)
+                  if any(m.module == "a" for m in g.producers()))
+    assert not pinned.prunable and "non-persistent" in " ".join(pinned.pinned)
+    model = _Offsets(False).eval()
+    prune_channels_(model, ChannelPruneConfig(ratio=0.5), x)
+    assert model.a.out_channels == 8 and model.b.out_channels == 4 and model.pe.shape[1] == 8
+    model = _Offsets(True).eval()
+    prune_channels_(model, ChannelPruneConfig(ratio=0.5), x)
+    assert model.a.out_channels == 4 and model.pe.shape == (1, 4, 1, 1)
+
+
+def test_a_parameter_that_widens_the_channel_axis_is_named_as_such():
+    from lighten.errors import UnsupportedError
+    from lighten.graph import channel_groups
+
+    class Widen(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(1, 1, 3, padding=1)
+            self.w = nn.Parameter(torch.ones(1, 8, 1, 1))
+            self.out = nn.Conv2d(8, 2, 1)
+
+        def forward(self, x):
+            return self.out(torch.sigmoid(self.conv(x)) * self.w)
+
+    with pytest.raises(UnsupportedError, match="'w' has 8 channels where the tensor"):
+        channel_groups(Widen().eval(), torch.randn(1, 1, 4, 4))

@@ -156,8 +156,9 @@ def analyze_channels(model: nn.Module, data, *, ratios: Sequence[float] = SWEEP,
     model = copy.deepcopy(model).eval()
     groups = structured.prunable_groups(model, inputs[:1], ignore=ignore)
     if not groups:
-        raise UnsupportedError("no prunable channel groups (all pinned by the model input/"
-                               "output or ignore:)")
+        raise UnsupportedError("no prunable conv channel groups (a model of Linear layers "
+                               "only has neurons: prune.neurons), or all are pinned by the model "
+                               "input/output or ignore:")
     score = make_importance(importance)
     scores = [score(model, g) for g in groups]
     return measure_channel_sensitivity(
@@ -186,8 +187,9 @@ def measure_channel_sensitivity(
     from lighten.train import evaluate
 
     if len(inputs) == 0:
-        raise UnsupportedError("ratios: auto needs labelled samples to measure sensitivity; "
-                               "the training split is empty")
+        raise UnsupportedError("channel sensitivity needs labelled samples; the data given "
+                               "is empty")
+    ratios = sorted({float(r) for r in ratios})
     dataset = TensorDataset(inputs, labels)
     start = time.perf_counter()
     baseline = evaluate(model, dataset)
@@ -199,10 +201,13 @@ def measure_channel_sensitivity(
         for ratio in ratios:
             keeps = [torch.arange(other.size) for other in groups]
             keeps[g] = plan(g, ratio)
+            bar.update(1)
+            if len(keeps[g]) == groups[g].size:  # nothing removed (no scores): nothing to run
+                row.append(baseline)
+                continue
             trial = copy.deepcopy(model)
             apply(trial, groups, keeps)
             row.append(evaluate(trial, dataset))
-            bar.update(1)
         accuracy.append(row)
     bar.close()
     return ChannelSensitivity(baseline, [group_label(g) for g in groups],
@@ -213,16 +218,31 @@ def measure_channel_sensitivity(
 def derive_group_ratios(table: ChannelSensitivity,
                         fits: Callable[[list[float]], bool]) -> list[float]:
     """Per-group ratios at the smallest common drop threshold whose pruned model ``fits`` the
-    budget (``fits`` measures it: MACs and parameters are not linear in the ratios)."""
+    budget (``fits`` measures it: MACs and parameters are not linear in the ratios).
+
+    Drops come in steps of one sample, so curves are flat in places and a tiny change of the
+    threshold can move several groups to the end of a plateau at once; the two solutions that
+    bracket the threshold are then blended, again by bisection on ``fits``, so the budget is
+    met without pruning past it.
+    """
     top = max((d for g in range(len(table.labels)) for _, d in table.drop_curve(g)),
               default=0.0)
     if not fits(table.ratios_at(top)):
         raise UnsupportedError(
             f"the budget is out of reach even with every group pruned at the largest measured "
-            f"ratio ({max(table.ratios):g}); raise target_macs / target_params, or reach it in "
-            "iterative_steps")
+            f"ratio ({max(table.ratios):g}); raise target_macs / target_params, or spread it "
+            "over more iterative_steps")
     lo, hi = -1.0, top  # a threshold below 0 prunes nothing
     for _ in range(40):
         mid = (lo + hi) / 2
         lo, hi = (lo, mid) if fits(table.ratios_at(mid)) else (mid, hi)
-    return table.ratios_at(hi)
+    below, above = table.ratios_at(lo), table.ratios_at(hi)
+
+    def blend(alpha: float) -> list[float]:
+        return [a + alpha * (b - a) for a, b in zip(below, above, strict=True)]
+
+    lo, hi = 0.0, 1.0  # fits(blend(1)) holds
+    for _ in range(20):
+        mid = (lo + hi) / 2
+        lo, hi = (lo, mid) if fits(blend(mid)) else (mid, hi)
+    return blend(hi)

@@ -340,8 +340,8 @@ def _auto_ratios(model, groups, scores, eval_batches: Batches | None, *, what: s
     ratios = derive_group_ratios(table, fits)
     report.notes.append(f"ratios auto (sensitivity on {table.samples} samples, "
                         f"{table.seconds:.0f} s): " + ", ".join(
-                            f"{label}={r:.2f}" for label, r in zip(table.labels, ratios,
-                                                                    strict=True)))
+                            f"{label}={'kept' if s is None else f'{r:.2f}'}"
+                            for label, r, s in zip(table.labels, ratios, scores, strict=True)))
     report.sensitivity = table
     return ratios
 
@@ -383,21 +383,22 @@ def _fill_to_goal(model, groups, scores, keeps, *, what: str, goal: float, input
                 continue
             removed = _removed(keeps[g], group.size)
             priority = (float(s[removed].max()) / (float(s.mean()) + 1e-12),)
-            candidate = None
+            candidate, measured = None, None
             if sensitivity is not None:
                 candidate = grow(g)
-                cost = value(candidate) - current
-                if current + cost > goal:
+                measured = value(candidate)
+                if measured > goal:
                     full.add(g)
                     continue
-                priority = (regained(g, candidate) / max(cost, 1), *priority)
+                priority = (regained(g, candidate) / max(measured - current, 1), *priority)
             if best is None or priority > best[0]:
-                best = (priority, g, candidate)
+                best = (priority, g, candidate, measured)
         if best is None:
             return keeps
-        _, g, candidate = best
-        candidate = candidate if candidate is not None else grow(g)
-        measured = value(candidate)
+        _, g, candidate, measured = best
+        if candidate is None:
+            candidate = grow(g)
+            measured = value(candidate)
         if measured <= goal:
             keeps, current = candidate, measured
         else:

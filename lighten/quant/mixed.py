@@ -40,9 +40,9 @@ _FRONT_CAP = 20000  # Pareto states kept per layer; beyond it states are buckete
 class MixedConfig(StepConfig):
     """Mixed-precision weights: the least sensitive layers get the fewest bits."""
 
-    budget_bytes: float = Field(gt=0, description="weight bytes allowed: a fraction (<= 1) of the "
-                                "float32 weight bytes (uniform 4-bit = 0.125), or a whole "
-                                "number of bytes (> 1)")
+    budget_bytes: float = Field(
+        gt=0, allow_inf_nan=False, description="weight bytes allowed: a fraction (<= 1) of "
+        "the float32 weight bytes (uniform 4-bit = 0.125), or a whole number of bytes (> 1)")
     candidates: list[int] = Field(default_factory=lambda: [2, 4, 8], min_length=1)
     metric: Literal["sqnr", "hessian"] = "sqnr"
     per_channel: bool = True
