@@ -237,14 +237,21 @@ def _measure(model: nn.Module, what: str, input_shape) -> int:
     return count_macs(model, input_shape) if what == "macs" else count_params(model)[0]
 
 
+def _measure_keeps(model: nn.Module, groups: list[Group], keeps: list[torch.Tensor], what: str,
+                   input_shape) -> int:
+    """MACs or parameters of a pruned copy of ``model`` (``model`` itself is untouched)."""
+    trial = copy.deepcopy(model)
+    apply_keep_(trial, groups, keeps)
+    return _measure(trial, what, input_shape)
+
+
 def _ratio_for(model, groups, scores, *, what: str, goal: float, input_shape,
                global_ranking: bool, round_to: int | None) -> float:
     """Smallest ratio whose pruned copy measures <= goal (bisection; MACs fall with ratio)."""
     def value(ratio: float) -> int:
-        trial = copy.deepcopy(model)
-        apply_keep_(trial, groups, plan_keep(groups, scores, ratio,
-                                             global_ranking=global_ranking, round_to=round_to))
-        return _measure(trial, what, input_shape)
+        keeps = plan_keep(groups, scores, ratio, global_ranking=global_ranking,
+                          round_to=round_to)
+        return _measure_keeps(model, groups, keeps, what, input_shape)
 
     lo, hi = 0.0, MAX_RATIO
     if value(hi) > goal:
@@ -333,9 +340,8 @@ def _auto_ratios(model, groups, scores, eval_batches: Batches | None, *, what: s
         inputs, labels, progress=progress)
 
     def fits(ratios: list[float]) -> bool:
-        trial = copy.deepcopy(model)
-        apply_keep_(trial, groups, plan_keep(groups, scores, ratios, round_to=round_to))
-        return _measure(trial, what, input_shape) <= goal
+        keeps = plan_keep(groups, scores, ratios, round_to=round_to)
+        return _measure_keeps(model, groups, keeps, what, input_shape) <= goal
 
     ratios = derive_group_ratios(table, fits)
     report.notes.append(f"ratios auto (sensitivity on {table.samples} samples, "
@@ -359,9 +365,7 @@ def _fill_to_goal(model, groups, scores, keeps, *, what: str, goal: float, input
     is never tried again, since the model only grows.
     """
     def value(candidate: list[torch.Tensor]) -> int:
-        trial = copy.deepcopy(model)
-        apply_keep_(trial, groups, candidate)
-        return _measure(trial, what, input_shape)
+        return _measure_keeps(model, groups, candidate, what, input_shape)
 
     def grow(g: int) -> list[torch.Tensor]:
         grown = _round_up(keeps[g], groups[g].size, scores[g], _round_step(groups[g], step),
