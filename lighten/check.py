@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from lighten.errors import ModelError
+from lighten.quant.modules import QUANTIZABLE
 
 YES = "yes"
 NO = "no"
@@ -37,7 +38,7 @@ def _has_matrix_weight(module: nn.Module) -> bool:
     return isinstance(weight, nn.Parameter) and weight.dim() >= 2
 
 
-QUANTIZABLE_TYPES = (nn.Conv2d, nn.Linear)
+QUANTIZABLE_TYPES = QUANTIZABLE  # what quant.ptq / qat / mixed turn into int8 layers
 
 MODULE_FACTS: dict[str, ModuleFact] = {
     "prunable": ModuleFact(
@@ -50,7 +51,7 @@ MODULE_FACTS: dict[str, ModuleFact] = {
     ),
     "quantizable": ModuleFact(
         lambda m: isinstance(m, QUANTIZABLE_TYPES),
-        "int8 covers Conv2d/Linear only",
+        "static int8 covers Conv1d/2d/3d and Linear only",
         otherwise="stays float",
     ),
 }

@@ -10,7 +10,15 @@ from __future__ import annotations
 
 from torch import nn
 
-from lighten.quant.modules import QuantAct, QuantConv2d, QuantLinear
+from lighten.quant.modules import (
+    QuantAct,
+    QuantConv,
+    QuantConv1d,
+    QuantConv2d,
+    QuantConv3d,
+    QuantLinear,
+    _QuantLayer,
+)
 from lighten.quant.ptq import PTQConfig, quantize_ptq_
 from lighten.quant.torch_int8 import TorchInt8Layer, to_torch_int8
 
@@ -19,11 +27,11 @@ quantize = quantize_ptq_  # the library verb: quantize(model, batches, PTQConfig
 
 def is_quantized(model: nn.Module) -> bool:
     """True when any layer of ``model`` holds int8 weights (fake-quant or PyTorch int8 form)."""
-    return any(isinstance(m, (QuantConv2d, QuantLinear, TorchInt8Layer)) for m in model.modules())
+    return any(isinstance(m, (_QuantLayer, TorchInt8Layer)) for m in model.modules())
 
 
-__all__ = ["PTQConfig", "QuantAct", "QuantConv2d", "QuantLinear", "is_quantized", "quantize",
-           "quantize_ptq_", "to_torch_int8"]
+__all__ = ["PTQConfig", "QuantAct", "QuantConv", "QuantConv1d", "QuantConv2d", "QuantConv3d",
+           "QuantLinear", "is_quantized", "quantize", "quantize_ptq_", "to_torch_int8"]
 
 # quantization-aware training (LSQ) and mixed precision
 from lighten.quant.mixed import MixedConfig, quantize_mixed_  # noqa: E402

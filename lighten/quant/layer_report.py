@@ -9,8 +9,9 @@ What is compared, per quantized layer ``N`` of the quantized model, on the same 
 * the **reference output** is what the float model (the stage's input) computes at ``N``. When
   the quantizer folded the BatchNorm that follows ``N`` (that BN is gone from the quantized
   model), it is the float *BN's* output; when the layer absorbed the following ReLU / ReLU6,
-  that activation is applied to it. So a ``QuantConv2d`` from ``quant.ptq`` is compared with
-  ``relu(bn(conv(x)))`` of the float model, a ``WeightOnlyConv2d`` with ``conv(x)``.
+  that activation is applied to it. So a ``QuantConv2d`` (or ``QuantConv1d`` / ``QuantConv3d``)
+  from ``quant.ptq`` is compared with ``relu(bn(conv(x)))`` of the float model, a
+  ``WeightOnlyConv2d`` with ``conv(x)``.
 * ``sqnr_db``: the quantized layer alone, fed the float model's input at ``N`` (its own error:
   input, weight and output rounding). The table is sorted by it, worst first.
 * ``sqnr_in_model_db``: the layer's output inside the quantized model (errors of earlier layers
@@ -108,7 +109,7 @@ def _load_builtin_facts() -> None:
     from lighten.quant.weight_only import _WeightOnlyLayer
 
     @register_quant_facts(_QuantLayer)
-    def _static(m) -> QuantFacts:  # QuantConv2d / QuantLinear (quant.ptq, quant.qat, quant.mixed)
+    def _static(m) -> QuantFacts:  # QuantConv* / QuantLinear (quant.ptq, quant.qat, quant.mixed)
         return QuantFacts(
             weight_bits=m.weight_bits, activation_bits=m.activation_bits,
             granularity="per-channel" if m.per_channel else "per-tensor",

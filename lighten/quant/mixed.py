@@ -189,7 +189,7 @@ def quantize_mixed_(model: nn.Module, calibration_batches, config: MixedConfig, 
     inputs = [b[0] if isinstance(b, (tuple, list)) else b for b in calibration_batches]
     layers = _candidates(model, [], notes)
     if not layers:
-        raise UnsupportedError("quant.mixed found no Conv2d / Linear layers to quantize")
+        raise UnsupportedError("quant.mixed found no Conv1d/2d/3d or Linear layers to quantize")
     numels = {n: model.get_submodule(n).weight.numel() for n in layers}
     budget = config.budget_for(4 * sum(numels.values()))
     sens = _METRICS[config.metric](model, layers, inputs, config.candidates,

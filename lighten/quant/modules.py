@@ -8,6 +8,10 @@ the output, a ReLU between them dropped because the output zero point already cl
 Weights are stored as int8 with per-output-channel scales; in ONNX they are int8 initializers
 read by DequantizeLinear (a custom symbolic, so no export post-pass is needed). The bias is kept
 in float and quantized to int32 with scale ``act_scale * weight_scale``, as QLinearConv expects.
+
+Convolutions of every spatial rank share one class, :class:`QuantConv` (Conv1d / Conv2d / Conv3d
+become QuantConv1d / QuantConv2d / QuantConv3d); :data:`QUANT_CLASSES` maps each float layer type
+to its int8 twin and is the one list of what static quantization covers.
 """
 
 from __future__ import annotations
@@ -75,7 +79,7 @@ def apply_activation(x: torch.Tensor, kind: str) -> torch.Tensor:
 
 
 class _QuantLayer(nn.Module):
-    """Shared state and forward of QuantConv2d / QuantLinear (subclasses provide ``_op``)."""
+    """Shared state and forward of QuantConv* / QuantLinear (subclasses provide ``_op``)."""
 
     def _init_quant(self, weight_shape, *, has_bias: bool, weight_bits: int, activation_bits: int,
                     per_channel: bool, symmetric: bool, reduce_range: bool, act_signed: bool,
@@ -162,9 +166,19 @@ class _QuantLayer(nn.Module):
                 f"output_quant={self.output_quant}")
 
 
-@register_module_type
-class QuantConv2d(_QuantLayer):
-    """Conv2d with int8 per-channel weights and fake-quantized input/output activations."""
+_CONV_FUNCTIONS = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+
+
+class QuantConv(_QuantLayer):
+    """Conv1d / Conv2d / Conv3d with int8 per-channel weights and fake-quantized activations.
+
+    One implementation for every spatial rank; the registered, saved types are the rank-specific
+    subclasses :class:`QuantConv1d`, :class:`QuantConv2d` and :class:`QuantConv3d` (``dims``),
+    so an artifact names the exact layer and old ``QuantConv2d`` artifacts load unchanged.
+    ``QuantConv.from_float(conv)`` picks the subclass from the float layer.
+    """
+
+    dims: int = 0  # spatial rank: set by the concrete subclasses
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size, *, stride=1, padding=0,
                  dilation=1, groups: int = 1, bias: bool = True, weight_bits: int = 8,
@@ -172,11 +186,14 @@ class QuantConv2d(_QuantLayer):
                  reduce_range: bool = False, act_signed: bool = False, activation: str = "none",
                  output_quant: bool = True):
         super().__init__()
-        pair = nn.modules.utils._pair
+        if self.dims not in _CONV_FUNCTIONS:
+            raise TypeError("QuantConv is abstract: use QuantConv1d / QuantConv2d / QuantConv3d "
+                            "or QuantConv.from_float(conv)")
+        tup = nn.modules.utils._ntuple(self.dims)
         self.in_channels, self.out_channels = in_channels, out_channels
-        self.kernel_size, self.stride = pair(kernel_size), pair(stride)
-        self.dilation = pair(dilation)
-        self.padding = padding if isinstance(padding, str) else pair(padding)
+        self.kernel_size, self.stride = tup(kernel_size), tup(stride)
+        self.dilation = tup(dilation)
+        self.padding = padding if isinstance(padding, str) else tup(padding)
         self.groups = groups
         shape = (out_channels, in_channels // groups, *self.kernel_size)
         self._init_quant(shape, has_bias=bias, weight_bits=weight_bits,
@@ -185,11 +202,18 @@ class QuantConv2d(_QuantLayer):
                          activation=activation, output_quant=output_quant)
 
     def _op(self, x, w, b):
-        return F.conv2d(x, w, b, self.stride, self.padding, self.dilation, self.groups)
+        return conv_nd(x, w, b, self)
 
     @classmethod
-    def from_float(cls, conv: nn.Conv2d, **quant) -> QuantConv2d:
-        """Same hyper-parameters as ``conv``; weight quantized, bias copied (act qparams unset)."""
+    def from_float(cls, conv: nn.Module, **quant) -> QuantConv:
+        """Same hyper-parameters as ``conv``; weight quantized, bias copied (act qparams unset).
+
+        Called on :class:`QuantConv` itself, the subclass matching ``conv``'s rank is used."""
+        if cls.dims == 0:
+            cls = quant_class(conv)
+        elif quant_class(conv) is not cls:
+            raise TypeError(f"{cls.__name__}.from_float needs a {cls.dims}-d conv, got "
+                            f"{type(conv).__name__}")
         q = cls(conv.in_channels, conv.out_channels, conv.kernel_size, stride=conv.stride,
                 padding=conv.padding, dilation=conv.dilation, groups=conv.groups,
                 bias=conv.bias is not None, **quant)
@@ -207,12 +231,39 @@ class QuantConv2d(_QuantLayer):
         }
 
     @classmethod
-    def from_artifact(cls, config: dict) -> QuantConv2d:
+    def from_artifact(cls, config: dict) -> QuantConv:
         c = dict(config)
         return cls(c.pop("in_channels"), c.pop("out_channels"), tuple(c.pop("kernel_size")),
                    stride=tuple(c.pop("stride")), dilation=tuple(c.pop("dilation")),
                    padding=c["padding"] if isinstance(c["padding"], str) else tuple(c["padding"]),
                    **{k: v for k, v in c.items() if k != "padding"})
+
+
+def conv_nd(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, conv) -> torch.Tensor:
+    """``conv``'s convolution (any rank, zero padding) with weight ``w`` and bias ``b``."""
+    fn = _CONV_FUNCTIONS[len(conv.kernel_size)]
+    return fn(x, w, b, conv.stride, conv.padding, conv.dilation, conv.groups)
+
+
+@register_module_type
+class QuantConv1d(QuantConv):
+    """Conv1d with int8 per-channel weights (ONNX Runtime: QLinearConv on a 1-D kernel)."""
+
+    dims = 1
+
+
+@register_module_type
+class QuantConv2d(QuantConv):
+    """Conv2d with int8 per-channel weights and fake-quantized input/output activations."""
+
+    dims = 2
+
+
+@register_module_type
+class QuantConv3d(QuantConv):
+    """Conv3d with int8 per-channel weights (ONNX Runtime: QLinearConv on a 3-D kernel)."""
+
+    dims = 3
 
 
 @register_module_type
@@ -249,6 +300,23 @@ class QuantLinear(_QuantLayer):
     def from_artifact(cls, config: dict) -> QuantLinear:
         c = dict(config)
         return cls(c.pop("in_features"), c.pop("out_features"), **c)
+
+
+# Float layer type -> its static int8 twin. Everything else a quantizer meets stays float.
+# isinstance semantics: a user subclass of nn.Conv1d (same math) quantizes like nn.Conv1d.
+QUANT_CLASSES: dict[type[nn.Module], type[_QuantLayer]] = {
+    nn.Conv1d: QuantConv1d, nn.Conv2d: QuantConv2d, nn.Conv3d: QuantConv3d, nn.Linear: QuantLinear,
+}
+QUANTIZABLE = tuple(QUANT_CLASSES)
+
+
+def quant_class(layer: nn.Module) -> type[_QuantLayer]:
+    """The Quant* class for float ``layer`` (one of :data:`QUANTIZABLE`)."""
+    for float_type, cls in QUANT_CLASSES.items():
+        if isinstance(layer, float_type):
+            return cls
+    raise TypeError(f"{type(layer).__name__} has no static int8 form; quantizable: "
+                    + ", ".join(t.__name__ for t in QUANTIZABLE))
 
 
 @register_module_type

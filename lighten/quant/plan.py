@@ -19,14 +19,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-QUANTIZABLE = (nn.Conv2d, nn.Linear)
+from lighten.quant.modules import QUANTIZABLE  # noqa: F401  (re-exported: the float types covered)
+
 RELU_MODULES = {nn.ReLU: "relu", nn.ReLU6: "relu6"}
 _RELU_FUNCTIONS = {F.relu: "relu", torch.relu: "relu", F.relu6: "relu6"}
 _ADD_FUNCTIONS = (operator.add, operator.iadd, torch.add)
-_PASSTHROUGH_MODULES = (nn.MaxPool1d, nn.MaxPool2d, nn.Flatten, nn.Identity, nn.Dropout,
-                        nn.Dropout2d, nn.Unflatten)
-_NOOP_MODULES = (nn.Identity, nn.Dropout, nn.Dropout2d)  # in eval mode
-_PASSTHROUGH_FUNCTIONS = (torch.flatten, F.max_pool2d, F.dropout, torch.reshape)
+_NOOP_MODULES = (nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d)  # in eval
+_PASSTHROUGH_MODULES = (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.Flatten, nn.Unflatten,
+                        *_NOOP_MODULES)
+_PASSTHROUGH_FUNCTIONS = (torch.flatten, F.max_pool1d, F.max_pool2d, F.max_pool3d, F.dropout,
+                          torch.reshape)
 _PASSTHROUGH_METHODS = ("view", "reshape", "flatten", "contiguous", "squeeze", "unsqueeze")
 
 
@@ -48,7 +50,7 @@ class QuantPlan:
 
 
 def make_plan(model: nn.Module, candidates: list[str]) -> QuantPlan:
-    """Plan for ``candidates`` (names of Conv2d/Linear modules to quantize)."""
+    """Plan for ``candidates`` (names of QUANTIZABLE modules: Conv1d/2d/3d, Linear)."""
     try:
         from torch import fx
 

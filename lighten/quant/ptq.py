@@ -1,7 +1,8 @@
 """``quant.ptq``: static post-training int8 quantization of weights and activations.
 
 Fold BN, plan quantizer placement (:mod:`lighten.quant.plan`), run calibration batches through
-forward hooks that feed range observers, then swap each Conv2d / Linear for its Quant* twin.
+forward hooks that feed range observers, then swap each Conv1d / Conv2d / Conv3d / Linear for
+its Quant* twin (:data:`lighten.quant.modules.QUANT_CLASSES`).
 Statistics first, then apply: one calibration pass serves every layer.
 """
 
@@ -15,15 +16,16 @@ from typing import Literal
 import torch
 from pydantic import Field
 from torch import nn
+from torch.nn.modules.conv import _ConvNd
 
 from lighten.errors import DataError, RecipeError
 from lighten.quant.eligibility import swappable
 from lighten.quant.modules import (
     QuantAct,
-    QuantConv2d,
-    QuantLinear,
+    _QuantLayer,
     activation_spec,
     apply_activation,
+    quant_class,
 )
 from lighten.quant.observers import make_observer
 from lighten.quant.plan import QUANTIZABLE, RELU_MODULES, LayerPlan, make_plan
@@ -124,7 +126,7 @@ def quantize_ptq(model: nn.Module, cfg: PTQConfig, ctx: StepContext) -> nn.Modul
     quantize_ptq_(model, ctx.calibration_batches(cfg.calib_samples), cfg, notes=notes)
     for message in notes:
         ctx.note(message)
-    quantized = sum(isinstance(m, (QuantConv2d, QuantLinear)) for m in model.modules())
+    quantized = sum(isinstance(m, _QuantLayer) for m in model.modules())
     ctx.note(f"quant.ptq: {quantized} layers int{cfg.bits} ({cfg.calibration} calibration, "
              f"{'per-channel' if cfg.per_channel else 'per-tensor'} weights)")
     return ctx.finetune(model, cfg.finetune)
@@ -154,12 +156,13 @@ def _candidates(model: nn.Module, skip: list[str], notes: list[str]) -> list[str
         if isinstance(module, QUANTIZABLE):
             if skipped:
                 notes.append(f"{name} left in float: listed in skip")
-            elif isinstance(module, nn.Conv2d) and module.padding_mode != "zeros":
+            elif isinstance(module, _ConvNd) and module.padding_mode != "zeros":
                 notes.append(f"{name} left in float: padding_mode={module.padding_mode!r}")
             else:
                 out.append(name)
-        elif isinstance(module, (nn.Conv1d, nn.Conv3d, nn.ConvTranspose2d)) and not skipped:
-            notes.append(f"{name} left in float: {type(module).__name__} is not quantized")
+        elif isinstance(module, _ConvNd) and not skipped:  # ConvTranspose1d/2d/3d
+            notes.append(f"{name} left in float: {type(module).__name__} has no static int8 "
+                         "form here (quantized: Conv1d/2d/3d, Linear)")
     return swappable(model, out, notes)
 
 
@@ -202,9 +205,8 @@ def _calibrate(model, plan, batches, cfg: PTQConfig, spec) -> dict:
 
 
 def _quant_layer(float_layer, layer_plan: LayerPlan, qparams, common) -> nn.Module:
-    cls = QuantConv2d if isinstance(float_layer, nn.Conv2d) else QuantLinear
-    q = cls.from_float(float_layer, activation=layer_plan.activation,
-                       output_quant=layer_plan.output_quant, **common)
+    q = quant_class(float_layer).from_float(float_layer, activation=layer_plan.activation,
+                                            output_quant=layer_plan.output_quant, **common)
     src = layer_plan.input_from
     shared = qparams.get(("out", src), qparams.get(("act", src)))
     _set_qparams(q.act_scale, q.act_zero_point, shared or qparams[("in", layer_plan.name)])

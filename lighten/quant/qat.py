@@ -3,11 +3,11 @@
 Reparametrize, train, make permanent:
 
 1. :func:`prepare_qat` folds BN, plans quantizer placement exactly as PTQ does
-   (:mod:`lighten.quant.plan`), calibrates initial scales and wraps each Conv2d / Linear in a
+   (:mod:`lighten.quant.plan`), calibrates initial scales and wraps each Conv / Linear in a
    :class:`QATLayer` whose weights and activations pass through straight-through fake
    quantizers (learned step size when ``lsq``, see :mod:`lighten.quant.lsq`).
 2. The shared training loop fine-tunes weights and scales together (``ctx.finetune``).
-3. :func:`convert_qat` turns every QATLayer into a QuantConv2d / QuantLinear holding the integer
+3. :func:`convert_qat` turns every QATLayer into a QuantConv* / QuantLinear holding the integer
    codes and the learned scales, so export, ONNX Runtime and the artifact need nothing new.
 """
 
@@ -20,14 +20,16 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field, model_validator
 from torch import nn
+from torch.nn.modules.conv import _ConvNd
 
 from lighten.quant.lsq import LearnedFakeQuant
 from lighten.quant.modules import (
     QuantAct,
-    QuantConv2d,
-    QuantLinear,
+    _QuantLayer,
     activation_spec,
     apply_activation,
+    conv_nd,
+    quant_class,
     weight_spec,
 )
 from lighten.quant.plan import LayerPlan, make_plan
@@ -65,7 +67,7 @@ class QATConfig(StepConfig):
 
 
 class QATLayer(nn.Module):
-    """A float Conv2d / Linear whose weights, input and output are fake-quantized for training.
+    """A float Conv1d/2d/3d / Linear whose weights, input and output are fake-quantized (training).
 
     ``input_quant`` is None when the input already comes quantized from another layer's output
     quantizer through range-preserving ops (PTQ reuses that output's parameters; so do we).
@@ -98,9 +100,8 @@ class QATLayer(nn.Module):
             scale, _ = weight_qparams(self.layer.weight, self.weight_spec)
             self.weight_quant.scale.data.copy_(scale.reshape(self.weight_quant.scale.shape))
         w = self.weight_quant(self.layer.weight)
-        if isinstance(self.layer, nn.Conv2d):
-            c = self.layer
-            y = F.conv2d(x, w, c.bias, c.stride, c.padding, c.dilation, c.groups)
+        if isinstance(self.layer, _ConvNd):
+            y = conv_nd(x, w, self.layer.bias, self.layer)
         else:
             y = F.linear(x, w, self.layer.bias)
         y = apply_activation(y, self.activation)
@@ -186,12 +187,11 @@ def convert_qat(model: nn.Module) -> nn.Module:
 
 
 def _to_quant_layer(m: QATLayer, modules: dict[str, nn.Module]) -> nn.Module:
-    cls = QuantConv2d if isinstance(m.layer, nn.Conv2d) else QuantLinear
     wq = m.weight_quant
-    q = cls.from_float(m.layer, weight_bits=m.weight_bits, activation_bits=m.activation_bits,
-                       per_channel=wq.scale.dim() == 1, symmetric=True,
-                       reduce_range=m.reduce_range, act_signed=ACT_SIGNED,
-                       activation=m.activation, output_quant=m.output_quant is not None)
+    q = quant_class(m.layer).from_float(
+        m.layer, weight_bits=m.weight_bits, activation_bits=m.activation_bits,
+        per_channel=wq.scale.dim() == 1, symmetric=True, reduce_range=m.reduce_range,
+        act_signed=ACT_SIGNED, activation=m.activation, output_quant=m.output_quant is not None)
     q.set_quantized_weight(wq.quantize_int(m.layer.weight), wq.scale, wq.zero_point)
     in_q = m.input_quant or _point_quantizer(modules[m.input_from])
     q.act_scale.copy_(in_q.scale.reshape(()))
@@ -217,7 +217,7 @@ def quantize_qat(model: nn.Module, cfg: QATConfig, ctx: StepContext) -> nn.Modul
     convert_qat(model)
     for message in notes:
         ctx.note(message)
-    layers = [m for m in model.modules() if isinstance(m, (QuantConv2d, QuantLinear))]
+    layers = [m for m in model.modules() if isinstance(m, _QuantLayer)]
     ctx.note(f"quant.qat: {len(layers)} layers w{cfg.weight_bits}a{cfg.activation_bits} after "
              f"{cfg.finetune.epochs:g} epochs of {'LSQ' if cfg.lsq else 'STE'} fine-tuning "
              f"({'per-channel' if cfg.per_channel else 'per-tensor'} weights, {cfg.calibration} "

@@ -1,9 +1,10 @@
 """Run a quantized model on PyTorch's x86 int8 engine instead of fake quantization.
 
-Each QuantConv2d / QuantLinear becomes a ``torch.ao.nn.quantized`` Conv2d / Linear between
-``quantize_per_tensor`` (with the layer's calibrated input parameters) and ``dequantize``. The
-int8 kernel requantizes to the layer's calibrated output parameters; a ReLU / ReLU6 needs no
-kernel of its own because that output range starts at 0 and ends at the observed maximum.
+Each QuantConv1d/2d/3d / QuantLinear becomes a ``torch.ao.nn.quantized`` Conv1d/2d/3d / Linear
+between ``quantize_per_tensor`` (with the layer's calibrated input parameters) and
+``dequantize``. The int8 kernel requantizes to the layer's calibrated output parameters; a ReLU /
+ReLU6 needs no kernel of its own because that output range starts at 0 and ends at the observed
+maximum.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import torch
 from torch import nn
 
 from lighten.errors import UnsupportedError
-from lighten.quant.modules import QuantConv2d, QuantLinear, _QuantLayer
+from lighten.quant.modules import QuantConv, _QuantLayer
 
 _ENGINES = ("x86", "fbgemm")  # the engines with int8 conv/linear on x86 CPUs
 
@@ -49,7 +50,7 @@ def to_torch_int8(model: nn.Module) -> nn.Module:
     _select_engine()
     model = copy.deepcopy(model).eval()
     for name, module in list(model.named_modules()):
-        if isinstance(module, (QuantConv2d, QuantLinear)):
+        if isinstance(module, _QuantLayer):
             model.set_submodule(name, TorchInt8Layer(_convert(name, module), module))
     return model
 
@@ -59,11 +60,12 @@ def _convert(name: str, m: _QuantLayer) -> nn.Module:
 
     out_shift = 128 if m.act_signed else 0
     out_scale, out_zp = float(m.out_scale), int(m.out_zero_point) + out_shift
-    if isinstance(m, QuantConv2d):
+    if isinstance(m, QuantConv):
         if isinstance(m.padding, str):
             raise UnsupportedError(f"{name}: padding={m.padding!r} has no PyTorch int8 kernel; "
                                    "use explicit integer padding in the float model")
-        q = nnq.Conv2d(m.in_channels, m.out_channels, m.kernel_size, stride=m.stride,
+        conv_type = {1: nnq.Conv1d, 2: nnq.Conv2d, 3: nnq.Conv3d}[m.dims]
+        q = conv_type(m.in_channels, m.out_channels, m.kernel_size, stride=m.stride,
                        padding=m.padding, dilation=m.dilation, groups=m.groups,
                        bias=m.bias is not None)
     else:
