@@ -90,6 +90,8 @@ _RESIZABLE: dict[type[nn.Module], tuple[str, ...]] = {
 }
 _RESIZABLE_BY_NAME = {cls.__name__: cls for cls in _RESIZABLE}
 _PICKLE_HINT = "lighten never unpickles; load it with lighten.models.load_weights and save_artifact"
+_PLAIN_HINT = ("plain weights need their architecture: `MODEL --weights FILE` on the command line "
+               "(MODEL a zoo name or file.py:factory), lighten.models.load_weights in Python")
 
 
 # ----------------------------------------------------------------------------- save
@@ -485,8 +487,7 @@ def _read_manifest(path: Path) -> dict:
         detail = str(err).splitlines()[0] if str(err) else type(err).__name__
         raise CheckpointError(f"{path} is truncated or corrupt ({detail}); re-save it") from None
     if METADATA_KEY not in metadata:
-        raise CheckpointError(f"{path} is not a lighten artifact (no manifest); use "
-                              "lighten.models.load_weights for plain weights")
+        raise CheckpointError(f"{path} is not a lighten artifact (no manifest); {_PLAIN_HINT}")
     try:
         manifest = json.loads(metadata[METADATA_KEY])
     except json.JSONDecodeError as err:
@@ -507,8 +508,8 @@ def _read_manifest(path: Path) -> dict:
 def _check_header(path: Path, manifest: Any) -> None:
     """Format and version of the envelope (version 2) or of the manifest itself."""
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        raise CheckpointError(f"{path} is not a lighten artifact (unknown manifest format); use "
-                              "lighten.models.load_weights for plain weights")
+        raise CheckpointError(f"{path} is not a lighten artifact (unknown manifest format); "
+                              f"{_PLAIN_HINT}")
     version = manifest.get("version")
     if not isinstance(version, int):
         raise CheckpointError(f"{path} has no manifest version; re-save it")

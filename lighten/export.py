@@ -64,6 +64,7 @@ def export_onnx(
     """
     input_shape = _check_shape(input_shape)
     path = Path(path)
+    _check_destination(path)
     was_training = model.training
     model.eval()
     try:
@@ -83,6 +84,17 @@ def export_onnx(
         model.train(was_training)
     atomic_write_bytes(path, data)
     return ExportCheck(path, max_diff, agree, len(data), quantized, folded)
+
+
+def _check_destination(path: Path) -> None:
+    """Fail before exporting when ``path`` cannot become a file: a folder, or under a file."""
+    if path.is_dir():
+        raise ExportError(f"{path} is a folder; pass a file name for the ONNX model, e.g. "
+                          f"{path / 'model.onnx'}")
+    for parent in path.parents:
+        if parent.exists() and not parent.is_dir():
+            raise ExportError(f"cannot write {path}: {parent} is a file, not a folder; choose "
+                              "another path")
 
 
 def _check_shape(input_shape) -> tuple[int, ...]:

@@ -203,6 +203,11 @@ def _describe(err: ValidationError, schema: type[BaseModel]) -> str:
         return f"unknown key {where!r}{hint}"
     if first["type"] == "missing":
         return f"missing required key {where!r}"
+    if first["type"] == "model_type":  # pydantic names the internal class; say what to write
+        allowed = _allowed_keys(schema, loc)
+        keys = f" with keys {', '.join(allowed)}" if allowed else ""
+        value = first.get("input")
+        return f"{where}: should be a mapping{keys} (got {value!r})"
     value = first.get("input")
     shown = f" (got {value!r})" if not isinstance(value, dict | list) else ""
     message = first["msg"].removeprefix("Value error, ")

@@ -7,6 +7,7 @@ modules that hold them, so "where is prune.magnitude implemented?" is answered b
 
 from __future__ import annotations
 
+import difflib
 import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -66,5 +67,7 @@ def get_step(name: str) -> StepSpec:
     steps = load_builtin_steps()
     if name not in steps:
         known = ", ".join(sorted(steps))
-        raise RecipeError(f"unknown step {name!r}; known steps: {known}")
+        close = difflib.get_close_matches(str(name), list(steps), n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        raise RecipeError(f"unknown step {name!r}; known steps: {known}{hint}")
     return steps[name]

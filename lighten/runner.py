@@ -58,21 +58,56 @@ def run_recipe(
     from lighten.provenance import recipe_hash
 
     out = Path(output or recipe.output)
+    _check_output_dir(out)
     recipe_dict = recipe.to_dict()
     digest = recipe_hash(recipe_dict)
-    state = _read_state(out)
+    state = None if overwrite and not resume else _read_state(out)  # --overwrite: any state
     if state and not resume and not overwrite:
         raise RecipeError(f"{out} already holds a run; pass --resume to continue it or choose "
                           f"another --output (or --overwrite to replace it)")
     if resume and state and state.get("recipe_hash") != digest:
-        raise RecipeError(f"the recipe changed since the run in {out} started; rerun without "
-                          f"--resume into a new --output")
+        raise RecipeError(f"the recipe changed since the run in {out} started; rerun with "
+                          f"--overwrite to replace that run, or without --resume into a new "
+                          f"--output")
     if not (resume and state):
         state = None
+    if state:
+        _check_resumable(out, state, recipe)
 
     prepared = _prepare(recipe, progress=progress)  # all user-input errors surface here
     _prepare_output(out, fresh=state is None)
     return _execute(recipe, prepared, out, state, digest, recipe_dict, progress=progress)
+
+
+def _check_output_dir(out: Path) -> None:
+    """The output folder (and its stages/) must be a folder or not exist yet: checked before
+    any training, so a typo in --output does not cost a baseline run."""
+    for path in (out / "stages", out, *out.parents):
+        if path.exists() and not path.is_dir():
+            raise RecipeError(f"cannot write the run to {out}: {path} is a file, not a folder; "
+                              "choose another --output")
+
+
+def _check_resumable(out: Path, state: dict, recipe: Recipe) -> None:
+    """Every file --resume reads back exists: the finished stages and the baseline logits."""
+    from safetensors import safe_open
+
+    names = (["baseline"] + _unique_stage_names(recipe))[:len(state["done"])]
+    needed = [out / "stages" / f"{i:02d}-{name}.safetensors" for i, name in enumerate(names)]
+    if names:
+        needed.append(out / "reference_logits.safetensors")
+    for path in needed:
+        problem = "is missing" if not path.is_file() else None
+        if problem is None:
+            try:  # the header covers the whole file: a truncated one fails here, before training
+                with safe_open(str(path), framework="pt"):
+                    pass
+            except Exception as err:  # safetensors raises its own error type for a bad header
+                problem = f"is truncated or corrupt ({(str(err).splitlines() or [''])[0]})"
+        if problem:
+            raise RecipeError(f"cannot resume the run in {out}: {path} {problem}; rerun with "
+                              "--overwrite to start it again, or into a new --output")
+    _read_rows(out)  # a damaged metrics.jsonl fails here, before any training
 
 
 def _prepare(recipe: Recipe, *, progress: bool) -> _Prepared:
@@ -93,8 +128,12 @@ def _build(recipe: Recipe, data) -> nn.Module:
     if spec_shape and tuple(spec_shape) != tuple(data.input_shape):
         raise ModelError(f"model.input_shape {list(spec_shape)} does not match the data's "
                          f"{list(data.input_shape)}; fix model.input_shape or choose other data")
+    # user data has as many classes as its largest label + 1: say so, a stray label is common
+    source = (f"the data (its largest label is {data.num_classes - 1}, so {data.num_classes} "
+              "classes; labels must run from 0 to classes - 1)"
+              if recipe.data.python else "the data")
     model = build_model(recipe.model, input_shape=tuple(data.input_shape),
-                        num_classes=data.num_classes)
+                        num_classes=data.num_classes, classes_from=source)
     model.eval()
     try:
         with torch.no_grad():
@@ -176,7 +215,7 @@ def _prepare_output(out: Path, *, fresh: bool) -> None:
 
 
 def _execute(recipe, prepared: _Prepared, out: Path, state, digest, recipe_dict, *, progress):
-    from lighten.artifact import load_artifact, save_artifact
+    from lighten.artifact import save_artifact
     from lighten.backends import get_backend
     from lighten.provenance import atomic_write_text, provenance
     from lighten.report import write_report
@@ -188,7 +227,8 @@ def _execute(recipe, prepared: _Prepared, out: Path, state, digest, recipe_dict,
     rows = _read_rows(out) if state else []
     rows = [r for r in rows if r["stage"] in done]
     notes: list[str] = list(state.get("notes", [])) if state else []
-    notes.append(f"baseline: {prepared.baseline_source}")
+    if "baseline" not in done:  # on resume the baseline comes from its artifact, noted before
+        notes.append(f"baseline: {prepared.baseline_source}")
     prov = provenance(recipe_dict, recipe.seed)
     atomic_write_text(out / "run.json", json.dumps(
         {"recipe": recipe_dict, "recipe_hash": digest, "source": recipe.source,
@@ -201,11 +241,10 @@ def _execute(recipe, prepared: _Prepared, out: Path, state, digest, recipe_dict,
         artifact = out / "stages" / f"{index:02d}-{stage}.safetensors"
         if stage in done:
             if index == len(done) - 1:  # the last finished stage is where work continues
-                model, _ = load_artifact(artifact, model=_fresh_skeleton(recipe, data))
+                model = _load_finished(artifact, out, recipe, data)
             if index == 0:
                 reference = _reference_logits(out)
-                baseline_copy = _clone(load_artifact(artifact,
-                                                     model=_fresh_skeleton(recipe, data))[0])
+                baseline_copy = _clone(_load_finished(artifact, out, recipe, data))
             continue
         torch.manual_seed(recipe.seed + index)
         step = recipe.steps[index - 1] if index else None
@@ -238,6 +277,19 @@ def _execute(recipe, prepared: _Prepared, out: Path, state, digest, recipe_dict,
          "provenance": prov, "notes": notes}, indent=2))
     write_report(out)
     return RunResult(out, rows, notes)
+
+
+def _load_finished(artifact: Path, out: Path, recipe: Recipe, data) -> nn.Module:
+    """A finished stage read back for --resume; a damaged file says how to start over."""
+    from lighten.artifact import load_artifact
+    from lighten.errors import CheckpointError
+
+    try:
+        return load_artifact(artifact, model=_fresh_skeleton(recipe, data))[0]
+    except CheckpointError as err:
+        reason = str(err).removesuffix("; re-save it")  # a stage is not re-saved by hand
+        raise RecipeError(f"cannot resume the run in {out}: {reason}; rerun with --overwrite to "
+                          "start it again, or into a new --output") from None
 
 
 def step_apply(step, model: nn.Module, ctx: StepContext) -> nn.Module:
@@ -322,9 +374,11 @@ def _read_state(out: Path) -> dict | None:
         return None
     try:
         state = json.loads(path.read_text())
-    except json.JSONDecodeError:
-        raise RecipeError(f"{path} is corrupt; rerun without --resume into a new --output"
-                          ) from None
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        state = None
+    if not isinstance(state, dict) or not isinstance(state.get("done"), list):
+        raise RecipeError(f"{path} is corrupt; rerun with --overwrite to start the run again, "
+                          "or choose another --output")
     return state if state.get("version") == STATE_VERSION else None
 
 
@@ -332,4 +386,11 @@ def _read_rows(out: Path) -> list[dict]:
     path = out / "metrics.jsonl"
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    try:
+        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        rows = None
+    if rows is None or not all(isinstance(r, dict) and "stage" in r for r in rows):
+        raise RecipeError(f"{path} is corrupt; rerun with --overwrite to start the run again, "
+                          "or choose another --output")
+    return rows

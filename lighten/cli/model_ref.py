@@ -85,12 +85,12 @@ def resolve_model(ref: str, *, input_shape: tuple[int, ...] | None = None,
         return _from_python(ref, input_shape, weights, num_classes)
     if ref.endswith(".safetensors") or Path(ref).is_file():
         return _from_artifact(ref, input_shape, weights)
-    from lighten.models import ZOO
+    from lighten.models import ZOO, did_you_mean
 
     if ref in ZOO:
         return _from_zoo(ref, input_shape, weights, num_classes, data, warn)
     raise ModelError(f"unknown model {ref!r}: not a zoo name ({', '.join(ZOO)}), not an "
-                     "existing .safetensors artifact, not 'file.py:factory'")
+                     f"existing .safetensors artifact, not 'file.py:factory'{did_you_mean(ref)}")
 
 
 def _from_zoo(name, input_shape, weights, num_classes, data, warn) -> ResolvedModel:

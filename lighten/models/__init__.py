@@ -56,12 +56,26 @@ class ModelSpec(StrictModel):
         return self
 
 
-def build_model(spec: ModelSpec, *, input_shape, num_classes: int) -> nn.Module:
-    """Build (and load weights into) the model; check it maps the input to (N, num_classes)."""
+def did_you_mean(name: str) -> str:
+    """``"; did you mean 'resnet20'?"`` for a near-miss zoo name (case ignored), else ``""``."""
+    import difflib
+
+    lowered = {key.lower(): key for key in ZOO}
+    close = difflib.get_close_matches(str(name).lower(), list(lowered), n=1)
+    return f"; did you mean {lowered[close[0]]!r}?" if close else ""
+
+
+def build_model(spec: ModelSpec, *, input_shape, num_classes: int,
+                classes_from: str = "the data") -> nn.Module:
+    """Build (and load weights into) the model; check it maps the input to (N, num_classes).
+
+    ``classes_from`` says where ``num_classes`` came from, for the mismatch message.
+    """
     input_shape = tuple(int(d) for d in input_shape)
     if spec.zoo is not None:
         if spec.zoo not in ZOO:
-            raise ModelError(f"unknown zoo model {spec.zoo!r}; known: {', '.join(ZOO)}")
+            raise ModelError(f"unknown zoo model {spec.zoo!r}; known: {', '.join(ZOO)}"
+                             f"{did_you_mean(spec.zoo)}")
         factory = ZOO[spec.zoo]
         try:
             model = factory(num_classes=num_classes, input_shape=input_shape, **spec.kwargs)
@@ -85,11 +99,12 @@ def build_model(spec: ModelSpec, *, input_shape, num_classes: int) -> nn.Module:
                              "it must return a torch.nn.Module")
     if spec.weights is not None:
         load_weights(model, spec.weights)
-    _check_output(model, input_shape, num_classes, spec.zoo or spec.python)
+    _check_output(model, input_shape, num_classes, spec.zoo or spec.python, classes_from)
     return model
 
 
-def _check_output(model: nn.Module, input_shape, num_classes: int, name: str) -> None:
+def _check_output(model: nn.Module, input_shape, num_classes: int, name: str,
+                  classes_from: str = "the data") -> None:
     was_training = model.training
     model.eval()
     try:
@@ -105,7 +120,7 @@ def _check_output(model: nn.Module, input_shape, num_classes: int, name: str) ->
                          f"tensor (batch, {num_classes}); make forward return only the logits")
     if tuple(out.shape) != (2, num_classes):
         raise ModelError(f"model {name!r} returns {tuple(out.shape)} for a batch of 2, expected "
-                         f"logits (2, {num_classes}); match num_classes to the data")
+                         f"logits (2, {num_classes}); match num_classes to {classes_from}")
 
 
 def shipped_checkpoint(zoo_name: str, data_name: str) -> Path | None:
@@ -118,7 +133,8 @@ def example_inputs(name: str = "lenet5", *, batch: int = 2, input_shape=(1, 28, 
                    seed: int = 0) -> tuple[nn.Module, torch.Tensor]:
     """A fresh zoo model and a deterministic random batch for it: handy in tests and docs."""
     if name not in ZOO:
-        raise ModelError(f"unknown zoo model {name!r}; known: {', '.join(ZOO)}")
+        raise ModelError(f"unknown zoo model {name!r}; known: {', '.join(ZOO)}"
+                         f"{did_you_mean(name)}")
     g = torch.Generator().manual_seed(seed)
     return ZOO[name](input_shape=tuple(input_shape)), torch.randn(batch, *input_shape,
                                                                    generator=g)

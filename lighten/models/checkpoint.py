@@ -20,6 +20,9 @@ TORCH_SUFFIXES = (".pt", ".pth", ".bin")
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """Read a flat ``{name: tensor}`` mapping from ``path`` without executing anything."""
     path = Path(path).expanduser()
+    if path.is_dir():
+        raise CheckpointError(f"weights {str(path)!r} is a folder; pass the weights file inside "
+                              "it (.safetensors, .pt or .pth)")
     if not path.is_file():
         raise CheckpointError(f"weights file {str(path)!r} does not exist; check the path")
     if path.suffix == ".safetensors":
