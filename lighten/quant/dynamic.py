@@ -183,7 +183,8 @@ def quantize_dynamic(model: nn.Module, cfg: DynamicConfig, ctx: StepContext) -> 
     quantize_dynamic_(model, cfg, notes=notes)
     count = sum(isinstance(m, DynamicQuantLinear) for m in model.modules())
     lstms = sum(isinstance(m, DynamicQuantLSTM) for m in model.modules())
-    ctx.note(f"quant.dynamic: {count} Linear and {lstms} LSTM layers with int8 weights and "
+    weights = "int8" if cfg.bits == 8 else f"{cfg.bits}-bit (in int8 containers)"
+    ctx.note(f"quant.dynamic: {count} Linear and {lstms} LSTM layers with {weights} weights and "
              "run-time uint8 activation ranges (no calibration)")
     for message in notes:
         ctx.note(message)
