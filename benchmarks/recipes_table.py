@@ -12,7 +12,7 @@ import argparse
 import json
 from pathlib import Path
 
-from lighten.provenance import atomic_write_text, machine
+from lighten.provenance import atomic_write_text, describe_machine, machine
 from lighten.recipe import load_recipe
 from lighten.runner import run_recipe
 
@@ -59,10 +59,12 @@ def main(argv=None) -> None:
     for path in paths:
         recipe = load_recipe(path)
         result = run_recipe(recipe, overwrite=True, progress=not args.quiet)
-        results[recipe.name] = summarize(recipe.name, result.rows)
+        # rows of earlier runs are kept, possibly from another machine: each row names its own
+        results[recipe.name] = {**summarize(recipe.name, result.rows),
+                                "machine": describe_machine(machine())}
         print(to_markdown({recipe.name: results[recipe.name]}), flush=True)
     RESULTS.mkdir(exist_ok=True)
-    atomic_write_text(store, json.dumps({"machine": machine(), "results": results}, indent=2))
+    atomic_write_text(store, json.dumps({"results": results}, indent=2))
     atomic_write_text(RESULTS / "recipes.md", to_markdown(dict(sorted(results.items()))))
     print(to_markdown(dict(sorted(results.items()))))
 
