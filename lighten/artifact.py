@@ -210,11 +210,11 @@ def _changed_layers(model: nn.Module, fresh: nn.Module | None, *, skip: list[str
 _VALUE_TYPES = (bool, int, float)
 
 
-def _changed_values(model: nn.Module, fresh: nn.Module | None, *, skip: list[str]) -> list[dict]:
-    """Plain scalar attributes of non-resizable modules that differ from ``fresh``."""
+def _counterparts(model: nn.Module, fresh: nn.Module | None, *, skip: list[str]):
+    """(path, module, fresh module) for every non-resizable module of ``model`` that ``fresh``
+    has at the same path with the same class (none without ``fresh``)."""
     if fresh is None:
-        return []
-    changed = []
+        return
     for path, module in model.named_modules():
         if type(module) in _RESIZABLE or any(_under(path, p) for p in skip):
             continue
@@ -222,8 +222,14 @@ def _changed_values(model: nn.Module, fresh: nn.Module | None, *, skip: list[str
             ref = get_submodule(fresh, path)
         except ModelError:
             continue
-        if type(ref).__qualname__ != type(module).__qualname__:  # user classes may be
-            continue  # imported twice (by path), so compare names, not class objects
+        if type(ref).__qualname__ == type(module).__qualname__:  # user classes may be
+            yield path, module, ref  # imported twice (by path): compare names, not classes
+
+
+def _changed_values(model: nn.Module, fresh: nn.Module | None, *, skip: list[str]) -> list[dict]:
+    """Plain scalar attributes of non-resizable modules that differ from ``fresh``."""
+    changed = []
+    for path, module, ref in _counterparts(model, fresh, skip=skip):
         for name, value in vars(module).items():
             old = vars(ref).get(name)
             if (name.startswith("_") or name == "training" or type(value) not in _VALUE_TYPES
@@ -250,18 +256,8 @@ def _resized_tensors(model: nn.Module, fresh: nn.Module | None, *,
                      skip: list[str]) -> list[dict]:
     """Own parameters/buffers of non-resizable modules whose shape differs from ``fresh`` (a
     layer scale or positional embedding sliced by prune.channels)."""
-    if fresh is None:
-        return []
     changed = []
-    for path, module in model.named_modules():
-        if type(module) in _RESIZABLE or any(_under(path, p) for p in skip):
-            continue
-        try:
-            ref = get_submodule(fresh, path)
-        except ModelError:
-            continue
-        if type(ref).__qualname__ != type(module).__qualname__:
-            continue
+    for path, module, ref in _counterparts(model, fresh, skip=skip):
         old = _own_shapes(ref)
         changed += [{"path": path, "name": name, "shape": shape}
                     for name, shape in _own_shapes(module).items()

@@ -27,7 +27,7 @@ from torch.utils.data import TensorDataset
 
 from lighten.errors import UnsupportedError
 from lighten.graph import Group
-from lighten.prune.sensitivity import ratio_at_drop
+from lighten.prune.sensitivity import plot_curves, ratio_at_drop
 
 __all__ = ["ChannelSensitivity", "analyze_channels", "derive_group_ratios", "group_label",
            "measure_channel_sensitivity"]
@@ -98,25 +98,12 @@ class ChannelSensitivity:
         return out.getvalue()
 
     def plot(self, path: str | Path) -> Path:
-        """Accuracy vs ratio, one line per group (matplotlib Agg, imported only here)."""
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.figure import Figure
-
-        fig = Figure(figsize=(7, 4.5))
-        FigureCanvasAgg(fig)
-        ax = fig.add_subplot()
-        for label, accs in zip(self.labels, self.accuracy, strict=True):
-            ax.plot([0, *self.ratios], [100 * self.baseline, *(100 * a for a in accs)],
-                    marker="o", label=label)
-        ax.axhline(100 * self.baseline, color="gray", linestyle="--", label="baseline")
-        ax.set_xlabel("fraction of the group's channels removed")
-        ax.set_ylabel("accuracy (%)")
-        ax.set_title("Per-group channel sensitivity")
-        ax.legend(fontsize="small", ncol=2 if len(self.labels) > 8 else 1)
-        fig.tight_layout()
-        path = Path(path)
-        fig.savefig(path, dpi=110)
-        return path
+        """Accuracy vs ratio, one line per group."""
+        curves = {label: [(0.0, self.baseline), *zip(self.ratios, accs, strict=True)]
+                  for label, accs in zip(self.labels, self.accuracy, strict=True)}
+        return plot_curves(path, curves, self.baseline,
+                           xlabel="fraction of the group's channels removed",
+                           title="Per-group channel sensitivity")
 
     def write(self, directory: str | Path) -> dict[str, Path]:
         """channel_sensitivity.{csv,md,png} in ``directory``."""

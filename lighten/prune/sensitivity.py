@@ -22,7 +22,7 @@ from torch.utils.data import Dataset, Subset
 from lighten.errors import UnsupportedError
 from lighten.prune.magnitude import _keep_largest, prunable_weights
 
-__all__ = ["SensitivityTable", "analyze", "derive_ratios"]
+__all__ = ["SensitivityTable", "analyze", "derive_ratios", "plot_curves", "ratio_at_drop"]
 
 
 def _magnitude_mask(weight: torch.Tensor, ratio: float) -> torch.Tensor:
@@ -92,25 +92,10 @@ class SensitivityTable:
         return "\n".join(lines) + "\n"
 
     def plot(self, path: str | Path) -> Path:
-        """Accuracy vs ratio, one line per layer (matplotlib Agg, imported only here)."""
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.figure import Figure
-
-        fig = Figure(figsize=(7, 4.5))
-        FigureCanvasAgg(fig)
-        ax = fig.add_subplot()
-        for layer in self.layers:
-            xs, ys = zip(*self.curve(layer), strict=True)
-            ax.plot(xs, [100 * y for y in ys], marker="o", label=layer)
-        ax.axhline(100 * self.baseline, color="gray", linestyle="--", label="baseline")
-        ax.set_xlabel("fraction of the layer's weights pruned")
-        ax.set_ylabel("accuracy (%)")
-        ax.set_title(f"Per-layer sensitivity ({self.kind})")
-        ax.legend(fontsize="small", ncol=2 if len(self.layers) > 8 else 1)
-        fig.tight_layout()
-        path = Path(path)
-        fig.savefig(path, dpi=110)
-        return path
+        """Accuracy vs ratio, one line per layer."""
+        return plot_curves(path, {layer: self.curve(layer) for layer in self.layers},
+                           self.baseline, xlabel="fraction of the layer's weights pruned",
+                           title=f"Per-layer sensitivity ({self.kind})")
 
     def write(self, directory: str | Path) -> dict[str, Path]:
         """sensitivity.csv, sensitivity.md and sensitivity.png in ``directory``."""
@@ -121,6 +106,29 @@ class SensitivityTable:
         paths["md"].write_text(self.to_markdown())
         paths["png"] = self.plot(directory / "sensitivity.png")
         return paths
+
+
+def plot_curves(path: str | Path, curves: dict[str, list[tuple[float, float]]],
+                baseline: float, *, xlabel: str, title: str) -> Path:
+    """Accuracy vs ratio, one line per curve, baseline dashed (matplotlib Agg, imported here)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(7, 4.5))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    for label, points in curves.items():
+        xs, ys = zip(*points, strict=True)
+        ax.plot(xs, [100 * y for y in ys], marker="o", label=label)
+    ax.axhline(100 * baseline, color="gray", linestyle="--", label="baseline")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("accuracy (%)")
+    ax.set_title(title)
+    ax.legend(fontsize="small", ncol=2 if len(curves) > 8 else 1)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=110)
+    return path
 
 
 def analyze(
