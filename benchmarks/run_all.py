@@ -20,6 +20,7 @@ BENCHMARKS = [
     ["prune_peers.py", "--epochs", "1", "--models", "mobilenetv2", "--methods", "2", "4", "5", "6",
      "--name", "prune_peers_mobilenetv2"],
     ["prune_quant.py", "--epochs", "2", "--threads", "2"],
+    ["importance.py", "--models", "resnet20", "mobilenetv2", "--epochs", "1"],
 ]
 
 if __name__ == "__main__":

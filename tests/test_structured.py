@@ -173,3 +173,21 @@ def test_neurons_step_from_the_registry_prunes_hidden_linear_features(tmp_path: 
     assert [(m.in_features, m.out_features) for m in linears] == [(64, 150), (150, 50), (50, 10)]
     assert any("prune.neurons" in n for n in ctx.notes)
     assert get_step("prune.channels").config_type is ChannelPruneConfig
+
+
+def test_group_l2_counts_the_consumer_columns_of_a_channel():
+    """Two channels with equal filters: the one the next layer reads harder scores higher."""
+    from torch import nn
+
+    from lighten.graph import channel_groups
+    from lighten.prune.importance import group_l2, l2
+
+    model = nn.Sequential(nn.Conv2d(1, 2, 1, bias=False), nn.ReLU(), nn.Conv2d(2, 1, 1, bias=False))
+    with torch.no_grad():
+        model[0].weight.fill_(1.0)
+        model[2].weight.copy_(torch.tensor([1.0, 3.0]).view(1, 2, 1, 1))
+    group = next(g for g in channel_groups(model, torch.randn(1, 1, 4, 4)) if g.size == 2)
+    assert torch.equal(l2(model, group), torch.ones(2))  # filters alone cannot tell them apart
+    scores = group_l2(model, group)
+    # producer votes (1, 1) / 1, consumer votes (1, 9) / 5: mean per channel
+    assert torch.allclose(scores, torch.tensor([(1 + 0.2) / 2, (1 + 1.8) / 2]))

@@ -2,7 +2,8 @@
 
 A low score means "remove first". Magnitude criteria look at the weights that *create* the
 channels (filters of convs, rows of Linear layers, depthwise kernels; each along the axis
-:attr:`~lighten.graph.Member.axis` names, axis 1 for a transposed conv); ``bn_scale`` at the
+:attr:`~lighten.graph.Member.axis` names, axis 1 for a transposed conv), ``group_l2`` at every
+weight of the group (consumers and norms too); ``bn_scale`` at the
 BatchNorm gamma (network slimming); ``taylor`` at weight x gradient over the whole group, so its
 gradients must be accumulated first (:func:`accumulate_gradients`: statistics, then apply).
 """
@@ -48,6 +49,25 @@ def l1(model: nn.Module, group: Group) -> torch.Tensor:
 
 def l2(model: nn.Module, group: Group) -> torch.Tensor:
     return _producer_rows(model, group).norm(dim=1)
+
+
+def group_l2(model: nn.Module, group: Group) -> torch.Tensor:
+    """Fang et al. 2023 (DepGraph): every weight removed with a channel votes -- the filters that
+    make it, the input columns of the layers that read it, its norm scales -- each member's
+    squared L2 per channel divided by its mean, then averaged: a channel with weak filters that
+    the next layer reads strongly is kept."""
+    votes = []
+    for m in group.members:
+        if m.kind.startswith("param:"):
+            continue  # a layer scale / embedding: scored by the layers around it
+        weight = getattr(model.get_submodule(m.module), "weight", None)
+        if weight is None:
+            continue
+        energy = channel_rows(weight.detach().float(), m, group.size).pow(2).sum(1)
+        votes.append(energy / (energy.mean() + 1e-12))
+    if not votes:
+        raise UnsupportedError(f"group {group} has no weights to score")
+    return torch.stack(votes).mean(0)
 
 
 def fpgm(model: nn.Module, group: Group) -> torch.Tensor:
@@ -96,8 +116,8 @@ def make_random(seed: int = 0) -> Importance:
     return lambda model, group: torch.rand(group.size, generator=g)
 
 
-IMPORTANCE: dict[str, Importance] = {"l1": l1, "l2": l2, "fpgm": fpgm, "bn_scale": bn_scale,
-                                     "taylor": taylor}
+IMPORTANCE: dict[str, Importance] = {"l1": l1, "l2": l2, "group_l2": group_l2, "fpgm": fpgm,
+                                     "bn_scale": bn_scale, "taylor": taylor}
 NEEDS_GRADIENTS = frozenset({"taylor"})
 
 

@@ -46,7 +46,7 @@ class ChannelPruneConfig(StepConfig):
                                       description="fraction of the baseline MACs kept")
     target_params: float | None = Field(None, gt=0, lt=1,
                                         description="fraction of the baseline parameters kept")
-    importance: Literal["l1", "l2", "fpgm", "bn_scale", "taylor", "random"] = "l2"
+    importance: Literal["l1", "l2", "group_l2", "fpgm", "bn_scale", "taylor", "random"] = "l2"
     iterative_steps: int = Field(1, ge=1, description="prune a bit, fine-tune, repeat")
     ignore: list[str] = Field(default_factory=list,
                               description="modules whose output channels are kept")
