@@ -97,8 +97,8 @@ def prune_torch_pruning(model: nn.Module, example: torch.Tensor, data=None, *,
                         round_to: int | None = None) -> tuple[nn.Module, str]:
     """Torch-Pruning MetaPruner; its channel ratio is bisected until MACs <= the target.
 
-    With ``round_to`` Torch-Pruning's MACs are not monotonic in the ratio (at 16 on ResNet-20
-    they jump 52% -> 70% -> 100%), and the target may be out of reach; the ratios on a 0.01 grid
+    With ``round_to`` Torch-Pruning's MACs need not be monotonic in the ratio (every width
+    rounds to whole blocks), and the target may be out of reach; the ratios on a 0.01 grid
     are then searched for the largest MACs <= the target, else the smallest MACs reachable."""
     goal = TARGET_MACS * count_macs(model, SHAPE)
 

@@ -4,6 +4,18 @@ The CLI prints ``LightenError`` subclasses as one line and exits non-zero; anyth
 and gets a traceback.
 """
 
+from collections.abc import Iterable
+
+
+def did_you_mean(name: object, choices: Iterable[str]) -> str:
+    """``"; did you mean 'resnet20'?"`` for a near-miss of one of ``choices`` (case ignored),
+    else ``""``: the tail every "unknown name" message in lighten ends with."""
+    import difflib
+
+    lowered = {choice.lower(): choice for choice in choices}
+    close = difflib.get_close_matches(str(name).lower(), list(lowered), n=1)
+    return f"; did you mean {lowered[close[0]]!r}?" if close else ""
+
 
 class LightenError(Exception):
     """Base class for errors caused by user input or the environment, not by lighten bugs."""

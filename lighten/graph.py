@@ -552,12 +552,17 @@ class _Analysis:
                                    "follow this layout")
 
     # -- kinds
-    def _conv(self, node: fx.Node) -> _Layout:
+    def _conv(self, node: fx.Node, transposed: bool = False) -> _Layout:
         """Groups=1 and depthwise as usual. A conv with g groups ties its inputs (and outputs)
-        into g copies: every group keeps the same channels, so it stays a g-group conv."""
+        into g copies: every group keeps the same channels, so it stays a g-group conv.
+
+        A transposed conv is the mirror image: its weight is (in, out/groups, k...), so axis 0
+        holds every group's inputs and axis 1 the out/g outputs all groups share (members say
+        ``transposed``; the bias holds g copies). Stride, padding and output_padding only change
+        the spatial size; a depthwise one (weight (C, 1, k...)) passes through like a conv."""
         name, conv = node.target, self.modules[node.target]
         x = self._input(node)
-        self._check_axis(node, x, 1, "a convolution")
+        self._check_axis(node, x, 1, "a transposed convolution" if transposed else "a convolution")
         first_call = (name, "in") not in self.bound
         x = self.bind(name, "in", x, node)
         g = conv.groups
@@ -568,50 +573,26 @@ class _Analysis:
         try:
             unit = self.tie(x, g, node)
         except _Untied as why:
-            reason = f"grouped conv {name!r} (groups={g}) is kept whole: {why}"
+            kind = "grouped transposed conv" if transposed else "grouped conv"
+            reason = f"{kind} {name!r} (groups={g}) is kept whole: {why}"
             self.pin(x, reason)
             out = self.bind(name, "out", _Layout(
                 1, (_Seg(self.new_space(conv.out_channels, reason), conv.out_channels),)), node)
-            if first_call:
+            if first_call and not transposed:
                 self.attach(out, name, "out")
             return out
         n = conv.out_channels // g
         out = self.bind(name, "out", _Layout(1, (_Seg(self.new_space(n), n),) * g), node)
-        if first_call:
+        if first_call and transposed:
+            self.attach(x, name, "in", transposed=True)
+            self.attach(_Layout(1, out.segs[:1]), name, "out", transposed=True)
+        elif first_call:
             self.attach(unit, name, "in")
             self.attach(out, name, "out")
         return out
 
     def _convt(self, node: fx.Node) -> _Layout:
-        """A transposed conv's weight is (in, out/groups, k...): members say ``transposed`` so
-        importance and surgery take outputs from axis 1. Stride, padding and output_padding only
-        change the spatial size. Depthwise passes through (weight (C, 1, k...): channel c is row
-        c, as in a conv). With g groups the inputs and outputs are tied into g copies, as for a
-        conv, but mirrored: axis 0 holds every group's inputs, axis 1 the out/g outputs that all
-        groups share (the bias holds g copies of them)."""
-        name, conv = node.target, self.modules[node.target]
-        x = self._input(node)
-        self._check_axis(node, x, 1, "a transposed convolution")
-        first_call = (name, "in") not in self.bound
-        x = self.bind(name, "in", x, node)
-        g = conv.groups
-        if g > 1 and g == conv.in_channels == conv.out_channels:
-            if first_call:
-                self.attach(x, name, "depthwise")
-            return x
-        try:
-            self.tie(x, g, node)
-        except _Untied as why:
-            reason = f"grouped transposed conv {name!r} (groups={g}) is kept whole: {why}"
-            self.pin(x, reason)
-            n = conv.out_channels
-            return self.bind(name, "out", _Layout(1, (_Seg(self.new_space(n, reason), n),)), node)
-        n = conv.out_channels // g
-        out = self.bind(name, "out", _Layout(1, (_Seg(self.new_space(n), n),) * g), node)
-        if first_call:
-            self.attach(x, name, "in", transposed=True)
-            self.attach(_Layout(1, out.segs[:1]), name, "out", transposed=True)
-        return out
+        return self._conv(node, transposed=True)
 
     def _linear(self, node: fx.Node) -> _Layout:
         name, linear = node.target, self.modules[node.target]

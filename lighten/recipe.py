@@ -6,7 +6,6 @@ allowed, e.g. ``demo.yaml: steps[1] quant.ptq: bits: Input should be less than o
 
 from __future__ import annotations
 
-import difflib
 import types
 import typing
 from dataclasses import dataclass
@@ -16,7 +15,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, Field, ValidationError
 
-from lighten.errors import RecipeError
+from lighten.errors import RecipeError, did_you_mean
 from lighten.registry import get_step
 from lighten.step import StrictModel
 
@@ -196,10 +195,9 @@ def _describe(err: ValidationError, schema: type[BaseModel]) -> str:
     where = _format_loc(loc)
     if first["type"] == "extra_forbidden":
         allowed = _allowed_keys(schema, loc[:-1])
-        close = difflib.get_close_matches(str(loc[-1]), allowed, n=1)
-        hint = f"; did you mean {close[0]!r}?" if close else ""
+        hint = did_you_mean(loc[-1], allowed)
         if allowed:
-            hint += f"{' ' if close else '; '}allowed keys: {', '.join(allowed)}"
+            hint += f"{' ' if hint else '; '}allowed keys: {', '.join(allowed)}"
         return f"unknown key {where!r}{hint}"
     if first["type"] == "missing":
         return f"missing required key {where!r}"

@@ -7,7 +7,6 @@ modules that hold them, so "where is prune.magnitude implemented?" is answered b
 
 from __future__ import annotations
 
-import difflib
 import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -15,7 +14,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from lighten.errors import RecipeError
+from lighten.errors import RecipeError, did_you_mean
 
 
 @dataclass(frozen=True)
@@ -67,7 +66,6 @@ def get_step(name: str) -> StepSpec:
     steps = load_builtin_steps()
     if name not in steps:
         known = ", ".join(sorted(steps))
-        close = difflib.get_close_matches(str(name), list(steps), n=1)
-        hint = f"; did you mean {close[0]!r}?" if close else ""
-        raise RecipeError(f"unknown step {name!r}; known steps: {known}{hint}")
+        raise RecipeError(f"unknown step {name!r}; known steps: {known}"
+                          f"{did_you_mean(name, steps)}")
     return steps[name]

@@ -1,5 +1,7 @@
 """Shared test setup."""
 
+import importlib.util
+
 import pytest
 import torch
 
@@ -11,3 +13,14 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def write_models_module(directory, name: str, source: str):
+    """Write ``source`` as ``directory/name.py`` and import it: (path, module), the way a user's
+    ``python: file.py:factory`` model file is both a recipe path and importable code."""
+    path = directory / f"{name}.py"
+    path.write_text(source)
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return path, module

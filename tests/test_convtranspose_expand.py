@@ -4,11 +4,11 @@ token): the channel groups, importance on the right weight axis, surgery, artifa
 from __future__ import annotations
 
 import copy
-import importlib.util
 import textwrap
 
 import pytest
 import torch
+from conftest import write_models_module
 from torch import nn
 
 from lighten.artifact import load_artifact, save_artifact
@@ -96,12 +96,7 @@ X = torch.randn(4, 2, 6, 6, generator=torch.Generator().manual_seed(1))
 
 @pytest.fixture(scope="module")
 def zoo(tmp_path_factory):
-    path = tmp_path_factory.mktemp("models") / "convt_models.py"
-    path.write_text(MODELS)
-    spec = importlib.util.spec_from_file_location("convt_models", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return path, module
+    return write_models_module(tmp_path_factory.mktemp("models"), "convt_models", MODELS)
 
 
 def group_of(groups, member: Member):

@@ -4,11 +4,11 @@ layer scale (a per-channel nn.Parameter), hand-written attention that derives he
 from __future__ import annotations
 
 import copy
-import importlib.util
 import textwrap
 
 import pytest
 import torch
+from conftest import write_models_module
 from torch import nn
 
 from lighten.artifact import load_artifact, save_artifact
@@ -73,12 +73,7 @@ X = torch.randn(4, 2, 6, 6, generator=torch.Generator().manual_seed(1))
 
 @pytest.fixture(scope="module")
 def zoo(tmp_path_factory):
-    path = tmp_path_factory.mktemp("models") / "newuser_models.py"
-    path.write_text(MODELS)
-    spec = importlib.util.spec_from_file_location("newuser_models", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return path, module
+    return write_models_module(tmp_path_factory.mktemp("models"), "newuser_models", MODELS)
 
 
 def test_se_gate_on_a_concat_cuts_the_gate_per_branch(zoo):

@@ -85,12 +85,14 @@ def resolve_model(ref: str, *, input_shape: tuple[int, ...] | None = None,
         return _from_python(ref, input_shape, weights, num_classes)
     if ref.endswith(".safetensors") or Path(ref).is_file():
         return _from_artifact(ref, input_shape, weights)
-    from lighten.models import ZOO, did_you_mean
+    from lighten.errors import did_you_mean
+    from lighten.models import ZOO
 
     if ref in ZOO:
         return _from_zoo(ref, input_shape, weights, num_classes, data, warn)
     raise ModelError(f"unknown model {ref!r}: not a zoo name ({', '.join(ZOO)}), not an "
-                     f"existing .safetensors artifact, not 'file.py:factory'{did_you_mean(ref)}")
+                     "existing .safetensors artifact, not 'file.py:factory'"
+                     + did_you_mean(ref, ZOO))
 
 
 def _from_zoo(name, input_shape, weights, num_classes, data, warn) -> ResolvedModel:

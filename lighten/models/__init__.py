@@ -14,7 +14,7 @@ import torch
 from pydantic import Field, model_validator
 from torch import nn
 
-from lighten.errors import ModelError
+from lighten.errors import ModelError, did_you_mean
 from lighten.models.checkpoint import load_weights, read_state_dict
 from lighten.models.lenet import lenet5, lenet300
 from lighten.models.mobilenet import mobilenetv2
@@ -56,15 +56,6 @@ class ModelSpec(StrictModel):
         return self
 
 
-def did_you_mean(name: str) -> str:
-    """``"; did you mean 'resnet20'?"`` for a near-miss zoo name (case ignored), else ``""``."""
-    import difflib
-
-    lowered = {key.lower(): key for key in ZOO}
-    close = difflib.get_close_matches(str(name).lower(), list(lowered), n=1)
-    return f"; did you mean {lowered[close[0]]!r}?" if close else ""
-
-
 def build_model(spec: ModelSpec, *, input_shape, num_classes: int,
                 classes_from: str = "the data") -> nn.Module:
     """Build (and load weights into) the model; check it maps the input to (N, num_classes).
@@ -75,7 +66,7 @@ def build_model(spec: ModelSpec, *, input_shape, num_classes: int,
     if spec.zoo is not None:
         if spec.zoo not in ZOO:
             raise ModelError(f"unknown zoo model {spec.zoo!r}; known: {', '.join(ZOO)}"
-                             f"{did_you_mean(spec.zoo)}")
+                             f"{did_you_mean(spec.zoo, ZOO)}")
         factory = ZOO[spec.zoo]
         try:
             model = factory(num_classes=num_classes, input_shape=input_shape, **spec.kwargs)
@@ -134,7 +125,7 @@ def example_inputs(name: str = "lenet5", *, batch: int = 2, input_shape=(1, 28, 
     """A fresh zoo model and a deterministic random batch for it: handy in tests and docs."""
     if name not in ZOO:
         raise ModelError(f"unknown zoo model {name!r}; known: {', '.join(ZOO)}"
-                         f"{did_you_mean(name)}")
+                         f"{did_you_mean(name, ZOO)}")
     g = torch.Generator().manual_seed(seed)
     return ZOO[name](input_shape=tuple(input_shape)), torch.randn(batch, *input_shape,
                                                                    generator=g)
