@@ -36,14 +36,9 @@ from lighten.backends import get_backend
 from lighten.data import DataSpec, load_data
 from lighten.measure import agreement, count_macs, count_params
 from lighten.models import ModelSpec, build_model, load_weights
-from lighten.provenance import (
-    atomic_write_text,
-    describe_machine,
-    machine,
-    simd_float_width,
-    versions,
-)
+from lighten.provenance import atomic_write_text, describe_machine, machine, versions
 from lighten.prune.structured import ChannelPruneConfig, prune_channels_
+from lighten.target import Target
 from lighten.train import TrainConfig, evaluate, predict, train
 
 RESULTS = Path(__file__).parent / "results"
@@ -119,7 +114,8 @@ def prune_torch_pruning(model: nn.Module, example: torch.Tensor, data=None, *,
     return _tp_prune(model, example, hi, round_to), how
 
 
-BLOCK = simd_float_width()  # channels per SIMD block on this CPU: what round_to=auto picks
+# channels per SIMD block on this CPU: what round_to=auto picks for a target of this machine
+BLOCK = Target.this_machine().simd_channel_block
 ROUNDED = f"Torch-Pruning round_to={BLOCK}"
 METHODS = {"lighten prune.channels": prune_lighten,
            "lighten prune.channels ratios=auto": partial(prune_lighten, ratios="auto"),

@@ -39,15 +39,10 @@ from quant_peers import (
 from lighten.backends import get_backend
 from lighten.data import DataSpec, load_data
 from lighten.measure import count_macs, count_params
-from lighten.provenance import (
-    atomic_write_text,
-    describe_machine,
-    machine,
-    simd_float_width,
-    versions,
-)
+from lighten.provenance import atomic_write_text, describe_machine, machine, versions
 from lighten.registry import get_step
 from lighten.step import StepContext
+from lighten.target import Target
 from lighten.train import TrainConfig
 
 MODEL = "resnet20"
@@ -163,7 +158,8 @@ def footer(result: dict) -> str:
     limit = (f" Fine-tuned on the first {result['limit_train']} training images only (a "
              "validation run, not the benchmark)." if result["limit_train"] else "")
     return (f"Fine-tune: {result['epochs']:g} epoch(s) (SGD lr 0.01, cosine, augment); MAC target "
-            f"{TARGET_MACS:.0%}, round_to auto ({simd_float_width()} here), L2 importance; "
+            f"{TARGET_MACS:.0%}, round_to auto ({Target.this_machine().simd_channel_block} "
+            "here), L2 importance; "
             f"quant.ptq percentile on {CALIB} training images drawn by the step (seeded); "
             f"NNCF: the first {CALIB}.{limit} "
             f"Latency: medians, {result['threads']} thread(s), {result['runs']} runs at b64 and "

@@ -6,16 +6,15 @@ older lighten still reads the version and asks for an upgrade. Version 1 files (
 manifest, every tensor its own safetensors entry) load unchanged. The manifest says how to rebuild
 the model without executing or unpickling anything from the file:
 
-* ``model_spec``: how to build the original architecture (``lighten.models.build_model``);
-* ``modules``: registered custom modules (``lighten.modules``) as ``{path, type, config}``;
-* ``shapes``: standard torch layers whose constructor facts differ from a freshly built model
-  (structured pruning, BN folding) as ``{path, type, attrs}`` -- re-created before loading, so
-  the user's model code never needs to know the model was pruned;
-* ``values`` (only when non-empty): plain int/float/bool attributes of other modules that differ
-  from the fresh model (a head count after attention-head pruning, ``use_nested_tensor``) as
-  ``{path, name, value}``; the loader sets only attributes the skeleton already has, same type;
-* ``resized`` (only when non-empty): own parameters/buffers of other modules whose shape differs
-  from the fresh model (a layer scale sliced by structured pruning) as ``{path, name, shape}``;
+* ``model_spec``: how to build the *source* model (``lighten.models.build_model``: a zoo name
+  or a ``python:`` factory), or null when the edit log builds the whole model;
+  ``input_shape``/``num_classes`` are what the source is built with (null where they do not
+  apply) and ``task`` (when given) what the model's inputs and outputs are;
+* ``edits`` (version 3): the ordered structural edits that turn the source into the saved model
+  (:mod:`lighten.edits`: put a standard layer or registered module, remove, share, reorder, set
+  a scalar, resize/add/drop an own tensor), derived by diffing the model against a fresh source
+  at save time and replayed on load. Version 1/2 manifests (``modules``, ``shapes``,
+  ``values``, ``resized``) are turned into the same edits (:func:`lighten.edits.legacy_edits`);
 * ``tensors``: per state_dict entry ``{encoding, dtype, shape}``, left out for ``dense`` tensors
   (their stored dtype and shape say it all; :func:`load_artifact` fills them back in). ``dense``
   stores the tensor as is (int8 stays int8); ``sparse_bitmask`` stores a packed bit mask
@@ -36,6 +35,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import copy
 import json
 import math
 import os
@@ -58,12 +58,13 @@ from lighten.codecs import (
     unpack_bitmask,
     unpack_bits,
 )
-from lighten.errors import CheckpointError, LightenError, ModelError
-from lighten.modules import get_module_type, get_submodule, registered_key, set_submodule
+from lighten.edits import derive_edits, legacy_edits, replay_edits
+from lighten.errors import CheckpointError, LightenError
+from lighten.modules import get_submodule
 from lighten.provenance import atomic_write_bytes
 
 FORMAT = "lighten-artifact"
-VERSION = 2
+VERSION = 3
 METADATA_KEY = "lighten"
 BLOB_KEY = "#blob"
 # Stored parts up to this size go into the blob: a safetensors header entry costs ~80 bytes plus
@@ -72,23 +73,6 @@ TINY_BYTES = 1024
 # Decompressed manifests above this are refused (a zlib bomb in a downloaded file).
 _MAX_MANIFEST_BYTES = 64 << 20
 
-_CONV = ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation", "groups",
-         "bias", "padding_mode")
-_CONV_T = (*_CONV, "output_padding")
-_BN = ("num_features", "eps", "momentum", "affine", "track_running_stats")
-# Standard layers the loader may re-create, with the constructor arguments that define them.
-_RESIZABLE: dict[type[nn.Module], tuple[str, ...]] = {
-    nn.Conv1d: _CONV, nn.Conv2d: _CONV, nn.Conv3d: _CONV,
-    nn.ConvTranspose1d: _CONV_T, nn.ConvTranspose2d: _CONV_T, nn.ConvTranspose3d: _CONV_T,
-    nn.Linear: ("in_features", "out_features", "bias"),
-    nn.BatchNorm1d: _BN, nn.BatchNorm2d: _BN, nn.BatchNorm3d: _BN,
-    nn.LayerNorm: ("normalized_shape", "eps", "elementwise_affine", "bias"),
-    nn.GroupNorm: ("num_groups", "num_channels", "eps", "affine"),
-    nn.Embedding: ("num_embeddings", "embedding_dim", "padding_idx", "max_norm", "norm_type",
-                   "scale_grad_by_freq", "sparse"),
-    nn.Identity: (),  # e.g. a BatchNorm folded away
-}
-_RESIZABLE_BY_NAME = {cls.__name__: cls for cls in _RESIZABLE}
 _PICKLE_HINT = "lighten never unpickles; load it with lighten.models.load_weights and save_artifact"
 _PLAIN_HINT = ("plain weights need their architecture: `MODEL --weights FILE` on the command line "
                "(MODEL a zoo name or file.py:factory), lighten.models.load_weights in Python")
@@ -97,37 +81,44 @@ _PLAIN_HINT = ("plain weights need their architecture: `MODEL --weights FILE` on
 # ----------------------------------------------------------------------------- save
 
 
-def save_artifact(model: nn.Module, path: str | os.PathLike, *, model_spec: dict,
-                  input_shape, num_classes: int, meta: dict | None = None) -> int:
-    """Write ``model`` as one artifact file atomically; returns the bytes on disk."""
+def save_artifact(model: nn.Module, path: str | os.PathLike, *, model_spec: dict | None,
+                  input_shape=None, num_classes: int | None = None, task: dict | None = None,
+                  meta: dict | None = None) -> int:
+    """Write ``model`` as one artifact file atomically; returns the bytes on disk.
+
+    ``model_spec`` names the source model the edit log starts from (``{"zoo": ...}``,
+    ``{"python": ...}``; None when the model is built from describable modules alone).
+    ``input_shape``/``num_classes`` are what the source factory is built with; ``task`` is the
+    data's task description (recorded, so a user knows what the model expects).
+    """
     if not isinstance(model, nn.Module):
         raise CheckpointError(f"save_artifact needs an nn.Module, got {type(model).__name__}")
-    if not isinstance(model_spec, dict):
-        raise CheckpointError(f"model_spec must be a dict like {{'zoo': 'lenet5'}}, "
+    if model_spec is not None and not isinstance(model_spec, dict):
+        raise CheckpointError(f"model_spec must be a dict like {{'zoo': 'lenet5'}} or None, "
                               f"got {type(model_spec).__name__}")
     try:
-        shape, num_classes = [int(d) for d in input_shape], int(num_classes)
+        shape = None if input_shape is None else [int(d) for d in input_shape]
+        num_classes = None if num_classes is None else int(num_classes)
     except (TypeError, ValueError):
         raise CheckpointError(f"save_artifact needs input_shape like [1, 28, 28] and an int "
                               f"num_classes, got {input_shape!r} and {num_classes!r}") from None
-    modules = _custom_modules(model)
-    covered = [m["path"] for m in modules]
-    fresh = _fresh_model(model_spec, shape, num_classes)
+    source, _ = _source_model(model_spec, shape, num_classes)
+    with torch.random.fork_rng(devices=[]):  # rebuilding layers must not shift the caller's RNG
+        if source is None and model_spec is not None:  # e.g. saved where the model file is not:
+            edits = derive_edits(model, copy.deepcopy(model), source_unknown=True)
+        else:
+            edits = derive_edits(model, source)
     parts, entries = _encode_state(model.state_dict())
     tensors, blob_index = _join_tiny(parts)
     manifest = {
         "format": FORMAT, "version": VERSION,
         "model_spec": model_spec, "input_shape": shape, "num_classes": num_classes,
-        "modules": modules, "shapes": _changed_layers(model, fresh, skip=covered),
+        "edits": edits,
         "tensors": {k: e for k, e in entries.items() if e["encoding"] != "dense" or "#" in k},
         "meta": meta or {},
     }
-    values = _changed_values(model, fresh, skip=covered)
-    if values:
-        manifest["values"] = values
-    resized = _resized_tensors(model, fresh, skip=covered)
-    if resized:
-        manifest["resized"] = resized
+    if task:
+        manifest["task"] = task
     if blob_index:
         manifest["blob"] = blob_index
     try:
@@ -163,142 +154,20 @@ def _join_tiny(parts: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor],
     return stored, index
 
 
-def _custom_modules(model: nn.Module) -> list[dict]:
-    """Registered custom modules, outermost only (they rebuild their own children)."""
-    found: list[dict] = []
-    for path, module in model.named_modules():
-        key = registered_key(module)
-        if key is None or any(_under(path, m["path"]) for m in found):
-            continue
-        found.append({"path": path, "type": key, "config": module.artifact_config()})
-    return found
-
-
-def _fresh_model(model_spec: dict, input_shape: list[int], num_classes: int) -> nn.Module | None:
-    """The unpruned model to diff against; None when it cannot be built here (record all)."""
+def _source_model(model_spec: dict | None, input_shape, num_classes
+                  ) -> tuple[nn.Module | None, str]:
+    """The source model the edit log starts from, and why it is None when it cannot be built."""
+    if model_spec is None:
+        return None, "no model_spec"
     try:
         from lighten.models import ModelSpec, build_model
 
         spec = ModelSpec(**{k: v for k, v in model_spec.items() if k != "weights"})
         with torch.random.fork_rng(devices=[]):  # saving must not shift the caller's RNG
-            return build_model(spec, input_shape=tuple(input_shape), num_classes=num_classes)
-    except (ImportError, LightenError, ValueError, TypeError):
-        return None
-
-
-def _changed_layers(model: nn.Module, fresh: nn.Module | None, *, skip: list[str]) -> list[dict]:
-    """Standard layers whose constructor facts or tensor shapes differ from ``fresh``."""
-    changed = []
-    for path, module in model.named_modules():
-        if type(module) not in _RESIZABLE or any(_under(path, p) for p in skip):
-            continue
-        attrs = _layer_attrs(module)
-        if fresh is not None:
-            try:
-                ref = get_submodule(fresh, path)
-            except ModelError:
-                ref = None
-            if (ref is not None and type(ref) is type(module) and _layer_attrs(ref) == attrs
-                    and _own_shapes(ref) == _own_shapes(module)):
-                continue
-        elif type(module) is nn.Identity:
-            continue  # no fresh model to compare: record only layers that carry shapes
-        changed.append({"path": path, "type": type(module).__name__, "attrs": attrs})
-    return changed
-
-
-_VALUE_TYPES = (bool, int, float)
-
-
-def _counterparts(model: nn.Module, fresh: nn.Module | None, *, skip: list[str]):
-    """(path, module, fresh module) for every non-resizable module of ``model`` that ``fresh``
-    has at the same path with the same class (none without ``fresh``)."""
-    if fresh is None:
-        return
-    for path, module in model.named_modules():
-        if type(module) in _RESIZABLE or any(_under(path, p) for p in skip):
-            continue
-        try:
-            ref = get_submodule(fresh, path)
-        except ModelError:
-            continue
-        if type(ref).__qualname__ == type(module).__qualname__:  # user classes may be
-            yield path, module, ref  # imported twice (by path): compare names, not classes
-
-
-def _changed_values(model: nn.Module, fresh: nn.Module | None, *, skip: list[str]) -> list[dict]:
-    """Plain scalar attributes of non-resizable modules that differ from ``fresh``."""
-    changed = []
-    for path, module, ref in _counterparts(model, fresh, skip=skip):
-        for name, value in vars(module).items():
-            old = vars(ref).get(name)
-            if (name.startswith("_") or name == "training" or type(value) not in _VALUE_TYPES
-                    or type(old) is not type(value) or old == value):
-                continue
-            changed.append({"path": path, "name": name, "value": value})
-    return changed
-
-
-def _restore_value(path: Path, model: nn.Module, entry: dict) -> None:
-    """Set one recorded scalar attribute; only an existing attribute of the same type."""
-    module = _get(path, model, entry.get("path", ""))
-    name, value = entry.get("name"), entry.get("value")
-    current = vars(module).get(name) if isinstance(name, str) else None
-    if (not isinstance(name, str) or name.startswith("_") or type(value) not in _VALUE_TYPES
-            or type(current) is not type(value)):
-        raise CheckpointError(f"{path}: recorded value {name!r}={value!r} at "
-                              f"{entry.get('path')!r} does not fit the model's attribute "
-                              f"({current!r}); pass the model it was saved from")
-    setattr(module, name, value)
-
-
-def _resized_tensors(model: nn.Module, fresh: nn.Module | None, *,
-                     skip: list[str]) -> list[dict]:
-    """Own parameters/buffers of non-resizable modules whose shape differs from ``fresh`` (a
-    layer scale or positional embedding sliced by prune.channels)."""
-    changed = []
-    for path, module, ref in _counterparts(model, fresh, skip=skip):
-        old = _own_shapes(ref)
-        changed += [{"path": path, "name": name, "shape": shape}
-                    for name, shape in _own_shapes(module).items()
-                    if name in old and old[name] != shape]
-    return changed
-
-
-def _restore_size(path: Path, model: nn.Module, entry: dict) -> None:
-    """Give one recorded parameter/buffer its saved shape (values come from the file)."""
-    module = _get(path, model, entry.get("path", ""))
-    name, shape = entry.get("name"), entry.get("shape")
-    tensors = {**module._parameters, **module._buffers}
-    current = tensors.get(name) if isinstance(name, str) else None
-    if current is None or not isinstance(shape, list) or not all(
-            isinstance(d, int) and d >= 0 for d in shape):
-        raise CheckpointError(f"{path}: recorded shape {shape!r} of {name!r} at "
-                              f"{entry.get('path')!r} does not fit the model; pass the model it "
-                              "was saved from")
-    new = torch.empty(shape, dtype=current.dtype)
-    if name in module._parameters:
-        module._parameters[name] = nn.Parameter(new, requires_grad=current.requires_grad)
-    else:
-        module._buffers[name] = new
-
-
-def _layer_attrs(module: nn.Module) -> dict[str, Any]:
-    """Constructor arguments of a standard layer, JSON-normalised (tuples become lists)."""
-    attrs = {}
-    for name in _RESIZABLE[type(module)]:
-        value = getattr(module, name)
-        attrs[name] = (value is not None) if name == "bias" else value
-    return json.loads(json.dumps(attrs))
-
-
-def _own_shapes(module: nn.Module) -> dict[str, list[int]]:
-    tensors = {**module._parameters, **module._buffers}
-    return {k: list(v.shape) for k, v in tensors.items() if v is not None}
-
-
-def _under(path: str, prefix: str) -> bool:
-    return prefix == "" or path == prefix or path.startswith(prefix + ".")
+            return build_model(spec, input_shape=tuple(input_shape or ()),
+                               num_classes=num_classes), ""
+    except (ImportError, LightenError, ValueError, TypeError) as err:
+        return None, str(err).splitlines()[0] if str(err) else type(err).__name__
 
 
 def _encode_state(state: dict) -> tuple[dict, dict]:
@@ -410,27 +279,22 @@ def load_artifact(path: str | os.PathLike, *,
                               f"got {type(model).__name__}")
     # Building modules draws random init values that are overwritten; keep the caller's RNG.
     with torch.random.fork_rng(devices=[]):
-        if model is None:
+        if model is None and manifest.get("model_spec") is not None:
             model = _build_from_spec(path, manifest)
-        for entry in sorted(manifest["modules"], key=lambda e: e["path"].count(".")):
-            model = _replace(path, model, entry["path"], _build_custom(path, entry))
-        for entry in manifest["shapes"]:
-            model = _restore_layer(path, model, entry)
-        values = manifest.get("values", [])
-        if not isinstance(values, list) or not all(isinstance(e, dict) for e in values):
-            raise CheckpointError(f"{path} manifest has an invalid 'values'; re-save it")
-        for entry in values:
-            _restore_value(path, model, entry)
-        resized = manifest.get("resized", [])
-        if not isinstance(resized, list) or not all(isinstance(e, dict) for e in resized):
-            raise CheckpointError(f"{path} manifest has an invalid 'resized'; re-save it")
-        for entry in resized:
-            _restore_size(path, model, entry)
+        edits = manifest["edits"] if manifest["version"] >= 3 else legacy_edits(manifest)
+        try:
+            model = replay_edits(model, edits)
+        except CheckpointError as err:
+            raise CheckpointError(f"{path}: {err}") from None
+        except (KeyError, TypeError, ValueError, AttributeError) as err:
+            raise CheckpointError(f"{path}: its edit log does not replay ({type(err).__name__}: "
+                                  f"{err}); the file is corrupt, re-save it") from None
     entries, stored = _read_stored(path, manifest)
     state = _decode_state(path, entries, stored)
     _check_fits(path, model, state)
     _match_dtypes(model, state)
     model.load_state_dict(state, strict=True)
+    _retie(model, entries)
     manifest = {k: v for k, v in manifest.items() if k != "blob"}
     return model.eval(), {**manifest, "tensors": entries}
 
@@ -492,10 +356,20 @@ def _read_manifest(path: Path) -> dict:
     if "zlib" in manifest:
         manifest = _inflate(path, manifest["zlib"])
         _check_header(path, manifest)
-    for key, kind in (("model_spec", dict), ("input_shape", list), ("num_classes", int),
-                      ("modules", list), ("shapes", list), ("tensors", dict), ("meta", dict)):
+    if manifest["version"] >= 3:
+        required = (("model_spec", (dict, type(None))), ("input_shape", (list, type(None))),
+                    ("num_classes", (int, type(None))), ("edits", list), ("tensors", dict),
+                    ("meta", dict))
+    else:
+        required = (("model_spec", dict), ("input_shape", list), ("num_classes", int),
+                    ("modules", list), ("shapes", list), ("tensors", dict), ("meta", dict))
+    for key, kind in required:
         if not isinstance(manifest.get(key), kind):
             raise CheckpointError(f"{path} manifest lacks a valid {key!r}; re-save it")
+    for key in ("values", "resized"):
+        if not isinstance(manifest.get(key, []), list) or not all(
+                isinstance(e, dict) for e in manifest.get(key, [])):
+            raise CheckpointError(f"{path} manifest has an invalid {key!r}; re-save it")
     if not isinstance(manifest.get("blob", []), list):
         raise CheckpointError(f"{path} manifest lacks a valid 'blob'; re-save it")
     return manifest
@@ -544,52 +418,8 @@ def _build_from_spec(path: Path, manifest: dict) -> nn.Module:
     except (ValidationError, TypeError) as err:
         raise CheckpointError(f"{path} has an invalid model_spec {spec} ({type(err).__name__}); "
                               "pass load_artifact(..., model=...)") from None
-    return build_model(model_spec, input_shape=tuple(manifest["input_shape"]),
+    return build_model(model_spec, input_shape=tuple(manifest["input_shape"] or ()),
                        num_classes=manifest["num_classes"])
-
-
-def _build_custom(path: Path, entry: dict) -> nn.Module:
-    cls = get_module_type(entry["type"])
-    try:
-        return cls.from_artifact(entry["config"])
-    except (KeyError, TypeError, ValueError) as err:
-        raise CheckpointError(f"{path}: {entry['type']} at {entry['path']!r} rejects its "
-                              f"config ({type(err).__name__}: {err}); re-save it") from None
-
-
-def _restore_layer(path: Path, model: nn.Module, entry: dict) -> nn.Module:
-    """Re-create one standard layer from recorded constructor facts if the skeleton differs."""
-    cls = _RESIZABLE_BY_NAME.get(entry["type"])
-    if cls is None:
-        raise CheckpointError(f"{path} records unknown module type {entry['type']!r} at "
-                              f"{entry['path']!r}; it needs a newer lighten")
-    current = _get(path, model, entry["path"])
-    if type(current) is cls and _layer_attrs(current) == entry["attrs"]:
-        return model
-    kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in entry["attrs"].items()}
-    try:
-        new = cls(**kwargs)
-    except (TypeError, ValueError) as err:
-        raise CheckpointError(f"{path}: cannot rebuild {entry['type']} at {entry['path']!r} "
-                              f"from {entry['attrs']} ({err}); re-save it") from None
-    return _replace(path, model, entry["path"], new)
-
-
-def _get(path: Path, model: nn.Module, module_path: str) -> nn.Module:
-    try:
-        return get_submodule(model, module_path)
-    except ModelError:
-        raise CheckpointError(f"{path} has module {module_path!r}, which "
-                              f"{type(model).__name__} lacks; pass the model it was saved from "
-                              "as load_artifact(..., model=...)") from None
-
-
-def _replace(path: Path, model: nn.Module, module_path: str, new: nn.Module) -> nn.Module:
-    if module_path == "":
-        return new
-    _get(path, model, module_path)
-    set_submodule(model, module_path, new)
-    return model
 
 
 def _decode_state(path: Path, entries: dict, stored: dict) -> dict[str, torch.Tensor]:
@@ -695,6 +525,20 @@ def _check_fits(path: Path, model: nn.Module, state: dict) -> None:
         raise CheckpointError(f"{path} does not fit {type(model).__name__}: "
                               f"{'; '.join(problems[:3])}{more}; tensor/shape mismatch — pass the "
                               "model it was saved from as load_artifact(..., model=...)")
+
+
+def _retie(model: nn.Module, entries: dict) -> None:
+    """Parameters saved as one (``alias``: an LM head tied to its embedding) are one object
+    again, so fine-tuning the reloaded model keeps them tied."""
+    for name, entry in entries.items():
+        if entry.get("encoding") != "alias":
+            continue
+        owner_path, _, attr = name.rpartition(".")
+        src_path, _, src_attr = entry["of"].rpartition(".")
+        owner, source = get_submodule(model, owner_path), get_submodule(model, src_path)
+        param = source._parameters.get(src_attr)
+        if param is not None and attr in owner._parameters:
+            owner._parameters[attr] = param
 
 
 def _match_dtypes(model: nn.Module, state: dict) -> None:

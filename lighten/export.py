@@ -14,6 +14,7 @@ from __future__ import annotations
 import io
 import os
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,6 +24,7 @@ from torch import nn
 
 from lighten.errors import ExportError
 from lighten.provenance import atomic_write_bytes
+from lighten.task import InputSpec
 
 INPUT_NAME = "input"
 OUTPUT_NAME = "logits"
@@ -51,34 +53,38 @@ def export_onnx(
     model: nn.Module,
     path: str | os.PathLike,
     *,
-    input_shape: tuple[int, ...],
-    sample_inputs: torch.Tensor | None = None,
+    input_shape: tuple[int, ...] | None = None,
+    sample_inputs: torch.Tensor | tuple[torch.Tensor, ...] | None = None,
     verify: bool = True,
     atol: float | None = None,
     opset: int = 17,
+    inputs: Sequence[InputSpec] | None = None,
 ) -> ExportCheck:
     """Export ``model`` (eval mode) to ``path`` with a dynamic batch axis; verify in ORT.
 
-    Raises ExportError when the exporter fails, ORT cannot load the graph, or the outputs differ
-    from PyTorch beyond tolerance. Nothing is written unless the export (and check) succeeded.
+    One float input of ``input_shape`` (ONNX input ``input``), or the task's ``inputs``
+    (``task.inputs``: any number, int64 token ids included; one input keeps the name ``input``,
+    several are named as their specs). ``sample_inputs`` is a batch tensor, or a tuple with one
+    batch per input. Raises ExportError when the exporter fails, ORT cannot load the graph, or
+    the outputs differ from PyTorch beyond tolerance. Nothing is written unless the export (and
+    check) succeeded.
     """
-    input_shape = _check_shape(input_shape)
+    specs = _check_specs(input_shape, inputs)
     path = Path(path)
     _check_destination(path)
     was_training = model.training
     model.eval()
     try:
-        proto = _torch_export(model, input_shape, opset)
+        proto = _torch_export(model, specs, opset)
         folded = fold_quantized_weights(proto)
         data = proto.SerializeToString()
         quantized = any(n.op_type in _QDQ_OPS for n in proto.graph.node)
         max_diff = agree = None
         if verify:
             if sample_inputs is None:
-                g = torch.Generator().manual_seed(0)
-                sample_inputs = torch.randn(DEFAULT_SAMPLES, *input_shape, generator=g)
+                sample_inputs = _default_samples(specs)
             max_diff, agree = _verify(
-                model, data, sample_inputs, input_shape, quantized=quantized, atol=atol
+                model, data, sample_inputs, specs, quantized=quantized, atol=atol
             )
     finally:
         model.train(was_training)
@@ -97,6 +103,33 @@ def _check_destination(path: Path) -> None:
                               "another path")
 
 
+def _names(specs: Sequence[InputSpec]) -> list[str]:
+    return [INPUT_NAME] if len(specs) == 1 else [s.name for s in specs]
+
+
+def _check_specs(input_shape, inputs) -> tuple[InputSpec, ...]:
+    if inputs:
+        specs = tuple(inputs)
+        for s in specs:
+            _check_shape(s.shape)
+        if len({s.name for s in specs}) != len(specs):
+            raise ExportError(f"input names {[s.name for s in specs]} must be distinct")
+        return specs
+    return (InputSpec(INPUT_NAME, _check_shape(input_shape), torch.float32),)
+
+
+def _default_samples(specs: Sequence[InputSpec]) -> tuple[torch.Tensor, ...]:
+    g = torch.Generator().manual_seed(0)
+    out = []
+    for s in specs:
+        if s.is_float:
+            out.append(torch.randn(DEFAULT_SAMPLES, *s.shape, generator=g).to(s.dtype))
+        else:
+            out.append(torch.randint(0, s.high or 2, (DEFAULT_SAMPLES, *s.shape), generator=g,
+                                     dtype=s.dtype))
+    return tuple(out)
+
+
 def _check_shape(input_shape) -> tuple[int, ...]:
     try:
         shape = tuple(int(d) for d in input_shape)
@@ -110,21 +143,22 @@ def _check_shape(input_shape) -> tuple[int, ...]:
     return shape
 
 
-def _torch_export(model: nn.Module, input_shape: tuple[int, ...], opset: int):
+def _torch_export(model: nn.Module, specs: Sequence[InputSpec], opset: int):
     import onnx
 
     buf = io.BytesIO()
-    example = torch.zeros(1, *input_shape)
+    example = tuple(torch.zeros(1, *s.shape, dtype=s.dtype) for s in specs)
+    names = _names(specs)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             torch.onnx.export(
                 model,
-                (example,),
+                example,
                 buf,
-                input_names=[INPUT_NAME],
+                input_names=names,
                 output_names=[OUTPUT_NAME],
-                dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
+                dynamic_axes={**{n: {0: "batch"} for n in names}, OUTPUT_NAME: {0: "batch"}},
                 opset_version=opset,
                 do_constant_folding=True,
                 dynamo=False,
@@ -216,13 +250,15 @@ def _drop_unused(graph) -> None:
     """Remove initializers and Constant nodes that nothing reads any more."""
     used = {name for node in graph.node for name in node.input}
     used |= {out.name for out in graph.output}
+    init_names = {i.name for i in graph.initializer}
     inits = [i for i in graph.initializer if i.name in used]
     del graph.initializer[:]
     graph.initializer.extend(inits)
     nodes = [n for n in graph.node if n.op_type != "Constant" or n.output[0] in used]
     del graph.node[:]
     graph.node.extend(nodes)
-    graph_inputs = [i for i in graph.input if i.name in used or i.name == INPUT_NAME]
+    # a model input stays even if unused; only initializers listed as inputs may go
+    graph_inputs = [i for i in graph.input if i.name in used or i.name not in init_names]
     del graph.input[:]
     graph.input.extend(graph_inputs)
 
@@ -230,22 +266,30 @@ def _drop_unused(graph) -> None:
 # ---------------------------------------------------------------- verification
 
 
-def _verify(model, data: bytes, sample_inputs, input_shape, *, quantized: bool, atol):
+def _verify(model, data: bytes, sample_inputs, specs, *, quantized: bool, atol):
     import onnxruntime as ort
 
-    x = torch.as_tensor(sample_inputs, dtype=torch.float32)
-    if x.ndim < 2 or tuple(x.shape[1:]) != input_shape:
-        raise ExportError(f"sample_inputs shape {tuple(x.shape)} does not match input_shape "
-                          f"{input_shape}; pass a batch of shape (N, *input_shape)")
+    given = tuple(sample_inputs) if isinstance(sample_inputs, (tuple, list)) else (sample_inputs,)
+    if len(given) != len(specs):
+        raise ExportError(f"sample_inputs has {len(given)} input(s) but the model takes "
+                          f"{len(specs)}; pass one batch per input")
+    xs = []
+    for s, t in zip(specs, given, strict=True):
+        x = torch.as_tensor(t, dtype=s.dtype)
+        if x.ndim < 2 and len(s.shape) > 0 or tuple(x.shape[1:]) != tuple(s.shape):
+            raise ExportError(f"sample_inputs shape {tuple(x.shape)} does not match input_shape "
+                              f"{tuple(s.shape)}; pass a batch of shape (N, *input_shape)")
+        xs.append(x)
     with torch.no_grad():
-        ref = model(x)
+        ref = model(*xs)
     if not isinstance(ref, torch.Tensor):
         raise ExportError(f"{type(model).__name__} returns {type(ref).__name__}, not a tensor; "
                           "export a model whose forward returns logits")
     ref = ref.detach().numpy()
     try:
         sess = ort.InferenceSession(data, providers=["CPUExecutionProvider"])
-        out = sess.run(None, {INPUT_NAME: x.numpy()})[0]
+        feed = {n: x.numpy() for n, x in zip(_names(specs), xs, strict=True)}
+        out = sess.run(None, feed)[0]
     except Exception as exc:
         raise ExportError(f"ONNX Runtime cannot run the exported {type(model).__name__}: "
                           f"{_one_line(exc)}; report the op named above") from exc

@@ -27,7 +27,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import operator
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from lighten.errors import UnsupportedError
+from lighten.layers import module_kinds_view, symbolic_trace
 
 __all__ = ["Group", "Member", "channel_groups"]
 
@@ -143,25 +144,20 @@ class _Split:
 #   permute         transpose / permute: the channel axis moves; swapping the two halves of a
 #                   split channel axis is a channel shuffle
 #   shuffle         nn.ChannelShuffle
-#   reduce          mean/sum over non-channel axes
+#   reduce          mean/sum over non-channel axes; a mean (var, std) over the channel axis
+#                   with keepdim is a normalization statistic: one pinned channel, broadcast back
+#   chunk           chunk / split: along the channel axis, equal parts computed at run time are
+#                   tied (kept alike, as a grouped conv's groups); fixed sizes pin the parts
+#   layer_norm      F.layer_norm over the channel axis (a LayerNorm2d written with permutes)
+#   fresh           x.new_empty(...) and kin: a new tensor whose channel axis is 1 (a drop-path
+#                   mask) or x's
+#   (none)          a function torch.fx.wrap keeps as a leaf, or a leaf module without a kind,
+#                   is probed: channels pass through when it acts on each channel on its own
 #   meta            returns no tensor (x.size(), x.dim(), getitem on a tuple)
 #   refuse          moves or selects channels (split, chunk, roll, repeat): not analysable
 
-MODULE_KINDS: dict[type[nn.Module], str] = {
-    nn.Conv1d: "conv", nn.Conv2d: "conv", nn.Conv3d: "conv",
-    nn.ConvTranspose1d: "convt", nn.ConvTranspose2d: "convt", nn.ConvTranspose3d: "convt",
-    nn.Linear: "linear",
-    nn.BatchNorm1d: "batchnorm", nn.BatchNorm2d: "batchnorm", nn.BatchNorm3d: "batchnorm",
-    nn.LayerNorm: "layernorm", nn.GroupNorm: "groupnorm",
-    nn.Flatten: "reshape", nn.ChannelShuffle: "shuffle",
-    **{cls: "same" for cls in (
-        nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.ELU, nn.GELU, nn.SiLU, nn.Mish, nn.Sigmoid,
-        nn.Tanh, nn.Hardswish, nn.Hardsigmoid, nn.Hardtanh, nn.Softplus, nn.Identity,
-        nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.AlphaDropout,
-        nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
-        nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d,
-        nn.Upsample, nn.ZeroPad2d, nn.ConstantPad2d, nn.ReflectionPad2d)},
-}
+# Module kinds live in each layer type's spec (lighten.layers); this is a live view of them.
+MODULE_KINDS: Mapping[type[nn.Module], str] = module_kinds_view()
 
 FUNCTION_KINDS: dict[Callable, str] = {
     **{fn: "same" for fn in (
@@ -178,8 +174,8 @@ FUNCTION_KINDS: dict[Callable, str] = {
     torch.flatten: "reshape", torch.reshape: "reshape",
     torch.mean: "reduce", torch.sum: "reduce", torch.amax: "reduce",
     getattr: "meta", operator.getitem: "getitem",
-    torch.permute: "permute", torch.transpose: "permute", torch.split: "refuse",
-    torch.chunk: "refuse", torch.roll: "refuse",
+    torch.permute: "permute", torch.transpose: "permute", torch.split: "chunk",
+    torch.chunk: "chunk", torch.roll: "refuse",
 }
 
 METHOD_KINDS: dict[str, str] = {
@@ -191,8 +187,25 @@ METHOD_KINDS: dict[str, str] = {
     "size": "meta", "dim": "meta",
     "permute": "permute", "transpose": "permute", "t": "permute",
     "expand": "broadcast", "expand_as": "broadcast",
-    **{m: "refuse" for m in ("split", "chunk", "roll", "unbind", "repeat")},
+    **{m: "refuse" for m in ("roll", "unbind", "repeat")},
 }
+
+# Normalization written out (ConvNeXt's channels-first LayerNorm), channel splits (ShuffleNetV2),
+# stochastic depth traced through (timm's drop_path in training mode).
+FUNCTION_KINDS.update({
+    **{fn: "same" for fn in (torch.sqrt, torch.rsqrt, torch.exp, torch.abs, operator.neg,
+                             torch.zeros_like, torch.ones_like, torch.rand_like,
+                             torch.randn_like, torch.empty_like, torch.bernoulli)},
+    operator.pow: "elementwise", torch.pow: "elementwise",
+    torch.var: "reduce", torch.std: "reduce",
+    F.layer_norm: "layer_norm",
+})
+METHOD_KINDS.update({
+    **{m: "same" for m in ("sqrt", "rsqrt", "exp", "abs", "neg", "bernoulli_")},
+    **{m: "elementwise" for m in ("pow", "div_", "sub_")},
+    "var": "reduce", "std": "reduce", "split": "chunk", "chunk": "chunk", "unsqueeze": "reshape",
+    **{m: "fresh" for m in ("new_empty", "new_zeros", "new_ones", "new_full")},
+})
 
 
 def _module_kind(module: nn.Module) -> str | None:
@@ -210,7 +223,7 @@ def channel_groups(model: nn.Module, example_input: torch.Tensor) -> list[Group]
     from torch.fx.passes.shape_prop import ShapeProp
 
     try:
-        gm = fx.symbolic_trace(model)
+        gm = symbolic_trace(model)  # registered layer types stay one call
     except Exception as err:
         first = (str(err).strip().splitlines() or [""])[0][:160]
         raise UnsupportedError(f"structured pruning needs a torch.fx-traceable model; tracing "
@@ -250,7 +263,7 @@ def _op_name(node: fx.Node) -> str:
 
 def _literal_size(node: fx.Node, axis: int) -> int | None:
     """The size a view/reshape hard-codes for output ``axis`` (None if computed or -1)."""
-    if node.op == "call_module" or node.target in ("flatten", torch.flatten):
+    if node.op == "call_module" or node.target in ("flatten", torch.flatten, "unsqueeze"):
         return None
     sizes = node.args[1:] or (node.kwargs.get("shape"),)
     if len(sizes) == 1 and isinstance(sizes[0], (tuple, list)):
@@ -333,6 +346,9 @@ class _Const:
 
     source: fx.Node
     literal: tuple[int | None, ...]
+    # per axis of the value, the source's axis it is (None: added); None: the source's axes are
+    # the value's last ones (an expand adds leading axes)
+    axes: tuple[int | None, ...] | None = None
 
 
 class _Untied(Exception):
@@ -705,7 +721,8 @@ class _Analysis:
             return
         arg = const.source
         shape = _shape(arg)
-        dim = at - (len(const.literal) - len(shape))
+        dim = (at - (len(const.literal) - len(shape)) if const.axes is None
+               else const.axes[at] if const.axes[at] is not None else -1)
         if dim < 0 or shape[dim] == 1:
             return  # broadcast along the channel axis: no coupling
         owner, _, name = arg.target.rpartition(".")
@@ -786,7 +803,8 @@ class _Analysis:
         if src in self.consts and self.layouts.get(src) is None:
             const = self.consts[src]
             self.consts[node] = _Const(const.source, tuple(
-                const.literal[i - lead] if kept[i] else literal[i] for i in range(len(out))))
+                const.literal[i - lead] if kept[i] else literal[i] for i in range(len(out))),
+                None if const.axes is None else (None,) * lead + const.axes)
             if into is None:
                 return None
             self._stored(node, node, into)  # cls.expand_as(x): the parameter takes x's channels

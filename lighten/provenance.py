@@ -1,4 +1,5 @@
-"""Where a result came from: library versions, the machine, the recipe hash, the time.
+"""Where a result came from: library versions, the machine, the deployment target, the recipe
+hash, the time.
 
 Recorded in every artifact and report so a number can be traced back to what produced it. Also
 home of the atomic file writers the artifact, runner and report share: a reader never sees a
@@ -19,6 +20,11 @@ from pathlib import Path
 from typing import Any
 
 from lighten.errors import RecipeError
+from lighten.target import SPEED_FEATURES, Target, cpu_features, this_machine_cpu
+
+__all__ = ["NOT_INSTALLED", "SPEED_FEATURES", "atomic_write_bytes", "atomic_write_text",
+           "canonical_json", "cpu_features", "describe_machine", "machine", "provenance",
+           "recipe_hash", "versions"]
 
 NOT_INSTALLED = "not installed"
 
@@ -59,6 +65,7 @@ def machine() -> dict[str, Any]:
     return {
         "cpu": _cpu_model(),
         "cpu_features": cpu_features(),
+        "cpu_class": this_machine_cpu(),  # what deploy cpu: auto resolves to here
         "logical_cores": logical,
         "available_cores": usable,
         "cpu_quota": _cgroup_cpu_quota(),
@@ -66,34 +73,6 @@ def machine() -> dict[str, Any]:
         "os": platform.platform(),
         "ram_gb": _total_ram_gb(),
     }
-
-
-# The instruction sets that decide kernel speed: VNNI makes int8 dot products several times
-# faster than fp32, BF16/AMX change what a float runtime computes in. "AMD EPYC" alone hides them.
-SPEED_FEATURES = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_int8")
-
-
-def cpu_features() -> list[str]:
-    """Which of ``SPEED_FEATURES`` this CPU has (empty where /proc/cpuinfo is unreadable)."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                flags = set(line.split(":", 1)[1].split())
-                return [f for f in SPEED_FEATURES if f in flags]
-    except OSError:
-        pass
-    return []
-
-
-def simd_float_width() -> int:
-    """fp32 lanes of this CPU's widest vector unit: the channel block CPU runtimes tile
-    convolutions by (ONNX Runtime's NCHWc and oneDNN's nChw16c / nChw8c layouts). A layer
-    whose width is not a multiple is padded up to one, so the channels in between cost as
-    much as the full block."""
-    features = cpu_features()
-    if "avx512f" in features:
-        return 16
-    return 8  # AVX2, and a safe multiple of the 4 lanes of 128-bit units (SSE, NEON)
 
 
 def describe_machine(m: dict[str, Any]) -> str:
@@ -162,11 +141,14 @@ def recipe_hash(obj: Any) -> str:
     return hashlib.sha256(canonical_json(obj).encode("utf-8")).hexdigest()[:16]
 
 
-def provenance(recipe: Any | None = None, seed: int | None = None) -> dict[str, Any]:
-    """Everything needed to trace a result: versions, machine, recipe hash, seed, UTC time."""
+def provenance(recipe: Any | None = None, seed: int | None = None, *,
+               target: Target | None = None) -> dict[str, Any]:
+    """Everything needed to trace a result: versions, machine, the deployment target (and what
+    steps derived from it), recipe hash, seed, UTC time."""
     return {
         "versions": versions(),
         "machine": machine(),
+        "target": (target or Target.this_machine()).to_dict(),
         "recipe_hash": None if recipe is None else recipe_hash(recipe),
         "seed": seed,
         "timestamp_utc": datetime.now(UTC).isoformat(timespec="seconds"),

@@ -10,20 +10,26 @@ import types
 import typing
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any
 
 import yaml
-from pydantic import BaseModel, Field, ValidationError
+from pydantic import BaseModel, BeforeValidator, Field, ValidationError
 
+from lighten.backends import DEFAULT_BACKEND, BackendName
 from lighten.errors import RecipeError, did_you_mean
 from lighten.registry import get_step
 from lighten.step import StrictModel
+from lighten.target import CPU_CHOICES, check_cpu
 
 
 class DeployConfig(StrictModel):
-    """Where the model will run; every stage is measured on this same backend."""
+    """Where the model will run (``lighten.target.Target.from_deploy``); every stage is measured
+    on this same backend, and steps read the CPU facts (channel block, int8 weight range) from
+    ``cpu`` (``auto`` = the machine running lighten)."""
 
-    backend: Literal["onnxruntime", "torch", "openvino"] = "onnxruntime"
+    backend: BackendName = DEFAULT_BACKEND
+    cpu: Annotated[str, BeforeValidator(check_cpu)] = Field(
+        "auto", description=f"target CPU: {' | '.join(CPU_CHOICES)}")
     threads: int | None = Field(None, ge=1)
     latency_runs: int = Field(50, ge=3)
 
@@ -155,7 +161,12 @@ def parse_recipe(raw: Any, *, source: str = "<dict>", base_dir: Path = Path(".")
 
 
 def _parse_step(index: int, entry: dict, source: str) -> ParsedStep:
-    where = f"{source}: steps[{index}]"
+    return parse_step(entry, where=f"{source}: steps[{index}]")
+
+
+def parse_step(entry: dict, *, where: str) -> ParsedStep:
+    """One ``{name: options}`` step validated by its config type, problems as one line that
+    starts with ``where`` (recipes, and ``lighten.compress`` given a mapping)."""
     if len(entry) != 1:
         keys = ", ".join(map(str, entry)) or "nothing"
         raise RecipeError(f"{where}: each step is one mapping 'name: {{options}}', got keys {keys}")

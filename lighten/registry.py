@@ -1,4 +1,4 @@
-"""The one table from recipe step name to (config type, handler).
+"""The one table from recipe step name to (config type, handler), and back from config type.
 
 A step is a plain function ``(model, config, ctx) -> model``. Handlers register themselves next
 to their implementation with :func:`register_step`; :func:`load_builtin_steps` imports the
@@ -23,6 +23,16 @@ class StepSpec:
     config_type: type[BaseModel]
     apply: Callable[..., Any]
     summary: str
+    # config -> what data the step needs with this config ("calibration inputs"), or None
+    needs_data: Callable[[Any], str | None] | None = None
+
+    def data_needed(self, config: BaseModel) -> str | None:
+        """What data ``config`` makes this step read (None: it runs on the model alone)."""
+        own = self.needs_data(config) if self.needs_data else None
+        finetune = getattr(config, "finetune", None)
+        tuning = ("labelled training data for finetune:"
+                  if finetune is not None and finetune.epochs else None)
+        return " and ".join(dict.fromkeys(x for x in (own, tuning) if x)) or None
 
 
 STEPS: dict[str, StepSpec] = {}
@@ -43,14 +53,22 @@ _BUILTIN_STEP_MODULES = (
 )
 
 
-def register_step(name: str, config_type: type[BaseModel]):
-    """Decorator: make ``fn(model, config, ctx) -> model`` available as recipe step ``name``."""
+def register_step(name: str, config_type: type[BaseModel], *,
+                  needs_data: Callable[[Any], str | None] | None = None):
+    """Decorator: make ``fn(model, config, ctx) -> model`` available as recipe step ``name``
+    and as ``lighten.compress(model, config_type(...))``. Each step has its own config type
+    (the verb dispatches on it). ``needs_data(config)`` says what data the step reads with that
+    config, e.g. ``"calibration inputs"``, or None; ``finetune:`` adds labelled training data."""
 
     def decorate(fn):
         if name in STEPS and STEPS[name].apply is not fn:
             raise RuntimeError(f"step {name!r} registered twice")
+        for other in STEPS.values():
+            if other.config_type is config_type and other.name != name:
+                raise RuntimeError(f"steps {other.name!r} and {name!r} share the config type "
+                                   f"{config_type.__name__}; give {name!r} its own subclass")
         summary = (fn.__doc__ or "").strip().splitlines()[0] if fn.__doc__ else ""
-        STEPS[name] = StepSpec(name, config_type, fn, summary)
+        STEPS[name] = StepSpec(name, config_type, fn, summary, needs_data)
         return fn
 
     return decorate
@@ -69,3 +87,16 @@ def get_step(name: str) -> StepSpec:
         raise RecipeError(f"unknown step {name!r}; known steps: {known}"
                           f"{did_you_mean(name, steps)}")
     return steps[name]
+
+
+def step_for_config(config: BaseModel) -> StepSpec:
+    """The step whose config type ``config`` is (its nearest registered base class for a user
+    subclass): how ``lighten.compress`` dispatches."""
+    steps = load_builtin_steps()
+    by_type = {spec.config_type: spec for spec in steps.values()}
+    for cls in type(config).__mro__:
+        if cls in by_type:
+            return by_type[cls]
+    raise RecipeError(f"{type(config).__name__} is not the config of any registered step; pass "
+                      "one of " + ", ".join(sorted(s.config_type.__name__ for s in steps.values()))
+                      + " (or a mapping {step name: options})")

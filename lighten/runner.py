@@ -27,6 +27,7 @@ from torch import nn
 from lighten.errors import ModelError, RecipeError
 from lighten.recipe import Recipe
 from lighten.step import StepContext
+from lighten.target import Target
 
 STATE_VERSION = 1
 
@@ -227,9 +228,12 @@ def _execute(recipe, prepared: _Prepared, out: Path, state, digest, recipe_dict,
     rows = _read_rows(out) if state else []
     rows = [r for r in rows if r["stage"] in done]
     notes: list[str] = list(state.get("notes", [])) if state else []
+    target = Target.from_deploy(recipe.deploy)
     if "baseline" not in done:  # on resume the baseline comes from its artifact, noted before
         notes.append(f"baseline: {prepared.baseline_source}")
-    prov = provenance(recipe_dict, recipe.seed)
+        if target.latency_note():
+            notes.append(target.latency_note())
+    prov = provenance(recipe_dict, recipe.seed, target=target)
     atomic_write_text(out / "run.json", json.dumps(
         {"recipe": recipe_dict, "recipe_hash": digest, "source": recipe.source,
          "provenance": prov, "notes": notes}, indent=2))
@@ -249,7 +253,8 @@ def _execute(recipe, prepared: _Prepared, out: Path, state, digest, recipe_dict,
         torch.manual_seed(recipe.seed + index)
         step = recipe.steps[index - 1] if index else None
         ctx = StepContext(data=data, train_config=recipe.train, baseline=baseline_copy,
-                          workdir=out, seed=recipe.seed + index, progress=progress)
+                          workdir=out, seed=recipe.seed + index, progress=progress,
+                          target=target)
         start = time.perf_counter()
         if step is not None:
             model = step_apply(step, model, ctx)
@@ -259,6 +264,7 @@ def _execute(recipe, prepared: _Prepared, out: Path, state, digest, recipe_dict,
         nbytes = save_artifact(model, artifact, model_spec=model_spec,
                                input_shape=list(data.input_shape),
                                num_classes=data.num_classes, meta=meta)
+        _verify_reload(model, artifact, stage, recipe, data)
         if step is not None:
             _save_layer_table(model, artifact, out / "stages" / f"{index - 1:02d}-"
                               f"{stage_names[index - 1]}.safetensors", recipe, data)
@@ -290,6 +296,61 @@ def _load_finished(artifact: Path, out: Path, recipe: Recipe, data) -> nn.Module
         reason = str(err).removesuffix("; re-save it")  # a stage is not re-saved by hand
         raise RecipeError(f"cannot resume the run in {out}: {reason}; rerun with --overwrite to "
                           "start it again, or into a new --output") from None
+
+
+def _verify_reload(model: nn.Module, artifact: Path, stage: str, recipe: Recipe, data) -> None:
+    """Load the artifact just saved and compare its outputs with the in-memory model on real
+    test samples: a stage that does not reload to the same model is an error, never a pass."""
+    from lighten.artifact import load_artifact
+    from lighten.errors import CheckpointError
+
+    try:
+        loaded, _ = load_artifact(artifact, model=_fresh_skeleton(recipe, data))
+    except CheckpointError as err:
+        raise CheckpointError(f"stage {stage}: its artifact does not load again ({err}); this "
+                              "is a lighten bug, please report it with the recipe") from None
+    diff = outputs_differ(model, loaded, _sample_inputs(data, 8))
+    if diff is not None:
+        raise CheckpointError(f"stage {stage}: the reloaded artifact {artifact.name} computes "
+                              f"other outputs than the model that was saved ({diff}); this is a "
+                              "lighten bug, please report it with the recipe")
+
+
+def _sample_inputs(data, count: int):
+    """The first ``count`` test inputs as one batch (a tensor, or a tuple for multi-input)."""
+    from torch.utils.data import default_collate
+
+    split = data.test if len(data.test) else data.train
+    batch = default_collate([split[i] for i in range(min(count, len(split)))])
+    return batch[0]
+
+
+def outputs_differ(a: nn.Module, b: nn.Module, inputs, *, atol: float = 1e-5) -> str | None:
+    """None when ``a`` and ``b`` give the same outputs on ``inputs``, else what differs."""
+    args = tuple(inputs) if isinstance(inputs, list | tuple) else (inputs,)
+    with torch.no_grad():
+        out_a, out_b = a.eval()(*args), b.eval()(*args)
+    flat_a, flat_b = _flatten(out_a), _flatten(out_b)
+    if len(flat_a) != len(flat_b):
+        return f"{len(flat_a)} outputs against {len(flat_b)}"
+    for i, (x, y) in enumerate(zip(flat_a, flat_b, strict=True)):
+        if x.shape != y.shape:
+            return f"output {i} is {tuple(x.shape)} against {tuple(y.shape)}"
+        worst = (x.float() - y.float()).abs().max().item() if x.numel() else 0.0
+        scale = max(1.0, x.float().abs().max().item() if x.numel() else 0.0)
+        if not worst <= atol * scale:  # NaN differences fail too
+            return f"max |diff| {worst:.3g} in output {i}"
+    return None
+
+
+def _flatten(out) -> list[torch.Tensor]:
+    if isinstance(out, torch.Tensor):
+        return [out]
+    if isinstance(out, dict):
+        return [t for k in sorted(out) for t in _flatten(out[k])]
+    if isinstance(out, list | tuple):
+        return [t for item in out for t in _flatten(item)]
+    return []
 
 
 def step_apply(step, model: nn.Module, ctx: StepContext) -> nn.Module:

@@ -16,6 +16,8 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 
+from lighten.target import Target
+
 if TYPE_CHECKING:
     from lighten.data import DataBundle
     from lighten.train import Callback, LossTerm, TrainConfig
@@ -48,6 +50,15 @@ class FinetuneConfig(StrictModel):
 class StepConfig(StrictModel):
     finetune: FinetuneConfig | None = None
 
+    @model_validator(mode="before")
+    @classmethod
+    def _renamed_keys(cls, data):
+        """``skip:`` was the quant steps' name for what every step now calls ``ignore:``."""
+        if isinstance(data, dict) and "skip" in data and "ignore" in cls.model_fields:
+            raise ValueError("unknown key 'skip'; did you mean 'ignore'? (every step names the "
+                             "modules it leaves alone 'ignore')")
+        return data
+
 
 @dataclass
 class StepContext:
@@ -58,17 +69,50 @@ class StepContext:
     seed: int = 0
     progress: bool = True
     notes: list[str] = field(default_factory=list)
+    layers: list[dict] = field(default_factory=list)  # per-layer rows: ctx.layer(...)
+    summary: dict = field(default_factory=dict)  # step-level facts for the Report
+    # where the model will run (recipe deploy:); steps read CPU facts from it, not this machine
+    target: Target = field(default_factory=Target.this_machine)
 
     @property
     def input_shape(self) -> tuple[int, ...]:
         return tuple(self.data.input_shape)
 
+    @property
+    def task(self):
+        """What the model is for (``lighten.task.Task``): inputs, loss, metrics."""
+        return self.data.task
+
+    def example_inputs(self, batch: int = 1) -> tuple[torch.Tensor, ...]:
+        """Positional arguments of ``model(*inputs)`` (zeros of the task's input shapes/dtypes)."""
+        return self.task.example_inputs(batch)
+
     def example_input(self, batch: int = 1) -> torch.Tensor:
-        return torch.zeros(batch, *self.input_shape)
+        """The one input of a single-input task (int64 token ids for a language model)."""
+        inputs = self.example_inputs(batch)
+        if len(inputs) != 1:
+            from lighten.errors import UnsupportedError
+
+            raise UnsupportedError(f"this step needs a model with one input; the task "
+                                   f"({type(self.task).__name__}) has {len(inputs)}")
+        return inputs[0]
 
     def note(self, message: str) -> None:
         """Record something the report should show (e.g. a layer left in float)."""
         self.notes.append(message)
+
+    def layer(self, module: str, action: str, **row) -> None:
+        """One per-layer row of the step's :class:`~lighten.compress.Report`, e.g.
+        ``ctx.layer("conv1", "resize", before="16 out", after="8 out", out_after=8)``."""
+        self.layers.append({"module": module, "action": action, **row})
+
+    @property
+    def report(self):
+        """What the step recorded so far, as a live :class:`~lighten.compress.Report`."""
+        from lighten.compress import Report
+
+        return Report(step="", config={}, notes=self.notes, layers=self.layers,
+                      summary=self.summary)
 
     def finetune(
         self,
@@ -99,25 +143,29 @@ class StepContext:
             loss_terms = [*loss_terms, teacher_term(teacher, weight=config.distill,
                                                     temperature=config.temperature)]
         train(model, self.data.train, cfg, loss_terms=loss_terms, callbacks=callbacks,
-              progress=self.progress)
+              progress=self.progress, task=self.task)
         return model
 
     def calibration_batches(self, samples: int, batch_size: int = 64) -> Iterator[torch.Tensor]:
-        """Inputs only, from the training split, deterministic for a given seed."""
-        g = torch.Generator().manual_seed(self.seed)
-        n = len(self.data.train)
-        idx = torch.randperm(n, generator=g)[: min(samples, n)]
-        for start in range(0, len(idx), batch_size):
-            chunk = idx[start : start + batch_size]
-            yield torch.stack([self.data.train[int(i)][0] for i in chunk])
+        """Inputs only, from the training split, deterministic for a given seed: a tensor per
+        batch for single-input tasks, a tuple of tensors (``model(*batch)``) otherwise."""
+        for inputs, _ in self._batches(samples, batch_size):
+            yield inputs[0] if len(inputs) == 1 else inputs
 
     def labelled_batches(self, samples: int, batch_size: int = 64,
                          ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """(inputs, labels) from the training split, deterministic for a given seed (for
         gradient-based importance such as Taylor)."""
+        for inputs, targets in self._batches(samples, batch_size):
+            yield (inputs[0] if len(inputs) == 1 else inputs), targets
+
+    def _batches(self, samples: int, batch_size: int):
+        """(inputs tuple, targets) batches of a fixed random subset of the training split."""
+        from torch.utils.data import default_collate
+
         g = torch.Generator().manual_seed(self.seed)
-        idx = torch.randperm(len(self.data.train), generator=g)[:samples]
+        n = len(self.data.train)
+        idx = torch.randperm(n, generator=g)[: min(samples, n)]
         for start in range(0, len(idx), batch_size):
-            items = [self.data.train[int(i)] for i in idx[start : start + batch_size]]
-            yield (torch.stack([x for x, _ in items]),
-                   torch.stack([torch.as_tensor(y) for _, y in items]))
+            x, y = default_collate([self.data.train[int(i)] for i in idx[start:start + batch_size]])
+            yield self.task.as_inputs(x), torch.as_tensor(y)

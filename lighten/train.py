@@ -1,7 +1,9 @@
 """The one training loop every step shares: seeded, hookable, with tqdm progress.
 
 Steps never write their own loops; they pass ``loss_terms`` (extra penalties added to the
-cross-entropy) and ``callbacks`` (e.g. re-apply a pruning mask after each optimizer step).
+task's loss, cross-entropy for classification) and ``callbacks`` (e.g. re-apply a pruning mask
+after each optimizer step). The loss and the inputs come from a :class:`lighten.task.Task`
+(default: classification); multi-input models get ``model(*inputs)``.
 """
 
 from __future__ import annotations
@@ -18,10 +20,12 @@ from torch.utils.data import Dataset
 
 from lighten.errors import DataError, LightenError
 from lighten.step import StrictModel
+from lighten.task import Task
 
 __all__ = ["Callback", "LossTerm", "TrainConfig", "evaluate", "predict", "train"]
 
-LossTerm = Callable[[nn.Module, Tensor, Tensor, Tensor], Tensor]  # (model, x, logits, y) -> loss
+# (model, x, outputs, y) -> loss; x is a tuple of tensors for multi-input tasks
+LossTerm = Callable[[nn.Module, Tensor, Tensor, Tensor], Tensor]
 
 
 class TrainConfig(StrictModel):
@@ -60,8 +64,9 @@ class TrainingDiverged(LightenError):
 
 def train(model: nn.Module, dataset: Dataset, cfg: TrainConfig, *,
           loss_terms: Sequence[LossTerm] = (), callbacks: Sequence[Callback] = (),
-          progress: bool = True) -> list[float]:
-    """Train ``model`` in place; return the mean loss of each (possibly partial) epoch."""
+          progress: bool = True, task: Task | None = None) -> list[float]:
+    """Train ``model`` in place on ``task.loss`` (default: cross-entropy on class logits);
+    return the mean loss of each (possibly partial) epoch."""
     from tqdm.auto import tqdm
 
     from lighten.data import make_loader
@@ -93,11 +98,16 @@ def train(model: nn.Module, dataset: Dataset, cfg: TrainConfig, *,
         for epoch in range(math.ceil(cfg.epochs)):
             running, batches = 0.0, 0
             for x, y in loader:
-                x, y = x.to(device), y.to(device)
+                inputs = tuple(t.to(device) for t in _as_inputs(task, x))
+                y = y.to(device)
                 if cfg.augment:
-                    x = augment_batch(x, generator=aug_gen)
-                outputs = model(x)
-                loss = F.cross_entropy(outputs, y, label_smoothing=cfg.label_smoothing)
+                    inputs = (augment_batch(inputs[0], generator=aug_gen), *inputs[1:])
+                outputs = model(*inputs)
+                if task is None:
+                    loss = F.cross_entropy(outputs, y, label_smoothing=cfg.label_smoothing)
+                else:
+                    loss = task.loss(outputs, y, label_smoothing=cfg.label_smoothing)
+                x = inputs[0] if len(inputs) == 1 else inputs
                 for term in loss_terms:
                     loss = loss + term(model, x, outputs, y)
                 if not torch.isfinite(loss):
@@ -130,19 +140,23 @@ def train(model: nn.Module, dataset: Dataset, cfg: TrainConfig, *,
 
 
 def predict(model: nn.Module, dataset: Dataset, *, batch_size: int = 512,
-            progress: bool = False) -> Tensor:
-    """Logits ``(N, C)`` for the whole dataset, in order, computed in eval mode."""
-    logits, _ = _run(model, dataset, batch_size=batch_size, progress=progress)
+            progress: bool = False, task: Task | None = None) -> Tensor:
+    """Outputs for the whole dataset, in order, in eval mode: logits ``(N, C)`` for
+    classification, ``(N, T, V)`` for a language model."""
+    logits, _ = _run(model, dataset, batch_size=batch_size, progress=progress, task=task)
     return logits
 
 
 def evaluate(model: nn.Module, dataset: Dataset, *, batch_size: int = 512,
-             progress: bool = False) -> float:
-    """Top-1 accuracy in eval mode under ``torch.inference_mode``."""
-    logits, labels = _run(model, dataset, batch_size=batch_size, progress=progress)
+             progress: bool = False, task: Task | None = None) -> float:
+    """Top-1 accuracy in eval mode under ``torch.inference_mode`` (``task.score``: next-token
+    accuracy for a language model); without a task, top-1 over the last axis."""
+    logits, labels = _run(model, dataset, batch_size=batch_size, progress=progress, task=task)
     if len(labels) == 0:
         raise DataError("evaluation set is empty; check the data block (limit_test?)")
-    return (logits.argmax(dim=1) == labels).float().mean().item()
+    if task is not None:
+        return float(task.score(logits, labels))
+    return (logits.argmax(dim=-1) == labels).float().mean().item()
 
 
 def augment_batch(x: Tensor, *, generator: torch.Generator, pad: int | None = None) -> Tensor:
@@ -163,7 +177,14 @@ def augment_batch(x: Tensor, *, generator: torch.Generator, pad: int | None = No
     return torch.where(flip[:, None, None, None], out.flip(-1), out).contiguous()
 
 
-def _run(model: nn.Module, dataset: Dataset, *, batch_size: int, progress: bool):
+def _as_inputs(task: Task | None, x) -> tuple[Tensor, ...]:
+    if task is not None:
+        return task.as_inputs(x)
+    return tuple(x) if isinstance(x, (tuple, list)) else (x,)
+
+
+def _run(model: nn.Module, dataset: Dataset, *, batch_size: int, progress: bool,
+         task: Task | None = None):
     from tqdm.auto import tqdm
 
     from lighten.data import make_loader
@@ -176,7 +197,7 @@ def _run(model: nn.Module, dataset: Dataset, *, batch_size: int, progress: bool)
         with torch.inference_mode():
             loader = make_loader(dataset, batch_size, shuffle=False)
             for x, y in tqdm(loader, desc="eval", disable=not progress, leave=False):
-                logits.append(model(x.to(device)).float().cpu())
+                logits.append(model(*(t.to(device) for t in _as_inputs(task, x))).float().cpu())
                 labels.append(torch.as_tensor(y).cpu())
     finally:
         model.train(was_training)

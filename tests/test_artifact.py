@@ -109,7 +109,7 @@ def test_dense_round_trip_is_exact(tmp_path):
     assert_same_state(model, loaded)
     assert torch.equal(model(X), loaded(X))
     assert not loaded.training
-    assert manifest["format"] == "lighten-artifact" and manifest["version"] == 2
+    assert manifest["format"] == "lighten-artifact" and manifest["version"] == 3
     assert manifest["meta"] == {"stage": "baseline"} and manifest["input_shape"] == [1, 8, 8]
     assert {e["encoding"] for e in manifest["tensors"].values()} == {"dense"}
     rows = describe_artifact(path)
@@ -173,8 +173,8 @@ def test_registered_custom_module_round_trips(tmp_path):
     save_artifact(model, path, model_spec=SPEC, input_shape=(1, 8, 8), num_classes=10)
     loaded, manifest = load_artifact(path, model=SmallCNN())
     assert type(loaded.head) is Int8Linear
-    assert manifest["modules"] == [{"path": "head", "type": "test:Int8Linear",
-                                    "config": {"in_features": 12, "out_features": 10}}]
+    assert {"op": "module", "path": "head", "type": "test:Int8Linear",
+            "config": {"in_features": 12, "out_features": 10}} in manifest["edits"]
     assert_same_state(model, loaded)
     assert torch.equal(model(X), loaded(X))
 
@@ -204,7 +204,7 @@ def test_shrunk_model_reloads_into_full_size_skeleton(tmp_path):
     assert loaded.features[1].num_features == 5 and loaded.features[3].bias is None
     assert_same_state(model, loaded)
     assert torch.equal(model(X), loaded(X))
-    recorded = {e["path"]: e for e in manifest["shapes"]}
+    recorded = {e["path"]: e for e in manifest["edits"] if e["op"] == "module"}
     assert recorded["features.0"]["attrs"]["out_channels"] == 5
     assert recorded["features.0"]["attrs"]["kernel_size"] == [3, 3]
 
@@ -224,7 +224,7 @@ def test_pruned_lenet5_reloads_from_model_spec(tmp_path):
     _, manifest = load_artifact(path, model=zoo.build_model(
         zoo.ModelSpec(**spec), input_shape=(1, 8, 8), num_classes=10))
     # Only the layers that differ from a fresh lenet5 are recorded.
-    assert [e["path"] for e in manifest["shapes"]] == ["features.3", "features.4", "classifier.1"]
+    assert [e["path"] for e in manifest["edits"]] == ["features.3", "features.4", "classifier.1"]
     torch.manual_seed(123)
     expected_next = torch.rand(3)
     torch.manual_seed(123)
@@ -256,7 +256,7 @@ def test_identity_replacing_batchnorm_and_conv_gaining_bias(tmp_path):
     path = tmp_path / "f.safetensors"
     save_artifact(model, path, model_spec=spec, input_shape=(1, 8, 8), num_classes=10)
     loaded, manifest = load_artifact(path)  # the original (unfolded) net built from the spec
-    assert {e["path"]: e["type"] for e in manifest["shapes"]} == {"0": "Conv2d", "1": "Identity"}
+    assert {e["path"]: e["layer"] for e in manifest["edits"]} == {"0": "Conv2d", "1": "Identity"}
     assert type(loaded[1]) is nn.Identity and loaded[0].bias is not None
     assert_same_state(model, loaded)
     assert torch.equal(model(X), loaded(X))
@@ -350,8 +350,8 @@ def test_newer_manifest_version(saved):
 
 
 def test_unknown_module_type(saved):
-    rewrite_manifest(saved, lambda m: m["modules"].append(
-        {"path": "head", "type": "someext:FancyConv", "config": {}}))
+    rewrite_manifest(saved, lambda m: m["edits"].append(
+        {"op": "module", "path": "head", "type": "someext:FancyConv", "config": {}}))
     message = expect_error("unknown module type 'someext:FancyConv'", saved, model=SmallCNN())
     assert "newer lighten" in message and "test:Int8Linear" in message
 
@@ -373,7 +373,7 @@ def test_blob_index_that_does_not_fit_the_blob(saved):
 
 def test_model_that_does_not_fit(saved):
     other = nn.Sequential(nn.Linear(4, 4))
-    expect_error("has module 'features.0'", saved, model=other)
+    expect_error("no module 'features'", saved, model=other)
     bigger = SmallCNN()
     bigger.extra = nn.Linear(2, 2)
     expect_error("does not fit SmallCNN: missing 'extra.weight'", saved, model=bigger)

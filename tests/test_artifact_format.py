@@ -61,7 +61,7 @@ def test_small_tensors_share_one_entry_and_the_manifest_is_compressed(tmp_path):
     tensors, envelope, manifest = stored_layout(path)
     # 12 weights of 1600 bytes stay plain entries; 84 biases/BN tensors share the blob.
     assert sorted(tensors) == sorted([f"{2 * i}.weight" for i in range(12)] + ["#blob"])
-    assert (envelope["format"], envelope["version"]) == ("lighten-artifact", 2)
+    assert (envelope["format"], envelope["version"]) == ("lighten-artifact", 3)
     assert manifest["tensors"] == {}  # every tensor is dense: dtype/shape are stored anyway
     assert len(manifest["blob"]) == len(model.state_dict()) - 12
     plain = len(save(model.state_dict()))  # what safetensors alone needs, no manifest at all
@@ -69,7 +69,7 @@ def test_small_tensors_share_one_entry_and_the_manifest_is_compressed(tmp_path):
     loaded, returned = load_artifact(path, model=bn_stack())
     assert returned["tensors"]["1.running_var"] == {"encoding": "dense", "dtype": "float32",
                                                     "shape": [20]}
-    assert "blob" not in returned and returned["version"] == 2
+    assert "blob" not in returned and returned["version"] == 3
     for (k, a), b in zip(model.state_dict().items(), loaded.state_dict().values(), strict=True):
         assert a.dtype == b.dtype and torch.equal(a, b), k
     rows = {r["name"]: r for r in describe_artifact(path)}
@@ -122,9 +122,9 @@ def test_large_tensors_stay_plain_entries_and_tiny_ones_go_in_the_blob(tmp_path)
 
 def test_newer_envelope_is_refused_before_decompressing(tmp_path):
     path = tmp_path / "future.safetensors"
-    envelope = {"format": "lighten-artifact", "version": 3, "zlib": "not even base64!"}
+    envelope = {"format": "lighten-artifact", "version": 4, "zlib": "not even base64!"}
     save_file({"x": torch.zeros(1)}, path, metadata={"lighten": json.dumps(envelope)})
-    with pytest.raises(CheckpointError, match="version 3, newer than .* upgrade lighten"):
+    with pytest.raises(CheckpointError, match="version 4, newer than .* upgrade lighten"):
         load_artifact(path, model=holder(x=torch.zeros(1)))
 
 

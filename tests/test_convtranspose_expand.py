@@ -205,8 +205,8 @@ def test_unet_artifact_and_onnx_round_trip(zoo, tmp_path):
     spec = {"python": f"{path}:unet_logits", "input_shape": [2, 6, 6]}
     save_artifact(model, file, model_spec=spec, input_shape=[2, 6, 6], num_classes=3)
     loaded, manifest = load_artifact(file)
-    layers = {e["path"]: e for e in manifest["shapes"]}
-    assert layers["up"]["type"] == "ConvTranspose2d"
+    layers = {e["path"]: e for e in manifest["edits"] if e["op"] == "module"}
+    assert layers["up"]["layer"] == "ConvTranspose2d"
     assert layers["up"]["attrs"]["output_padding"] == [1, 1]
     assert (loaded.up.in_channels, loaded.up.out_channels) == (6, 3)
     with torch.no_grad():
@@ -351,7 +351,7 @@ def test_vit_prune_artifact_and_onnx(zoo, tmp_path):
     spec = {"python": f"{path}:vit", "input_shape": [2, 6, 6]}
     save_artifact(model, file, model_spec=spec, input_shape=[2, 6, 6], num_classes=3)
     loaded, manifest = load_artifact(file)
-    assert {(e["name"], tuple(e["shape"])) for e in manifest["resized"]} == {
+    assert {(e["name"], tuple(e["shape"])) for e in manifest["edits"] if e["op"] == "tensor"} == {
         ("cls", (1, 1, 4)), ("pos", (1, 10, 4))}
     with torch.no_grad():
         torch.testing.assert_close(loaded(X), reference, atol=1e-6, rtol=0)

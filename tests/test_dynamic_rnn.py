@@ -182,7 +182,7 @@ def test_projection_is_refused_and_stays_float_with_a_note():
     model = quantize_dynamic_(Projected(), DynamicConfig(), notes=notes)
     assert type(model.rnn) is nn.LSTM and isinstance(model.head, DynamicQuantLinear)
     assert any("rnn (LSTM) stays float" in n for n in notes)
-    skipped = quantize_dynamic_(Classifier(), DynamicConfig(skip=["rnn"]))
+    skipped = quantize_dynamic_(Classifier(), DynamicConfig(ignore=["rnn"]))
     assert type(skipped.rnn) is nn.LSTM
 
 

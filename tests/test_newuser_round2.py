@@ -113,7 +113,9 @@ def test_layer_scale_parameter_is_sliced_with_its_channels(zoo, tmp_path):
     spec = {"python": f"{path}:layer_scale", "input_shape": [2, 6, 6]}
     save_artifact(model, file, model_spec=spec, input_shape=[2, 6, 6], num_classes=3)
     loaded, manifest = load_artifact(file)
-    assert manifest["resized"] == [{"path": "", "name": "gamma", "shape": [7]}]
+    assert [e for e in manifest["edits"] if e["op"] == "tensor"] == [
+        {"op": "tensor", "path": "", "name": "gamma", "kind": "parameter", "shape": [7],
+         "dtype": "float32"}]
     torch.testing.assert_close(loaded(X), reference, atol=1e-6, rtol=0)
     check = export_onnx(loaded, tmp_path / "m.onnx", input_shape=(2, 6, 6), sample_inputs=X)
     assert check.max_abs_diff < 1e-4

@@ -128,7 +128,7 @@ def test_half_the_heads_go(tmp_path: Path, src: Path, batch_first: bool):
             "kwargs": {"batch_first": batch_first}}
     save_artifact(model, path, model_spec=spec, input_shape=SHAPE, num_classes=5)
     loaded, manifest = load_artifact(path)  # fresh 4-head skeleton
-    assert {"path": "attn", "name": "num_heads", "value": 2} in manifest["values"]
+    assert {"op": "value", "path": "attn", "name": "num_heads", "value": 2} in manifest["edits"]
     assert loaded.attn.num_heads == 2 and isinstance(loaded.encoder.self_attn,
                                                      PrunedMultiheadAttention)
     torch.testing.assert_close(loaded(x), model(x), atol=1e-6, rtol=0)

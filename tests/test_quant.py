@@ -281,18 +281,18 @@ def _context(n=128):
                        progress=False)
 
 
-def test_step_skip_and_notes():
+def test_step_ignore_and_notes():
     from lighten.registry import get_step
 
     step = get_step("quant.ptq")
     assert step.config_type is PTQConfig
     ctx = _context()
-    cfg = PTQConfig(calib_samples=64, skip=["stem"])
+    cfg = PTQConfig(calib_samples=64, ignore=["stem"])
     q = step.apply(_float_model(TinyResNet), cfg, ctx)
     assert isinstance(q.stem[0], nn.Conv2d) and isinstance(q.conv1, QuantConv2d)
     assert any("stem.0 left in float" in n for n in ctx.notes)
     with pytest.raises(RecipeError, match="no module named 'nope'"):
-        step.apply(_float_model(TinyResNet), PTQConfig(skip=["nope"]), ctx)
+        step.apply(_float_model(TinyResNet), PTQConfig(ignore=["nope"]), ctx)
 
 
 def test_unreached_layer_stays_float():

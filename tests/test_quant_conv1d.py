@@ -141,7 +141,7 @@ def test_artifact_round_trip_is_identical(pair, tmp_path):
     save_artifact(q, path, model_spec=spec, input_shape=SHAPE, num_classes=4)
     loaded, manifest = load_artifact(path)  # the float net built from the spec, then swapped
     assert type(loaded.conv1) is QuantConv1d and type(loaded.bn1) is nn.Identity
-    types = {m["path"]: m["type"] for m in manifest["modules"]}
+    types = {m["path"]: m["type"] for m in manifest["edits"] if "type" in m}
     assert types["conv1"] == "lighten.quant.modules:QuantConv1d"
     x = _data(32, 3)
     with torch.no_grad():

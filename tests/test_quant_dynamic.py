@@ -143,4 +143,4 @@ def test_step_notes_layers_left_float_and_errors():
     with pytest.raises(UnsupportedError, match="no nn.Linear or nn.LSTM"):
         quantize_dynamic_(nn.Sequential(nn.Conv2d(1, 2, 3)))
     with pytest.raises(UnsupportedError, match="no module named 'x'"):
-        quantize_dynamic_(mlp(), DynamicConfig(skip=["x"]))
+        quantize_dynamic_(mlp(), DynamicConfig(ignore=["x"]))

@@ -29,15 +29,15 @@ def test_round_to_adds_back_the_best_scored_channels():
     assert grown.tolist() == [0, 5, 9, 11]
 
 
-@pytest.mark.parametrize(("features", "block"), [(["avx2", "avx512f"], 16), (["avx2"], 8), ([], 8)])
-def test_round_to_auto_uses_the_cpu_channel_block(monkeypatch, features, block):
-    import lighten.provenance as provenance
+@pytest.mark.parametrize(("cpu", "block"), [("avx512", 16), ("avx2", 8), ("generic", 8)])
+def test_round_to_auto_uses_the_target_cpu_channel_block(cpu, block):
+    from lighten.target import Target
 
-    monkeypatch.setattr(provenance, "cpu_features", lambda: features)
     torch.manual_seed(0)
     model = ZOO["resnet20"](num_classes=10, input_shape=(1, 16, 16)).eval()
     x = torch.randn(2, 1, 16, 16)
-    report = prune_channels_(model, ChannelPruneConfig(target_macs=0.6, round_to="auto"), x)
+    report = prune_channels_(model, ChannelPruneConfig(target_macs=0.6, round_to="auto"), x,
+                             target=Target(cpu=cpu))
     widths = {m.out_channels for m in model.modules() if isinstance(m, nn.Conv2d)}
     assert all(w % block == 0 for w in widths), widths
     assert any(w < 64 for w in widths)

@@ -186,6 +186,6 @@ def test_bad_input_raises_one_line_errors():
     with pytest.raises(DataError, match="needs calibration inputs"):
         quantize_weight_only_(linear_model(), WeightOnlyConfig(method="gptq"))
     with pytest.raises(UnsupportedError, match="no module named 'nope'"):
-        quantize_weight_only_(linear_model(), WeightOnlyConfig(method="rtn", skip=["nope"]))
+        quantize_weight_only_(linear_model(), WeightOnlyConfig(method="rtn", ignore=["nope"]))
     with pytest.raises(UnsupportedError, match="no nn.Linear / nn.Conv2d"):
         quantize_weight_only_(nn.Sequential(nn.ReLU()), WeightOnlyConfig(method="rtn"))

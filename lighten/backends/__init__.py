@@ -10,12 +10,15 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Annotated, Any, Protocol
 
-import numpy as np
-from torch import nn
+from pydantic import BeforeValidator
 
-from lighten.errors import BackendError
+from lighten.errors import BackendError, did_you_mean
+
+if TYPE_CHECKING:  # the name table is read by the CLI parser: keep this import light
+    import numpy as np
+    from torch import nn
 
 
 class Compiled(Protocol):
@@ -62,17 +65,34 @@ def _openvino(*, threads: int | None = None) -> Backend:
     return OpenVinoBackend(threads=threads)
 
 
+# The one list of backend names: recipes (deploy.backend, quant.ptq backend), the CLI and the
+# deployment target all validate against this table.
 BACKENDS: dict[str, Callable[..., Backend]] = {
     "onnxruntime": _onnxruntime,
     "torch": _torch,
     "openvino": _openvino,
 }
+DEFAULT_BACKEND = "onnxruntime"
+
+
+def check_backend(name: object) -> str:
+    """``name`` if it is in :data:`BACKENDS`; else a ValueError naming them (pydantic turns it
+    into the recipe's one-line error)."""
+    if isinstance(name, str) and name in BACKENDS:
+        return name
+    raise ValueError(f"Input should be one of: {', '.join(BACKENDS)}"
+                     f"{did_you_mean(name, BACKENDS)}")
+
+
+# A config field holding a backend name (validated against the table, did-you-mean on a typo).
+BackendName = Annotated[str, BeforeValidator(check_backend)]
 
 
 def get_backend(name: str, *, threads: int | None = None) -> Backend:
     """Build backend ``name`` pinned to ``threads`` CPU threads (default: all available cores)."""
     if name not in BACKENDS:
-        raise BackendError(f"unknown backend {name!r}; choose one of: {', '.join(BACKENDS)}")
+        raise BackendError(f"unknown backend {name!r}{did_you_mean(name, BACKENDS)}; "
+                           f"choose one of: {', '.join(BACKENDS)}")
     if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int)
                                 or threads < 1):
         raise BackendError(f"threads must be a positive integer, got {threads!r}; "
@@ -82,10 +102,13 @@ def get_backend(name: str, *, threads: int | None = None) -> Backend:
 
 def random_batch(batch: int, input_shape, *, seed: int = 0) -> np.ndarray:
     """A fixed float32 batch for timing: same input for every backend and stage."""
+    import numpy as np
+
     if batch < 1:
         raise BackendError(f"batch must be >= 1, got {batch}")
     rng = np.random.default_rng(seed)
     return rng.standard_normal((batch, *input_shape), dtype=np.float32)
 
 
-__all__ = ["BACKENDS", "Backend", "Compiled", "default_threads", "get_backend", "random_batch"]
+__all__ = ["BACKENDS", "DEFAULT_BACKEND", "Backend", "BackendName", "Compiled", "check_backend",
+           "default_threads", "get_backend", "random_batch"]

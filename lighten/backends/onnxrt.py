@@ -15,9 +15,10 @@ from typing import Any
 import numpy as np
 from torch import nn
 
-from lighten.backends import default_threads, random_batch
+from lighten.backends import default_threads
 from lighten.errors import BackendError
 from lighten.measure.latency import median_latency_ms
+from lighten.task import input_specs, random_arrays
 
 _INTEGER_OPS = {"QGemm", "DynamicQuantizeMatMul", "DynamicQuantizeLinear", "ConvInteger",
                 "MatMulInteger", "MatMulIntegerToFloat", "QAttention", "DynamicQuantizeLSTM"}
@@ -31,21 +32,27 @@ def integer_ops(op_types: dict[str, int]) -> list[str]:
 class OrtCompiled:
     backend = "onnxruntime"
 
-    def __init__(self, session, *, input_shape, onnx_path: Path, info: dict[str, Any]):
+    def __init__(self, session, *, input_shape=None, onnx_path: Path, info: dict[str, Any],
+                 inputs=None):
         self._session = session
-        self._input = session.get_inputs()[0].name
-        self.input_shape = tuple(input_shape)
+        self._names = [i.name for i in session.get_inputs()]
+        self.inputs = input_specs(input_shape, inputs)
+        self.input_shape = tuple(self.inputs[0].shape)
         self.onnx_path = onnx_path
         self.bytes_on_disk = onnx_path.stat().st_size
         self.info = info
 
-    def __call__(self, x: np.ndarray) -> np.ndarray:
-        x = np.ascontiguousarray(x, dtype=np.float32)
-        return self._session.run(None, {self._input: x})[0]
+    def __call__(self, *xs: np.ndarray) -> np.ndarray:
+        """Outputs for one batch per model input (token ids stay int64)."""
+        if len(xs) != len(self._names):
+            raise BackendError(f"onnxruntime: the model takes {len(self._names)} input(s), "
+                               f"got {len(xs)}")
+        feed = {name: np.ascontiguousarray(x, dtype=np.float32 if spec.is_float else np.int64)
+                for name, x, spec in zip(self._names, xs, self.inputs, strict=True)}
+        return self._session.run(None, feed)[0]
 
     def latency_ms(self, batch: int, *, warmup: int = 10, runs: int = 50) -> float:
-        x = random_batch(batch, self.input_shape)
-        feed = {self._input: x}
+        feed = dict(zip(self._names, random_arrays(self.inputs, batch), strict=True))
         return median_latency_ms(lambda: self._session.run(None, feed), warmup=warmup, runs=runs)
 
 
@@ -56,8 +63,10 @@ class OnnxRuntimeBackend:
         self.threads = threads or default_threads()
 
     def compile(
-        self, model: nn.Module, *, input_shape, workdir: Path, sample_inputs=None
+        self, model: nn.Module, *, input_shape=None, workdir: Path, sample_inputs=None,
+        inputs=None,
     ) -> OrtCompiled:
+        """``inputs`` (``task.inputs``) for models that are not one float tensor in."""
         import onnxruntime as ort
 
         from lighten.export import export_onnx
@@ -66,8 +75,9 @@ class OnnxRuntimeBackend:
         workdir.mkdir(parents=True, exist_ok=True)
         onnx_path = workdir / "model.onnx"
         optimized_path = workdir / "model.optimized.onnx"
-        check = export_onnx(model, onnx_path, input_shape=tuple(input_shape), verify=True,
-                    sample_inputs=sample_inputs)
+        specs = input_specs(input_shape, inputs)
+        check = export_onnx(model, onnx_path, inputs=specs, verify=True,
+                            sample_inputs=sample_inputs)
 
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = self.threads
@@ -94,7 +104,7 @@ class OnnxRuntimeBackend:
             "export_agreement": check.agreement,
             "int8_weight_tensors": check.folded_weights,
         }
-        return OrtCompiled(session, input_shape=input_shape, onnx_path=onnx_path, info=info)
+        return OrtCompiled(session, inputs=specs, onnx_path=onnx_path, info=info)
 
 
 def _op_types(path: Path) -> dict[str, int]:

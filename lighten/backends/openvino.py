@@ -20,9 +20,10 @@ from typing import Any
 import numpy as np
 from torch import nn
 
-from lighten.backends import default_threads, random_batch
+from lighten.backends import default_threads
 from lighten.errors import BackendError
 from lighten.measure.latency import median_latency_ms
+from lighten.task import input_specs, random_arrays
 
 COMPUTE_LAYERS = {"Convolution", "GroupConvolution", "Deconvolution", "FullyConnected",
                   "MatMul", "Gemm"}
@@ -52,24 +53,34 @@ def runtime_precisions(compiled_model) -> dict[str, Any]:
 class OpenVinoCompiled:
     backend = "openvino"
 
-    def __init__(self, compiled_model, *, input_shape, model_path: Path, info: dict[str, Any]):
+    def __init__(self, compiled_model, *, input_shape=None, model_path: Path,
+                 info: dict[str, Any], inputs=None):
         self._model = compiled_model
         self._request = compiled_model.create_infer_request()
-        self.input_shape = tuple(input_shape)
+        self.inputs = input_specs(input_shape, inputs)
+        self.input_shape = tuple(self.inputs[0].shape)
         self.bytes_on_disk = _file_bytes(model_path)
         self.info = info
 
-    def __call__(self, x: np.ndarray) -> np.ndarray:
-        """Logits for a batch of any size (the model is compiled with a dynamic batch axis)."""
-        x = np.ascontiguousarray(x, dtype=np.float32)
-        if x.shape[1:] != self.input_shape:
-            raise BackendError(f"openvino: input shape {x.shape[1:]} differs from the compiled "
-                               f"{self.input_shape}; pass arrays of shape (B, *{self.input_shape})")
-        out = self._request.infer({0: x})
+    def __call__(self, *xs: np.ndarray) -> np.ndarray:
+        """Outputs for a batch of any size (compiled with a dynamic batch axis), one array per
+        model input."""
+        if len(xs) != len(self.inputs):
+            raise BackendError(f"openvino: the model takes {len(self.inputs)} input(s), "
+                               f"got {len(xs)}")
+        feed = {}
+        for i, (x, spec) in enumerate(zip(xs, self.inputs, strict=True)):
+            x = np.ascontiguousarray(x, dtype=np.float32 if spec.is_float else np.int64)
+            if x.shape[1:] != tuple(spec.shape):
+                raise BackendError(f"openvino: input shape {x.shape[1:]} differs from the "
+                                   f"compiled {tuple(spec.shape)}; pass arrays of shape "
+                                   f"(B, *{tuple(spec.shape)})")
+            feed[i] = x
+        out = self._request.infer(feed)
         return np.array(out[self._model.output(0)], copy=True)  # the request reuses its buffer
 
     def latency_ms(self, batch: int, *, warmup: int = 10, runs: int = 50) -> float:
-        feed = {0: random_batch(batch, self.input_shape)}
+        feed = dict(enumerate(random_arrays(self.inputs, batch)))
         return median_latency_ms(lambda: self._request.infer(feed), warmup=warmup, runs=runs)
 
 
@@ -85,27 +96,31 @@ class OpenVinoBackend:
         self.threads = threads or default_threads()
 
     def compile(
-        self, model: nn.Module, *, input_shape, workdir: Path, sample_inputs=None
+        self, model: nn.Module, *, input_shape=None, workdir: Path, sample_inputs=None,
+        inputs=None,
     ) -> OpenVinoCompiled:
         """Export (verified in ONNX Runtime), compile in OpenVINO, check it against PyTorch."""
         import torch
 
         from lighten.export import DEFAULT_SAMPLES, export_onnx
 
+        specs = input_specs(input_shape, inputs)
         workdir = Path(workdir)
         workdir.mkdir(parents=True, exist_ok=True)
         onnx_path = workdir / "model.onnx"
-        check = export_onnx(model, onnx_path, input_shape=tuple(input_shape), verify=True,
+        check = export_onnx(model, onnx_path, inputs=specs, verify=True,
                             sample_inputs=sample_inputs)
-        compiled = self.compile_file(onnx_path, input_shape=input_shape)
+        compiled = self.compile_file(onnx_path, inputs=specs)
 
         if sample_inputs is None:
-            g = torch.Generator().manual_seed(0)
-            sample_inputs = torch.randn(DEFAULT_SAMPLES, *input_shape, generator=g)
+            sample_inputs = tuple(torch.from_numpy(a)
+                                  for a in random_arrays(specs, DEFAULT_SAMPLES))
+        samples = (tuple(sample_inputs) if isinstance(sample_inputs, (tuple, list))
+                   else (sample_inputs,))
         with torch.no_grad():
-            ref = model.eval()(sample_inputs).numpy()
-        got = compiled(sample_inputs.numpy())
-        agreement = float(np.mean(got.argmax(1) == ref.argmax(1)))
+            ref = model.eval()(*samples).numpy()
+        got = compiled(*(t.numpy() for t in samples))
+        agreement = float(np.mean(got.argmax(-1) == ref.argmax(-1)))
         diff = float(np.abs(got - ref).max())
         if agreement < MIN_AGREEMENT:
             raise BackendError(f"openvino disagrees with PyTorch on {onnx_path}: top-1 agreement "
@@ -116,7 +131,8 @@ class OpenVinoBackend:
                              int8_weight_tensors=check.folded_weights)
         return compiled
 
-    def compile_file(self, path: str | Path, *, input_shape) -> OpenVinoCompiled:
+    def compile_file(self, path: str | Path, *, input_shape=None,
+                     inputs=None) -> OpenVinoCompiled:
         """Compile an existing ONNX or OpenVINO IR (.xml) file; no export, no PyTorch check.
 
         Used for files made by other tools (e.g. NNCF or ``onnxruntime.quantize_static``).
@@ -140,7 +156,8 @@ class OpenVinoBackend:
         info = {"model_path": str(path), "threads": self.threads,
                 "inference_precision": precision.to_string(),
                 **runtime_precisions(compiled)}
-        return OpenVinoCompiled(compiled, input_shape=input_shape, model_path=path, info=info)
+        return OpenVinoCompiled(compiled, input_shape=input_shape, inputs=inputs,
+                                model_path=path, info=info)
 
 
 def _file_bytes(path: Path) -> int:

@@ -16,9 +16,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from lighten.backends import default_threads, random_batch
+from lighten.backends import default_threads
 from lighten.errors import BackendError, LightenError
 from lighten.measure.latency import median_latency_ms
+from lighten.task import input_specs, random_arrays
 
 
 @contextmanager
@@ -36,24 +37,29 @@ class TorchCompiled:
     backend = "torch"
     bytes_on_disk = None  # nothing is written; the artifact is the deployed file
 
-    def __init__(self, model: nn.Module, *, input_shape, threads: int, info: dict[str, Any]):
+    def __init__(self, model: nn.Module, *, input_shape=None, threads: int,
+                 info: dict[str, Any], inputs=None):
         self.model = model
-        self.input_shape = tuple(input_shape)
+        self.inputs = input_specs(input_shape, inputs)
+        self.input_shape = tuple(self.inputs[0].shape)
         self.threads = threads
         self.info = info
 
-    def _run(self, x: torch.Tensor) -> torch.Tensor:
+    def _run(self, *xs: torch.Tensor) -> torch.Tensor:
         with pinned_threads(self.threads), torch.inference_mode():
-            return self.model(x)
+            return self.model(*xs)
 
-    def __call__(self, x: np.ndarray) -> np.ndarray:
-        x = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
-        return self._run(x).float().numpy()
+    def __call__(self, *xs: np.ndarray) -> np.ndarray:
+        """Outputs for one batch per model input (token ids stay int64)."""
+        args = [torch.from_numpy(np.ascontiguousarray(
+            x, dtype=np.float32 if spec.is_float else np.int64))
+            for x, spec in zip(xs, self.inputs, strict=True)]
+        return self._run(*args).float().numpy()
 
     def latency_ms(self, batch: int, *, warmup: int = 10, runs: int = 50) -> float:
-        x = torch.from_numpy(random_batch(batch, self.input_shape))
+        xs = [torch.from_numpy(a) for a in random_arrays(self.inputs, batch)]
         with pinned_threads(self.threads), torch.inference_mode():
-            return median_latency_ms(lambda: self.model(x), warmup=warmup, runs=runs)
+            return median_latency_ms(lambda: self.model(*xs), warmup=warmup, runs=runs)
 
 
 class TorchBackend:
@@ -63,7 +69,8 @@ class TorchBackend:
         self.threads = threads or default_threads()
 
     def compile(
-        self, model: nn.Module, *, input_shape, workdir: Path, sample_inputs=None
+        self, model: nn.Module, *, input_shape=None, workdir: Path, sample_inputs=None,
+        inputs=None,
     ) -> TorchCompiled:
         """Copy ``model`` in eval mode (the caller's model is left untouched); int8 if quantized."""
         deployed = copy.deepcopy(model).eval()
@@ -77,13 +84,14 @@ class TorchBackend:
                 raise BackendError(f"torch backend cannot run this quantized model: {exc}") from exc
             engine = f"int8 ({torch.backends.quantized.engine})"
         info = {"threads": self.threads, "engine": engine}
-        compiled = TorchCompiled(deployed, input_shape=input_shape, threads=self.threads,
-                                 info=info)
+        specs = input_specs(input_shape, inputs)
+        compiled = TorchCompiled(deployed, inputs=specs, threads=self.threads, info=info)
         try:
-            compiled(random_batch(2, input_shape))
+            compiled(*random_arrays(specs, 2))
         except Exception as exc:
+            shapes = ", ".join(str(tuple(s.shape)) for s in specs)
             raise BackendError(f"torch backend cannot run {type(model).__name__} on input shape "
-                               f"{tuple(input_shape)}: {str(exc).splitlines()[0]}") from exc
+                               f"{shapes}: {str(exc).splitlines()[0]}") from exc
         return compiled
 
 

@@ -9,13 +9,14 @@ HELP = "measure accuracy, size, MACs and latency of MODEL on a backend"
 
 
 def add_arguments(parser) -> None:
+    from lighten.backends import BACKENDS, DEFAULT_BACKEND
     from lighten.cli.model_ref import DATA_CHOICES, add_model_arguments, positive_int
 
     add_model_arguments(parser)
     parser.add_argument("--data", choices=DATA_CHOICES,
                         help="test data (default: the built-in dataset matching the input shape)")
-    parser.add_argument("--backend", choices=("onnxruntime", "torch"), default="onnxruntime",
-                        help="runtime to time and evaluate on (default: onnxruntime)")
+    parser.add_argument("--backend", choices=tuple(BACKENDS), default=DEFAULT_BACKEND,
+                        help=f"runtime to time and evaluate on (default: {DEFAULT_BACKEND})")
     parser.add_argument("--threads", type=positive_int, metavar="N",
                         help="pin the backend's threads")
     parser.add_argument("--limit", type=positive_int, metavar="N",

@@ -8,7 +8,7 @@ and evaluation cheap.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from pydantic import Field, model_validator
@@ -16,14 +16,32 @@ from torch.utils.data import DataLoader, Dataset
 
 from lighten.errors import DataError
 from lighten.step import StrictModel
+from lighten.task import ClassificationTask, LanguageModelTask, Task, make_task
 
-__all__ = ["DataBundle", "DataSpec", "bundle_from_datasets", "load_data", "make_loader"]
+__all__ = ["DataBundle", "DataSpec", "TaskSpec", "bundle_from_datasets", "load_data",
+           "make_loader"]
+
+
+class TaskSpec(StrictModel):
+    """``data.task``: a built-in task ``name`` or ``python: tasks.py:make`` returning a Task."""
+
+    name: Literal["classification", "language-model"] | None = None
+    python: str | None = Field(None, description="'file.py:function' -> lighten.task.Task")
+    kwargs: dict[str, Any] = Field(default_factory=dict,
+                                   description="passed to the task (missing facts: from the data)")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> TaskSpec:
+        if (self.name is None) == (self.python is None):
+            raise ValueError("task needs exactly one of 'name' (classification, language-model) "
+                             "or 'python' ('tasks.py:make')")
+        return self
 
 
 class DataSpec(StrictModel):
     """The ``data:`` block of a recipe: a built-in ``name`` or a ``python: file.py:function``."""
 
-    name: Literal["fashion-mnist", "digits", "synthetic"] | None = None
+    name: Literal["fashion-mnist", "digits", "synthetic", "text"] | None = None
     python: str | None = Field(None, description="'file.py:function' -> (train, test) datasets")
     root: str | None = Field(None, description="Fashion-MNIST folder (overrides the env var)")
     limit_train: int | None = Field(None, ge=1)
@@ -32,6 +50,11 @@ class DataSpec(StrictModel):
     input_shape: list[int] = Field(default_factory=lambda: [1, 28, 28],
                                    description="synthetic: shape of one input")
     num_classes: int = Field(10, ge=2, description="synthetic: number of classes")
+    path: str | None = Field(None, description="text: the text file")
+    tokenizer: Literal["char", "bytes"] = Field("char", description="text: char or bytes")
+    seq_len: int = Field(128, ge=1, description="text: tokens per window")
+    task: Literal["classification", "language-model"] | TaskSpec | None = Field(
+        None, description="what the model is for (default: from the data source)")
 
     @model_validator(mode="after")
     def _one_source(self) -> DataSpec:
@@ -40,23 +63,51 @@ class DataSpec(StrictModel):
                              "or 'python' ('file.py:function')")
         if any(d < 1 for d in self.input_shape) or not self.input_shape:
             raise ValueError(f"input_shape {self.input_shape} must be non-empty positive sizes")
+        if self.name == "text" and not self.path:
+            raise ValueError("data name: text needs path: the text file (e.g. corpus.txt)")
+        if self.path and self.name != "text":
+            raise ValueError("data.path is the text file of name: text; for other data use "
+                             "root (fashion-mnist) or python")
+        if self.task is not None and self.python is None:
+            raise ValueError("data.task is for python: data (built-in data sets its own task: "
+                             "text is language-model, the others classification); remove it")
         return self
 
 
 @dataclass
 class DataBundle:
     name: str
-    train: Dataset  # items: (x float32 of input_shape, y int64 scalar)
+    train: Dataset  # items: (x, y) as the task says; classification: (x float32, y int64 scalar)
     test: Dataset
-    input_shape: tuple[int, ...]  # without batch, e.g. (1, 28, 28)
-    num_classes: int
+    input_shape: tuple[int, ...]  # first input without batch, e.g. (1, 28, 28); LM: (seq_len,)
+    num_classes: int  # classification: classes; LM: vocabulary size
     transform: str = ""  # how raw inputs were turned into x, so users can reproduce it
+    task: Task | None = None  # None: classification of input_shape / num_classes (kept in sync)
+
+    def __post_init__(self) -> None:
+        self._auto_task = self.task is None
+        if self._auto_task:
+            self.task = ClassificationTask(self.input_shape, self.num_classes)
+
+    def __setattr__(self, name: str, value) -> None:
+        object.__setattr__(self, name, value)
+        if name in ("input_shape", "num_classes") and getattr(self, "_auto_task", False):
+            object.__setattr__(self, "task", ClassificationTask(self.input_shape,
+                                                                self.num_classes))
 
 
 def load_data(spec: DataSpec) -> DataBundle:
     """Build the bundle a recipe's ``data:`` block describes."""
     if spec.python is not None:
         return _load_python(spec)
+    if spec.name == "text":
+        from lighten.data.text import load_text
+
+        train, test, tok = load_text(spec.path, tokenizer=spec.tokenizer, seq_len=spec.seq_len)
+        task = LanguageModelTask(tok.vocab_size, spec.seq_len, tokenizer=tok.describe())
+        bundle = DataBundle("text", train, test, (spec.seq_len,), tok.vocab_size,
+                            f"{spec.tokenizer} tokens of {spec.path}", task=task)
+        return _limit(bundle, spec)
     if spec.name == "fashion-mnist":
         from lighten.data import fashion_mnist as fm
 
@@ -79,14 +130,21 @@ def load_data(spec: DataSpec) -> DataBundle:
     return _limit(bundle, spec)
 
 
-def bundle_from_datasets(train: Dataset, test: Dataset, *, name: str = "user") -> DataBundle:
-    """Wrap any user dataset pair, inferring input shape and class count from the data."""
+def bundle_from_datasets(train: Dataset, test: Dataset, *, name: str = "user",
+                         task: Task | None = None) -> DataBundle:
+    """Wrap any user dataset pair. Without ``task`` it is classification, input shape and class
+    count inferred from the data; with one, the task checks the items."""
     for split, ds in (("train", train), ("test", test)):
         if not hasattr(ds, "__getitem__") or not hasattr(ds, "__len__"):
             raise DataError(f"{name} {split} split is a {type(ds).__name__}, not a map-style "
                             "Dataset; return e.g. torch.utils.data.TensorDataset(x, y)")
         if len(ds) == 0:
             raise DataError(f"{name} {split} split is empty; return at least one sample")
+    if task is not None and not isinstance(task, ClassificationTask):
+        for split, ds in (("train", train), ("test", test)):
+            task.check_item(ds[0], f"{name} {split}")
+        return DataBundle(name, train, test, tuple(task.input_shape), task.num_classes,
+                          "as given", task=task)
     x0, _ = _check_item(train[0], name, "train")
     input_shape = tuple(x0.shape)
     _check_item(test[0], name, "test", input_shape=input_shape)
@@ -150,5 +208,37 @@ def _load_python(spec: DataSpec) -> DataBundle:
     if not isinstance(result, (tuple, list)) or len(result) != 2:
         raise DataError(f"data function {spec.python!r} returned {type(result).__name__}; "
                         "it must return (train_dataset, test_dataset)")
-    bundle = bundle_from_datasets(result[0], result[1], name="user")
+    bundle = bundle_from_datasets(result[0], result[1], name="user",
+                                  task=_task_for(spec, result[0], result[1]))
     return _limit(bundle, spec)
+
+
+def _task_for(spec: DataSpec, train: Dataset, test: Dataset) -> Task | None:
+    """The task ``data.task`` names; facts it leaves out (LM seq_len / vocab_size) come from the
+    data. None: classification, inferred by bundle_from_datasets."""
+    task = spec.task
+    if task is None or task == "classification":
+        return None
+    if isinstance(task, str):
+        task = TaskSpec(name=task)
+    if task.python is not None:
+        return make_task(python=task.python, kwargs=task.kwargs)
+    if task.name == "classification":
+        return None if not task.kwargs else make_task(name=task.name, kwargs=task.kwargs)
+    kwargs = dict(task.kwargs)
+    if "seq_len" not in kwargs or "vocab_size" not in kwargs:
+        x0 = train[0][0] if len(train) else None
+        if not isinstance(x0, torch.Tensor) or x0.ndim != 1 or x0.is_floating_point():
+            raise DataError("language-model items must be (ids[T], next_ids[T]) int64 tensors; "
+                            f"the first train input is {getattr(x0, 'dtype', type(x0).__name__)}")
+        kwargs.setdefault("seq_len", len(x0))
+        kwargs.setdefault("vocab_size", 1 + max(_max_id(train), _max_id(test)))
+    return make_task(name=task.name, kwargs=kwargs)
+
+
+def _max_id(ds: Dataset) -> int:
+    tensors = getattr(ds, "tensors", None)
+    if tensors is not None:
+        return int(max(tensors[0].max(), tensors[1].max()))
+    return max(int(max(torch.as_tensor(x).max(), torch.as_tensor(y).max()))
+               for x, y in (ds[i] for i in range(len(ds))))

@@ -23,8 +23,9 @@ def soft_target_loss(student_logits: Tensor, teacher_logits: Tensor, temperature
         raise ModelError(f"teacher outputs {tuple(teacher_logits.shape)} but the student "
                          f"{tuple(student_logits.shape)}; distillation needs the same classes")
     t = temperature
-    log_student = F.log_softmax(student_logits / t, dim=-1)
-    log_teacher = F.log_softmax(teacher_logits / t, dim=-1)
+    classes = student_logits.shape[-1]  # (B, C), or (B, T, V) per token: one row per position
+    log_student = F.log_softmax(student_logits.reshape(-1, classes) / t, dim=-1)
+    log_teacher = F.log_softmax(teacher_logits.reshape(-1, classes) / t, dim=-1)
     return F.kl_div(log_student, log_teacher, log_target=True, reduction="batchmean") * t * t
 
 
@@ -36,7 +37,7 @@ def teacher_term(teacher: nn.Module, *, weight: float, temperature: float):
 
     def term(model: nn.Module, x: Tensor, logits: Tensor, y: Tensor) -> Tensor:
         with torch.no_grad():
-            target = teacher(x)
+            target = teacher(*x) if isinstance(x, tuple) else teacher(x)  # multi-input: tuple
         return weight * soft_target_loss(logits, target, temperature)
 
     return term

@@ -51,22 +51,37 @@ _CUSTOM_FLOPS = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _sd
                  torch.ops.aten.mkldnn_rnn_layer: _mkldnn_lstm_flops}
 
 
-def _trace(model: nn.Module, input_shape) -> FlopCounterMode:
-    x = torch.zeros(1, *tuple(input_shape))
+def example_batch(inputs) -> tuple[torch.Tensor, ...]:
+    """``model(*args)`` at batch 1 from what callers have: a per-sample shape (float zeros), an
+    example tensor or tuple of tensors (first row of each), or a ``lighten.task.Task``."""
+    if hasattr(inputs, "example_inputs"):
+        return tuple(inputs.example_inputs(1))
+    if isinstance(inputs, torch.Tensor):
+        return (inputs[:1],)
+    if isinstance(inputs, (tuple, list)) and inputs and all(isinstance(t, torch.Tensor)
+                                                           for t in inputs):
+        return tuple(t[:1] for t in inputs)
+    return (torch.zeros(1, *tuple(inputs)),)
+
+
+def _trace(model: nn.Module, inputs) -> FlopCounterMode:
+    args = example_batch(inputs)
     counter = FlopCounterMode(display=False, custom_mapping=_CUSTOM_FLOPS)
     try:
         with _eval_mode(model), torch.no_grad(), counter:
-            model(x)
+            model(*args)
     except Exception as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        shapes = ", ".join(str(tuple(a.shape)) for a in args)
         raise ModelError(f"cannot run {type(model).__name__} on input shape "
-                         f"{tuple(x.shape)} to count MACs: {type(exc).__name__}: {first}; "
+                         f"{shapes} to count MACs: {type(exc).__name__}: {first}; "
                          "check input_shape") from exc
     return counter
 
 
 def count_macs(model: nn.Module, input_shape) -> int:
-    """MACs of one forward pass at batch 1."""
+    """MACs of one forward pass at batch 1; ``input_shape`` may also be example inputs (a tensor
+    or tuple: int64 token ids, several inputs) or a task (see :func:`example_batch`)."""
     return _trace(model, input_shape).get_total_flops() // 2
 
 

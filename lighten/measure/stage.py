@@ -1,7 +1,9 @@
 """One metrics.jsonl row: everything measured about one stage of a recipe.
 
 Accuracy is computed by running the *compiled* (deployed) model over the test set, so the
-number in the report is the number of what ships.
+number in the report is the number of what ships. What is computed comes from the data's task
+(``lighten.task``): accuracy + macro-F1 for classification, perplexity + next-token accuracy for a
+language model (``accuracy`` is always there, under the same key).
 """
 
 from __future__ import annotations
@@ -15,7 +17,6 @@ from torch.utils.data import DataLoader, Subset
 
 from lighten.measure.energy import energy_estimate
 from lighten.measure.macs import count_macs
-from lighten.measure.metrics import accuracy, agreement, macro_f1
 from lighten.measure.params import count_params
 from lighten.measure.robust import robustness as robustness_probe
 
@@ -23,8 +24,9 @@ EVAL_BATCH = 256
 ROBUSTNESS_SAMPLES = 1000
 
 
-def predict_compiled(compiled, dataset, *, progress: bool = False):
-    """Run ``compiled`` over ``dataset`` in batches; (logits float32 (N, C), labels int64 (N,))."""
+def predict_compiled(compiled, dataset, *, progress: bool = False, task=None):
+    """Run ``compiled`` over ``dataset`` in batches; (outputs float32, targets). Classification:
+    logits (N, C) and labels int64 (N,); a language model: (N, T, V) and next ids (N, T)."""
     loader = DataLoader(dataset, batch_size=EVAL_BATCH, shuffle=False)
     if progress:
         from tqdm import tqdm
@@ -32,8 +34,11 @@ def predict_compiled(compiled, dataset, *, progress: bool = False):
         loader = tqdm(loader, desc="evaluate", leave=False)
     logits, labels = [], []
     for x, y in loader:
-        logits.append(torch.from_numpy(np.asarray(compiled(x.numpy()), dtype=np.float32)))
-        labels.append(torch.as_tensor(y).reshape(-1))
+        inputs = task.as_inputs(x) if task is not None else (x,)
+        out = compiled(*(t.numpy() for t in inputs))
+        logits.append(torch.from_numpy(np.asarray(out, dtype=np.float32)))
+        y = torch.as_tensor(y)
+        labels.append(y.reshape(-1) if y.ndim <= 1 else y)
     return torch.cat(logits), torch.cat(labels)
 
 
@@ -52,36 +57,40 @@ def measure_stage(
     latency_runs: int = 50,
     progress: bool = False,
 ) -> tuple[dict[str, Any], torch.Tensor]:
-    """Measure one stage; returns (row, test logits) — keep the baseline's logits as reference."""
+    """Measure one stage; returns (row, reference): keep the baseline's reference for the
+    agreement of later stages (``task.reference``: the test logits for classification, the
+    next-token predictions for a language model)."""
+    task = data.task
     test = data.test
     if eval_limit is not None and eval_limit < len(test):
         test = Subset(test, range(eval_limit))
-    logits, labels = predict_compiled(compiled, test, progress=progress)
+    logits, labels = predict_compiled(compiled, test, progress=progress, task=task)
+    metrics = task.metrics(logits, labels)
     total, nonzero = count_params(model)
-    input_shape = tuple(data.input_shape)
-    energy = energy_estimate(model, input_shape)
+    energy = energy_estimate(model, task)
     row: dict[str, Any] = {
         "stage": stage,
         "step": step,
-        "accuracy": accuracy(logits, labels),
-        "agreement": 1.0 if reference_logits is None else agreement(logits, reference_logits),
+        "accuracy": metrics.get("accuracy"),
+        "agreement": (1.0 if reference_logits is None
+                      else task.agreement(logits, reference_logits)),
         "params": total,
         "nonzero_params": nonzero,
         "bytes": int(artifact_bytes),
-        "macs": count_macs(model, input_shape),
+        "macs": count_macs(model, task),
         "latency_ms_b1": compiled.latency_ms(1, runs=latency_runs),
         "latency_ms_b64": compiled.latency_ms(64, runs=latency_runs),
         "backend": getattr(compiled, "backend", type(compiled).__name__),
         "seconds": float(seconds),
         "energy_uj": energy.pj_per_inference * 1e-6,
         "energy_sparse_uj": energy.sparse_pj * 1e-6,
-        "macro_f1": macro_f1(logits, labels),
+        **{k: v for k, v in metrics.items() if k != "accuracy"},  # macro_f1, perplexity, ...
         "onnx_bytes": getattr(compiled, "bytes_on_disk", None),
     }
     integer_ops = getattr(compiled, "info", {}).get("integer_ops")
     if integer_ops is not None:
         row["integer_ops"] = list(integer_ops)
-    if robustness:
+    if robustness and task.perturbable:  # noise / shift perturb images, not token ids
         probe = robustness_probe(compiled, test, samples=min(ROBUSTNESS_SAMPLES, len(test)))
         row.update(probe)
-    return row, logits
+    return row, task.reference(logits)

@@ -35,6 +35,7 @@ from pydantic import Field
 from torch import nn
 
 from lighten.errors import UnsupportedError
+from lighten.layers import LayerSpec, register_layer_spec
 from lighten.modules import register_module_type, require_modules, set_submodule
 from lighten.prune.importance import accumulate_gradients
 from lighten.prune.surgery import linear_in, linear_out
@@ -42,7 +43,7 @@ from lighten.registry import register_step
 from lighten.step import StepConfig, StepContext
 
 __all__ = ["AttentionSite", "HeadPruneConfig", "HeadPruneReport", "PrunedMultiheadAttention",
-           "find_attention", "prune_heads_"]
+           "find_attention", "prune_heads_", "untie_attention"]
 
 Batches = Callable[[], Iterable[tuple[torch.Tensor, torch.Tensor]]]  # labelled (x, y)
 
@@ -78,24 +79,40 @@ class PrunedMultiheadAttention(nn.Module):
 
     def __init__(self, embed_dim: int, num_heads: int, head_dim: int, *, batch_first=False,
                  dropout: float = 0.0, bias: bool = True, out_bias: bool = True,
-                 kept: list[int] | None = None, heads_before: int | None = None):
+                 kept: list[int] | None = None, heads_before: int | None = None,
+                 out_dim: int | None = None):
         super().__init__()
         inner = num_heads * head_dim
-        self.embed_dim, self.num_heads, self.head_dim = embed_dim, num_heads, head_dim
+        self.num_heads, self.head_dim = num_heads, head_dim
         self.batch_first, self.dropout = batch_first, dropout
         self.kept = list(range(num_heads)) if kept is None else list(kept)
         self.heads_before = heads_before or num_heads
         self._qkv_same_embed_dim = False
         self.in_proj_weight = nn.Parameter(torch.empty(3 * inner, embed_dim))
         self.in_proj_bias = nn.Parameter(torch.zeros(3 * inner)) if bias else None
-        self.out_proj = nn.Linear(inner, embed_dim, bias=out_bias)
+        self.out_proj = nn.Linear(inner, embed_dim if out_dim is None else out_dim, bias=out_bias)
+
+    # Read from the tensors, so structured pruning may slice the embedding width (in_proj
+    # columns, out_proj rows) like any parameter and the sizes stay true.
+    @property
+    def embed_dim(self) -> int:
+        """Input width (query/key/value features): in_proj's columns."""
+        return self.in_proj_weight.shape[1]
+
+    @property
+    def out_dim(self) -> int:
+        """Output width: out_proj's rows (equal to ``embed_dim`` unless pruned apart)."""
+        return self.out_proj.out_features
 
     def artifact_config(self) -> dict:
-        return {"embed_dim": self.embed_dim, "num_heads": self.num_heads,
-                "head_dim": self.head_dim, "batch_first": self.batch_first,
-                "dropout": self.dropout, "bias": self.in_proj_bias is not None,
-                "out_bias": self.out_proj.bias is not None, "kept": self.kept,
-                "heads_before": self.heads_before}
+        config = {"embed_dim": self.embed_dim, "num_heads": self.num_heads,
+                  "head_dim": self.head_dim, "batch_first": self.batch_first,
+                  "dropout": self.dropout, "bias": self.in_proj_bias is not None,
+                  "out_bias": self.out_proj.bias is not None, "kept": self.kept,
+                  "heads_before": self.heads_before}
+        if self.out_dim != self.embed_dim:
+            config["out_dim"] = self.out_dim
+        return config
 
     @classmethod
     def from_artifact(cls, config: dict) -> PrunedMultiheadAttention:
@@ -139,6 +156,11 @@ class PrunedMultiheadAttention(nn.Module):
         return full[:, self.kept]
 
 
+# the channel analysis sees it as one call, like nn.MultiheadAttention (prune.channels slices
+# its embedding width: in_proj columns, out_proj rows)
+register_layer_spec(LayerSpec(PrunedMultiheadAttention, graph_kind="attention"))
+
+
 def _additive(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """Boolean masks (True = not allowed) become 0 / -inf; float masks are already additive."""
     if mask.dtype == torch.bool:
@@ -155,7 +177,7 @@ def _to_pruned_mha(mha: nn.Module, keep: torch.Tensor) -> PrunedMultiheadAttenti
         mha.embed_dim, len(keep), d, batch_first=mha.batch_first, dropout=mha.dropout,
         bias=mha.in_proj_bias is not None, out_bias=mha.out_proj.bias is not None,
         kept=[kept_before[i] for i in keep.tolist()],
-        heads_before=getattr(mha, "heads_before", h))
+        heads_before=getattr(mha, "heads_before", h), out_dim=mha.out_proj.out_features)
     rows = _head_index(keep, d, offsets=(0, h * d, 2 * h * d))
     with torch.no_grad():
         new.in_proj_weight.copy_(mha.in_proj_weight[rows])
@@ -165,6 +187,12 @@ def _to_pruned_mha(mha: nn.Module, keep: torch.Tensor) -> PrunedMultiheadAttenti
         if mha.out_proj.bias is not None:
             new.out_proj.bias.copy_(mha.out_proj.bias)
     return new.train(mha.training)
+
+
+def untie_attention(mha: nn.MultiheadAttention) -> PrunedMultiheadAttention:
+    """An equivalent :class:`PrunedMultiheadAttention` keeping every head, whose embedding width
+    may be sliced apart from its inner width (``nn.MultiheadAttention`` ties the two)."""
+    return _to_pruned_mha(mha, torch.arange(mha.num_heads))
 
 
 def _head_index(heads: torch.Tensor, d: int, offsets=(0,)) -> torch.Tensor:
@@ -421,7 +449,8 @@ def _no_nested_tensor_fast_path(model: nn.Module) -> None:
             module.use_nested_tensor = False
 
 
-@register_step("prune.heads", HeadPruneConfig)
+@register_step("prune.heads", HeadPruneConfig,
+               needs_data=lambda c: "example inputs and samples to score the heads")
 def prune_heads(model: nn.Module, config: HeadPruneConfig, ctx: StepContext) -> nn.Module:
     """Remove the least important attention heads (q/k/v rows, out-projection columns)."""
     report = prune_heads_(model, config, ctx.example_input(), seed=ctx.seed,
@@ -429,5 +458,9 @@ def prune_heads(model: nn.Module, config: HeadPruneConfig, ctx: StepContext) -> 
     ctx.note(report.summary())
     for line in report.notes:
         ctx.note(f"prune.heads: {line}")
+    for path, before in report.heads_before.items():
+        after = report.heads_after[path]
+        ctx.layer(path, "remove heads" if after < before else "keep", before=f"{before} heads",
+                  after=f"{after} heads", heads_before=before, heads_after=after)
     ctx.finetune(model, config.finetune)
     return model

@@ -93,12 +93,20 @@ def prune_l1_(model: nn.Module, config: L1PruneConfig, ctx: StepContext) -> nn.M
     return model
 
 
-@register_step("prune.l1", L1PruneConfig)
+@register_step("prune.l1", L1PruneConfig, needs_data=lambda c: "labelled training data")
 def prune_l1(model: nn.Module, config: L1PruneConfig, ctx: StepContext) -> nn.Module:
     """Fine-tune with an L1 penalty on weights or BN scales, then zero the smallest."""
+    from lighten.compress import record_sparsity, zero_fractions
+
+    def chosen():
+        return (prunable_weights(model, config.ignore) if config.target == "weights"
+                else bn_scales(model, config.ignore))
+
+    before = zero_fractions(chosen())
     prune_l1_(model, config, ctx)
-    params = (prunable_weights(model, config.ignore) if config.target == "weights"
-              else bn_scales(model, config.ignore))
+    params = chosen()
+    record_sparsity(ctx, params, before,
+                    action="sparsify" if config.target == "weights" else "zero BN scales")
     zeros = sum(int((p == 0).sum()) for p in params.values())
     total = sum(p.numel() for p in params.values())
     if config.target == "weights":

@@ -413,7 +413,8 @@ def prune_layers_(model: nn.Module, config: LayerPruneConfig, example_input: tor
         params_before=params_before, params_after=count_params(model)[0], notes=notes)
 
 
-@register_step("prune.layers", LayerPruneConfig)
+@register_step("prune.layers", LayerPruneConfig,
+               needs_data=lambda c: "example inputs and samples to score the blocks")
 def prune_layers(model: nn.Module, config: LayerPruneConfig, ctx: StepContext) -> nn.Module:
     """Remove whole residual blocks (keeping their post-add activation), least important first."""
     report = prune_layers_(model, config, ctx.example_input(), seed=ctx.seed,
@@ -421,5 +422,10 @@ def prune_layers(model: nn.Module, config: LayerPruneConfig, ctx: StepContext) -
     ctx.note(report.summary())
     for line in report.notes:
         ctx.note(f"prune.layers: {line}")
+    for path, score in report.scores.items():
+        removed = path in report.removed
+        ctx.layer(path, "remove" if removed else "keep", before="residual block",
+                  after="removed" if removed else "kept", score=score)
+    ctx.summary.update(macs_before=report.macs_before, macs_after=report.macs_after)
     ctx.finetune(model, config.finetune)
     return model

@@ -217,12 +217,19 @@ def prune_magnitude_(
     return model
 
 
-@register_step("prune.magnitude", MagnitudePruneConfig)
+@register_step("prune.magnitude", MagnitudePruneConfig,
+               needs_data=lambda c: "training samples for ratios: auto" if c.ratios == "auto"
+               else None)
 def prune_magnitude(model: nn.Module, config: MagnitudePruneConfig, ctx: StepContext) -> nn.Module:
     """Zero the smallest-magnitude weights (global, per layer or per-layer ratios; AGP; rewind)."""
+    from lighten.compress import record_sparsity, zero_fractions
+
+    before = zero_fractions(prunable_weights(model, config.ignore))
     prune_magnitude_(model, config, ctx)
-    for message in sparsity_notes("prune.magnitude", model, prunable_weights(model, config.ignore)):
+    weights = prunable_weights(model, config.ignore)
+    for message in sparsity_notes("prune.magnitude", model, weights):
         ctx.note(message)
+    record_sparsity(ctx, weights, before)
     return model
 
 

@@ -23,13 +23,14 @@ from torch.nn.modules.conv import _ConvNd
 
 from lighten.errors import ModelError, UnsupportedError
 from lighten.graph import Group, channel_groups
+from lighten.layers import CONV_KINDS, layer_spec
 from lighten.modules import require_modules
-from lighten.provenance import simd_float_width
 from lighten.prune.channel_sensitivity import ChannelSensitivity
 from lighten.prune.importance import NEEDS_GRADIENTS, accumulate_gradients, make_importance
 from lighten.prune.surgery import axis_length, prune_module_
 from lighten.registry import register_step
 from lighten.step import StepConfig, StepContext
+from lighten.target import Target
 
 __all__ = ["ChannelPruneConfig", "NeuronPruneConfig", "PruneReport", "apply_keep_",
            "plan_keep", "prunable_groups", "prune_channels_"]
@@ -60,7 +61,8 @@ class ChannelPruneConfig(StepConfig):
     round_to: int | Literal["auto"] | None = Field(
         None, description="keep channel counts at multiples of this: CPU conv kernels work "
         "in blocks of 8 (AVX2) or 16 (AVX-512) channels and pad a partial block, so only "
-        "whole blocks removed make the model faster; 'auto' = this CPU's block")
+        "whole blocks removed make the model faster; 'auto' = the deployment target's block "
+        "(deploy: cpu)")
 
     @field_validator("round_to")
     @classmethod
@@ -69,9 +71,12 @@ class ChannelPruneConfig(StepConfig):
             raise ValueError(f"round_to must be a positive integer or 'auto', got {v}")
         return v
 
-    def channel_multiple(self) -> int | None:
-        """``round_to`` as a number (``auto`` resolved for the CPU this runs on)."""
-        return simd_float_width() if self.round_to == "auto" else self.round_to
+    def channel_multiple(self, target: Target | None = None) -> int | None:
+        """``round_to`` as a number (``auto``: the target CPU's channel block; no target given,
+        the CPU this runs on)."""
+        if self.round_to != "auto":
+            return self.round_to
+        return (target or Target.this_machine()).simd_channel_block
 
     @model_validator(mode="after")
     def _one_target(self):
@@ -115,8 +120,14 @@ class PruneReport:
 # ----------------------------------------------------------------------------- groups
 
 
+def _conv_like(module: nn.Module) -> bool:
+    """A convolution, or a layer whose LayerSpec says it computes like one (lighten.layers)."""
+    spec = layer_spec(module)
+    return isinstance(module, _ConvNd) or (spec is not None and spec.graph_kind in CONV_KINDS)
+
+
 def _in_scope(group: Group, model: nn.Module, scope: Scope) -> bool:
-    kinds = [isinstance(model.get_submodule(m.module), _ConvNd) for m in group.producers()]
+    kinds = [_conv_like(model.get_submodule(m.module)) for m in group.producers()]
     return any(kinds) if scope == "channels" else bool(kinds) and not any(kinds)
 
 
@@ -422,10 +433,11 @@ def prune_channels_(model: nn.Module, config: ChannelPruneConfig, example_input:
                     *, scope: Scope = "channels",
                     batches: Batches | None = None, eval_batches: Batches | None = None,
                     finetune: Finetuner | None = None, seed: int = 0,
-                    progress: bool = False) -> PruneReport:
+                    progress: bool = False, target: Target | None = None) -> PruneReport:
     """Prune ``model`` in place; ``batches()`` yields labelled batches (needed by taylor),
     ``eval_batches()`` those ``ratios: auto`` measures sensitivity on, and
-    ``finetune(model, share)`` trains for that share of the budget after each iterative step."""
+    ``finetune(model, share)`` trains for that share of the budget after each iterative step;
+    ``target`` (default: this machine) decides ``round_to: auto``."""
     input_shape = tuple(example_input.shape[1:])
     out_shape = _output_shape(model, example_input)
     importance = make_importance(config.importance, seed=seed)
@@ -439,9 +451,11 @@ def prune_channels_(model: nn.Module, config: ChannelPruneConfig, example_input:
     report = PruneReport(start["macs"], 0, start["params"], 0,
                          sum(g.size for g in groups), 0)
     k = config.iterative_steps
-    round_to = config.channel_multiple()
+    deploy_target = target or Target.this_machine()  # `target` below is the MACs/params goal
+    round_to = config.channel_multiple(deploy_target)
     if config.round_to == "auto":
-        report.notes.append(f"round_to auto: multiples of {round_to} channels (this CPU)")
+        report.notes.append(f"round_to auto: multiples of {round_to} channels "
+                            f"(target cpu {deploy_target.cpu})")
     target = config.target_macs or config.target_params  # None: ratios are fixed
     for i in range(1, k + 1):
         if i > 1:
@@ -496,6 +510,10 @@ def _output_shape(model: nn.Module, x: torch.Tensor) -> tuple[int, ...]:
 
 
 def _run_step(name: str, scope: Scope, model, config, ctx: StepContext) -> nn.Module:
+    from lighten.compress import layer_widths, record_widths
+
+    widths = layer_widths(model)
+
     def finetune(m: nn.Module, share: float) -> None:
         epochs = config.finetune.epochs * share
         ctx.finetune(m, config.finetune.model_copy(update={"epochs": epochs}))
@@ -504,20 +522,33 @@ def _run_step(name: str, scope: Scope, model, config, ctx: StepContext) -> nn.Mo
         model, config, ctx.example_input(), scope=scope, seed=ctx.seed,
         batches=lambda: ctx.labelled_batches(config.calibration_samples),
         eval_batches=lambda: ctx.labelled_batches(config.auto_samples), progress=ctx.progress,
-        finetune=finetune if config.finetune is not None else None)
+        finetune=finetune if config.finetune is not None else None, target=ctx.target)
     ctx.note(report.summary(name))
     for line in report.notes:
         ctx.note(f"{name}: {line}")
+    record_widths(ctx, widths, model)
+    ctx.summary.update(macs_before=report.macs_before, macs_after=report.macs_after,
+                       channels_before=report.channels_before,
+                       channels_after=report.channels_after)
     return model
 
 
-@register_step("prune.channels", ChannelPruneConfig)
+def _structured_data(config: ChannelPruneConfig) -> str:
+    """What prune.channels / prune.neurons read: example inputs to trace, labelled samples for
+    gradient importance and ``ratios: auto``."""
+    need = "example inputs to trace the model"
+    if config.importance in NEEDS_GRADIENTS or config.ratios == "auto":
+        need += " and labelled training samples"
+    return need
+
+
+@register_step("prune.channels", ChannelPruneConfig, needs_data=_structured_data)
 def prune_channels(model: nn.Module, config: ChannelPruneConfig, ctx: StepContext) -> nn.Module:
     """Remove whole conv channels (filters) and every tensor coupled to them."""
     return _run_step("prune.channels", "channels", model, config, ctx)
 
 
-@register_step("prune.neurons", NeuronPruneConfig)
+@register_step("prune.neurons", NeuronPruneConfig, needs_data=_structured_data)
 def prune_neurons(model: nn.Module, config: NeuronPruneConfig, ctx: StepContext) -> nn.Module:
     """Remove hidden neurons of Linear layers (rows and the matching input columns)."""
     return _run_step("prune.neurons", "neurons", model, config, ctx)

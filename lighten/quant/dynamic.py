@@ -20,10 +20,12 @@ from pydantic import Field
 from torch import nn
 
 from lighten.errors import UnsupportedError
+from lighten.layers import dynamic_quant_class
 from lighten.modules import register_module_type, require_modules
 from lighten.quant.eligibility import swappable
 from lighten.registry import register_step
 from lighten.step import StepConfig, StepContext
+from lighten.target import Target
 
 _ONNX_FLOAT = 1
 
@@ -34,8 +36,9 @@ class DynamicConfig(StepConfig):
     bits: int = Field(8, ge=2, le=8, description="weight bits (activations: dynamic uint8)")
     per_channel: bool = Field(True, description="one weight scale per output feature")
     reduce_range: bool | None = Field(
-        None, description="7-bit weights against U8S8 overflow; None = auto (x86 without VNNI)")
-    skip: list[str] = Field(default_factory=list, description="module names left in float")
+        None, description="7-bit weights against U8S8 overflow; None = auto (target cpu is x86 "
+        "without VNNI)")
+    ignore: list[str] = Field(default_factory=list, description="module names left in float")
 
 
 def dynamic_quantize_u8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -143,27 +146,26 @@ class DynamicQuantLinear(nn.Module):
 
 
 def quantize_dynamic_(model: nn.Module, config: DynamicConfig | None = None, *,
-                      notes: list[str] | None = None) -> nn.Module:
+                      notes: list[str] | None = None, target: Target | None = None) -> nn.Module:
     """Replace every ``nn.Linear`` (``nn.LSTM``) of ``model`` in place by
-    :class:`DynamicQuantLinear` (``DynamicQuantLSTM``)."""
-    from lighten.quant.dynamic_rnn import DynamicQuantLSTM
-    from lighten.quant.ptq import _default_reduce_range
-
+    :class:`DynamicQuantLinear` (``DynamicQuantLSTM``); ``target`` (default: this machine)
+    decides ``reduce_range: auto``."""
     cfg = config or DynamicConfig()
     notes = notes if notes is not None else []
-    require_modules(model, cfg.skip, key="skip")
-    reduce_range = _default_reduce_range() if cfg.reduce_range is None else cfg.reduce_range
-    swaps = {nn.Linear: DynamicQuantLinear, nn.LSTM: DynamicQuantLSTM}
-    targets = [n for n, m in model.named_modules() if type(m) in swaps and n not in cfg.skip
+    require_modules(model, cfg.ignore, key="ignore")
+    target = target or Target.this_machine()
+    reduce_range = target.reduce_range if cfg.reduce_range is None else cfg.reduce_range
+    targets = [n for n, m in model.named_modules()  # types whose LayerSpec names a swap
+               if dynamic_quant_class(m) is not None and n not in cfg.ignore
                and not getattr(m, "proj_size", 0)]  # no integer kernel for LSTM projections
     targets = swappable(model, targets, notes)
     if not targets or "" in targets:
         raise UnsupportedError("quant.dynamic found no nn.Linear or nn.LSTM inside the model to "
                                "quantize (a bare layer must be wrapped in nn.Sequential); "
-                               "check skip")
+                               "check ignore")
     for name in targets:
         layer = model.get_submodule(name)
-        model.set_submodule(name, swaps[type(layer)].from_float(
+        model.set_submodule(name, dynamic_quant_class(layer).from_float(
             layer, bits=cfg.bits, per_channel=cfg.per_channel, reduce_range=reduce_range))
     for name, m in model.named_modules():
         if isinstance(m, (nn.LSTM, nn.GRU, nn.RNN, nn.MultiheadAttention)):
@@ -177,10 +179,12 @@ def quantize_dynamic_(model: nn.Module, config: DynamicConfig | None = None, *,
 @register_step("quant.dynamic", DynamicConfig)
 def quantize_dynamic(model: nn.Module, cfg: DynamicConfig, ctx: StepContext) -> nn.Module:
     """Int8 Linear/LSTM weights, activations quantized at run time (integer GEMMs on ORT)."""
+    from lighten.compress import module_types, record_quant_layers
     from lighten.quant.dynamic_rnn import DynamicQuantLSTM
 
+    before = module_types(model)
     notes: list[str] = []
-    quantize_dynamic_(model, cfg, notes=notes)
+    quantize_dynamic_(model, cfg, notes=notes, target=ctx.target)
     count = sum(isinstance(m, DynamicQuantLinear) for m in model.modules())
     lstms = sum(isinstance(m, DynamicQuantLSTM) for m in model.modules())
     weights = "int8" if cfg.bits == 8 else f"{cfg.bits}-bit (in int8 containers)"
@@ -188,5 +192,6 @@ def quantize_dynamic(model: nn.Module, cfg: DynamicConfig, ctx: StepContext) -> 
              "run-time uint8 activation ranges (no calibration)")
     for message in notes:
         ctx.note(message)
+    record_quant_layers(ctx, before, model, notes)
     ctx.finetune(model, cfg.finetune)  # biases and norms; the int8 weights stay fixed
     return model

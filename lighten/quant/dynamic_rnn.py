@@ -178,7 +178,7 @@ class DynamicQuantLSTM(nn.Module):
         if lstm.proj_size:
             raise UnsupportedError(
                 f"LSTM with proj_size={lstm.proj_size} has no integer kernel in ONNX Runtime "
-                "(DynamicQuantizeLSTM); add its name to skip to keep it float")
+                "(DynamicQuantizeLSTM); add its name to ignore to keep it float")
         q = cls(lstm.input_size, lstm.hidden_size, num_layers=lstm.num_layers,
                 bias=lstm.bias, batch_first=lstm.batch_first, dropout=lstm.dropout,
                 bidirectional=lstm.bidirectional, **options)

@@ -26,13 +26,13 @@ from lighten.quant.modules import weight_spec
 from lighten.quant.ptq import (
     PTQConfig,
     _candidates,
-    _default_reduce_range,
     fold_with_notes,
     quantize_ptq_,
 )
 from lighten.quant.quantizer import fake_quantize, weight_qparams
 from lighten.registry import register_step
 from lighten.step import StepConfig, StepContext
+from lighten.target import Target
 
 _FRONT_CAP = 20000  # Pareto states kept per layer; beyond it states are bucketed by cost
 
@@ -48,6 +48,7 @@ class MixedConfig(StepConfig):
     per_channel: bool = True
     calibration: Literal["minmax", "moving_average", "percentile", "mse", "entropy"] = "minmax"
     calib_samples: int = Field(512, ge=1)
+    ignore: list[str] = Field(default_factory=list, description="module names left in float")
 
     @field_validator("budget_bytes")
     @classmethod
@@ -75,17 +76,18 @@ def weight_bytes(numel: int, bits: int) -> int:
     return math.ceil(numel * bits / 8)
 
 
-def _quantized_weight(weight: torch.Tensor, bits: int, per_channel: bool) -> torch.Tensor:
+def _quantized_weight(weight: torch.Tensor, bits: int, per_channel: bool,
+                      target: Target | None) -> torch.Tensor:
     spec = weight_spec(bits, per_channel=per_channel,
-                       reduce_range=_default_reduce_range() and bits == 8)
+                       reduce_range=(target or Target.this_machine()).reduce_range and bits == 8)
     scale, zp = weight_qparams(weight, spec)
     return fake_quantize(weight.detach().float(), scale, zp, spec)
 
 
 @torch.no_grad()
 def output_error_sensitivity(model: nn.Module, layers: Sequence[str], inputs: list[torch.Tensor],
-                             candidates: Sequence[int], *, per_channel: bool = True
-                             ) -> dict[str, dict[int, float]]:
+                             candidates: Sequence[int], *, per_channel: bool = True,
+                             target: Target | None = None) -> dict[str, dict[int, float]]:
     """Relative output error (noise power / signal power) with one layer quantized at a time."""
     model.eval()
     reference = [model(x) for x in inputs]
@@ -97,7 +99,7 @@ def output_error_sensitivity(model: nn.Module, layers: Sequence[str], inputs: li
         out[name] = {}
         try:
             for bits in candidates:
-                weight.copy_(_quantized_weight(original, bits, per_channel))
+                weight.copy_(_quantized_weight(original, bits, per_channel, target))
                 noise = sum(float((model(x) - r).pow(2).sum()) for x, r in zip(inputs, reference,
                                                                                strict=True))
                 out[name][bits] = noise / signal
@@ -108,7 +110,8 @@ def output_error_sensitivity(model: nn.Module, layers: Sequence[str], inputs: li
 
 def hessian_sensitivity(model: nn.Module, layers: Sequence[str], inputs: list[torch.Tensor],
                         candidates: Sequence[int], *, per_channel: bool = True, probes: int = 8,
-                        seed: int = 0) -> dict[str, dict[int, float]]:
+                        seed: int = 0, target: Target | None = None
+                        ) -> dict[str, dict[int, float]]:
     """HAWQ-v2: ``Tr(H) / n * ||Q(W) - W||^2`` for the loss ``||f(x; W) - f(x; W0)||^2``.
 
     At ``W0`` that loss has zero gradient and its Hessian is the Gauss-Newton matrix ``2 J^T J``,
@@ -135,8 +138,8 @@ def hessian_sensitivity(model: nn.Module, layers: Sequence[str], inputs: list[to
     out: dict[str, dict[int, float]] = {}
     for name, w, trace in zip(layers, weights, traces, strict=True):
         mean_trace = trace / w.numel()
-        out[name] = {b: mean_trace * float((_quantized_weight(w, b, per_channel) - w.detach())
-                                           .pow(2).sum()) for b in candidates}
+        out[name] = {b: mean_trace * float((_quantized_weight(w, b, per_channel, target)
+                                            - w.detach()).pow(2).sum()) for b in candidates}
     return out
 
 
@@ -181,22 +184,25 @@ _METRICS: dict[str, Callable[..., dict[str, dict[int, float]]]] = {
 
 
 def quantize_mixed_(model: nn.Module, calibration_batches, config: MixedConfig, *,
-                    notes: list[str] | None = None) -> tuple[nn.Module, dict[str, int]]:
-    """Measure, choose, quantize ``model`` in place; return it with the chosen bits per layer."""
+                    notes: list[str] | None = None, target: Target | None = None
+                    ) -> tuple[nn.Module, dict[str, int]]:
+    """Measure, choose, quantize ``model`` in place; return it with the chosen bits per layer
+    (``target``, default this machine, decides whether 8-bit weights keep to 7 bits)."""
     notes = notes if notes is not None else []
     model.eval()
     fold_with_notes(model, notes)  # sensitivities must be measured on the folded weights
     inputs = [b[0] if isinstance(b, (tuple, list)) else b for b in calibration_batches]
-    layers = _candidates(model, [], notes)
+    layers = _candidates(model, config.ignore, notes)
     if not layers:
         raise UnsupportedError("quant.mixed found no Conv1d/2d/3d or Linear layers to quantize")
     numels = {n: model.get_submodule(n).weight.numel() for n in layers}
     budget = config.budget_for(4 * sum(numels.values()))
     sens = _METRICS[config.metric](model, layers, inputs, config.candidates,
-                                   per_channel=config.per_channel)
+                                   per_channel=config.per_channel, target=target)
     bits = choose_bits(sens, numels, budget)
-    ptq = PTQConfig(bits=8, per_channel=config.per_channel, calibration=config.calibration)
-    quantize_ptq_(model, inputs, ptq, notes=notes, weight_bits=bits)
+    ptq = PTQConfig(bits=8, per_channel=config.per_channel, calibration=config.calibration,
+                    ignore=config.ignore)
+    quantize_ptq_(model, inputs, ptq, notes=notes, weight_bits=bits, target=target)
     used = sum(weight_bytes(numels[n], b) for n, b in bits.items())
     notes.append(f"quant.mixed ({config.metric}): {used} of {budget} budget weight bytes "
                  f"({used / (4 * sum(numels.values())):.3f} of float); bits "
@@ -204,11 +210,16 @@ def quantize_mixed_(model: nn.Module, calibration_batches, config: MixedConfig, 
     return model, bits
 
 
-@register_step("quant.mixed", MixedConfig)
+@register_step("quant.mixed", MixedConfig, needs_data=lambda c: "calibration inputs")
 def quantize_mixed(model: nn.Module, cfg: MixedConfig, ctx: StepContext) -> nn.Module:
     """Per-layer weight bits from measured sensitivity under a byte budget; 8-bit activations."""
+    from lighten.compress import module_types, record_quant_layers
+
+    before = module_types(model)
     notes: list[str] = []
-    quantize_mixed_(model, ctx.calibration_batches(cfg.calib_samples), cfg, notes=notes)
+    quantize_mixed_(model, ctx.calibration_batches(cfg.calib_samples), cfg, notes=notes,
+                    target=ctx.target)
     for message in notes:
         ctx.note(message)
+    record_quant_layers(ctx, before, model, notes)
     return ctx.finetune(model, cfg.finetune)

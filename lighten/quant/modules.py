@@ -16,10 +16,13 @@ to its int8 twin and is the one list of what static quantization covers.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lighten.layers import quant_classes_view, static_quant_types
 from lighten.modules import register_module_type
 from lighten.quant.quantizer import QuantSpec, fake_quantize, quantize, weight_qparams
 
@@ -302,21 +305,21 @@ class QuantLinear(_QuantLayer):
         return cls(c.pop("in_features"), c.pop("out_features"), **c)
 
 
-# Float layer type -> its static int8 twin. Everything else a quantizer meets stays float.
-# isinstance semantics: a user subclass of nn.Conv1d (same math) quantizes like nn.Conv1d.
-QUANT_CLASSES: dict[type[nn.Module], type[_QuantLayer]] = {
-    nn.Conv1d: QuantConv1d, nn.Conv2d: QuantConv2d, nn.Conv3d: QuantConv3d, nn.Linear: QuantLinear,
-}
-QUANTIZABLE = tuple(QUANT_CLASSES)
+# Float layer type -> its static int8 twin, a live view of the layer specs (lighten.layers:
+# LayerSpec.static_quant). Everything else a quantizer meets stays float. isinstance semantics:
+# a user subclass of nn.Conv1d (same math) quantizes like nn.Conv1d.
+QUANT_CLASSES: Mapping[type[nn.Module], type[_QuantLayer]] = quant_classes_view()
+QUANTIZABLE = static_quant_types()  # the built-in ones; quant_class() also sees registered specs
 
 
 def quant_class(layer: nn.Module) -> type[_QuantLayer]:
-    """The Quant* class for float ``layer`` (one of :data:`QUANTIZABLE`)."""
-    for float_type, cls in QUANT_CLASSES.items():
-        if isinstance(layer, float_type):
+    """The Quant* class for float ``layer`` (its spec's, or its nearest base class's)."""
+    for float_type in type(layer).__mro__:
+        cls = QUANT_CLASSES.get(float_type)
+        if cls is not None:
             return cls
     raise TypeError(f"{type(layer).__name__} has no static int8 form; quantizable: "
-                    + ", ".join(t.__name__ for t in QUANTIZABLE))
+                    + ", ".join(t.__name__ for t in QUANT_CLASSES))
 
 
 @register_module_type

@@ -8,9 +8,7 @@ Statistics first, then apply: one calibration pass serves every layer.
 
 from __future__ import annotations
 
-import platform
 from collections.abc import Iterable, Mapping
-from functools import lru_cache
 from typing import Literal
 
 import torch
@@ -18,7 +16,9 @@ from pydantic import Field
 from torch import nn
 from torch.nn.modules.conv import _ConvNd
 
+from lighten.backends import BackendName
 from lighten.errors import DataError, RecipeError
+from lighten.layers import static_quant_class
 from lighten.quant.eligibility import swappable
 from lighten.quant.modules import (
     QuantAct,
@@ -28,10 +28,11 @@ from lighten.quant.modules import (
     quant_class,
 )
 from lighten.quant.observers import make_observer
-from lighten.quant.plan import QUANTIZABLE, RELU_MODULES, LayerPlan, make_plan
+from lighten.quant.plan import RELU_MODULES, LayerPlan, make_plan
 from lighten.quant.quantizer import compute_qparams
 from lighten.registry import register_step
 from lighten.step import StepConfig, StepContext
+from lighten.target import Target
 
 # Activations are uint8 (asymmetric). Measured on this AVX2 machine with ORT 1.32 (LeNet-5,
 # batch 64): uint8 and int8 activations run at the same speed within noise, and ORT converts int8
@@ -50,10 +51,13 @@ class PTQConfig(StepConfig):
     calibration: Literal["minmax", "moving_average", "percentile", "mse", "entropy"] = "minmax"
     percentile: float = Field(99.99, gt=50, le=100, description="for calibration: percentile")
     calib_samples: int = Field(512, ge=1, description="training samples used for calibration")
-    backend: Literal["onnxruntime", "torch", "openvino"] = "onnxruntime"
-    skip: list[str] = Field(default_factory=list, description="module names left in float")
+    backend: BackendName | None = Field(
+        None, description="runtime the int8 layers are built for; None = the deployment "
+        "target's (deploy: backend)")
+    ignore: list[str] = Field(default_factory=list, description="module names left in float")
     reduce_range: bool | None = Field(
-        None, description="7-bit weights against U8S8 overflow; None = auto (x86 without VNNI)")
+        None, description="7-bit weights against U8S8 overflow; None = auto (target cpu is x86 "
+        "without VNNI)")
 
 
 def quantize_ptq_(
@@ -63,26 +67,30 @@ def quantize_ptq_(
     *,
     notes: list[str] | None = None,
     weight_bits: Mapping[str, int] | None = None,
+    target: Target | None = None,
 ) -> nn.Module:
     """Quantize ``model`` in place and return it.
 
     ``calibration_batches`` yields input tensors (or ``(inputs, targets)`` pairs). Layers that
     cannot be quantized stay float; why is appended to ``notes``. ``weight_bits`` overrides the
     weight bit width of named layers (mixed precision); activations keep ``config.bits``.
+    ``target`` (default: this machine) decides ``reduce_range: auto`` and the default backend.
     """
     cfg = config or PTQConfig()
+    target = target or Target.this_machine()
+    backend = cfg.backend or target.backend
     notes = notes if notes is not None else []
     model.eval()
     fold_with_notes(model, notes)
 
-    candidates = _candidates(model, cfg.skip, notes)
+    candidates = _candidates(model, cfg.ignore, notes)
     plan = make_plan(model, candidates)
     if not plan.traced:
         notes.append(f"quant.ptq: model not traceable ({plan.trace_error}); each layer quantizes "
                      "its own output, residual adds stay float")
-    auto_reduce = _default_reduce_range() if cfg.reduce_range is None else cfg.reduce_range
+    auto_reduce = target.reduce_range if cfg.reduce_range is None else cfg.reduce_range
     reduce_range = auto_reduce and cfg.bits == 8  # below 8 bits the products cannot overflow
-    act_signed = ACT_SIGNED if cfg.backend == "onnxruntime" else False  # torch x86 needs quint8
+    act_signed = ACT_SIGNED if backend == "onnxruntime" else False  # torch x86 needs quint8
     spec = activation_spec(cfg.bits, act_signed)
 
     ranges = _calibrate(model, plan, calibration_batches, cfg, spec)
@@ -112,20 +120,25 @@ def quantize_ptq_(
                            activation_bits=cfg.bits, act_signed=act_signed)
             _set_qparams(act.scale, act.zero_point, qparams[("act", name)])
             model.set_submodule(name, act)
-    if cfg.backend == "torch":
+    if backend == "torch":
         from lighten.quant.torch_int8 import to_torch_int8
 
         to_torch_int8(model)  # fail now, with the module's name, rather than at deployment
     return model
 
 
-@register_step("quant.ptq", PTQConfig)
+@register_step("quant.ptq", PTQConfig, needs_data=lambda c: "calibration inputs")
 def quantize_ptq(model: nn.Module, cfg: PTQConfig, ctx: StepContext) -> nn.Module:
     """Static int8 post-training quantization (weights + calibrated activations)."""
+    from lighten.compress import module_types, record_quant_layers
+
+    before = module_types(model)
     notes: list[str] = []
-    quantize_ptq_(model, ctx.calibration_batches(cfg.calib_samples), cfg, notes=notes)
+    quantize_ptq_(model, ctx.calibration_batches(cfg.calib_samples), cfg, notes=notes,
+                  target=ctx.target)
     for message in notes:
         ctx.note(message)
+    record_quant_layers(ctx, before, model, notes)
     quantized = sum(isinstance(m, _QuantLayer) for m in model.modules())
     ctx.note(f"quant.ptq: {quantized} layers int{cfg.bits} ({cfg.calibration} calibration, "
              f"{'per-channel' if cfg.per_channel else 'per-tensor'} weights)")
@@ -144,18 +157,19 @@ def fold_with_notes(model: nn.Module, notes: list[str]) -> None:
         notes.append(f"BN {bn_name} not folded: {reason}")
 
 
-def _candidates(model: nn.Module, skip: list[str], notes: list[str]) -> list[str]:
+def _candidates(model: nn.Module, ignore: list[str], notes: list[str]) -> list[str]:
     names = [n for n, _ in model.named_modules()]
-    for s in skip:
+    for s in ignore:
         if s not in names:
             sample = ", ".join(n for n in names if n)[:200]
-            raise RecipeError(f"quant.ptq skip: no module named {s!r}; module names are: {sample}")
+            raise RecipeError(f"ignore: no module named {s!r}; module names are: "
+                              f"{sample}")
     out = []
     for name, module in model.named_modules():
-        skipped = any(name == s or name.startswith(s + ".") for s in skip)
-        if isinstance(module, QUANTIZABLE):
+        skipped = any(name == s or name.startswith(s + ".") for s in ignore)
+        if static_quant_class(module) is not None:  # its LayerSpec names an int8 twin
             if skipped:
-                notes.append(f"{name} left in float: listed in skip")
+                notes.append(f"{name} left in float: listed in ignore")
             elif isinstance(module, _ConvNd) and module.padding_mode != "zeros":
                 notes.append(f"{name} left in float: padding_mode={module.padding_mode!r}")
             else:
@@ -222,18 +236,3 @@ def _set_qparams(scale_buf, zp_buf, params) -> None:
 
 def _act_kind(module: nn.Module) -> str:
     return "relu6" if isinstance(module, nn.ReLU6) else "relu"
-
-
-@lru_cache(maxsize=1)
-def _default_reduce_range() -> bool:
-    """x86 without VNNI multiplies u8 x s8 pairs into int16 (vpmaddubsw), which can saturate
-    with full-range int8 weights; 7-bit weights avoid it. Measured on this AVX2 machine: up to
-    25 output LSB off with 8-bit weights, exact with 7-bit."""
-    if platform.machine().lower() not in ("x86_64", "amd64", "i386", "i686"):
-        return False
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = f.read()
-    except OSError:
-        return True
-    return not any(flag in flags for flag in ("avx512_vnni", "avx_vnni", "amx_int8"))

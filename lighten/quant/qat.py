@@ -39,12 +39,12 @@ from lighten.quant.ptq import (
     _act_kind,
     _calibrate,
     _candidates,
-    _default_reduce_range,
     fold_with_notes,
 )
 from lighten.quant.quantizer import QuantSpec, compute_qparams, weight_qparams
 from lighten.registry import register_step
 from lighten.step import StepConfig, StepContext
+from lighten.target import Target
 
 
 class QATConfig(StepConfig):
@@ -57,6 +57,7 @@ class QATConfig(StepConfig):
                       "calibrated activation scales and min/max weight scales")
     calibration: Literal["minmax", "moving_average", "percentile", "mse", "entropy"] = "minmax"
     calib_samples: int = Field(512, ge=1, description="training samples for the initial scales")
+    ignore: list[str] = Field(default_factory=list, description="module names left in float")
 
     @model_validator(mode="after")
     def _needs_training(self):
@@ -120,16 +121,18 @@ class QATAct(nn.Module):
 
 
 def prepare_qat(model: nn.Module, calibration_batches: Iterable, config: QATConfig, *,
-                notes: list[str] | None = None) -> nn.Module:
-    """Fold BN and insert fake quantizers where PTQ puts them, with calibrated initial scales."""
+                notes: list[str] | None = None, target: Target | None = None) -> nn.Module:
+    """Fold BN and insert fake quantizers where PTQ puts them, with calibrated initial scales;
+    8-bit weights keep to 7 bits where ``target`` (default: this machine) needs
+    ``reduce_range``."""
     cfg, notes = config, notes if notes is not None else []
     model.eval()
     fold_with_notes(model, notes)
-    plan = make_plan(model, _candidates(model, [], notes))
+    plan = make_plan(model, _candidates(model, cfg.ignore, notes))
     if not plan.traced:
         notes.append(f"quant.qat: model not traceable ({plan.trace_error}); each layer quantizes "
                      "its own output, residual adds stay float")
-    reduce_range = _default_reduce_range() and cfg.weight_bits == 8
+    reduce_range = (target or Target.this_machine()).reduce_range and cfg.weight_bits == 8
     a_spec = activation_spec(cfg.activation_bits, ACT_SIGNED)
     ranges = _calibrate(model, plan, calibration_batches,
                         PTQConfig(bits=cfg.activation_bits, calibration=cfg.calibration), a_spec)
@@ -208,15 +211,20 @@ def _point_quantizer(module: nn.Module) -> LearnedFakeQuant:
     return module.quant if isinstance(module, QATAct) else module.output_quant
 
 
-@register_step("quant.qat", QATConfig)
+@register_step("quant.qat", QATConfig, needs_data=lambda c: "calibration inputs")
 def quantize_qat(model: nn.Module, cfg: QATConfig, ctx: StepContext) -> nn.Module:
     """Quantization-aware training (LSQ), converted to the integer layers PTQ produces."""
+    from lighten.compress import module_types, record_quant_layers
+
+    before = module_types(model)
     notes: list[str] = []
-    prepare_qat(model, ctx.calibration_batches(cfg.calib_samples), cfg, notes=notes)
+    prepare_qat(model, ctx.calibration_batches(cfg.calib_samples), cfg, notes=notes,
+                target=ctx.target)
     ctx.finetune(model, cfg.finetune)
     convert_qat(model)
     for message in notes:
         ctx.note(message)
+    record_quant_layers(ctx, before, model, notes)
     layers = [m for m in model.modules() if isinstance(m, _QuantLayer)]
     ctx.note(f"quant.qat: {len(layers)} layers w{cfg.weight_bits}a{cfg.activation_bits} after "
              f"{cfg.finetune.epochs:g} epochs of {'LSQ' if cfg.lsq else 'STE'} fine-tuning "

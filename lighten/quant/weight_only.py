@@ -22,6 +22,7 @@ from pydantic import Field, field_validator, model_validator
 from torch import nn
 
 from lighten.errors import DataError, UnsupportedError
+from lighten.layers import weight_only_class
 from lighten.modules import register_module_type, require_modules
 from lighten.quant.adaround import adaround_quantize, collect_rows
 from lighten.quant.eligibility import swappable
@@ -49,7 +50,7 @@ class WeightOnlyConfig(StepConfig):
     calib_samples: int = Field(512, ge=1, description="training samples for gptq/bias_correction")
     damp: float = Field(0.01, gt=0, le=1, description="gptq: Hessian damping, x mean diagonal")
     bias_correction: bool = False
-    skip: list[str] = Field(default_factory=list, description="module names left in float")
+    ignore: list[str] = Field(default_factory=list, description="module names left in float")
 
     @field_validator("group_size")
     @classmethod
@@ -247,7 +248,7 @@ class WeightOnlyConv2d(_WeightOnlyLayer):
     def like(cls, conv: nn.Conv2d, *, bias: bool, **storage) -> WeightOnlyConv2d:
         if conv.padding_mode != "zeros":
             raise UnsupportedError(f"weight-only conv supports zero padding only, not "
-                                   f"{conv.padding_mode!r}; add the layer to skip")
+                                   f"{conv.padding_mode!r}; add the layer to ignore")
         return cls(conv.in_channels, conv.out_channels, conv.kernel_size, stride=conv.stride,
                    padding=conv.padding, dilation=conv.dilation, groups=conv.groups, bias=bias,
                    **storage)
@@ -286,7 +287,7 @@ def quantize_weight_only_(model: nn.Module, config: WeightOnlyConfig | None = No
 
         cfg = checked_config(cfg)
     notes = notes if notes is not None else []
-    names = swappable(model, _targets(model, cfg.skip), notes)
+    names = swappable(model, _targets(model, cfg.ignore), notes)
     need_data = cfg.method in ("gptq", "adaround") or cfg.bias_correction
     batches = _materialize(calibration_batches) if need_data else []
     if need_data and not batches:
@@ -323,7 +324,7 @@ def quantize_weight_only_(model: nn.Module, config: WeightOnlyConfig | None = No
             q, scale, zero = pow2_rtn(weight, group_size=size, bits=cfg.bits)
         else:
             q, scale, zero = rtn_quantize(weight, group_size=size, grid=grid)
-        new = WeightOnlyLinear if type(layer) is nn.Linear else WeightOnlyConv2d
+        new = weight_only_class(layer)  # from its LayerSpec
         if cfg.levels == "pow2":
             from lighten.quant.nonuniform import POW2_TYPES
 
@@ -343,13 +344,13 @@ def quantize_weight_only_(model: nn.Module, config: WeightOnlyConfig | None = No
     return model
 
 
-def _targets(model: nn.Module, skip: list[str]) -> list[str]:
-    require_modules(model, skip, key="skip")
+def _targets(model: nn.Module, ignore: list[str]) -> list[str]:
+    require_modules(model, ignore, key="ignore")
     found = [n for n, m in model.named_modules()
-             if type(m) in (nn.Linear, nn.Conv2d) and n not in skip]
+             if weight_only_class(m) is not None and n not in ignore]
     if not found:
         raise UnsupportedError("quant.weight_only found no nn.Linear / nn.Conv2d layer to "
-                               "quantize; check skip or the model")
+                               "quantize; check ignore or the model")
     if "" in found:  # the model itself is one layer: it is replaced by returning a new module
         raise UnsupportedError("quant.weight_only needs the layers inside a container module; "
                                "wrap the layer in nn.Sequential")
@@ -376,10 +377,15 @@ def _collect(model: nn.Module, layer: nn.Module, batches, *, hessian: bool) -> I
     return stats
 
 
-@register_step("quant.weight_only", WeightOnlyConfig)
+@register_step("quant.weight_only", WeightOnlyConfig,
+               needs_data=lambda c: "calibration inputs" if c.method != "rtn"
+               or c.bias_correction else None)
 def quantize_weight_only(model: nn.Module, cfg: WeightOnlyConfig,
                          ctx: StepContext) -> nn.Module:
     """Low-bit group-wise weights (rtn or gptq), float activations, packed in the artifact."""
+    from lighten.compress import module_types, record_quant_layers
+
+    before = module_types(model)
     notes: list[str] = []
     batches = ctx.calibration_batches(cfg.calib_samples)
     quantize_weight_only_(model, cfg, batches, notes=notes)
@@ -390,5 +396,6 @@ def quantize_weight_only(model: nn.Module, cfg: WeightOnlyConfig,
              "activations stay float")
     for message in notes:
         ctx.note(message)
+    record_quant_layers(ctx, before, model, notes)
     ctx.finetune(model, cfg.finetune)  # trains what stayed float (biases, norms); weights fixed
     return model

@@ -1,0 +1,349 @@
+"""The one verb: ``compress(model, config, data=..., target=...) -> (model, Report)``.
+
+Every technique is a step config (``PTQConfig(bits=8)``, ``ChannelPruneConfig(ratio=0.5)``);
+``compress`` finds its step through the config's type in the one step registry
+(:func:`lighten.registry.step_for_config`), builds the :class:`~lighten.step.StepContext` the
+step reads its data, fine-tuning, teacher and deployment target from, runs it and returns the
+new model with a structured :class:`Report`. The recipe runner calls the same :func:`run_step`,
+so a recipe step and a library call are the same thing::
+
+    from lighten import compress
+    from lighten.quant import PTQConfig
+
+    small, report = compress(model, PTQConfig(bits=8), data=bundle)
+    small, report = compress(model, {"prune.channels": {"ratio": 0.5}}, data=bundle)
+    print(report.render())
+
+Unlike torchao's in-place ``quantize_``, ``compress`` works on a copy: the caller's model is
+left as it was (steps replace modules, so the returned model is the result either way). Pass
+``inplace=True`` to skip the copy when the input is not needed afterwards.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import tempfile
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from pydantic import BaseModel
+from torch import nn
+
+from lighten.errors import DataError, RecipeError
+from lighten.step import StepContext
+
+if TYPE_CHECKING:
+    from lighten.data import DataBundle
+    from lighten.registry import StepSpec
+    from lighten.train import TrainConfig
+
+__all__ = ["Report", "compress", "resolve_config", "run_step"]
+
+# Row keys every step fills; anything else in a row is for programs (typed numbers) and is
+# kept in the JSON but not shown in the rendered table.
+ROW_COLUMNS = ("module", "action", "before", "after", "reason")
+
+
+@dataclass
+class Report:
+    """What one step did, for people (:meth:`render`) and programs (the fields, JSON).
+
+    ``layers`` holds one dict per layer the step touched or deliberately left alone, with at
+    least ``module`` and ``action`` (``"sparsify"``, ``"resize"``, ``"remove"``,
+    ``"quantize"``, ``"keep float"`` ...), usually ``before`` / ``after`` as short text and a
+    ``reason`` where a layer was left alone, plus typed facts (``sparsity``, ``weight_bits``,
+    ``out_after`` ...). ``summary`` holds step-level numbers: ``params_before`` /
+    ``params_after``, ``nonzero_before`` / ``nonzero_after``, ``seconds`` and whatever the step
+    added (``macs_before`` ...).
+    """
+
+    step: str
+    config: dict
+    notes: list[str] = field(default_factory=list)
+    layers: list[dict] = field(default_factory=list)
+    summary: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping) -> Report:
+        return cls(step=str(data.get("step", "")), config=dict(data.get("config") or {}),
+                   notes=list(data.get("notes") or []), layers=list(data.get("layers") or []),
+                   summary=dict(data.get("summary") or {}))
+
+    def render(self) -> str:
+        """Plain text: a headline, the per-layer table, then the notes."""
+        from lighten.report import format_table, human_count
+
+        s = self.summary
+        head = self.step or "step"
+        if "seconds" in s:
+            head += f" ({s['seconds']:.1f} s)"
+        if "params_before" in s and "params_after" in s:
+            head += (f": params {human_count(s['params_before'])} -> "
+                     f"{human_count(s['params_after'])}")
+            if "nonzero_before" in s and "nonzero_after" in s:
+                head += (f", non-zero {human_count(s['nonzero_before'])} -> "
+                         f"{human_count(s['nonzero_after'])}")
+        out = [head]
+        if self.layers:
+            header, body = layer_table(self.layers)
+            out += ["", format_table(header, body, left=[True] * len(header))]
+        if self.notes:
+            out += ["", *(f"- {n}" for n in self.notes)]
+        return "\n".join(out)
+
+
+def layer_table(rows: list[dict]) -> tuple[list[str], list[list[str]]]:
+    """The shown columns of per-layer rows (``reason`` only when some row has one)."""
+    columns = [c for c in ROW_COLUMNS if c != "reason" or any(r.get("reason") for r in rows)]
+    return columns, [[_cell(r.get(c)) for c in columns] for r in rows]
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+# --------------------------------------------------------------------------------- the verb
+
+
+def compress(
+    model: nn.Module,
+    config: BaseModel | Mapping[str, Any] | str,
+    *,
+    data: DataBundle | None = None,
+    target: Any = None,
+    baseline: nn.Module | None = None,
+    progress: bool = False,
+    workdir: str | Path | None = None,
+    train: TrainConfig | None = None,
+    seed: int = 0,
+    inplace: bool = False,
+) -> tuple[nn.Module, Report]:
+    """Apply one step to ``model``; return the compressed model and what was done.
+
+    ``config`` is a step config (``PTQConfig(bits=8)``), a recipe-style mapping
+    ``{"quant.ptq": {"bits": 8}}`` or a step name (its defaults); mappings and names are
+    validated as recipe steps are. ``data`` (a :class:`~lighten.data.DataBundle`) gives
+    calibration and labelled batches and the fine-tuning set; a step that needs data and gets
+    none is refused before anything runs. ``target`` is a :class:`lighten.target.Target` or a
+    CPU name (``"avx2"``); None is this machine. ``baseline`` is the teacher for
+    ``finetune: {distill: ...}``; by default a frozen copy of ``model`` as given. ``train`` is
+    the training setup ``finetune:`` starts from (default ``TrainConfig()``). The caller's
+    ``model`` is not modified unless ``inplace=True``.
+    """
+    spec, cfg = resolve_config(config)
+    _check_data(spec, cfg, data)
+    teacher = baseline if baseline is not None else frozen_copy(model)
+    work = model if inplace else copy.deepcopy(model)
+    if train is None:
+        from lighten.train import TrainConfig
+
+        train = TrainConfig()
+    extra = {}
+    if target is not None and "target" in {f.name for f in dataclasses.fields(StepContext)}:
+        extra["target"] = _as_target(target)
+    ctx = StepContext(data=data if data is not None else _NoData(spec.name),
+                      train_config=train, baseline=teacher,
+                      workdir=Path(workdir) if workdir is not None else Path(tempfile.gettempdir()),
+                      seed=seed, progress=progress, **extra)
+    return run_step(work, cfg, ctx)
+
+
+def run_step(model: nn.Module, config: BaseModel, ctx: StepContext) -> tuple[nn.Module, Report]:
+    """Run the step ``config`` belongs to on ``model`` (in place, as steps do) with ``ctx``;
+    what :func:`compress` and the recipe runner both call."""
+    from lighten.measure import count_params
+    from lighten.registry import step_for_config
+
+    spec = step_for_config(config)
+    _check_data(spec, config, None if isinstance(ctx.data, _NoData) else ctx.data)
+    notes_at, layers_at = len(ctx.notes), len(ctx.layers)
+    params_before, nonzero_before = count_params(model)
+    start = time.perf_counter()
+    result = spec.apply(model, config, ctx)
+    if not isinstance(result, nn.Module):
+        raise TypeError(f"step {spec.name} returned {type(result).__name__}, not a model")
+    seconds = time.perf_counter() - start
+    params_after, nonzero_after = count_params(result)
+    summary = {**ctx.summary, "params_before": params_before, "params_after": params_after,
+               "nonzero_before": nonzero_before, "nonzero_after": nonzero_after,
+               "seconds": round(seconds, 3)}
+    report = Report(step=spec.name, config=config.model_dump(mode="json"),
+                    notes=list(ctx.notes[notes_at:]), layers=list(ctx.layers[layers_at:]),
+                    summary=summary)
+    return result.eval(), report
+
+
+def resolve_config(config: BaseModel | Mapping[str, Any] | str) -> tuple[StepSpec, BaseModel]:
+    """(step, typed config) for a config object, ``{name: options}`` or a step name."""
+    from lighten.registry import step_for_config
+
+    if isinstance(config, BaseModel):
+        return step_for_config(config), config
+    if isinstance(config, str):
+        entry: Mapping = {config: None}
+    elif isinstance(config, Mapping) and len(config) == 1:
+        entry = config
+    else:
+        raise RecipeError("compress: config must be a step config (e.g. PTQConfig(bits=8)), a "
+                          "mapping with one step {'quant.ptq': {'bits': 8}}, or a step name; got "
+                          f"{_short(config)}")
+    from lighten.recipe import parse_step
+
+    parsed = parse_step(dict(entry), where="compress")
+    return step_for_config(parsed.config), parsed.config
+
+
+def _short(value: Any) -> str:
+    if isinstance(value, Mapping):
+        return f"a mapping with keys {', '.join(map(str, value)) or 'none'}"
+    return type(value).__name__
+
+
+def frozen_copy(model: nn.Module) -> nn.Module:
+    """A copy in eval mode whose parameters do not train (the teacher, the reference)."""
+    clone = copy.deepcopy(model).eval()
+    for p in clone.parameters():
+        p.requires_grad_(False)
+    return clone
+
+
+def _as_target(target: Any):
+    from lighten.target import Target
+
+    return Target(cpu=target) if isinstance(target, str) else target
+
+
+# ---------------------------------------------------------------------------------- data
+
+
+def _check_data(spec: StepSpec, config: BaseModel, data: Any) -> None:
+    need = spec.data_needed(config)
+    if need and data is None:
+        raise DataError(f"{spec.name} needs {need}; pass data= (a DataBundle: "
+                        "lighten.load_data(...) or lighten.data.bundle_from_datasets(train, "
+                        "test))")
+
+
+class _NoData:
+    """Stands in for the DataBundle when ``compress`` got none: a step that reads data its
+    ``needs_data`` did not declare gets one clear error instead of an AttributeError."""
+
+    def __init__(self, step: str):
+        self._step = step
+
+    def __getattr__(self, name: str):
+        if name.startswith("__"):
+            raise AttributeError(name)
+        raise DataError(f"{self._step} needs data with this config (it asked for the data's "
+                        f"{name}); pass data= (a DataBundle: lighten.load_data(...) or "
+                        "lighten.data.bundle_from_datasets(train, test))")
+
+
+# --------------------------------------------------------------------- per-layer row helpers
+
+
+def zero_fractions(weights: Mapping[str, Any]) -> dict[str, float]:
+    """Share of zeros of each named tensor (taken before a pruning step, for its rows)."""
+    return {name: float((w == 0).sum()) / max(w.numel(), 1) for name, w in weights.items()}
+
+
+def record_sparsity(ctx: StepContext, weights: Mapping[str, Any], before: Mapping[str, float],
+                    action: str = "sparsify") -> None:
+    """One row per pruned tensor: share of zeros before and after."""
+    for name, w in weights.items():
+        after = float((w == 0).sum()) / max(w.numel(), 1)
+        was = before.get(name, 0.0)
+        ctx.layer(name, action, before=f"{was:.1%} zero", after=f"{after:.1%} zero",
+                  params=int(w.numel()), sparsity_before=round(was, 4), sparsity=round(after, 4))
+
+
+def layer_widths(model: nn.Module) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """(type name, weight shape) of every module holding a weight (taken before a structural
+    step, for its rows)."""
+    import torch
+
+    out = {}
+    for name, module in model.named_modules():
+        weight = getattr(module, "weight", None)
+        if name and isinstance(weight, torch.Tensor):
+            out[name] = (type(module).__name__, tuple(weight.shape))
+    return out
+
+
+def record_widths(ctx: StepContext, before: Mapping[str, tuple[str, tuple[int, ...]]],
+                  model: nn.Module) -> None:
+    """One row per layer whose weight changed shape (``resize``) or that is gone
+    (``remove``): the output/input widths before and after."""
+    now = layer_widths(model)
+    for name, (kind, shape) in before.items():
+        if name not in now:
+            ctx.layer(name, "remove", type=kind, before=_width(kind, shape), after="-",
+                      shape_before=list(shape))
+        elif now[name][1] != shape:
+            after = now[name][1]
+            ctx.layer(name, "resize", type=kind, before=_width(kind, shape),
+                      after=_width(kind, after),
+                      shape_before=list(shape), shape_after=list(after))
+
+
+def _width(kind: str, shape: tuple[int, ...]) -> str:
+    """``out 16, in 8`` for a weight matrix or kernel, ``16`` for a vector (a norm's scale)."""
+    if len(shape) >= 2:
+        out, into = (shape[1], shape[0]) if kind.startswith("ConvTranspose") else shape[:2]
+        return f"out {out}, in {into}"  # a transposed conv's weight is (in, out/groups, k...)
+    return str(shape[0]) if shape else "scalar"
+
+
+def module_types(model: nn.Module) -> dict[str, str]:
+    """Class name of every submodule (taken before a quantization step, for its rows)."""
+    return {name: type(m).__name__ for name, m in model.named_modules() if name}
+
+
+# float layer kinds a quantizer may leave alone; each left one gets a "keep float" row
+_QUANTIZABLE_KINDS = (nn.Linear, nn.modules.conv._ConvNd, nn.RNNBase, nn.MultiheadAttention)
+
+
+def record_quant_layers(ctx: StepContext, before: Mapping[str, str], model: nn.Module,
+                        notes: list[str]) -> None:
+    """One row per quantized module (bits, granularity) and per weight layer left in float,
+    with the reason from the step's notes (``"<module> left in float: <why>"``)."""
+    from lighten.quant.layer_report import quant_facts
+
+    done: list[str] = []  # rows already written: their children are covered
+    for name, module in model.named_modules():
+        if not name or any(name.startswith(p + ".") for p in done):
+            continue
+        facts = quant_facts(module)
+        if facts is None and not isinstance(module, _QUANTIZABLE_KINDS):
+            continue
+        done.append(name)
+        reason = _reason(name, notes)
+        if facts is None:
+            ctx.layer(name, "keep float", type=type(module).__name__,
+                      before=before.get(name, "-"), after="float", reason=reason)
+            continue
+        a = facts.activation_bits
+        after = ("-" if facts.weight_bits is None else f"w{facts.weight_bits}") + (
+            f"a{a}" if isinstance(a, int) else f", {a} activations")
+        if facts.group_size:
+            after += f", groups of {facts.group_size}"
+        ctx.layer(name, "quantize", type=type(module).__name__, before=before.get(name, "-"),
+                  after=after, weight_bits=facts.weight_bits, activation_bits=a,
+                  granularity=facts.granularity, group_size=facts.group_size, reason=reason)
+
+
+def _reason(name: str, notes: list[str]) -> str | None:
+    """The first note about module ``name`` (``"name ...: why"``), without the name."""
+    for note in notes:
+        if note.startswith((f"{name} ", f"{name}:")) and ": " in note:
+            return note.split(": ", 1)[1]
+    return None
