@@ -14,6 +14,8 @@ _EXPORTS = {
     "load_recipe": "lighten.recipe",
     "parse_recipe": "lighten.recipe",
     "run_recipe": "lighten.runner",
+    "compress": "lighten.verb",
+    "Report": "lighten.verb",
     "load_data": "lighten.data",
     "build_model": "lighten.models",
     "load_weights": "lighten.models",

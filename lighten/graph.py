@@ -24,6 +24,7 @@ The output is a plain list of :class:`Group`. Pruning algorithms consume it and 
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 import operator
@@ -153,6 +154,9 @@ class _Split:
 #                   mask) or x's
 #   (none)          a function torch.fx.wrap keeps as a leaf, or a leaf module without a kind,
 #                   is probed: channels pass through when it acts on each channel on its own
+#   attention       nn.MultiheadAttention: query/key/value share its embedding channels (in_proj
+#                   columns, last axis); its output's are out_proj's rows; returns (out, weights)
+#   roll            torch.roll along axes other than the channel axis (a shifted window)
 #   meta            returns no tensor (x.size(), x.dim(), getitem on a tuple)
 #   refuse          moves or selects channels (split, chunk, roll, repeat): not analysable
 
@@ -206,6 +210,11 @@ METHOD_KINDS.update({
     "var": "reduce", "std": "reduce", "split": "chunk", "chunk": "chunk", "unsqueeze": "reshape",
     **{m: "fresh" for m in ("new_empty", "new_zeros", "new_ones", "new_full")},
 })
+
+
+# Transformer families: shifted windows roll spatial axes (Swin).
+FUNCTION_KINDS[torch.roll] = "roll"
+METHOD_KINDS["roll"] = "roll"
 
 
 def _module_kind(module: nn.Module) -> str | None:
@@ -320,6 +329,17 @@ def _axis_after_index(index, axis: int, rank: int) -> int | None:
     return out + axis - dim  # the channel axis is past the index: shifted by the new axes
 
 
+def _kept_axis(src: tuple[int, ...], out: tuple[int, ...], axis: int) -> int | None:
+    """Where channel ``axis`` of ``src`` lands in a reshape to ``out`` that leaves every
+    channel's elements in place -- the same size with as many elements before it and after it
+    (a window partition (B, H, W, C) -> (B, H/w, w, W/w, w, C) keeps C last) -- or None."""
+    before, after = math.prod(src[:axis]), math.prod(src[axis + 1:])
+    for j, n in enumerate(out):
+        if n == src[axis] and math.prod(out[:j]) == before and math.prod(out[j + 1:]) == after:
+            return j
+    return None
+
+
 def _cut(a: _Layout, b: _Layout) -> tuple[int, list[int]] | None:
     """The first space of ``a`` that a segment boundary of ``b`` falls inside, with the sizes of
     the pieces it must be cut into (None when every boundary of ``b`` is one of ``a``'s)."""
@@ -369,6 +389,14 @@ class _Analysis:
         self.consts: dict[fx.Node, _Const] = {}
         self.bound: dict[tuple[str, str], _Layout] = {}  # (module, role) -> layout (reuse)
         self.split_into: dict[int, list[int]] = {}  # root -> its pieces (or copies)
+        self.coarse: dict[int, tuple[int, int]] = {}  # root -> (space, k): k channels as one
+        # values computed from parameters / buffers alone (a relative position bias gathered
+        # from its table, an attention mask): no channels flow through them
+        self.derived: set[fx.Node] = set()
+        # a second followed axis: the features a Linear writes along an axis that is not the
+        # channel axis (MLP-Mixer's token mixing), with that Linear's name
+        self.side: dict[fx.Node, tuple[_Layout, str]] = {}
+        self.side_read: set[tuple[fx.Node, fx.Node]] = set()  # (value, the Linear reading it)
 
     # -- union-find over channel spaces
     def new_space(self, size: int, pin: str | None = None) -> int:
@@ -418,6 +446,9 @@ class _Analysis:
 
     def _expand(self, seg: _Seg) -> tuple[_Seg, ...]:
         root = self.find(seg.space)
+        if root in self.coarse:
+            new, k = self.coarse[root]
+            return self._expand(_Seg(new, self.size[new], seg.block * k))
         if root not in self.split_into:
             return (seg,)
         return tuple(part for piece in self.split_into[root]
@@ -446,9 +477,36 @@ class _Analysis:
         while True:
             a, b = self.resolve(a), self.resolve(b)
             cut = _cut(a, b) or _cut(b, a)
-            if cut is None:
+            if cut is not None:
+                self.partition(*cut)
+                continue
+            coarse = self._coarser(a, b)
+            if coarse is None:
                 return a, b
-            self.partition(*cut)
+            self.coarsen(*coarse)
+
+    def _coarser(self, a: _Layout, b: _Layout) -> tuple[int, int] | None:
+        """A space one side holds channel by channel where the other holds runs of ``k`` of its
+        channels as one (copies a channel shuffle interleaved): (that space, k), else None."""
+        if len(a.segs) != len(b.segs):
+            return None
+        for sa, sb in zip(a.segs, b.segs, strict=True):
+            fine, coarse = sorted((sa, sb), key=lambda s: s.block)
+            k = coarse.block // fine.block
+            if (k > 1 and coarse.block % fine.block == 0 and fine.size % k == 0
+                    and self.find(sa.space) != self.find(sb.space)):
+                return fine.space, k
+        return None
+
+    def coarsen(self, space: int, k: int) -> None:
+        """Tie each run of ``k`` consecutive channels of a space into one channel of a space
+        ``k`` times smaller (every member's block grows ``k`` times)."""
+        root = self.find(space)
+        new = self.new_space(self.size[root] // k)
+        self.pins[new] = self.pins[root]
+        self.members[new] = [dataclasses.replace(m, block=m.block * k) for m in self.members[root]]
+        self.members[root], self.pins[root] = [], []
+        self.coarse[root] = (new, k)
 
     def tie(self, layout: _Layout, groups: int, node: fx.Node) -> _Layout:
         """Cut ``layout`` into ``groups`` equal parts whose channels are tied position by position
@@ -473,10 +531,12 @@ class _Analysis:
             if width == unit:
                 chunks.append(_Layout(layout.axis, tuple(part)))
                 part, width = [], 0
-        if len({tuple((s.size, s.block) for s in c.segs) for c in chunks}) > 1:
-            raise _Untied("the groups are made of differently sized concatenated tensors")
         for chunk in chunks[1:]:
-            self.unify(chunks[0], chunk, node)
+            try:  # aligning cuts or coarsens spaces where the groups' tensors differ in size
+                self.unify(chunks[0], chunk, node)
+            except UnsupportedError:
+                raise _Untied("the groups are made of differently sized concatenated "
+                              "tensors") from None
         return self.resolve(chunks[0])
 
     def pin(self, layout: _Layout, reason: str) -> None:
@@ -504,10 +564,11 @@ class _Analysis:
     def run(self) -> list[Group]:
         for node in self.gm.graph.nodes:
             self.layouts[node] = self.visit(node)
+            self._follow_side(node)
         roots: dict[int, Group] = {}
         for s in range(len(self.parent)):
             r = self.find(s)
-            if r not in roots and r not in self.split_into:
+            if r not in roots and r not in self.split_into and r not in self.coarse:
                 pins = list(dict.fromkeys(self.pins[r]))
                 roots[r] = Group(self.size[r], list(dict.fromkeys(self.members[r])), pins)
         return list(roots.values())
@@ -524,17 +585,18 @@ class _Analysis:
         if node.op == "output":
             for arg in node.all_input_nodes:
                 layout = self.layouts.get(arg)
-                if layout is not None:
-                    self.pin(layout.layout if isinstance(layout, _Split) else layout,
-                             "model output")
+                for one in layout if isinstance(layout, tuple) else (layout,):
+                    if one is not None:
+                        self.pin(one.layout if isinstance(one, _Split) else one, "model output")
+            return None
+        if node.op in ("call_function", "call_method") and self._const_view(node):
+            return None
+        if node.op in ("call_function", "call_method") and self._from_constants(node):
             return None
         if node.op == "call_module":
-            module = self.modules[node.target]
-            kind = _module_kind(module)
+            kind = _module_kind(self.modules[node.target])
             if kind is None:
-                raise UnsupportedError(f"module {node.target!r} ({type(module).__name__}) is not "
-                                       "understood by the channel analysis; structured pruning "
-                                       "cannot follow it (use prune.magnitude instead)")
+                return self._leaf(node)  # probed: channels pass through, or refused
         elif _shape(node) is None and not any(self.layouts.get(a) is not None or a in self.consts
                                               for a in node.all_input_nodes):
             return None  # Python arithmetic on sizes (c // 2): no tensor, no channels
@@ -542,10 +604,12 @@ class _Analysis:
             kind = FUNCTION_KINDS.get(node.target)
         else:
             kind = METHOD_KINDS.get(node.target)
-        if kind is None or kind == "refuse":
-            why = "moves or selects channels" if kind else "is not understood"
-            raise UnsupportedError(f"{_where(node)}: operation {_op_name(node)} {why}; structured "
-                                   "pruning cannot follow it (use prune.magnitude instead)")
+        if kind is None:
+            return self._leaf(node)  # a torch.fx.wrap'd function, an unknown op: probed
+        if kind == "refuse":
+            raise UnsupportedError(f"{_where(node)}: operation {_op_name(node)} moves or selects "
+                                   "channels; structured pruning cannot follow it (use "
+                                   "prune.magnitude instead)")
         if kind not in ("reshape", "permute", "same", "meta") and any(
                 isinstance(self.layouts.get(a), _Split) for a in node.all_input_nodes):
             raise UnsupportedError(f"{_where(node)}: {_op_name(node)} works on a channel axis "
@@ -556,6 +620,10 @@ class _Analysis:
     def _input(self, node: fx.Node, arg=None) -> _Layout:
         src = node.args[0] if arg is None else arg
         layout = self.layouts.get(src) if isinstance(src, fx.Node) else None
+        if isinstance(layout, tuple):
+            raise UnsupportedError(f"{_where(node)}: {_op_name(node)} takes the several outputs "
+                                   "of one call at once; structured pruning follows them only "
+                                   "when indexed (out[0])")
         if layout is None:
             raise UnsupportedError(f"{_where(node)}: {_op_name(node)} gets an input whose "
                                    "channels cannot be followed (a constant or parameter)")
@@ -614,6 +682,13 @@ class _Analysis:
         name, linear = node.target, self.modules[node.target]
         x = self._input(node)
         rank = len(_shape(node))
+        if x.axis != rank - 1:
+            if not all("model input" in self.pins[self.find(seg.space)] for seg in x.segs):
+                return self._across(node, x)
+            # a (B, T, F) model input read by a Linear: its features are the last axis (the
+            # input's channels are never pruned, whichever axis holds them)
+            x = _Layout(rank - 1, (_Seg(self.new_space(linear.in_features, "model input"),
+                                        linear.in_features),))
         self._check_axis(node, x, rank - 1, "a Linear layer")
         first_call = (name, "out") not in self.bound
         x = self.bind(name, "in", x, node)
@@ -675,6 +750,7 @@ class _Analysis:
             return None
         result: _Layout | None = None
         stored: list[fx.Node] = []
+        derived: list[fx.Node] = []
         for arg in node.args:
             if not isinstance(arg, fx.Node):
                 continue
@@ -686,6 +762,8 @@ class _Analysis:
             if layout is None:
                 if arg in self.consts and any(d > 1 for d in shape):
                     stored.append(arg)
+                elif arg in self.derived:
+                    derived.append(arg)
                 continue
             layout = self.resolve(layout)
             axis = layout.axis + lead
@@ -705,6 +783,8 @@ class _Analysis:
         if result is not None:
             for arg in stored:
                 self._stored(node, arg, self.resolve(result))
+            for arg in derived:
+                self._derived_meets(node, arg, self.resolve(result))
         return self.resolve(result) if result is not None else None
 
     def _stored(self, node: fx.Node, arg: fx.Node, layout: _Layout) -> None:
@@ -836,8 +916,10 @@ class _Analysis:
         x = self._input(node)
         src, out = _shape(node.args[0]), _shape(node)
         a = x.axis
-        keeps = out == src or (out[:a + 1] == src[:a + 1]
-                               and math.prod(out[a + 1:]) == math.prod(src[a + 1:]))
+        moved = _kept_axis(src, out, a)  # a window partition / reverse keeps C where it is
+        keeps = moved is not None
+        if keeps:
+            x, a = _Layout(moved, x.segs), moved
         if not keeps and len(out) == len(src) + 1 and out[:a] == src[:a] \
                 and out[a + 2:] == src[a + 1:] and out[a] * out[a + 1] == src[a]:
             self._refuse_literal(node, a + 1, "channels per group")
@@ -912,8 +994,13 @@ class _Analysis:
         x = self._input(node)
         rank = len(_shape(node.args[0]))
         dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
-        keepdim = node.args[2] if len(node.args) > 2 else node.kwargs.get("keepdim", False)
+        spread = node.target in ("var", "std", torch.var, torch.std)  # (dim, unbiased, keepdim)
+        at = 3 if spread else 2
+        keepdim = node.args[at] if len(node.args) > at else node.kwargs.get("keepdim", False)
         dims = [dims] if isinstance(dims, int) else dims
+        if dims is not None and x.axis in {d % rank for d in dims} and keepdim \
+                and node.target in ("mean", torch.mean) + ("var", "std", torch.var, torch.std):
+            return self._statistic(node, x)
         if dims is None or x.axis in {d % rank for d in dims}:
             raise UnsupportedError(f"{_where(node)}: {_op_name(node)} reduces over the channel "
                                    "axis; structured pruning would change its result")
@@ -927,6 +1014,14 @@ class _Analysis:
         """Indexing that only adds axes (``s[:, :, None, None]``, an SE gate) moves the channel
         axis; any other indexing of a followed tensor may select channels and is refused."""
         src = node.args[0]
+        items = self.layouts.get(src) if isinstance(src, fx.Node) else None
+        if isinstance(items, tuple):  # one output of a call returning several (attention)
+            index = node.args[1]
+            if type(index) is not int or not -len(items) <= index < len(items):
+                raise UnsupportedError(f"{_where(node)}: {_op_name(node)} takes {index!r} of a "
+                                       "call's outputs; structured pruning follows one output "
+                                       "at a time (out[0])")
+            return items[index]
         if isinstance(src, fx.Node) and self.layouts.get(src) is not None:
             x = self._input(node)
             axis = _axis_after_index(node.args[1], x.axis, len(_shape(src)))
@@ -936,3 +1031,411 @@ class _Analysis:
                                        "it")
             return _Layout(axis, x.segs)
         return None
+
+    # -- transformer families: attention, shifted windows, token mixing, constant-only values
+    def _attention(self, node: fx.Node) -> tuple[_Layout, None]:
+        """``nn.MultiheadAttention`` (or its pruned form) as one call: query, key and value share
+        the embedding channels (``in_proj_weight``'s columns; last axis, batch first or not);
+        the output's channels are ``out_proj``'s rows. Prune its heads with prune.heads."""
+        name, mha = node.target, self.modules[node.target]
+        args = [node.args[i] if i < len(node.args) else node.kwargs.get(key)
+                for i, key in enumerate(("query", "key", "value"))]
+        xs = [self._input(node, arg) for arg in args]
+        rank = len(_shape(args[0]))
+        for x in xs:
+            self._check_axis(node, x, rank - 1, type(mha).__name__)
+        width = mha.out_proj.out_features
+        if (isinstance(mha, nn.MultiheadAttention) and not mha._qkv_same_embed_dim) or \
+                getattr(mha, "bias_k", None) is not None or getattr(mha, "add_zero_attn", False):
+            why = (f"module {name!r}: {type(mha).__name__} with kdim/vdim, add_bias_kv or "
+                   "add_zero_attn is kept whole")
+            for x in xs:
+                self.pin(x, why)
+            return _Layout(rank - 1, (_Seg(self.new_space(width, why), width),)), None
+        for x in xs[1:]:
+            self.unify(xs[0], x, node)
+        first_call = (name, "in") not in self.bound
+        x = self.bind(name, "in", self.resolve(xs[0]), node)
+        out = self.bind(name, "out", _Layout(rank - 1, (_Seg(self.new_space(width), width),)),
+                        node)
+        if first_call:
+            if any(seg.block != 1 for seg in x.segs):
+                raise UnsupportedError(f"module {name!r}: attention over flattened channels; "
+                                       "structured pruning cannot slice it")
+            self.attach(x, name, "param:in_proj_weight:1")
+            self.attach(out, f"{name}.out_proj", "out")
+        return self.resolve(out), None
+
+    def _roll(self, node: fx.Node) -> _Layout:
+        """``torch.roll`` along other axes (Swin's shifted windows) keeps every channel."""
+        x = self._input(node)
+        rank = len(_shape(node))
+        dims = node.args[2] if len(node.args) > 2 else node.kwargs.get("dims")
+        dims = [dims] if isinstance(dims, int) else dims
+        if not dims or not all(isinstance(d, int) for d in dims) \
+                or x.axis in {d % rank for d in dims}:
+            raise UnsupportedError(f"{_where(node)}: {_op_name(node)} rolls the channel axis (or "
+                                   "a flattened tensor, or axes computed at run time); structured "
+                                   "pruning cannot follow it (use prune.magnitude instead)")
+        return x
+
+    def _from_constants(self, node: fx.Node) -> bool:
+        """Whether ``node`` is computed from parameters and buffers alone (a relative position
+        bias gathered from its table, a window attention mask); it is then recorded in
+        :attr:`derived` and no channels flow through it. A parameter that is only expanded
+        keeps its own tracking (a cls token joins a channel group where it meets channels)."""
+        inputs = node.all_input_nodes
+        if _shape(node) is None or not inputs \
+                or any(self.layouts.get(a) is not None for a in inputs) \
+                or not any(a in self.consts or a in self.derived for a in inputs):
+            return False
+        kinds = FUNCTION_KINDS if node.op == "call_function" else METHOD_KINDS
+        kind = kinds.get(node.target)
+        if kind == "meta" or (kind == "broadcast" and node.args[0] in self.consts):
+            return False
+        self.derived.add(node)
+        return True
+
+    def _derived_meets(self, node: fx.Node, arg: fx.Node, layout: _Layout) -> None:
+        """A value computed from parameters meets followed channels: where it varies along the
+        channel axis, those channels must stay (it cannot be sliced with them)."""
+        shape, out = _shape(arg), _shape(node)
+        at = layout.axis - (len(out) - len(shape))
+        if at >= 0 and shape[at] > 1:
+            self.pin(layout, f"{_where(node)}: {_op_name(node)} combines these channels with "
+                             f"{arg.name!r}, computed from parameters or buffers, which "
+                             "structured pruning cannot slice (combine the parameter itself, "
+                             "or add the layers making these channels to ignore:)")
+
+    def _across(self, node: fx.Node, x: _Layout) -> _Layout:
+        """A Linear applied along an axis that is not the channel axis (MLP-Mixer's token
+        mixing: ``x.transpose(1, 2)`` -> ``Linear(tokens, hidden)`` -> ``Linear(hidden,
+        tokens)``): the channels pass through on their axis; the features it writes on the last
+        axis are a *side* space, followed through activations into the next Linear, which
+        reads them (its input columns). What it reads is tokens (never pruned) unless it is
+        such a side space; a side space used any other way is pinned (the token count)."""
+        name, linear = node.target, self.modules[node.target]
+        rank = len(_shape(node))
+        first_call = (name, "out") not in self.bound
+        side = self.side.get(node.args[0])
+        if side is not None and side[0].axis == rank - 1:
+            self.side_read.add((node.args[0], node))
+            inner = self.bind(name, "in", side[0], node)
+            if first_call:
+                self.attach(inner, name, "in")
+        out = self.bind(name, "out", _Layout(
+            rank - 1, (_Seg(self.new_space(linear.out_features), linear.out_features),)), node)
+        if first_call:
+            self.attach(out, name, "out")
+        self.side[node] = (self.resolve(out), name)
+        return _Layout(x.axis, x.segs)
+
+    def _follow_side(self, node: fx.Node) -> None:
+        """Carry side spaces (see :meth:`_across`) through shape-keeping activations; pin them
+        wherever else they go."""
+        for arg in node.all_input_nodes:
+            side = self.side.get(arg)
+            if side is None or (arg, node) in self.side_read or self.side.get(node) is side:
+                continue
+            if node.op == "call_module":
+                kind = _module_kind(self.modules[node.target])
+            else:
+                kinds = FUNCTION_KINDS if node.op == "call_function" else METHOD_KINDS
+                kind = kinds.get(node.target)
+            if kind == "same" and _shape(node) == _shape(arg) and node not in self.side:
+                self.side[node] = side
+                continue
+            self.pin(side[0], f"the features {side[1]!r} writes along a non-channel axis (token "
+                              f"mixing) go to {_where(node)} ({_op_name(node)}); they are "
+                              "followed only through activations into a Linear that reads them")
+
+    # -- CNN families: channel splits, normalization written out, calls kept whole by the tracer
+    def _chunk(self, node: fx.Node) -> tuple[_Layout, ...]:
+        """``chunk`` / ``split`` (ShuffleNetV2's ``x1, x2 = x.chunk(2, dim=1)``). Along another
+        axis every part keeps the channels. Along the channel axis the parts are cut from the
+        run-time width: ``chunk(n)`` or ``split(C // n)`` must cut a pruned tensor at the same
+        place, so the n parts are tied (they keep the same channels, as a grouped conv's
+        groups); sizes written into the forward (``split([4, 12])``) pin the parts whole."""
+        x = self._input(node)
+        rank = len(_shape(node.args[0]))
+        meta = node.meta.get("tensor_meta")
+        shapes = [tuple(m.shape) for m in meta] if isinstance(meta, (tuple, list)) else []
+        if not shapes or any(len(s) != rank for s in shapes):
+            raise UnsupportedError(f"{_where(node)}: {_op_name(node)} without tensor shapes; "
+                                   "structured pruning cannot follow it")
+        chunk = node.target in ("chunk", torch.chunk)
+        how = node.args[1] if len(node.args) > 1 else next(
+            (node.kwargs[k] for k in ("chunks", "split_size_or_sections", "split_size")
+             if k in node.kwargs), None)
+        dim = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", 0)
+        if dim % rank != x.axis:
+            return tuple(x for _ in shapes)
+        sizes = [s[x.axis] for s in shapes]
+        equal = len(set(sizes)) == 1 and len(sizes) > 1 and (
+            (chunk and how == len(sizes)) or _counts_channels(how, node.args[0], x.axis, rank)
+            == len(sizes))
+        if equal:
+            try:
+                part = self.tie(x, len(sizes), node)
+                return tuple(part for _ in sizes)
+            except _Untied as why:
+                reason = (f"{_where(node)}: {_op_name(node)} cuts {x.width} channels into "
+                          f"{len(sizes)} parts that pruning cannot keep alike ({why})")
+        elif isinstance(how, fx.Node) or (isinstance(how, (list, tuple)) and any(
+                isinstance(h, fx.Node) for h in how)):
+            raise UnsupportedError(f"{_where(node)}: {_op_name(node)} cuts the channel axis at "
+                                   "sizes computed at run time; structured pruning follows "
+                                   "chunk(n) and split(x.size(1) // n) (or keeps sizes written "
+                                   "as numbers whole)")
+        else:
+            reason = (f"{_where(node)}: {_op_name(node)} cuts the channels at sizes {sizes} "
+                      "written into the forward")
+        return self._pieces(node, x, sizes, reason)
+
+    def _pieces(self, node: fx.Node, x: _Layout, sizes: list[int],
+                reason: str) -> tuple[_Layout, ...]:
+        """``x`` cut at ``sizes`` (spaces partitioned where a cut falls inside), all pinned."""
+        bounds = _Layout(x.axis, tuple(_Seg(-1, n) for n in sizes))
+        while (cut := _cut(self.resolve(x), bounds)) is not None:
+            self.partition(*cut)
+        x = self.resolve(x)
+        self.pin(x, reason)
+        parts, segs, width, wanted = [], [], 0, list(sizes)
+        for seg in x.segs:
+            segs.append(seg)
+            width += seg.size * seg.block
+            if width == wanted[0]:
+                parts.append(_Layout(x.axis, tuple(segs)))
+                segs, width = [], 0
+                wanted.pop(0)
+            elif width > wanted[0]:
+                raise UnsupportedError(f"{_where(node)}: {_op_name(node)} cuts through channels "
+                                       "that are kept together (a shuffled block); structured "
+                                       "pruning cannot follow it")
+        return tuple(parts)
+
+    def _statistic(self, node: fx.Node, x: _Layout) -> _Layout:
+        """A mean (var, std) over the channel axis kept as a size-1 axis: a normalization
+        statistic broadcast back over the channels (ConvNeXt's channels-first LayerNorm). As
+        with nn.LayerNorm, pruning changes it only by averaging over fewer channels."""
+        why = f"{_where(node)}: {_op_name(node)} over the channel axis (one value)"
+        return _Layout(x.axis, (_Seg(self.new_space(1, why), 1),))
+
+    def _fresh(self, node: fx.Node) -> _Layout:
+        """``x.new_empty(shape)`` and kin: a drop-path mask (channel axis 1), or a tensor shaped
+        like ``x`` (its channels); any other shape is refused."""
+        x = self._input(node)
+        src, out = _shape(node.args[0]), _shape(node)
+        if out is not None and len(out) == len(src) and out[x.axis] == 1:
+            return _Layout(x.axis, (_Seg(self.new_space(1, f"{_where(node)}: a new tensor"), 1),))
+        if out != src:
+            raise UnsupportedError(f"{_where(node)}: {_op_name(node)} makes a {out} tensor from "
+                                   f"a {src} one whose channels are on axis {x.axis}; structured "
+                                   "pruning cannot tell whether its size follows them")
+        size = _literal_size(node, x.axis)
+        if size is not None:
+            self.pin(x, f"{_where(node)}: {_op_name(node)} hard-codes {size} channels")
+        return x
+
+    def _layer_norm(self, node: fx.Node) -> _Layout:
+        """``F.layer_norm`` over the channel axis (a LayerNorm2d: permute, F.layer_norm,
+        permute back). An ``nn.LayerNorm`` subclass's own weight joins as its ``norm`` member
+        (its ``normalized_shape`` is updated); another module's weight and bias as parameters,
+        where the normalized shape is computed (``x.shape[-1:]``), not written as a number."""
+        x = self._input(node)
+        rank = len(_shape(node))
+        self._check_axis(node, x, rank - 1, "layer_norm")
+        if any(seg.block != 1 for seg in x.segs):
+            raise UnsupportedError(f"{_where(node)}: layer_norm over flattened channels")
+        args = [node.args[i] if i < len(node.args) else node.kwargs.get(k)
+                for i, k in enumerate(("input", "normalized_shape", "weight", "bias"))]
+        shape, stored = args[1], [a for a in args[2:] if isinstance(a, fx.Node)]
+        literal = isinstance(shape, (tuple, list)) and all(type(d) is int for d in shape)
+        if literal and len(shape) != 1:
+            raise UnsupportedError(f"{_where(node)}: layer_norm over {tuple(shape)} mixes "
+                                   "channels with other axes; normalize over the channel axis "
+                                   "only")
+        if any(a not in self.consts for a in stored):
+            raise UnsupportedError(f"{_where(node)}: layer_norm with a computed weight or bias; "
+                                   "structured pruning cannot slice it")
+        owners = {self.consts[a].source.target.rpartition(".") for a in stored}
+        owner = next(iter(owners))[0] if len(owners) == len(stored) > 0 else None
+        module = self.originals.get(owner) if owner is not None else None
+        if module is not None and _module_kind(module) == "layernorm" and all(
+                self.consts[a].source.target.endswith((".weight", ".bias")) for a in stored):
+            first_call = (owner, "in") not in self.bound
+            x = self.bind(owner, "in", x, node)
+            if first_call:
+                self.attach(x, owner, "norm")
+            return x
+        if literal:
+            self.pin(x, f"{_where(node)}: layer_norm hard-codes normalized_shape "
+                        f"{tuple(shape)}; pass x.shape[-1:] to prune these channels")
+        for arg in stored:
+            self._stored(node, arg, x)
+        return self.resolve(x)
+
+    def _const_view(self, node: fx.Node) -> bool:
+        """A parameter indexed with ``None`` / ``:`` (``w[:, None, None]``), viewed or unsqueezed
+        with size-1 axes only (``gamma.view(1, -1, 1, 1)``) stays that parameter: where it meets
+        channels it is sliced with them. Records it and says whether it did."""
+        if node.target not in (operator.getitem, "view", "reshape", "unsqueeze", torch.reshape):
+            return False
+        src = node.args[0] if node.args else None
+        if not isinstance(src, fx.Node) or src not in self.consts or self.layouts.get(src):
+            return False
+        const, shape, out = self.consts[src], _shape(src), _shape(node)
+        if shape is None or out is None:
+            return False
+        if node.target is operator.getitem:
+            axes, literal = _index_axes(node.args[1], len(shape)), [None] * len(out)
+        else:
+            axes = _view_axes(shape, out)
+            literal = [None if node.target == "unsqueeze" or out[i] == 1
+                       else _literal_size(node, i) for i in range(len(out))]
+        if axes is None or len(axes) != len(out):
+            return False
+        base = _source_axes(const, len(_shape(const.source)))
+        self.consts[node] = _Const(const.source, tuple(
+            lit if lit is not None else None if a is None else const.literal[a]
+            for a, lit in zip(axes, literal, strict=True)),
+            tuple(None if a is None else base[a] for a in axes))
+        return True
+
+    def _leaf(self, node: fx.Node) -> _Layout:
+        """A call the tracer keeps whole -- a function wrapped with ``torch.fx.wrap`` (a
+        ``drop_path``), a leaf module without a kind -- or an operation the tables lack. Its
+        channels pass through when it acts on each channel on its own, which is checked by
+        running it (on a copy, random inputs, the same random seed each time): dropping and
+        reordering channels of its input must drop and reorder them in its output, nothing
+        else. Otherwise it is refused, naming the node and what the user can do."""
+        followed = [a for a in node.all_input_nodes if self.layouts.get(a) is not None]
+        why = _not_channelwise(node, followed, self.layouts, self.modules)
+        if why is None:
+            return self._input(node, followed[0])
+        if node.op == "call_module":
+            module = self.modules[node.target]
+            name = type(module).__name__
+            raise UnsupportedError(
+                f"module {node.target!r} ({name}) is not understood by the channel analysis "
+                f"({why}); structured pruning cannot follow it. If channels pass through it, "
+                f"register_layer_spec(LayerSpec({name}, graph_kind='same')) (lighten.layers); "
+                "else use prune.magnitude")
+        fix = (f"; if channels pass through it, lighten.graph.FUNCTION_KINDS[{_op_name(node)}] "
+               "= 'same'" if node.op == "call_function" else "")
+        raise UnsupportedError(f"{_where(node)}: operation {_op_name(node)} is not understood "
+                               f"({why}); structured pruning cannot follow it{fix} (or use "
+                               "prune.magnitude instead)")
+
+
+def _counts_channels(how, src: fx.Node, axis: int, rank: int) -> int | None:
+    """``n`` when ``how`` is ``src``'s channel count divided by n (``x.size(1) // n``,
+    ``x.shape[1] // n``), else None."""
+    if not (isinstance(how, fx.Node) and how.target is operator.floordiv
+            and type(how.args[1]) is int):
+        return None
+    size = how.args[0]
+    if not isinstance(size, fx.Node):
+        return None
+    if size.target == "size" and len(size.args) == 2:  # x.size(1)
+        owner, dim = size.args
+    elif size.target is operator.getitem and isinstance(size.args[0], fx.Node):
+        whole, dim = size.args  # x.shape[1], x.size()[1]
+        if not ((whole.target == "size" and len(whole.args) == 1)
+                or (whole.target is getattr and whole.args[1] == "shape")):
+            return None
+        owner = whole.args[0]
+    else:
+        return None
+    if owner is not src or type(dim) is not int or dim % rank != axis:
+        return None
+    return how.args[1]
+
+
+def _index_axes(index, rank: int) -> list[int | None] | None:
+    """Per output axis of ``t[index]``, the axis of ``t`` it is (None: added by ``None``);
+    None unless the index holds only ``None``, ``:``, ``...`` and integers."""
+    items = list(index) if isinstance(index, tuple) else [index]
+    if items.count(Ellipsis) > 1 or not all(
+            i is None or i is Ellipsis or type(i) is int
+            or (isinstance(i, slice) and i == slice(None)) for i in items):
+        return None
+    if Ellipsis in items:
+        at = items.index(Ellipsis)
+        items[at:at + 1] = [slice(None)] * (rank - sum(i is not None for i in items) + 1)
+    axes, dim = [], 0
+    for item in items:
+        if item is None:
+            axes.append(None)
+            continue
+        if isinstance(item, slice):
+            axes.append(dim)
+        dim += 1
+    return axes + list(range(dim, rank))
+
+
+def _view_axes(src: tuple[int, ...], out: tuple[int, ...]) -> list[int | None] | None:
+    """Per output axis of a view that only adds or drops size-1 axes, the source axis it is."""
+    big_src = [i for i, n in enumerate(src) if n != 1]
+    big_out = [i for i, n in enumerate(out) if n != 1]
+    if [src[i] for i in big_src] != [out[i] for i in big_out]:
+        return None
+    axes: list[int | None] = [None] * len(out)
+    for o, i in zip(big_out, big_src, strict=True):
+        axes[o] = i
+    return axes
+
+
+def _source_axes(const: _Const, rank: int) -> tuple[int | None, ...]:
+    """Per axis of a constant's value, the axis of its parameter (None: added)."""
+    if const.axes is not None:
+        return const.axes
+    lead = len(const.literal) - rank
+    return tuple(i - lead if i >= lead else None for i in range(len(const.literal)))
+
+
+def _not_channelwise(node: fx.Node, followed: list[fx.Node], layouts: dict,
+                     modules: dict[str, nn.Module]) -> str | None:
+    """Why the call at ``node`` cannot be shown to act on each channel on its own (None: it
+    can): it must take one tensor with channels and nothing else computed, keep its shape, and
+    give ``f(x[:, idx])[:, j] == f(x)[:, idx[j]]`` for a random subset ``idx`` in random order."""
+    if len(followed) != 1:
+        return "it takes no tensor with channels" if not followed else \
+            "it takes several tensors with channels"
+    src = followed[0]
+    layout = layouts[src]
+    if not isinstance(layout, _Layout):
+        return "its input is a channel axis split in two, or several outputs"
+    if any(a is not src for a in node.all_input_nodes):
+        return "it takes values computed at run time besides the channels"
+    shape, out = _shape(src), _shape(node)
+    dtype = getattr(src.meta.get("tensor_meta"), "dtype", None)
+    if out != shape:
+        return f"it changes the shape {shape} -> {out}"
+    if dtype is None or not dtype.is_floating_point:
+        return "its input is not a float tensor"
+    axis, width = layout.axis, shape[layout.axis]
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(shape, generator=gen).to(dtype)
+    idx = torch.randperm(width, generator=gen)[:max(1, width - 1 - width // 3)]
+
+    def call(t: torch.Tensor):
+        args = fx.node.map_arg(node.args, lambda _n: t)
+        kwargs = fx.node.map_arg(node.kwargs, lambda _n: t)
+        with torch.random.fork_rng(devices=[]), torch.no_grad():
+            torch.manual_seed(0)  # the same dropped samples (a drop path) in both calls
+            if node.op == "call_module":
+                return copy.deepcopy(modules[node.target])(*args, **kwargs)
+            if node.op == "call_method":
+                return getattr(args[0], node.target)(*args[1:], **kwargs)
+            return node.target(*args, **kwargs)
+
+    try:
+        full, part = call(x), call(x.index_select(axis, idx))
+    except Exception as err:  # noqa: BLE001 -- any failure means "not per channel"
+        return f"it fails on fewer channels ({type(err).__name__})"
+    if not (isinstance(full, torch.Tensor) and isinstance(part, torch.Tensor)
+            and part.shape == full.index_select(axis, idx).shape
+            and torch.allclose(part, full.index_select(axis, idx), rtol=1e-4, atol=1e-5)):
+        return "its output channels do not follow its input channels one to one"
+    return None

@@ -20,7 +20,13 @@ from pathlib import Path
 from typing import Any
 
 from lighten.errors import RecipeError
-from lighten.target import SPEED_FEATURES, Target, cpu_features, this_machine_cpu
+from lighten.target import (
+    SPEED_FEATURES,
+    Target,
+    cpu_features,
+    cpu_model,
+    this_machine_cpu,
+)
 
 __all__ = ["NOT_INSTALLED", "SPEED_FEATURES", "atomic_write_bytes", "atomic_write_text",
            "canonical_json", "cpu_features", "describe_machine", "machine", "provenance",
@@ -63,7 +69,7 @@ def machine() -> dict[str, Any]:
     logical = os.cpu_count() or 1
     usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else logical
     return {
-        "cpu": _cpu_model(),
+        "cpu": cpu_model(),
         "cpu_features": cpu_features(),
         "cpu_class": this_machine_cpu(),  # what deploy cpu: auto resolves to here
         "logical_cores": logical,
@@ -79,16 +85,6 @@ def describe_machine(m: dict[str, Any]) -> str:
     """One line for a benchmark footer: CPU, usable cores, the kernel-relevant features."""
     features = "/".join(m.get("cpu_features") or []) or "features unknown"
     return f"{m['cpu']} ({m['available_cores']} usable cores; {features})"
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine() or "unknown"
 
 
 def _cgroup_cpu_quota() -> float | None:

@@ -143,8 +143,11 @@ def parse_recipe(raw: Any, *, source: str = "<dict>", base_dir: Path = Path(".")
     except ValidationError as err:
         raise RecipeError(f"{source}: {_describe(err, schema)}") from None
     steps = tuple(_parse_step(i, entry, source) for i, entry in enumerate(top.steps))
+    check_step_order([s.name for s in steps], where=source)
     model = _resolve_paths(top.model, base_dir, ("python", "weights"))
-    data = _resolve_paths(top.data, base_dir, ("python", "root"))
+    data = _resolve_paths(top.data, base_dir, ("python", "root", "path"))
+    if getattr(data.task, "python", None):  # data.task: {python: tasks.py:make}
+        data = data.model_copy(update={"task": _resolve_paths(data.task, base_dir, ("python",))})
     return Recipe(
         name=top.name,
         model=model,
@@ -158,6 +161,17 @@ def parse_recipe(raw: Any, *, source: str = "<dict>", base_dir: Path = Path(".")
         source=source,
         base_dir=base_dir,
     )
+
+
+def check_step_order(names: list[str], *, where: str) -> None:
+    """Refuse, before any work, a step that cannot follow an earlier one: every step works on
+    a float model, so a quantizing step must come last (prune, then quantize)."""
+    for i, name in enumerate(names[:-1]):
+        if get_step(name).quantizes:
+            later = names[i + 1]
+            raise RecipeError(f"{where}: steps[{i + 1}] {later} cannot follow steps[{i}] {name}: "
+                              f"{name} quantizes the model and {later} works on float weights; "
+                              f"put {later} before {name} (quantization is the last step)")
 
 
 def _parse_step(index: int, entry: dict, source: str) -> ParsedStep:

@@ -25,6 +25,8 @@ class StepSpec:
     summary: str
     # config -> what data the step needs with this config ("calibration inputs"), or None
     needs_data: Callable[[Any], str | None] | None = None
+    # the step leaves integer/fake-quantized layers that no later step can work on
+    quantizes: bool = False
 
     def data_needed(self, config: BaseModel) -> str | None:
         """What data ``config`` makes this step read (None: it runs on the model alone)."""
@@ -54,11 +56,13 @@ _BUILTIN_STEP_MODULES = (
 
 
 def register_step(name: str, config_type: type[BaseModel], *,
-                  needs_data: Callable[[Any], str | None] | None = None):
+                  needs_data: Callable[[Any], str | None] | None = None,
+                  quantizes: bool = False):
     """Decorator: make ``fn(model, config, ctx) -> model`` available as recipe step ``name``
     and as ``lighten.compress(model, config_type(...))``. Each step has its own config type
     (the verb dispatches on it). ``needs_data(config)`` says what data the step reads with that
-    config, e.g. ``"calibration inputs"``, or None; ``finetune:`` adds labelled training data."""
+    config, e.g. ``"calibration inputs"``, or None; ``finetune:`` adds labelled training data.
+    ``quantizes``: the step's output is quantized, so it must be a recipe's last step."""
 
     def decorate(fn):
         if name in STEPS and STEPS[name].apply is not fn:
@@ -68,7 +72,7 @@ def register_step(name: str, config_type: type[BaseModel], *,
                 raise RuntimeError(f"steps {other.name!r} and {name!r} share the config type "
                                    f"{config_type.__name__}; give {name!r} its own subclass")
         summary = (fn.__doc__ or "").strip().splitlines()[0] if fn.__doc__ else ""
-        STEPS[name] = StepSpec(name, config_type, fn, summary, needs_data)
+        STEPS[name] = StepSpec(name, config_type, fn, summary, needs_data, quantizes)
         return fn
 
     return decorate

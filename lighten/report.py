@@ -100,11 +100,24 @@ STAGE_COLUMNS = (
 )
 
 
+# language models (lighten.task.LanguageModelTask): perplexity next to (next-token) accuracy
+PERPLEXITY_COLUMN = Column("ppl", lambda r, b: "-" if r.get("perplexity") is None
+                           else f"{r['perplexity']:.3f}")
+
+
+def _columns(rows: Sequence[dict]) -> tuple[Column, ...]:
+    """The stage columns, with perplexity after accuracy where a row has it."""
+    if not any(r.get("perplexity") is not None for r in rows):
+        return STAGE_COLUMNS
+    return (*STAGE_COLUMNS[:3], PERPLEXITY_COLUMN, *STAGE_COLUMNS[3:])
+
+
 def _cells(rows: Sequence[dict]) -> tuple[list[str], list[list[str]]]:
     base = rows[0] if rows else {}
-    body = [["-" if c.relative and i == 0 else c.cell(r, base) for c in STAGE_COLUMNS]
+    columns = _columns(rows)
+    body = [["-" if c.relative and i == 0 else c.cell(r, base) for c in columns]
             for i, r in enumerate(rows)]
-    return [c.title for c in STAGE_COLUMNS], body
+    return [c.title for c in columns], body
 
 
 def format_table(header: Sequence[str], body: Sequence[Sequence[str]], *,
@@ -124,7 +137,7 @@ def format_table(header: Sequence[str], body: Sequence[Sequence[str]], *,
 def format_stage_table(rows: Sequence[dict]) -> str:
     """The terminal view of a run: one line per stage, ratios against the first (baseline) row."""
     header, body = _cells(rows)
-    return format_table(header, body, left=[c.left for c in STAGE_COLUMNS])
+    return format_table(header, body, left=[c.left for c in _columns(rows)])
 
 
 # ------------------------------------------------------------------------------------- reading
@@ -171,10 +184,13 @@ def read_run_info(output_dir: str | os.PathLike) -> dict:
 # --------------------------------------------------------------------------------------- plots
 
 
-def _plot_png(rows: Sequence[dict], x_key: str, x_label: str, *, log_x: bool) -> bytes | None:
-    """Accuracy against one cost, one labelled point per stage; None when no row has both."""
-    points = [(r[x_key], r["accuracy"], str(r.get("stage", "?"))) for r in rows
-              if r.get(x_key) and r.get("accuracy") is not None]
+def _plot_png(rows: Sequence[dict], x_key: str, x_label: str, *, log_x: bool,
+              y_key: str = "accuracy") -> bytes | None:
+    """Accuracy (or ``y_key``: perplexity) against one cost, one labelled point per stage; None
+    when no row has both."""
+    percent = y_key == "accuracy"
+    points = [(r[x_key], r[y_key] * (100 if percent else 1), str(r.get("stage", "?")))
+              for r in rows if r.get(x_key) and r.get(y_key) is not None]
     if not points:
         return None
     from io import BytesIO
@@ -186,13 +202,13 @@ def _plot_png(rows: Sequence[dict], x_key: str, x_label: str, *, log_x: bool) ->
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
     xs, ys, labels = zip(*points, strict=True)
-    ax.plot(xs, [100 * y for y in ys], "-o", color="tab:blue")
+    ax.plot(xs, ys, "-o", color="tab:blue")
     for x, y, label in points:
-        ax.annotate(label, (x, 100 * y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+        ax.annotate(label, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
     if log_x:
         ax.set_xscale("log")
     ax.set_xlabel(x_label)
-    ax.set_ylabel("accuracy (%)")
+    ax.set_ylabel("accuracy (%)" if percent else f"{y_key} (lower is better)")
     ax.grid(True, alpha=0.3)
     ax.margins(x=0.12, y=0.12)  # room for the stage labels
     fig.tight_layout()
@@ -201,9 +217,10 @@ def _plot_png(rows: Sequence[dict], x_key: str, x_label: str, *, log_x: bool) ->
     return buf.getvalue()
 
 
-PLOTS = (  # file stem, metrics key, axis label, log x
+PLOTS = (  # file stem, metrics key, axis label, log x (y: accuracy, or the stem's first word)
     ("accuracy_vs_bytes", "bytes", "model size (bytes, log scale)", True),
     ("accuracy_vs_latency_b64", "latency_ms_b64", "latency at batch 64 (ms)", False),
+    ("perplexity_vs_bytes", "bytes", "model size (bytes, log scale)", True),  # LM rows only
 )
 
 
@@ -239,6 +256,7 @@ def _sections(rows: Sequence[dict], info: dict, *, output_dir: Path | None = Non
                           [[str(r.get("stage", "?")), *(_fmt_extra(r.get(k)) for k in extras)]
                            for r in rows])))
     if output_dir is not None:
+        sections += _step_sections(output_dir, rows)
         sections += _layer_sections(output_dir, rows)
     notes = info.get("notes") or []
     sections.append(("Notes", ("lines", [str(n) for n in notes] or ["(none)"])))
@@ -316,6 +334,49 @@ def _layer_sections(output_dir: Path, rows: Sequence[dict]) -> list[tuple[str, A
     return out
 
 
+STEP_ROWS_SHOWN = 40  # per stage; the .report.json file holds them all
+# Per-layer row keys a step's Report shows; the other keys of a row are typed facts for programs
+# (sparsity, weight_bits, shape_after ...), kept in the JSON, not shown.
+ROW_COLUMNS = ("module", "action", "before", "after", "reason")
+
+
+def layer_table(rows: Sequence[dict]) -> tuple[list[str], list[list[str]]]:
+    """The shown columns of a Report's per-layer rows (``reason`` only where a row has one)."""
+    columns = [c for c in ROW_COLUMNS if c != "reason" or any(r.get("reason") for r in rows)]
+    return columns, [[_row_cell(r.get(c)) for c in columns] for r in rows]
+
+
+def _row_cell(value: Any) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def _step_sections(output_dir: Path, rows: Sequence[dict]) -> list[tuple[str, Any]]:
+    """One compact table per stage of what its step did to each layer
+    (``stages/NN-<stage>.report.json``, the step's :class:`lighten.verb.Report`)."""
+    out: list[tuple[str, Any]] = []
+    for index, row in enumerate(rows):
+        stage = str(row.get("stage", "?"))
+        path = output_dir / "stages" / f"{index:02d}-{stage}.report.json"
+        if not path.is_file():
+            continue
+        try:
+            layers = json.loads(path.read_text(encoding="utf-8"))["layers"]
+            header, body = layer_table(layers)
+        except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
+            out.append((f"Layers: {stage}", ("lines", [
+                f"{path} is unreadable ({type(e).__name__}); rerun the stage to rewrite it"])))
+            continue
+        if not body:
+            continue
+        out.append((f"Layers: {stage}", ("table", header, body[:STEP_ROWS_SHOWN])))
+        if len(body) > STEP_ROWS_SHOWN:
+            out.append((f"Layers: {stage} (continued)", ("lines", [
+                f"{len(body) - STEP_ROWS_SHOWN} more rows in {path.name}"])))
+    return out
+
+
 def _markdown(title: str, sections, plots: dict[str, str]) -> str:
     out = [f"# {title}", ""]
     for stem, _png in plots.items():
@@ -373,7 +434,7 @@ def write_report(output_dir: str | os.PathLike) -> tuple[Path, Path]:
 
     plots: dict[str, str] = {}
     for stem, key, label, log_x in PLOTS:
-        png = _plot_png(rows, key, label, log_x=log_x)
+        png = _plot_png(rows, key, label, log_x=log_x, y_key=stem.split("_vs_")[0])
         if png is not None:
             atomic_write_bytes(output_dir / "plots" / f"{stem}.png", png)
             plots[stem] = base64.b64encode(png).decode("ascii")

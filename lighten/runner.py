@@ -7,6 +7,7 @@ Output folder layout (other tools read it; keep the names)::
     OUTPUT/state.json                  what is done, for --resume
     OUTPUT/stages/NN-<stage>.safetensors   the model after each stage (lighten artifact)
     OUTPUT/stages/NN-<stage>.layers.json   per quantized layer: bits, scales, SQNR vs float
+    OUTPUT/stages/NN-<stage>.report.json   the step's Report: per-layer rows, notes, summary
     OUTPUT/report.md, report.html      written at the end
 
 Everything the user got wrong (recipe, data, model, weights) is found before the output folder is
@@ -133,20 +134,11 @@ def _build(recipe: Recipe, data) -> nn.Module:
     source = (f"the data (its largest label is {data.num_classes - 1}, so {data.num_classes} "
               "classes; labels must run from 0 to classes - 1)"
               if recipe.data.python else "the data")
+    # build_model runs the task's example inputs through the model and checks the outputs
+    # (task.check_outputs: (2, classes) logits, or (2, T, V) for a language model)
     model = build_model(recipe.model, input_shape=tuple(data.input_shape),
-                        num_classes=data.num_classes, classes_from=source)
-    model.eval()
-    try:
-        with torch.no_grad():
-            logits = model(torch.zeros(2, *data.input_shape))
-    except Exception as exc:  # the user's model: any failure is a model/input mismatch
-        raise ModelError(f"the model fails on input of shape {[2, *data.input_shape]}: "
-                         f"{type(exc).__name__}: {exc}".splitlines()[0]) from None
-    if not isinstance(logits, torch.Tensor) or logits.shape != (2, data.num_classes):
-        shape = list(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
-        raise ModelError(f"the model must return logits of shape [batch, {data.num_classes}] "
-                         f"for {data.name}; it returned {shape}")
-    return model
+                        num_classes=data.num_classes, classes_from=source, task=data.task)
+    return model.eval()
 
 
 def _load_or_train_baseline(model: nn.Module, recipe: Recipe, data, *, progress: bool) -> str:
@@ -167,7 +159,7 @@ def _load_or_train_baseline(model: nn.Module, recipe: Recipe, data, *, progress:
         load_weights(model, cached)
         return f"cached checkpoint {cached}"
     train(model, data.train, recipe.train.model_copy(update={"seed": recipe.seed}),
-          progress=progress)
+          progress=progress, task=data.task)
     _save_weights(model, cached)
     return f"trained here ({recipe.train.epochs} epochs), cached at {cached}"
 
@@ -210,7 +202,8 @@ def _prepare_output(out: Path, *, fresh: bool) -> None:
             (out / name).unlink(missing_ok=True)
         stages = out / "stages"
         if stages.is_dir():
-            for old in [*stages.glob("*.safetensors"), *stages.glob("*.layers.json")]:
+            for old in [*stages.glob("*.safetensors"), *stages.glob("*.layers.json"),
+                        *stages.glob("*.report.json")]:
                 old.unlink()
     (out / "stages").mkdir(parents=True, exist_ok=True)
 
@@ -231,6 +224,9 @@ def _execute(recipe, prepared: _Prepared, out: Path, state, digest, recipe_dict,
     target = Target.from_deploy(recipe.deploy)
     if "baseline" not in done:  # on resume the baseline comes from its artifact, noted before
         notes.append(f"baseline: {prepared.baseline_source}")
+        if recipe.measure.robustness and not data.task.perturbable:
+            notes.append(f"robustness probes skipped: noise and shifts perturb images, not the "
+                         f"inputs of a {data.task.kind} task")
         if target.latency_note():
             notes.append(target.latency_note())
     prov = provenance(recipe_dict, recipe.seed, target=target)
@@ -257,10 +253,13 @@ def _execute(recipe, prepared: _Prepared, out: Path, state, digest, recipe_dict,
                           target=target)
         start = time.perf_counter()
         if step is not None:
-            model = step_apply(step, model, ctx)
+            model, report = step_apply(step, model, ctx)
+            atomic_write_text(artifact.with_suffix(".report.json"),
+                              json.dumps(report.to_dict(), indent=1))
         seconds = prepared.baseline_seconds if step is None else time.perf_counter() - start
         notes.extend(ctx.notes)
-        meta = {"recipe_hash": digest, "stage": stage, "provenance": prov}
+        meta = {"recipe_hash": digest, "stage": stage, "provenance": prov,
+                "task": data.task.describe()}
         nbytes = save_artifact(model, artifact, model_spec=model_spec,
                                input_shape=list(data.input_shape),
                                num_classes=data.num_classes, meta=meta)
@@ -353,13 +352,11 @@ def _flatten(out) -> list[torch.Tensor]:
     return []
 
 
-def step_apply(step, model: nn.Module, ctx: StepContext) -> nn.Module:
-    from lighten.registry import get_step
+def step_apply(step, model: nn.Module, ctx: StepContext):
+    """One recipe step through the verb (``lighten.verb.run_step``): (model, Report)."""
+    from lighten.verb import run_step
 
-    result = get_step(step.name).apply(model, step.config, ctx)
-    if not isinstance(result, nn.Module):
-        raise TypeError(f"step {step.name} returned {type(result).__name__}, not a model")
-    return result.eval()
+    return run_step(model, step.config, ctx)
 
 
 def _save_layer_table(model: nn.Module, artifact: Path, previous: Path, recipe, data) -> None:
@@ -380,8 +377,8 @@ def _measure(model, stage, step, data, backend, reference, nbytes, seconds, out,
 
     workdir = out / "deploy" / stage
     workdir.mkdir(parents=True, exist_ok=True)
-    samples = torch.stack([data.test[i][0] for i in range(min(256, len(data.test)))])
-    compiled = backend.compile(model, input_shape=tuple(data.input_shape), workdir=workdir,
+    samples = data.task.as_inputs(_sample_inputs(data, 256))
+    compiled = backend.compile(model, inputs=data.task.inputs, workdir=workdir,
                                sample_inputs=samples)
     return measure_stage(
         model, stage=stage, step=None if step is None else step.name, data=data,
@@ -403,7 +400,8 @@ def _fresh_skeleton(recipe: Recipe, data) -> nn.Module:
     from lighten.models import build_model
 
     return build_model(recipe.model.model_copy(update={"weights": None}),
-                       input_shape=tuple(data.input_shape), num_classes=data.num_classes)
+                       input_shape=tuple(data.input_shape), num_classes=data.num_classes,
+                       task=data.task)
 
 
 def _clone(model: nn.Module) -> nn.Module:

@@ -102,14 +102,14 @@ class StepContext:
         self.notes.append(message)
 
     def layer(self, module: str, action: str, **row) -> None:
-        """One per-layer row of the step's :class:`~lighten.compress.Report`, e.g.
+        """One per-layer row of the step's :class:`~lighten.verb.Report`, e.g.
         ``ctx.layer("conv1", "resize", before="16 out", after="8 out", out_after=8)``."""
         self.layers.append({"module": module, "action": action, **row})
 
     @property
     def report(self):
-        """What the step recorded so far, as a live :class:`~lighten.compress.Report`."""
-        from lighten.compress import Report
+        """What the step recorded so far, as a live :class:`~lighten.verb.Report`."""
+        from lighten.verb import Report
 
         return Report(step="", config={}, notes=self.notes, layers=self.layers,
                       summary=self.summary)

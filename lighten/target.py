@@ -42,15 +42,29 @@ SPEED_FEATURES = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "
 
 
 @lru_cache(maxsize=1)
-def _cpuinfo_flags() -> frozenset[str] | None:
-    """This machine's CPU flags from /proc/cpuinfo; None where it is unreadable."""
+def _cpuinfo() -> dict[str, str]:
+    """The first CPU's ``key: value`` lines of /proc/cpuinfo (empty where it is unreadable)."""
+    fields: dict[str, str] = {}
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                return frozenset(line.split(":", 1)[1].split())
+            key, sep, value = line.partition(":")
+            if sep:
+                fields.setdefault(key.strip(), value.strip())
     except OSError:
         pass
-    return None
+    return fields
+
+
+def _cpuinfo_flags() -> frozenset[str] | None:
+    """This machine's CPU flags; None where /proc/cpuinfo is unreadable."""
+    flags = _cpuinfo().get("flags")
+    return None if flags is None else frozenset(flags.split())
+
+
+def cpu_model() -> str:
+    """This CPU's model name (e.g. "AMD EPYC 9654 96-Core Processor")."""
+    return (_cpuinfo().get("model name") or platform.processor() or platform.machine()
+            or "unknown")
 
 
 def cpu_features() -> list[str]:
@@ -112,7 +126,7 @@ class Target:
                 raise RecipeError(f"deploy.{key}: {err} (got {value!r})") from None
         if self.threads is not None and (isinstance(self.threads, bool)
                                          or not isinstance(self.threads, int) or self.threads < 1):
-            raise RecipeError(f"deploy target: threads must be a positive integer, got "
+            raise RecipeError(f"deploy.threads: must be a positive integer, got "
                               f"{self.threads!r}; None uses all available cores")
         if self.cpu == "auto":
             object.__setattr__(self, "cpu", this_machine_cpu())
@@ -182,4 +196,4 @@ class Target:
 
 
 __all__ = ["CPUS", "CPU_CHOICES", "SPEED_FEATURES", "Target", "check_cpu", "cpu_class",
-           "cpu_features", "this_machine_cpu"]
+           "cpu_features", "cpu_model", "this_machine_cpu"]

@@ -167,7 +167,7 @@ def test_backward_is_straight_through_so_biases_can_finetune():
 
 
 def test_projection_is_refused_and_stays_float_with_a_note():
-    with pytest.raises(UnsupportedError, match="proj_size=4 .*skip"):
+    with pytest.raises(UnsupportedError, match="proj_size=4 .*ignore"):
         DynamicQuantLSTM.from_float(nn.LSTM(8, 16, proj_size=4))
 
     class Projected(nn.Module):

@@ -209,15 +209,16 @@ def test_grouped_conv_surgery_matches_per_group_slices():
 
 
 class ChannelSplit(nn.Module):
-    """ShuffleNet v2 splits channels in two halves: selecting channels is not followed."""
+    """Halves (chunk(2), ShuffleNet v2) are followed; a cut computed some other way is not."""
 
     def __init__(self):
         super().__init__()
-        self.conv, self.head = nn.Conv2d(1, 8, 1), nn.Conv2d(4, 2, 1)
+        self.conv, self.head = nn.Conv2d(1, 8, 1), nn.Conv2d(2, 2, 1)
 
     def forward(self, x):
-        a, b = self.conv(x).chunk(2, dim=1)
-        return self.head(a + b).flatten(1)
+        y = self.conv(x)
+        a, b = y.split([y.size(1) // 4, y.size(1) - y.size(1) // 4], dim=1)
+        return self.head(a).flatten(1)
 
 
 class HardCodedMerge(nn.Module):
@@ -240,7 +241,7 @@ class WrongAxes(HardCodedMerge):
 
 
 @pytest.mark.parametrize("model, message", [
-    (ChannelSplit(), r"node 'chunk'.*moves or selects channels"),
+    (ChannelSplit(), r"node 'split'.*sizes computed at run time"),
     (HardCodedMerge(), r"node 'reshape'.*hard-codes 8 channels.*x\.size\(1\)"),
     (WrongAxes(), r"node 'transpose'.*other than by swapping its halves"),
 ])

@@ -22,8 +22,8 @@ from lighten.models.resnet import resnet20
 from lighten.models.vgg import vgg_small
 from lighten.step import StrictModel
 
-__all__ = ["ZOO", "ModelSpec", "build_model", "example_inputs", "load_weights",
-           "read_state_dict", "shipped_checkpoint"]
+__all__ = ["ZOO", "ModelSpec", "build_model", "check_model_outputs", "example_inputs",
+           "load_weights", "read_state_dict", "shipped_checkpoint"]
 
 # name -> factory(num_classes=10, input_shape=(1, 28, 28)) -> nn.Module
 ZOO: dict[str, Callable[..., nn.Module]] = {
@@ -57,12 +57,19 @@ class ModelSpec(StrictModel):
 
 
 def build_model(spec: ModelSpec, *, input_shape, num_classes: int,
-                classes_from: str = "the data") -> nn.Module:
-    """Build (and load weights into) the model; check it maps the input to (N, num_classes).
+                classes_from: str = "the data", task=None) -> nn.Module:
+    """Build (and load weights into) the model; check its outputs with ``task.check_outputs``
+    (default: classification, logits (N, num_classes)).
 
-    ``classes_from`` says where ``num_classes`` came from, for the mismatch message.
+    ``classes_from`` says where ``num_classes`` came from, for the mismatch message. A
+    ``python:`` factory is called with ``model.kwargs`` plus the facts the task offers
+    (``task.factory_kwargs()``: ``vocab_size`` and ``seq_len`` for a language model) that its
+    signature accepts and the recipe does not set, e.g. ``def build(vocab_size, seq_len, **kw)``.
     """
+    from lighten.task import ClassificationTask
+
     input_shape = tuple(int(d) for d in input_shape)
+    task = task if task is not None else ClassificationTask(input_shape, num_classes)
     if spec.zoo is not None:
         if spec.zoo not in ZOO:
             raise ModelError(f"unknown zoo model {spec.zoo!r}; known: {', '.join(ZOO)}"
@@ -80,8 +87,9 @@ def build_model(spec: ModelSpec, *, input_shape, num_classes: int,
         from lighten.data.pyref import load_callable
 
         factory = load_callable(spec.python, error=ModelError, what="model")
+        kwargs = {**_accepted(factory, task.factory_kwargs()), **spec.kwargs}
         try:
-            model = factory(**spec.kwargs)
+            model = factory(**kwargs)
         except Exception as exc:  # user code
             raise ModelError(f"model factory {spec.python!r} raised "
                              f"{type(exc).__name__}: {exc}") from exc
@@ -90,28 +98,43 @@ def build_model(spec: ModelSpec, *, input_shape, num_classes: int,
                              "it must return a torch.nn.Module")
     if spec.weights is not None:
         load_weights(model, spec.weights)
-    _check_output(model, input_shape, num_classes, spec.zoo or spec.python, classes_from)
+    check_model_outputs(model, task, name=f"model {spec.zoo or spec.python!r}",
+                        hint=f"; match num_classes to {classes_from}")
     return model
 
 
-def _check_output(model: nn.Module, input_shape, num_classes: int, name: str,
-                  classes_from: str = "the data") -> None:
+def _accepted(factory: Callable, offered: dict[str, Any]) -> dict[str, Any]:
+    """The ``offered`` keyword arguments ``factory``'s signature takes (all with ``**kw``)."""
+    import inspect
+
+    try:
+        params = inspect.signature(factory).parameters.values()
+    except (TypeError, ValueError):
+        return {}
+    if any(p.kind is p.VAR_KEYWORD for p in params):
+        return dict(offered)
+    names = {p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+    return {k: v for k, v in offered.items() if k in names}
+
+
+def check_model_outputs(model: nn.Module, task, *, name: str = "the model",
+                        hint: str = "") -> None:
+    """Run ``model`` on the task's example inputs at batch 2 (eval mode, no grad) and check the
+    outputs with ``task.check_outputs``: one ModelError line when it fails or the shape is off."""
     was_training = model.training
     model.eval()
+    inputs = task.example_inputs(2)
     try:
         with torch.inference_mode():
-            out = model(torch.zeros(2, *input_shape))
+            out = model(*inputs)
     except Exception as exc:  # a wrong shape fails somewhere inside the user's layers
-        raise ModelError(f"model {name!r} cannot run on inputs of shape {list(input_shape)}: "
+        shape = list(inputs[0].shape[1:]) if len(inputs) == 1 else \
+            [list(x.shape[1:]) for x in inputs]
+        raise ModelError(f"{name} cannot run on inputs of shape {shape}: "
                          f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}") from exc
     finally:
         model.train(was_training)
-    if not isinstance(out, torch.Tensor):
-        raise ModelError(f"model {name!r} returns a {type(out).__name__}, expected one logits "
-                         f"tensor (batch, {num_classes}); make forward return only the logits")
-    if tuple(out.shape) != (2, num_classes):
-        raise ModelError(f"model {name!r} returns {tuple(out.shape)} for a batch of 2, expected "
-                         f"logits (2, {num_classes}); match num_classes to {classes_from}")
+    task.check_outputs(out, 2, name=name, hint=hint)
 
 
 def shipped_checkpoint(zoo_name: str, data_name: str) -> Path | None:

@@ -37,7 +37,7 @@ from torch import nn
 from lighten.errors import UnsupportedError
 from lighten.layers import LayerSpec, register_layer_spec
 from lighten.modules import register_module_type, require_modules, set_submodule
-from lighten.prune.importance import accumulate_gradients
+from lighten.prune.importance import accumulate_gradients, task_summed_loss
 from lighten.prune.surgery import linear_in, linear_out
 from lighten.registry import register_step
 from lighten.step import StepConfig, StepContext
@@ -397,8 +397,14 @@ class HeadPruneReport:
 
 
 def prune_heads_(model: nn.Module, config: HeadPruneConfig, example_input: torch.Tensor, *,
-                 batches: Batches | None = None, seed: int = 0) -> HeadPruneReport:
-    """Remove ``ratio`` of the heads of every attention module of ``model``, in place."""
+                 batches: Batches | None = None, seed: int = 0, loss: Callable | None = None,
+                 check_input: torch.Tensor | None = None) -> HeadPruneReport:
+    """Remove ``ratio`` of the heads of every attention module of ``model``, in place.
+
+    ``loss(outputs, targets)`` (summed over the batch) scores taylor importance (default:
+    cross-entropy over the last axis); ``check_input`` is the batch the removal is verified on
+    (default: random normal of ``example_input``'s shape; pass token ids for a language model).
+    """
     from lighten.measure import count_params
 
     sites = find_attention(model, ignore=config.ignore)
@@ -410,7 +416,7 @@ def prune_heads_(model: nn.Module, config: HeadPruneConfig, example_input: torch
         if batches is None:
             raise UnsupportedError("importance 'taylor' needs labelled data; pass batches= "
                                    "(the recipe step takes them from the training set)")
-        accumulate_gradients(model, batches())
+        accumulate_gradients(model, batches(), loss=loss)
     scores = head_scores(model, sites, config.importance, seed=seed)
     model.zero_grad(set_to_none=True)
     keeps = []
@@ -421,7 +427,8 @@ def prune_heads_(model: nn.Module, config: HeadPruneConfig, example_input: torch
         raise UnsupportedError(f"ratio: {config.ratio} removes no head (heads per module: "
                                f"{[s.num_heads for s in sites]}); raise ratio")
     g = torch.Generator().manual_seed(seed)
-    x = torch.randn(2, *example_input.shape[1:], generator=g, dtype=example_input.dtype)
+    x = check_input if check_input is not None else torch.randn(
+        2, *example_input.shape[1:], generator=g, dtype=example_input.dtype)
     if _verify(model, sites, keeps, x) > 1e-4:
         bad = [s.path for s, k in zip(sites, keeps, strict=True)
                if _verify(model, [s], [k], x) > 1e-4]
@@ -454,7 +461,9 @@ def _no_nested_tensor_fast_path(model: nn.Module) -> None:
 def prune_heads(model: nn.Module, config: HeadPruneConfig, ctx: StepContext) -> nn.Module:
     """Remove the least important attention heads (q/k/v rows, out-projection columns)."""
     report = prune_heads_(model, config, ctx.example_input(), seed=ctx.seed,
-                          batches=lambda: ctx.labelled_batches(config.calibration_samples))
+                          batches=lambda: ctx.labelled_batches(config.calibration_samples),
+                          loss=task_summed_loss(ctx.task),
+                          check_input=ctx.task.random_inputs(2, seed=ctx.seed)[0])
     ctx.note(report.summary())
     for line in report.notes:
         ctx.note(f"prune.heads: {line}")

@@ -130,17 +130,48 @@ def make_importance(name: str, *, seed: int = 0) -> Importance:
     return IMPORTANCE[name]
 
 
+def summed_loss(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy over the last axis, summed over samples: a classifier's ``(N, C)`` logits or
+    a language model's ``(N, T, V)`` next-token logits (each sample's token losses averaged)."""
+    if outputs.ndim <= 2:
+        return F.cross_entropy(outputs, targets, reduction="sum")
+    per_token = F.cross_entropy(outputs.reshape(-1, outputs.shape[-1]), targets.reshape(-1),
+                                reduction="none")
+    return per_token.reshape(len(outputs), -1).mean(1).sum()
+
+
+def task_summed_loss(task) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """``task.loss`` (a batch mean) as a sum over the batch, for gradient-based importance."""
+    if task is None:
+        return summed_loss
+    return lambda outputs, targets: task.loss(outputs, targets) * len(outputs)
+
+
+def run_model(model: nn.Module, x) -> torch.Tensor:
+    """``model(x)``, or ``model(*x)`` when a multi-input batch is a tuple/list of tensors."""
+    return model(*x) if isinstance(x, (tuple, list)) else model(x)
+
+
+def batch_size(x) -> int:
+    return len(x[0]) if isinstance(x, (tuple, list)) else len(x)
+
+
 def accumulate_gradients(model: nn.Module,
-                         batches: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> int:
-    """Sum cross-entropy gradients over labelled batches into ``.grad``; returns samples seen."""
+                         batches: Iterable[tuple[torch.Tensor, torch.Tensor]], *,
+                         loss: Callable | None = None) -> int:
+    """Sum loss gradients over labelled batches into ``.grad``; returns samples seen.
+
+    ``loss(outputs, targets)`` sums over the batch; default: :func:`summed_loss` (cross-entropy
+    over the last axis; ``task_summed_loss(ctx.task)`` gives the task's own)."""
+    loss = loss or summed_loss
     was_training = model.training
     model.eval()  # BN statistics must not move while we only measure
     model.zero_grad(set_to_none=True)
     seen = 0
     try:
         for x, y in batches:
-            F.cross_entropy(model(x), y, reduction="sum").backward()
-            seen += len(x)
+            loss(run_model(model, x), y).backward()
+            seen += batch_size(x)
     finally:
         model.train(was_training)
     if seen == 0:

@@ -96,7 +96,7 @@ def prune_l1_(model: nn.Module, config: L1PruneConfig, ctx: StepContext) -> nn.M
 @register_step("prune.l1", L1PruneConfig, needs_data=lambda c: "labelled training data")
 def prune_l1(model: nn.Module, config: L1PruneConfig, ctx: StepContext) -> nn.Module:
     """Fine-tune with an L1 penalty on weights or BN scales, then zero the smallest."""
-    from lighten.compress import record_sparsity, zero_fractions
+    from lighten.verb import record_sparsity, zero_fractions
 
     def chosen():
         return (prunable_weights(model, config.ignore) if config.target == "weights"

@@ -30,6 +30,7 @@ from torch import fx, nn
 
 from lighten.errors import LightenError, ModelError, UnsupportedError
 from lighten.modules import register_module_type, require_modules, set_submodule
+from lighten.prune.importance import summed_loss, task_summed_loss
 from lighten.registry import register_step
 from lighten.step import StepConfig, StepContext
 
@@ -125,6 +126,9 @@ class ResidualBlock:
     path: str
     activations: list[nn.Module]
     branch: str  # name of the branch's fx node in a fresh trace of the block
+    # True when ``branch`` names the block's last residual add (a pre-norm transformer block,
+    # x + attn(x) + mlp(...)): the removed part is then that sum minus the block's input
+    summed: bool = False
 
     def replacement(self) -> nn.Module:
         return SkippedBlock(*self.activations) if self.activations else nn.Identity()
@@ -219,10 +223,13 @@ def _analyse(path: str, module: nn.Module, x: torch.Tensor, found: _Found) -> No
     if not (isinstance(a, fx.Node) and isinstance(b, fx.Node)):
         return
     (x_node,) = inputs
+    summed = False
     if _strip_identity(gm, a) is x_node and _strip_identity(gm, b) is not x_node:
         branch = b
     elif _strip_identity(gm, b) is x_node and _strip_identity(gm, a) is not x_node:
         branch = a
+    elif _residual_chain(gm, node, x_node):
+        branch, summed = node, True
     else:
         if all(_reaches(op, x_node, through_adds=False) for op in (a, b)):
             found.notes.append(f"{path}: residual block with a projection shortcut (a layer on "
@@ -236,12 +243,39 @@ def _analyse(path: str, module: nn.Module, x: torch.Tensor, found: _Found) -> No
             ShapeProp(gm).propagate(x)
     except Exception:
         return
-    shapes = {tuple(n.meta["tensor_meta"].shape) for n in (a, b, node)} | {tuple(x.shape)}
+    adds = _chain_adds(gm, node, x_node) if summed else [node]
+    shapes = {tuple(n.meta["tensor_meta"].shape) for add in adds for n in (*add.args[:2], add)
+              } | {tuple(x.shape)}
     if len(shapes) != 1:
         found.notes.append(f"{path}: residual add with shapes {sorted(shapes)} (broadcast) is "
                            "not removable")
         return
-    found.blocks.append(ResidualBlock(path, acts, branch.name))
+    found.blocks.append(ResidualBlock(path, acts, branch.name, summed))
+
+
+def _chain_adds(gm: fx.GraphModule, node: fx.Node, x_node: fx.Node) -> list[fx.Node]:
+    """The adds of ``x + f1(x) + f2(x + f1(x)) + ...`` from the last back to the first whose skip
+    operand is the input, or [] when ``node`` is not such a chain."""
+    chain = []
+    while _is_add(node) and len(node.args) == 2 and node.kwargs.get("alpha", 1) == 1 and all(
+            isinstance(op, fx.Node) for op in node.args):
+        chain.append(node)
+        a, b = (_strip_identity(gm, op) for op in node.args)
+        for skip, branch in ((a, b), (b, a)):
+            if not _reaches(branch, x_node, through_adds=True):
+                continue
+            if skip is x_node:
+                return chain
+            if _is_add(skip):
+                node = skip
+                break
+        else:
+            return []
+    return []
+
+
+def _residual_chain(gm: fx.GraphModule, node: fx.Node, x_node: fx.Node) -> bool:
+    return len(_chain_adds(gm, node, x_node)) >= 2
 
 
 def find_residual_blocks(model: nn.Module, example_input: torch.Tensor, *,
@@ -307,13 +341,16 @@ class _Probe(nn.Module):
 
 def _block_scores(model: nn.Module, blocks: list[ResidualBlock], importance: str,
                   batches: Iterable[tuple[torch.Tensor, torch.Tensor]] | None,
-                  seed: int) -> list[float]:
+                  seed: int, *, loss: Callable | None = None) -> list[float]:
     """One score per block; low = remove first.
 
     branch_l2: mean over samples of ||branch(x)|| / ||x|| (a branch that adds little to its
     input is the cheapest to drop). taylor: mean over samples of |<dL/d branch, branch>|, the
     first-order change of the loss when the branch output is set to zero.
     """
+    from lighten.prune.importance import batch_size, run_model
+
+    loss = loss or summed_loss
     if importance == "random":
         g = torch.Generator().manual_seed(seed)
         return torch.rand(len(blocks), generator=g).tolist()
@@ -322,6 +359,7 @@ def _block_scores(model: nn.Module, blocks: list[ResidualBlock], importance: str
                                "batches= (the recipe step takes them from the training set)")
     originals = {b.path: model.get_submodule(b.path) for b in blocks}
     probes = {b.path: _Probe(originals[b.path], b.branch) for b in blocks}
+    summed = {b.path: b.summed for b in blocks}
     totals, seen = torch.zeros(len(blocks), dtype=torch.float64), 0
     was_training = model.training
     model.eval()
@@ -331,19 +369,21 @@ def _block_scores(model: nn.Module, blocks: list[ResidualBlock], importance: str
         for x, y in batches:
             if importance == "taylor":
                 model.zero_grad(set_to_none=True)
-                F.cross_entropy(model(x), y, reduction="sum").backward()
+                loss(run_model(model, x), y).backward()
             else:
                 with torch.no_grad():
-                    model(x)
+                    run_model(model, x)
             for i, b in enumerate(blocks):
                 p = probes[b.path]
                 branch = p.branch.detach().flatten(1)
+                if summed[b.path]:  # the tap holds x + all branches: what removal takes away
+                    branch = branch - p.x.detach().flatten(1)
                 if importance == "taylor":
                     per_sample = (branch * p.branch.grad.flatten(1)).sum(1).abs()
                 else:
                     per_sample = branch.norm(dim=1) / (p.x.detach().flatten(1).norm(dim=1) + 1e-12)
                 totals[i] += per_sample.double().sum()
-            seen += len(x)
+            seen += batch_size(x)
     finally:
         for path, module in originals.items():
             set_submodule(model, path, module)
@@ -375,14 +415,16 @@ class LayerPruneReport:
 
 
 def prune_layers_(model: nn.Module, config: LayerPruneConfig, example_input: torch.Tensor, *,
-                  batches: Batches | None = None, seed: int = 0) -> LayerPruneReport:
+                  batches: Batches | None = None, seed: int = 0,
+                  loss: Callable | None = None) -> LayerPruneReport:
     """Remove the least important residual blocks of ``model`` in place.
 
-    ``batches()`` yields labelled ``(x, y)`` batches (branch_l2 uses only ``x``).
+    ``batches()`` yields labelled ``(x, y)`` batches (branch_l2 uses only ``x``); ``loss``
+    (outputs, targets) -> batch sum scores taylor (default: cross-entropy over the last axis).
     """
     from lighten.measure import count_macs, count_params
 
-    input_shape = tuple(example_input.shape[1:])
+    input_shape = example_input  # MACs counted on the real example (token ids stay int64)
     out_shape = tuple(_run_eval(model, example_input).shape)
     blocks, notes = find_residual_blocks(model, example_input, ignore=config.ignore)
     n = len(blocks)
@@ -398,7 +440,7 @@ def prune_layers_(model: nn.Module, config: LayerPruneConfig, example_input: tor
                                "raise ratio or give count")
     macs_before, params_before = count_macs(model, input_shape), count_params(model)[0]
     scores = _block_scores(model, blocks, config.importance,
-                           batches() if batches is not None else None, seed)
+                           batches() if batches is not None else None, seed, loss=loss)
     order = sorted(range(n), key=lambda i: (scores[i], i))[:k]
     removed = [blocks[i] for i in sorted(order)]
     for block in removed:
@@ -418,7 +460,8 @@ def prune_layers_(model: nn.Module, config: LayerPruneConfig, example_input: tor
 def prune_layers(model: nn.Module, config: LayerPruneConfig, ctx: StepContext) -> nn.Module:
     """Remove whole residual blocks (keeping their post-add activation), least important first."""
     report = prune_layers_(model, config, ctx.example_input(), seed=ctx.seed,
-                           batches=lambda: ctx.labelled_batches(config.calibration_samples))
+                           batches=lambda: ctx.labelled_batches(config.calibration_samples),
+                           loss=task_summed_loss(ctx.task))
     ctx.note(report.summary())
     for line in report.notes:
         ctx.note(f"prune.layers: {line}")

@@ -222,7 +222,7 @@ def prune_magnitude_(
                else None)
 def prune_magnitude(model: nn.Module, config: MagnitudePruneConfig, ctx: StepContext) -> nn.Module:
     """Zero the smallest-magnitude weights (global, per layer or per-layer ratios; AGP; rewind)."""
-    from lighten.compress import record_sparsity, zero_fractions
+    from lighten.verb import record_sparsity, zero_fractions
 
     before = zero_fractions(prunable_weights(model, config.ignore))
     prune_magnitude_(model, config, ctx)

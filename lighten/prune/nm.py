@@ -80,7 +80,7 @@ def prune_nm_(model: nn.Module, config: NMPruneConfig,
 @register_step("prune.nm", NMPruneConfig)
 def prune_nm(model: nn.Module, config: NMPruneConfig, ctx: StepContext) -> nn.Module:
     """Keep the N largest of every M consecutive input weights (e.g. 2:4 sparsity)."""
-    from lighten.compress import record_sparsity, zero_fractions
+    from lighten.verb import record_sparsity, zero_fractions
 
     before = zero_fractions(prunable_weights(model, config.ignore))
     prune_nm_(model, config, ctx)

@@ -158,7 +158,8 @@ def analyze(
     dataset = _eval_set(data, eval_limit)
     weights = prunable_weights(model, list(ignore))
     start = time.perf_counter()
-    baseline = evaluate(model, dataset)
+    task = getattr(data, "task", None)  # a DataBundle's task: next-token accuracy for an LM
+    baseline = evaluate(model, dataset, task=task)
     rows = []
     bar = tqdm(total=len(weights) * len(ratios), desc="sensitivity", disable=not progress,
                leave=False)
@@ -168,7 +169,8 @@ def analyze(
             for ratio in ratios:
                 with torch.no_grad():
                     weight.mul_(KINDS[kind](original, ratio))
-                rows.append(SensitivityRow(name, float(ratio), evaluate(model, dataset)))
+                rows.append(SensitivityRow(name, float(ratio), evaluate(model, dataset,
+                                                                          task=task)))
                 with torch.no_grad():
                     weight.copy_(original)
                 bar.update(1)

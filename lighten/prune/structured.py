@@ -235,8 +235,23 @@ def apply_keep_(model: nn.Module, groups: list[Group], keeps: list[torch.Tensor]
                                     torch.ones(axis_length(module, m.kind), dtype=torch.bool))
             idx = m.offset + gone[:, None] * m.block + torch.arange(m.block)  # (gone, block)
             mask[idx.flatten()] = False
+    _untie_attention_(model, {name for name, _ in masks})
     for (name, kind), mask in masks.items():
         prune_module_(model.get_submodule(name), kind, mask.nonzero().flatten())
+
+
+def _untie_attention_(model: nn.Module, names: Iterable[str]) -> None:
+    """``nn.MultiheadAttention`` ties its inner width to its embedding width: one whose
+    embedding channels (in_proj columns, out_proj rows) are sliced is first replaced by an
+    equivalent PrunedMultiheadAttention that keeps its inner width apart."""
+    from lighten.modules import set_submodule
+    from lighten.prune.heads import untie_attention
+
+    for name in names:
+        for path in dict.fromkeys((name, name.rpartition(".")[0])):
+            module = model.get_submodule(path)
+            if path and isinstance(module, nn.MultiheadAttention):
+                set_submodule(model, path, untie_attention(module))
 
 
 # ----------------------------------------------------------------------------- targets
@@ -438,7 +453,7 @@ def prune_channels_(model: nn.Module, config: ChannelPruneConfig, example_input:
     ``eval_batches()`` those ``ratios: auto`` measures sensitivity on, and
     ``finetune(model, share)`` trains for that share of the budget after each iterative step;
     ``target`` (default: this machine) decides ``round_to: auto``."""
-    input_shape = tuple(example_input.shape[1:])
+    input_shape = example_input  # count_macs runs the example itself (token ids stay int64)
     out_shape = _output_shape(model, example_input)
     importance = make_importance(config.importance, seed=seed)
     what = "macs" if config.target_macs else "params"
@@ -510,7 +525,7 @@ def _output_shape(model: nn.Module, x: torch.Tensor) -> tuple[int, ...]:
 
 
 def _run_step(name: str, scope: Scope, model, config, ctx: StepContext) -> nn.Module:
-    from lighten.compress import layer_widths, record_widths
+    from lighten.verb import layer_widths, record_widths
 
     widths = layer_widths(model)
 

@@ -176,11 +176,11 @@ def quantize_dynamic_(model: nn.Module, config: DynamicConfig | None = None, *,
     return model.eval()
 
 
-@register_step("quant.dynamic", DynamicConfig)
+@register_step("quant.dynamic", DynamicConfig, quantizes=True)
 def quantize_dynamic(model: nn.Module, cfg: DynamicConfig, ctx: StepContext) -> nn.Module:
     """Int8 Linear/LSTM weights, activations quantized at run time (integer GEMMs on ORT)."""
-    from lighten.compress import module_types, record_quant_layers
     from lighten.quant.dynamic_rnn import DynamicQuantLSTM
+    from lighten.verb import module_types, record_quant_layers
 
     before = module_types(model)
     notes: list[str] = []

@@ -210,10 +210,11 @@ def quantize_mixed_(model: nn.Module, calibration_batches, config: MixedConfig, 
     return model, bits
 
 
-@register_step("quant.mixed", MixedConfig, needs_data=lambda c: "calibration inputs")
+@register_step("quant.mixed", MixedConfig, needs_data=lambda c: "calibration inputs",
+               quantizes=True)
 def quantize_mixed(model: nn.Module, cfg: MixedConfig, ctx: StepContext) -> nn.Module:
     """Per-layer weight bits from measured sensitivity under a byte budget; 8-bit activations."""
-    from lighten.compress import module_types, record_quant_layers
+    from lighten.verb import module_types, record_quant_layers
 
     before = module_types(model)
     notes: list[str] = []

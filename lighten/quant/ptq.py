@@ -127,10 +127,11 @@ def quantize_ptq_(
     return model
 
 
-@register_step("quant.ptq", PTQConfig, needs_data=lambda c: "calibration inputs")
+@register_step("quant.ptq", PTQConfig, needs_data=lambda c: "calibration inputs",
+               quantizes=True)
 def quantize_ptq(model: nn.Module, cfg: PTQConfig, ctx: StepContext) -> nn.Module:
     """Static int8 post-training quantization (weights + calibrated activations)."""
-    from lighten.compress import module_types, record_quant_layers
+    from lighten.verb import module_types, record_quant_layers
 
     before = module_types(model)
     notes: list[str] = []

@@ -211,10 +211,11 @@ def _point_quantizer(module: nn.Module) -> LearnedFakeQuant:
     return module.quant if isinstance(module, QATAct) else module.output_quant
 
 
-@register_step("quant.qat", QATConfig, needs_data=lambda c: "calibration inputs")
+@register_step("quant.qat", QATConfig, needs_data=lambda c: "calibration inputs",
+               quantizes=True)
 def quantize_qat(model: nn.Module, cfg: QATConfig, ctx: StepContext) -> nn.Module:
     """Quantization-aware training (LSQ), converted to the integer layers PTQ produces."""
-    from lighten.compress import module_types, record_quant_layers
+    from lighten.verb import module_types, record_quant_layers
 
     before = module_types(model)
     notes: list[str] = []

@@ -360,8 +360,8 @@ def _targets(model: nn.Module, ignore: list[str]) -> list[str]:
 def _materialize(batches: Iterable | None) -> list[torch.Tensor]:
     out = []
     for item in batches or ():
-        x = item[0] if isinstance(item, (tuple, list)) else item
-        out.append(torch.as_tensor(x, dtype=torch.float32))
+        x = torch.as_tensor(item[0] if isinstance(item, (tuple, list)) else item)
+        out.append(x.float() if x.is_floating_point() else x)  # token ids stay int64
     return out
 
 
@@ -377,13 +377,13 @@ def _collect(model: nn.Module, layer: nn.Module, batches, *, hessian: bool) -> I
     return stats
 
 
-@register_step("quant.weight_only", WeightOnlyConfig,
+@register_step("quant.weight_only", WeightOnlyConfig, quantizes=True,
                needs_data=lambda c: "calibration inputs" if c.method != "rtn"
                or c.bias_correction else None)
 def quantize_weight_only(model: nn.Module, cfg: WeightOnlyConfig,
                          ctx: StepContext) -> nn.Module:
     """Low-bit group-wise weights (rtn or gptq), float activations, packed in the artifact."""
-    from lighten.compress import module_types, record_quant_layers
+    from lighten.verb import module_types, record_quant_layers
 
     before = module_types(model)
     notes: list[str] = []

@@ -43,11 +43,6 @@ if TYPE_CHECKING:
 
 __all__ = ["Report", "compress", "resolve_config", "run_step"]
 
-# Row keys every step fills; anything else in a row is for programs (typed numbers) and is
-# kept in the JSON but not shown in the rendered table.
-ROW_COLUMNS = ("module", "action", "before", "after", "reason")
-
-
 @dataclass
 class Report:
     """What one step did, for people (:meth:`render`) and programs (the fields, JSON).
@@ -78,7 +73,7 @@ class Report:
 
     def render(self) -> str:
         """Plain text: a headline, the per-layer table, then the notes."""
-        from lighten.report import format_table, human_count
+        from lighten.report import format_table, human_count, layer_table
 
         s = self.summary
         head = self.step or "step"
@@ -97,18 +92,6 @@ class Report:
         if self.notes:
             out += ["", *(f"- {n}" for n in self.notes)]
         return "\n".join(out)
-
-
-def layer_table(rows: list[dict]) -> tuple[list[str], list[list[str]]]:
-    """The shown columns of per-layer rows (``reason`` only when some row has one)."""
-    columns = [c for c in ROW_COLUMNS if c != "reason" or any(r.get("reason") for r in rows)]
-    return columns, [[_cell(r.get(c)) for c in columns] for r in rows]
-
-
-def _cell(value: Any) -> str:
-    if value is None:
-        return "-"
-    return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
 # --------------------------------------------------------------------------------- the verb
@@ -147,9 +130,7 @@ def compress(
         from lighten.train import TrainConfig
 
         train = TrainConfig()
-    extra = {}
-    if target is not None and "target" in {f.name for f in dataclasses.fields(StepContext)}:
-        extra["target"] = _as_target(target)
+    extra = {} if target is None else {"target": _as_target(target)}  # else this machine
     ctx = StepContext(data=data if data is not None else _NoData(spec.name),
                       train_config=train, baseline=teacher,
                       workdir=Path(workdir) if workdir is not None else Path(tempfile.gettempdir()),

@@ -1,0 +1,225 @@
+"""Every ordered pair of registered steps, on a CNN and a transformer given as ``python:`` models.
+
+Each stage is compressed with the one verb (``lighten.compress``), saved as an artifact, and
+every artifact is reloaded in a fresh process, from its model_spec alone, and must compute what
+the in-memory model computed. A pair that cannot run refuses up front (a quantizing step is a
+recipe's last step) or, where the model lacks what a step needs (no attention heads to prune), with
+one clear LightenError line; the set of such refusals is pinned here so a new one is noticed.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+import lighten
+from lighten.artifact import save_artifact
+from lighten.data import DataSpec, load_data
+from lighten.errors import LightenError, RecipeError
+from lighten.recipe import check_step_order
+from lighten.registry import load_builtin_steps
+
+MODELS_PY = textwrap.dedent('''
+    import torch
+    from torch import nn
+
+
+    class Block(nn.Module):
+        def __init__(self, c):
+            super().__init__()
+            self.conv1 = nn.Conv2d(c, c, 3, padding=1, bias=False)
+            self.bn1 = nn.BatchNorm2d(c)
+            self.conv2 = nn.Conv2d(c, c, 3, padding=1, bias=False)
+            self.bn2 = nn.BatchNorm2d(c)
+
+        def forward(self, x):
+            return torch.relu(x + self.bn2(self.conv2(torch.relu(self.bn1(self.conv1(x))))))
+
+
+    class CNN(nn.Module):
+        def __init__(self, c=16, classes=10):
+            super().__init__()
+            self.stem = nn.Sequential(nn.Conv2d(1, c, 3, padding=1), nn.BatchNorm2d(c), nn.ReLU())
+            self.blocks = nn.Sequential(Block(c), Block(c))
+            self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(c, 32),
+                                      nn.ReLU(), nn.Linear(32, classes))
+
+        def forward(self, x):
+            return self.head(self.blocks(self.stem(x)))
+
+
+    class Encoder(nn.Module):
+        def __init__(self, d, heads):
+            super().__init__()
+            self.norm1 = nn.LayerNorm(d)
+            self.attn = nn.MultiheadAttention(d, heads, batch_first=True)
+            self.norm2 = nn.LayerNorm(d)
+            self.mlp = nn.Sequential(nn.Linear(d, 2 * d), nn.GELU(), nn.Linear(2 * d, d))
+
+        def forward(self, x):
+            h = self.norm1(x)
+            x = x + self.attn(h, h, h, need_weights=False)[0]
+            return x + self.mlp(self.norm2(x))
+
+
+    class Transformer(nn.Module):
+        """Rows of an 8x8 image as 8 tokens."""
+
+        def __init__(self, d=32, heads=4, classes=10):
+            super().__init__()
+            self.embed = nn.Linear(8, d)
+            self.pos = nn.Parameter(torch.zeros(1, 8, d))
+            self.blocks = nn.Sequential(Encoder(d, heads), Encoder(d, heads))
+            self.norm = nn.LayerNorm(d)
+            self.head = nn.Linear(d, classes)
+
+        def forward(self, x):
+            x = self.embed(x.flatten(1, 2)) + self.pos
+            return self.head(self.norm(self.blocks(x)).mean(1))
+
+
+    def cnn():
+        return CNN()
+
+
+    def transformer():
+        return Transformer()
+''')
+
+TUNE = {"epochs": 0.25}
+CONFIGS = {
+    "prune.magnitude": {"sparsity": 0.5},
+    "prune.channels": {"ratio": 0.25},
+    "prune.neurons": {"ratio": 0.25},
+    "prune.nm": {},
+    "prune.l1": {"lam": 1e-4, "sparsity": 0.5, "finetune": TUNE},
+    "prune.layers": {"count": 1},
+    "prune.heads": {"ratio": 0.5},
+    "quant.ptq": {"calib_samples": 32},
+    "quant.dynamic": {},
+    "quant.weight_only": {"bits": 4, "group_size": 8},
+    "quant.qat": {"finetune": TUNE},
+    "quant.mixed": {"budget_bytes": 0.5},
+}
+# Steps a model lacks the parts for: (model, step) -> a phrase of the one-line refusal.
+NOT_APPLICABLE = {
+    ("cnn", "prune.heads"): "no attention",
+}
+
+
+def test_every_registered_step_is_exercised():
+    assert set(CONFIGS) == set(load_builtin_steps())
+
+
+@pytest.fixture(scope="module")
+def setting(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pairs")
+    (root / "models.py").write_text(MODELS_PY)
+    data = load_data(DataSpec(name="synthetic", samples=96, input_shape=[1, 8, 8],
+                              num_classes=10))
+    return root, data
+
+
+def _compress(model, step, data, seed):
+    return lighten.compress(model, {step: CONFIGS[step]}, data=data, seed=seed)[0]
+
+
+def _refusal(err: LightenError) -> str:
+    if isinstance(err, RecipeError) and "cannot follow" not in str(err):
+        raise err  # a config of this test that does not validate is the test's bug
+    message = str(err)
+    assert "\n" not in message and "Traceback" not in message, message
+    return message
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", ["cnn", "transformer"])
+def test_every_ordered_pair_runs_or_refuses_and_every_stage_reloads(setting, arch):
+    root, data = setting
+    spec = {"python": f"{root / 'models.py'}:{arch}", "input_shape": [1, 8, 8]}
+    from lighten.models import ModelSpec, build_model
+
+    torch.manual_seed(0)
+    base = build_model(ModelSpec(**spec), input_shape=(1, 8, 8), num_classes=10).eval()
+    x = torch.stack([data.test[i][0] for i in range(8)])
+    steps = sorted(load_builtin_steps())
+    jobs, refused = [], {}
+    out = root / arch
+    out.mkdir()
+
+    def save(model, name):
+        path = out / f"{name}.safetensors"
+        save_artifact(model, path, model_spec=spec, input_shape=(1, 8, 8), num_classes=10)
+        with torch.no_grad():
+            expected = model.eval()(x)
+        jobs.append((str(path), name))
+        return expected
+
+    expected = {}
+    for first in steps:
+        try:
+            one = _compress(base, first, data, seed=1)
+        except LightenError as err:
+            refused[(arch, first)] = _refusal(err)
+            continue
+        expected[first] = save(one, first)
+        for second in steps:
+            try:
+                check_step_order([first, second], where="pairs")
+            except RecipeError as err:
+                assert lighten.registry.get_step(first).quantizes
+                assert "cannot follow" in _refusal(err)
+                continue
+            name = f"{first}+{second}"
+            try:
+                two = _compress(one, second, data, seed=2)
+            except LightenError as err:
+                refused[(arch, second)] = _refusal(err)
+                continue
+            expected[name] = save(two, name)
+    assert refused.keys() == {
+        k for k in NOT_APPLICABLE if k[0] == arch}
+    for key, phrase in NOT_APPLICABLE.items():
+        if key[0] == arch:
+            assert phrase in refused[key]
+    save_file({name: t.contiguous() for name, t in expected.items()}, str(out / "expected.st"))
+    save_file({"x": x.contiguous()}, str(out / "x.st"))
+    _reload_in_fresh_process(out, jobs)
+
+
+RELOAD_PY = '''
+import json, sys
+import torch
+from safetensors.torch import load_file
+from lighten.artifact import load_artifact
+
+out = sys.argv[1]
+jobs = json.loads(open(out + "/jobs.json").read())
+expected = load_file(out + "/expected.st")
+x = load_file(out + "/x.st")["x"]
+bad = []
+for path, name in jobs:
+    model, _ = load_artifact(path)  # built from its model_spec, edits replayed
+    with torch.no_grad():
+        y = model(x)
+    diff = (y - expected[name]).abs().max().item()
+    if not diff <= 1e-5 * max(1.0, expected[name].abs().max().item()):
+        bad.append(f"{name}: max |diff| {diff:.3g}")
+print(json.dumps({"checked": len(jobs), "bad": bad}))
+'''
+
+
+def _reload_in_fresh_process(out, jobs) -> None:
+    (out / "jobs.json").write_text(json.dumps(jobs))
+    (out / "reload.py").write_text(RELOAD_PY)
+    done = subprocess.run([sys.executable, str(out / "reload.py"), str(out)],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["checked"] == len(jobs) and result["bad"] == []
