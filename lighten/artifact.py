@@ -82,14 +82,15 @@ _PLAIN_HINT = ("plain weights need their architecture: `MODEL --weights FILE` on
 
 
 def save_artifact(model: nn.Module, path: str | os.PathLike, *, model_spec: dict | None,
-                  input_shape=None, num_classes: int | None = None, task: dict | None = None,
+                  input_shape=None, num_classes: int | None = None, task=None,
                   meta: dict | None = None) -> int:
     """Write ``model`` as one artifact file atomically; returns the bytes on disk.
 
     ``model_spec`` names the source model the edit log starts from (``{"zoo": ...}``,
     ``{"python": ...}``; None when the model is built from describable modules alone).
-    ``input_shape``/``num_classes`` are what the source factory is built with; ``task`` is the
-    data's task description (recorded, so a user knows what the model expects).
+    ``input_shape``/``num_classes`` are what the source factory is built with; ``task`` (a
+    :class:`lighten.task.Task` or its ``describe()`` dict) is recorded, so the source is built
+    for the same task on load (a language model's vocabulary) and a user knows its inputs.
     """
     if not isinstance(model, nn.Module):
         raise CheckpointError(f"save_artifact needs an nn.Module, got {type(model).__name__}")
@@ -102,7 +103,9 @@ def save_artifact(model: nn.Module, path: str | os.PathLike, *, model_spec: dict
     except (TypeError, ValueError):
         raise CheckpointError(f"save_artifact needs input_shape like [1, 28, 28] and an int "
                               f"num_classes, got {input_shape!r} and {num_classes!r}") from None
-    source, _ = _source_model(model_spec, shape, num_classes)
+    if task is not None and not isinstance(task, dict):
+        task = task.describe()
+    source, _ = _source_model(model_spec, shape, num_classes, task)
     with torch.random.fork_rng(devices=[]):  # rebuilding layers must not shift the caller's RNG
         if source is None and model_spec is not None:  # e.g. saved where the model file is not:
             edits = derive_edits(model, copy.deepcopy(model), source_unknown=True)
@@ -154,7 +157,7 @@ def _join_tiny(parts: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor],
     return stored, index
 
 
-def _source_model(model_spec: dict | None, input_shape, num_classes
+def _source_model(model_spec: dict | None, input_shape, num_classes, task: dict | None
                   ) -> tuple[nn.Module | None, str]:
     """The source model the edit log starts from, and why it is None when it cannot be built."""
     if model_spec is None:
@@ -165,7 +168,7 @@ def _source_model(model_spec: dict | None, input_shape, num_classes
         spec = ModelSpec(**{k: v for k, v in model_spec.items() if k != "weights"})
         with torch.random.fork_rng(devices=[]):  # saving must not shift the caller's RNG
             return build_model(spec, input_shape=tuple(input_shape or ()),
-                               num_classes=num_classes), ""
+                               num_classes=num_classes, task=_task(task)), ""
     except (ImportError, LightenError, ValueError, TypeError) as err:
         return None, str(err).splitlines()[0] if str(err) else type(err).__name__
 
@@ -418,8 +421,22 @@ def _build_from_spec(path: Path, manifest: dict) -> nn.Module:
     except (ValidationError, TypeError) as err:
         raise CheckpointError(f"{path} has an invalid model_spec {spec} ({type(err).__name__}); "
                               "pass load_artifact(..., model=...)") from None
+    try:
+        task = _task(manifest.get("task"))
+    except LightenError as err:
+        raise CheckpointError(f"{path} records a task that cannot be rebuilt here ({err}); pass "
+                              "load_artifact(..., model=...)") from None
     return build_model(model_spec, input_shape=tuple(manifest["input_shape"] or ()),
-                       num_classes=manifest["num_classes"])
+                       num_classes=manifest["num_classes"], task=task)
+
+
+def _task(description: dict | None):
+    """The recorded task, rebuilt (None: classification of input_shape into num_classes)."""
+    if not isinstance(description, dict):
+        return None
+    from lighten.task import task_from_dict
+
+    return task_from_dict(description)
 
 
 def _decode_state(path: Path, entries: dict, stored: dict) -> dict[str, torch.Tensor]:

@@ -23,7 +23,8 @@ Edit operations (``op``), each a small registered function in :data:`EDIT_OPS`:
 * ``remove``: delete the child at ``path``; ``none``: set that child slot to None.
 * ``share``: make ``path`` the same module object as ``of`` (tied modules stay tied).
 * ``order``: the order of a module's children (a ``Sequential`` runs them in that order).
-* ``value``: a plain bool/int/float attribute of a module (a head count, a flag).
+* ``value``: a plain bool/int/float attribute of a module, or a tuple/list of them (a head
+  count, a flag, a norm's ``normalized_shape``).
 * ``tensor``: an own parameter/buffer that was resized, added or dropped (shape, dtype, kind);
   its values come from the stored tensors.
 
@@ -303,11 +304,20 @@ def _apply_order(model: nn.Module, edit: dict) -> nn.Module:
     return model
 
 
+def _plain_value(value: Any) -> bool:
+    """A scalar, or a tuple/list of scalars (a LayerNorm's ``normalized_shape``)."""
+    if type(value) in _VALUE_TYPES:
+        return True
+    return type(value) in (tuple, list) and all(type(v) in _VALUE_TYPES for v in value)
+
+
 def _apply_value(model: nn.Module, edit: dict) -> nn.Module:
     module = _module_at(model, edit["path"])
     name, value = edit.get("name"), edit.get("value")
     current = vars(module).get(name) if isinstance(name, str) else None
-    if (not isinstance(name, str) or name.startswith("_") or type(value) not in _VALUE_TYPES
+    if isinstance(current, tuple) and isinstance(value, list):
+        value = tuple(value)  # JSON has no tuples
+    if (not isinstance(name, str) or name.startswith("_") or not _plain_value(value)
             or type(current) is not type(value)):
         raise CheckpointError(f"recorded value {name!r}={value!r} at {edit.get('path')!r} does "
                               f"not fit the model's attribute ({current!r}); pass the model it "
@@ -434,7 +444,7 @@ def _none_child(path: str, ref: nn.Module, name: str, record) -> None:
 def _diff_values(path: str, module: nn.Module, ref: nn.Module, record) -> None:
     for name, value in vars(module).items():
         old = vars(ref).get(name)
-        if (name.startswith("_") or name == "training" or type(value) not in _VALUE_TYPES
+        if (name.startswith("_") or name == "training" or not _plain_value(value)
                 or type(old) is not type(value) or old == value):
             continue
         record({"op": "value", "path": path, "name": name, "value": value})

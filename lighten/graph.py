@@ -14,10 +14,16 @@ them) the conv is kept whole; a view that hard-codes a channel count pins those 
 a shuffle, is refused) because the pruned model would reshape wrongly. A transposed conv is a
 conv whose weight holds its outputs on axis 1 (its members say ``transposed``). A parameter
 combined per channel -- added, multiplied, or concatenated along another axis like a ViT cls
-token, maybe after an ``expand`` -- is sliced with the channels.
+token, maybe after an ``expand``, indexed ``w[:, None, None]`` or viewed ``(1, -1, 1, 1)`` -- is
+sliced with the channels. A ``chunk`` / ``split`` of the channel axis into parts the forward
+computes (ShuffleNetV2's halves) ties the parts like a grouped conv's groups; a join that holds
+runs of a space's channels as one (shuffled copies) *coarsens* that space. A mean over the
+channel axis with ``keepdim`` (a LayerNorm written out) is a statistic: one pinned channel,
+broadcast back. A call the tables lack -- a ``torch.fx.wrap``'d ``drop_path``, a leaf module
+without a kind -- is run on random inputs: it is followed when it acts on each channel alone.
 How channels flow through each operator is DATA (:data:`MODULE_KINDS`, :data:`FUNCTION_KINDS`,
-:data:`METHOD_KINDS`); anything not in those tables is refused with an
-:class:`~lighten.errors.UnsupportedError` naming the node, never guessed.
+:data:`METHOD_KINDS`); anything else that the probe cannot show to act per channel is refused
+with an :class:`~lighten.errors.UnsupportedError` naming the node and the user's options.
 
 The output is a plain list of :class:`Group`. Pruning algorithms consume it and never trace.
 """
@@ -390,9 +396,11 @@ class _Analysis:
         self.bound: dict[tuple[str, str], _Layout] = {}  # (module, role) -> layout (reuse)
         self.split_into: dict[int, list[int]] = {}  # root -> its pieces (or copies)
         self.coarse: dict[int, tuple[int, int]] = {}  # root -> (space, k): k channels as one
-        # values computed from parameters / buffers alone (a relative position bias gathered
-        # from its table, an attention mask): no channels flow through them
-        self.derived: set[fx.Node] = set()
+        # values whose channels are not followed, with why: computed from parameters / buffers
+        # alone (a relative position bias gathered from its table, an attention mask), or from
+        # channels kept whole (split into attention heads); where they meet followed channels
+        # those are pinned
+        self.derived: dict[fx.Node, str] = {}
         # a second followed axis: the features a Linear writes along an axis that is not the
         # channel axis (MLP-Mixer's token mixing), with that Linear's name
         self.side: dict[fx.Node, tuple[_Layout, str]] = {}
@@ -624,6 +632,10 @@ class _Analysis:
             raise UnsupportedError(f"{_where(node)}: {_op_name(node)} takes the several outputs "
                                    "of one call at once; structured pruning follows them only "
                                    "when indexed (out[0])")
+        if layout is None and src in self.derived:
+            raise UnsupportedError(f"{_where(node)}: {_op_name(node)} gets values "
+                                   f"{self.derived[src]}, whose channels are not followed; "
+                                   "structured pruning cannot follow it")
         if layout is None:
             raise UnsupportedError(f"{_where(node)}: {_op_name(node)} gets an input whose "
                                    "channels cannot be followed (a constant or parameter)")
@@ -680,8 +692,13 @@ class _Analysis:
 
     def _linear(self, node: fx.Node) -> _Layout:
         name, linear = node.target, self.modules[node.target]
-        x = self._input(node)
         rank = len(_shape(node))
+        if node.args[0] in self.derived:  # reads heads back (an attention's out projection)
+            why = f"module {name!r} reads values {self.derived[node.args[0]]}"
+            width = linear.in_features
+            x = _Layout(rank - 1, (_Seg(self.new_space(width, why), width),))
+        else:
+            x = self._input(node)
         if x.axis != rank - 1:
             if not all("model input" in self.pins[self.find(seg.space)] for seg in x.segs):
                 return self._across(node, x)
@@ -928,6 +945,9 @@ class _Analysis:
                 and out[a] == math.prod(src[a:]):
             k = math.prod(src[a + 1:])  # flatten: every channel becomes k features
             x = _Layout(a, tuple(_Seg(s.space, s.size, s.block * k) for s in x.segs))
+        elif not keeps and a == len(src) - 1 and len(out) > len(src) + 1 \
+                and out[:a] == src[:a] and math.prod(out[a:]) == src[a]:
+            return self._into_heads(node, x)  # a fused qkv: (B, N, 3 * E) -> (B, N, 3, h, d)
         elif not keeps:
             raise UnsupportedError(f"{_where(node)}: {_op_name(node)} reshapes {src} -> {out} "
                                    "and moves the channel axis; structured pruning cannot "
@@ -971,6 +991,8 @@ class _Analysis:
             a = split.layout.axis
             swap = list(range(len(perm)))
             swap[a], swap[a + 1] = a + 1, a
+            if perm != swap and a + 2 == len(perm):  # attention heads: view(b, t, h, d).transpose
+                return self._into_heads(node, split.layout)
             if perm != swap:
                 raise UnsupportedError(f"{_where(node)}: {_op_name(node)} moves a channel axis "
                                        "split in two other than by swapping its halves (a "
@@ -1093,19 +1115,29 @@ class _Analysis:
         kind = kinds.get(node.target)
         if kind == "meta" or (kind == "broadcast" and node.args[0] in self.consts):
             return False
-        self.derived.add(node)
+        self.derived[node] = next((self.derived[a] for a in inputs if a in self.derived),
+                                  "computed from parameters or buffers")
         return True
 
+    def _into_heads(self, node: fx.Node, x: _Layout) -> None:
+        """The channel axis split into attention heads and moved (``view(b, t, h, d)
+        .transpose(1, 2)``, a fused ``qkv.reshape(b, n, 3, h, d).permute(...)``): those channels
+        (q/k/v's outputs) are kept whole and not followed further; the projection reading the
+        heads back gets a pinned input. The embedding channels around stay prunable."""
+        why = f"split into attention heads at {_where(node)}"
+        self.pin(x, f"{why} (kept whole; remove heads with prune.heads)")
+        self.derived[node] = f"from channels {why}"
+
     def _derived_meets(self, node: fx.Node, arg: fx.Node, layout: _Layout) -> None:
-        """A value computed from parameters meets followed channels: where it varies along the
-        channel axis, those channels must stay (it cannot be sliced with them)."""
+        """A value whose channels are not followed (see :attr:`derived`) meets followed
+        channels: where it varies along the channel axis, those channels must stay."""
         shape, out = _shape(arg), _shape(node)
         at = layout.axis - (len(out) - len(shape))
         if at >= 0 and shape[at] > 1:
             self.pin(layout, f"{_where(node)}: {_op_name(node)} combines these channels with "
-                             f"{arg.name!r}, computed from parameters or buffers, which "
-                             "structured pruning cannot slice (combine the parameter itself, "
-                             "or add the layers making these channels to ignore:)")
+                             f"{arg.name!r} ({self.derived[arg]}), which structured pruning "
+                             "cannot slice (combine the parameter itself, or add the layers "
+                             "making these channels to ignore:)")
 
     def _across(self, node: fx.Node, x: _Layout) -> _Layout:
         """A Linear applied along an axis that is not the channel axis (MLP-Mixer's token
@@ -1189,30 +1221,14 @@ class _Analysis:
                                    "as numbers whole)")
         else:
             reason = (f"{_where(node)}: {_op_name(node)} cuts the channels at sizes {sizes} "
-                      "written into the forward")
-        return self._pieces(node, x, sizes, reason)
+                      "that pruning would move (written into the forward, or unequal chunks)")
+        return self._pieces(x, sizes, reason)
 
-    def _pieces(self, node: fx.Node, x: _Layout, sizes: list[int],
-                reason: str) -> tuple[_Layout, ...]:
-        """``x`` cut at ``sizes`` (spaces partitioned where a cut falls inside), all pinned."""
-        bounds = _Layout(x.axis, tuple(_Seg(-1, n) for n in sizes))
-        while (cut := _cut(self.resolve(x), bounds)) is not None:
-            self.partition(*cut)
-        x = self.resolve(x)
+    def _pieces(self, x: _Layout, sizes: list[int], reason: str) -> tuple[_Layout, ...]:
+        """``x`` cut at ``sizes``, kept whole: ``x`` is pinned and each part is a new pinned
+        space (a cut may fall inside a run of channels kept as one, a shuffled block)."""
         self.pin(x, reason)
-        parts, segs, width, wanted = [], [], 0, list(sizes)
-        for seg in x.segs:
-            segs.append(seg)
-            width += seg.size * seg.block
-            if width == wanted[0]:
-                parts.append(_Layout(x.axis, tuple(segs)))
-                segs, width = [], 0
-                wanted.pop(0)
-            elif width > wanted[0]:
-                raise UnsupportedError(f"{_where(node)}: {_op_name(node)} cuts through channels "
-                                       "that are kept together (a shuffled block); structured "
-                                       "pruning cannot follow it")
-        return tuple(parts)
+        return tuple(_Layout(x.axis, (_Seg(self.new_space(n, reason), n),)) for n in sizes)
 
     def _statistic(self, node: fx.Node, x: _Layout) -> _Layout:
         """A mean (var, std) over the channel axis kept as a size-1 axis: a normalization

@@ -36,7 +36,9 @@ Contract per ``graph_kind`` (what the channel analysis and surgery read from the
   (out, in/groups, k...), channels on axis 1 of the input and output;
 * ``"linear"``: ``in_features``, ``out_features``; ``weight`` (out, in); features on the last axis;
 * ``"batchnorm"`` / ``"layernorm"``: per-channel parameters (axis 1 / the last axis);
-* ``"same"``: output channels are the input channels (an activation, a pooling).
+* ``"same"``: output channels are the input channels (an activation, a pooling);
+* ``"attention"``: ``nn.MultiheadAttention``'s call signature and tensors (``in_proj_weight``
+  whose columns are the embedding channels of query/key/value, ``out_proj`` a Linear).
 
 ``surgery`` maps a member kind (``"out"``, ``"in"``, ``"depthwise"``, ``"norm"``) to
 ``fn(module, keep)`` that slices the module in place and updates its constructor attributes.

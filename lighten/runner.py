@@ -241,10 +241,10 @@ def _execute(recipe, prepared: _Prepared, out: Path, state, digest, recipe_dict,
         artifact = out / "stages" / f"{index:02d}-{stage}.safetensors"
         if stage in done:
             if index == len(done) - 1:  # the last finished stage is where work continues
-                model = _load_finished(artifact, out, recipe, data)
+                model, model_spec = _load_finished(artifact, out)
             if index == 0:
                 reference = _reference_logits(out)
-                baseline_copy = _clone(_load_finished(artifact, out, recipe, data))
+                baseline_copy = _clone(_load_finished(artifact, out)[0])
             continue
         torch.manual_seed(recipe.seed + index)
         step = recipe.steps[index - 1] if index else None
@@ -254,6 +254,7 @@ def _execute(recipe, prepared: _Prepared, out: Path, state, digest, recipe_dict,
         start = time.perf_counter()
         if step is not None:
             model, report = step_apply(step, model, ctx)
+            model_spec = ctx.source_spec or model_spec
             atomic_write_text(artifact.with_suffix(".report.json"),
                               json.dumps(report.to_dict(), indent=1))
         seconds = prepared.baseline_seconds if step is None else time.perf_counter() - start
@@ -262,8 +263,8 @@ def _execute(recipe, prepared: _Prepared, out: Path, state, digest, recipe_dict,
                 "task": data.task.describe()}
         nbytes = save_artifact(model, artifact, model_spec=model_spec,
                                input_shape=list(data.input_shape),
-                               num_classes=data.num_classes, meta=meta)
-        _verify_reload(model, artifact, stage, recipe, data)
+                               num_classes=data.num_classes, task=data.task, meta=meta)
+        _verify_reload(model, artifact, stage, data)
         if step is not None:
             _save_layer_table(model, artifact, out / "stages" / f"{index - 1:02d}-"
                               f"{stage_names[index - 1]}.safetensors", recipe, data)
@@ -284,27 +285,29 @@ def _execute(recipe, prepared: _Prepared, out: Path, state, digest, recipe_dict,
     return RunResult(out, rows, notes)
 
 
-def _load_finished(artifact: Path, out: Path, recipe: Recipe, data) -> nn.Module:
-    """A finished stage read back for --resume; a damaged file says how to start over."""
+def _load_finished(artifact: Path, out: Path) -> tuple[nn.Module, dict]:
+    """A finished stage read back for --resume (built from the source its manifest names) and
+    that source; a damaged file says how to start over."""
     from lighten.artifact import load_artifact
     from lighten.errors import CheckpointError
 
     try:
-        return load_artifact(artifact, model=_fresh_skeleton(recipe, data))[0]
+        model, manifest = load_artifact(artifact)
+        return model, manifest["model_spec"]
     except CheckpointError as err:
         reason = str(err).removesuffix("; re-save it")  # a stage is not re-saved by hand
         raise RecipeError(f"cannot resume the run in {out}: {reason}; rerun with --overwrite to "
                           "start it again, or into a new --output") from None
 
 
-def _verify_reload(model: nn.Module, artifact: Path, stage: str, recipe: Recipe, data) -> None:
+def _verify_reload(model: nn.Module, artifact: Path, stage: str, data) -> None:
     """Load the artifact just saved and compare its outputs with the in-memory model on real
     test samples: a stage that does not reload to the same model is an error, never a pass."""
     from lighten.artifact import load_artifact
     from lighten.errors import CheckpointError
 
     try:
-        loaded, _ = load_artifact(artifact, model=_fresh_skeleton(recipe, data))
+        loaded, _ = load_artifact(artifact)  # from the source its manifest names, as users do
     except CheckpointError as err:
         raise CheckpointError(f"stage {stage}: its artifact does not load again ({err}); this "
                               "is a lighten bug, please report it with the recipe") from None
@@ -367,7 +370,7 @@ def _save_layer_table(model: nn.Module, artifact: Path, previous: Path, recipe, 
 
     if len(data.test) == 0 or not has_quantized_layers(model):
         return
-    before, _ = load_artifact(previous, model=_fresh_skeleton(recipe, data))
+    before, _ = load_artifact(previous)
     samples = torch.stack([data.test[i][0] for i in range(min(128, len(data.test)))])
     write_layer_table(artifact.with_suffix(".layers.json"), before, model, samples.split(64))
 
@@ -394,14 +397,6 @@ def _unique_stage_names(recipe: Recipe) -> list[str]:
         seen[step.name] = seen.get(step.name, 0) + 1
         names.append(step.name if seen[step.name] == 1 else f"{step.name}#{seen[step.name]}")
     return names
-
-
-def _fresh_skeleton(recipe: Recipe, data) -> nn.Module:
-    from lighten.models import build_model
-
-    return build_model(recipe.model.model_copy(update={"weights": None}),
-                       input_shape=tuple(data.input_shape), num_classes=data.num_classes,
-                       task=data.task)
 
 
 def _clone(model: nn.Module) -> nn.Module:

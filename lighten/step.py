@@ -73,6 +73,10 @@ class StepContext:
     summary: dict = field(default_factory=dict)  # step-level facts for the Report
     # where the model will run (recipe deploy:); steps read CPU facts from it, not this machine
     target: Target = field(default_factory=Target.this_machine)
+    # set by a step whose output is another architecture (a distilled student, a searched
+    # model): how to build that model's source, e.g. {"zoo": "resnet20", "kwargs": {...}};
+    # None keeps the recipe's model. Artifacts from then on start their edit log from it.
+    source_spec: dict | None = None
 
     @property
     def input_shape(self) -> tuple[int, ...]:

@@ -146,6 +146,7 @@ def run_step(model: nn.Module, config: BaseModel, ctx: StepContext) -> tuple[nn.
 
     spec = step_for_config(config)
     _check_data(spec, config, None if isinstance(ctx.data, _NoData) else ctx.data)
+    _check_float(spec, model)
     notes_at, layers_at = len(ctx.notes), len(ctx.layers)
     params_before, nonzero_before = count_params(model)
     start = time.perf_counter()
@@ -161,6 +162,18 @@ def run_step(model: nn.Module, config: BaseModel, ctx: StepContext) -> tuple[nn.
                     notes=list(ctx.notes[notes_at:]), layers=list(ctx.layers[layers_at:]),
                     summary=summary)
     return result.eval(), report
+
+
+def _check_float(spec: StepSpec, model: nn.Module) -> None:
+    """Every step works on float weights: one on an already quantized model is refused (the
+    recipe form of this rule is :func:`lighten.recipe.check_step_order`)."""
+    from lighten.errors import UnsupportedError
+    from lighten.quant.layer_report import has_quantized_layers
+
+    if has_quantized_layers(model):
+        raise UnsupportedError(f"{spec.name} cannot run on a quantized model: it works on float "
+                               "weights; apply it to the model before quantizing (quantization "
+                               "is the last step)")
 
 
 def resolve_config(config: BaseModel | Mapping[str, Any] | str) -> tuple[StepSpec, BaseModel]:

@@ -397,3 +397,23 @@ def test_import_stays_light():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True, cwd=ROOT).stdout
     assert out.strip() == "['lighten', 'lighten.layers']"
+
+
+def test_pruned_custom_layer_artifact_reloads(tmp_path):
+    from lighten.artifact import load_artifact, save_artifact
+    from lighten.prune.structured import ChannelPruneConfig, prune_channels_
+
+    _custom_layer_module()
+    torch.manual_seed(0)
+    model_spec = {"python": str(ROOT / "recipes" / "custom_layer.py") + ":build",
+                  "kwargs": {"num_classes": 4}, "input_shape": [1, 8, 8]}
+    from lighten.models import ModelSpec, build_model
+
+    model = build_model(ModelSpec(**model_spec), input_shape=(1, 8, 8), num_classes=4).eval()
+    x = torch.randn(3, 1, 8, 8)
+    prune_channels_(model, ChannelPruneConfig(ratio=0.5), x[:1])
+    save_artifact(model, tmp_path / "pruned.safetensors", model_spec=model_spec,
+                  input_shape=(1, 8, 8), num_classes=4)
+    loaded, _ = load_artifact(tmp_path / "pruned.safetensors")
+    assert loaded.conv1.out_channels == 8 and loaded.conv1.gain.shape == (8,)
+    torch.testing.assert_close(loaded.eval()(x), model(x))

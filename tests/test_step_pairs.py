@@ -223,3 +223,14 @@ def _reload_in_fresh_process(out, jobs) -> None:
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(done.stdout.strip().splitlines()[-1])
     assert result["checked"] == len(jobs) and result["bad"] == []
+
+
+def test_a_step_on_a_quantized_model_is_refused_by_the_verb(setting):
+    root, data = setting
+    from lighten.models import ModelSpec, build_model
+
+    spec = ModelSpec(python=f"{root / 'models.py'}:cnn", input_shape=[1, 8, 8])
+    model = build_model(spec, input_shape=(1, 8, 8), num_classes=10)
+    quantized = _compress(model, "quant.dynamic", data, seed=0)
+    with pytest.raises(LightenError, match="prune.magnitude cannot run on a quantized model"):
+        _compress(quantized, "prune.magnitude", data, seed=0)

@@ -273,10 +273,13 @@ def pruned_shrinks(model: nn.Module, *, scope: str = "channels", **config) -> nn
     return model
 
 
-def dead_equals_pruned(model: nn.Module, group, gone: list[int]) -> None:
-    """Removing channels ``gone`` of ``group`` equals zeroing them in the original, where every
-    producer is followed by a BatchNorm of the group (zero scale and shift: the channel is 0
-    everywhere it is read) -- exact, whatever the layout (halves, shuffled blocks)."""
+def dead_equals_pruned(model: nn.Module, producer: str, gone: list[int]) -> None:
+    """Removing channels ``gone`` of the group ``producer`` makes equals zeroing them in the
+    original, where every producer is followed by a BatchNorm of the group (zero scale and
+    shift: the channel is 0 everywhere it is read) -- exact, whatever the layout (halves,
+    shuffled blocks)."""
+    groups = channel_groups(model, X)
+    group = group_with(groups, producer, "out")
     dead = copy.deepcopy(model)
     norms = [m for m in group.members if m.kind == "norm"]
     assert norms
@@ -285,7 +288,6 @@ def dead_equals_pruned(model: nn.Module, group, gone: list[int]) -> None:
         idx = m.indices(torch.tensor(gone))
         with torch.no_grad():
             bn.weight[idx], bn.bias[idx] = 0.0, 0.0
-    groups = channel_groups(model, X)
     keeps = [torch.tensor([c for c in range(g.size) if g is not group or c not in gone])
              for g in groups]
     pruned = copy.deepcopy(model)
@@ -364,9 +366,7 @@ def test_ratio_zero_keeps_outputs_exactly(zoo, name):
 
 @pytest.mark.parametrize("factory, norm", [
     ("convnext", "cf"),
-    pytest.param("convnext_ln2d", "ln2d", marks=pytest.mark.xfail(
-        strict=True, reason="artifacts do not record the tuple normalized_shape of an "
-        "nn.LayerNorm subclass (a LayerNorm2d); its weights reload, its forward does not")),
+    ("convnext_ln2d", "ln2d"),  # the tuple normalized_shape of a LayerNorm subclass
     ("convnext_permute", "permute"),
 ])
 def test_pruned_convnext_reloads_from_its_artifact(zoo, tmp_path, factory, norm):
@@ -472,10 +472,9 @@ def test_shufflenet_halves_are_tied_and_branches_follow(zoo, split):
 @pytest.mark.parametrize("split", ["chunk", "split"])
 def test_shufflenet_pruned_equals_zeroed_channels(zoo, split):
     model = zoo[1].shufflenet(split)
-    groups = channel_groups(model, X)
-    dead_equals_pruned(model, group_with(groups, "stage.0.branch1.1.0", "out"), [1])
-    dead_equals_pruned(model, group_with(groups, "stage.1.branch2.0.0", "out"), [0, 3, 4])
-    dead_equals_pruned(model, group_with(groups, "stem.0", "out"), [2, 7])
+    dead_equals_pruned(model, "stage.0.branch1.1.0", [1])  # halved twice: 8 channels each
+    dead_equals_pruned(model, "stage.1.branch2.0.0", [0, 3, 4])
+    dead_equals_pruned(model, "stem.0", [2, 7])
 
 
 @pytest.mark.parametrize("importance", ["l1", "l2", "group_l2", "fpgm", "bn_scale"])
@@ -519,3 +518,64 @@ def test_chunk_of_a_concatenation_ties_its_parts():
     assert {(m.module, m.kind) for m in group.members} == {("a", "out"), ("b", "out"),
                                                           ("head", "in")}
     pruned_shrinks(CatChunk().eval())
+
+
+class LayerScale2d(nn.Module):
+    """A channels-first layer scale (timm's LayerScale2d), written three ways."""
+
+    def __init__(self, how: str):
+        super().__init__()
+        self.how = how
+        self.conv, self.head = nn.Conv2d(3, 8, 3), nn.Conv2d(8, 2, 1)
+        self.gamma = nn.Parameter(torch.rand(8) + 0.5)
+
+    def forward(self, x):
+        y = self.conv(x)
+        if self.how == "view":
+            y = y * self.gamma.view(1, -1, 1, 1)
+        elif self.how == "unsqueeze":
+            y = y * self.gamma.unsqueeze(-1).unsqueeze(-1)
+        else:
+            y = y * self.gamma.view(1, 8, 1, 1)
+        return self.head(y).mean((2, 3))
+
+
+@pytest.mark.parametrize("how", ["view", "unsqueeze", "literal"])
+def test_layer_scale_viewed_channels_first_is_sliced_with_its_channels(how):
+    model = LayerScale2d(how)
+    group = group_with(channel_groups(model, X), "conv", "out")
+    if how == "literal":  # the view would not fit a pruned gamma: the channels stay
+        assert any("hard-codes 8 channels" in p for p in group.pinned), group.pinned
+        return
+    assert ("", "param:gamma:0") in {(m.module, m.kind) for m in group.members}
+    pruned_shrinks(model)
+    assert model.gamma.shape == (4,)
+
+
+class OwnLayerNorm(nn.Module):
+    """A channels-last LayerNorm of one's own, calling F.layer_norm with its parameters."""
+
+    def __init__(self, c: int, computed: bool):
+        super().__init__()
+        self.computed = computed
+        self.weight, self.bias = nn.Parameter(torch.rand(c) + 0.5), nn.Parameter(torch.zeros(c))
+        self.shape = (c,)
+
+    def forward(self, x):
+        shape = x.shape[-1:] if self.computed else self.shape
+        return torch.nn.functional.layer_norm(x, shape, self.weight, self.bias)
+
+
+@pytest.mark.parametrize("computed", [True, False])
+def test_layer_norm_of_ones_own_slices_its_parameters_unless_its_shape_is_a_number(computed):
+    model = nn.Sequential(nn.Linear(5, 8), OwnLayerNorm(8, computed), nn.Linear(8, 2))
+    x = torch.randn(3, 5)
+    group = group_with(channel_groups(model, x), "0", "out")
+    if not computed:  # (8,) stays in the pruned forward: the channels stay
+        assert any("hard-codes normalized_shape (8,)" in p and "x.shape[-1:]" in p
+                   for p in group.pinned), group.pinned
+        return
+    assert {("1", "param:weight:0"), ("1", "param:bias:0")} <= {
+        (m.module, m.kind) for m in group.members}
+    prune_channels_(model, ChannelPruneConfig(ratio=0.5), x, scope="neurons")
+    assert model[1].weight.shape == (4,) and model(x).shape == (3, 2)

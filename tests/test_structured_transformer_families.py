@@ -81,6 +81,59 @@ MODELS = textwrap.dedent('''
             return self.head(self.norm(self.blocks(t))[:, 0])
 
 
+    class HandAttention(nn.Module):
+        """Written out: q/k/v Linear layers (or one fused qkv) reshaped to heads, scaled dot
+        products, optionally a learned bias per head added to the scores."""
+
+        def __init__(self, dim, heads, fused=False, tokens=None):
+            super().__init__()
+            self.heads, self.head_dim, self.fused = heads, dim // heads, fused
+            if fused:
+                self.qkv = nn.Linear(dim, 3 * dim)
+            else:
+                self.q, self.k, self.v = (nn.Linear(dim, dim) for _ in range(3))
+            self.proj = nn.Linear(dim, dim)
+            self.bias = nn.Parameter(torch.randn(heads, tokens, tokens)) if tokens else None
+
+        def forward(self, x):
+            b, t, _ = x.shape
+            if self.fused:
+                q, k, v = self.qkv(x).reshape(b, t, 3, self.heads, -1).permute(2, 0, 3, 1, 4)
+            else:
+                q, k, v = (f(x).view(b, t, self.heads, -1).transpose(1, 2)
+                           for f in (self.q, self.k, self.v))
+            att = (q * self.head_dim ** -0.5) @ k.transpose(-2, -1)
+            if self.bias is not None:
+                att = att + self.bias
+            return self.proj((att.softmax(-1) @ v).transpose(1, 2).reshape(b, t, -1))
+
+
+    class HandBlock(nn.Module):
+        def __init__(self, dim, heads, fused=False, tokens=None):
+            super().__init__()
+            self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
+            self.attn = HandAttention(dim, heads, fused, tokens)
+            self.fc1, self.fc2 = nn.Linear(dim, 2 * dim), nn.Linear(2 * dim, dim)
+
+        def forward(self, x):
+            x = x + self.attn(self.norm1(x))
+            return x + self.fc2(F.gelu(self.fc1(self.norm2(x))))
+
+
+    class HandViT(nn.Module):
+        def __init__(self, dim=16, classes=5):
+            super().__init__()
+            self.patch = nn.Conv2d(3, dim, 4, stride=4)  # 3x16x16 -> 16 tokens
+            self.pos = nn.Parameter(torch.randn(1, 16, dim) * 0.5)
+            self.blocks = nn.Sequential(HandBlock(dim, 4), HandBlock(dim, 4, True, 16))
+            self.norm = nn.LayerNorm(dim)
+            self.head = nn.Linear(dim, classes)
+
+        def forward(self, x):
+            t = self.patch(x).flatten(2).transpose(1, 2) + self.pos
+            return self.head(self.norm(self.blocks(t)).mean(1))
+
+
     def window_partition(x, ws):  # (B, H, W, C) -> (B * windows, ws * ws, C)
         b, h, w, c = x.shape
         x = x.view(b, h // ws, ws, w // ws, ws, c).permute(0, 1, 3, 2, 4, 5).contiguous()
@@ -233,6 +286,11 @@ MODELS = textwrap.dedent('''
         return _ready(TinyViT(norms=False))
 
 
+    def hand_vit():
+        torch.manual_seed(0)
+        return _ready(HandViT())
+
+
     def swin():
         torch.manual_seed(0)
         return _ready(TinySwin())
@@ -243,7 +301,8 @@ MODELS = textwrap.dedent('''
         return _ready(TinyMixer())
 ''')
 
-SHAPES = {"vit": (3, 16, 16), "vit_plain": (3, 16, 16), "swin": (3, 8, 8), "mixer": (3, 16, 16)}
+SHAPES = {"vit": (3, 16, 16), "hand_vit": (3, 16, 16), "vit_plain": (3, 16, 16),
+          "swin": (3, 8, 8), "mixer": (3, 16, 16)}
 
 
 @pytest.fixture(scope="module")
@@ -366,6 +425,32 @@ def test_vit_heads_first_then_width(zoo, tmp_path):
     attn = model.blocks[1].attn
     assert (attn.embed_dim, attn.num_heads, attn.head_dim) == (12, 2, 4)
     reloads(zoo, tmp_path, "vit", model)
+
+
+def test_written_out_attention_prunes_its_embedding_and_keeps_heads_whole(zoo, tmp_path):
+    groups = channel_groups(zoo[1].hand_vit(), inputs("hand_vit"))
+    width = group_of(groups, Member("patch", "out"))
+    assert width.prunable and {
+        Member("", "param:pos:2"), Member("blocks.0.attn.q", "in"),
+        Member("blocks.0.attn.v", "in"), Member("blocks.0.attn.proj", "out"),
+        Member("blocks.1.attn.qkv", "in"),
+        Member("blocks.1.attn.proj", "out")} <= set(width.members)
+    for producer in ("blocks.0.attn.q", "blocks.1.attn.qkv"):
+        group = group_of(groups, Member(producer, "out"))
+        assert "split into attention heads" in group.pinned[0] and "prune.heads" in group.pinned[0]
+    ratio_zero_is_exact(zoo[1].hand_vit(), "hand_vit")
+    model = zoo[1].hand_vit()
+    shrinks(model, "hand_vit", ChannelPruneConfig(ratio=0.5))
+    attn = model.blocks[1].attn
+    assert model.pos.shape == (1, 16, 8) and attn.qkv.weight.shape == (48, 8)
+    assert attn.proj.weight.shape == (8, 16)
+    # heads compose (prune.heads does not slice a per-head bias: that block is refused)
+    with pytest.raises(UnsupportedError, match=r"removing heads of \['blocks.1.attn'\]"):
+        prune_heads_(model, HeadPruneConfig(ratio=0.5), inputs("hand_vit"))
+    prune_heads_(model, HeadPruneConfig(ratio=0.5, ignore=["blocks.1.attn"]), inputs("hand_vit"))
+    assert model.blocks[0].attn.heads == 2 and model.blocks[0].attn.q.weight.shape == (8, 8)
+    assert run(model, inputs("hand_vit")).shape == (3, 5)
+    reloads(zoo, tmp_path, "hand_vit", model)
 
 
 # ----------------------------------------------------------------------------- windows

@@ -26,7 +26,8 @@ class Compiled(Protocol):
     bytes_on_disk: int | None  # size of the deployed file (ONNX), if the backend writes one
     info: dict[str, Any]  # backend facts for the report (e.g. op types the runtime executes)
 
-    def __call__(self, x: np.ndarray) -> np.ndarray: ...  # (B, *input_shape) -> logits (B, C)
+    # one array per model input, e.g. (B, *input_shape) float or (B, T) int64 ids -> outputs
+    def __call__(self, *xs: np.ndarray) -> np.ndarray: ...
 
     def latency_ms(self, batch: int, *, warmup: int = 10, runs: int = 50) -> float: ...
 
@@ -34,8 +35,9 @@ class Compiled(Protocol):
 class Backend(Protocol):
     name: str
 
-    def compile(
-        self, model: nn.Module, *, input_shape, workdir: Path, sample_inputs=None
+    def compile(  # inputs (task.inputs) for models that are not one float tensor in
+        self, model: nn.Module, *, input_shape=None, workdir: Path, sample_inputs=None,
+        inputs=None,
     ) -> Compiled: ...
 
 

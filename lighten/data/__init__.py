@@ -8,10 +8,10 @@ and evaluation cheap.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import torch
-from pydantic import Field, model_validator
+from pydantic import BeforeValidator, Field, model_validator
 from torch.utils.data import DataLoader, Dataset
 
 from lighten.errors import DataError
@@ -38,6 +38,11 @@ class TaskSpec(StrictModel):
         return self
 
 
+def _task_shorthand(value):
+    """``task: language-model`` is short for ``task: {name: language-model}``."""
+    return {"name": value} if isinstance(value, str) else value
+
+
 class DataSpec(StrictModel):
     """The ``data:`` block of a recipe: a built-in ``name`` or a ``python: file.py:function``."""
 
@@ -53,8 +58,9 @@ class DataSpec(StrictModel):
     path: str | None = Field(None, description="text: the text file")
     tokenizer: Literal["char", "bytes"] = Field("char", description="text: char or bytes")
     seq_len: int = Field(128, ge=1, description="text: tokens per window")
-    task: Literal["classification", "language-model"] | TaskSpec | None = Field(
-        None, description="what the model is for (default: from the data source)")
+    task: Annotated[TaskSpec | None, BeforeValidator(_task_shorthand)] = Field(
+        None, description="what the model is for: classification (default), language-model, "
+                          "or {python: tasks.py:make}")
 
     @model_validator(mode="after")
     def _one_source(self) -> DataSpec:
@@ -217,10 +223,8 @@ def _task_for(spec: DataSpec, train: Dataset, test: Dataset) -> Task | None:
     """The task ``data.task`` names; facts it leaves out (LM seq_len / vocab_size) come from the
     data. None: classification, inferred by bundle_from_datasets."""
     task = spec.task
-    if task is None or task == "classification":
+    if task is None:
         return None
-    if isinstance(task, str):
-        task = TaskSpec(name=task)
     if task.python is not None:
         return make_task(python=task.python, kwargs=task.kwargs)
     if task.name == "classification":

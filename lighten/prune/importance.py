@@ -131,9 +131,12 @@ def make_importance(name: str, *, seed: int = 0) -> Importance:
 
 
 def summed_loss(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy over the last axis, summed over samples: a classifier's ``(N, C)`` logits or
-    a language model's ``(N, T, V)`` next-token logits (each sample's token losses averaged)."""
-    if outputs.ndim <= 2:
+    """Cross-entropy summed over samples, as ``F.cross_entropy`` reads it (classes on axis 1:
+    ``(N, C)`` logits, ``(N, C, H, W)`` segmentation), or, when the targets match every axis but
+    the last, a language model's ``(N, T, V)`` next-token logits (each sample's tokens averaged)."""
+    standard = (outputs.shape[0], *outputs.shape[2:])  # what F.cross_entropy expects
+    if outputs.ndim <= 2 or tuple(targets.shape) == standard \
+            or tuple(targets.shape) != tuple(outputs.shape[:-1]):
         return F.cross_entropy(outputs, targets, reduction="sum")
     per_token = F.cross_entropy(outputs.reshape(-1, outputs.shape[-1]), targets.reshape(-1),
                                 reduction="none")
