@@ -371,8 +371,11 @@ def _save_layer_table(model: nn.Module, artifact: Path, previous: Path, recipe, 
     if len(data.test) == 0 or not has_quantized_layers(model):
         return
     before, _ = load_artifact(previous)
-    samples = torch.stack([data.test[i][0] for i in range(min(128, len(data.test)))])
-    write_layer_table(artifact.with_suffix(".layers.json"), before, model, samples.split(64))
+    from lighten.task import Inputs
+
+    samples = data.task.as_inputs(_sample_inputs(data, 128))  # one tensor per model input
+    batches = [Inputs(part) for part in zip(*(s.split(64) for s in samples), strict=True)]
+    write_layer_table(artifact.with_suffix(".layers.json"), before, model, batches)
 
 
 def _measure(model, stage, step, data, backend, reference, nbytes, seconds, out, recipe, progress):

@@ -152,9 +152,12 @@ class StepContext:
 
     def calibration_batches(self, samples: int, batch_size: int = 64) -> Iterator[torch.Tensor]:
         """Inputs only, from the training split, deterministic for a given seed: a tensor per
-        batch for single-input tasks, a tuple of tensors (``model(*batch)``) otherwise."""
+        batch for single-input tasks, a ``lighten.task.Inputs`` tuple (``model(*batch)``)
+        otherwise."""
+        from lighten.task import Inputs
+
         for inputs, _ in self._batches(samples, batch_size):
-            yield inputs[0] if len(inputs) == 1 else inputs
+            yield inputs[0] if len(inputs) == 1 else Inputs(inputs)
 
     def labelled_batches(self, samples: int, batch_size: int = 64,
                          ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:

@@ -28,8 +28,9 @@ from torch import Tensor
 
 from lighten.errors import DataError, ModelError
 
-__all__ = ["ClassificationTask", "InputSpec", "LanguageModelTask", "Task", "input_specs",
-           "make_task", "random_arrays", "task_from_dict"]
+__all__ = ["ClassificationTask", "InputSpec", "Inputs", "LanguageModelTask", "Task",
+           "batch_inputs", "batch_rows", "input_specs", "make_task", "random_arrays",
+           "task_from_dict"]
 
 
 @dataclass(frozen=True)
@@ -284,6 +285,40 @@ def _top1(outputs: Tensor) -> Tensor:
     if outputs.ndim < 2:
         raise DataError(f"outputs must have a class axis last, got shape {tuple(outputs.shape)}")
     return outputs.argmax(-1)
+
+
+class Inputs(tuple):
+    """The positional arguments of one ``model(*inputs)`` call, batched.
+
+    Calibration batches of a multi-input model are ``Inputs``, told apart from an
+    ``(inputs, targets)`` pair (``ctx.calibration_batches`` yields them; wrap your own tuples:
+    ``Inputs((a, b))``).
+    """
+
+    __slots__ = ()
+
+
+def batch_inputs(batch: Any) -> tuple[Tensor, ...]:
+    """What ``model(*args)`` takes for one calibration batch: a tensor (one input), an
+    :class:`Inputs` (several), or an ``(inputs, targets)`` pair whose inputs are a tensor or a
+    tuple/list of tensors (what a DataLoader over ``((a, b), y)`` items collates)."""
+    if isinstance(batch, Inputs):
+        return tuple(batch)
+    if isinstance(batch, Tensor):
+        return (batch,)
+    if isinstance(batch, (tuple, list)) and batch:
+        x = batch[0]
+        args = tuple(x) if isinstance(x, (tuple, list)) else (x,)
+        if all(isinstance(a, Tensor) for a in args):
+            return args
+    raise DataError(f"a calibration batch must be a tensor, lighten.task.Inputs((a, b)) for a "
+                    f"model with several inputs, or an (inputs, targets) pair; got "
+                    f"{type(batch).__name__}")
+
+
+def batch_rows(args: Sequence[Tensor]) -> int:
+    """Samples in one batch of ``model(*args)`` arguments (the first input's batch axis)."""
+    return int(args[0].shape[0]) if args else 0
 
 
 def input_specs(input_shape=None, inputs: Sequence[InputSpec] | None = None

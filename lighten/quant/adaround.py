@@ -25,6 +25,7 @@ from torch import nn
 
 from lighten.errors import DataError
 from lighten.quant.gptq import weight_inputs
+from lighten.task import batch_inputs
 
 ZETA, GAMMA = 1.1, -0.1  # stretch of the rectified sigmoid, as in the paper
 BETA_START, BETA_END = 20.0, 2.0
@@ -61,7 +62,7 @@ def collect_rows(model: nn.Module, layer: nn.Module, batches: Sequence[torch.Ten
                      seed=seed)
     try:
         for x in batches:
-            model(x)
+            model(*batch_inputs(x))  # one tensor, or Inputs of several
     finally:
         hook.remove()
     if not hook.rows:

@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 from lighten.errors import DataError
+from lighten.task import batch_inputs, batch_rows
 
 TABLE_VERSION = 1
 _BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
@@ -200,7 +201,8 @@ class _Power:
 def layer_table(reference: nn.Module, quantized: nn.Module, batches: Iterable[torch.Tensor],
                 ) -> LayerTable:
     """One row per quantized layer of ``quantized``, compared with ``reference`` (its float
-    input model) on ``batches`` (input tensors or ``(inputs, targets)`` pairs); sorted worst
+    input model) on ``batches`` (input tensors, ``lighten.task.Inputs`` tuples or
+    ``(inputs, targets)`` pairs); sorted worst
     SQNR first. Neither model is changed."""
     facts = {n: f for n, m in quantized.named_modules() if (f := quant_facts(m)) is not None}
     ref_modules = dict(reference.named_modules())
@@ -214,14 +216,14 @@ def layer_table(reference: nn.Module, quantized: nn.Module, batches: Iterable[to
     quantized.eval()
     try:
         for batch in batches:
-            x = batch[0] if isinstance(batch, (tuple, list)) else batch
-            samples += int(x.shape[0])
+            args = batch_inputs(batch)  # model(*args): one tensor, or several inputs
+            samples += batch_rows(args)
             inputs = _record(reference, [n for n in sources if n in ref_modules], inputs=True)
             ref_out = _record(reference, sorted(set(sources.values())), inputs=False)
             q_out = _record(quantized, list(facts), inputs=False)
             try:
-                y_ref = reference(x)
-                y_q = quantized(x)
+                y_ref = reference(*args)
+                y_q = quantized(*args)
             finally:
                 for rec in (inputs, ref_out, q_out):
                     rec.remove()

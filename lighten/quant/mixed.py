@@ -33,6 +33,7 @@ from lighten.quant.quantizer import fake_quantize, weight_qparams
 from lighten.registry import register_step
 from lighten.step import StepConfig, StepContext
 from lighten.target import Target
+from lighten.task import Inputs, batch_inputs
 
 _FRONT_CAP = 20000  # Pareto states kept per layer; beyond it states are bucketed by cost
 
@@ -88,9 +89,12 @@ def _quantized_weight(weight: torch.Tensor, bits: int, per_channel: bool,
 def output_error_sensitivity(model: nn.Module, layers: Sequence[str], inputs: list[torch.Tensor],
                              candidates: Sequence[int], *, per_channel: bool = True,
                              target: Target | None = None) -> dict[str, dict[int, float]]:
-    """Relative output error (noise power / signal power) with one layer quantized at a time."""
+    """Relative output error (noise power / signal power) with one layer quantized at a time.
+
+    ``inputs``: calibration batches (a tensor, or ``Inputs`` for a model with several inputs)."""
     model.eval()
-    reference = [model(x) for x in inputs]
+    args = [batch_inputs(x) for x in inputs]
+    reference = [model(*a) for a in args]
     signal = sum(float(r.pow(2).sum()) for r in reference) or 1.0
     out: dict[str, dict[int, float]] = {}
     for name in layers:
@@ -100,8 +104,8 @@ def output_error_sensitivity(model: nn.Module, layers: Sequence[str], inputs: li
         try:
             for bits in candidates:
                 weight.copy_(_quantized_weight(original, bits, per_channel, target))
-                noise = sum(float((model(x) - r).pow(2).sum()) for x, r in zip(inputs, reference,
-                                                                               strict=True))
+                noise = sum(float((model(*a) - r).pow(2).sum())
+                            for a, r in zip(args, reference, strict=True))
                 out[name][bits] = noise / signal
         finally:
             weight.copy_(original)
@@ -122,9 +126,10 @@ def hessian_sensitivity(model: nn.Module, layers: Sequence[str], inputs: list[to
     gen = torch.Generator().manual_seed(seed)
     traces = [0.0] * len(layers)
     for x in inputs:
+        a = batch_inputs(x)  # model(*a): one tensor, or several inputs
         with torch.no_grad():
-            reference = model(x)
-        loss = (model(x) - reference).pow(2).sum() / len(inputs)
+            reference = model(*a)
+        loss = (model(*a) - reference).pow(2).sum() / len(inputs)
         grads = torch.autograd.grad(loss, weights, create_graph=True, allow_unused=True)
         used = [i for i, g in enumerate(grads) if g is not None]  # unreached layers: trace 0
         for _ in range(probes):
@@ -191,7 +196,7 @@ def quantize_mixed_(model: nn.Module, calibration_batches, config: MixedConfig, 
     notes = notes if notes is not None else []
     model.eval()
     fold_with_notes(model, notes)  # sensitivities must be measured on the folded weights
-    inputs = [b[0] if isinstance(b, (tuple, list)) else b for b in calibration_batches]
+    inputs = [Inputs(batch_inputs(b)) for b in calibration_batches]  # model(*b) for each
     layers = _candidates(model, config.ignore, notes)
     if not layers:
         raise UnsupportedError("quant.mixed found no Conv1d/2d/3d or Linear layers to quantize")

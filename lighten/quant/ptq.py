@@ -33,6 +33,7 @@ from lighten.quant.quantizer import compute_qparams
 from lighten.registry import register_step
 from lighten.step import StepConfig, StepContext
 from lighten.target import Target
+from lighten.task import batch_inputs
 
 # Activations are uint8 (asymmetric). Measured on this AVX2 machine with ORT 1.32 (LeNet-5,
 # batch 64): uint8 and int8 activations run at the same speed within noise, and ORT converts int8
@@ -71,7 +72,8 @@ def quantize_ptq_(
 ) -> nn.Module:
     """Quantize ``model`` in place and return it.
 
-    ``calibration_batches`` yields input tensors (or ``(inputs, targets)`` pairs). Layers that
+    ``calibration_batches`` yields input tensors, ``lighten.task.Inputs`` tuples for a model with
+    several inputs (``model(*inputs)``), or ``(inputs, targets)`` pairs. Layers that
     cannot be quantized stay float; why is appended to ``notes``. ``weight_bits`` overrides the
     weight bit width of named layers (mixed precision); activations keep ``config.bits``.
     ``target`` (default: this machine) decides ``reduce_range: auto`` and the default backend.
@@ -207,8 +209,7 @@ def _calibrate(model, plan, batches, cfg: PTQConfig, spec) -> dict:
     try:
         with torch.no_grad():
             for batch in batches:
-                x = batch[0] if isinstance(batch, (tuple, list)) else batch
-                model(x)
+                model(*batch_inputs(batch))
                 seen += 1
     finally:
         for h in handles:

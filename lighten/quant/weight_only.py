@@ -29,6 +29,7 @@ from lighten.quant.eligibility import swappable
 from lighten.quant.gptq import InputStats, gptq_quantize, im2col_supported
 from lighten.registry import register_step
 from lighten.step import StepConfig, StepContext
+from lighten.task import Inputs, batch_inputs
 
 _MIN_SCALE = 2.0**-14  # smallest normal float16: scales are stored in half precision
 _ONNX_FLOAT = 1
@@ -277,7 +278,8 @@ def quantize_weight_only_(model: nn.Module, config: WeightOnlyConfig | None = No
                           notes: list[str] | None = None) -> nn.Module:
     """Replace every Linear / Conv2d of ``model`` (in place) by its weight-only form.
 
-    ``calibration_batches`` (inputs or ``(inputs, targets)`` pairs) is needed for ``gptq`` and
+    ``calibration_batches`` (input tensors, ``lighten.task.Inputs`` tuples for several inputs,
+    or ``(inputs, targets)`` pairs) is needed for ``gptq``, ``adaround`` and
     ``bias_correction``. Layers are done in module order, each calibrated on the outputs of the
     already-quantized layers before it, so later layers compensate earlier errors.
     """
@@ -357,11 +359,13 @@ def _targets(model: nn.Module, ignore: list[str]) -> list[str]:
     return found
 
 
-def _materialize(batches: Iterable | None) -> list[torch.Tensor]:
+def _materialize(batches: Iterable | None) -> list[Inputs]:
+    """Each calibration batch as the ``model(*args)`` arguments (float inputs as float32)."""
     out = []
     for item in batches or ():
-        x = torch.as_tensor(item[0] if isinstance(item, (tuple, list)) else item)
-        out.append(x.float() if x.is_floating_point() else x)  # token ids stay int64
+        args = batch_inputs(item)
+        out.append(Inputs(a.float() if a.is_floating_point() else a  # token ids stay int64
+                          for a in args))
     return out
 
 
@@ -370,8 +374,8 @@ def _collect(model: nn.Module, layer: nn.Module, batches, *, hessian: bool) -> I
     """Run the calibration inputs through ``model`` and gather ``layer``'s input statistics."""
     stats = InputStats(layer, hessian=hessian)
     try:
-        for x in batches:
-            model(x)
+        for args in batches:
+            model(*batch_inputs(args))
     finally:
         stats.remove()
     return stats
