@@ -12,9 +12,10 @@ The exported bytes run in ONNX Runtime against PyTorch before anything is writte
 from __future__ import annotations
 
 import io
+import json
 import os
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -59,6 +60,7 @@ def export_onnx(
     atol: float | None = None,
     opset: int = 17,
     inputs: Sequence[InputSpec] | None = None,
+    metadata: Mapping[str, str] | None = None,
 ) -> ExportCheck:
     """Export ``model`` (eval mode) to ``path`` with a dynamic batch axis; verify in ORT.
 
@@ -67,7 +69,8 @@ def export_onnx(
     several are named as their specs). ``sample_inputs`` is a batch tensor, or a tuple with one
     batch per input. Raises ExportError when the exporter fails, ORT cannot load the graph, or
     the outputs differ from PyTorch beyond tolerance. Nothing is written unless the export (and
-    check) succeeded.
+    check) succeeded. ``metadata`` is written into the file's ``metadata_props`` (e.g.
+    :func:`task_metadata`: what the model is for, its inputs, a language model's tokenizer).
     """
     specs = _check_specs(input_shape, inputs)
     path = Path(path)
@@ -77,6 +80,9 @@ def export_onnx(
     try:
         proto = _torch_export(model, specs, opset)
         folded = fold_quantized_weights(proto)
+        for key, value in (metadata or {}).items():
+            entry = proto.metadata_props.add()
+            entry.key, entry.value = str(key), str(value)
         data = proto.SerializeToString()
         quantized = any(n.op_type in _QDQ_OPS for n in proto.graph.node)
         max_diff = agree = None
@@ -105,6 +111,30 @@ def _check_destination(path: Path) -> None:
 
 def _names(specs: Sequence[InputSpec]) -> list[str]:
     return [INPUT_NAME] if len(specs) == 1 else [s.name for s in specs]
+
+
+def onnx_inputs(specs: Sequence[InputSpec]) -> list[dict]:
+    """The exported graph's inputs: ONNX name, shape with a dynamic batch axis, dtype."""
+    return [{"name": n, "shape": ["batch", *s.shape],
+             "dtype": str(s.dtype).removeprefix("torch."),
+             **({"high": s.high} if s.high is not None else {})}
+            for n, s in zip(_names(specs), specs, strict=True)]
+
+
+def task_metadata(task) -> dict[str, str]:
+    """ONNX ``metadata_props`` for a model exported for ``task`` (a ``lighten.task.Task``), so
+    the file alone says how to feed it: ``lighten.task`` (its ``describe()`` JSON),
+    ``lighten.task.kind``, ``lighten.inputs`` (names, shapes, dtypes) and, for a language model,
+    ``lighten.tokenizer`` (``char`` with its vocabulary, or ``bytes``)."""
+    facts = task.describe()
+    kind = facts.get("kind", task.kind)
+    meta = {"lighten.task": json.dumps(facts, sort_keys=True),
+            "lighten.task.kind": str(task.kind if kind == "python" else kind),
+            "lighten.inputs": json.dumps(onnx_inputs(task.inputs))}
+    tokenizer = getattr(task, "tokenizer", None)
+    if tokenizer:
+        meta["lighten.tokenizer"] = json.dumps(tokenizer, sort_keys=True)
+    return meta
 
 
 def _check_specs(input_shape, inputs) -> tuple[InputSpec, ...]:

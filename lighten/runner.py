@@ -68,17 +68,51 @@ def run_recipe(
         raise RecipeError(f"{out} already holds a run; pass --resume to continue it or choose "
                           f"another --output (or --overwrite to replace it)")
     if resume and state and state.get("recipe_hash") != digest:
-        raise RecipeError(f"the recipe changed since the run in {out} started; rerun with "
-                          f"--overwrite to replace that run, or without --resume into a new "
-                          f"--output")
+        _check_recipe_change(out, state, recipe_dict)
     if not (resume and state):
         state = None
     if state:
         _check_resumable(out, state, recipe)
+        if len(state["done"]) == len(recipe.steps) + 1 and state.get("recipe_hash") == digest:
+            return RunResult(out, _read_rows(out), list(state.get("notes", [])))  # all done:
+            # nothing is re-run or rewritten (run.json keeps its time)
 
     prepared = _prepare(recipe, progress=progress)  # all user-input errors surface here
     _prepare_output(out, fresh=state is None)
     return _execute(recipe, prepared, out, state, digest, recipe_dict, progress=progress)
+
+
+def _check_recipe_change(out: Path, state: dict, recipe_dict: dict) -> None:
+    """--resume accepts a recipe whose finished part is unchanged (steps may be appended or
+    edited after the last finished stage); anything else is refused, naming what changed."""
+    old = state.get("recipe")
+    changed = [] if isinstance(old, dict) else ["the recipe (this run predates recorded "
+                                                 "recipes)"]
+    if isinstance(old, dict):
+        finished = max(len(state["done"]) - 1, 0)  # steps behind the finished stages
+        old_steps, new_steps = old.get("steps", []), recipe_dict.get("steps", [])
+        changed = _differences({k: v for k, v in old.items() if k != "steps"},
+                               {k: v for k, v in recipe_dict.items() if k != "steps"}, "")
+        for i in range(finished):
+            mine = new_steps[i] if i < len(new_steps) else "(removed)"
+            changed += _differences(old_steps[i], mine, f"steps[{i}]")
+    if changed:
+        more = f" (+{len(changed) - 4} more)" if len(changed) > 4 else ""
+        raise RecipeError(f"cannot resume the run in {out}: {'; '.join(changed[:4])}{more} "
+                          "changed since it started (steps after the last finished stage may "
+                          "change); rerun with --overwrite to replace that run, or without "
+                          "--resume into a new --output")
+
+
+def _differences(old, new, where: str) -> list[str]:
+    """Dotted paths at which two JSON values differ, as 'path: old -> new'."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        found = []
+        for key in sorted(set(old) | set(new), key=str):
+            path = f"{where}.{key}" if where else str(key)
+            found += _differences(old.get(key, "(unset)"), new.get(key, "(unset)"), path)
+        return found
+    return [] if old == new else [f"{where or 'recipe'}: {old!r} -> {new!r}"]
 
 
 def _check_output_dir(out: Path) -> None:
@@ -221,7 +255,7 @@ def _execute(recipe, prepared: _Prepared, out: Path, state, digest, recipe_dict,
     rows = _read_rows(out) if state else []
     rows = [r for r in rows if r["stage"] in done]
     notes: list[str] = list(state.get("notes", [])) if state else []
-    target = Target.from_deploy(recipe.deploy)
+    target = _resumed_target(Target.from_deploy(recipe.deploy), recipe, state, notes)
     if "baseline" not in done:  # on resume the baseline comes from its artifact, noted before
         notes.append(f"baseline: {prepared.baseline_source}")
         if recipe.measure.robustness and not data.task.perturbable:
@@ -277,12 +311,28 @@ def _execute(recipe, prepared: _Prepared, out: Path, state, digest, recipe_dict,
         done.append(stage)
         atomic_write_text(out / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
         atomic_write_text(out / "state.json", json.dumps(
-            {"version": STATE_VERSION, "recipe_hash": digest, "done": done, "notes": notes}))
+            {"version": STATE_VERSION, "recipe_hash": digest, "done": done, "notes": notes,
+             "recipe": recipe_dict, "target": target.to_dict()}))
     atomic_write_text(out / "run.json", json.dumps(
         {"recipe": recipe_dict, "recipe_hash": digest, "source": recipe.source,
          "provenance": prov, "notes": notes}, indent=2))
     write_report(out)
     return RunResult(out, rows, notes)
+
+
+def _resumed_target(target: Target, recipe: Recipe, state: dict | None,
+                    notes: list[str]) -> Target:
+    """``cpu: auto`` resolves to the machine that *started* the run: a run resumed elsewhere
+    keeps building for the CPU its finished stages were built for (and says so)."""
+    recorded = (state or {}).get("target") or {}
+    cpu = recorded.get("cpu")
+    if getattr(recipe.deploy, "cpu", "auto") != "auto" or not cpu or cpu == target.cpu:
+        return target
+    import dataclasses
+
+    notes.append(f"resumed on a {target.cpu} machine; steps keep building for the run's "
+                 f"recorded target cpu {cpu} (latency is measured on this machine)")
+    return dataclasses.replace(target, cpu=cpu)
 
 
 def _load_finished(artifact: Path, out: Path) -> tuple[nn.Module, dict]:

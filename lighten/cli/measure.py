@@ -1,6 +1,8 @@
 """Measure MODEL as deployed: accuracy on test data, size, MACs, latency, energy, robustness.
 
 Uses the same measurement as every recipe stage, so numbers are comparable with `lighten run`.
+What is measured follows the model's task: a language model (an artifact of a text recipe, or
+file.py:factory with --data corpus.txt) reports perplexity and next-token accuracy on --data.
 """
 
 from __future__ import annotations
@@ -10,11 +12,10 @@ HELP = "measure accuracy, size, MACs and latency of MODEL on a backend"
 
 def add_arguments(parser) -> None:
     from lighten.backends import BACKENDS, DEFAULT_BACKEND
-    from lighten.cli.model_ref import DATA_CHOICES, add_model_arguments, positive_int
+    from lighten.cli.model_ref import DATA_HELP, add_model_arguments, positive_int
 
     add_model_arguments(parser)
-    parser.add_argument("--data", choices=DATA_CHOICES,
-                        help="test data (default: the built-in dataset matching the input shape)")
+    parser.add_argument("--data", metavar="DATA", help=DATA_HELP)
     parser.add_argument("--backend", choices=tuple(BACKENDS), default=DEFAULT_BACKEND,
                         help=f"runtime to time and evaluate on (default: {DEFAULT_BACKEND})")
     parser.add_argument("--threads", type=positive_int, metavar="N",
@@ -32,10 +33,11 @@ def run(args) -> int:
     import tempfile
     from pathlib import Path
 
-    from lighten.cli.model_ref import default_data, load_data_for, resolve_model
+    from lighten.cli.model_ref import load_data_for, resolve_model
     resolved = resolve_model(args.model, input_shape=args.input_shape, weights=args.weights,
                              num_classes=args.num_classes, data=args.data)
-    data = load_data_for(args.data or default_data(resolved.input_shape), resolved)
+    data = load_data_for(args.data, resolved)
+    task = resolved.task
 
     from lighten.artifact import save_artifact
     from lighten.backends import get_backend
@@ -51,9 +53,9 @@ def run(args) -> int:
             nbytes = save_artifact(resolved.model, workdir / "model.safetensors",
                                    model_spec=resolved.spec,
                                    input_shape=list(resolved.input_shape),
-                                   num_classes=data.num_classes, meta={})
-        compiled = backend.compile(resolved.model, input_shape=tuple(resolved.input_shape),
-                                   workdir=workdir)
+                                   num_classes=data.num_classes, task=task, meta={})
+        compiled = backend.compile(resolved.model, inputs=task.inputs, workdir=workdir,
+                                   sample_inputs=_test_inputs(data, 64))
         row, _ = measure_stage(
             resolved.model, stage=resolved.label, step=None, data=data, compiled=compiled,
             reference_logits=None, artifact_bytes=nbytes, seconds=0.0, eval_limit=args.limit,
@@ -61,3 +63,13 @@ def run(args) -> int:
         )
     print(json.dumps(row, indent=2) if args.json else format_stage_table([row]))
     return 0
+
+
+def _test_inputs(data, count: int):
+    """The first ``count`` test inputs, one batch per model input (the export check runs them)."""
+    from torch.utils.data import default_collate
+
+    if len(data.test) == 0:
+        return None
+    x, _ = default_collate([data.test[i] for i in range(min(count, len(data.test)))])
+    return data.task.as_inputs(x)

@@ -1,8 +1,15 @@
-"""Turn the MODEL argument of ``check``/``measure``/``export`` into a ready nn.Module.
+"""Turn the MODEL argument of ``check``/``measure``/``export`` into a ready nn.Module and
+its task (``lighten.task``: inputs, metrics), and ``--data`` into data for that task.
 
 MODEL is one of: a zoo name (``lenet5``; shipped weights when lighten has them), a lighten
-artifact (``runs/demo/stages/02-quant.ptq.safetensors``; the manifest knows the shapes), or a
-user factory ``file.py:factory`` (needs ``--input-shape``).
+artifact (``runs/demo/stages/02-quant.ptq.safetensors``; the manifest knows the task: a
+language model's vocabulary, a ``python:`` task's inputs), or a user factory
+``file.py:factory`` (needs ``--input-shape``; with ``--data corpus.txt`` it is a language model
+of that text, built with ``vocab_size``/``seq_len`` where its signature takes them).
+
+DATA is a built-in name (fashion-mnist, digits, synthetic), a text file (a language model's test
+text, tokenized with the model's recorded tokenizer), or ``file.py:function`` returning
+``(train, test)`` datasets whose items the model's task reads.
 """
 
 from __future__ import annotations
@@ -15,6 +22,9 @@ from pathlib import Path
 from typing import Any
 
 DATA_CHOICES = ("fashion-mnist", "digits", "synthetic")
+DATA_HELP = ("test data: fashion-mnist, digits, synthetic, a text file (language models) or "
+             "file.py:function returning (train, test) (default: the built-in dataset matching "
+             "the input shape)")
 _DATA_SHAPES = {"fashion-mnist": (1, 28, 28), "digits": (1, 8, 8)}
 
 
@@ -59,6 +69,28 @@ class ResolvedModel:
     label: str  # what to call it in tables
     spec: dict = field(default_factory=dict)  # ModelSpec as a dict, recorded in artifacts
     artifact: Path | None = None  # set when MODEL was an artifact file
+    task: Any = None  # lighten.task.Task; None: classification of input_shape / num_classes
+
+    def __post_init__(self) -> None:
+        if self.task is None:
+            from lighten.task import ClassificationTask
+
+            self.task = ClassificationTask(self.input_shape, self.num_classes)
+
+
+def describe_task(task) -> str:
+    """One line for the terminal: what goes in, what comes out."""
+    from lighten.task import ClassificationTask, LanguageModelTask
+
+    if isinstance(task, ClassificationTask):
+        return f"input {list(task.input_shape)}, {task.num_classes} classes"
+    if isinstance(task, LanguageModelTask):
+        tok = (task.tokenizer or {}).get("kind")
+        return (f"language model: token ids [{task.seq_len}] int64, vocabulary "
+                f"{task.vocab_size}{f' ({tok} tokenizer)' if tok else ''}")
+    inputs = ", ".join(f"{s.name} {list(s.shape)} {str(s.dtype).removeprefix('torch.')}"
+                       for s in task.inputs)
+    return f"task {task.kind}: inputs {inputs}"
 
 
 def _stderr_warning(message: str) -> None:
@@ -82,7 +114,7 @@ def resolve_model(ref: str, *, input_shape: tuple[int, ...] | None = None,
 
     path_part, sep, _ = ref.rpartition(":")
     if sep and path_part.endswith(".py"):
-        return _from_python(ref, input_shape, weights, num_classes)
+        return _from_python(ref, input_shape, weights, num_classes, data)
     if ref.endswith(".safetensors") or Path(ref).is_file():
         return _from_artifact(ref, input_shape, weights)
     from lighten.errors import did_you_mean
@@ -139,24 +171,36 @@ def _from_artifact(ref, input_shape, weights) -> ResolvedModel:
     if input_shape is not None and tuple(input_shape) != shape:
         raise ModelError(f"--input-shape {list(input_shape)} differs from the artifact's "
                          f"{list(shape)}; drop --input-shape")
-    return ResolvedModel(model.eval(), shape, int(manifest.get("num_classes") or 0),
-                         path.stem, dict(manifest.get("model_spec") or {}), artifact=path)
+    classes = int(manifest.get("num_classes") or 0)
+    task = None
+    if isinstance(manifest.get("task"), dict):  # what the recipe's data made it for
+        from lighten.errors import LightenError
+        from lighten.task import task_from_dict
+
+        try:
+            task = task_from_dict(manifest["task"])
+        except LightenError as err:
+            raise CheckpointError(f"{ref!r} records a task that cannot be rebuilt here "
+                                  f"({err})") from None
+        classes = task.num_classes or classes
+    return ResolvedModel(model.eval(), shape, classes, path.stem,
+                         dict(manifest.get("model_spec") or {}), artifact=path, task=task)
 
 
-def _from_python(ref, input_shape, weights, num_classes) -> ResolvedModel:
-    import torch
+def _from_python(ref, input_shape, weights, num_classes, data) -> ResolvedModel:
     from torch import nn
 
     from lighten.data.pyref import load_callable
     from lighten.errors import ModelError
-    from lighten.models import load_weights
+    from lighten.models import _accepted, check_model_outputs, load_weights
 
     if input_shape is None:
         raise ModelError(f"{ref!r} needs the input shape: add --input-shape C,H,W "
-                         "(e.g. 1,28,28)")
+                         "(e.g. 1,28,28; a language model's: the sequence length, e.g. 128)")
+    task = _text_task(data, input_shape)  # --data corpus.txt: a language model of that text
     factory = load_callable(ref, error=ModelError, what="model")
     try:
-        model = factory()
+        model = factory(**(_accepted(factory, task.factory_kwargs()) if task else {}))
     except Exception as exc:  # user code
         first = (str(exc).strip().splitlines() or [""])[0]
         raise ModelError(f"model factory {ref!r} raised {type(exc).__name__}: {first}") \
@@ -167,6 +211,22 @@ def _from_python(ref, input_shape, weights, num_classes) -> ResolvedModel:
     if weights is not None:
         load_weights(model, weights)
     model.eval()
+    spec = {"python": ref, "input_shape": list(input_shape)}
+    if weights is not None:
+        spec["weights"] = weights
+    if task is not None:
+        check_model_outputs(model, task, name=f"model {ref!r}")
+        return ResolvedModel(model, tuple(input_shape), task.num_classes, ref, spec, task=task)
+    classes = _classifier_outputs(model, ref, input_shape, num_classes)
+    return ResolvedModel(model, tuple(input_shape), classes, ref, spec)
+
+
+def _classifier_outputs(model, ref, input_shape, num_classes) -> int:
+    """The class count of a classifier on one float input (ModelError when it is not one)."""
+    import torch
+
+    from lighten.errors import ModelError
+
     try:
         with torch.no_grad():
             out = model(torch.zeros(2, *input_shape))
@@ -177,32 +237,139 @@ def _from_python(ref, input_shape, weights, num_classes) -> ResolvedModel:
     if not isinstance(out, torch.Tensor) or out.dim() != 2:
         got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
         raise ModelError(f"model {ref!r} returns {got}; lighten needs logits of shape "
-                         "(batch, classes)")
+                         "(batch, classes) (a language model: pass --data corpus.txt)")
     if num_classes is not None and out.shape[1] != num_classes:
         raise ModelError(f"model {ref!r} returns {out.shape[1]} classes, not "
                          f"--num-classes {num_classes}; fix one of them")
-    spec = {"python": ref, "input_shape": list(input_shape)}
-    if weights is not None:
-        spec["weights"] = weights
-    return ResolvedModel(model, tuple(input_shape), int(out.shape[1]), ref, spec)
+    return int(out.shape[1])
 
 
-def load_data_for(name: str, resolved):
-    """The dataset ``name`` (fashion-mnist, digits, synthetic), checked against the model's
-    input shape and class count so a mismatch is one clear line, not a crash mid-run."""
-    from lighten.data import DataSpec, load_data
+def _data_kind(name: str | None) -> str:
+    """builtin | python | text | none, from the ``--data`` value."""
+    if name is None:
+        return "none"
+    if name in DATA_CHOICES:
+        return "builtin"
+    path_part, sep, _ = name.rpartition(":")
+    if sep and path_part.endswith(".py"):
+        return "python"
+    return "text"
+
+
+def _text_task(data: str | None, input_shape):
+    """A language-model task fitted to the text file ``data`` (char vocabulary), seq_len from
+    ``--input-shape``; None when ``data`` is not a text file."""
+    if _data_kind(data) != "text":
+        return None
+    from lighten.data.text import load_text
+    from lighten.errors import DataError
+    from lighten.task import LanguageModelTask
+
+    if len(input_shape) != 1:
+        raise DataError(f"--data {data} is text, so MODEL is a language model: give its "
+                        f"sequence length as --input-shape T, not {list(input_shape)}")
+    _check_text_path(data)
+    _, _, tok = load_text(data, tokenizer="char", seq_len=int(input_shape[0]))
+    return LanguageModelTask(tok.vocab_size, int(input_shape[0]), tokenizer=tok.describe())
+
+
+def _check_text_path(name: str) -> None:
     from lighten.errors import DataError
 
+    if not Path(name).expanduser().is_file():
+        raise DataError(f"--data {name!r} is not a built-in dataset ({', '.join(DATA_CHOICES)}), "
+                        "not file.py:function and not an existing text file")
+
+
+def load_data_for(name: str | None, resolved):
+    """The test data ``--data`` names, for the model's task, checked against the model so a
+    mismatch is one clear line, not a crash mid-run: a built-in dataset (classification; the one
+    matching the input shape when ``name`` is None), a text file (a language model's text,
+    tokenized with the model's tokenizer) or ``file.py:function`` (any task)."""
+    from lighten.data import DataSpec, load_data
+    from lighten.errors import DataError
+    from lighten.task import ClassificationTask, LanguageModelTask
+
+    task = resolved.task
+    kind = _data_kind(name)
+    classify = isinstance(task, ClassificationTask)
+    if kind == "python":
+        return _python_data(name, resolved)
+    if kind == "text":
+        if not isinstance(task, LanguageModelTask):
+            raise DataError(f"--data {name} is text, for a language model; {resolved.label} is "
+                            f"{'a classifier' if classify else f'a {task.kind} model'}: give "
+                            "it data of its own (file.py:function)")
+        return _text_data(name, task)
+    if not classify:
+        what = ("a text file (e.g. --data corpus.txt)" if isinstance(task, LanguageModelTask)
+                else "file.py:function returning (train, test) datasets")
+        raise DataError(f"{resolved.label} is a {task.kind} model ({describe_task(task)}); "
+                        f"the built-in datasets are for classifiers: pass --data {what}")
+    name = name or default_data(resolved.input_shape)
     if name == "synthetic":
         spec = DataSpec(name="synthetic", input_shape=list(resolved.input_shape),
                         num_classes=max(resolved.num_classes, 2))
     else:
         spec = DataSpec(name=name)
     bundle = load_data(spec)
+    _check_classes(name, bundle, resolved)
+    return bundle
+
+
+def _check_classes(name: str, bundle, resolved) -> None:
+    from lighten.errors import DataError
+
     if tuple(bundle.input_shape) != tuple(resolved.input_shape):
         raise DataError(f"{name} samples are {list(bundle.input_shape)} but the model takes "
                         f"{list(resolved.input_shape)}; pick matching --data or --input-shape")
     if resolved.num_classes and bundle.num_classes != resolved.num_classes:
         raise DataError(f"{name} has {bundle.num_classes} classes but the model outputs "
                         f"{resolved.num_classes}; pick matching --data or --num-classes")
+
+
+def _text_data(name: str, task):
+    """A text file cut into the model's windows, tokenized with the tokenizer its task records
+    (a char vocabulary from training; bytes when none is recorded and the vocabulary is 256)."""
+    from lighten.data import DataBundle
+    from lighten.data.text import Tokenizer, load_text
+    from lighten.errors import DataError
+
+    _check_text_path(name)
+    if task.tokenizer:
+        tok = Tokenizer.from_description(task.tokenizer)
+    elif task.vocab_size == 256:
+        tok = Tokenizer("bytes")
+    else:
+        raise DataError(f"the model records no tokenizer (vocabulary {task.vocab_size}), so "
+                        f"the text of {name} cannot be turned into its token ids; pass "
+                        "--data file.py:function returning (ids, next_ids) datasets")
+    if tok.vocab_size != task.vocab_size:
+        raise DataError(f"the recorded tokenizer has {tok.vocab_size} tokens but the model "
+                        f"{task.vocab_size}; the artifact is inconsistent, re-save it")
+    train, test, tok = load_text(name, tokenizer=tok, seq_len=task.seq_len)
+    return DataBundle("text", train, test, (task.seq_len,), task.vocab_size,
+                      f"{tok.kind} tokens of {name}", task=task)
+
+
+def _python_data(name: str, resolved):
+    """``file.py:function`` -> (train, test) datasets, read through the model's task."""
+    from lighten.data import bundle_from_datasets
+    from lighten.data.pyref import load_callable
+    from lighten.errors import DataError
+    from lighten.task import ClassificationTask
+
+    fn = load_callable(name, error=DataError, what="data")
+    try:
+        result = fn()
+    except Exception as exc:  # user code
+        raise DataError(f"data function {name!r} raised {type(exc).__name__}: {exc}") from exc
+    if not isinstance(result, (tuple, list)) or len(result) != 2:
+        raise DataError(f"data function {name!r} returned {type(result).__name__}; it must "
+                        "return (train_dataset, test_dataset)")
+    classify = isinstance(resolved.task, ClassificationTask)
+    bundle = bundle_from_datasets(result[0], result[1], name=name,
+                                  task=None if classify else resolved.task)
+    if classify:
+        _check_classes(name, bundle, resolved)
     return bundle

@@ -41,6 +41,16 @@ class Tokenizer:
             return cls("char", "".join(sorted(set(text))))
         raise DataError(f"unknown tokenizer {kind!r}; use char or bytes")
 
+    @classmethod
+    def from_description(cls, facts: dict) -> Tokenizer:
+        """The tokenizer :meth:`describe` recorded (``LanguageModelTask.tokenizer``)."""
+        kind = facts.get("kind") if isinstance(facts, dict) else None
+        if kind == "bytes":
+            return cls("bytes")
+        if kind == "char" and isinstance(facts.get("vocab"), str) and facts["vocab"]:
+            return cls("char", facts["vocab"])
+        raise DataError(f"recorded tokenizer {facts!r} is not char (with its vocab) or bytes")
+
     @property
     def vocab_size(self) -> int:
         return 256 if self.kind == "bytes" else len(self.vocab or "")
@@ -75,8 +85,9 @@ def windows(ids: torch.Tensor, seq_len: int) -> TensorDataset:
     return TensorDataset(x.contiguous(), y.contiguous())
 
 
-def load_text(path: str | Path, *, tokenizer: str, seq_len: int):
-    """(train, test, tokenizer) for the text file at ``path``."""
+def load_text(path: str | Path, *, tokenizer: str | Tokenizer, seq_len: int):
+    """(train, test, tokenizer) for the text file at ``path``. ``tokenizer`` is a kind (fitted
+    to this text) or a :class:`Tokenizer` already fitted, e.g. a trained model's vocabulary."""
     path = Path(path).expanduser()
     if not path.is_file():
         raise DataError(f"text file {str(path)!r} does not exist; fix data.path")
@@ -86,11 +97,11 @@ def load_text(path: str | Path, *, tokenizer: str, seq_len: int):
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as err:
-        if tokenizer != "bytes":
+        if getattr(tokenizer, "kind", tokenizer) != "bytes":
             raise DataError(f"text file {str(path)!r} is not UTF-8 ({err.reason} at byte "
                             f"{err.start}); use tokenizer: bytes") from None
         text = raw.decode("utf-8", errors="replace")
-    tok = Tokenizer.fit(tokenizer, text)
+    tok = tokenizer if isinstance(tokenizer, Tokenizer) else Tokenizer.fit(tokenizer, text)
     ids = torch.tensor(list(raw), dtype=torch.int64) if tok.kind == "bytes" else tok.encode(text)
     if len(ids) <= seq_len:
         raise DataError(f"text file {str(path)!r} has {len(ids)} tokens, not more than seq_len "

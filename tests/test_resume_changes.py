@@ -1,0 +1,74 @@
+"""--resume after a recipe change: appended steps just run, a changed finished step is named,
+a finished run is left untouched, and a run resumed on another CPU keeps its target."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from lighten import runner
+from lighten.errors import RecipeError
+from lighten.recipe import load_recipe
+from tests.test_runner import read_rows, write_recipe
+
+ONE_STEP = """
+  - prune.magnitude: {sparsity: 0.5}
+"""
+TWO_STEPS = ONE_STEP + """
+  - quant.dynamic: {}
+"""
+
+
+@pytest.fixture(autouse=True)
+def isolated_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("LIGHTEN_CACHE", str(tmp_path / "cache"))
+
+
+def _run(tmp_path, steps, **kw):
+    return runner.run_recipe(load_recipe(write_recipe(tmp_path, steps=steps)), progress=False,
+                             **kw)
+
+
+def test_appending_a_step_to_a_finished_run_runs_only_the_new_step(tmp_path):
+    _run(tmp_path, ONE_STEP)
+    out = tmp_path / "out"
+    first = (out / "stages" / "01-prune.magnitude.safetensors").read_bytes()
+    result = _run(tmp_path, TWO_STEPS, resume=True)
+    assert [r["stage"] for r in result.rows] == ["baseline", "prune.magnitude", "quant.dynamic"]
+    assert (out / "stages" / "01-prune.magnitude.safetensors").read_bytes() == first
+    assert json.loads((out / "state.json").read_text())["recipe"]["steps"][1] == {
+        "quant.dynamic": {}}
+
+
+def test_a_changed_finished_step_is_refused_naming_what_changed(tmp_path):
+    _run(tmp_path, ONE_STEP)
+    with pytest.raises(RecipeError, match=r"steps\[0\]\.prune\.magnitude\.sparsity: 0\.5 -> 0\.6"):
+        _run(tmp_path, "\n  - prune.magnitude: {sparsity: 0.6}\n", resume=True)
+    with pytest.raises(RecipeError, match=r"train\.epochs: 3\.0 -> 2\.0"):
+        path = write_recipe(tmp_path, steps=ONE_STEP)
+        path.write_text(path.read_text().replace("epochs: 3", "epochs: 2"))
+        runner.run_recipe(load_recipe(path), resume=True, progress=False)
+
+
+def test_resuming_a_finished_run_rewrites_nothing(tmp_path):
+    _run(tmp_path, ONE_STEP)
+    out = tmp_path / "out"
+    files = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    result = _run(tmp_path, ONE_STEP, resume=True)
+    assert [r["stage"] for r in result.rows] == ["baseline", "prune.magnitude"]
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == files
+
+
+def test_a_run_resumed_on_another_cpu_keeps_building_for_its_recorded_cpu(tmp_path):
+    _run(tmp_path, ONE_STEP)
+    out = tmp_path / "out"
+    state = json.loads((out / "state.json").read_text())
+    other = "avx2" if state["target"]["cpu"] != "avx2" else "avx512"
+    state["target"]["cpu"] = other  # as if the run had started on another machine
+    (out / "state.json").write_text(json.dumps(state))
+    _run(tmp_path, TWO_STEPS, resume=True)
+    state = json.loads((out / "state.json").read_text())
+    assert state["target"]["cpu"] == other
+    assert any("resumed on a" in n and other in n for n in state["notes"])
+    assert read_rows(out)[-1]["stage"] == "quant.dynamic"
