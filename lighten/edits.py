@@ -57,10 +57,16 @@ _SKIP_ARGS = {"self", "device", "dtype"}
 # ----------------------------------------------------------------------------- describing layers
 
 
-def torch_layer_class(name: str) -> type[nn.Module] | None:
-    """A standard layer class by name: containers and the classes ``torch.nn`` exports."""
+def layer_class(name: str) -> type[nn.Module] | None:
+    """A rebuildable layer class by its recorded name: a container, a class with a layer spec
+    (:mod:`lighten.layers`, users' registered layers included) or one ``torch.nn`` exports."""
     if name in _CONTAINERS:
         return _CONTAINERS[name]
+    from lighten.layers import spec_by_name
+
+    spec = spec_by_name(name)
+    if spec is not None:
+        return spec.cls
     cls = getattr(nn, name, None)
     if isinstance(cls, type) and issubclass(cls, nn.Module) and _is_torch_layer(cls):
         return cls
@@ -71,30 +77,38 @@ def _is_torch_layer(cls: type) -> bool:
     return cls.__module__.startswith("torch.nn.modules") and getattr(nn, cls.__name__, None) is cls
 
 
-def constructor_attrs(module: nn.Module) -> dict[str, Any] | None:
-    """JSON constructor arguments that rebuild ``module`` (a torch layer), or None if unknown.
+def layer_name(module: nn.Module) -> str:
+    """The name an edit records for ``module``'s class (its spec's name where it has one)."""
+    from lighten.layers import layer_spec
 
-    A layer spec (:mod:`lighten.layers`) names them where one exists; otherwise they are the
-    constructor's parameters read back as attributes of the same name (a boolean ``bias``
-    becomes "has a bias"). Callers verify the result by rebuilding (:func:`_rebuilt_matches`).
+    spec = layer_spec(module, exact=True)
+    return spec.name if spec is not None and spec.replayable else type(module).__name__
+
+
+def constructor_attrs(module: nn.Module) -> dict[str, Any] | None:
+    """JSON constructor arguments that rebuild ``module``, or None if it cannot be rebuilt.
+
+    A layer spec (:mod:`lighten.layers`) names them where one exists, for torch's layers and a
+    user's registered ones; other ``torch.nn`` layers fall back to their constructor's
+    parameters read back as attributes of the same name (a boolean ``bias`` becomes "has a
+    bias"). Callers verify the result by rebuilding (:func:`_rebuilt_matches`).
     """
+    from lighten.layers import constructor_attrs as spec_attrs
+
     cls = type(module)
     if cls.__name__ in _CONTAINERS and cls is _CONTAINERS[cls.__name__]:
         return {}
-    if not _is_torch_layer(cls):
-        return None
-    names = _spec_attrs(cls)
+    names = spec_attrs(module)
     if names is None:
+        if not _is_torch_layer(cls):
+            return None
         try:
             params = inspect.signature(cls.__init__).parameters.values()
         except (TypeError, ValueError):
             return None
-        names = []
-        for p in params:
-            if p.name in _SKIP_ARGS or p.name.startswith("_"):
-                continue
-            if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD):  # Identity(*args) ignores them
-                names.append(p.name)
+        names = [p.name for p in params if p.name not in _SKIP_ARGS
+                 and not p.name.startswith("_")
+                 and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]  # Identity(*args)
     attrs = {}
     for name in names:
         if not hasattr(module, name):
@@ -109,22 +123,12 @@ def constructor_attrs(module: nn.Module) -> dict[str, Any] | None:
         return None
 
 
-def _spec_attrs(cls: type[nn.Module]) -> tuple[str, ...] | None:
-    try:
-        from lighten.layers import layer_spec
-    except ImportError:
-        return None
-    spec = layer_spec(cls)
-    attrs = getattr(spec, "constructor_attrs", None) if spec is not None else None
-    return tuple(attrs) if attrs is not None else None
-
-
 def build_layer(name: str, attrs: dict) -> nn.Module:
-    """A standard layer from its recorded name and constructor arguments."""
-    cls = torch_layer_class(name)
+    """A layer from its recorded name and constructor arguments."""
+    cls = layer_class(name)
     if cls is None:
         raise CheckpointError(f"unknown layer type {name!r} in the artifact's edits; it needs a "
-                              "newer lighten")
+                              "newer lighten, or register its layer spec before loading")
     kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in attrs.items()}
     try:
         return cls(**kwargs)
@@ -178,7 +182,7 @@ def describe_module(module: nn.Module, path: str) -> dict:
         return {"op": "module", "path": path, "type": key, "config": config}
     attrs = constructor_attrs(module)
     if attrs is not None:
-        edit = {"op": "module", "path": path, "layer": type(module).__name__, "attrs": attrs}
+        edit = {"op": "module", "path": path, "layer": layer_name(module), "attrs": attrs}
         if _rebuilt_matches(module, edit):
             return edit
     raise CheckpointError(
@@ -267,8 +271,8 @@ def _already(module: nn.Module, edit: dict) -> bool:
     if "type" in edit:
         return registered_key(module) == edit["type"] and module.artifact_config() == edit[
             "config"]
-    return type(module).__name__ == edit["layer"] and _is_torch_layer(type(module)) \
-        and constructor_attrs(module) == edit["attrs"]
+    return type(module) is layer_class(edit["layer"]) and constructor_attrs(module) == edit[
+        "attrs"]
 
 
 def _apply_remove(model: nn.Module, edit: dict) -> nn.Module:

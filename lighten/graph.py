@@ -948,6 +948,10 @@ class _Analysis:
         elif not keeps and a == len(src) - 1 and len(out) > len(src) + 1 \
                 and out[:a] == src[:a] and math.prod(out[a:]) == src[a]:
             return self._into_heads(node, x)  # a fused qkv: (B, N, 3 * E) -> (B, N, 3, h, d)
+        elif not keeps and len(out) > 1 and all(
+                "model input" in self.pins[self.find(seg.space)] for seg in x.segs):
+            # the model input reshaped (image rows as tokens): never pruned, on axis 1 again
+            return _Layout(1, (_Seg(self.new_space(out[1], "model input"), out[1]),))
         elif not keeps:
             raise UnsupportedError(f"{_where(node)}: {_op_name(node)} reshapes {src} -> {out} "
                                    "and moves the channel axis; structured pruning cannot "

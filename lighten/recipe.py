@@ -81,9 +81,11 @@ class Recipe:
     seed: int
     source: str = "<dict>"
     base_dir: Path = Path(".")
+    written: dict | None = None  # the mapping as the user wrote it (YAML), nothing filled in
 
     def to_dict(self) -> dict:
-        """The recipe as plain data: recorded in artifacts and reports, hashed for resume."""
+        """The recipe as plain data, hashed for resume (steps without their defaults). What a
+        run records is :meth:`as_written` and :meth:`settings`."""
         return {
             "name": self.name,
             "model": self.model.model_dump(exclude_none=True),
@@ -92,6 +94,28 @@ class Recipe:
             "deploy": self.deploy.model_dump(),
             "measure": self.measure.model_dump(),
             "steps": [s.to_dict() for s in self.steps],
+            "output": self.output,
+            "seed": self.seed,
+        }
+
+    def as_written(self) -> dict:
+        """The recipe exactly as the user wrote it (run.json ``recipe``, the report's recipe
+        file); a Recipe built without one falls back to :meth:`to_dict`."""
+        return self.written if self.written is not None else self.to_dict()
+
+    def settings(self) -> dict:
+        """Every setting the run used, defaults filled in (run.json ``settings``): each step's
+        full config, and only the ``data:`` keys that apply to its source."""
+        from lighten.data import data_settings
+
+        return {
+            "name": self.name,
+            "model": self.model.model_dump(mode="json", exclude_none=True),
+            "data": data_settings(self.data),
+            "train": self.train.model_dump(mode="json"),
+            "deploy": self.deploy.model_dump(mode="json"),
+            "measure": self.measure.model_dump(mode="json"),
+            "steps": [{s.name: s.config.model_dump(mode="json")} for s in self.steps],
             "output": self.output,
             "seed": self.seed,
         }
@@ -160,7 +184,15 @@ def parse_recipe(raw: Any, *, source: str = "<dict>", base_dir: Path = Path(".")
         seed=top.seed,
         source=source,
         base_dir=base_dir,
+        written=_plain(raw),
     )
+
+
+def _plain(raw: dict) -> dict:
+    """A JSON-safe deep copy of the user's mapping (YAML dates and the like become text)."""
+    import json
+
+    return json.loads(json.dumps(raw, default=str))
 
 
 def check_step_order(names: list[str], *, where: str) -> None:

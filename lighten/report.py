@@ -64,6 +64,44 @@ def _ratio(base: float | None, value: float | None, better: str, worse: str) -> 
     return f"{value / base:.1f}x {worse}"
 
 
+def _is_spread(value: object) -> bool:
+    return (isinstance(value, list | tuple) and len(value) == 2
+            and all(isinstance(v, int | float) and not isinstance(v, bool) for v in value))
+
+
+def same_speed(spread_a: Sequence[float] | None, spread_b: Sequence[float] | None
+               ) -> bool | None:
+    """True when two latency spreads ``[low, high]`` (``latency_ms_b*_spread``: the IQR across
+    the interleaved timing rounds, ``lighten.measure.timing``) overlap: the difference of the
+    medians is inside the noise. False when they are apart; None when either is missing (rows
+    written before spreads were recorded)."""
+    if not _is_spread(spread_a) or not _is_spread(spread_b):
+        return None
+    return spread_a[0] <= spread_b[1] and spread_b[0] <= spread_a[1]
+
+
+def speed_text(base: dict, row: dict, key: str = "latency_ms_b64") -> str:
+    """The speed of ``row`` against ``base`` at one batch size: "≈" where their latency spreads
+    overlap, else "2.3x faster" / "1.4x slower" (also when a row has no spread recorded)."""
+    if base.get(key) is None or row.get(key) is None:
+        return "-"
+    if same_speed(base.get(f"{key}_spread"), row.get(f"{key}_spread")):
+        return "≈"
+    return _ratio(base.get(key), row.get(key), "faster", "slower")
+
+
+def latency_text(row: dict, key: str) -> str:
+    """Milliseconds with the spread as ± half the IQR in percent of the median: "0.639 ±2.1%"
+    (no ± where the row has no spread)."""
+    value, spread = row.get(key), row.get(f"{key}_spread")
+    if value is None:
+        return "-"
+    if not _is_spread(spread) or not value:
+        return _ms(value)
+    half = 100 * (spread[1] - spread[0]) / 2 / value
+    return f"{value:.3f} ±{half:.1f}%" if half < 9.95 else f"{value:.3f} ±{half:.0f}%"
+
+
 def _delta_points(base: float | None, value: float | None) -> str:
     if base is None or value is None:
         return "-"
@@ -90,10 +128,9 @@ STAGE_COLUMNS = (
     Column("size", lambda r, b: _ratio(b.get("bytes"), r.get("bytes"), "smaller", "larger"),
            relative=True),
     Column("MACs", lambda r, b: human_count(r.get("macs"))),
-    Column("b1 ms", lambda r, b: _ms(r.get("latency_ms_b1"))),
-    Column("b64 ms", lambda r, b: _ms(r.get("latency_ms_b64"))),
-    Column("b64 speed", lambda r, b: _ratio(b.get("latency_ms_b64"), r.get("latency_ms_b64"),
-                                            "faster", "slower"), relative=True),
+    Column("b1 ms", lambda r, b: latency_text(r, "latency_ms_b1")),
+    Column("b64 ms", lambda r, b: latency_text(r, "latency_ms_b64")),
+    Column("b64 speed", lambda r, b: speed_text(b, r, "latency_ms_b64"), relative=True),
     Column("energy µJ", lambda r, b: "-" if r.get("energy_uj") is None
            else f"{r['energy_uj']:.2f}"),
     Column("sec", lambda r, b: "-" if r.get("seconds") is None else f"{r['seconds']:.1f}"),
@@ -189,10 +226,17 @@ def _plot_png(rows: Sequence[dict], x_key: str, x_label: str, *, log_x: bool,
     """Accuracy (or ``y_key``: perplexity) against one cost, one labelled point per stage; None
     when no row has both."""
     percent = y_key == "accuracy"
+    kept = [r for r in rows if r.get(x_key) and r.get(y_key) is not None]
     points = [(r[x_key], r[y_key] * (100 if percent else 1), str(r.get("stage", "?")))
-              for r in rows if r.get(x_key) and r.get(y_key) is not None]
+              for r in kept]
     if not points:
         return None
+    # a latency's spread ([low, high]: IQR across the timing rounds) as horizontal error bars
+    spreads = [r.get(f"{x_key}_spread") for r in kept]
+    xerr = None
+    if all(_is_spread(sp) for sp in spreads):
+        xerr = [[max(0.0, r[x_key] - sp[0]) for r, sp in zip(kept, spreads, strict=True)],
+                [max(0.0, sp[1] - r[x_key]) for r, sp in zip(kept, spreads, strict=True)]]
     from io import BytesIO
 
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -203,6 +247,10 @@ def _plot_png(rows: Sequence[dict], x_key: str, x_label: str, *, log_x: bool,
     ax = fig.add_subplot()
     xs, ys, labels = zip(*points, strict=True)
     ax.plot(xs, ys, "-o", color="tab:blue")
+    if xerr is not None:
+        ax.errorbar(xs, ys, xerr=xerr, fmt="none", ecolor="tab:blue", elinewidth=1, capsize=3,
+                    alpha=0.7, label="interquartile range across timing rounds")
+        ax.legend(fontsize=7, loc="best")
     for x, y, label in points:
         ax.annotate(label, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
     if log_x:

@@ -8,6 +8,8 @@ Output folder layout (other tools read it; keep the names)::
     OUTPUT/stages/NN-<stage>.safetensors   the model after each stage (lighten artifact)
     OUTPUT/stages/NN-<stage>.layers.json   per quantized layer: bits, scales, SQNR vs float
     OUTPUT/stages/NN-<stage>.report.json   the step's Report: per-layer rows, notes, summary
+    OUTPUT/deploy/<stage>/             what each stage deploys (model.onnx), timed at the end
+    OUTPUT/latency.json                every stage timed together: rounds, orders, medians, IQRs
     OUTPUT/report.md, report.html      written at the end
 
 Everything the user got wrong (recipe, data, model, weights) is found before the output folder is
@@ -232,7 +234,8 @@ def _save_weights(model: nn.Module, path: Path) -> None:
 
 def _prepare_output(out: Path, *, fresh: bool) -> None:
     if fresh:
-        for name in ("metrics.jsonl", "state.json", "run.json", "report.md", "report.html"):
+        for name in ("metrics.jsonl", "state.json", "run.json", "report.md", "report.html",
+                     "latency.json"):
             (out / name).unlink(missing_ok=True)
         stages = out / "stages"
         if stages.is_dir():
@@ -313,6 +316,9 @@ def _execute(recipe, prepared: _Prepared, out: Path, state, digest, recipe_dict,
         atomic_write_text(out / "state.json", json.dumps(
             {"version": STATE_VERSION, "recipe_hash": digest, "done": done, "notes": notes,
              "recipe": recipe_dict, "target": target.to_dict()}))
+    # latency of every stage (finished ones of a resumed run too), timed together, interleaved
+    notes.append(_time_stages(rows, stage_names, backend, data, out, recipe, progress))
+    atomic_write_text(out / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
     atomic_write_text(out / "run.json", json.dumps(
         {"recipe": recipe_dict, "recipe_hash": digest, "source": recipe.source,
          "provenance": prov, "notes": notes}, indent=2))
@@ -441,7 +447,44 @@ def _measure(model, stage, step, data, backend, reference, nbytes, seconds, out,
         compiled=compiled, reference_logits=reference, artifact_bytes=nbytes, seconds=seconds,
         eval_limit=recipe.measure.eval_limit, robustness=recipe.measure.robustness,
         latency_runs=recipe.deploy.latency_runs, progress=progress,
+        latency=False,  # every stage is timed at the end, together: _time_stages
     )
+
+
+def _time_stages(rows, stage_names, backend, data, out, recipe, progress) -> str:
+    """Time every stage's deployment together, in interleaved rounds
+    (:func:`lighten.measure.timing.time_interleaved`, ``deploy.latency_runs`` timed runs per
+    stage and batch size in all, the round orders seeded with the recipe's seed); fill
+    ``latency_ms_b1/_b64`` (medians) and ``..._spread`` ([25th, 75th percentile] of the rounds)
+    into ``rows``, write ``latency.json`` (every round's numbers, the orders, when); return the
+    run note that says how the numbers were taken.
+
+    The deployments are the files each stage's compile wrote to ``deploy/<stage>/`` (opened
+    again, not re-exported); where a backend writes none (torch) or the files are gone, the
+    stage's artifact is loaded and compiled."""
+    from lighten.measure.timing import time_interleaved
+    from lighten.provenance import atomic_write_text
+
+    compiled = []
+    for index, stage in enumerate(stage_names):
+        workdir = out / "deploy" / stage
+        deployed = backend.load(workdir, inputs=data.task.inputs)
+        if deployed is None:
+            model, _ = _load_finished(out / "stages" / f"{index:02d}-{stage}.safetensors", out)
+            deployed = backend.compile(model, inputs=data.task.inputs, workdir=workdir,
+                                       sample_inputs=data.task.as_inputs(_sample_inputs(data,
+                                                                                        256)))
+        compiled.append(deployed)
+    timing = time_interleaved(compiled, runs=recipe.deploy.latency_runs, seed=recipe.seed,
+                              progress=progress)
+    by_stage = {row["stage"]: row for row in rows}
+    for index, stage in enumerate(stage_names):
+        by_stage[stage].update(timing.row_fields(index))
+    atomic_write_text(out / "latency.json", json.dumps(timing.to_dict(stage_names), indent=1))
+    return (f"latency: all {len(stage_names)} stages timed together after the last one, in "
+            f"{timing.rounds} interleaved rounds of {timing.runs_per_round} run(s) per stage and "
+            "batch size (order shuffled per round, seeded); shown: the median of the rounds ± "
+            "half their interquartile range; '≈' where a stage's range overlaps the baseline's")
 
 
 def _unique_stage_names(recipe: Recipe) -> list[str]:

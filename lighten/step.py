@@ -125,11 +125,16 @@ class StepContext:
         *,
         loss_terms: Sequence[LossTerm] = (),
         callbacks: Sequence[Callback] = (),
+        keep_zeros: bool = True,
     ) -> nn.Module:
-        """Fine-tune ``model`` in place with the shared loop; a no-op when ``config`` is None."""
+        """Fine-tune ``model`` in place with the shared loop; a no-op when ``config`` is None.
+
+        Pruned weights stay exactly zero (``keep_zeros``: :class:`lighten.train.KeepZeros`, the
+        rule is :func:`lighten.train.pruned_masks`); a step that means to regrow them passes
+        ``keep_zeros=False`` and says so in a note."""
         if config is None or config.epochs == 0:
             return model
-        from lighten.train import train
+        from lighten.train import KeepZeros, train
 
         base = self.train_config
         cfg = base.model_copy(
@@ -146,6 +151,8 @@ class StepContext:
             teacher = copy.deepcopy(self.baseline)
             loss_terms = [*loss_terms, teacher_term(teacher, weight=config.distill,
                                                     temperature=config.temperature)]
+        if keep_zeros:
+            callbacks = [KeepZeros(), *callbacks]
         train(model, self.data.train, cfg, loss_terms=loss_terms, callbacks=callbacks,
               progress=self.progress, task=self.task)
         return model

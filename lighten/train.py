@@ -9,7 +9,7 @@ after each optimizer step). The loss and the inputs come from a :class:`lighten.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Literal
 
 import torch
@@ -22,7 +22,8 @@ from lighten.errors import DataError, LightenError
 from lighten.step import StrictModel
 from lighten.task import Task
 
-__all__ = ["Callback", "LossTerm", "TrainConfig", "evaluate", "predict", "train"]
+__all__ = ["Callback", "KeepMasks", "KeepZeros", "LossTerm", "TrainConfig", "evaluate",
+           "predict", "pruned_masks", "train"]
 
 # (model, x, outputs, y) -> loss; x is a tuple of tensors for multi-input tasks
 LossTerm = Callable[[nn.Module, Tensor, Tensor, Tensor], Tensor]
@@ -56,6 +57,66 @@ class Callback:
         """``epoch`` is the 0-based index of the epoch that just finished."""
 
     def on_train_end(self, model: nn.Module) -> None: ...
+
+
+class KeepMasks(Callback):
+    """Re-applies fixed keep-masks after every optimizer step so pruned weights stay exactly 0.
+
+    ``weights`` and ``masks`` map the same names to a parameter and its boolean keep-mask.
+    Re-applying after the step (rather than masking gradients) is exact for every optimizer:
+    momentum, Adam moments and weight decay cannot move a weight that is zeroed again.
+    """
+
+    def __init__(self, weights: Mapping[str, Tensor], masks: Mapping[str, Tensor]):
+        self.weights, self.masks = weights, masks
+
+    def on_step_end(self, model: nn.Module, step: int, total_steps: int) -> None:
+        with torch.no_grad():
+            for name, w in self.weights.items():
+                w.mul_(self.masks[name])
+
+
+def pruned_masks(model: nn.Module) -> tuple[dict[str, nn.Parameter], dict[str, Tensor]]:
+    """Which zeros of ``model`` count as pruned, as ``(parameters, keep-masks)``.
+
+    The rule: a Conv/Linear-like weight (a module's ``weight`` parameter with 2 or more dims,
+    the set every pruning step prunes) holding some, but not all, entries exactly 0 is a pruned
+    layer, and those entries are its pruned positions (a trained weight is never exactly 0 by
+    chance). An all-zero weight is a zero-initialized layer (a residual branch, a LoRA ``B``),
+    not a pruned one, and may train. A BatchNorm channel whose scale and shift are both exactly
+    0 (``prune.l1 target: bn``) keeps both at 0.
+    """
+    weights: dict[str, nn.Parameter] = {}
+    masks: dict[str, Tensor] = {}
+    for name, module in model.named_modules():
+        w = getattr(module, "weight", None)
+        if not isinstance(w, nn.Parameter) or not w.requires_grad:
+            continue
+        if w.dim() >= 2:
+            keep = w.detach() != 0
+            if not keep.all() and keep.any():
+                weights[f"{name}.weight"], masks[f"{name}.weight"] = w, keep
+        elif isinstance(module, nn.modules.batchnorm._BatchNorm) and module.bias is not None:
+            dead = (w.detach() == 0) & (module.bias.detach() == 0)
+            if dead.any():
+                for key, p in (("weight", w), ("bias", module.bias)):
+                    weights[f"{name}.{key}"], masks[f"{name}.{key}"] = p, ~dead
+    return weights, masks
+
+
+class KeepZeros(KeepMasks):
+    """Keeps the weights that are pruned when training starts (:func:`pruned_masks`) at 0.
+
+    ``ctx.finetune`` adds it to every fine-tune, so no step's training regrows what an earlier
+    pruning step removed.
+    """
+
+    def __init__(self):
+        super().__init__({}, {})
+
+    def on_train_begin(self, model: nn.Module, optimizer: torch.optim.Optimizer,
+                       total_steps: int) -> None:
+        self.weights, self.masks = pruned_masks(model)
 
 
 class TrainingDiverged(LightenError):

@@ -192,3 +192,32 @@ def test_version_2_manifest_still_loads(attn_spec, tmp_path):
     assert returned["version"] == 2 and loaded.head.bias is None and loaded.norm.eps == 1e-3
     with torch.no_grad():
         torch.testing.assert_close(loaded(X), model(X), rtol=0, atol=0)
+
+
+def test_a_users_registered_layer_put_where_the_source_had_another_reloads(attn_spec,
+                                                                           tmp_path):
+    """A layer with a registered LayerSpec is rebuilt from its constructor arguments, even at a
+    path where the source model holds something else."""
+    from lighten.layers import LayerSpec, register_layer_spec
+
+    register_layer_spec(LayerSpec(GainLinear, constructor_attrs=("in_features",
+                                                                 "out_features")))
+    model = _build(attn_spec).eval()
+    model.head = GainLinear(16, 3)
+    with torch.no_grad():
+        model.head.gain.fill_(2.0)
+    loaded, manifest = _round_trip(model, attn_spec, tmp_path)
+    assert type(loaded.head) is GainLinear
+    assert {"op": "module", "path": "head", "layer": "GainLinear",
+            "attrs": {"in_features": 16, "out_features": 3}} in manifest["edits"]
+
+
+class GainLinear(nn.Module):
+    def __init__(self, in_features: int, out_features: int):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.linear = nn.Linear(in_features, out_features)
+        self.gain = nn.Parameter(torch.ones(out_features))
+
+    def forward(self, x):
+        return self.linear(x) * self.gain

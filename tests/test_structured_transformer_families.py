@@ -479,12 +479,12 @@ def test_swin_ratio_zero_and_half(zoo, tmp_path):
     tables = [b.rel_table.detach().clone() for b in model.stage1]
     shrinks(model, "swin", ChannelPruneConfig(ratio=0.5))
     assert model.patch.out_channels == 4 and model.merge.norm.normalized_shape == (16,)
-    assert model.merge.reduction.weight.shape == (16, 16) and model.stage1[1].attn.embed_dim == 4
+    # stage 2's width, made by a Linear (patch merging), is an embedding read by attention
+    assert model.merge.reduction.weight.shape == (8, 16) and model.stage2.attn.embed_dim == 8
+    assert model.stage1[1].attn.embed_dim == 4
     for block, table in zip(model.stage1, tables, strict=True):
         assert torch.equal(block.rel_table, table)  # one column per head: untouched
-    # stage 2's width is made by a Linear (patch merging): prune.neurons' scope, as MLP hidden
-    shrinks(model, "swin", NeuronPruneConfig(ratio=0.5), scope="neurons")
-    assert model.merge.reduction.weight.shape == (8, 16) and model.stage2.attn.embed_dim == 8
+    shrinks(model, "swin", NeuronPruneConfig(ratio=0.5), scope="neurons")  # MLP hidden widths
     assert model.stage1[0].fc1.out_features == 8 and model.stage2.fc1.out_features == 16
     reloads(zoo, tmp_path, "swin", model)
 

@@ -40,6 +40,10 @@ class Backend(Protocol):
         inputs=None,
     ) -> Compiled: ...
 
+    # what compile() wrote to workdir, opened again without exporting; None when it wrote
+    # nothing there (torch) or the files are gone: compile the stage's artifact instead
+    def load(self, workdir: Path, *, input_shape=None, inputs=None) -> Compiled | None: ...
+
 
 def default_threads() -> int:
     """CPU cores this process may run on (respects taskset / container CPU sets)."""

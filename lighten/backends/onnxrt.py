@@ -67,8 +67,6 @@ class OnnxRuntimeBackend:
         inputs=None,
     ) -> OrtCompiled:
         """``inputs`` (``task.inputs``) for models that are not one float tensor in."""
-        import onnxruntime as ort
-
         from lighten.export import export_onnx
 
         workdir = Path(workdir)
@@ -78,6 +76,36 @@ class OnnxRuntimeBackend:
         specs = input_specs(input_shape, inputs)
         check = export_onnx(model, onnx_path, inputs=specs, verify=True,
                             sample_inputs=sample_inputs)
+        session = self._session(onnx_path, optimized_path)
+        ops = _op_types(optimized_path)
+        info = {
+            "onnx_path": str(onnx_path),
+            "optimized_path": str(optimized_path),
+            "threads": self.threads,
+            "op_types": ops,
+            "integer_ops": integer_ops(ops),
+            "export_max_abs_diff": check.max_abs_diff,
+            "export_agreement": check.agreement,
+            "int8_weight_tensors": check.folded_weights,
+        }
+        return OrtCompiled(session, inputs=specs, onnx_path=onnx_path, info=info)
+
+    def load(self, workdir: Path, *, input_shape=None, inputs=None) -> OrtCompiled | None:
+        """The deployment :meth:`compile` wrote to ``workdir`` (``model.onnx``), opened again
+        without exporting (the runner's end-of-run timing); None when there is none."""
+        workdir = Path(workdir)
+        onnx_path, optimized_path = workdir / "model.onnx", workdir / "model.optimized.onnx"
+        if not onnx_path.is_file():
+            return None
+        session = self._session(onnx_path, optimized_path)
+        ops = _op_types(optimized_path)
+        info = {"onnx_path": str(onnx_path), "optimized_path": str(optimized_path),
+                "threads": self.threads, "op_types": ops, "integer_ops": integer_ops(ops)}
+        return OrtCompiled(session, input_shape=input_shape, inputs=inputs, onnx_path=onnx_path,
+                           info=info)
+
+    def _session(self, onnx_path: Path, optimized_path: Path):
+        import onnxruntime as ort
 
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = self.threads
@@ -93,18 +121,7 @@ class OnnxRuntimeBackend:
             raise BackendError(f"ONNX Runtime cannot load {onnx_path}: "
                                f"{str(exc).splitlines()[0]}; re-export with a supported opset"
                                ) from exc
-        ops = _op_types(optimized_path)
-        info = {
-            "onnx_path": str(onnx_path),
-            "optimized_path": str(optimized_path),
-            "threads": self.threads,
-            "op_types": ops,
-            "integer_ops": integer_ops(ops),
-            "export_max_abs_diff": check.max_abs_diff,
-            "export_agreement": check.agreement,
-            "int8_weight_tensors": check.folded_weights,
-        }
-        return OrtCompiled(session, inputs=specs, onnx_path=onnx_path, info=info)
+        return session
 
 
 def _op_types(path: Path) -> dict[str, int]:

@@ -131,6 +131,14 @@ class OpenVinoBackend:
                              int8_weight_tensors=check.folded_weights)
         return compiled
 
+    def load(self, workdir: Path, *, input_shape=None, inputs=None) -> OpenVinoCompiled | None:
+        """The deployment :meth:`compile` wrote to ``workdir`` (``model.onnx``, checked then),
+        compiled again without exporting (the runner's end-of-run timing); None when absent."""
+        path = Path(workdir) / "model.onnx"
+        if not path.is_file():
+            return None
+        return self.compile_file(path, input_shape=input_shape, inputs=inputs)
+
     def compile_file(self, path: str | Path, *, input_shape=None,
                      inputs=None) -> OpenVinoCompiled:
         """Compile an existing ONNX or OpenVINO IR (.xml) file; no export, no PyTorch check.

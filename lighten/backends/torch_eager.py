@@ -94,6 +94,11 @@ class TorchBackend:
                                f"{shapes}: {str(exc).splitlines()[0]}") from exc
         return compiled
 
+    def load(self, workdir: Path, *, input_shape=None, inputs=None) -> None:
+        """Nothing to load: this backend writes no file; the stage's artifact is the deployed
+        model (the runner loads it and calls :meth:`compile`, which does not export)."""
+        return None
+
 
 def _is_quantized(model: nn.Module) -> bool:
     """True when lighten.quant exists and finds quantized modules in ``model``."""

@@ -1,4 +1,5 @@
-"""Analyze MODEL: per-layer pruning sensitivity (prune each layer alone, measure accuracy).
+"""Analyze MODEL: per-layer pruning sensitivity (prune each layer alone, measure accuracy; a
+language model's next-token accuracy on the --data text).
 
 Writes sensitivity.csv, sensitivity.md and sensitivity.png to --output; with --target-sparsity
 also derives non-uniform per-layer ratios (ratios.json) usable as `prune.magnitude: {ratios: ...}`.
@@ -37,7 +38,7 @@ def _fraction(text: str) -> float:
 
 
 def add_arguments(parser) -> None:
-    from lighten.cli.model_ref import DATA_CHOICES, add_model_arguments, positive_int
+    from lighten.cli.model_ref import DATA_HELP, add_model_arguments, positive_int
 
     add_model_arguments(parser)
     parser.add_argument("--sensitivity", action="store_true",
@@ -45,8 +46,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--structured", action="store_true",
                         help="with --sensitivity: remove channel groups (prune.channels) "
                         "instead of zeroing single weights")
-    parser.add_argument("--data", choices=DATA_CHOICES,
-                        help="test data (default: the built-in dataset matching the input shape)")
+    parser.add_argument("--data", metavar="DATA", help=DATA_HELP)
     parser.add_argument("--ratios", type=_ratios, default=(0.3, 0.5, 0.7, 0.9),
                         metavar="R,R,...", help="fractions pruned (default 0.3,0.5,0.7,0.9)")
     parser.add_argument("--limit", type=positive_int, default=1000, metavar="N",
@@ -65,14 +65,14 @@ def run(args) -> int:
     import json
     from pathlib import Path
 
-    from lighten.cli.model_ref import default_data, load_data_for, resolve_model
-    from lighten.errors import LightenError
+    from lighten.cli.model_ref import load_data_for, resolve_model
+    from lighten.errors import LightenError, UnsupportedError
 
     if not args.sensitivity:
         raise LightenError("nothing to analyze; add --sensitivity")
     resolved = resolve_model(args.model, input_shape=args.input_shape, weights=args.weights,
                              num_classes=args.num_classes, data=args.data)
-    data = load_data_for(args.data or default_data(resolved.input_shape), resolved)
+    data = load_data_for(args.data, resolved)
 
     out = Path(args.output)
     if args.structured:
@@ -81,6 +81,10 @@ def run(args) -> int:
                                "use prune.channels: {target_macs: ..., ratios: auto} in a recipe")
         from lighten.prune.channel_sensitivity import analyze_channels
 
+        if len(data.task.inputs) != 1:
+            raise UnsupportedError(f"--structured traces channel groups from one example "
+                                   f"input; {resolved.label} takes {len(data.task.inputs)}: "
+                                   "drop --structured (per-layer sensitivity works)")
         groups = analyze_channels(resolved.model, data, ratios=args.ratios,
                                   eval_limit=args.limit, ignore=args.ignore, progress=True)
         paths = groups.write(out)

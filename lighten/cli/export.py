@@ -16,6 +16,9 @@ def add_arguments(parser) -> None:
 
     add_model_arguments(parser)
     parser.add_argument("--onnx", required=True, metavar="PATH", help="where to write the .onnx")
+    parser.add_argument("--data", metavar="TEXT",
+                        help="file.py:factory language models: the text file whose vocabulary "
+                             "the model is built for (vocab_size, seq_len = --input-shape)")
     parser.add_argument("--no-verify", action="store_true",
                         help="skip the ONNX Runtime comparison (not recommended)")
 
@@ -26,7 +29,7 @@ def run(args) -> int:
     from lighten.report import human_bytes
 
     resolved = resolve_model(args.model, input_shape=args.input_shape, weights=args.weights,
-                             num_classes=args.num_classes)
+                             num_classes=args.num_classes, data=args.data)
     task = resolved.task
     check = export_onnx(resolved.model, args.onnx, inputs=task.inputs,
                         metadata=task_metadata(task), verify=not args.no_verify)

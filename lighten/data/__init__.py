@@ -18,8 +18,8 @@ from lighten.errors import DataError
 from lighten.step import StrictModel
 from lighten.task import ClassificationTask, LanguageModelTask, Task, make_task
 
-__all__ = ["DataBundle", "DataSpec", "TaskSpec", "bundle_from_datasets", "load_data",
-           "make_loader"]
+__all__ = ["DataBundle", "DataSpec", "TaskSpec", "bundle_from_datasets", "data_settings",
+           "load_data", "make_loader"]
 
 
 class TaskSpec(StrictModel):
@@ -80,6 +80,21 @@ class DataSpec(StrictModel):
         return self
 
 
+# Keys of DataSpec that mean something only for some sources (the rest apply to all).
+_APPLIES_TO = {"samples": ("synthetic",), "input_shape": ("synthetic",),
+               "num_classes": ("synthetic",), "root": ("fashion-mnist",), "path": ("text",),
+               "tokenizer": ("text",), "seq_len": ("text",), "task": ("python",)}
+
+
+def data_settings(spec: DataSpec) -> dict:
+    """The fully resolved ``data:`` block (defaults filled in) without the keys that do not
+    apply to its source (no synthetic knobs for fashion-mnist, no tokenizer for digits)."""
+    source = "python" if spec.python is not None else spec.name
+    return {k: v for k, v in spec.model_dump(mode="json").items()
+            if source in _APPLIES_TO.get(k, (source,))
+            and (v is not None or k in ("limit_train", "limit_test"))}
+
+
 @dataclass
 class DataBundle:
     name: str
@@ -89,6 +104,14 @@ class DataBundle:
     num_classes: int  # classification: classes; LM: vocabulary size
     transform: str = ""  # how raw inputs were turned into x, so users can reproduce it
     task: Task | None = None  # None: classification of input_shape / num_classes (kept in sync)
+    class_names: list[str] | None = None  # output index -> name, where the data knows them
+
+    def preprocessing(self) -> dict:
+        """What a deployed model needs to be fed like this run: ``transform`` (raw input -> x)
+        and ``class_names`` (None when unknown). Recorded in artifacts (``meta``), run.json, the
+        report and every exported ONNX file (``lighten.export.preprocessing_metadata``)."""
+        return {"transform": self.transform or "not recorded",
+                "class_names": list(self.class_names) if self.class_names else None}
 
     def __post_init__(self) -> None:
         self._auto_task = self.task is None
@@ -111,8 +134,11 @@ def load_data(spec: DataSpec) -> DataBundle:
 
         train, test, tok = load_text(spec.path, tokenizer=spec.tokenizer, seq_len=spec.seq_len)
         task = LanguageModelTask(tok.vocab_size, spec.seq_len, tokenizer=tok.describe())
+        ids = ("ids = index of each character in the recorded vocabulary (task.tokenizer)"
+               if spec.tokenizer == "char" else "ids = the text's UTF-8 bytes (0-255)")
         bundle = DataBundle("text", train, test, (spec.seq_len,), tok.vocab_size,
-                            f"{spec.tokenizer} tokens of {spec.path}", task=task)
+                            f"{spec.tokenizer} tokenizer: {ids}; windows of {spec.seq_len} "
+                            "tokens", task=task)
         return _limit(bundle, spec)
     if spec.name == "fashion-mnist":
         from lighten.data import fashion_mnist as fm
@@ -120,19 +146,22 @@ def load_data(spec: DataSpec) -> DataBundle:
         directory = fm.resolve_dir(spec.root)
         train = fm.load_split(directory, "train", limit=spec.limit_train)
         test = fm.load_split(directory, "test", limit=spec.limit_test)
-        transform = f"x = (pixel / 255 - {fm.MEAN}) / {fm.STD}"
-        return DataBundle("fashion-mnist", train, test, (1, 28, 28), 10, transform)
+        transform = f"x = (pixel / 255 - {fm.MEAN:.4f}) / {fm.STD:.4f}"
+        return DataBundle("fashion-mnist", train, test, (1, 28, 28), 10, transform,
+                          class_names=list(fm.CLASS_NAMES))
     if spec.name == "digits":
         from lighten.data.builtin import load_digits_split
 
         train, test = load_digits_split(limit_train=spec.limit_train, limit_test=spec.limit_test)
-        return DataBundle("digits", train, test, (1, 8, 8), 10, "x = pixel / 16")
+        return DataBundle("digits", train, test, (1, 8, 8), 10, "x = pixel / 16",
+                          class_names=[str(d) for d in range(10)])
     from lighten.data.builtin import make_synthetic
 
     train, test = make_synthetic(samples=spec.samples, input_shape=tuple(spec.input_shape),
                                  num_classes=spec.num_classes)
     bundle = bundle_from_datasets(train, test, name="synthetic")
     bundle.num_classes = spec.num_classes  # a small sample may miss a class; trust the spec
+    bundle.transform = "none: synthetic inputs are used as generated"
     return _limit(bundle, spec)
 
 
@@ -211,12 +240,48 @@ def _load_python(spec: DataSpec) -> DataBundle:
     except Exception as exc:  # user code
         raise DataError(f"data function {spec.python!r} raised {type(exc).__name__}: {exc}") \
             from exc
+    facts: dict = {}
+    if isinstance(result, dict):  # {"train", "test", optional "transform", "class_names"}
+        extra = sorted(set(result) - {"train", "test", "transform", "class_names"})
+        if extra or not {"train", "test"} <= set(result):
+            raise DataError(f"data function {spec.python!r} returned a dict with keys "
+                            f"{sorted(result)}; it needs 'train' and 'test' (optional: "
+                            "'transform', 'class_names')")
+        facts, result = result, (result["train"], result["test"])
     if not isinstance(result, (tuple, list)) or len(result) != 2:
         raise DataError(f"data function {spec.python!r} returned {type(result).__name__}; "
                         "it must return (train_dataset, test_dataset)")
     bundle = bundle_from_datasets(result[0], result[1], name="user",
                                   task=_task_for(spec, result[0], result[1]))
+    bundle.transform, bundle.class_names = _user_preprocessing(spec.python, facts, *result)
     return _limit(bundle, spec)
+
+
+def _user_preprocessing(ref: str, facts: dict, train, test) -> tuple[str, list[str] | None]:
+    """A python: data's input transform and class names: from the returned dict, else the
+    datasets' ``transform`` (a string, or an object whose repr says it, e.g. torchvision's
+    Compose) and ``classes`` / ``class_names`` (torchvision's spelling first)."""
+    transform = facts.get("transform")
+    names = facts.get("class_names")
+    for ds in (test, train):
+        if transform is None and getattr(ds, "transform", None) is not None:
+            transform = ds.transform
+        for attr in ("classes", "class_names"):
+            if names is None and getattr(ds, attr, None) is not None:
+                names = getattr(ds, attr)
+    if transform is None:
+        transform = (f"not described: inputs as returned by {ref} (give the datasets a "
+                     "'transform' or return a dict with 'transform' to record it)")
+    elif not isinstance(transform, str):
+        transform = " ".join(repr(transform).split())  # torchvision Compose: one line
+    if names is not None:
+        if isinstance(names, dict):  # {name: index}
+            names = [n for n, _ in sorted(names.items(), key=lambda kv: kv[1])]
+        if isinstance(names, str) or not all(isinstance(n, str | int) for n in names):
+            raise DataError(f"data function {ref!r}: class_names must be a list of strings, got "
+                            f"{names!r}")
+        names = [str(n) for n in names]
+    return transform, names
 
 
 def _task_for(spec: DataSpec, train: Dataset, test: Dataset) -> Task | None:

@@ -17,6 +17,8 @@ DEFAULT_DIR = "/usr/share/datasets/fashion-mnist"
 ENV_VAR = "LIGHTEN_FASHION_MNIST"
 # Training-set statistics; recorded in DataBundle.transform so users can reproduce inputs.
 MEAN, STD = 0.2860, 0.3530
+CLASS_NAMES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt",
+               "Sneaker", "Bag", "Ankle boot")
 FILES = {
     "train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
     "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"),

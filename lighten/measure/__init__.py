@@ -11,9 +11,12 @@ from lighten.measure.metrics import accuracy, agreement, macro_f1, recall_per_cl
 from lighten.measure.params import count_params, weight_tensors
 from lighten.measure.robust import robustness, shift_rotate
 from lighten.measure.stage import measure_stage, predict_compiled
+from lighten.measure.timing import LatencyStats, Timing, time_interleaved
 
 __all__ = [
     "EnergyEstimate",
+    "LatencyStats",
+    "Timing",
     "accuracy",
     "agreement",
     "count_macs",
@@ -28,5 +31,6 @@ __all__ = [
     "recall_per_class",
     "robustness",
     "shift_rotate",
+    "time_interleaved",
     "weight_tensors",
 ]

@@ -19,6 +19,7 @@ from lighten.measure.energy import energy_estimate
 from lighten.measure.macs import count_macs
 from lighten.measure.params import count_params
 from lighten.measure.robust import robustness as robustness_probe
+from lighten.measure.timing import time_interleaved
 
 EVAL_BATCH = 256
 ROBUSTNESS_SAMPLES = 1000
@@ -56,10 +57,16 @@ def measure_stage(
     robustness: bool = True,
     latency_runs: int = 50,
     progress: bool = False,
+    latency: bool = True,
 ) -> tuple[dict[str, Any], torch.Tensor]:
     """Measure one stage; returns (row, reference): keep the baseline's reference for the
     agreement of later stages (``task.reference``: the test logits for classification, the
-    next-token predictions for a language model)."""
+    next-token predictions for a language model).
+
+    Latency (``latency_ms_b1`` / ``latency_ms_b64``: medians, ``..._spread``: [low, high]) comes
+    from :func:`lighten.measure.timing.time_interleaved` with ``latency_runs`` timed runs per
+    batch size. ``latency=False`` leaves those keys None: the runner times all stages of a run
+    together at the end instead (one stage timed alone competes with another minute's load)."""
     task = data.task
     test = data.test
     if eval_limit is not None and eval_limit < len(test):
@@ -78,8 +85,8 @@ def measure_stage(
         "nonzero_params": nonzero,
         "bytes": int(artifact_bytes),
         "macs": count_macs(model, task),
-        "latency_ms_b1": compiled.latency_ms(1, runs=latency_runs),
-        "latency_ms_b64": compiled.latency_ms(64, runs=latency_runs),
+        "latency_ms_b1": None,  # filled below, or by the runner's end-of-run timing
+        "latency_ms_b64": None,
         "backend": getattr(compiled, "backend", type(compiled).__name__),
         "seconds": float(seconds),
         "energy_uj": energy.pj_per_inference * 1e-6,
@@ -87,6 +94,8 @@ def measure_stage(
         **{k: v for k, v in metrics.items() if k != "accuracy"},  # macro_f1, perplexity, ...
         "onnx_bytes": getattr(compiled, "bytes_on_disk", None),
     }
+    if latency:
+        row.update(time_interleaved([compiled], runs=latency_runs).row_fields(0))
     integer_ops = getattr(compiled, "info", {}).get("integer_ops")
     if integer_ops is not None:
         row["integer_ops"] = list(integer_ops)

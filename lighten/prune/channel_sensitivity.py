@@ -150,7 +150,8 @@ def analyze_channels(model: nn.Module, data, *, ratios: Sequence[float] = SWEEP,
     scores = [score(model, g) for g in groups]
     return measure_channel_sensitivity(
         model, groups, lambda g, r: structured.keep_lowest_removed(groups[g], scores[g], r),
-        structured.apply_keep_, inputs, labels, ratios=ratios, progress=progress)
+        structured.apply_keep_, inputs, labels, ratios=ratios, progress=progress,
+        task=getattr(data, "task", None))
 
 
 def measure_channel_sensitivity(
@@ -163,11 +164,13 @@ def measure_channel_sensitivity(
     *,
     ratios: Sequence[float] = SWEEP,
     progress: bool = False,
+    task=None,
 ) -> ChannelSensitivity:
     """Prune each group alone (on a copy) at each ratio and evaluate on ``inputs``/``labels``.
 
     ``plan(g, ratio)`` gives the channels group ``g`` keeps; ``apply`` slices a model -- the
     structured step passes its own, so what is measured is exactly what it would prune.
+    ``task`` (a DataBundle's) scores the outputs (``task.score``); default top-1 on the last axis.
     """
     from tqdm.auto import tqdm
 
@@ -179,7 +182,7 @@ def measure_channel_sensitivity(
     ratios = sorted({float(r) for r in ratios})
     dataset = TensorDataset(inputs, labels)
     start = time.perf_counter()
-    baseline = evaluate(model, dataset)
+    baseline = evaluate(model, dataset, task=task)
     accuracy = []
     bar = tqdm(total=len(groups) * len(ratios), desc="channel sensitivity", disable=not progress,
                leave=False)
@@ -194,7 +197,7 @@ def measure_channel_sensitivity(
                 continue
             trial = copy.deepcopy(model)
             apply(trial, groups, keeps)
-            row.append(evaluate(trial, dataset))
+            row.append(evaluate(trial, dataset, task=task))
         accuracy.append(row)
     bar.close()
     return ChannelSensitivity(baseline, [group_label(g) for g in groups],

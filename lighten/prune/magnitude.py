@@ -25,7 +25,7 @@ from lighten.errors import UnsupportedError
 from lighten.modules import require_modules
 from lighten.registry import register_step
 from lighten.step import StepConfig, StepContext
-from lighten.train import Callback
+from lighten.train import KeepMasks  # the one mask keeper (also used by ctx.finetune)
 
 Masks = dict[str, torch.Tensor]
 
@@ -116,16 +116,6 @@ def agp_sparsity(final: float, progress: float, initial: float = 0.0) -> float:
     """Zhu & Gupta (2017) cubic schedule: s_t = s_f + (s_i - s_f)(1 - t)^3, t in [0, 1]."""
     t = min(max(progress, 0.0), 1.0)
     return final + (initial - final) * (1.0 - t) ** 3
-
-
-class KeepMasks(Callback):
-    """Re-applies fixed keep-masks after every optimizer step so pruned weights stay zero."""
-
-    def __init__(self, weights: dict[str, nn.Parameter], masks: Masks):
-        self.weights, self.masks = weights, masks
-
-    def on_step_end(self, model, step, total_steps):
-        apply_masks(self.weights, self.masks)
 
 
 class _MaskKeeper(KeepMasks):

@@ -127,8 +127,12 @@ def _conv_like(module: nn.Module) -> bool:
 
 
 def _in_scope(group: Group, model: nn.Module, scope: Scope) -> bool:
+    """channels: made by a conv, or a transformer's embedding width (read by attention's
+    in_proj columns); neurons: the other Linear-made features (MLP hidden widths)."""
     kinds = [_conv_like(model.get_submodule(m.module)) for m in group.producers()]
-    return any(kinds) if scope == "channels" else bool(kinds) and not any(kinds)
+    kinds.append(any(m.kind == "param:in_proj_weight:1" for m in group.members))
+    producers = bool(group.producers())
+    return producers and any(kinds) if scope == "channels" else producers and not any(kinds)
 
 
 def prunable_groups(model: nn.Module, example_input: torch.Tensor, *, scope: Scope = "channels",
