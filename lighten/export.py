@@ -16,7 +16,7 @@ import json
 import os
 import warnings
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -29,7 +29,8 @@ from lighten.task import InputSpec
 
 INPUT_NAME = "input"
 OUTPUT_NAME = "logits"
-DEFAULT_SAMPLES = 16
+CHECK_BATCH = 64  # the self-check runs every sample at batch 1 and all together at this batch
+DEFAULT_SAMPLES = CHECK_BATCH  # random inputs, only when no data is given
 FLOAT_RTOL = 1e-4  # float graphs: atol = 1e-4 * max(1, max|ref|)
 QUANT_RTOL = 0.1  # QDQ graphs: integer kernels round differently
 QUANT_MIN_AGREEMENT = 0.95
@@ -48,6 +49,28 @@ class ExportCheck:
     bytes: int
     quantized: bool = False  # the graph holds QuantizeLinear/DequantizeLinear nodes
     folded_weights: int = 0  # QuantizeLinear(weight) nodes turned into int8 initializers
+    # batch size -> (max |diff|, top-1 agreement): 1 (each sample alone) and CHECK_BATCH
+    by_batch: dict[int, tuple[float, float]] = field(default_factory=dict)
+    inputs: str = ""  # what was checked: "given samples" or "random inputs (no data given)"
+
+    def summary(self) -> str:
+        """One line for terminals and notes: both batch sizes, and on what inputs."""
+        if not self.by_batch:
+            return "not verified"
+        parts = [f"batch {b}: max |diff| {d:.2e}, top-1 agreement {100 * a:.1f}%"
+                 for b, (d, a) in sorted(self.by_batch.items())]
+        return f"{'; '.join(parts)} ({self.inputs})"
+
+    def row(self) -> dict:
+        """metrics.jsonl keys: export_max_diff_b1 / _b64, export_agreement_b1 / _b64,
+        export_inputs."""
+        out: dict = {}
+        for b, (d, a) in sorted(self.by_batch.items()):
+            out[f"export_max_diff_b{b}"] = d
+            out[f"export_agreement_b{b}"] = a
+        if self.by_batch:
+            out["export_inputs"] = self.inputs
+        return out
 
 
 def export_onnx(
@@ -86,16 +109,19 @@ def export_onnx(
         data = proto.SerializeToString()
         quantized = any(n.op_type in _QDQ_OPS for n in proto.graph.node)
         max_diff = agree = None
+        by_batch: dict[int, tuple[float, float]] = {}
+        given = "given samples" if sample_inputs is not None else "random inputs (no data given)"
         if verify:
             if sample_inputs is None:
                 sample_inputs = _default_samples(specs)
-            max_diff, agree = _verify(
-                model, data, sample_inputs, specs, quantized=quantized, atol=atol
-            )
+            by_batch = _verify(model, data, sample_inputs, specs, quantized=quantized, atol=atol)
+            max_diff = max(d for d, _ in by_batch.values())
+            agree = min(a for _, a in by_batch.values())
     finally:
         model.train(was_training)
     atomic_write_bytes(path, data)
-    return ExportCheck(path, max_diff, agree, len(data), quantized, folded)
+    return ExportCheck(path, max_diff, agree, len(data), quantized, folded, by_batch,
+                       given if verify else "")
 
 
 def _check_destination(path: Path) -> None:
@@ -134,6 +160,19 @@ def task_metadata(task) -> dict[str, str]:
     tokenizer = getattr(task, "tokenizer", None)
     if tokenizer:
         meta["lighten.tokenizer"] = json.dumps(tokenizer, sort_keys=True)
+    return meta
+
+
+def preprocessing_metadata(facts: Mapping | None) -> dict[str, str]:
+    """ONNX ``metadata_props`` for the data's preprocessing (``DataBundle.preprocessing()``):
+    ``lighten.transform`` (how raw inputs become the model's input, e.g. ``x = (pixel / 255 -
+    0.2860) / 0.3530``) and ``lighten.class_names`` (a JSON list; left out when unknown)."""
+    facts = facts or {}
+    meta = {}
+    if facts.get("transform"):
+        meta["lighten.transform"] = str(facts["transform"])
+    if facts.get("class_names"):
+        meta["lighten.class_names"] = json.dumps(list(facts["class_names"]))
     return meta
 
 
@@ -296,7 +335,11 @@ def _drop_unused(graph) -> None:
 # ---------------------------------------------------------------- verification
 
 
-def _verify(model, data: bytes, sample_inputs, specs, *, quantized: bool, atol):
+def _verify(model, data: bytes, sample_inputs, specs, *, quantized: bool, atol
+            ) -> dict[int, tuple[float, float]]:
+    """ORT against PyTorch on up to CHECK_BATCH samples, each alone (batch 1) and all together
+    at batch CHECK_BATCH (fewer samples are repeated to fill it): batch-dependent kernels and
+    per-batch dynamic quantization differ between the two. {batch: (max |diff|, agreement)}."""
     import onnxruntime as ort
 
     given = tuple(sample_inputs) if isinstance(sample_inputs, (tuple, list)) else (sample_inputs,)
@@ -310,6 +353,25 @@ def _verify(model, data: bytes, sample_inputs, specs, *, quantized: bool, atol):
             raise ExportError(f"sample_inputs shape {tuple(x.shape)} does not match input_shape "
                               f"{tuple(s.shape)}; pass a batch of shape (N, *input_shape)")
         xs.append(x)
+    count = min(CHECK_BATCH, min(len(x) for x in xs))
+    if count < 1:
+        raise ExportError("sample_inputs is empty; pass at least one sample per input")
+    try:
+        sess = ort.InferenceSession(data, providers=["CPUExecutionProvider"])
+    except Exception as exc:
+        raise ExportError(f"ONNX Runtime cannot load the exported {type(model).__name__}: "
+                          f"{_one_line(exc)}; report the op named above") from exc
+    names = _names(specs)
+    singles = [_compare(model, sess, names, [x[i:i + 1] for x in xs]) for i in range(count)]
+    index = torch.arange(CHECK_BATCH) % count
+    results = {1: tuple(np.concatenate(part) for part in zip(*singles, strict=True)),
+               CHECK_BATCH: _compare(model, sess, names, [x[index] for x in xs])}
+    return {batch: _judge(model, out, ref, batch, quantized=quantized, atol=atol)
+            for batch, (out, ref) in results.items()}
+
+
+def _compare(model, sess, names, xs) -> tuple[np.ndarray, np.ndarray]:
+    """(ORT outputs, PyTorch outputs) of one batch."""
     with torch.no_grad():
         ref = model(*xs)
     if not isinstance(ref, torch.Tensor):
@@ -317,12 +379,15 @@ def _verify(model, data: bytes, sample_inputs, specs, *, quantized: bool, atol):
                           "export a model whose forward returns logits")
     ref = ref.detach().numpy()
     try:
-        sess = ort.InferenceSession(data, providers=["CPUExecutionProvider"])
-        feed = {n: x.numpy() for n, x in zip(_names(specs), xs, strict=True)}
-        out = sess.run(None, feed)[0]
+        out = sess.run(None, {n: x.numpy() for n, x in zip(names, xs, strict=True)})[0]
     except Exception as exc:
         raise ExportError(f"ONNX Runtime cannot run the exported {type(model).__name__}: "
                           f"{_one_line(exc)}; report the op named above") from exc
+    return out, ref
+
+
+def _judge(model, out: np.ndarray, ref: np.ndarray, batch: int, *, quantized: bool, atol
+           ) -> tuple[float, float]:
     if out.shape != ref.shape:
         raise ExportError(f"ONNX output shape {out.shape} differs from PyTorch {ref.shape}; "
                           "the model's forward depends on something the exporter cannot see")
@@ -334,7 +399,8 @@ def _verify(model, data: bytes, sample_inputs, specs, *, quantized: bool, atol):
     if not np.isfinite(diff) or diff > limit or agree < min_agree:
         kind = "quantized" if quantized else "float"
         raise ExportError(
-            f"ONNX export of {type(model).__name__} ({kind}) does not match PyTorch: "
+            f"ONNX export of {type(model).__name__} ({kind}) does not match PyTorch at batch "
+            f"{batch}: "
             f"max_abs_diff={diff:.3g} (limit {limit:.3g}), top-1 agreement={agree:.3f} "
             f"(min {min_agree:.2f}); pass atol= to accept or check the unsupported op"
         )

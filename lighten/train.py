@@ -9,6 +9,7 @@ after each optimizer step). The loss and the inputs come from a :class:`lighten.
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Callable, Mapping, Sequence
 from typing import Literal
 
@@ -23,7 +24,7 @@ from lighten.step import StrictModel
 from lighten.task import Task
 
 __all__ = ["Callback", "KeepMasks", "KeepZeros", "LossTerm", "TrainConfig", "evaluate",
-           "predict", "pruned_masks", "train"]
+           "predict", "pruned_mask", "pruned_masks", "train"]
 
 # (model, x, outputs, y) -> loss; x is a tuple of tensors for multi-input tasks
 LossTerm = Callable[[nn.Module, Tensor, Tensor, Tensor], Tensor]
@@ -76,6 +77,13 @@ class KeepMasks(Callback):
                 w.mul_(self.masks[name])
 
 
+def pruned_mask(weight: Tensor) -> Tensor | None:
+    """Keep-mask (``weight != 0``) of a pruned weight, None for a dense or all-zero one: the
+    rule of :func:`pruned_masks` for one tensor (quantizers ask it too)."""
+    keep = weight.detach() != 0
+    return None if keep.all() or not keep.any() else keep
+
+
 def pruned_masks(model: nn.Module) -> tuple[dict[str, nn.Parameter], dict[str, Tensor]]:
     """Which zeros of ``model`` count as pruned, as ``(parameters, keep-masks)``.
 
@@ -93,8 +101,8 @@ def pruned_masks(model: nn.Module) -> tuple[dict[str, nn.Parameter], dict[str, T
         if not isinstance(w, nn.Parameter) or not w.requires_grad:
             continue
         if w.dim() >= 2:
-            keep = w.detach() != 0
-            if not keep.all() and keep.any():
+            keep = pruned_mask(w)
+            if keep is not None:
                 weights[f"{name}.weight"], masks[f"{name}.weight"] = w, keep
         elif isinstance(module, nn.modules.batchnorm._BatchNorm) and module.bias is not None:
             dead = (w.detach() == 0) & (module.bias.detach() == 0)
@@ -125,12 +133,20 @@ class TrainingDiverged(LightenError):
 
 def train(model: nn.Module, dataset: Dataset, cfg: TrainConfig, *,
           loss_terms: Sequence[LossTerm] = (), callbacks: Sequence[Callback] = (),
-          progress: bool = True, task: Task | None = None) -> list[float]:
+          progress: bool = True, task: Task | None = None,
+          checkpoint: str | os.PathLike | None = None) -> list[float]:
     """Train ``model`` in place on ``task.loss`` (default: cross-entropy on class logits);
-    return the mean loss of each (possibly partial) epoch."""
+    return the mean loss of each (possibly partial) epoch.
+
+    With ``checkpoint`` (a ``.safetensors`` path) the whole training state is written there at
+    each epoch end (:mod:`lighten.train_state`), and a matching file found there at the start
+    continues after its last finished epoch: the result equals an uninterrupted training.
+    The caller deletes the file once the trained model is saved elsewhere."""
     from tqdm.auto import tqdm
 
+    from lighten import train_state
     from lighten.data import make_loader
+    from lighten.progress import line, on_terminal
 
     if len(dataset) == 0:
         raise DataError("training set is empty; check the data block (limit_train?)")
@@ -150,13 +166,21 @@ def train(model: nn.Module, dataset: Dataset, cfg: TrainConfig, *,
 
     was_training = model.training
     model.train()
+    losses: list[float] = []
+    step, first_epoch, epochs = 0, 0, math.ceil(cfg.epochs)
+    generators = {"loader": loader.generator, "augment": aug_gen}
+    key = train_state.state_key(model, cfg.model_dump(), len(dataset)) if checkpoint else ""
+    if checkpoint:  # continue after the last finished epoch of an interrupted training
+        meta = train_state.load_train_state(checkpoint, model=model, optimizer=optimizer,
+                                            scheduler=scheduler, generators=generators, key=key)
+        if meta is not None:
+            step, first_epoch, losses = meta["step"], meta["epoch"] + 1, list(meta["losses"])
     for cb in callbacks:
         cb.on_train_begin(model, optimizer, total_steps)
-    losses: list[float] = []
-    step = 0
-    bar = tqdm(total=total_steps, desc="train", unit="step", disable=not progress, leave=False)
+    bar = tqdm(total=total_steps, initial=step, desc="train", unit="step", leave=False,
+               disable=not (progress and on_terminal()))  # a file or pipe gets epoch lines
     try:
-        for epoch in range(math.ceil(cfg.epochs)):
+        for epoch in range(first_epoch, epochs):
             running, batches = 0.0, 0
             for x, y in loader:
                 inputs = tuple(t.to(device) for t in _as_inputs(task, x))
@@ -190,8 +214,13 @@ def train(model: nn.Module, dataset: Dataset, cfg: TrainConfig, *,
             losses.append(running / max(batches, 1))
             for cb in callbacks:
                 cb.on_epoch_end(model, epoch)
+            line(f"train epoch {epoch + 1}/{epochs}: loss {losses[-1]:.4f}", enabled=progress)
             if step >= total_steps:
                 break
+            if checkpoint:
+                train_state.save_train_state(checkpoint, model=model, optimizer=optimizer,
+                                             scheduler=scheduler, epoch=epoch, step=step,
+                                             losses=losses, generators=generators, key=key)
     finally:
         bar.close()
         model.train(was_training)
@@ -249,6 +278,7 @@ def _run(model: nn.Module, dataset: Dataset, *, batch_size: int, progress: bool,
     from tqdm.auto import tqdm
 
     from lighten.data import make_loader
+    from lighten.progress import on_terminal
 
     device = next(model.parameters(), torch.empty(0)).device
     was_training = model.training
@@ -257,7 +287,8 @@ def _run(model: nn.Module, dataset: Dataset, *, batch_size: int, progress: bool,
     try:
         with torch.inference_mode():
             loader = make_loader(dataset, batch_size, shuffle=False)
-            for x, y in tqdm(loader, desc="eval", disable=not progress, leave=False):
+            shown = progress and on_terminal()  # bars only on a terminal, never in a log
+            for x, y in tqdm(loader, desc="eval", disable=not shown, leave=False):
                 logits.append(model(*(t.to(device) for t in _as_inputs(task, x))).float().cpu())
                 labels.append(torch.as_tensor(y).cpu())
     finally:

@@ -99,3 +99,29 @@ def test_two_input_model_quantized_through_the_runner(tmp_path, step):
         layers = json.loads((out / "stages" / "01-quant.ptq.layers.json").read_text())
         names = {row["name"] for row in layers["rows"]}
         assert {"fa", "fb", "head"} <= names
+
+
+@pytest.mark.parametrize("backend", ["onnxruntime", "torch", "openvino"])
+def test_two_input_int8_model_runs_and_times_on_every_backend(tmp_path, backend):
+    import copy
+
+    from lighten.backends import get_backend
+    from lighten.task import InputSpec
+
+    if backend == "openvino":
+        pytest.importorskip("openvino")
+    _, pair = write_models_module(tmp_path, "pair_be", PAIR_PY)
+    torch.manual_seed(0)
+    model = pair.build().eval()
+    data = pair.Pairs(64, 0)
+    q = quantize_ptq_(copy.deepcopy(model), pair_batches(pair),
+                      PTQConfig(backend="torch" if backend == "torch" else "onnxruntime"))
+    specs = (InputSpec("a", (4,)), InputSpec("b", (3,)))
+    compiled = get_backend(backend, threads=1).compile(
+        q, inputs=specs, workdir=tmp_path / backend, sample_inputs=(data.a, data.b))
+    out = compiled(data.a.numpy(), data.b.numpy())
+    with torch.no_grad():
+        ref = model(data.a, data.b)
+    assert out.shape == (64, 3)
+    assert (torch.from_numpy(out).argmax(1) == ref.argmax(1)).float().mean() > 0.9
+    assert compiled.latency_ms(1, runs=3) > 0 and compiled.latency_ms(64, runs=3) > 0

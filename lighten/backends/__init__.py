@@ -37,7 +37,7 @@ class Backend(Protocol):
 
     def compile(  # inputs (task.inputs) for models that are not one float tensor in
         self, model: nn.Module, *, input_shape=None, workdir: Path, sample_inputs=None,
-        inputs=None,
+        inputs=None, metadata=None,  # metadata: ONNX metadata_props, where a file is written
     ) -> Compiled: ...
 
     # what compile() wrote to workdir, opened again without exporting; None when it wrote

@@ -64,9 +64,10 @@ class OnnxRuntimeBackend:
 
     def compile(
         self, model: nn.Module, *, input_shape=None, workdir: Path, sample_inputs=None,
-        inputs=None,
+        inputs=None, metadata=None,
     ) -> OrtCompiled:
-        """``inputs`` (``task.inputs``) for models that are not one float tensor in."""
+        """``inputs`` (``task.inputs``) for models that are not one float tensor in;
+        ``metadata`` goes into the ONNX file's metadata_props (task, preprocessing)."""
         from lighten.export import export_onnx
 
         workdir = Path(workdir)
@@ -75,7 +76,7 @@ class OnnxRuntimeBackend:
         optimized_path = workdir / "model.optimized.onnx"
         specs = input_specs(input_shape, inputs)
         check = export_onnx(model, onnx_path, inputs=specs, verify=True,
-                            sample_inputs=sample_inputs)
+                            sample_inputs=sample_inputs, metadata=metadata)
         session = self._session(onnx_path, optimized_path)
         ops = _op_types(optimized_path)
         info = {
@@ -86,6 +87,7 @@ class OnnxRuntimeBackend:
             "integer_ops": integer_ops(ops),
             "export_max_abs_diff": check.max_abs_diff,
             "export_agreement": check.agreement,
+            "export_check": check.row(),  # batch 1 and batch 64, on what inputs
             "int8_weight_tensors": check.folded_weights,
         }
         return OrtCompiled(session, inputs=specs, onnx_path=onnx_path, info=info)

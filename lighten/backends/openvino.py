@@ -97,7 +97,7 @@ class OpenVinoBackend:
 
     def compile(
         self, model: nn.Module, *, input_shape=None, workdir: Path, sample_inputs=None,
-        inputs=None,
+        inputs=None, metadata=None,
     ) -> OpenVinoCompiled:
         """Export (verified in ONNX Runtime), compile in OpenVINO, check it against PyTorch."""
         import torch
@@ -109,7 +109,7 @@ class OpenVinoBackend:
         workdir.mkdir(parents=True, exist_ok=True)
         onnx_path = workdir / "model.onnx"
         check = export_onnx(model, onnx_path, inputs=specs, verify=True,
-                            sample_inputs=sample_inputs)
+                            sample_inputs=sample_inputs, metadata=metadata)
         compiled = self.compile_file(onnx_path, inputs=specs)
 
         if sample_inputs is None:
@@ -128,6 +128,7 @@ class OpenVinoBackend:
                                "deploy on onnxruntime instead")
         compiled.info.update(openvino_max_abs_diff=diff, openvino_agreement=agreement,
                              export_max_abs_diff=check.max_abs_diff,
+                             export_check=check.row(),
                              int8_weight_tensors=check.folded_weights)
         return compiled
 

@@ -70,9 +70,10 @@ class TorchBackend:
 
     def compile(
         self, model: nn.Module, *, input_shape=None, workdir: Path, sample_inputs=None,
-        inputs=None,
+        inputs=None, metadata=None,
     ) -> TorchCompiled:
-        """Copy ``model`` in eval mode (the caller's model is left untouched); int8 if quantized."""
+        """Copy ``model`` in eval mode (the caller's model is left untouched); int8 if quantized.
+        No file is written, so ``metadata`` (ONNX metadata_props) has nowhere to go."""
         deployed = copy.deepcopy(model).eval()
         engine = "fp32"
         if _is_quantized(deployed):

@@ -30,9 +30,9 @@ def predict_compiled(compiled, dataset, *, progress: bool = False, task=None):
     logits (N, C) and labels int64 (N,); a language model: (N, T, V) and next ids (N, T)."""
     loader = DataLoader(dataset, batch_size=EVAL_BATCH, shuffle=False)
     if progress:
-        from tqdm import tqdm
+        from lighten.progress import bar
 
-        loader = tqdm(loader, desc="evaluate", leave=False)
+        loader = bar(loader, desc="evaluate")  # a terminal only: no redraws in a log
     logits, labels = [], []
     for x, y in loader:
         inputs = task.as_inputs(x) if task is not None else (x,)
@@ -99,6 +99,8 @@ def measure_stage(
     integer_ops = getattr(compiled, "info", {}).get("integer_ops")
     if integer_ops is not None:
         row["integer_ops"] = list(integer_ops)
+    # the export self-check: export_max_diff_b1 / _b64, export_agreement_b1 / _b64, inputs
+    row.update(getattr(compiled, "info", {}).get("export_check") or {})
     if robustness and task.perturbable:  # noise / shift perturb images, not token ids
         probe = robustness_probe(compiled, test, samples=min(ROBUSTNESS_SAMPLES, len(test)))
         row.update(probe)

@@ -174,6 +174,7 @@ def measure_channel_sensitivity(
     """
     from tqdm.auto import tqdm
 
+    from lighten.progress import on_terminal
     from lighten.train import evaluate
 
     if len(inputs) == 0:
@@ -184,8 +185,8 @@ def measure_channel_sensitivity(
     start = time.perf_counter()
     baseline = evaluate(model, dataset, task=task)
     accuracy = []
-    bar = tqdm(total=len(groups) * len(ratios), desc="channel sensitivity", disable=not progress,
-               leave=False)
+    bar = tqdm(total=len(groups) * len(ratios), desc="channel sensitivity", leave=False,
+               disable=not (progress and on_terminal()))  # no redraws in a log
     for g in range(len(groups)):
         row = []
         for ratio in ratios:

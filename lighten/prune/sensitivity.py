@@ -147,6 +147,7 @@ def analyze(
     """
     from tqdm.auto import tqdm
 
+    from lighten.progress import on_terminal
     from lighten.train import evaluate
 
     if kind not in KINDS:
@@ -161,8 +162,8 @@ def analyze(
     task = getattr(data, "task", None)  # a DataBundle's task: next-token accuracy for an LM
     baseline = evaluate(model, dataset, task=task)
     rows = []
-    bar = tqdm(total=len(weights) * len(ratios), desc="sensitivity", disable=not progress,
-               leave=False)
+    bar = tqdm(total=len(weights) * len(ratios), desc="sensitivity", leave=False,
+               disable=not (progress and on_terminal()))  # no redraws in a log
     for name, weight in weights.items():
         original = weight.detach().clone()
         try:

@@ -11,6 +11,9 @@ is off for a warm-up, then β anneals from 20 to 2 so ``h`` is pushed to exactly
 final rounding is up where ``h >= 0.5``. Codes therefore differ from RTN by at most one step,
 and the result is stored exactly like RTN / GPTQ (integer codes + group scales).
 
+A pruned layer's zeros (``mask``) stay exactly 0: they are fixed at the zero point, left out
+of the soft weight and the regularizer, so only the kept weights' rounding is learned.
+
 Inputs are the im2col rows the weight sees (:func:`lighten.quant.gptq.weight_inputs`), so a
 convolution's reconstruction is a matrix product, subsampled to keep CPU steps cheap.
 """
@@ -93,11 +96,12 @@ def beta_at(step: int, iters: int) -> float | None:
 
 def adaround_quantize(weight: torch.Tensor, rows: torch.Tensor, *, group_size: int, grid,
                       iters: int = 500, reg: float = 0.01, batch_rows: int = BATCH_ROWS,
-                      seed: int = 0, desc: str = "adaround",
+                      seed: int = 0, desc: str = "adaround", mask: torch.Tensor | None = None,
                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Learn the rounding of ``weight`` (out, cols) on input ``rows`` (N, cols).
 
     ``grid(block) -> (scale, zero_point, qmin, qmax)`` as for RTN; the scales are RTN's.
+    ``mask`` (bool, like ``weight``; None = dense): weights outside it stay exactly 0.
     Returns ``(q int32 (out, cols), scale (out, groups), zero_point (out, groups))``.
     """
     from lighten.quant.weight_only import rtn_quantize  # weight_only imports this module
@@ -106,6 +110,8 @@ def adaround_quantize(weight: torch.Tensor, rows: torch.Tensor, *, group_size: i
         raise DataError(f"adaround needs calibration rows of shape (N, {weight.shape[1]}), got "
                         f"{tuple(rows.shape)}; pass calibration inputs the layer can take")
     w = weight.detach().float()
+    keep = torch.ones_like(w) if mask is None else mask.reshape(w.shape).float()
+    w = w * keep
     _, scales, zeros = rtn_quantize(w, group_size=group_size, grid=grid)
     _, _, qmin, qmax = grid(w[:1, :1])
     cols = w.shape[1]
@@ -117,7 +123,7 @@ def adaround_quantize(weight: torch.Tensor, rows: torch.Tensor, *, group_size: i
     target = x @ w.T  # (N, out): the float layer on its own inputs (bias cancels)
 
     def soft_weight() -> torch.Tensor:
-        return s * (torch.clamp(base + rectified_sigmoid(v) + z, qmin, qmax) - z)
+        return keep * s * (torch.clamp(base + rectified_sigmoid(v) + z, qmin, qmax) - z)
 
     opt = torch.optim.Adam([v], lr=LR)
     gen = torch.Generator().manual_seed(seed)
@@ -126,13 +132,15 @@ def adaround_quantize(weight: torch.Tensor, rows: torch.Tensor, *, group_size: i
         loss = (x[idx] @ soft_weight().T - target[idx]).pow(2).sum(dim=1).mean()
         beta = beta_at(step, iters)
         if beta is not None and reg > 0:
-            loss = loss + reg * (1 - (2 * rectified_sigmoid(v) - 1).abs().pow(beta)).sum()
+            loss = loss + reg * (keep * (1 - (2 * rectified_sigmoid(v) - 1).abs().pow(beta))
+                                 ).sum()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
     with torch.no_grad():
         up = (rectified_sigmoid(v) >= 0.5).float()
-        q = torch.clamp(base + up + z, qmin, qmax).to(torch.int32)
+        q = torch.clamp(base + up + z, qmin, qmax)
+        q = torch.where(keep.bool(), q, z).to(torch.int32)  # a pruned weight: its zero point
     return q, scales, zeros
 
 

@@ -166,7 +166,8 @@ def _quantize_columns(w: torch.Tensor, sel: torch.Tensor, u: torch.Tensor,
 
 
 def _inverse_hessian_factor(h: torch.Tensor, damp: float) -> torch.Tensor:
-    """Upper Cholesky factor of ``(H + λI)⁻¹``; λ grows until H is numerically positive."""
+    """Upper Cholesky factor of ``(H + λI)⁻¹`` (batched over leading dims); λ grows until H is
+    numerically positive."""
     mean_diag = h.diagonal(dim1=-2, dim2=-1).mean(-1)[..., None, None]  # (..., 1, 1)
     eye = torch.eye(h.shape[-1], dtype=h.dtype)
     for attempt in range(6):

@@ -9,6 +9,10 @@ forward dequantizes and runs float; ONNX gets the int8 weight and a per-axis Deq
 Rounding: ``rtn`` (nearest) or ``gptq`` (:mod:`lighten.quant.gptq`, error compensation from
 calibration data). ``bias_correction`` adds ``(W - Ŵ) E[x]`` to the bias so the mean output
 does not drift.
+
+Pruned zeros stay zero: a weight that is exactly 0 in a pruned layer
+(:func:`lighten.train.pruned_mask`) gets its group's zero point (dequantized exactly 0) with
+every method, and GPTQ / AdaRound compensate only among the kept weights.
 """
 
 from __future__ import annotations
@@ -26,10 +30,11 @@ from lighten.layers import weight_only_class
 from lighten.modules import register_module_type, require_modules
 from lighten.quant.adaround import adaround_quantize, collect_rows
 from lighten.quant.eligibility import swappable
-from lighten.quant.gptq import InputStats, gptq_quantize, im2col_supported
+from lighten.quant.gptq import InputStats, exact_masked, gptq_quantize, im2col_supported
 from lighten.registry import register_step
 from lighten.step import StepConfig, StepContext
 from lighten.task import Inputs, batch_inputs
+from lighten.train import pruned_mask
 
 _MIN_SCALE = 2.0**-14  # smallest normal float16: scales are stored in half precision
 _ONNX_FLOAT = 1
@@ -298,6 +303,7 @@ def quantize_weight_only_(model: nn.Module, config: WeightOnlyConfig | None = No
                         "calibration_batches or use method: rtn")
     grid = make_grid(cfg.bits, cfg.symmetric)
     model.eval()
+    pruned: list[str] = []
     for name in names:
         layer = model.get_submodule(name)
         method = cfg.method
@@ -312,20 +318,29 @@ def quantize_weight_only_(model: nn.Module, config: WeightOnlyConfig | None = No
         stats = _collect(model, layer, batches, hessian=method == "gptq") if wanted else None
         weight = layer.weight.detach().reshape(layer.weight.shape[0], -1).float()
         size = min(cfg.group_size or weight.shape[1], weight.shape[1])
+        mask = pruned_mask(weight)  # a pruned layer: its zeros stay zero
+        if mask is not None:
+            pruned.append(name)
         if method == "gptq":
+            if not exact_masked(mask):
+                notes.append(f"{name}: sparse GPTQ used the shared Hessian factor (SparseGPT "
+                             "update; the layer is too large for one factor per row mask)")
             q, scale, zero = gptq_quantize(weight, stats.hessian, group_size=size, grid=grid,
-                                           damp=cfg.damp)
+                                           damp=cfg.damp, mask=mask)
         elif method == "adaround":
             rows = collect_rows(model, layer, batches)
             q, scale, zero = adaround_quantize(weight, rows, group_size=size, grid=grid,
                                                iters=cfg.adaround_iters, reg=cfg.adaround_reg,
-                                               desc=f"adaround {name}")
+                                               desc=f"adaround {name}", mask=mask)
         elif cfg.levels == "pow2":
             from lighten.quant.nonuniform import pow2_rtn
 
             q, scale, zero = pow2_rtn(weight, group_size=size, bits=cfg.bits)
         else:
             q, scale, zero = rtn_quantize(weight, group_size=size, grid=grid)
+        if mask is not None:  # every grid holds 0 exactly: the zero point
+            codes = zero.repeat_interleave(size, dim=1)[:, : q.shape[1]].to(q.dtype)
+            q = torch.where(mask, q, codes)
         new = weight_only_class(layer)  # from its LayerSpec
         if cfg.levels == "pow2":
             from lighten.quant.nonuniform import POW2_TYPES
@@ -343,6 +358,10 @@ def quantize_weight_only_(model: nn.Module, config: WeightOnlyConfig | None = No
                 bias += error @ stats.mean
             wo.bias.data.copy_(bias)
         model.set_submodule(name, wo)
+    if pruned:
+        notes.append(f"quant.weight_only: pruned zeros kept in {len(pruned)} layers"
+                     + (f" ({cfg.method} compensates among kept weights only)"
+                        if cfg.method != "rtn" else ""))
     return model
 
 
