@@ -31,7 +31,9 @@ class DeployConfig(StrictModel):
     cpu: Annotated[str, BeforeValidator(check_cpu)] = Field(
         "auto", description=f"target CPU: {' | '.join(CPU_CHOICES)}")
     threads: int | None = Field(None, ge=1)
-    latency_runs: int = Field(50, ge=3)
+    latency_runs: int = Field(50, ge=3, description=(
+        "timed runs per stage and batch size in total, spread over 3-10 interleaved rounds "
+        "(50: 10 rounds of 5); all stages are timed together at the end of a run"))
 
 
 class MeasureConfig(StrictModel):

@@ -306,6 +306,14 @@ def _sections(rows: Sequence[dict], info: dict, *, output_dir: Path | None = Non
     if output_dir is not None:
         sections += _step_sections(output_dir, rows)
         sections += _layer_sections(output_dir, rows)
+    pre = info.get("preprocessing")
+    if isinstance(pre, dict):  # what a deployed model must be fed, and what its outputs mean
+        names = pre.get("class_names")
+        sections.append(("Preprocessing", ("lines", [
+            f"input transform: {pre.get('transform') or 'not recorded'}",
+            f"classes: {', '.join(map(str, names)) if names else 'not recorded'}",
+            "both are in every stage's artifact (meta.preprocessing) and ONNX file "
+            "(metadata_props lighten.transform, lighten.class_names)"])))
     notes = info.get("notes") or []
     sections.append(("Notes", ("lines", [str(n) for n in notes] or ["(none)"])))
     prov = info.get("provenance") or {}
@@ -327,6 +335,11 @@ def _sections(rows: Sequence[dict], info: dict, *, output_dir: Path | None = Non
         import yaml
 
         sections.append(("Recipe file", ("code", yaml.safe_dump(info["recipe"], sort_keys=False))))
+    if isinstance(info.get("settings"), dict):  # every default filled in, only keys that apply
+        import yaml
+
+        sections.append(("Resolved settings",
+                         ("code", yaml.safe_dump(info["settings"], sort_keys=False))))
     return sections
 
 

@@ -11,6 +11,11 @@ Output folder layout (other tools read it; keep the names)::
     OUTPUT/deploy/<stage>/             what each stage deploys (model.onnx), timed at the end
     OUTPUT/latency.json                every stage timed together: rounds, orders, medians, IQRs
     OUTPUT/report.md, report.html      written at the end
+    OUTPUT/checkpoints/baseline.safetensors   baseline training state at its last epoch end
+                                       (only while the baseline trains; --resume continues it)
+
+run.json and state.json are written before the baseline trains (run.json's ``status``: started,
+running, finished), so an interrupted baseline training is a run that ``--resume`` continues.
 
 Everything the user got wrong (recipe, data, model, weights) is found before the output folder is
 touched, so a bad run never damages the output of a good one.
@@ -33,6 +38,7 @@ from lighten.step import StepContext
 from lighten.target import Target
 
 STATE_VERSION = 1
+BASELINE_CHECKPOINT = Path("checkpoints") / "baseline.safetensors"
 
 
 @dataclass
@@ -46,7 +52,7 @@ class RunResult:
 class _Prepared:
     data: object
     model: nn.Module
-    baseline_source: str
+    baseline_source: str | None  # None: the baseline is trained in the output folder
     baseline_seconds: float
 
 
@@ -63,6 +69,8 @@ def run_recipe(
 
     out = Path(output or recipe.output)
     _check_output_dir(out)
+    if not overwrite:
+        _check_not_foreign(out)
     recipe_dict = recipe.to_dict()
     digest = recipe_hash(recipe_dict)
     state = None if overwrite and not resume else _read_state(out)  # --overwrite: any state
@@ -79,8 +87,12 @@ def run_recipe(
             return RunResult(out, _read_rows(out), list(state.get("notes", [])))  # all done:
             # nothing is re-run or rewritten (run.json keeps its time)
 
-    prepared = _prepare(recipe, progress=progress)  # all user-input errors surface here
+    prepared = _prepare(recipe)  # all user-input errors surface here (weights too; no training)
     _prepare_output(out, fresh=state is None)
+    if state is None:  # the run record comes first: a long baseline training is a run already
+        _write_started(out, recipe, digest, recipe_dict, prepared.data)
+    if prepared.baseline_source is None and not (state and "baseline" in state["done"]):
+        _train_baseline(prepared, recipe, out, progress=progress)
     return _execute(recipe, prepared, out, state, digest, recipe_dict, progress=progress)
 
 
@@ -126,6 +138,30 @@ def _check_output_dir(out: Path) -> None:
                               "choose another --output")
 
 
+def _check_not_foreign(out: Path) -> None:
+    """A folder with files but no lighten run in it (no state.json / run.json) is not written
+    into without --overwrite: its files are someone's work."""
+    if not out.is_dir() or (out / "state.json").exists() or (out / "run.json").exists():
+        return
+    if next(out.iterdir(), None) is not None:
+        raise RecipeError(f"{out} is not empty and holds no lighten run; choose another "
+                          "--output, or pass --overwrite to write the run into it anyway")
+
+
+def _write_started(out: Path, recipe: Recipe, digest: str, recipe_dict: dict, data) -> None:
+    """run.json (status: started) and state.json (nothing done yet) of a new run, written
+    before the baseline trains so an interrupted training resumes like any other stage."""
+    from lighten.provenance import atomic_write_text, provenance
+
+    target = Target.from_deploy(recipe.deploy)
+    prov = provenance(recipe_dict, recipe.seed, target=target)
+    atomic_write_text(out / "run.json", json.dumps(
+        {**_run_info(recipe, digest, prov, [], data), "status": "started"}, indent=2))
+    atomic_write_text(out / "state.json", json.dumps(
+        {"version": STATE_VERSION, "recipe_hash": digest, "done": [], "notes": [],
+         "recipe": recipe_dict, "target": target.to_dict()}))
+
+
 def _check_resumable(out: Path, state: dict, recipe: Recipe) -> None:
     """Every file --resume reads back exists: the finished stages and the baseline logits."""
     from safetensors import safe_open
@@ -148,14 +184,14 @@ def _check_resumable(out: Path, state: dict, recipe: Recipe) -> None:
     _read_rows(out)  # a damaged metrics.jsonl fails here, before any training
 
 
-def _prepare(recipe: Recipe, *, progress: bool) -> _Prepared:
+def _prepare(recipe: Recipe) -> _Prepared:
     from lighten.data import load_data
 
     torch.manual_seed(recipe.seed)
     data = load_data(recipe.data)
     model = _build(recipe, data)
     start = time.perf_counter()
-    source = _load_or_train_baseline(model, recipe, data, progress=progress)
+    source = _load_baseline(model, recipe, data)
     return _Prepared(data, model, source, time.perf_counter() - start)
 
 
@@ -177,13 +213,12 @@ def _build(recipe: Recipe, data) -> nn.Module:
     return model.eval()
 
 
-def _load_or_train_baseline(model: nn.Module, recipe: Recipe, data, *, progress: bool) -> str:
-    """Weights from the recipe, else the zoo's shipped checkpoint, else cached or fresh training."""
+def _load_baseline(model: nn.Module, recipe: Recipe, data) -> str | None:
+    """Weights from the recipe, else the zoo's shipped checkpoint, else the cache; None when
+    the baseline must be trained (:func:`_train_baseline`, once the output folder is set up)."""
     from lighten.models import load_weights, shipped_checkpoint
-    from lighten.train import train
 
-    if recipe.model.weights:
-        load_weights(model, recipe.model.weights)
+    if recipe.model.weights:  # build_model loaded them (a lighten artifact's model included)
         return f"weights {recipe.model.weights}"
     if recipe.model.zoo:
         shipped = shipped_checkpoint(recipe.model.zoo, data.name)
@@ -194,10 +229,32 @@ def _load_or_train_baseline(model: nn.Module, recipe: Recipe, data, *, progress:
     if cached.is_file():
         load_weights(model, cached)
         return f"cached checkpoint {cached}"
-    train(model, data.train, recipe.train.model_copy(update={"seed": recipe.seed}),
-          progress=progress, task=data.task)
+    return None
+
+
+def _train_baseline(prepared: _Prepared, recipe: Recipe, out: Path, *, progress: bool) -> None:
+    """Train the baseline, its state checkpointed at each epoch end in OUTPUT/BASELINE_CHECKPOINT
+    so that ``--resume`` after an interrupt continues from the last finished epoch (to the same
+    weights as an uninterrupted training); then cache it and drop the checkpoint."""
+    from lighten import train_state
+    from lighten.train import train
+
+    model, data = prepared.model, prepared.data
+    cfg = recipe.train.model_copy(update={"seed": recipe.seed})
+    checkpoint = out / BASELINE_CHECKPOINT
+    meta = train_state.read_meta(checkpoint)
+    key = train_state.state_key(model, cfg.model_dump(), len(data.train))
+    resumed = (f", continued after epoch {meta['epoch'] + 1}"
+               if meta and meta.get("key") == key else "")
+    start = time.perf_counter()
+    train(model, data.train, cfg, progress=progress, task=data.task, checkpoint=checkpoint)
+    model.eval()
+    cached = _cache_path(recipe)
     _save_weights(model, cached)
-    return f"trained here ({recipe.train.epochs} epochs), cached at {cached}"
+    checkpoint.unlink(missing_ok=True)
+    prepared.baseline_seconds = time.perf_counter() - start
+    prepared.baseline_source = (f"trained here ({recipe.train.epochs} epochs{resumed}), cached "
+                                f"at {cached}")
 
 
 def _cache_path(recipe: Recipe) -> Path:
@@ -235,7 +292,7 @@ def _save_weights(model: nn.Module, path: Path) -> None:
 def _prepare_output(out: Path, *, fresh: bool) -> None:
     if fresh:
         for name in ("metrics.jsonl", "state.json", "run.json", "report.md", "report.html",
-                     "latency.json"):
+                     "latency.json", BASELINE_CHECKPOINT):
             (out / name).unlink(missing_ok=True)
         stages = out / "stages"
         if stages.is_dir():
@@ -248,6 +305,7 @@ def _prepare_output(out: Path, *, fresh: bool) -> None:
 def _execute(recipe, prepared: _Prepared, out: Path, state, digest, recipe_dict, *, progress):
     from lighten.artifact import save_artifact
     from lighten.backends import get_backend
+    from lighten.progress import line as progress_line
     from lighten.provenance import atomic_write_text, provenance
     from lighten.report import write_report
 
@@ -268,8 +326,7 @@ def _execute(recipe, prepared: _Prepared, out: Path, state, digest, recipe_dict,
             notes.append(target.latency_note())
     prov = provenance(recipe_dict, recipe.seed, target=target)
     atomic_write_text(out / "run.json", json.dumps(
-        {"recipe": recipe_dict, "recipe_hash": digest, "source": recipe.source,
-         "provenance": prov, "notes": notes}, indent=2))
+        {**_run_info(recipe, digest, prov, notes, data), "status": "running"}, indent=2))
 
     stage_names = ["baseline"] + _unique_stage_names(recipe)
     baseline_copy = _clone(model)
@@ -284,6 +341,7 @@ def _execute(recipe, prepared: _Prepared, out: Path, state, digest, recipe_dict,
                 baseline_copy = _clone(_load_finished(artifact, out)[0])
             continue
         torch.manual_seed(recipe.seed + index)
+        progress_line(f"stage {index + 1}/{len(stage_names)}: {stage}", enabled=progress)
         step = recipe.steps[index - 1] if index else None
         ctx = StepContext(data=data, train_config=recipe.train, baseline=baseline_copy,
                           workdir=out, seed=recipe.seed + index, progress=progress,
@@ -297,7 +355,8 @@ def _execute(recipe, prepared: _Prepared, out: Path, state, digest, recipe_dict,
         seconds = prepared.baseline_seconds if step is None else time.perf_counter() - start
         notes.extend(ctx.notes)
         meta = {"recipe_hash": digest, "stage": stage, "provenance": prov,
-                "task": data.task.describe()}
+                "task": data.task.describe(), "preprocessing": data.preprocessing(),
+                "data": recipe.settings()["data"]}
         nbytes = save_artifact(model, artifact, model_spec=model_spec,
                                input_shape=list(data.input_shape),
                                num_classes=data.num_classes, task=data.task, meta=meta)
@@ -320,8 +379,7 @@ def _execute(recipe, prepared: _Prepared, out: Path, state, digest, recipe_dict,
     notes.append(_time_stages(rows, stage_names, backend, data, out, recipe, progress))
     atomic_write_text(out / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
     atomic_write_text(out / "run.json", json.dumps(
-        {"recipe": recipe_dict, "recipe_hash": digest, "source": recipe.source,
-         "provenance": prov, "notes": notes}, indent=2))
+        {**_run_info(recipe, digest, prov, notes, data), "status": "finished"}, indent=2))
     write_report(out)
     return RunResult(out, rows, notes)
 
@@ -339,6 +397,14 @@ def _resumed_target(target: Target, recipe: Recipe, state: dict | None,
     notes.append(f"resumed on a {target.cpu} machine; steps keep building for the run's "
                  f"recorded target cpu {cpu} (latency is measured on this machine)")
     return dataclasses.replace(target, cpu=cpu)
+
+
+def _run_info(recipe: Recipe, digest: str, prov: dict, notes: list, data) -> dict:
+    """run.json: the recipe as written, the resolved settings (every default, only the keys
+    that apply), the data's preprocessing (input transform, class names), provenance, notes."""
+    return {"recipe": recipe.as_written(), "settings": recipe.settings(), "recipe_hash": digest,
+            "source": recipe.source, "preprocessing": data.preprocessing(), "provenance": prov,
+            "notes": notes}
 
 
 def _load_finished(artifact: Path, out: Path) -> tuple[nn.Module, dict]:
@@ -437,11 +503,7 @@ def _save_layer_table(model: nn.Module, artifact: Path, previous: Path, recipe, 
 def _measure(model, stage, step, data, backend, reference, nbytes, seconds, out, recipe, progress):
     from lighten.measure import measure_stage
 
-    workdir = out / "deploy" / stage
-    workdir.mkdir(parents=True, exist_ok=True)
-    samples = data.task.as_inputs(_sample_inputs(data, 256))
-    compiled = backend.compile(model, inputs=data.task.inputs, workdir=workdir,
-                               sample_inputs=samples)
+    compiled = _compile(model, backend, data, out / "deploy" / stage)
     return measure_stage(
         model, stage=stage, step=None if step is None else step.name, data=data,
         compiled=compiled, reference_logits=reference, artifact_bytes=nbytes, seconds=seconds,
@@ -449,6 +511,18 @@ def _measure(model, stage, step, data, backend, reference, nbytes, seconds, out,
         latency_runs=recipe.deploy.latency_runs, progress=progress,
         latency=False,  # every stage is timed at the end, together: _time_stages
     )
+
+
+def _compile(model, backend, data, workdir: Path):
+    """The stage's deployment, written to ``workdir`` (deploy/<stage>/) and self-checked."""
+    from lighten.export import CHECK_BATCH, preprocessing_metadata, task_metadata
+
+    workdir.mkdir(parents=True, exist_ok=True)
+    samples = data.task.as_inputs(_sample_inputs(data, CHECK_BATCH))  # checked at b1 and b64
+    return backend.compile(model, inputs=data.task.inputs, workdir=workdir,
+                           sample_inputs=samples,
+                           metadata={**task_metadata(data.task),
+                                     **preprocessing_metadata(data.preprocessing())})
 
 
 def _time_stages(rows, stage_names, backend, data, out, recipe, progress) -> str:
@@ -471,9 +545,7 @@ def _time_stages(rows, stage_names, backend, data, out, recipe, progress) -> str
         deployed = backend.load(workdir, inputs=data.task.inputs)
         if deployed is None:
             model, _ = _load_finished(out / "stages" / f"{index:02d}-{stage}.safetensors", out)
-            deployed = backend.compile(model, inputs=data.task.inputs, workdir=workdir,
-                                       sample_inputs=data.task.as_inputs(_sample_inputs(data,
-                                                                                        256)))
+            deployed = _compile(model, backend, data, workdir)
         compiled.append(deployed)
     timing = time_interleaved(compiled, runs=recipe.deploy.latency_runs, seed=recipe.seed,
                               progress=progress)

@@ -130,11 +130,11 @@ class StepContext:
         """Fine-tune ``model`` in place with the shared loop; a no-op when ``config`` is None.
 
         Pruned weights stay exactly zero (``keep_zeros``: :class:`lighten.train.KeepZeros`, the
-        rule is :func:`lighten.train.pruned_masks`); a step that means to regrow them passes
-        ``keep_zeros=False`` and says so in a note."""
+        rule is :func:`lighten.train.pruned_masks`); with ``keep_zeros=False`` they may regrow,
+        and a note and a warning say so before training starts."""
         if config is None or config.epochs == 0:
             return model
-        from lighten.train import KeepZeros, train
+        from lighten.train import KeepZeros, pruned_masks, train
 
         base = self.train_config
         cfg = base.model_copy(
@@ -153,6 +153,13 @@ class StepContext:
                                                     temperature=config.temperature)]
         if keep_zeros:
             callbacks = [KeepZeros(), *callbacks]
+        elif regrow := pruned_masks(model)[0]:
+            import warnings
+
+            message = (f"fine-tuning does not keep pruned zeros: {len(regrow)} pruned weight "
+                       "tensors may regrow (keep_zeros=False)")
+            self.note(message)
+            warnings.warn(message, stacklevel=2)
         train(model, self.data.train, cfg, loss_terms=loss_terms, callbacks=callbacks,
               progress=self.progress, task=self.task)
         return model

@@ -158,7 +158,7 @@ def test_damaged_run_files_are_one_line_and_overwrite_replaces_them(finished, tm
 def test_changed_recipe_on_resume_names_overwrite(finished, tmp_path):
     _, out = copy_run(finished, tmp_path)
     changed = load_recipe(write_recipe(tmp_path, steps="[{prune.magnitude: {sparsity: 0.6}}]"))
-    with pytest.raises(RecipeError, match="recipe changed .* rerun with --overwrite"):
+    with pytest.raises(RecipeError, match=r"sparsity: .* -> 0.6 changed .* rerun with --overwrite"):
         runner.run_recipe(changed, resume=True, progress=False, output=out)
 
 

@@ -1,4 +1,5 @@
-"""Every ordered pair of registered steps, on a CNN and a transformer given as ``python:`` models.
+"""Every ordered pair of registered steps (and some longer chains), on a CNN and a transformer
+given as ``python:`` models.
 
 Each stage is compressed with the one verb (``lighten.compress``), saved as an artifact, and
 every artifact is reloaded in a fresh process, from its model_spec alone, and must compute what
@@ -108,6 +109,17 @@ CONFIGS = {
     "quant.mixed": {"budget_bytes": 0.5},
 }
 # Steps a model lacks the parts for: (model, step) -> a phrase of the one-line refusal.
+CHAINS = [
+    ("prune.channels", "prune.magnitude", "quant.ptq"),
+    ("prune.layers", "prune.neurons", "prune.nm", "quant.dynamic"),
+    ("prune.l1", "prune.channels", "quant.qat"),
+    ("prune.magnitude", "prune.layers", "quant.weight_only"),
+    ("prune.neurons", "prune.channels", "prune.magnitude", "quant.mixed"),
+]
+TRANSFORMER_CHAINS = [
+    ("prune.heads", "prune.channels", "prune.neurons", "quant.dynamic"),
+    ("prune.channels", "prune.heads", "prune.magnitude", "quant.ptq"),
+]
 NOT_APPLICABLE = {
     ("cnn", "prune.heads"): "no attention",
 }
@@ -188,6 +200,14 @@ def test_every_ordered_pair_runs_or_refuses_and_every_stage_reloads(setting, arc
     for key, phrase in NOT_APPLICABLE.items():
         if key[0] == arch:
             assert phrase in refused[key]
+    for chain in CHAINS + (TRANSFORMER_CHAINS if arch == "transformer" else []):
+        check_step_order(list(chain), where="chains")
+        model = base
+        for i, step in enumerate(chain):
+            model = _compress(model, step, data, seed=10 + i)
+            name = "+".join(chain[: i + 1])
+            if name not in expected:
+                expected[name] = save(model, name)
     save_file({name: t.contiguous() for name, t in expected.items()}, str(out / "expected.st"))
     save_file({"x": x.contiguous()}, str(out / "x.st"))
     _reload_in_fresh_process(out, jobs)

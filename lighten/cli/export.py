@@ -25,14 +25,20 @@ def add_arguments(parser) -> None:
 
 def run(args) -> int:
     from lighten.cli.model_ref import describe_task, resolve_model
-    from lighten.export import export_onnx, onnx_inputs, task_metadata
+    from lighten.export import export_onnx, onnx_inputs, preprocessing_metadata, task_metadata
+    from lighten.models.checkpoint import artifact_manifest
     from lighten.report import human_bytes
 
     resolved = resolve_model(args.model, input_shape=args.input_shape, weights=args.weights,
                              num_classes=args.num_classes, data=args.data)
     task = resolved.task
-    check = export_onnx(resolved.model, args.onnx, inputs=task.inputs,
-                        metadata=task_metadata(task), verify=not args.no_verify)
+    manifest = (artifact_manifest(resolved.artifact or args.weights or "") or {})
+    meta = manifest.get("meta") or {}
+    samples, source, pre = (None, "", {}) if args.no_verify else _check_data(args, resolved, meta)
+    pre = meta.get("preprocessing") or pre
+    check = export_onnx(resolved.model, args.onnx, inputs=task.inputs, sample_inputs=samples,
+                        metadata={**task_metadata(task), **preprocessing_metadata(pre)},
+                        verify=not args.no_verify)
     print(f"wrote {check.path} ({human_bytes(check.bytes)}"
           f"{', int8 weights' if check.folded_weights else ''})")
     print(f"task: {describe_task(task)}")
@@ -43,7 +49,44 @@ def run(args) -> int:
         vocab = tokenizer.get("vocab")
         print(f"  tokenizer: {tokenizer.get('kind')}"
               f"{f' ({len(vocab)} symbols)' if vocab else ''}; in metadata_props")
-    if check.max_abs_diff is not None:
-        print(f"ONNX Runtime vs PyTorch: max |diff| {check.max_abs_diff:.2e}, "
-              f"top-1 agreement {100 * check.agreement:.1f}%")
+    transform = pre.get("transform") or "not recorded (export a run's stage, or pass --data)"
+    print(f"input transform: {transform}")
+    if pre.get("class_names"):
+        print(f"classes: {', '.join(pre['class_names'])}")
+    if check.by_batch:
+        for batch, (diff, agree) in sorted(check.by_batch.items()):
+            print(f"ONNX Runtime vs PyTorch, batch {batch}: max |diff| {diff:.2e}, "
+                  f"top-1 agreement {100 * agree:.1f}%")
+        print(f"  checked on {source}")
     return 0
+
+
+CHECK_SAMPLES = 64
+
+
+def _check_data(args, resolved, meta: dict):
+    """(real test inputs for the self-check or None, where they came from, the data's
+    preprocessing): --data, else the data recorded in the artifact (a run's stage), else none
+    (random inputs, said so)."""
+    from torch.utils.data import default_collate
+
+    from lighten.cli.model_ref import load_data_for
+    from lighten.data import DataSpec, load_data
+    from lighten.errors import LightenError
+
+    recorded = meta.get("data") if isinstance(meta.get("data"), dict) else None
+    if args.data is not None:
+        data, where = load_data_for(args.data, resolved), f"--data {args.data}"
+    elif recorded:
+        where = f"the run's data ({recorded.get('name') or recorded.get('python')})"
+        try:
+            data = load_data(DataSpec(**recorded))
+        except (LightenError, ValueError) as err:  # e.g. Fashion-MNIST not on this machine
+            first = (str(err).splitlines() or [""])[0]
+            return None, f"random inputs: {where} is not available here ({first})", {}
+    else:
+        return None, "random inputs: no data (pass --data to check on real samples)", {}
+    split = data.test if len(data.test) else data.train
+    x, _ = default_collate([split[i] for i in range(min(CHECK_SAMPLES, len(split)))])
+    samples = resolved.task.as_inputs(x)
+    return samples, f"{len(x)} real test samples of {where}", data.preprocessing()

@@ -8,8 +8,9 @@ language model's vocabulary, a ``python:`` task's inputs), or a user factory
 of that text, built with ``vocab_size``/``seq_len`` where its signature takes them).
 
 DATA is a built-in name (fashion-mnist, digits, synthetic), a text file (a language model's test
-text, tokenized with the model's recorded tokenizer), or ``file.py:function`` returning
-``(train, test)`` datasets whose items the model's task reads.
+text, tokenized with the model's recorded tokenizer), or ``file.py:function`` (also written
+``python:file.py:function``, as in a recipe's ``data: {python: ...}``) returning ``(train,
+test)`` datasets whose items the model's task reads.
 """
 
 from __future__ import annotations
@@ -23,8 +24,8 @@ from typing import Any
 
 DATA_CHOICES = ("fashion-mnist", "digits", "synthetic")
 DATA_HELP = ("test data: fashion-mnist, digits, synthetic, a text file (language models) or "
-             "file.py:function returning (train, test) (default: the built-in dataset matching "
-             "the input shape)")
+             "[python:]file.py:function returning (train, test), the recipe data hook "
+             "(default: the built-in dataset matching the input shape)")
 _DATA_SHAPES = {"fashion-mnist": (1, 28, 28), "digits": (1, 8, 8)}
 
 
@@ -208,8 +209,8 @@ def _from_python(ref, input_shape, weights, num_classes, data) -> ResolvedModel:
     if not isinstance(model, nn.Module):
         raise ModelError(f"model factory {ref!r} returned {type(model).__name__}; "
                          "it must return a torch.nn.Module")
-    if weights is not None:
-        load_weights(model, weights)
+    if weights is not None:  # a lighten artifact's model may be pruned or quantized
+        model = load_weights(model, weights)
     model.eval()
     spec = {"python": ref, "input_shape": list(input_shape)}
     if weights is not None:
@@ -250,8 +251,8 @@ def _data_kind(name: str | None) -> str:
         return "none"
     if name in DATA_CHOICES:
         return "builtin"
-    path_part, sep, _ = name.rpartition(":")
-    if sep and path_part.endswith(".py"):
+    path_part, sep, _ = name.removeprefix("python:").rpartition(":")
+    if sep and path_part.endswith(".py"):  # file.py:function, or python:file.py:function
         return "python"
     return "text"
 
@@ -359,7 +360,7 @@ def _python_data(name: str, resolved):
     from lighten.errors import DataError
     from lighten.task import ClassificationTask
 
-    fn = load_callable(name, error=DataError, what="data")
+    fn = load_callable(name.removeprefix("python:"), error=DataError, what="data")
     try:
         result = fn()
     except Exception as exc:  # user code

@@ -1,6 +1,8 @@
 """Apply a recipe: train or load the baseline, run each step, measure every stage, write a report.
 
-An interrupted run keeps its finished stages; `--resume` continues after the last one.
+An interrupted run keeps its finished stages (and a baseline training its last finished
+epoch); `--resume` continues after the last one. Progress goes to stderr: bars on a terminal, one
+line per epoch and stage in a file or pipe; `--quiet` prints only errors and the final table.
 """
 
 from __future__ import annotations
@@ -20,7 +22,8 @@ def add_run_options(parser, *, default_output: str | None = None) -> None:
                       help="continue an interrupted run after its last finished stage")
     mode.add_argument("--overwrite", action="store_true",
                       help="replace a previous run in the output folder")
-    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.add_argument("--quiet", action="store_true",
+                        help="print only errors and the final stage table")
 
 
 def add_arguments(parser) -> None:
@@ -34,18 +37,34 @@ def run_and_print(recipe_path: Path | str, args) -> int:
     from lighten.runner import run_recipe
 
     recipe = load_recipe(recipe_path)
-    result = run_recipe(recipe, resume=args.resume, overwrite=args.overwrite,
-                        progress=not args.quiet, output=args.output)
+    with _quiet_warnings(args.quiet):
+        result = run_recipe(recipe, resume=args.resume, overwrite=args.overwrite,
+                            progress=not args.quiet, output=args.output)
     out = Path(result.output_dir)
     if (out / "report.html").is_file() and (out / "report.md").is_file():
         md, html = out / "report.md", out / "report.html"
     else:
         md, html = write_report(out)
     print(format_stage_table(result.rows))
+    if args.quiet:
+        return 0
     for note in result.notes:
         print(f"note: {note}")
     print(f"\nreport: {html}  (markdown: {md})")
     return 0
+
+
+def _quiet_warnings(quiet: bool):
+    """--quiet: library warnings (torch's exporter, ...) are not errors, so not printed."""
+    import contextlib
+    import warnings
+
+    if not quiet:
+        return contextlib.nullcontext()
+    stack = contextlib.ExitStack()
+    stack.enter_context(warnings.catch_warnings())
+    warnings.simplefilter("ignore")
+    return stack
 
 
 def run(args) -> int:

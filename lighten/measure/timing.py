@@ -133,12 +133,12 @@ def time_interleaved(compiled: Sequence, *, runs: int = 50, batches: Sequence[in
         for batch in batches:
             model.latency_ms(batch, warmup=WARMUP - 1, runs=1)
     times: dict[int, list[list[float]]] = {b: [[] for _ in compiled] for b in batches}
-    steps = orders
-    if progress:
-        from tqdm import tqdm
+    from lighten.progress import bar, line
 
-        steps = tqdm(orders, desc=f"latency ({len(compiled)} stages)", leave=False)
-    for order in steps:
+    line(f"latency: {len(compiled)} model(s), {rounds} interleaved rounds of {per_round} run(s)",
+         enabled=progress)
+    for order in bar(orders, desc=f"latency ({len(compiled)} stages)", unit="round",
+                     enabled=progress):
         for i in order:
             for batch in batches:
                 times[batch][i].append(compiled[i].latency_ms(batch, warmup=ROUND_WARMUP,

@@ -96,8 +96,8 @@ def build_model(spec: ModelSpec, *, input_shape, num_classes: int,
         if not isinstance(model, nn.Module):
             raise ModelError(f"model factory {spec.python!r} returned {type(model).__name__}; "
                              "it must return a torch.nn.Module")
-    if spec.weights is not None:
-        load_weights(model, spec.weights)
+    if spec.weights is not None:  # a lighten artifact may give a pruned/quantized model
+        model = load_weights(model, spec.weights)
     check_model_outputs(model, task, name=f"model {spec.zoo or spec.python!r}",
                         hint=f"; match num_classes to {classes_from}")
     return model

@@ -47,25 +47,193 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
 
 
 def load_weights(model: nn.Module, path: str | Path) -> nn.Module:
-    """Load ``path`` into ``model`` in place (strict), naming any key or shape mismatch."""
+    """Load ``path`` into ``model`` and return the model to use from now on.
+
+    ``path`` is a plain state dict (safetensors, or torch.save read weights-only) or any lighten
+    artifact (a run's ``stages/NN-<stage>.safetensors``). A state dict loads in place (strict);
+    one whose standard layers (Conv, Linear, norms, Embedding) are narrower or wider than
+    ``model``'s -- the state of a structurally pruned model -- resizes those layers first. An
+    artifact is rebuilt on a copy of ``model`` (its edit log replayed: pruned widths, quantized
+    layers) and loaded; when the result has ``model``'s structure the weights go into ``model``
+    in place, otherwise the rebuilt model is returned. A file that fits neither is one
+    CheckpointError line naming the mismatch.
+    """
+    if _is_artifact(path):
+        return _load_artifact_into(model, Path(path).expanduser())
     state = read_state_dict(path)
+    problems = _mismatch(model, state)
+    if problems and not problems[0] and not problems[1]:  # only shapes differ: resize layers
+        model = _resize_to(model, state)
+        problems = _mismatch(model, state)
+    missing, unexpected, mismatched = problems or ([], [], [])
+    text = []
+    if missing:
+        text.append(f"missing keys {_few(missing)}")
+    if unexpected:
+        text.append(f"unexpected keys {_few(unexpected)}")
+    if mismatched:
+        text.append(f"shape mismatch {_few(mismatched)}")
+    if text:
+        raise CheckpointError(f"{str(path)!r} does not fit {type(model).__name__}: "
+                              + "; ".join(text)
+                              + "; check the model architecture, num_classes and input_shape")
+    model.load_state_dict(state, strict=True)
+    return model
+
+
+def _mismatch(model: nn.Module, state: dict) -> tuple[list, list, list] | None:
+    """(missing, unexpected, shape-mismatched) keys of ``state`` against ``model``; None: fits."""
     expected = model.state_dict()
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]
     mismatched = [f"{k} {tuple(state[k].shape)} vs model {tuple(v.shape)}"
                   for k, v in expected.items() if k in state and state[k].shape != v.shape]
-    problems = []
-    if missing:
-        problems.append(f"missing keys {_few(missing)}")
-    if unexpected:
-        problems.append(f"unexpected keys {_few(unexpected)}")
-    if mismatched:
-        problems.append(f"shape mismatch {_few(mismatched)}")
-    if problems:
-        raise CheckpointError(f"{str(path)!r} does not fit {type(model).__name__}: "
-                              + "; ".join(problems)
-                              + "; check the model architecture, num_classes and input_shape")
-    model.load_state_dict(state, strict=True)
+    return (missing, unexpected, mismatched) if missing or unexpected or mismatched else None
+
+
+def _is_artifact(path: str | Path) -> bool:
+    """A safetensors file carrying a lighten manifest (anything unreadable: not an artifact,
+    so the plain reader gives its own error)."""
+    path = Path(path).expanduser()
+    if path.suffix != ".safetensors" or not path.is_file():
+        return False
+    try:
+        from safetensors import safe_open
+
+        from lighten.artifact import METADATA_KEY
+
+        with safe_open(str(path), framework="pt") as f:
+            return METADATA_KEY in (f.metadata() or {})
+    except Exception:  # a corrupt file: read_state_dict says what is wrong with it
+        return False
+
+
+def artifact_manifest(path: str | Path) -> dict | None:
+    """The manifest of a lighten artifact (its ``meta``: stage, preprocessing, data settings),
+    or None when ``path`` is not one; only the header is read."""
+    if not _is_artifact(path):
+        return None
+    from lighten.artifact import _read_manifest  # the one manifest reader (checks, inflates)
+
+    try:
+        return _read_manifest(Path(path).expanduser())
+    except CheckpointError:
+        return None
+
+
+def _load_artifact_into(model: nn.Module, path: Path) -> nn.Module:
+    import copy
+
+    from lighten.artifact import load_artifact
+
+    try:
+        loaded, _ = load_artifact(path, model=copy.deepcopy(model))
+        reason = _foreign(model, loaded)
+        if reason:
+            raise CheckpointError(reason)
+    except CheckpointError as err:
+        reason = str(err).removeprefix(f"{path}: ").removeprefix(f"{path} ")
+        raise CheckpointError(
+            f"{str(path)!r} is a lighten artifact whose model does not fit "
+            f"{type(model).__name__} ({reason}); use the artifact itself as the model "
+            f"(`lighten measure {path}`, lighten.artifact.load_artifact in Python) or pass "
+            f"weights saved from a {type(model).__name__}") from None
+    if _structure(loaded) == _structure(model):
+        model.load_state_dict(loaded.state_dict(), strict=True)
+        return model
+    return loaded.train(model.training)
+
+
+def _foreign(model: nn.Module, loaded: nn.Module) -> str | None:
+    """Why the artifact replayed onto ``model`` is another architecture, or None. Compression
+    keeps every module path: it resizes layers of the same type, swaps in lighten's own modules
+    (quantized, pruned attention) or Identity, and removes children. A module at a path the
+    user's model lacks (under an unchanged parent), or one torch layer turned into another,
+    means the edit log was written for a different model."""
+    before = dict(model.named_modules())
+    after = dict(loaded.named_modules())
+    for path, module in after.items():
+        old = before.get(path)
+        if old is not None:
+            if type(old) is not type(module) and _is_torch_layer(type(module)) \
+                    and not isinstance(module, nn.Identity):
+                return (f"{path or 'the root'} is a {type(old).__name__} here but a "
+                        f"{type(module).__name__} in the artifact")
+            continue
+        parent = path
+        while parent and parent not in before:
+            parent = parent.rpartition(".")[0]
+        if type(after[parent]) is type(before[parent]):
+            return f"it has a module {path!r} that {type(model).__name__} lacks"
+    return None
+
+
+def _is_torch_layer(cls: type) -> bool:
+    return cls.__module__.startswith("torch.nn.modules")
+
+
+def _structure(model: nn.Module) -> tuple:
+    """Module types by path and tensor shapes/dtypes by key: equal means same architecture."""
+    return (tuple((name, type(m)) for name, m in model.named_modules()),
+            tuple((k, tuple(v.shape), v.dtype) for k, v in model.state_dict().items()))
+
+
+def _new_widths(module: nn.Module, prefix: str, state: dict) -> dict | None:
+    """Constructor arguments that give ``module`` the tensor shapes in ``state`` (keys under
+    ``prefix``), for the standard layers; None for any other layer."""
+    def shape(name):
+        t = state.get(prefix + name)
+        return None if t is None else tuple(t.shape)
+
+    w = shape("weight")
+    if isinstance(module, nn.modules.conv._ConvNd) and w is not None:
+        depthwise = module.groups > 1 and module.groups == module.in_channels \
+            == module.out_channels
+        inner, outer = (w[1], w[0]) if not module.transposed else (w[0], w[1])
+        if depthwise:
+            width = outer if not module.transposed else inner
+            return {"in_channels": width, "out_channels": width, "groups": width}
+        if module.transposed:
+            return {"in_channels": inner, "out_channels": outer * module.groups}
+        return {"in_channels": inner * module.groups, "out_channels": outer}
+    if isinstance(module, nn.Linear) and w is not None:
+        return {"in_features": w[1], "out_features": w[0]}
+    if isinstance(module, nn.modules.batchnorm._NormBase):
+        found = shape("running_mean") or w
+        return None if found is None else {"num_features": found[0]}
+    if isinstance(module, nn.LayerNorm) and w is not None:
+        return {"normalized_shape": list(w)}
+    if isinstance(module, nn.GroupNorm) and w is not None:
+        return {"num_channels": w[0]}
+    if isinstance(module, nn.Embedding) and w is not None:
+        return {"num_embeddings": w[0], "embedding_dim": w[1]}
+    return None
+
+
+def _resize_to(model: nn.Module, state: dict) -> nn.Module:
+    """``model`` with every standard layer whose own tensors differ in shape from ``state``
+    rebuilt at the stored widths (e.g. the state dict of a channel-pruned model). Layers it
+    cannot rebuild are left as they are; the caller then names the mismatch."""
+    from lighten.edits import build_layer, constructor_attrs, layer_name
+
+    expected = model.state_dict()
+    changed = {k.rpartition(".")[0] for k, v in expected.items()
+               if k in state and state[k].shape != v.shape}
+    replacements = {}
+    for path in changed:
+        module = model.get_submodule(path)
+        widths = _new_widths(module, f"{path}." if path else "", state)
+        attrs = constructor_attrs(module)
+        if widths is None or attrs is None or not set(widths) <= set(attrs):
+            continue
+        with torch.random.fork_rng(devices=[]):  # init values are overwritten by the load
+            new = build_layer(layer_name(module), {**attrs, **widths})
+        replacements[path] = new.train(module.training)
+    for path, new in replacements.items():
+        if not path:
+            return new
+        parent, _, name = path.rpartition(".")
+        setattr(model.get_submodule(parent), name, new)
     return model
 
 

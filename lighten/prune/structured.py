@@ -26,7 +26,12 @@ from lighten.graph import Group, channel_groups
 from lighten.layers import CONV_KINDS, layer_spec
 from lighten.modules import require_modules
 from lighten.prune.channel_sensitivity import ChannelSensitivity
-from lighten.prune.importance import NEEDS_GRADIENTS, accumulate_gradients, make_importance
+from lighten.prune.importance import (
+    NEEDS_GRADIENTS,
+    accumulate_gradients,
+    make_importance,
+    task_summed_loss,
+)
 from lighten.prune.surgery import axis_length, prune_module_
 from lighten.registry import register_step
 from lighten.step import StepConfig, StepContext
@@ -452,8 +457,10 @@ def prune_channels_(model: nn.Module, config: ChannelPruneConfig, example_input:
                     *, scope: Scope = "channels",
                     batches: Batches | None = None, eval_batches: Batches | None = None,
                     finetune: Finetuner | None = None, seed: int = 0,
-                    progress: bool = False, target: Target | None = None) -> PruneReport:
-    """Prune ``model`` in place; ``batches()`` yields labelled batches (needed by taylor),
+                    progress: bool = False, target: Target | None = None,
+                    loss: Callable | None = None) -> PruneReport:
+    """Prune ``model`` in place; ``batches()`` yields labelled batches (needed by taylor, scored
+    with ``loss(outputs, targets)`` summed over the batch; default cross-entropy),
     ``eval_batches()`` those ``ratios: auto`` measures sensitivity on, and
     ``finetune(model, share)`` trains for that share of the budget after each iterative step;
     ``target`` (default: this machine) decides ``round_to: auto``."""
@@ -479,7 +486,7 @@ def prune_channels_(model: nn.Module, config: ChannelPruneConfig, example_input:
     for i in range(1, k + 1):
         if i > 1:
             groups = prunable_groups(model, example_input, scope=scope, ignore=config.ignore)
-        scores = _scores(model, groups, importance, config.importance, batches, report)
+        scores = _scores(model, groups, importance, config.importance, batches, report, loss)
         goal = None if target is None else start[what] * (1 - (1 - target) * i / k)
         keeps = _plan_step(model, groups, scores, config, step=(i, k), goal=goal, what=what,
                            input_shape=input_shape, round_to=round_to, report=report,
@@ -502,12 +509,13 @@ def prune_channels_(model: nn.Module, config: ChannelPruneConfig, example_input:
     return report
 
 
-def _scores(model, groups, importance, name, batches, report) -> list[torch.Tensor | None]:
+def _scores(model, groups, importance, name, batches, report,
+            loss=None) -> list[torch.Tensor | None]:
     if name in NEEDS_GRADIENTS:
         if batches is None:
             raise UnsupportedError(f"importance {name!r} needs labelled data; pass batches= "
                                    "(the recipe step takes them from the training set)")
-        accumulate_gradients(model, batches())
+        accumulate_gradients(model, batches(), loss=loss)
     scores = [importance(model, g) for g in groups]
     skipped = sum(s is None for s in scores)
     if skipped:
@@ -541,7 +549,8 @@ def _run_step(name: str, scope: Scope, model, config, ctx: StepContext) -> nn.Mo
         model, config, ctx.example_input(), scope=scope, seed=ctx.seed,
         batches=lambda: ctx.labelled_batches(config.calibration_samples),
         eval_batches=lambda: ctx.labelled_batches(config.auto_samples), progress=ctx.progress,
-        finetune=finetune if config.finetune is not None else None, target=ctx.target)
+        finetune=finetune if config.finetune is not None else None, target=ctx.target,
+        loss=task_summed_loss(ctx.task))
     ctx.note(report.summary(name))
     for line in report.notes:
         ctx.note(f"{name}: {line}")
