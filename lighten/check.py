@@ -16,14 +16,19 @@ from __future__ import annotations
 import copy
 import inspect
 import io
+import linecache
+import os
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from lighten.errors import ModelError
+from lighten.export import FLOAT_RTOL
 from lighten.layers import (
     LAYER_SPECS,
     SpecTracer,
@@ -114,10 +119,21 @@ def _notes_by_module(model: nn.Module, notes: list[str]) -> dict[str, str]:
     return out
 
 
-def _unstructured_trial(model: nn.Module, example: torch.Tensor) -> Trial:
-    from lighten.prune.magnitude import prunable_weights
+def _zeros(module: nn.Module) -> int:
+    return sum(int((p == 0).sum()) for p in module.parameters(recurse=False))
 
-    return Trial(set(prunable_weights(model)))
+
+def _unstructured_trial(model: nn.Module, example: torch.Tensor) -> Trial:
+    """prune.magnitude (half of every layer's weights) on a copy: the modules that gained
+    zeros."""
+    from lighten.prune.magnitude import MagnitudePruneConfig, prune_magnitude_
+
+    pruned = copy.deepcopy(model)
+    with torch.no_grad():
+        prune_magnitude_(pruned, MagnitudePruneConfig(sparsity=0.5, scope="layer"))
+    after = dict(pruned.named_modules())
+    return Trial({name for name, m in model.named_modules()
+                  if name in after and _zeros(after[name]) > _zeros(m)})
 
 
 def _structured_trial(model: nn.Module, example: torch.Tensor) -> Trial:
@@ -161,22 +177,30 @@ def _heads_trial(model: nn.Module, example: torch.Tensor) -> Trial:
 
 def _quant_trial(run: Callable[[nn.Module, list[str]], None],
                  quantized: Callable[[nn.Module], type | None]) -> Callable:
-    """A trial that runs a quantizer on a copy: a module counts when it became its int form."""
+    """A trial that runs a quantizer on a copy: a module counts when the module now at its path
+    is quantized, or was rebuilt around quantized layers (a stock MultiheadAttention unfused
+    into q/k/v Linears that were then quantized)."""
     def trial(model: nn.Module, example: torch.Tensor) -> Trial:
         notes: list[str] = []
         copied = copy.deepcopy(model)
         run(copied, example, notes)
+        targets = tuple({t for m in model.modules() if (t := quantized(m)) is not None})
+
+        def is_quantized(m: nn.Module) -> bool:
+            return isinstance(m, targets) or type(m).__module__.startswith("lighten.quant")
+
         changed, covered = set(), set()
         for name, module in model.named_modules():
-            target = quantized(module)
-            if target is None:
+            if quantized(module) is None and not any(True for _ in
+                                                     module.parameters(recurse=False)):
                 continue
             covered.add(name)
             try:
                 new = copied.get_submodule(name)
             except AttributeError:
                 continue
-            if isinstance(new, target):
+            if is_quantized(new) or (type(new) is not type(module)
+                                     and any(is_quantized(m) for m in new.modules())):
                 changed.add(name)
         notes_by = _notes_by_module(model, notes)
         return Trial(changed, {n: why for n, why in notes_by.items() if n in covered})
@@ -298,23 +322,53 @@ def _trace_facts(model: nn.Module, leaves) -> dict[str, tuple[str, str | None]]:
                 out[name] = (NO, f"the model does not trace because of {blame}")
         return out
     called = {n.target for n in graph.nodes if n.op == "call_module"}
+    # a module whose parameters the graph reads is used, called or not (an attention block
+    # passing out_proj.weight to F.multi_head_attention_forward)
+    read = {str(n.target).rpartition(".")[0] for n in graph.nodes if n.op == "get_attr"}
     tracer = SpecTracer()
     out = {}
     for name, module in leaves:
-        if name in called or _inside(name, called):  # or inside a called one
+        if name in called or _inside(name, called):
             out[name] = (YES, None)
         elif name and tracer.is_leaf_module(module, name):
-            out[name] = (NO, "not in the traced graph (never called in forward)")
+            out[name] = ((YES, None) if name in read
+                         else (NO, f"not in the traced graph ({UNUSED})"))
         else:
             out[name] = ("inlined", "fx traced through it: graph tools see its ops, not the module")
     return out
 
 
+UNUSED = "never called in forward and its parameters never read"
+
+
+class _ParamReads(TorchFunctionMode):
+    """Records the modules whose own parameters a forward reads: as a call's argument
+    (``F.linear(x, self.out_proj.weight)``, PyTorch's fused encoder kernel taking every weight)
+    or as the tensor a method runs on (``self.pos.expand(...)``)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.owners: dict[int, list[str]] = {}
+        for name, module in model.named_modules():
+            for p in module.parameters(recurse=False):
+                self.owners.setdefault(id(p), []).append(name)
+        self.read: set[str] = set()
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        for arg in (*args, *kwargs.values()):
+            for t in (arg if isinstance(arg, (list, tuple)) else (arg,)):
+                if isinstance(t, nn.Parameter):
+                    self.read.update(self.owners.get(id(t), ()))
+        return func(*args, **kwargs)
+
+
 def _measure_facts(model, leaves, example) -> tuple[dict[str, tuple[str, str | None]], dict]:
-    """Run one forward under FlopCounterMode; a module is measurable when it (or a module
-    holding it, like a MultiheadAttention its out_proj) ran there. A row's MACs are its own:
-    its module's count less its children's, so the column adds up to the model's."""
-    from torch.utils.flop_counter import FlopCounterMode
+    """Count MACs the way ``lighten measure`` does (one forward, PyTorch's attention fast path
+    off so its fused kernel is counted); a module is measurable when that forward called it or
+    read its parameters. A row's MACs are its own: its module's count less its children's, so
+    the column adds up to the model's."""
+    from lighten.measure.macs import count_macs_by_module
 
     ran: set[str] = set()
 
@@ -322,72 +376,178 @@ def _measure_facts(model, leaves, example) -> tuple[dict[str, tuple[str, str | N
         return lambda *_: ran.add(name)
 
     hooks = [m.register_forward_hook(hook(n)) for n, m in model.named_modules()]
-    counter = FlopCounterMode(display=False)
+    reads = _ParamReads(model)
     try:
-        with torch.no_grad(), counter:
-            model(example)
+        with reads:
+            flops = count_macs_by_module(model, example)
     except Exception as e:
-        reason = f"FLOP counting failed: {_first_line(e)}"
+        reason = f"MAC counting failed: {_first_line(e.__cause__ or e)}"
         return {name: (NO, reason) for name, _ in leaves}, {}
     finally:
         for h in hooks:
             h.remove()
-    prefix = type(model).__name__
-    flops = {k: sum(v.values()) for k, v in counter.get_flop_counts().items()}
-
-    def total(name: str) -> int:
-        return flops.get(f"{prefix}.{name}" if name else prefix, 0)
-
-    macs = {name: (total(name) - sum(total(f"{name}.{c}" if name else c)
-                                     for c, _ in m.named_children())) // 2
+    macs = {name: flops.get(name, 0) - sum(flops.get(f"{name}.{c}" if name else c, 0)
+                                           for c, _ in m.named_children())
             for name, m in leaves}
-    facts = {name: (YES, None) if name in ran or _inside(name, ran)
-             else (NO, "never called in forward") for name, m in leaves}
+    used = ran | reads.read
+    facts = {}
+    for name, m in leaves:
+        stores = any(True for _ in m.parameters(recurse=False))
+        if name in used or (not stores and _inside(name, used)):
+            facts[name] = (YES, None)
+        else:
+            facts[name] = (NO, UNUSED)
     return facts, macs
 
 
+# ----------------------------------------------------------------------------- ONNX export
+
+
+@dataclass(frozen=True)
+class Frozen:
+    """Where the ONNX trace froze Python control flow (a TracerWarning) that changes the result:
+    the innermost module running and the user's line (the innermost frame outside torch)."""
+
+    module: str  # model-relative name ("" = the model)
+    kind: str  # its class name
+    where: str | None  # "model.py:21 (`if x.sum() > 0:`)"
+    message: str  # the warning's first sentence
+
+
+_TORCH_DIR = os.path.dirname(torch.__file__) + os.sep
+
+
+def _where(frame) -> str:
+    path = frame.f_code.co_filename
+    try:
+        shown = os.path.relpath(path)
+    except ValueError:  # another drive (Windows)
+        shown = path
+    shown = path if shown.startswith("..") else shown
+    line = linecache.getline(path, frame.f_lineno).strip()
+    return f"{shown}:{frame.f_lineno}" + (f" (`{line}`)" if line else "")
+
+
+def _locate(model: nn.Module, names: dict[int, str], stop) -> tuple[str, str | None]:
+    """(innermost module running, user's line) from the frames below ``stop`` (the export)."""
+    module, where = None, None
+    frame = inspect.currentframe()
+    while frame is not None and frame.f_code is not stop:
+        path = frame.f_code.co_filename
+        if module is None and id(frame.f_locals.get("self")) in names:
+            module = names[id(frame.f_locals["self"])]
+        if (where is None and not path.startswith(_TORCH_DIR) and path != __file__
+                and os.path.basename(path) != "warnings.py"):
+            where = _where(frame)
+        frame = frame.f_back
+    return module or "", where
+
+
 def _export(module: nn.Module, example: torch.Tensor) -> tuple[str | None, list]:
-    """(error or None, TracerWarnings): the warnings flag Python control flow frozen by tracing."""
-    with warnings.catch_warnings(record=True) as caught:
+    """(error or None, :class:`Frozen` findings). The model is exported at batch 1 with a
+    dynamic batch, then ONNX Runtime runs it on other inputs at other batch sizes: a finding
+    is reported only when the export then differs from PyTorch (or fails)."""
+    names = {id(m): n for n, m in module.named_modules()}
+    caught: list[tuple[str, str | None, str]] = []
+
+    def show(message, category, *_):
+        if issubclass(category, torch.jit.TracerWarning):
+            owner, where = _locate(module, names, _export.__code__)
+            caught.append((owner, where, str(message).split(". ")[0].rstrip(".")))
+
+    buf = io.BytesIO()
+    with warnings.catch_warnings():
         warnings.simplefilter("always")
+        warnings.showwarning = show
         try:
-            torch.onnx.export(module, (example,), io.BytesIO(), dynamo=False, opset_version=17)
+            torch.onnx.export(module, (example,), buf, dynamo=False, opset_version=17,
+                              input_names=["input"], dynamic_axes={"input": {0: "batch"}})
         except Exception as e:
             return _first_line(e), []
-    return None, [w for w in caught if issubclass(w.category, torch.jit.TracerWarning)]
+    differs = _differs(module, buf.getvalue(), _probes(example))
+    if differs is None:
+        return None, []
+    seen, found = set(), []
+    for owner, where, message in caught:
+        if (owner, where) not in seen:
+            seen.add((owner, where))
+            kind = type(module.get_submodule(owner)).__name__
+            found.append(Frozen(owner, kind, where, f"{message}; {differs}"))
+    return None, found or [Frozen("", type(module).__name__, None, differs)]
 
 
-def _forward_span(module: nn.Module) -> tuple[str, int, int] | None:
+def _probes(example: torch.Tensor) -> list[torch.Tensor]:
+    """Inputs unlike the batch-1 export example: other batch sizes, signs and values."""
+    g = torch.Generator().manual_seed(0)
+    shape = tuple(example.shape[1:])
+    if not example.is_floating_point():
+        high = max(2, int(example.max()) + 1)
+        return [torch.randint(0, high, (b, *shape), generator=g, dtype=example.dtype)
+                for b in (3, 2)]
+    x = torch.randn(3, *shape, generator=g, dtype=example.dtype)
+    big = 4 * x.abs() + 1  # all positive, then all negative: a linear feature's sign flips
+    return [x, big[:2], -big[1:]]
+
+
+def _flat(outputs) -> list[torch.Tensor]:
+    if isinstance(outputs, torch.Tensor):
+        return [outputs]
+    if isinstance(outputs, dict):
+        outputs = list(outputs.values())
+    if isinstance(outputs, (list, tuple)):
+        return [t for o in outputs for t in _flat(o)]
+    return []
+
+
+def _differs(model: nn.Module, onnx_bytes: bytes, probes) -> str | None:
+    """How the exported model differs from PyTorch on ``probes`` (None: it matches)."""
     try:
-        lines, first = inspect.getsourcelines(type(module).forward)
-        return inspect.getsourcefile(type(module).forward) or "", first, first + len(lines) - 1
-    except (OSError, TypeError):
+        import onnxruntime as ort
+    except ImportError:  # nothing to compare with: only a failing export is a finding
         return None
-
-
-def _blame_warnings(model: nn.Module, leaves, caught) -> dict[str, str]:
-    """Leaf name -> warning, via the innermost module whose forward source holds the warning."""
-    spans = {name: _forward_span(m) for name, m in model.named_modules()}
-    out: dict[str, str] = {}
-    for w in caught:
-        owners = [n for n, sp in spans.items()
-                  if sp and sp[0] == w.filename and sp[1] <= w.lineno <= sp[2]]
-        owner = max(owners, key=len, default="")
-        for name, _ in leaves:
-            if owner == "" or name == owner or name.startswith(owner + "."):
-                where = "" if name == owner else f"`{owner or type(model).__name__}` "
-                out.setdefault(name, f"{where}forward line {w.lineno}: "
-                                     f"{str(w.message).split('. ')[0]}")
-    return out
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    options.log_severity_level = 3
+    try:
+        sess = ort.InferenceSession(onnx_bytes, options, providers=["CPUExecutionProvider"])
+    except Exception as e:
+        return f"ONNX Runtime cannot load the export: {_first_line(e)}"
+    for x in probes:
+        with torch.no_grad():
+            ref = _flat(model(x))
+        try:
+            got = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})
+        except Exception as e:
+            return f"the export fails on a batch of {len(x)}: {_first_line(e)}"
+        if len(got) != len(ref):
+            return f"the export returns {len(got)} outputs, PyTorch {len(ref)}"
+        for out, r in zip(got, ref, strict=True):
+            r = r.detach().float().numpy()
+            if out.shape != r.shape:
+                return (f"on a batch of {len(x)} the export returns shape {tuple(out.shape)}, "
+                        f"PyTorch {tuple(r.shape)}")
+            diff = float(np.max(np.abs(out - r))) if r.size else 0.0
+            scale = max(1.0, float(np.max(np.abs(r)))) if r.size else 1.0
+            if not diff <= FLOAT_RTOL * scale:
+                return (f"on another input (batch {len(x)}) the export differs from PyTorch "
+                        f"by up to {diff:.3g}")
+    return None
 
 
 def _export_facts(model, leaves, example) -> dict[str, tuple[str, str | None]]:
-    """Export the whole model; on failure re-export each leaf alone to find the culprit."""
-    error, caught = _export(model, example)
+    """Export the whole model and compare it with PyTorch on other inputs; on failure
+    re-export each leaf alone to find the culprit."""
+    error, frozen = _export(model, example)
     if error is None:
-        frozen = _blame_warnings(model, leaves, caught)
-        return {name: ("frozen", f"ONNX trace froze Python control flow: {frozen[name]}")
-                if name in frozen else (YES, None) for name, _ in leaves}
+        out: dict[str, tuple[str, str | None]] = {}
+        for f in frozen:
+            at = f" at {f.where}" if f.where else ""
+            inside = f"`{f.module}` ({f.kind})" if f.module else f"`{f.kind}`"
+            for name, _ in leaves:
+                if f.module == "" or name == f.module or name.startswith(f.module + "."):
+                    out.setdefault(name, ("frozen", f"ONNX trace froze Python control flow{at} "
+                                                    f"in {inside}: {f.message}"))
+        return {name: out.get(name, (YES, None)) for name, _ in leaves}
     inputs: dict[nn.Module, torch.Tensor] = {}
 
     def grab(mod, args):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import html
 import json
+import math
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -265,6 +266,69 @@ def _plot_png(rows: Sequence[dict], x_key: str, x_label: str, *, log_x: bool,
     return buf.getvalue()
 
 
+STAGE_LABEL_CHARS = 28  # longer stage names are shortened on the size plot's axis
+
+
+def _short(name: str, limit: int = STAGE_LABEL_CHARS) -> str:
+    return name if len(name) <= limit else name[:limit - 1] + "…"
+
+
+def _bar_values(ax, values: Sequence[float], texts: Sequence[str]) -> None:
+    """Horizontal bars, one per stage, each with its value written where it fits: inside a
+    bar longer than half the axis, else just past its end (no ticks: the numbers are the
+    labels)."""
+    top = max(values) or 1.0
+    ax.barh(range(len(values)), values, color="tab:blue", alpha=0.8, height=0.7)
+    ax.set_xlim(0, top * 1.02)
+    for i, (value, text) in enumerate(zip(values, texts, strict=True)):
+        inside = value > top / 2
+        ax.text(value - top * 0.02 if inside else value + top * 0.02, i, text, fontsize=8,
+                va="center", ha="right" if inside else "left",
+                color="white" if inside else "black")
+    ax.set_xticks([])
+    for side in ("top", "right", "bottom"):
+        ax.spines[side].set_visible(False)
+
+
+def size_figure(rows: Sequence[dict], y_key: str = "accuracy"):
+    """Model size and accuracy (or ``y_key``: perplexity) per stage, as two bar panels that
+    share one row per stage: stage names sit on their own rows, so no label overlaps another,
+    however close the stages' sizes are. None when no row has both numbers."""
+    kept = [r for r in rows if r.get("bytes") and r.get(y_key) is not None]
+    if not kept:
+        return None
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(7.5, 1.1 + 0.34 * len(kept)), dpi=100, layout="constrained")
+    left, right = fig.subplots(1, 2, sharey=True, gridspec_kw={"width_ratios": [3, 2]})
+    base = kept[0]["bytes"]
+    sizes = [r["bytes"] for r in kept]
+    _bar_values(left, sizes, [human_bytes(b) if i == 0 else
+                              f"{human_bytes(b)}, {_ratio(base, b, 'smaller', 'larger')}"
+                              for i, b in enumerate(sizes)])
+    percent = y_key == "accuracy"
+    ys = [r[y_key] * (100 if percent else 1) for r in kept]
+    _bar_values(right, ys, [f"{y:.2f}%" if percent else f"{y:.3f}" for y in ys])
+    left.set_yticks(range(len(kept)), [_short(str(r.get("stage", "?"))) for r in kept],
+                    fontsize=8)
+    right.tick_params(axis="y", left=False, labelleft=False)
+    left.invert_yaxis()  # the baseline on top, stages in run order
+    left.set_title("model size", fontsize=9)
+    right.set_title("accuracy (%)" if percent else f"{y_key} (lower is better)", fontsize=9)
+    return fig
+
+
+def _figure_png(fig) -> bytes:
+    from io import BytesIO
+
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    FigureCanvasAgg(fig)
+    buf = BytesIO()
+    fig.savefig(buf, format="png")
+    return buf.getvalue()
+
+
 PLOTS = (  # file stem, metrics key, axis label, log x (y: accuracy, or the stem's first word)
     ("accuracy_vs_bytes", "bytes", "model size (bytes, log scale)", True),
     ("accuracy_vs_latency_b64", "latency_ms_b64", "latency at batch 64 (ms)", False),
@@ -305,6 +369,7 @@ def _sections(rows: Sequence[dict], info: dict, *, output_dir: Path | None = Non
                            for r in rows])))
     if output_dir is not None:
         sections += _step_sections(output_dir, rows)
+        sections += _width_sections(output_dir, rows)
         sections += _layer_sections(output_dir, rows)
     pre = info.get("preprocessing")
     if isinstance(pre, dict):  # what a deployed model must be fed, and what its outputs mean
@@ -438,6 +503,54 @@ def _step_sections(output_dir: Path, rows: Sequence[dict]) -> list[tuple[str, An
     return out
 
 
+def _out_in(kind: str, shape: Sequence[int]) -> tuple[int, int]:
+    """(output, input) channels of a weight: a transposed conv's is (in, out/groups, k...)."""
+    return (shape[1], shape[0]) if kind.startswith("ConvTranspose") else (shape[0], shape[1])
+
+
+def width_rows(layers: Sequence[dict]) -> list[list[str]]:
+    """Per resized or removed layer of a structural step's Report: out and in channels
+    before -> after, and the share of its weights kept."""
+    body = []
+    for r in layers:
+        before, after = r.get("shape_before"), r.get("shape_after")
+        if not isinstance(before, list) or len(before) < 2 or r.get("action") not in (
+                "resize", "remove"):
+            continue  # norms and biases follow their producer's width
+        kind = str(r.get("type", "?"))
+        out_b, in_b = _out_in(kind, before)
+        if isinstance(after, list) and len(after) == len(before):
+            out_a, in_a = _out_in(kind, after)
+            kept = math.prod(after) / max(1, math.prod(before))
+            body.append([str(r.get("module", "?")), kind, f"{out_b} → {out_a}",
+                         f"{in_b} → {in_a}", _pct(kept)])
+        else:
+            body.append([str(r.get("module", "?")), kind, f"{out_b} → removed",
+                         f"{in_b} → removed", _pct(0.0)])
+    return body
+
+
+WIDTH_COLUMNS = ["layer", "type", "out channels", "in channels", "weights kept"]
+
+
+def _width_sections(output_dir: Path, rows: Sequence[dict]) -> list[tuple[str, Any]]:
+    """Per stage whose step changed layer widths (prune.channels, prune.neurons, prune.heads,
+    prune.layers): every resized layer's channels before -> after."""
+    out: list[tuple[str, Any]] = []
+    for index, row in enumerate(rows):
+        stage = str(row.get("stage", "?"))
+        path = output_dir / "stages" / f"{index:02d}-{stage}.report.json"
+        if not path.is_file():
+            continue
+        try:
+            body = width_rows(json.loads(path.read_text(encoding="utf-8"))["layers"])
+        except (json.JSONDecodeError, KeyError, TypeError, AttributeError, IndexError):
+            continue  # the stage's Layers section says the file is unreadable
+        if body:
+            out.append((f"Widths: {stage}", ("table", list(WIDTH_COLUMNS), body)))
+    return out
+
+
 def _markdown(title: str, sections, plots: dict[str, str]) -> str:
     out = [f"# {title}", ""]
     for stem, _png in plots.items():
@@ -495,7 +608,11 @@ def write_report(output_dir: str | os.PathLike) -> tuple[Path, Path]:
 
     plots: dict[str, str] = {}
     for stem, key, label, log_x in PLOTS:
-        png = _plot_png(rows, key, label, log_x=log_x, y_key=stem.split("_vs_")[0])
+        if key == "bytes":  # the size plot: one bar row per stage, labels never collide
+            fig = size_figure(rows, y_key=stem.split("_vs_")[0])
+            png = None if fig is None else _figure_png(fig)
+        else:
+            png = _plot_png(rows, key, label, log_x=log_x, y_key=stem.split("_vs_")[0])
         if png is not None:
             atomic_write_bytes(output_dir / "plots" / f"{stem}.png", png)
             plots[stem] = base64.b64encode(png).decode("ascii")

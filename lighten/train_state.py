@@ -99,8 +99,9 @@ def load_train_state(path: str | os.PathLike, *, model: nn.Module,
         tensors = load_file(str(path))
     except Exception:  # a damaged body: start over rather than resume from garbage
         return None
+    # the key covers every tensor's name and shape; non-tensor extra state is not stored
     model.load_state_dict({k.removeprefix("model."): v for k, v in tensors.items()
-                           if k.startswith("model.")})
+                           if k.startswith("model.")}, strict=False)
     state: dict[int, dict] = {int(i): dict(v) for i, v in meta["optim_plain"].items()}
     for name, value in tensors.items():
         if name.startswith("optim."):

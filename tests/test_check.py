@@ -47,8 +47,10 @@ def test_untraceable_module_is_named_with_its_reason():
     # every other module is blamed on the culprit, not given a vague failure
     assert rows["conv"].cells["traceable"] == "no"
     assert any("because of `gate`" in w for w in rows["conv"].why_not)
-    # tracing for ONNX freezes the branch: flagged on the module that holds the `if`
-    assert gate.cells["exportable"] == "frozen"
+    # tracing for ONNX freezes the branch, but both branches compute the same (scale is ones):
+    # the export matches PyTorch on other inputs, so no claim (tests/test_check_vit.py: one that
+    # differs)
+    assert gate.cells["exportable"] == "yes"
     assert rows["conv"].cells["exportable"] == "yes"
 
 

@@ -181,7 +181,7 @@ def test_run_tiny_recipe_end_to_end(tmp_path, monkeypatch, capsys):
     out = capsys.readouterr().out
     lines = out.splitlines()
     assert lines[2].startswith("baseline") and lines[3].startswith("prune.magnitude")
-    assert "report:" in out
+    assert "report:" not in out and "note:" not in out  # --quiet: the table only
     assert (tmp_path / "out" / "report.html").is_file()
     # a second run into the same folder must be explicit
     assert main(["run", str(recipe), "--quiet"]) == 2

@@ -219,6 +219,16 @@ def test_existing_folder_that_is_not_a_run_is_refused(tmp_path, capsys):
         runner.run_recipe(load_recipe(recipe), progress=False, resume=True)
 
 
+def test_demo_does_not_replace_a_folder_of_other_files(tmp_path, capsys):
+    foreign = tmp_path / "notes"
+    foreign.mkdir()
+    (foreign / "todo.txt").write_text("keep me")
+    assert main(["demo", "--output", str(foreign)]) == 2
+    err = capsys.readouterr().err
+    assert str(foreign) in err and "--overwrite" in err
+    assert [p.name for p in foreign.iterdir()] == ["todo.txt"]
+
+
 def test_overwrite_or_an_empty_folder_is_accepted(tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()

@@ -25,7 +25,11 @@ def add_arguments(parser) -> None:
 def run(args) -> int:
     from lighten.cli.run import run_and_print
 
-    # The demo is meant to be rerun: a finished earlier demo is replaced, unless resuming.
-    if not args.resume:
+    # The demo is meant to be rerun: a finished earlier demo is replaced, unless resuming; a
+    # folder of other files is not (unless --overwrite says so).
+    if not args.resume and not args.overwrite:
+        from lighten.runner import _check_not_foreign
+
+        _check_not_foreign(Path(args.output))
         args.overwrite = True
     return run_and_print(demo_recipe_path(), args)

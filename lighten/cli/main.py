@@ -68,7 +68,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        hint = (" finished stages are saved; rerun the same command with --resume to continue."
+        hint = (" finished stages (and the baseline's finished training epochs) are saved; "
+                "rerun the same command with --resume to continue."
                 if getattr(args.handler, "RESUMABLE", False) else "")
         print(f"\ninterrupted.{hint}", file=sys.stderr)
         return 130

@@ -210,6 +210,37 @@ def _new_widths(module: nn.Module, prefix: str, state: dict) -> dict | None:
     return None
 
 
+def _widths(module: nn.Module) -> tuple[int, int] | None:
+    """(input width, output width) of a layer that consumes and produces channels."""
+    if isinstance(module, nn.modules.conv._ConvNd):
+        return module.in_channels, module.out_channels
+    if isinstance(module, nn.Linear):
+        return module.in_features, module.out_features
+    return None
+
+
+def _consumed(model: nn.Module, replacements: dict) -> bool:
+    """Whether the new widths look like structured pruning: every layer whose output width
+    changes a -> b has a consumer whose input width changes in proportion (c -> d, c*b == d*a:
+    the next layer, or a Linear after a flatten), and no vocabulary changes. A head with another
+    class count changes an output nothing consumes, so it stays a mismatch."""
+    ins, outs = [], []
+    for path, new in replacements.items():
+        old = model.get_submodule(path)
+        if isinstance(old, nn.Embedding):
+            if old.num_embeddings != new.num_embeddings:
+                return False
+            outs.append((old.embedding_dim, new.embedding_dim))
+        before, after = _widths(old), _widths(new)
+        if before is None or after is None:
+            continue
+        if before[0] != after[0]:
+            ins.append((before[0], after[0]))
+        if before[1] != after[1]:
+            outs.append((before[1], after[1]))
+    return all(any(c * b == d * a for c, d in ins) for a, b in outs)
+
+
 def _resize_to(model: nn.Module, state: dict) -> nn.Module:
     """``model`` with every standard layer whose own tensors differ in shape from ``state``
     rebuilt at the stored widths (e.g. the state dict of a channel-pruned model). Layers it
@@ -229,6 +260,8 @@ def _resize_to(model: nn.Module, state: dict) -> nn.Module:
         with torch.random.fork_rng(devices=[]):  # init values are overwritten by the load
             new = build_layer(layer_name(module), {**attrs, **widths})
         replacements[path] = new.train(module.training)
+    if not _consumed(model, replacements):
+        return model  # e.g. another class count: the caller names the mismatch
     for path, new in replacements.items():
         if not path:
             return new

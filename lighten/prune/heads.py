@@ -339,6 +339,9 @@ def _remove_heads_(model: nn.Module, site: AttentionSite, keep: torch.Tensor) ->
         offsets = tuple(off for n, off in site.rows if n == name)
         linear_out(getattr(module, name), _head_index(keep, d, offsets))
     linear_in(getattr(module, site.out), _head_index(keep, d))
+    kept = getattr(module, "kept", None)  # original head indices (lighten.unfused: 3-D masks)
+    if isinstance(kept, list) and len(kept) == site.num_heads:
+        module.kept = [kept[i] for i in keep.tolist()]
     setattr(module, site.heads_attr, len(keep))
     for attr in INNER_WIDTH_ATTRS:
         if type(getattr(module, attr, None)) is int and getattr(module, attr) == inner:

@@ -135,9 +135,20 @@ def _in_scope(group: Group, model: nn.Module, scope: Scope) -> bool:
     """channels: made by a conv, or a transformer's embedding width (read by attention's
     in_proj columns); neurons: the other Linear-made features (MLP hidden widths)."""
     kinds = [_conv_like(model.get_submodule(m.module)) for m in group.producers()]
-    kinds.append(any(m.kind == "param:in_proj_weight:1" for m in group.members))
+    kinds.append(any(m.kind == "param:in_proj_weight:1" or _reads_attention(model, m)
+                     for m in group.members))
     producers = bool(group.producers())
     return producers and any(kinds) if scope == "channels" else producers and not any(kinds)
+
+
+def _reads_attention(model: nn.Module, member) -> bool:
+    """The input columns of an unfused attention's q/k/v projection: the embedding width,
+    prune.channels' as for ``nn.MultiheadAttention`` (``in_proj_weight`` columns)."""
+    from lighten.unfused import UnfusedMultiheadAttention
+
+    parent, _, name = member.module.rpartition(".")
+    return (member.kind == "in" and name in ("q_proj", "k_proj", "v_proj")
+            and isinstance(model.get_submodule(parent), UnfusedMultiheadAttention))
 
 
 def prunable_groups(model: nn.Module, example_input: torch.Tensor, *, scope: Scope = "channels",
@@ -247,6 +258,15 @@ def apply_keep_(model: nn.Module, groups: list[Group], keeps: list[torch.Tensor]
     _untie_attention_(model, {name for name, _ in masks})
     for (name, kind), mask in masks.items():
         prune_module_(model.get_submodule(name), kind, mask.nonzero().flatten())
+
+
+def _unfuse_stock_layers(model: nn.Module, ignore, notes: list[str]) -> list[str]:
+    """PyTorch's encoder/decoder layers and stacks cannot be traced (fused fast paths):
+    replace them by their unfused equivalents (:mod:`lighten.unfused`); attention modules
+    outside them stay whole (the channel analysis reads them as one call)."""
+    from lighten.unfused import unfuse_
+
+    return unfuse_(model, ignore=ignore, attention=False, notes=notes)
 
 
 def _untie_attention_(model: nn.Module, names: Iterable[str]) -> None:
@@ -465,6 +485,8 @@ def prune_channels_(model: nn.Module, config: ChannelPruneConfig, example_input:
     ``finetune(model, share)`` trains for that share of the budget after each iterative step;
     ``target`` (default: this machine) decides ``round_to: auto``."""
     input_shape = example_input  # count_macs runs the example itself (token ids stay int64)
+    unfused_notes: list[str] = []
+    unfused = _unfuse_stock_layers(model, config.ignore, unfused_notes)
     out_shape = _output_shape(model, example_input)
     importance = make_importance(config.importance, seed=seed)
     what = "macs" if config.target_macs else "params"
@@ -476,6 +498,10 @@ def prune_channels_(model: nn.Module, config: ChannelPruneConfig, example_input:
                                "input/output, ignore:, or grouped convs)")
     report = PruneReport(start["macs"], 0, start["params"], 0,
                          sum(g.size for g in groups), 0)
+    report.notes += unfused_notes
+    if unfused:
+        report.notes.append(f"{', '.join(unfused)}: PyTorch transformer blocks unfused into "
+                            "plain modules so their widths can be followed")
     k = config.iterative_steps
     deploy_target = target or Target.this_machine()  # `target` below is the MACs/params goal
     round_to = config.channel_multiple(deploy_target)

@@ -22,7 +22,7 @@ from torch import nn
 from lighten.errors import UnsupportedError
 from lighten.layers import dynamic_quant_class
 from lighten.modules import register_module_type, require_modules
-from lighten.quant.eligibility import swappable
+from lighten.quant.eligibility import swappable, unfuse_stock_blocks
 from lighten.registry import register_step
 from lighten.step import StepConfig, StepContext
 from lighten.target import Target
@@ -153,6 +153,7 @@ def quantize_dynamic_(model: nn.Module, config: DynamicConfig | None = None, *,
     cfg = config or DynamicConfig()
     notes = notes if notes is not None else []
     require_modules(model, cfg.ignore, key="ignore")
+    unfuse_stock_blocks(model, notes, cfg.ignore)  # stock transformer blocks -> plain Linears
     target = target or Target.this_machine()
     reduce_range = target.reduce_range if cfg.reduce_range is None else cfg.reduce_range
     targets = [n for n, m in model.named_modules()  # types whose LayerSpec names a swap

@@ -1,9 +1,12 @@
 """Which layers a quantizer may swap for its own module.
 
 Some PyTorch modules read their children's weights directly instead of calling them (the fused
-fast paths of ``nn.TransformerEncoderLayer`` and ``nn.MultiheadAttention``). Replacing such a child
-either crashes (no ``.weight``) or, worse, is silently bypassed; those layers stay float, with a
-note that says why and what to do.
+fast paths of ``nn.TransformerEncoderLayer`` and ``nn.MultiheadAttention``). Every quantizer first
+calls :func:`unfuse_stock_blocks`, which replaces PyTorch's own transformer blocks by equivalent
+ones made of plain Linear layers (:mod:`lighten.unfused`), so those are quantized like any other.
+What is left -- a subclass with its own forward, an option with no unfused form -- would crash
+(no ``.weight``) or, worse, be silently bypassed if a child were replaced; those layers stay
+float, with a note that says why and what to do.
 """
 
 from __future__ import annotations
@@ -15,6 +18,19 @@ WEIGHT_READING_PARENTS: tuple[type[nn.Module], ...] = (
     nn.TransformerDecoderLayer,
     nn.MultiheadAttention,
 )
+
+
+def unfuse_stock_blocks(model: nn.Module, notes: list[str], ignore=()) -> list[str]:
+    """Swap PyTorch's transformer blocks (encoder/decoder layers and stacks, MultiheadAttention,
+    a PrunedMultiheadAttention) in ``model`` for their unfused forms, in place, before a
+    quantizer collects its layers; modules in ``ignore`` (and below) stay. Returns the paths."""
+    from lighten.unfused import unfuse_
+
+    done = unfuse_(model, ignore=ignore, notes=notes)
+    if done:
+        notes.append(f"unfused {len(done)} PyTorch transformer block(s) into plain Linear layers "
+                     f"to quantize them: {', '.join(done[:4])}{' ...' if len(done) > 4 else ''}")
+    return done
 
 
 def blocked_by_parent(model: nn.Module, name: str) -> str | None:

@@ -19,7 +19,7 @@ from torch.nn.modules.conv import _ConvNd
 from lighten.backends import BackendName
 from lighten.errors import DataError, RecipeError
 from lighten.layers import static_quant_class
-from lighten.quant.eligibility import swappable
+from lighten.quant.eligibility import swappable, unfuse_stock_blocks
 from lighten.quant.modules import (
     QuantAct,
     _QuantLayer,
@@ -167,6 +167,7 @@ def _candidates(model: nn.Module, ignore: list[str], notes: list[str]) -> list[s
             sample = ", ".join(n for n in names if n)[:200]
             raise RecipeError(f"ignore: no module named {s!r}; module names are: "
                               f"{sample}")
+    unfuse_stock_blocks(model, notes, ignore)  # stock transformer blocks -> plain Linears
     out = []
     for name, module in model.named_modules():
         skipped = any(name == s or name.startswith(s + ".") for s in ignore)

@@ -29,7 +29,7 @@ from lighten.errors import DataError, UnsupportedError
 from lighten.layers import weight_only_class
 from lighten.modules import register_module_type, require_modules
 from lighten.quant.adaround import adaround_quantize, collect_rows
-from lighten.quant.eligibility import swappable
+from lighten.quant.eligibility import swappable, unfuse_stock_blocks
 from lighten.quant.gptq import InputStats, exact_masked, gptq_quantize, im2col_supported
 from lighten.registry import register_step
 from lighten.step import StepConfig, StepContext
@@ -294,6 +294,7 @@ def quantize_weight_only_(model: nn.Module, config: WeightOnlyConfig | None = No
 
         cfg = checked_config(cfg)
     notes = notes if notes is not None else []
+    unfuse_stock_blocks(model, notes, cfg.ignore)  # stock transformer blocks -> plain Linears
     names = swappable(model, _targets(model, cfg.ignore), notes)
     need_data = cfg.method in ("gptq", "adaround") or cfg.bias_correction
     batches = _materialize(calibration_batches) if need_data else []
