@@ -178,8 +178,7 @@ def _heads_trial(model: nn.Module, example: torch.Tensor) -> Trial:
 def _quant_trial(run: Callable[[nn.Module, list[str]], None],
                  quantized: Callable[[nn.Module], type | None]) -> Callable:
     """A trial that runs a quantizer on a copy: a module counts when the module now at its path
-    is quantized, or was rebuilt around quantized layers (a stock MultiheadAttention unfused
-    into q/k/v Linears that were then quantized)."""
+    is quantized (whatever its type was: a stock attention's out_proj, unfused first)."""
     def trial(model: nn.Module, example: torch.Tensor) -> Trial:
         notes: list[str] = []
         copied = copy.deepcopy(model)
@@ -191,16 +190,13 @@ def _quant_trial(run: Callable[[nn.Module, list[str]], None],
 
         changed, covered = set(), set()
         for name, module in model.named_modules():
-            if quantized(module) is None and not any(True for _ in
-                                                     module.parameters(recurse=False)):
-                continue
-            covered.add(name)
+            if quantized(module) is not None:
+                covered.add(name)  # a type the quantizer targets: its notes say why it stays
             try:
                 new = copied.get_submodule(name)
             except AttributeError:
                 continue
-            if is_quantized(new) or (type(new) is not type(module)
-                                     and any(is_quantized(m) for m in new.modules())):
+            if is_quantized(new):
                 changed.add(name)
         notes_by = _notes_by_module(model, notes)
         return Trial(changed, {n: why for n, why in notes_by.items() if n in covered})

@@ -103,6 +103,10 @@ def export_onnx(
     try:
         proto = _torch_export(model, specs, opset)
         folded = fold_quantized_weights(proto)
+        if folded:  # exact Q->DQ after concats/shuffles/pools on an int8 grid (quant.qdq_graph)
+            from lighten.quant.qdq_graph import complete_qdq
+
+            complete_qdq(proto)
         for key, value in (metadata or {}).items():
             entry = proto.metadata_props.add()
             entry.key, entry.value = str(key), str(value)

@@ -22,7 +22,7 @@ def tiny_encoder():
 
 
 @pytest.mark.parametrize("quantize", ["ptq", "dynamic", "weight_only"])
-def test_transformer_encoder_linears_stay_float_with_a_note(quantize, tmp_path):
+def test_transformer_encoder_linears_are_quantized_after_unfusing(quantize, tmp_path):
     model = tiny_encoder()
     x = torch.randn(4, 8, 8)
     notes: list[str] = []
@@ -32,9 +32,10 @@ def test_transformer_encoder_linears_stay_float_with_a_note(quantize, tmp_path):
         quantize_dynamic_(model, DynamicConfig(), notes=notes)
     else:
         quantize_weight_only_(model, WeightOnlyConfig(method="rtn"), notes=notes)
-    encoder_layer = model[1].layers[0]
-    assert type(encoder_layer.linear1) is nn.Linear  # untouched: the layer reads its weight
-    assert any("reads its weight directly" in n and "linear1" in n for n in notes)
+    encoder_layer = model[1].layers[0]  # unfused first (lighten.unfused): plain Linears
+    assert type(encoder_layer.linear1) is not nn.Linear
+    assert type(encoder_layer.self_attn.q_proj) is not nn.Linear
+    assert any("unfused 1 PyTorch transformer block" in n for n in notes)
     assert type(model[3]) is not nn.Linear  # the head outside the encoder is quantized
     check = export_onnx(model, tmp_path / "m.onnx", input_shape=(8, 8), sample_inputs=x)
     assert check.agreement >= 0.75

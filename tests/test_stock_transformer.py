@@ -239,7 +239,8 @@ def test_quant_dynamic_makes_every_encoder_linear_int8(src, tmp_path, batch_firs
     assert not any("left in float" in n for n in report.notes)
     assert state_bytes(model.encoder) / state_bytes(q.encoder) > 3.0  # measured 3.2x
     x = inputs()
-    assert sqnr_db(outputs(model, x), outputs(q, x)) > 30  # measured 35-39 dB; max diff ~1e-2
+    # measured 35.6-35.9 dB, max |diff| 1.1-1.6e-2 on outputs up to 0.9
+    assert sqnr_db(outputs(model, x), outputs(q, x)) > 30
     loaded, _ = reloads(q, src, "encoder_net", tmp_path, kwargs)
     assert count(loaded, DynamicQuantLinear) == ENCODER_LINEARS
     ops, float_matrices = ort_ops(q, tmp_path)
@@ -254,7 +255,7 @@ def test_quant_ptq_makes_every_encoder_linear_static_int8(src, tmp_path):
     assert count(q, QuantLinear) == ENCODER_LINEARS and count(q, nn.Linear) == 0
     assert state_bytes(model.encoder) / state_bytes(q.encoder) > 2.8  # measured 2.95x
     x = inputs()
-    assert sqnr_db(outputs(model, x), outputs(q, x)) > 25  # measured ~33 dB
+    assert sqnr_db(outputs(model, x), outputs(q, x)) > 25  # measured 34.0 dB, max |diff| 1.7e-2
     reloads(q, src, "encoder_net", tmp_path)
     ops, float_matrices = ort_ops(q, tmp_path)
     integer = ops["QGemm"] + ops["QLinearMatMul"] + ops["MatMulIntegerToFloat"] + ops[
@@ -273,7 +274,7 @@ def test_quant_weight_only_makes_every_encoder_linear_4_bit(src, tmp_path):
     assert count(q, WeightOnlyLinear) == ENCODER_LINEARS and count(q, nn.Linear) == 0
     assert {m.bits for m in q.modules() if isinstance(m, WeightOnlyLinear)} == {4}
     x = inputs()
-    assert sqnr_db(outputs(model, x), outputs(q, x)) > 12  # measured ~19 dB (4 bits)
+    assert sqnr_db(outputs(model, x), outputs(q, x)) > 12  # measured 21.0 dB, max |diff| 6.8e-2
     _, size = reloads(q, src, "encoder_net", tmp_path)
     assert float_bytes / size > 3.0  # packed 4-bit weights; fp16 scales, float norms/biases
     ops, float_matrices = ort_ops(q, tmp_path)
@@ -287,7 +288,7 @@ def test_decoder_layer_and_bare_attention_are_quantized(src, tmp_path):
     assert isinstance(q.attn, UnfusedMultiheadAttention)
     assert isinstance(q.decoder, UnfusedTransformerDecoderLayer)
     x = inputs()
-    assert sqnr_db(outputs(model, x), outputs(q, x)) > 30
+    assert sqnr_db(outputs(model, x), outputs(q, x)) > 30  # measured 37.4 dB
     reloads(q, src, "decoder_net", tmp_path)
     ops, _ = ort_ops(q, tmp_path)
     integer = ops["DynamicQuantizeMatMul"] + ops["MatMulIntegerToFloat"] + ops["MatMulInteger"]
@@ -307,7 +308,7 @@ def test_prune_heads_then_quant_dynamic(src, tmp_path):
     assert isinstance(attn, UnfusedMultiheadAttention) and attn.num_heads == 2
     assert attn.q_proj.out_features == 16 and attn.out_proj.in_features == 16
     x = inputs()
-    assert sqnr_db(outputs(pruned, x), outputs(q, x)) > 30
+    assert sqnr_db(outputs(pruned, x), outputs(q, x)) > 30  # measured 38.1 dB
     loaded, _ = reloads(q, src, "encoder_net", tmp_path)
     assert loaded.encoder.layers[1].self_attn.kept == attn.kept
 

@@ -40,7 +40,7 @@ from lighten.modules import register_module_type, require_modules, set_submodule
 from lighten.prune.importance import accumulate_gradients, task_summed_loss
 from lighten.prune.surgery import linear_in, linear_out
 from lighten.registry import register_step
-from lighten.step import StepConfig, StepContext
+from lighten.step import PruneStepConfig, StepContext
 
 __all__ = ["AttentionSite", "HeadPruneConfig", "HeadPruneReport", "PrunedMultiheadAttention",
            "find_attention", "prune_heads_", "untie_attention"]
@@ -56,7 +56,7 @@ OUT_NAMES = ("out", "out_proj", "o", "o_proj", "proj", "wo", "to_out", "c_proj")
 INNER_WIDTH_ATTRS = ("inner_dim", "all_head_size", "attn_dim")  # updated when they equal H*d
 
 
-class HeadPruneConfig(StepConfig):
+class HeadPruneConfig(PruneStepConfig):
     ratio: float = Field(gt=0, lt=1, description="fraction of heads removed in each attention")
     importance: Literal["l2", "taylor", "random"] = "l2"
     ignore: list[str] = Field(default_factory=list, description="attention modules left whole")

@@ -25,12 +25,12 @@ from lighten.prune.magnitude import (
     prunable_weights,
 )
 from lighten.registry import register_step
-from lighten.step import StepConfig, StepContext
+from lighten.step import PruneStepConfig, StepContext
 
 __all__ = ["L1PruneConfig", "bn_scales", "l1_penalty", "prune_l1_"]
 
 
-class L1PruneConfig(StepConfig):
+class L1PruneConfig(PruneStepConfig):
     lam: float = Field(ge=0, description="strength of the L1 penalty (0 = plain fine-tuning)")
     target: Literal["weights", "bn"] = "weights"
     sparsity: float | None = Field(None, gt=0, lt=1, description="fraction zeroed at the end")

@@ -32,7 +32,7 @@ from lighten.errors import LightenError, ModelError, UnsupportedError
 from lighten.modules import register_module_type, require_modules, set_submodule
 from lighten.prune.importance import summed_loss, task_summed_loss
 from lighten.registry import register_step
-from lighten.step import StepConfig, StepContext
+from lighten.step import PruneStepConfig, StepContext
 
 __all__ = ["LayerPruneConfig", "LayerPruneReport", "ResidualBlock", "SkippedBlock",
            "find_residual_blocks", "prune_layers_"]
@@ -40,7 +40,7 @@ __all__ = ["LayerPruneConfig", "LayerPruneReport", "ResidualBlock", "SkippedBloc
 Batches = Callable[[], Iterable[tuple[torch.Tensor, torch.Tensor]]]  # labelled (x, y)
 
 
-class LayerPruneConfig(StepConfig):
+class LayerPruneConfig(PruneStepConfig):
     count: int | None = Field(None, ge=1, description="number of residual blocks removed")
     ratio: float | None = Field(None, gt=0, lt=1,
                                 description="fraction of the removable blocks removed")

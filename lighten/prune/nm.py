@@ -25,12 +25,12 @@ from lighten.prune.magnitude import (
     sparsity_notes,
 )
 from lighten.registry import register_step
-from lighten.step import StepConfig, StepContext
+from lighten.step import PruneStepConfig, StepContext
 
 __all__ = ["NMPruneConfig", "nm_mask", "prune_nm_"]
 
 
-class NMPruneConfig(StepConfig):
+class NMPruneConfig(PruneStepConfig):
     n: int = Field(2, ge=1, description="weights kept in each group")
     m: int = Field(4, ge=2, description="group size along the input dimension")
     ignore: list[str] = Field(default_factory=list, description="module names left dense")

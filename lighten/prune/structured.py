@@ -34,7 +34,7 @@ from lighten.prune.importance import (
 )
 from lighten.prune.surgery import axis_length, prune_module_
 from lighten.registry import register_step
-from lighten.step import StepConfig, StepContext
+from lighten.step import PruneStepConfig, StepContext
 from lighten.target import Target
 
 __all__ = ["ChannelPruneConfig", "NeuronPruneConfig", "PruneReport", "apply_keep_",
@@ -46,7 +46,7 @@ Batches = Callable[[], Iterable[tuple[torch.Tensor, torch.Tensor]]]  # labelled 
 MAX_RATIO = 0.95  # never search beyond removing 95% of a group
 
 
-class ChannelPruneConfig(StepConfig):
+class ChannelPruneConfig(PruneStepConfig):
     ratio: float | None = Field(None, gt=0, lt=1, description="fraction of channels removed")
     target_macs: float | None = Field(None, gt=0, lt=1,
                                       description="fraction of the baseline MACs kept")

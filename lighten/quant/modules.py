@@ -356,3 +356,37 @@ class QuantAct(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self.activation}, a{self.activation_bits}"
+
+
+@register_module_type
+class QuantOutput(nn.Module):
+    """A float module (sigmoid, average pool) followed by per-tensor fake quantization.
+
+    Placed where a functional op reads the module's result (an SE gate's multiply, a concat
+    after a pool): with its input dequantized and its output quantized, ONNX Runtime runs the
+    module as an integer kernel (QLinearSigmoid, QLinearAveragePool, ...) and the op after it
+    sees int8 too. ``module`` is the original layer, kept as a child.
+    """
+
+    def __init__(self, module: nn.Module | None = None, *, activation_bits: int = 8,
+                 act_signed: bool = False):
+        super().__init__()
+        self.module = module if module is not None else nn.Identity()
+        self.activation_bits, self.act_signed = activation_bits, act_signed
+        self.weight_bits = None  # no weights; the energy model reads this attribute
+        self.register_buffer("scale", torch.ones(()))
+        self.register_buffer("zero_point", torch.zeros((), dtype=torch.int32))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        spec = activation_spec(self.activation_bits, self.act_signed)
+        return fake_quantize(self.module(x), self.scale, self.zero_point, spec)
+
+    def artifact_config(self) -> dict:
+        return {"activation_bits": self.activation_bits, "act_signed": self.act_signed}
+
+    @classmethod
+    def from_artifact(cls, config: dict) -> QuantOutput:
+        return cls(**config)  # the edit log puts the original module back as ``module``
+
+    def extra_repr(self) -> str:
+        return f"a{self.activation_bits}"

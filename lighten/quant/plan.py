@@ -8,6 +8,16 @@ add would keep that op in float). A ReLU module right after a residual add becom
 a :class:`~lighten.quant.modules.QuantAct` so the add runs as QLinearAdd. A layer whose input is
 another quantized output seen through range-preserving ops (max-pool, flatten, reshape) reuses
 that output's parameters: the Q/DQ pair in between then cancels in ORT.
+
+Tensors that meet at a concat (``torch.cat``), directly or through a chunk/split, a channel
+shuffle (view/transpose/reshape) or another concat, share one set of quantization parameters
+(:attr:`QuantPlan.groups`: their calibrated ranges are merged). The concat of tensors on one
+grid is exactly on that grid, so the export (:mod:`lighten.quant.qdq_graph`) can quantize it
+again without changing a value, and ONNX Runtime runs the concat, split and shuffle on int8
+(QLinearConcat) instead of dequantizing into float between two integer convs. Modules whose
+float result feeds a functional op (a sigmoid gate, an average pool before a concat) get an
+output quantizer (:class:`~lighten.quant.modules.QuantOutput`, :attr:`QuantPlan.outputs`), so
+the sigmoid / pool runs as QLinearSigmoid / QLinearAveragePool.
 """
 
 from __future__ import annotations
@@ -30,6 +40,15 @@ _PASSTHROUGH_MODULES = (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.Flatten, nn
 _PASSTHROUGH_FUNCTIONS = (torch.flatten, F.max_pool1d, F.max_pool2d, F.max_pool3d, F.dropout,
                           torch.reshape)
 _PASSTHROUGH_METHODS = ("view", "reshape", "flatten", "contiguous", "squeeze", "unsqueeze")
+# Exact on a grid too, but not used for reusing parameters across a layer's input (a transpose
+# or a chunk before a layer is rare; they matter between concats): values move, never change.
+_MOVE_FUNCTIONS = (torch.transpose, torch.permute, torch.chunk, torch.split, operator.getitem,
+                   torch.squeeze, torch.unsqueeze)
+_MOVE_METHODS = ("transpose", "permute", "chunk", "split", "expand")
+_CAT_FUNCTIONS = (torch.cat, torch.concat)
+# Modules whose output gets a quantizer when a functional op (not a quantized layer) reads it.
+_OUTPUT_MODULES = (nn.Sigmoid, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d, nn.AdaptiveAvgPool1d,
+                   nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d)
 
 
 @dataclass
@@ -45,12 +64,20 @@ class LayerPlan:
 class QuantPlan:
     layers: dict[str, LayerPlan] = field(default_factory=dict)
     acts: list[str] = field(default_factory=list)  # ReLU modules after adds -> QuantAct
+    outputs: list[str] = field(default_factory=list)  # sigmoid / pool modules -> QuantOutput
+    # quant points (layer, act or output names) whose tensors meet at a concat: one shared scale
+    groups: list[list[str]] = field(default_factory=list)
     traced: bool = True
     trace_error: str | None = None
 
 
-def make_plan(model: nn.Module, candidates: list[str]) -> QuantPlan:
-    """Plan for ``candidates`` (names of QUANTIZABLE modules: Conv1d/2d/3d, Linear)."""
+def make_plan(model: nn.Module, candidates: list[str], *, integer_ops: bool = False
+              ) -> QuantPlan:
+    """Plan for ``candidates`` (names of QUANTIZABLE modules: Conv1d/2d/3d, Linear).
+
+    ``integer_ops`` (quant.ptq) also plans :attr:`QuantPlan.groups` (shared parameters across
+    concats, chunks and channel shuffles) and :attr:`QuantPlan.outputs` (output quantizers of
+    sigmoid / pooling modules read by functional ops); without it (quant.qat) neither."""
     try:
         from torch import fx
 
@@ -59,10 +86,11 @@ def make_plan(model: nn.Module, candidates: list[str]) -> QuantPlan:
         plan = _plan_from_sequential(model, candidates)
         plan.traced, plan.trace_error = False, f"{type(exc).__name__}: {_first_line(exc)}"
         return plan
-    return _plan_from_graph(model, graph, candidates)
+    return _plan_from_graph(model, graph, candidates, integer_ops=integer_ops)
 
 
-def _plan_from_graph(model: nn.Module, graph, candidates: list[str]) -> QuantPlan:
+def _plan_from_graph(model: nn.Module, graph, candidates: list[str], *,
+                     integer_ops: bool = False) -> QuantPlan:
     modules = dict(model.named_modules())
     calls: dict[str, int] = {}
     for node in graph.nodes:
@@ -85,7 +113,8 @@ def _plan_from_graph(model: nn.Module, graph, candidates: list[str]) -> QuantPla
                 relu_points.add(node.target)
                 if nxt.op == "call_module" and calls[nxt.target] == 1:
                     layer.absorbed_module = nxt.target
-            src = _trace_back(node.args[0] if node.args else None, modules, points, relu_points)
+            src = _trace_back(node.args[0] if node.args else None, modules, points, relu_points,
+                              cats=integer_ops)
             layer.input_from = src
             layer.output_quant = not _reaches_output(out_node, modules)
             points[out_node] = node.target
@@ -97,9 +126,77 @@ def _plan_from_graph(model: nn.Module, graph, candidates: list[str]) -> QuantPla
             plan.acts.append(node.target)
             points[node] = node.target
             relu_points.add(node.target)
+        elif (integer_ops and isinstance(modules[node.target], _OUTPUT_MODULES)
+              and calls[node.target] == 1 and node.args
+              and not _only_layers_read(node, modules, plan)):
+            src = _trace_back(node.args[0], modules, points, relu_points, cats=True)
+            if src is None:
+                continue
+            plan.outputs.append(node.target)
+            points[node] = node.target
+            if src in relu_points and not isinstance(modules[node.target], nn.Sigmoid):
+                relu_points.add(node.target)  # pooling of >= 0 stays >= 0
     for name in candidates:  # not in the graph: never called, reported as not reached
         plan.layers.setdefault(name, LayerPlan(name))
+    if integer_ops:
+        plan.groups = _concat_groups(graph, modules, points)
     return plan
+
+
+def _only_layers_read(node, modules, plan: QuantPlan) -> bool:
+    """True when every reader of ``node`` (past range-preserving ops) is a layer of the plan:
+    those quantize their input themselves, an output quantizer would only repeat it."""
+    users = list(node.users)
+    if not users:
+        return False
+    for user in users:
+        if user.op == "call_module" and user.target in plan.layers:
+            continue
+        if _is_passthrough(user, modules) and _only_layers_read(user, modules, plan):
+            continue
+        return False
+    return True
+
+
+def _concat_groups(graph, modules, points) -> list[list[str]]:
+    """Quant points whose values meet at a concat (through moves and other concats)."""
+    parent: dict[str, str] = {}
+
+    def find(a: str) -> str:
+        while parent.setdefault(a, a) != a:
+            a = parent[a]
+        return a
+
+    grid: dict = {}  # fx node -> the quant point whose grid its values lie on exactly
+    for node in graph.nodes:
+        if node in points:
+            grid[node] = points[node]
+        elif _is_cat(node):
+            srcs = [grid.get(a) for a in node.args[0]]
+            if srcs and all(srcs):
+                for other in srcs[1:]:
+                    parent[find(other)] = find(srcs[0])
+                grid[node] = srcs[0]
+        elif (_is_passthrough(node, modules) or _is_move(node)) and node.args:
+            src = grid.get(node.args[0]) if hasattr(node.args[0], "op") else None
+            if src is not None:
+                grid[node] = src
+    members: dict[str, list[str]] = {}
+    for name in parent:
+        members.setdefault(find(name), []).append(name)
+    return [sorted(m) for m in members.values() if len(m) > 1]
+
+
+def _is_cat(node) -> bool:
+    return (node.op == "call_function" and node.target in _CAT_FUNCTIONS and bool(node.args)
+            and isinstance(node.args[0], (list, tuple))
+            and (node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else 0) is not None))
+
+
+def _is_move(node) -> bool:
+    if node.op == "call_function":
+        return node.target in _MOVE_FUNCTIONS
+    return node.op == "call_method" and node.target in _MOVE_METHODS
 
 
 def _plan_from_sequential(model: nn.Module, candidates: list[str]) -> QuantPlan:
@@ -151,15 +248,21 @@ def _is_passthrough(node, modules) -> bool:
     return node.op == "call_method" and node.target in _PASSTHROUGH_METHODS
 
 
-def _trace_back(node, modules, points, relu_points) -> str | None:
-    """The quant point feeding ``node`` through range-preserving ops, if any."""
+def _trace_back(node, modules, points, relu_points, *, cats: bool = False) -> str | None:
+    """The quant point feeding ``node`` through range-preserving ops, if any (``cats``: also
+    through concats, chunks and transposes, whose sources share one grid)."""
     while hasattr(node, "op"):
         if node in points:
             return points[node]
         if _relu_kind(node, modules) == "relu" and node.args:
-            src = _trace_back(node.args[0], modules, points, relu_points)
+            src = _trace_back(node.args[0], modules, points, relu_points, cats=cats)
             return src if src in relu_points else None  # ReLU of a >= 0 tensor changes nothing
-        if not (_is_passthrough(node, modules) and node.args):
+        if cats and _is_cat(node):  # a concat of one group's tensors is on that group's grid
+            srcs = [_trace_back(a, modules, points, relu_points, cats=True) for a in node.args[0]]
+            if not srcs or not all(srcs):
+                return None
+            return srcs[0]
+        if not ((_is_passthrough(node, modules) or (cats and _is_move(node))) and node.args):
             return None
         node = node.args[0]
     return None

@@ -8,6 +8,7 @@ Statistics first, then apply: one calibration pass serves every layer.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterable, Mapping
 from typing import Literal
 
@@ -22,6 +23,7 @@ from lighten.layers import static_quant_class
 from lighten.quant.eligibility import swappable, unfuse_stock_blocks
 from lighten.quant.modules import (
     QuantAct,
+    QuantOutput,
     _QuantLayer,
     activation_spec,
     apply_activation,
@@ -59,6 +61,10 @@ class PTQConfig(StepConfig):
     reduce_range: bool | None = Field(
         None, description="7-bit weights against U8S8 overflow; None = auto (target cpu is x86 "
         "without VNNI)")
+    fallback: Literal["none", "auto"] = Field(
+        "none", description="auto: time each int8 layer against its float form on the "
+        "deployment backend (batch 64, in interleaved rounds) and keep the faster; the whole "
+        "model is timed both ways before the fallbacks are kept (lighten.quant.fallback)")
 
 
 def quantize_ptq_(
@@ -86,7 +92,8 @@ def quantize_ptq_(
     fold_with_notes(model, notes)
 
     candidates = _candidates(model, cfg.ignore, notes)
-    plan = make_plan(model, candidates)
+    integer_ops = backend != "torch"  # PyTorch's int8 engine has no int8 concat/sigmoid here
+    plan = make_plan(model, candidates, integer_ops=integer_ops)
     if not plan.traced:
         notes.append(f"quant.ptq: model not traceable ({plan.trace_error}); each layer quantizes "
                      "its own output, residual adds stay float")
@@ -95,7 +102,9 @@ def quantize_ptq_(
     act_signed = ACT_SIGNED if backend == "onnxruntime" else False  # torch x86 needs quint8
     spec = activation_spec(cfg.bits, act_signed)
 
-    ranges = _calibrate(model, plan, calibration_batches, cfg, spec)
+    float_model = copy.deepcopy(model) if cfg.fallback == "auto" else None
+    shapes: dict[str, tuple] = {}
+    ranges = _share_ranges(_calibrate(model, plan, calibration_batches, cfg, spec, shapes), plan)
     qparams = {key: compute_qparams(torch.tensor(lo), torch.tensor(hi), spec)
                for key, (lo, hi) in ranges.items()}
 
@@ -122,6 +131,17 @@ def quantize_ptq_(
                            activation_bits=cfg.bits, act_signed=act_signed)
             _set_qparams(act.scale, act.zero_point, qparams[("act", name)])
             model.set_submodule(name, act)
+    for name in plan.outputs:  # sigmoid / pool read by a functional op: quantize its output
+        if ("act", name) in qparams:
+            out = QuantOutput(model.get_submodule(name), activation_bits=cfg.bits,
+                              act_signed=act_signed)
+            _set_qparams(out.scale, out.zero_point, qparams[("act", name)])
+            model.set_submodule(name, out)
+    if float_model is not None:
+        from lighten.quant.fallback import apply_fallback
+
+        apply_fallback(model, float_model, plan, shapes, target=target, backend=backend,
+                       notes=notes)
     if backend == "torch":
         from lighten.quant.torch_int8 import to_torch_int8
 
@@ -184,8 +204,9 @@ def _candidates(model: nn.Module, ignore: list[str], notes: list[str]) -> list[s
     return swappable(model, out, notes)
 
 
-def _calibrate(model, plan, batches, cfg: PTQConfig, spec) -> dict:
-    """One pass over the batches; returns {(kind, name): (lo, hi)} for every observed point."""
+def _calibrate(model, plan, batches, cfg: PTQConfig, spec, shapes=None) -> dict:
+    """One pass over the batches; returns {(kind, name): (lo, hi)} for every observed point.
+    ``shapes`` gets each layer's input shape without the batch axis."""
     observers: dict = {}
 
     def observer(key):
@@ -195,6 +216,8 @@ def _calibrate(model, plan, batches, cfg: PTQConfig, spec) -> dict:
 
     def layer_hook(name, layer_plan):
         def hook(module, inputs, output):
+            if shapes is not None:
+                shapes[name] = tuple(inputs[0].shape[1:])
             observer(("in", name)).observe(inputs[0])
             observer(("out", name)).observe(apply_activation(output, layer_plan.activation))
         return hook
@@ -206,6 +229,7 @@ def _calibrate(model, plan, batches, cfg: PTQConfig, spec) -> dict:
                for n, p in plan.layers.items()]
     handles += [model.get_submodule(n).register_forward_hook(act_hook(n)) for n in plan.acts
                 if type(model.get_submodule(n)) in RELU_MODULES]
+    handles += [model.get_submodule(n).register_forward_hook(act_hook(n)) for n in plan.outputs]
     seen = 0
     try:
         with torch.no_grad():
@@ -219,6 +243,19 @@ def _calibrate(model, plan, batches, cfg: PTQConfig, spec) -> dict:
         raise DataError("quant.ptq got no calibration batches; give calib_samples >= 1 and a "
                         "non-empty training split")
     return {key: obs.range() for key, obs in observers.items() if obs.count}
+
+
+def _share_ranges(ranges: dict, plan) -> dict:
+    """One range per concat group (:attr:`QuantPlan.groups`): the union of its members'."""
+    for group in plan.groups:
+        keys = [k for name in group for k in (("out", name), ("act", name)) if k in ranges]
+        if not keys:
+            continue
+        lo = min(ranges[k][0] for k in keys)
+        hi = max(ranges[k][1] for k in keys)
+        for k in keys:
+            ranges[k] = (lo, hi)
+    return ranges
 
 
 def _quant_layer(float_layer, layer_plan: LayerPlan, qparams, common) -> nn.Module:

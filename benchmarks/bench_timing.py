@@ -1,0 +1,82 @@
+"""Latency for the benchmark tables, through the library's own timing.
+
+Every benchmark that reports latency times its deployed models together with
+:func:`lighten.measure.timing.time_interleaved` (interleaved rounds in a seeded order; per model
+the median of the per-round medians and the interquartile range across rounds as the spread),
+stores ``latency_ms_b1`` / ``latency_ms_b64`` and their ``*_spread`` ``[25th, 75th percentile]``
+in each row, as ``metrics.jsonl`` does, and writes its cells with the helpers below:
+``20.12 ±3%`` (± half the IQR in percent of the median, :func:`lighten.report.latency_text`'s
+wording) and, in ratio columns, ``≈`` where the two spreads overlap
+(:func:`lighten.report.same_speed`): the difference is inside the noise.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from lighten.measure.timing import time_interleaved
+from lighten.report import same_speed
+
+B1_FACTOR = 4  # batch 1 is cheap: four times the runs of batch 64
+
+
+def time_rows(rows: Sequence[dict], compiled: Sequence, *, runs: int, seed: int = 0,
+              b1_factor: int = B1_FACTOR, progress: bool = False) -> dict[str, Any]:
+    """Time ``compiled[i]`` (objects with ``latency_ms(batch, *, warmup, runs)``) for
+    ``rows[i]``, all together in interleaved rounds: ``b1_factor * runs`` runs per model at
+    batch 1, ``runs`` at batch 64. Sets each row's ``latency_ms_b<B>`` (median) and
+    ``latency_ms_b<B>_spread``; returns how it was timed (for the JSON and the footnote)."""
+    if len(rows) != len(compiled):
+        raise ValueError(f"{len(rows)} rows but {len(compiled)} compiled models")
+    how: dict[str, Any] = {"statistic": "median of per-round medians; spread: IQR across "
+                           "interleaved rounds (lighten.measure.timing)"}
+    for batch, total in ((1, b1_factor * runs), (64, runs)):
+        timing = time_interleaved(list(compiled), runs=total, batches=(batch,), seed=seed,
+                                  progress=progress)
+        for i, row in enumerate(rows):
+            row.update(timing.row_fields(i))
+        how[f"b{batch}"] = {"runs": total, "rounds": timing.rounds,
+                            "runs_per_round": timing.runs_per_round}
+    return how
+
+
+def ms_cell(row: dict, key: str, digits: int = 2) -> str:
+    """``row[key]`` in ms with its spread: ``20.12 ±3%`` (no ± where the row has none)."""
+    value, spread = row.get(key), row.get(f"{key}_spread")
+    if value is None:
+        return "-"
+    if not (isinstance(spread, list | tuple) and len(spread) == 2) or not value:
+        return f"{value:.{digits}f}"
+    half = 100 * (spread[1] - spread[0]) / 2 / value
+    return f"{value:.{digits}f} ±{half:.1f}%" if half < 9.95 else f"{value:.{digits}f} ±{half:.0f}%"
+
+
+def overlap(a: dict, b: dict, key: str) -> bool:
+    """Whether rows ``a`` and ``b`` have overlapping spreads of ``key`` (False where either
+    has none)."""
+    return bool(same_speed(a.get(f"{key}_spread"), b.get(f"{key}_spread")))
+
+
+def ratio_cell(num: dict, den: dict, key: str = "latency_ms_b64", digits: int = 2,
+               scale: float = 1.0, fmt: str = "{:.{d}f}x") -> str:
+    """``scale * num[key] / den[key]`` (``1.65x``); ``≈`` where the two rows' spreads overlap
+    (the ratio is within the noise); ``1.00x`` for a row against itself."""
+    if num.get(key) is None or den.get(key) is None:
+        return "-"
+    if num is not den and overlap(num, den, key):
+        return "≈"
+    return fmt.format(scale * num[key] / den[key], d=digits)
+
+
+def spread_note(how: dict[str, Any]) -> str:
+    """One sentence for a table's footnote: how latency was timed and what ± and ≈ mean."""
+    parts = [f"{how[b]['rounds']} rounds x {how[b]['runs_per_round']} runs at {b}"
+             for b in ("b1", "b64") if b in how]
+    return ("Latency: all rows timed together in interleaved rounds (" + ", ".join(parts)
+            + "); median of the per-round medians, ± half the interquartile range across "
+            "rounds in % of the median; ≈ in a ratio column: the two rows' ranges overlap "
+            "(the difference is within the noise).")
+
+
+__all__ = ["B1_FACTOR", "ms_cell", "overlap", "ratio_cell", "spread_note", "time_rows"]
