@@ -55,7 +55,7 @@ def main(argv=None) -> None:
     parser.add_argument("--runs", type=int, default=50, help="timed runs at batch 64 (x4 at b1)")
     parser.add_argument("--threads", type=int, default=default_threads())
     parser.add_argument("--out", type=Path, default=RESULTS,
-                        help="folder for backend_latency.{json,md} (a trial run: somewhere in /tmp)")
+                        help="folder for backend_latency.{json,md} (a trial run: in /tmp)")
     args = parser.parse_args(argv)
 
     rows, how = [], {}

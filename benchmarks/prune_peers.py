@@ -2,16 +2,18 @@
 
     python benchmarks/prune_peers.py [--epochs 2] [--models resnet20 mobilenetv2]
                                      [--methods 1 3 4] [--threads 1] [--name prune_peers]
+                                     [--runs 100] [--limit-train N] [--out DIR]
 
 Both methods start from the same shipped checkpoint, aim at <= 50% of the baseline MACs with
 L2-magnitude channel importance (classifier untouched, per-layer ratios), and get the very same
 fine-tuning budget from ``lighten.train.train``. MACs and parameters come from one counter
 (``lighten.measure``) for every row, so the budgets are comparable; latency is the ONNX Runtime
-backend (the deployment target): medians of interleaved rounds over all rows of a model, taken
-after the last row is fine-tuned. Fine-tuning runs on one torch thread
-because a second core is usually busy; latency uses two ORT threads (the load average is
-recorded). Writes benchmarks/results/NAME.{json,md} (``--name``, default prune_peers) after
-each row.
+backend (the deployment target): all rows of a model timed together in interleaved rounds
+after the last row is fine-tuned (``lighten.measure.timing``: the median, ± half the
+interquartile range across rounds; "b64 vs baseline" says ≈ where the ranges overlap).
+Fine-tuning runs on one torch thread because a second core is usually busy; latency uses two ORT
+threads (the load average is recorded). Writes NAME.{json,md} (``--name``, default prune_peers)
+to ``--out`` (default benchmarks/results/) after each row.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from importlib import metadata
 from pathlib import Path
 
 import torch
-from quant_peers import interleaved_latency
+from bench_timing import ms_cell, ratio_cell, spread_note, time_rows
 from torch import nn
 
 from lighten.backends import get_backend
@@ -66,7 +68,7 @@ def prune_lighten(model: nn.Module, example: torch.Tensor, data=None, *,
 
 def _training_batches(data, samples: int, batch: int = 250):
     """The first ``samples`` training images, labelled, in batches."""
-    for start in range(0, samples, batch):
+    for start in range(0, min(samples, len(data.train)), batch):
         x, y = data.train[start:start + batch]
         yield x, y
 
@@ -142,8 +144,8 @@ def finetune(model: nn.Module, data, epochs: float) -> float:
 
 
 def measure(model: nn.Module, data, reference: torch.Tensor | None, workdir: Path):
-    """Accuracy, agreement with the baseline's top-1, size, compute, a first ORT latency; the
-    compiled model is returned too, for the interleaved timing at the end of the model."""
+    """Accuracy, agreement with the baseline's top-1, size, compute; the compiled model is
+    returned too, for the interleaved timing at the end of the model (:func:`retime`)."""
     model.eval()
     logits = predict(model, data.test)
     compiled = get_backend("onnxruntime", threads=2).compile(
@@ -153,24 +155,18 @@ def measure(model: nn.Module, data, reference: torch.Tensor | None, workdir: Pat
         "agreement": agreement(logits, reference) if reference is not None else 1.0,
         "macs": count_macs(model, SHAPE),
         "params": count_params(model)[0],
-        "latency_b1_ms": compiled.latency_ms(1, runs=50),
-        "latency_b64_ms": compiled.latency_ms(64, runs=50),
     }, logits, compiled
 
 
-def retime(rows: list[dict], compiled: list, runs: int = 100) -> None:
-    """Replace every row's latency by medians over rounds that visit all rows in turn: rows are
-    measured minutes apart while fine-tuning shares the CPU, and only interleaving makes them
-    comparable."""
-    for batch, key in ((1, "latency_b1_ms"), (64, "latency_b64_ms")):
-        times = interleaved_latency(compiled, batch, 4 * runs if batch == 1 else runs, rounds=10)
-        for row, ms in zip(rows, times, strict=True):
-            row[key] = ms
-            row["latency"] = "interleaved"
+def retime(rows: list[dict], compiled: list, runs: int = 100) -> dict:
+    """Time every row of a model together in interleaved rounds (rows are made minutes apart
+    while fine-tuning shares the CPU; only timing them together makes them comparable): sets
+    ``latency_ms_b1`` / ``latency_ms_b64`` and their ``*_spread``; returns how."""
+    return time_rows(rows, compiled, runs=runs)
 
 
 def run_model(name: str, data, epochs: float, work: Path, rows: list[dict], save,
-              only: set[str] | None = None) -> None:
+              only: set[str] | None = None, runs: int = 100) -> dict:
     """Baseline then every method; ``save()`` after each row so a cut-off run keeps its rows;
     at the end all rows of the model are timed again, interleaved."""
     model = baseline(name)
@@ -202,8 +198,9 @@ def run_model(name: str, data, epochs: float, work: Path, rows: list[dict], save
         run_method(MATCHED, partial(prune_lighten, target=min(reached / base["macs"] + 1e-6,
                                                               0.99), round_to="auto"),
                    "matched")
-    retime(rows[first:], timed)
-    save()
+    how = retime(rows[first:], timed, runs)
+    save(how)
+    return how
 
 
 def _line(row: dict) -> str:
@@ -212,7 +209,7 @@ def _line(row: dict) -> str:
         for k, v in row.items() if k not in ("model", "method"))
 
 
-def markdown(rows: list[dict], epochs: float) -> str:
+def markdown(rows: list[dict], epochs: float, timing: dict | None = None) -> str:
     head = ("| model | method | acc. after prune | acc. after fine-tune | agreement | MACs | "
             "params | ORT b1 ms | ORT b64 ms | b64 vs baseline |\n|" + "---|" * 10)
     lines = [f"Fine-tune budget: {epochs:g} epochs (SGD lr 0.01, cosine, augment), the same for "
@@ -226,20 +223,24 @@ def markdown(rows: list[dict], epochs: float) -> str:
             f"| {r['model']} | {r['method']} | {pruned} | {r['accuracy']:.4f} | "
             f"{r['agreement']:.4f} | {r['macs'] / 1e6:.2f}M ({r['macs'] / b['macs']:.1%}) | "
             f"{r['params'] / 1e3:.1f}k ({r['params'] / b['params']:.1%}) | "
-            f"{r['latency_b1_ms']:.3f} | {r['latency_b64_ms']:.2f} | "
-            f"{r['latency_b64_ms'] / b['latency_b64_ms']:.2f}x |")
+            f"{ms_cell(r, 'latency_ms_b1', 3)} | {ms_cell(r, 'latency_ms_b64')} | "
+            f"{ratio_cell(r, b)} |")
+    if timing:
+        lines += ["", spread_note(timing)]
     return "\n".join(lines) + "\n"
 
 
 def footer(result: dict) -> str:
     m = result["machine"]
-    return (f"\n`{result['command']}` -- torch-pruning {result['torch_pruning']}, "
+    limit = (f"\nFine-tuned on the first {result['limit_train']} training images only (a "
+             "validation run, not the benchmark).\n" if result.get("limit_train") else "")
+    return (f"{limit}\n`{result['command']}` -- torch-pruning {result['torch_pruning']}, "
             f"{describe_machine(m)}, wall {result['wall_s']:.0f} s, load "
             f"average (1 min) {result['loadavg_before'][0]:.1f} before / "
             f"{result['loadavg_after'][0]:.1f} after: latency is noisy on a shared machine.\n")
 
 
-def main() -> None:
+def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--epochs", type=float, default=2)
     parser.add_argument("--models", nargs="+", default=["resnet20", "mobilenetv2"])
@@ -247,23 +248,34 @@ def main() -> None:
                         help="run only these rows, numbered as listed: "
                         + "; ".join(f"{i}: {m}" for i, m in enumerate([*METHODS, MATCHED])))
     parser.add_argument("--threads", type=int, default=1, help="torch threads for fine-tuning")
-    parser.add_argument("--name", default="prune_peers",
-                        help="results file stem under benchmarks/results/")
-    args = parser.parse_args()
+    parser.add_argument("--name", default="prune_peers", help="results file stem under --out")
+    parser.add_argument("--runs", type=int, default=100,
+                        help="timed runs per row at batch 64 (x4 at b1)")
+    parser.add_argument("--limit-train", type=int, default=None,
+                        help="fine-tune (and score ratios: auto) on the first N training images "
+                        "(a quick validation, not the benchmark)")
+    parser.add_argument("--out", type=Path, default=RESULTS,
+                        help="folder for NAME.{json,md} (a trial run: somewhere in /tmp)")
+    args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    data = load_data(DataSpec(name="fashion-mnist"))
+    data = load_data(DataSpec(name="fashion-mnist", limit_train=args.limit_train))
     load_before, start, rows = os.getloadavg(), time.perf_counter(), []
+    timing: dict = {}
+    command = shlex.join(["python", "benchmarks/prune_peers.py",
+                          *(sys.argv[1:] if argv is None else argv)])
 
-    def save() -> None:
-        result = {"command": shlex.join(["python", "benchmarks/prune_peers.py", *sys.argv[1:]]),
+    def save(how: dict | None = None) -> None:
+        timing.update(how or {})
+        result = {"command": command, "limit_train": args.limit_train, "timing": timing,
                   "rows": rows, "epochs": args.epochs, "target_macs": TARGET_MACS,
                   "torch_pruning": metadata.version("torch-pruning"), "versions": versions(),
                   "machine": machine(), "loadavg_before": load_before,
                   "loadavg_after": os.getloadavg(),
                   "wall_s": round(time.perf_counter() - start, 1)}
-        RESULTS.mkdir(exist_ok=True)
-        atomic_write_text(RESULTS / f"{args.name}.json", json.dumps(result, indent=2) + "\n")
-        atomic_write_text(RESULTS / f"{args.name}.md", markdown(rows, args.epochs) + footer(result))
+        args.out.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(args.out / f"{args.name}.json", json.dumps(result, indent=2) + "\n")
+        atomic_write_text(args.out / f"{args.name}.md",
+                          markdown(rows, args.epochs, timing) + footer(result))
 
     names = [*METHODS, MATCHED]
     only = None if args.methods is None else {names[i] for i in args.methods}
@@ -272,8 +284,8 @@ def main() -> None:
             if not (WEIGHTS / f"{name}-fashion-mnist.safetensors").exists():
                 print(f"{name}: no shipped checkpoint yet, skipped", flush=True)
                 continue
-            run_model(name, data, args.epochs, Path(tmp), rows, save, only)
-    print(markdown(rows, args.epochs))
+            run_model(name, data, args.epochs, Path(tmp), rows, save, only, args.runs)
+    print(markdown(rows, args.epochs, timing))
     print(f"wall {time.perf_counter() - start:.0f} s; load average before {load_before}, "
           f"after {os.getloadavg()}")
 

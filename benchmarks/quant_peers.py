@@ -7,9 +7,11 @@ allows) on the others.
 
 Every method gets the same float checkpoint and the same calibration samples (the first
 ``--calib`` training images). Accuracy and top-1 agreement with the float model come from the
-*deployed* file on the test set; latency is the median of many runs with threads pinned. The
-hardware ceiling is a 1024^3 uint8 x int8 MatMulInteger vs fp32 MatMul in ONNX Runtime.
-Writes quant_peers.{json,md} to ``--out`` (default benchmarks/results/).
+*deployed* file on the test set (``--limit``: the first N); latency: every deployed model of a
+network timed together in interleaved rounds (``lighten.measure.timing``), the median with the
+interquartile range as its spread, threads pinned; ratio columns say ≈ where two ranges
+overlap. The hardware ceiling is a 1024^3 uint8 x int8 MatMulInteger vs fp32 MatMul in ONNX
+Runtime. Writes quant_peers.{json,md} to ``--out`` (default benchmarks/results/).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from bench_timing import ms_cell, overlap, ratio_cell, spread_note, time_rows
 
 from lighten.backends import get_backend
 from lighten.backends.onnxrt import OrtCompiled, integer_ops
@@ -34,6 +37,7 @@ from lighten.data import DataSpec, load_data
 from lighten.export import INPUT_NAME, OUTPUT_NAME
 from lighten.measure import accuracy, agreement
 from lighten.measure.latency import median_latency_ms
+from lighten.measure.timing import time_interleaved
 from lighten.models import ModelSpec, build_model, shipped_checkpoint
 from lighten.provenance import atomic_write_text, describe_machine, machine, versions
 from lighten.quant import PTQConfig, quantize_ptq_
@@ -226,7 +230,7 @@ def matmul_ceiling(threads: int, runs: int, work: Path) -> dict:
     a_q = rng.integers(0, 256, (n, n)).astype(np.uint8)
     b_q = rng.integers(-127, 128, (n, n)).astype(np.int8)
     cases = {"fp32": (a_f, b_f), "int8": (a_q, b_q), "qdq": (a_f, b_q)}
-    times: dict[str, dict[str, float]] = {"onnxruntime": {}, "openvino": {}}
+    calls: dict[tuple[str, str], _Call] = {}  # (runtime, fp32 | int8) -> one matmul
     for kind, (a, b) in cases.items():
         proto = _matmul_graph(kind, a, b)
         if kind != "qdq":
@@ -234,8 +238,7 @@ def matmul_ceiling(threads: int, runs: int, work: Path) -> dict:
             opts.intra_op_num_threads = threads
             session = ort.InferenceSession(proto.SerializeToString(), opts,
                                            providers=["CPUExecutionProvider"])
-            times["onnxruntime"][kind] = median_latency_ms(
-                lambda s=session, a=a: s.run(None, {"a": a}), runs=runs)
+            calls["onnxruntime", kind] = _Call(lambda s=session, a=a: s.run(None, {"a": a}))
         if kind != "int8":
             import openvino as ov
 
@@ -244,10 +247,35 @@ def matmul_ceiling(threads: int, runs: int, work: Path) -> dict:
             compiled = ov.Core().compile_model(str(path), "CPU", {
                 "INFERENCE_NUM_THREADS": threads, "NUM_STREAMS": 1, "PERFORMANCE_HINT": "LATENCY"})
             request = compiled.create_infer_request()
-            times["openvino"]["fp32" if kind == "fp32" else "int8"] = median_latency_ms(
-                lambda r=request, a=a: r.infer({0: a}), runs=runs)
-    return {rt: {"fp32_ms": t["fp32"], "int8_ms": t["int8"], "ratio": t["fp32"] / t["int8"]}
-            for rt, t in times.items()}
+            calls["openvino", "fp32" if kind == "fp32" else "int8"] = _Call(
+                lambda r=request, a=a: r.infer({0: a}))
+    timing = time_interleaved(list(calls.values()), runs=runs, batches=(1,))
+    stats = dict(zip(calls, timing.stats[1], strict=True))
+    return {rt: _pair(stats[rt, "fp32"], stats[rt, "int8"]) for rt in ("onnxruntime", "openvino")}
+
+
+class _Call:
+    """A fixed call (its input is built in) with the ``latency_ms`` of a compiled model, so
+    :func:`~lighten.measure.timing.time_interleaved` can time it among others."""
+
+    def __init__(self, fn):
+        self.fn = fn
+
+    def latency_ms(self, batch: int, *, warmup: int = 10, runs: int = 50) -> float:
+        return median_latency_ms(self.fn, warmup=warmup, runs=runs)
+
+
+def _pair(fp32, int8) -> dict:
+    """fp32 vs int8 :class:`~lighten.measure.timing.LatencyStats`: medians, spreads, ratio, and
+    whether the two ranges overlap (the ratio is then within the noise)."""
+    return {"fp32_ms": fp32.median, "int8_ms": int8.median, "fp32_spread": fp32.spread,
+            "int8_spread": int8.spread, "ratio": fp32.median / int8.median,
+            "overlap": fp32.low <= int8.high and int8.low <= fp32.high}
+
+
+def ceiling_text(c: dict) -> str:
+    """A ceiling's speed-up: ``2.76x``, or ``≈ (1.04x)`` where fp32 and int8 ranges overlap."""
+    return f"≈ ({c['ratio']:.2f}x)" if c.get("overlap") else f"{c['ratio']:.2f}x"
 
 
 def conv_ceiling(threads: int, runs: int, work: Path) -> dict:
@@ -266,9 +294,16 @@ def conv_ceiling(threads: int, runs: int, work: Path) -> dict:
         backend = get_backend(runtime, threads=threads)
         pair = [backend.compile(m, input_shape=shape, workdir=work / f"conv-{runtime}-{i}",
                                 sample_inputs=x[:64]) for i, m in enumerate((layer, q))]
-        fp32, int8 = interleaved_latency(pair, 64, runs)
-        result[runtime] = {"fp32_ms": fp32, "int8_ms": int8, "ratio": fp32 / int8}
+        fp32, int8 = time_interleaved(pair, runs=runs, batches=(64,)).stats[64]
+        result[runtime] = _pair(fp32, int8)
     return result
+
+
+def _ms(c: dict, kind: str) -> str:
+    """One side of a ceiling: ``12.3 ms ±2%``."""
+    row = {"ms": c[f"{kind}_ms"], "ms_spread": c[f"{kind}_spread"]}
+    value, _, spread = ms_cell(row, "ms", 1).partition(" ")
+    return f"{value} ms {spread}".rstrip()
 
 
 def evaluate(compiled, x: np.ndarray, labels, reference) -> tuple[float, float, torch.Tensor]:
@@ -281,8 +316,9 @@ def bench_model(name: str, data, args, work: Path) -> list[dict]:
     spec = ModelSpec(zoo=name, weights=str(shipped_checkpoint(name, "fashion-mnist")))
     model = build_model(spec, input_shape=SHAPE, num_classes=10).eval()
     calib = torch.stack([data.train[i][0] for i in range(args.calib)])  # same for every method
-    test_x = torch.stack([data.test[i][0] for i in range(len(data.test))]).numpy()
-    labels = torch.tensor([int(data.test[i][1]) for i in range(len(data.test))])
+    n_test = min(args.limit or len(data.test), len(data.test))
+    test_x = torch.stack([data.test[i][0] for i in range(n_test)]).numpy()
+    labels = torch.tensor([int(data.test[i][1]) for i in range(n_test)])
 
     deployed = float_onnx(model, calib, work, args.threads)
     float_path = deployed["float / onnxruntime"].onnx_path
@@ -302,10 +338,7 @@ def bench_model(name: str, data, args, work: Path) -> list[dict]:
                      "accuracy": acc, "agreement": agree, "bytes": compiled.bytes_on_disk,
                      "int8_layers": int8_layers(compiled.info)})
         print(f"  {name}: {method}: accuracy {acc:.4f}, agreement {agree:.4f}", flush=True)
-    for batch, runs in ((1, 4 * args.runs), (64, args.runs)):
-        times = interleaved_latency(list(deployed.values()), batch, runs)
-        for row, ms in zip(rows, times, strict=True):
-            row[f"latency_ms_b{batch}"] = ms
+    args.timing = time_rows(rows, list(deployed.values()), runs=args.runs)
     for method, why in missing.items():
         runtime = method.rsplit(" / ", 1)[1]
         rows.append({"model": name, "method": method, "runtime": runtime, "missing": why})
@@ -320,14 +353,6 @@ def int8_layers(info: dict) -> str:
     return ", ".join(info.get("integer_ops", [])) or "-"
 
 
-def interleaved_latency(compiled: list, batch: int, runs: int, rounds: int = 5) -> list[float]:
-    """Median over rounds that visit every method in turn, so load drift on a shared machine
-    hits all methods alike instead of whichever happened to run during a busy minute."""
-    per_round = [[c.latency_ms(batch, warmup=3, runs=max(1, runs // rounds)) for c in compiled]
-                 for _ in range(rounds)]
-    return [float(np.median(col)) for col in zip(*per_round, strict=True)]
-
-
 def table(rows: list[dict], ceiling: dict[str, dict]) -> str:
     lines = ["| model | method / runtime | acc % | Δ pts | agree % | bytes | b1 ms | b64 ms | "
              "b64 speedup vs ORT float | vs same-runtime float | of int8 ceiling | int8 layers |",
@@ -338,15 +363,17 @@ def table(rows: list[dict], ceiling: dict[str, dict]) -> str:
             lines.append(f"| {r['model']} | {r['method']} | " + " | ".join(["-"] * 10) + " |")
             continue
         base, same = floats[(r["model"], "onnxruntime")], floats[(r["model"], r["runtime"])]
-        s_ort = base["latency_ms_b64"] / r["latency_ms_b64"]
         s_same = same["latency_ms_b64"] / r["latency_ms_b64"]
         own = ceiling.get(r["runtime"])  # no matmul ceiling measured for the torch runtime
-        of_ceiling = "-" if r is same or own is None else f"{100 * s_same / own['ratio']:.0f}%"
+        of_ceiling = ("-" if r is same or own is None
+                      else "≈" if overlap(same, r, "latency_ms_b64")
+                      else f"{100 * s_same / own['ratio']:.0f}%")
         lines.append(
             f"| {r['model']} | {r['method']} | {100 * r['accuracy']:.2f} | "
             f"{100 * (r['accuracy'] - base['accuracy']):+.2f} | {100 * r['agreement']:.2f} | "
-            f"{r['bytes']:,} | {r['latency_ms_b1']:.3f} | {r['latency_ms_b64']:.2f} | "
-            f"{s_ort:.2f}x | {s_same:.2f}x | {of_ceiling} | {r['int8_layers']} |")
+            f"{r['bytes']:,} | {ms_cell(r, 'latency_ms_b1', 3)} | {ms_cell(r, 'latency_ms_b64')} "
+            f"| {ratio_cell(base, r)} | {ratio_cell(same, r)} | {of_ceiling} | "
+            f"{r['int8_layers']} |")
     return "\n".join(lines)
 
 
@@ -357,9 +384,12 @@ def main(argv=None) -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--calib", type=int, default=512, help="calibration training samples")
     parser.add_argument("--runs", type=int, default=100, help="timed runs at batch 64 (x4 at b1)")
+    parser.add_argument("--limit", type=int, default=None,
+                        help="test images to evaluate (default: all 10,000)")
     parser.add_argument("--out", type=Path, default=RESULTS,
                         help="folder for quant_peers.{json,md} (a trial run: somewhere in /tmp)")
     args = parser.parse_args(argv)
+    args.timing = {}
     torch.set_num_threads(args.threads)
 
     data = load_data(DataSpec(name="fashion-mnist"))
@@ -373,23 +403,25 @@ def main(argv=None) -> None:
                 continue
             (Path(tmp) / name).mkdir()
             rows += bench_model(name, data, args, Path(tmp) / name)
-        ceiling = matmul_ceiling(args.threads, runs=30, work=Path(tmp))
+        ceiling = matmul_ceiling(args.threads, runs=min(30, args.runs), work=Path(tmp))
         conv = conv_ceiling(args.threads, runs=args.runs, work=Path(tmp))
     load_after = os.getloadavg()
 
     md = table(rows, ceiling)
     ort_c, ov_c = ceiling["onnxruntime"], ceiling["openvino"]
     note = (f"\n\nint8 ceiling (1024^3 matmul, int8 vs fp32 on the same runtime, {args.threads} "
-            f"threads): ORT MatMulInteger u8s8 {ort_c['int8_ms']:.1f} ms vs MatMul fp32 "
-            f"{ort_c['fp32_ms']:.1f} ms = {ort_c['ratio']:.2f}x; OpenVINO QDQ MatMul "
-            f"{ov_c['int8_ms']:.1f} ms vs fp32 {ov_c['fp32_ms']:.1f} ms = {ov_c['ratio']:.2f}x. "
-            "Conv ceiling (6 x conv 3x3 64->64 + ReLU, 7x7, b64, lighten quant.ptq): ORT "
-            f"{conv['onnxruntime']['ratio']:.2f}x, OpenVINO {conv['openvino']['ratio']:.2f}x. "
+            f"threads, timed together in interleaved rounds): ORT MatMulInteger u8s8 "
+            f"{_ms(ort_c, 'int8')} vs MatMul fp32 {_ms(ort_c, 'fp32')} = {ceiling_text(ort_c)}; "
+            f"OpenVINO QDQ MatMul {_ms(ov_c, 'int8')} vs fp32 {_ms(ov_c, 'fp32')} = "
+            f"{ceiling_text(ov_c)}. Conv ceiling (6 x conv 3x3 64->64 + ReLU, 7x7, b64, lighten "
+            f"quant.ptq): ORT {ceiling_text(conv['onnxruntime'])}, OpenVINO "
+            f"{ceiling_text(conv['openvino'])}. "
             "'of int8 ceiling' = speed-up over the same runtime's float / that runtime's matmul "
             f"ceiling. Machine: {describe_machine(machine())}. Load average before/after: "
-            f"{load_before[0]:.1f} / {load_after[0]:.1f} (shared machine; medians of "
-            f"{args.runs} runs at b64, {4 * args.runs} at b1). Calibration: first {args.calib} "
-            f"training images for every method.")
+            f"{load_before[0]:.1f} / {load_after[0]:.1f} (shared machine). "
+            f"{spread_note(args.timing) if args.timing else ''} Calibration: first "
+            f"{args.calib} training images for every method; accuracy on the first "
+            f"{min(args.limit or 10000, 10000)} test images.")
     if skipped:
         note += f" Not measured (no checkpoint yet): {', '.join(skipped)}."
     for why in sorted({r["missing"] for r in rows if "missing" in r}):
@@ -405,7 +437,8 @@ def main(argv=None) -> None:
     info = {"machine": machine(), "threads": args.threads,
             "versions": {**versions(), "openvino": openvino.__version__,
                          "nncf": nncf.__version__},
-            "calib_samples": args.calib, "load_average": [load_before, load_after],
+            "calib_samples": args.calib, "test_images": args.limit,
+            "timing": args.timing, "load_average": [load_before, load_after],
             "ceiling": ceiling, "conv_ceiling": conv, "skipped": skipped, "rows": rows}
     atomic_write_text(args.out / "quant_peers.json", json.dumps(info, indent=2))
     atomic_write_text(args.out / "quant_peers.md", md + note + "\n")

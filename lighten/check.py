@@ -141,20 +141,32 @@ def _structured_trial(model: nn.Module, example: torch.Tensor) -> Trial:
     producers) would prune; pins say why the others stay."""
     from lighten.graph import channel_groups
     from lighten.prune.structured import prunable_groups
+    from lighten.unfused import unfuse_
 
+    traced = copy.deepcopy(model)  # as prune.channels does: stock transformer layers unfused
+    unfuse_(traced, attention=False)
+    names = {name for name, _ in model.named_modules()}
     changed: set[str] = set()
     for scope in ("channels", "neurons"):
-        for group in prunable_groups(model, example, scope=scope):
-            changed.update(m.module for m in group.members)
+        for group in prunable_groups(traced, example, scope=scope):
+            changed.update(_existing_ancestor(m.module, names) for m in group.members)
     why: dict[str, str] = {}
-    for group in channel_groups(model, example):
+    for group in channel_groups(traced, example):
         for m in group.members:
-            if m.module not in changed:
+            if _existing_ancestor(m.module, names) not in changed:
                 reason = ("; ".join(group.pinned) if group.pinned else
                           "its channels cannot be removed (one channel)" if group.size <= 1 else
                           "no Conv/Linear creates these channels")
-                why.setdefault(m.module, f"kept whole: {reason}")
+                why.setdefault(_existing_ancestor(m.module, names), f"kept whole: {reason}")
     return Trial(changed, why)
+
+
+def _existing_ancestor(path: str, names: set[str]) -> str:
+    """``path`` itself if the user's model has it, else its nearest ancestor that it has (an
+    unfused attention's q_proj belongs to the stock attention row)."""
+    while path not in names and path:
+        path = path.rpartition(".")[0]
+    return path
 
 
 def _heads_trial(model: nn.Module, example: torch.Tensor) -> Trial:

@@ -283,3 +283,30 @@ def test_report_shows_widths_and_size_plot_after_prune_channels(tmp_path, monkey
     assert not any(s.startswith("| bn |") for s in section)  # a norm follows its conv
     png = (out / "plots" / "accuracy_vs_bytes.png").read_bytes()
     assert png.startswith(b"\x89PNG")
+
+
+def test_stock_encoder_rows_say_what_structured_pruning_does():
+    """prune.channels / prune.neurons unfuse PyTorch's encoder layers first; check does too,
+    and its rows name the stock modules the steps reshape."""
+    import lighten
+    from lighten.check import check_model
+    from lighten.data import DataSpec, load_data
+
+    class Tokens(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = nn.Linear(8, 32)
+            self.enc = nn.TransformerEncoder(
+                nn.TransformerEncoderLayer(32, 4, 64, batch_first=True), 2)
+            self.head = nn.Linear(32, 10)
+
+        def forward(self, x):
+            return self.head(self.enc(self.embed(x.flatten(1, 2))).mean(1))
+
+    model = Tokens().eval()
+    rows = {r.name: r.cells["prunable (structured)"] for r in check_model(model, (1, 8, 8))}
+    data = load_data(DataSpec(name="synthetic", samples=32, input_shape=[1, 8, 8]))
+    pruned, _ = lighten.compress(model, {"prune.neurons": {"ratio": 0.5}}, data=data)
+    assert pruned.enc.layers[0].linear1.out_features < 64
+    assert rows["enc.layers.0.linear1"] == rows["enc.layers.1.linear2"] == "yes"
+    assert rows["enc.layers.0.self_attn"] == "yes"  # its q/k/v input columns: the width
