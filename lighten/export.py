@@ -103,10 +103,9 @@ def export_onnx(
     try:
         proto = _torch_export(model, specs, opset)
         folded = fold_quantized_weights(proto)
-        if folded:  # exact Q->DQ after concats/shuffles/pools on an int8 grid (quant.qdq_graph)
-            from lighten.quant.qdq_graph import complete_qdq
+        from lighten.quant.qdq_graph import complete_qdq
 
-            complete_qdq(proto)
+        complete_qdq(proto)  # exact Q->DQ after concats/shuffles/pools on an int8 grid
         for key, value in (metadata or {}).items():
             entry = proto.metadata_props.add()
             entry.key, entry.value = str(key), str(value)

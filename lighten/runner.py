@@ -24,7 +24,6 @@ touched, so a bad run never damages the output of a good one.
 from __future__ import annotations
 
 import json
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,13 +31,26 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from lighten.errors import ModelError, RecipeError
+from lighten.baseline import Prepared, prepare, train_baseline
+from lighten.errors import RecipeError
 from lighten.recipe import Recipe
+from lighten.run_folder import (
+    STATE_VERSION,
+    check_not_foreign,
+    check_output_dir,
+    check_recipe_change,
+    check_resumable,
+    load_finished,
+    prepare_output,
+    read_rows,
+    read_state,
+    reference_logits,
+    resumed_target,
+    save_reference,
+    unique_stage_names,
+)
 from lighten.step import StepContext
 from lighten.target import Target
-
-STATE_VERSION = 1
-BASELINE_CHECKPOINT = Path("checkpoints") / "baseline.safetensors"
 
 
 @dataclass
@@ -46,14 +58,6 @@ class RunResult:
     output_dir: Path
     rows: list[dict]
     notes: list[str] = field(default_factory=list)
-
-
-@dataclass
-class _Prepared:
-    data: object
-    model: nn.Module
-    baseline_source: str | None  # None: the baseline is trained in the output folder
-    baseline_seconds: float
 
 
 def run_recipe(
@@ -68,84 +72,32 @@ def run_recipe(
     from lighten.provenance import recipe_hash
 
     out = Path(output or recipe.output)
-    _check_output_dir(out)
+    check_output_dir(out)
     if not overwrite:
-        _check_not_foreign(out)
+        check_not_foreign(out)
     recipe_dict = recipe.to_dict()
     digest = recipe_hash(recipe_dict)
-    state = None if overwrite and not resume else _read_state(out)  # --overwrite: any state
+    state = None if overwrite and not resume else read_state(out)  # --overwrite: any state
     if state and not resume and not overwrite:
         raise RecipeError(f"{out} already holds a run; pass --resume to continue it or choose "
                           f"another --output (or --overwrite to replace it)")
     if resume and state and state.get("recipe_hash") != digest:
-        _check_recipe_change(out, state, recipe_dict)
+        check_recipe_change(out, state, recipe_dict)
     if not (resume and state):
         state = None
     if state:
-        _check_resumable(out, state, recipe)
+        check_resumable(out, state, recipe)
         if len(state["done"]) == len(recipe.steps) + 1 and state.get("recipe_hash") == digest:
-            return RunResult(out, _read_rows(out), list(state.get("notes", [])))  # all done:
+            return RunResult(out, read_rows(out), list(state.get("notes", [])))  # all done:
             # nothing is re-run or rewritten (run.json keeps its time)
 
-    prepared = _prepare(recipe)  # all user-input errors surface here (weights too; no training)
-    _prepare_output(out, fresh=state is None)
+    prepared = prepare(recipe)  # all user-input errors surface here (weights too; no training)
+    prepare_output(out, fresh=state is None)
     if state is None:  # the run record comes first: a long baseline training is a run already
         _write_started(out, recipe, digest, recipe_dict, prepared.data)
     if prepared.baseline_source is None and not (state and "baseline" in state["done"]):
-        _train_baseline(prepared, recipe, out, progress=progress)
+        train_baseline(prepared, recipe, out, progress=progress)
     return _execute(recipe, prepared, out, state, digest, recipe_dict, progress=progress)
-
-
-def _check_recipe_change(out: Path, state: dict, recipe_dict: dict) -> None:
-    """--resume accepts a recipe whose finished part is unchanged (steps may be appended or
-    edited after the last finished stage); anything else is refused, naming what changed."""
-    old = state.get("recipe")
-    changed = [] if isinstance(old, dict) else ["the recipe (this run predates recorded "
-                                                 "recipes)"]
-    if isinstance(old, dict):
-        finished = max(len(state["done"]) - 1, 0)  # steps behind the finished stages
-        old_steps, new_steps = old.get("steps", []), recipe_dict.get("steps", [])
-        changed = _differences({k: v for k, v in old.items() if k != "steps"},
-                               {k: v for k, v in recipe_dict.items() if k != "steps"}, "")
-        for i in range(finished):
-            mine = new_steps[i] if i < len(new_steps) else "(removed)"
-            changed += _differences(old_steps[i], mine, f"steps[{i}]")
-    if changed:
-        more = f" (+{len(changed) - 4} more)" if len(changed) > 4 else ""
-        raise RecipeError(f"cannot resume the run in {out}: {'; '.join(changed[:4])}{more} "
-                          "changed since it started (steps after the last finished stage may "
-                          "change); rerun with --overwrite to replace that run, or without "
-                          "--resume into a new --output")
-
-
-def _differences(old, new, where: str) -> list[str]:
-    """Dotted paths at which two JSON values differ, as 'path: old -> new'."""
-    if isinstance(old, dict) and isinstance(new, dict):
-        found = []
-        for key in sorted(set(old) | set(new), key=str):
-            path = f"{where}.{key}" if where else str(key)
-            found += _differences(old.get(key, "(unset)"), new.get(key, "(unset)"), path)
-        return found
-    return [] if old == new else [f"{where or 'recipe'}: {old!r} -> {new!r}"]
-
-
-def _check_output_dir(out: Path) -> None:
-    """The output folder (and its stages/) must be a folder or not exist yet: checked before
-    any training, so a typo in --output does not cost a baseline run."""
-    for path in (out / "stages", out, *out.parents):
-        if path.exists() and not path.is_dir():
-            raise RecipeError(f"cannot write the run to {out}: {path} is a file, not a folder; "
-                              "choose another --output")
-
-
-def _check_not_foreign(out: Path) -> None:
-    """A folder with files but no lighten run in it (no state.json / run.json) is not written
-    into without --overwrite: its files are someone's work."""
-    if not out.is_dir() or (out / "state.json").exists() or (out / "run.json").exists():
-        return
-    if next(out.iterdir(), None) is not None:
-        raise RecipeError(f"{out} is not empty and holds no lighten run; choose another "
-                          "--output, or pass --overwrite to write the run into it anyway")
 
 
 def _write_started(out: Path, recipe: Recipe, digest: str, recipe_dict: dict, data) -> None:
@@ -162,147 +114,7 @@ def _write_started(out: Path, recipe: Recipe, digest: str, recipe_dict: dict, da
          "recipe": recipe_dict, "target": target.to_dict()}))
 
 
-def _check_resumable(out: Path, state: dict, recipe: Recipe) -> None:
-    """Every file --resume reads back exists: the finished stages and the baseline logits."""
-    from safetensors import safe_open
-
-    names = (["baseline"] + _unique_stage_names(recipe))[:len(state["done"])]
-    needed = [out / "stages" / f"{i:02d}-{name}.safetensors" for i, name in enumerate(names)]
-    if names:
-        needed.append(out / "reference_logits.safetensors")
-    for path in needed:
-        problem = "is missing" if not path.is_file() else None
-        if problem is None:
-            try:  # the header covers the whole file: a truncated one fails here, before training
-                with safe_open(str(path), framework="pt"):
-                    pass
-            except Exception as err:  # safetensors raises its own error type for a bad header
-                problem = f"is truncated or corrupt ({(str(err).splitlines() or [''])[0]})"
-        if problem:
-            raise RecipeError(f"cannot resume the run in {out}: {path} {problem}; rerun with "
-                              "--overwrite to start it again, or into a new --output")
-    _read_rows(out)  # a damaged metrics.jsonl fails here, before any training
-
-
-def _prepare(recipe: Recipe) -> _Prepared:
-    from lighten.data import load_data
-
-    torch.manual_seed(recipe.seed)
-    data = load_data(recipe.data)
-    model = _build(recipe, data)
-    start = time.perf_counter()
-    source = _load_baseline(model, recipe, data)
-    return _Prepared(data, model, source, time.perf_counter() - start)
-
-
-def _build(recipe: Recipe, data) -> nn.Module:
-    from lighten.models import build_model
-
-    spec_shape = getattr(recipe.model, "input_shape", None)
-    if spec_shape and tuple(spec_shape) != tuple(data.input_shape):
-        raise ModelError(f"model.input_shape {list(spec_shape)} does not match the data's "
-                         f"{list(data.input_shape)}; fix model.input_shape or choose other data")
-    # user data has as many classes as its largest label + 1: say so, a stray label is common
-    source = (f"the data (its largest label is {data.num_classes - 1}, so {data.num_classes} "
-              "classes; labels must run from 0 to classes - 1)"
-              if recipe.data.python else "the data")
-    # build_model runs the task's example inputs through the model and checks the outputs
-    # (task.check_outputs: (2, classes) logits, or (2, T, V) for a language model)
-    model = build_model(recipe.model, input_shape=tuple(data.input_shape),
-                        num_classes=data.num_classes, classes_from=source, task=data.task)
-    return model.eval()
-
-
-def _load_baseline(model: nn.Module, recipe: Recipe, data) -> str | None:
-    """Weights from the recipe, else the zoo's shipped checkpoint, else the cache; None when
-    the baseline must be trained (:func:`_train_baseline`, once the output folder is set up)."""
-    from lighten.models import load_weights, shipped_checkpoint
-
-    if recipe.model.weights:  # build_model loaded them (a lighten artifact's model included)
-        return f"weights {recipe.model.weights}"
-    if recipe.model.zoo:
-        shipped = shipped_checkpoint(recipe.model.zoo, data.name)
-        if shipped is not None:
-            load_weights(model, shipped)
-            return f"shipped checkpoint {shipped.name}"
-    cached = _cache_path(recipe)
-    if cached.is_file():
-        load_weights(model, cached)
-        return f"cached checkpoint {cached}"
-    return None
-
-
-def _train_baseline(prepared: _Prepared, recipe: Recipe, out: Path, *, progress: bool) -> None:
-    """Train the baseline, its state checkpointed at each epoch end in OUTPUT/BASELINE_CHECKPOINT
-    so that ``--resume`` after an interrupt continues from the last finished epoch (to the same
-    weights as an uninterrupted training); then cache it and drop the checkpoint."""
-    from lighten import train_state
-    from lighten.train import train
-
-    model, data = prepared.model, prepared.data
-    cfg = recipe.train.model_copy(update={"seed": recipe.seed})
-    checkpoint = out / BASELINE_CHECKPOINT
-    meta = train_state.read_meta(checkpoint)
-    key = train_state.state_key(model, cfg.model_dump(), len(data.train))
-    resumed = (f", continued after epoch {meta['epoch'] + 1}"
-               if meta and meta.get("key") == key else "")
-    start = time.perf_counter()
-    train(model, data.train, cfg, progress=progress, task=data.task, checkpoint=checkpoint)
-    model.eval()
-    cached = _cache_path(recipe)
-    _save_weights(model, cached)
-    checkpoint.unlink(missing_ok=True)
-    prepared.baseline_seconds = time.perf_counter() - start
-    prepared.baseline_source = (f"trained here ({recipe.train.epochs} epochs{resumed}), cached "
-                                f"at {cached}")
-
-
-def _cache_path(recipe: Recipe) -> Path:
-    from lighten.provenance import recipe_hash
-
-    key = recipe_hash({"model": recipe.model.model_dump(), "data": recipe.data.model_dump(),
-                       "train": recipe.train.model_dump(), "seed": recipe.seed,
-                       "code": [_file_digest(recipe.model.python),
-                                _file_digest(recipe.data.python)]})
-    root = Path(os.environ.get("LIGHTEN_CACHE", Path.home() / ".cache" / "lighten"))
-    label = recipe.model.zoo or "model"
-    return root / "baselines" / f"{label}-{key}.safetensors"
-
-
-def _file_digest(reference: str | None) -> str | None:
-    """Hash of the user's code behind ``file.py:function``: editing the model retrains it."""
-    if not reference:
-        return None
-    import hashlib
-
-    path = Path(reference.rpartition(":")[0] or reference)
-    return hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else None
-
-
-def _save_weights(model: nn.Module, path: Path) -> None:
-    from safetensors.torch import save_file
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    state = {k: v.contiguous() for k, v in model.state_dict().items()}
-    save_file(state, str(tmp))
-    os.replace(tmp, path)
-
-
-def _prepare_output(out: Path, *, fresh: bool) -> None:
-    if fresh:
-        for name in ("metrics.jsonl", "state.json", "run.json", "report.md", "report.html",
-                     "latency.json", BASELINE_CHECKPOINT):
-            (out / name).unlink(missing_ok=True)
-        stages = out / "stages"
-        if stages.is_dir():
-            for old in [*stages.glob("*.safetensors"), *stages.glob("*.layers.json"),
-                        *stages.glob("*.report.json")]:
-                old.unlink()
-    (out / "stages").mkdir(parents=True, exist_ok=True)
-
-
-def _execute(recipe, prepared: _Prepared, out: Path, state, digest, recipe_dict, *, progress):
+def _execute(recipe, prepared: Prepared, out: Path, state, digest, recipe_dict, *, progress):
     from lighten.artifact import save_artifact
     from lighten.backends import get_backend
     from lighten.progress import line as progress_line
@@ -313,10 +125,10 @@ def _execute(recipe, prepared: _Prepared, out: Path, state, digest, recipe_dict,
     backend = get_backend(recipe.deploy.backend, threads=recipe.deploy.threads)
     model_spec = recipe.model.model_dump(exclude_none=True)
     done: list[str] = list(state["done"]) if state else []
-    rows = _read_rows(out) if state else []
+    rows = read_rows(out) if state else []
     rows = [r for r in rows if r["stage"] in done]
     notes: list[str] = list(state.get("notes", [])) if state else []
-    target = _resumed_target(Target.from_deploy(recipe.deploy), recipe, state, notes)
+    target = resumed_target(Target.from_deploy(recipe.deploy), recipe, state, notes)
     if "baseline" not in done:  # on resume the baseline comes from its artifact, noted before
         notes.append(f"baseline: {prepared.baseline_source}")
         if recipe.measure.robustness and not data.task.perturbable:
@@ -328,17 +140,17 @@ def _execute(recipe, prepared: _Prepared, out: Path, state, digest, recipe_dict,
     atomic_write_text(out / "run.json", json.dumps(
         {**_run_info(recipe, digest, prov, notes, data), "status": "running"}, indent=2))
 
-    stage_names = ["baseline"] + _unique_stage_names(recipe)
+    stage_names = ["baseline"] + unique_stage_names(recipe)
     baseline_copy = _clone(model)
     reference = None
     for index, stage in enumerate(stage_names):
         artifact = out / "stages" / f"{index:02d}-{stage}.safetensors"
         if stage in done:
             if index == len(done) - 1:  # the last finished stage is where work continues
-                model, model_spec = _load_finished(artifact, out)
+                model, model_spec = load_finished(artifact, out)
             if index == 0:
-                reference = _reference_logits(out)
-                baseline_copy = _clone(_load_finished(artifact, out)[0])
+                reference = reference_logits(out)
+                baseline_copy = _clone(load_finished(artifact, out)[0])
             continue
         torch.manual_seed(recipe.seed + index)
         progress_line(f"stage {index + 1}/{len(stage_names)}: {stage}", enabled=progress)
@@ -368,7 +180,7 @@ def _execute(recipe, prepared: _Prepared, out: Path, state, digest, recipe_dict,
                                out, recipe, progress)
         if index == 0:
             reference = logits
-            _save_reference(out, logits)
+            save_reference(out, logits)
         rows.append(row)
         done.append(stage)
         atomic_write_text(out / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
@@ -384,42 +196,12 @@ def _execute(recipe, prepared: _Prepared, out: Path, state, digest, recipe_dict,
     return RunResult(out, rows, notes)
 
 
-def _resumed_target(target: Target, recipe: Recipe, state: dict | None,
-                    notes: list[str]) -> Target:
-    """``cpu: auto`` resolves to the machine that *started* the run: a run resumed elsewhere
-    keeps building for the CPU its finished stages were built for (and says so)."""
-    recorded = (state or {}).get("target") or {}
-    cpu = recorded.get("cpu")
-    if getattr(recipe.deploy, "cpu", "auto") != "auto" or not cpu or cpu == target.cpu:
-        return target
-    import dataclasses
-
-    notes.append(f"resumed on a {target.cpu} machine; steps keep building for the run's "
-                 f"recorded target cpu {cpu} (latency is measured on this machine)")
-    return dataclasses.replace(target, cpu=cpu)
-
-
 def _run_info(recipe: Recipe, digest: str, prov: dict, notes: list, data) -> dict:
     """run.json: the recipe as written, the resolved settings (every default, only the keys
     that apply), the data's preprocessing (input transform, class names), provenance, notes."""
     return {"recipe": recipe.as_written(), "settings": recipe.settings(), "recipe_hash": digest,
             "source": recipe.source, "preprocessing": data.preprocessing(), "provenance": prov,
             "notes": notes}
-
-
-def _load_finished(artifact: Path, out: Path) -> tuple[nn.Module, dict]:
-    """A finished stage read back for --resume (built from the source its manifest names) and
-    that source; a damaged file says how to start over."""
-    from lighten.artifact import load_artifact
-    from lighten.errors import CheckpointError
-
-    try:
-        model, manifest = load_artifact(artifact)
-        return model, manifest["model_spec"]
-    except CheckpointError as err:
-        reason = str(err).removesuffix("; re-save it")  # a stage is not re-saved by hand
-        raise RecipeError(f"cannot resume the run in {out}: {reason}; rerun with --overwrite to "
-                          "start it again, or into a new --output") from None
 
 
 def _verify_reload(model: nn.Module, artifact: Path, stage: str, data) -> None:
@@ -544,7 +326,7 @@ def _time_stages(rows, stage_names, backend, data, out, recipe, progress) -> str
         workdir = out / "deploy" / stage
         deployed = backend.load(workdir, inputs=data.task.inputs)
         if deployed is None:
-            model, _ = _load_finished(out / "stages" / f"{index:02d}-{stage}.safetensors", out)
+            model, _ = load_finished(out / "stages" / f"{index:02d}-{stage}.safetensors", out)
             deployed = _compile(model, backend, data, workdir)
         compiled.append(deployed)
     timing = time_interleaved(compiled, runs=recipe.deploy.latency_runs, seed=recipe.seed,
@@ -559,14 +341,6 @@ def _time_stages(rows, stage_names, backend, data, out, recipe, progress) -> str
             "half their interquartile range; '≈' where a stage's range overlaps the baseline's")
 
 
-def _unique_stage_names(recipe: Recipe) -> list[str]:
-    names, seen = [], {}
-    for step in recipe.steps:
-        seen[step.name] = seen.get(step.name, 0) + 1
-        names.append(step.name if seen[step.name] == 1 else f"{step.name}#{seen[step.name]}")
-    return names
-
-
 def _clone(model: nn.Module) -> nn.Module:
     import copy
 
@@ -575,44 +349,3 @@ def _clone(model: nn.Module) -> nn.Module:
         p.requires_grad_(False)
     return clone
 
-
-def _save_reference(out: Path, logits: torch.Tensor) -> None:
-    from safetensors.torch import save_file
-
-    tmp = out / "reference_logits.tmp"
-    save_file({"logits": logits.contiguous()}, str(tmp))
-    os.replace(tmp, out / "reference_logits.safetensors")
-
-
-def _reference_logits(out: Path) -> torch.Tensor:
-    from safetensors.torch import load_file
-
-    return load_file(str(out / "reference_logits.safetensors"))["logits"]
-
-
-def _read_state(out: Path) -> dict | None:
-    path = out / "state.json"
-    if not path.is_file():
-        return None
-    try:
-        state = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        state = None
-    if not isinstance(state, dict) or not isinstance(state.get("done"), list):
-        raise RecipeError(f"{path} is corrupt; rerun with --overwrite to start the run again, "
-                          "or choose another --output")
-    return state if state.get("version") == STATE_VERSION else None
-
-
-def _read_rows(out: Path) -> list[dict]:
-    path = out / "metrics.jsonl"
-    if not path.is_file():
-        return []
-    try:
-        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        rows = None
-    if rows is None or not all(isinstance(r, dict) and "stage" in r for r in rows):
-        raise RecipeError(f"{path} is corrupt; rerun with --overwrite to start the run again, "
-                          "or choose another --output")
-    return rows

@@ -86,7 +86,7 @@ def test_output_that_is_a_file_is_refused_before_training(tmp_path, monkeypatch,
     blocker = tmp_path / where
     blocker.parent.mkdir(parents=True, exist_ok=True)
     blocker.write_text("precious")
-    monkeypatch.setattr(runner, "_prepare", lambda *a, **k: pytest.fail("trained first"))
+    monkeypatch.setattr(runner, "prepare", lambda *a, **k: pytest.fail("trained first"))
     with pytest.raises(RecipeError, match=rf"{blocker} is a file, not a folder; choose "
                                           "another --output"):
         runner.run_recipe(recipe, progress=False)

@@ -93,18 +93,19 @@ def _mlp():
     return nn.Sequential(nn.Flatten(), nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4))
 
 
-@pytest.mark.parametrize("schedule,epochs,warned", [
-    ("agp", 2, True), ("agp", 8, False), ("oneshot", 1, True), ("oneshot", 4, False)])
-def test_budget_warning_at_high_sparsity(schedule, epochs, warned):
+@pytest.mark.parametrize("sparsity,schedule,epochs,need", [
+    (0.95, "agp", 2, 8), (0.95, "agp", 8, None), (0.95, "oneshot", 1, 4),
+    (0.95, "oneshot", 4, None), (0.9, "agp", 2, 4), (0.9, "agp", 4, None)])
+def test_budget_warning_at_high_sparsity(sparsity, schedule, epochs, need):
     data = load_data(DataSpec(name="synthetic", samples=16, input_shape=[16], num_classes=4))
-    step = {"prune.magnitude": {"sparsity": 0.95, "schedule": schedule,
+    step = {"prune.magnitude": {"sparsity": sparsity, "schedule": schedule,
                                 "finetune": {"epochs": epochs}}}
     _, report = compress(_mlp(), step, data=data)
     warnings = [n for n in report.notes if "likely too little" in n]
-    if warned:
+    if need:
         assert len(warnings) == 1  # printed once
-        need = 8 if schedule == "agp" else 4
-        assert f"raise finetune: {{epochs: {need}}}" in warnings[0] and "95%" in warnings[0]
+        assert f"raise finetune: {{epochs: {need}}}" in warnings[0]
+        assert f"{sparsity:.0%} sparsity" in warnings[0]
     else:
         assert warnings == []
 

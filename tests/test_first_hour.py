@@ -20,7 +20,7 @@ import torch
 from safetensors.torch import load_file
 
 import lighten.train
-from lighten import runner
+from lighten import run_folder, runner
 from lighten.cli.main import main
 from lighten.data import DataSpec, load_data
 from lighten.errors import RecipeError
@@ -158,14 +158,14 @@ def test_run_record_exists_during_baseline_training_and_resume_matches(tmp_path,
     # the run is on disk although no stage finished: record, state and the epoch checkpoint
     assert json.loads((out / "run.json").read_text())["status"] == "started"
     assert json.loads((out / "state.json").read_text())["done"] == []
-    assert (out / runner.BASELINE_CHECKPOINT).is_file()
+    assert (out / run_folder.BASELINE_CHECKPOINT).is_file()
     assert not list((out / "stages").glob("*.safetensors"))
     # a plain rerun refuses (it is a run); --resume continues after the saved epoch
     with pytest.raises(RecipeError, match="already holds a run"):
         runner.run_recipe(recipe, progress=False)
     result = runner.run_recipe(recipe, progress=False, resume=True)
     assert any("continued after epoch 1" in note for note in result.notes), result.notes
-    assert not (out / runner.BASELINE_CHECKPOINT).exists()
+    assert not (out / run_folder.BASELINE_CHECKPOINT).exists()
     assert json.loads((out / "run.json").read_text())["status"] == "finished"
     a = load_file(str(whole.output_dir / "stages" / "00-baseline.safetensors"))
     b = load_file(str(out / "stages" / "00-baseline.safetensors"))
@@ -232,7 +232,7 @@ def test_demo_does_not_replace_a_folder_of_other_files(tmp_path, capsys):
 def test_overwrite_or_an_empty_folder_is_accepted(tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()
-    runner._check_not_foreign(empty)  # an empty folder is fine
+    run_folder.check_not_foreign(empty)  # an empty folder is fine
     foreign = tmp_path / "photos"
     foreign.mkdir()
     (foreign / "holiday.jpg").write_bytes(b"\xff\xd8")

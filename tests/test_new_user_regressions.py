@@ -66,8 +66,8 @@ def test_global_pruning_warns_when_a_layer_is_emptied():
 
 
 def test_baseline_cache_key_follows_the_model_code(tmp_path, monkeypatch):
+    from lighten.baseline import cache_path as _cache_path
     from lighten.recipe import load_recipe
-    from lighten.runner import _cache_path
 
     monkeypatch.setenv("LIGHTEN_CACHE", str(tmp_path / "cache"))
     (tmp_path / "net.py").write_text("def build():\n    return None\n")

@@ -28,8 +28,8 @@ def run(args) -> int:
     # The demo is meant to be rerun: a finished earlier demo is replaced, unless resuming; a
     # folder of other files is not (unless --overwrite says so).
     if not args.resume and not args.overwrite:
-        from lighten.runner import _check_not_foreign
+        from lighten.run_folder import check_not_foreign
 
-        _check_not_foreign(Path(args.output))
+        check_not_foreign(Path(args.output))
         args.overwrite = True
     return run_and_print(demo_recipe_path(), args)

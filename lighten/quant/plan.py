@@ -128,7 +128,7 @@ def _plan_from_graph(model: nn.Module, graph, candidates: list[str], *,
             relu_points.add(node.target)
         elif (integer_ops and isinstance(modules[node.target], _OUTPUT_MODULES)
               and calls[node.target] == 1 and node.args
-              and not _only_layers_read(node, modules, plan)):
+              and not _only_layers_read(node, modules, wanted)):
             src = _trace_back(node.args[0], modules, points, relu_points, cats=True)
             if src is None:
                 continue
@@ -143,16 +143,16 @@ def _plan_from_graph(model: nn.Module, graph, candidates: list[str], *,
     return plan
 
 
-def _only_layers_read(node, modules, plan: QuantPlan) -> bool:
+def _only_layers_read(node, modules, layers) -> bool:
     """True when every reader of ``node`` (past range-preserving ops) is a layer of the plan:
     those quantize their input themselves, an output quantizer would only repeat it."""
     users = list(node.users)
     if not users:
         return False
     for user in users:
-        if user.op == "call_module" and user.target in plan.layers:
+        if user.op == "call_module" and user.target in layers:
             continue
-        if _is_passthrough(user, modules) and _only_layers_read(user, modules, plan):
+        if _is_passthrough(user, modules) and _only_layers_read(user, modules, layers):
             continue
         return False
     return True
