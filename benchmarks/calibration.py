@@ -1,6 +1,7 @@
 """Activation calibration methods side by side: int8 and 6-bit-activation PTQ on Fashion-MNIST.
 
     python benchmarks/calibration.py [--models lenet5 resnet20] [--limit N] [--threads 2]
+                                     [--calib 512] [--out DIR]
 
 For each shipped checkpoint, every calibration method (minmax, moving_average, percentile, mse,
 entropy) quantizes the same float model with the same calibration images (the first ``--calib``
@@ -9,7 +10,8 @@ training images, in batches of 64), once with 8-bit weights and activations (w8a
 is exported and run on ONNX Runtime; accuracy, top-1 agreement and logits SQNR are against the
 float model on ONNX Runtime over the test set (``--limit`` images). "quantize s" is the
 wall time of ``quantize_ptq_`` (BN folding, the calibration pass, range search, layer swap).
-Writes benchmarks/results/calibration.{json,md}.
+No latency is timed here. Writes calibration.{json,md} to ``--out`` (default
+benchmarks/results/).
 """
 
 from __future__ import annotations
@@ -106,6 +108,8 @@ def main(argv=None) -> None:
                         help="test images to evaluate (default: all 10,000)")
     parser.add_argument("--calib", type=int, default=512, help="calibration training images")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out", type=Path, default=RESULTS,
+                        help="folder for calibration.{json,md} (a trial run: somewhere in /tmp)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
 
@@ -136,12 +140,12 @@ def main(argv=None) -> None:
              f"{args.threads} threads; torch {versions().get('torch')}, "
              f"onnxruntime {versions().get('onnxruntime')}.")
     print(md + note)
-    RESULTS.mkdir(exist_ok=True)
+    args.out.mkdir(parents=True, exist_ok=True)
     result = {"command": command, "machine": info, "versions": versions(),
               "threads": args.threads, "calib_samples": args.calib, "test_images": n_test,
               "load_average": [load_before, load_after], "skipped": skipped, "rows": rows}
-    atomic_write_text(RESULTS / "calibration.json", json.dumps(result, indent=2))
-    atomic_write_text(RESULTS / "calibration.md", md + note + "\n")
+    atomic_write_text(args.out / "calibration.json", json.dumps(result, indent=2))
+    atomic_write_text(args.out / "calibration.md", md + note + "\n")
 
 
 if __name__ == "__main__":

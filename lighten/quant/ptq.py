@@ -234,7 +234,10 @@ def _calibrate(model, plan, batches, cfg: PTQConfig, spec, shapes=None) -> dict:
     try:
         with torch.no_grad():
             for batch in batches:
-                model(*batch_inputs(batch))
+                inputs = batch_inputs(batch)
+                if shapes is not None and len(inputs) == 1 and inputs[0].is_floating_point():
+                    shapes["<input>"] = tuple(inputs[0].shape[1:])  # the whole model's input
+                model(*inputs)
                 seen += 1
     finally:
         for h in handles:

@@ -33,8 +33,9 @@ FUSABLE_OPS = {"Concat", "Add", "Mul", "Sigmoid", "GlobalAveragePool", "AverageP
 
 
 def complete_qdq(proto) -> int:
-    """Insert exact Q->DQ pairs after ops whose output is on a known int8 grid; mutates
-    ``proto`` in place and returns how many pairs were inserted."""
+    """Insert exact Q->DQ pairs after ops whose output is on a known int8 grid, and let Shape
+    nodes read int8 tensors instead of dequantized ones; mutates ``proto`` in place and returns
+    how many edits it made."""
     from onnx import helper, numpy_helper
 
     from lighten.export import _constant_values
@@ -111,8 +112,14 @@ def complete_qdq(proto) -> int:
                 g = downstream(out)
                 if g is not None:
                     inserts[out] = g
+    reshaped = 0
+    for node in graph.node:  # a shape needs no values: read it off the int8 tensor
+        src = producer.get(node.input[0]) if node.op_type == "Shape" and node.input else None
+        if src is not None and src.op_type == "DequantizeLinear":
+            node.input[0] = src.input[0]
+            reshaped += 1
     if not inserts:
-        return 0
+        return reshaped
 
     new_nodes, new_inits = [], []
     for node in graph.node:
@@ -133,10 +140,13 @@ def complete_qdq(proto) -> int:
                                  [f"{base}_q"], name=f"{base}_Q"),
                 helper.make_node("DequantizeLinear", [f"{base}_q", f"{base}_scale", f"{base}_zp"],
                                  [f"{base}_dq"], name=f"{base}_DQ")]
+    for node in new_nodes:  # shapes of the new DQ outputs, too
+        if node.op_type == "Shape" and node.input[0].endswith("__qdq_dq"):
+            node.input[0] = node.input[0][:-len("_dq")] + "_q"
     del graph.node[:]
     graph.node.extend(new_nodes)
     graph.initializer.extend(new_inits)
-    return len(inserts)
+    return len(inserts) + reshaped
 
 
 def _all_quantized(users, name, g, params) -> bool:
