@@ -65,7 +65,8 @@ __all__ = ["GRAPH_KINDS", "LAYER_SPECS", "LayerSpec", "build_layer", "constructo
 
 Ref = Any  # a class / callable, or "module:attribute" resolved on first use
 
-# How channels flow through a module, by kind (lighten.graph implements each as ``_<kind>``).
+# How channels flow through a module, by kind (lighten.graph.analysis.HANDLERS maps each to
+# its handler).
 GRAPH_KINDS = ("conv", "convt", "linear", "batchnorm", "layernorm", "groupnorm", "same",
                "reshape", "shuffle", "attention")
 SURGERY_KINDS = ("out", "in", "depthwise", "norm")
