@@ -18,7 +18,8 @@ data=...)`` and ``lighten.backends.get_backend(name).compile(...)``, so what is 
 user gets. Per architecture the four deployments (float and int8, on ORT and on OpenVINO) are
 timed together by :func:`lighten.measure.timing.time_interleaved` (interleaved rounds, median of
 per-round medians, IQR spread) at batch 1 and batch 64. Writes
-``int8_architectures[-TAG].{json,md}`` to ``--out`` (default benchmarks/results/).
+``int8_architectures-TAG.{json,md}`` to ``--out`` (default benchmarks/results/;
+int8_architectures.md there is the before/after summary).
 """
 
 from __future__ import annotations
@@ -256,7 +257,7 @@ def trained(name: str, data, *, epochs: float, train_n: int, cache: Path) -> nn.
     steps = int(epochs * len(xs) / 128)
     g = torch.Generator().manual_seed(0)
     model.train()
-    for step in range(steps):
+    for _ in range(steps):
         idx = torch.randint(0, len(xs), (128,), generator=g)
         loss = F.cross_entropy(model(xs[idx]), ys[idx])
         opt.zero_grad()
@@ -344,7 +345,8 @@ def fmt(stat) -> str:
 def markdown(rows, args, machine_line, tag) -> str:
     lines = [f"# int8 vs float per architecture ({tag})", "",
              f"`python benchmarks/int8_architectures.py --threads {args.threads} --runs "
-             f"{args.runs}" + (f" --ptq '{json.dumps(args.ptq)}'" if args.ptq else "")
+             f"{args.runs} --epochs {args.epochs:g} --train {args.train}"
+             + (f" --ptq '{json.dumps(args.ptq)}'" if args.ptq else "")
              + (f" --tag {tag}" if tag else "") + "`", "",
              "| arch | runtime | float b1 ms | int8 b1 ms | int8/float b1 | float b64 ms | "
              "int8 b64 ms | int8/float b64 | agree % | acc float / int8 % |",
@@ -387,7 +389,8 @@ def main(argv=None) -> None:
     p.add_argument("--train", type=int, default=12000, help="training images")
     p.add_argument("--test", type=int, default=2000, help="test images for agreement")
     p.add_argument("--ptq", type=json.loads, default={}, help="extra quant.ptq keys (JSON)")
-    p.add_argument("--tag", default="")
+    p.add_argument("--tag", default="latest",
+                   help="results go to int8_architectures-TAG.{json,md}")
     p.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "lighten-int8-arch")
     p.add_argument("--out", type=Path, default=RESULTS)
     args = p.parse_args(argv)
@@ -402,14 +405,14 @@ def main(argv=None) -> None:
         for name in args.archs:
             row = run_arch(name, data, args, Path(tmp))
             rows.append(row)
-            r = {b: row["latency"][f"int8/onnxruntime"][f"b{b}"]["median"]
+            r = {b: row["latency"]["int8/onnxruntime"][f"b{b}"]["median"]
                  / row["latency"]["float/onnxruntime"][f"b{b}"]["median"] for b in (1, 64)}
             print(f"{name}: ORT int8/float b1 {r[1]:.2f}x b64 {r[64]:.2f}x; agreement "
                   f"{100 * row['quality']['onnxruntime']['agreement']:.1f}%; int8 ops "
                   f"{row['facts']['int8']['integer_ops']}; float ops "
                   f"{row['facts']['int8']['float_ops']}", flush=True)
     m = machine()
-    stem = "int8_architectures" + (f"-{args.tag}" if args.tag else "")
+    stem = f"int8_architectures-{args.tag}"
     args.out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(args.out / f"{stem}.json", json.dumps(
         {"rows": rows, "machine": m, "versions": versions(), "args": {

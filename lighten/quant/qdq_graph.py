@@ -102,8 +102,13 @@ def complete_qdq(proto) -> int:
         if node.op_type in MOVE_OPS or node.op_type == "Concat":
             for out in node.output:
                 g = grid(out)
-                if g is not None and out not in outputs and not _all_quantized(
-                        readers.get(out, []), out, g, params):
+                users = readers.get(out, [])
+                # a compute reader (Conv, Gemm, ...) takes the DQ through a move by itself in
+                # ORT; another data op or a fusable op needs the int8 value re-marked
+                data_reader = node.op_type == "Concat" or any(
+                    u.op_type in MOVE_OPS or u.op_type in FUSABLE_OPS for u in users)
+                if (g is not None and out not in outputs and data_reader
+                        and not _all_quantized(users, out, g, params)):
                     inserts[out] = g
         if node.op_type in FUSABLE_OPS and node.output[0] not in inserts:
             out = node.output[0]
