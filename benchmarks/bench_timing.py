@@ -6,8 +6,10 @@ the median of the per-round medians and the interquartile range across rounds as
 stores ``latency_ms_b1`` / ``latency_ms_b64`` and their ``*_spread`` ``[25th, 75th percentile]``
 in each row, as ``metrics.jsonl`` does, and writes its cells with the helpers below:
 ``20.12 ±3%`` (± half the IQR in percent of the median, :func:`lighten.report.latency_text`'s
-wording) and, in ratio columns, ``≈`` where the two spreads overlap
-(:func:`lighten.report.same_speed`): the difference is inside the noise.
+wording) and, in ratio columns, the *paired* ratio: each round's time of one row divided by the
+other's in the same round (load and drift hit both), its median, and ``≈`` where the IQR of those
+per-round ratios holds 1: the difference is inside the noise. Rows keep their per-round medians
+(``latency_ms_b<B>_rounds``) for that.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from lighten.measure.timing import time_interleaved
+from lighten.measure.timing import LatencyStats, paired_ratio, time_interleaved
 from lighten.report import same_speed
 
 B1_FACTOR = 4  # batch 1 is cheap: four times the runs of batch 64
@@ -35,7 +37,8 @@ def time_rows(rows: Sequence[dict], compiled: Sequence, *, runs: int, seed: int 
         timing = time_interleaved(list(compiled), runs=total, batches=(batch,), seed=seed,
                                   progress=progress)
         for i, row in enumerate(rows):
-            row.update(timing.row_fields(i))
+            row.update(timing.row_fields(i, reference=None))
+            row[f"latency_ms_b{batch}_rounds"] = list(timing.stats[batch][i].rounds)
         how[f"b{batch}"] = {"runs": total, "rounds": timing.rounds,
                             "runs_per_round": timing.runs_per_round}
     return how
@@ -60,11 +63,22 @@ def overlap(a: dict, b: dict, key: str) -> bool:
 
 def ratio_cell(num: dict, den: dict, key: str = "latency_ms_b64", digits: int = 2,
                scale: float = 1.0, fmt: str = "{:.{d}f}x") -> str:
-    """``scale * num[key] / den[key]`` (``1.65x``); ``≈`` where the two rows' spreads overlap
-    (the ratio is within the noise); ``1.00x`` for a row against itself."""
+    """``scale * num[key] / den[key]`` (``1.65x``) as the median of the same-round ratios where
+    both rows were timed in the same rounds, ``≈`` where the IQR of those ratios holds 1 (the
+    ratio is within the noise); rows without rounds fall back to whether their spreads
+    overlap; ``1.00x`` for a row against itself."""
     if num.get(key) is None or den.get(key) is None:
         return "-"
-    if num is not den and overlap(num, den, key):
+    if num is den:
+        return fmt.format(scale, d=digits)
+    rounds_num, rounds_den = num.get(f"{key}_rounds"), den.get(f"{key}_rounds")
+    if rounds_num and rounds_den and len(rounds_num) == len(rounds_den):
+        ratio = paired_ratio(LatencyStats.of(rounds_num), LatencyStats.of(rounds_den))
+        if ratio is not None:
+            if ratio.low <= 1.0 <= ratio.high:
+                return "≈"
+            return fmt.format(scale * ratio.median, d=digits)
+    if overlap(num, den, key):
         return "≈"
     return fmt.format(scale * num[key] / den[key], d=digits)
 
@@ -75,8 +89,8 @@ def spread_note(how: dict[str, Any]) -> str:
              for b in ("b1", "b64") if b in how]
     return ("Latency: all rows timed together in interleaved rounds (" + ", ".join(parts)
             + "); median of the per-round medians, ± half the interquartile range across "
-            "rounds in % of the median; ≈ in a ratio column: the two rows' ranges overlap "
-            "(the difference is within the noise).")
+            "rounds in % of the median; a ratio column gives the median of the same-round "
+            "ratios, ≈ where their interquartile range holds 1 (within the noise).")
 
 
 __all__ = ["B1_FACTOR", "ms_cell", "overlap", "ratio_cell", "spread_note", "time_rows"]

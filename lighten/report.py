@@ -82,10 +82,17 @@ def same_speed(spread_a: Sequence[float] | None, spread_b: Sequence[float] | Non
 
 
 def speed_text(base: dict, row: dict, key: str = "latency_ms_b64") -> str:
-    """The speed of ``row`` against ``base`` at one batch size: "≈" where their latency spreads
-    overlap, else "2.3x faster" / "1.4x slower" (also when a row has no spread recorded)."""
+    """The speed of ``row`` against ``base`` at one batch size. With the paired ratio
+    (``<key>_ratio_spread``: the row's time / the baseline's in the same timing round, IQR
+    across rounds): "≈" where that range holds 1, else its median as "2.3x faster" / "1.4x
+    slower". Rows without it fall back to whether the two latency spreads overlap."""
     if base.get(key) is None or row.get(key) is None:
         return "-"
+    paired = row.get(f"{key}_ratio_spread")
+    if _is_spread(paired) and row.get(f"{key}_ratio"):  # same-round ratios to the baseline
+        if paired[0] <= 1.0 <= paired[1]:
+            return "≈"
+        return _ratio(1.0, row[f"{key}_ratio"], "faster", "slower")
     if same_speed(base.get(f"{key}_spread"), row.get(f"{key}_spread")):
         return "≈"
     return _ratio(base.get(key), row.get(key), "faster", "slower")

@@ -191,3 +191,19 @@ def test_run_all_quick_covers_every_script(bench):
     assert all((BENCHMARKS / name).is_file() for name in full)
     for name in full:  # the full run's time estimate is listed for every script
         assert name in mod.__doc__
+
+
+def test_ratio_cells_pair_rows_round_by_round(bench):
+    """Two rows slowed alike by busy rounds: their own spreads overlap, yet the same-round
+    ratio is 0.5 in every round, so the cell says 2.00x, not ≈."""
+    timing = bench("bench_timing")
+    load = [1.0, 3.0, 1.1, 2.9, 1.0, 3.2]
+    slow = {"latency_ms_b64": 2.0, "latency_ms_b64_spread": [1.0, 3.0],
+            "latency_ms_b64_rounds": load}
+    fast = {"latency_ms_b64": 1.0, "latency_ms_b64_spread": [0.5, 1.5],
+            "latency_ms_b64_rounds": [x / 2 for x in load]}
+    assert timing.overlap(slow, fast, "latency_ms_b64")
+    assert timing.ratio_cell(slow, fast) == "2.00x"
+    noisy = {**fast, "latency_ms_b64_rounds": [x * f for x, f in zip(
+        load, [1.1, 0.9, 1.05, 0.95, 1.0, 1.02], strict=True)]}
+    assert timing.ratio_cell(slow, noisy) == "≈"

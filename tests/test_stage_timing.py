@@ -132,8 +132,10 @@ def test_models_are_timed_in_the_seeded_interleaved_order(tmp_path):
     assert timing.orders == interleave_orders(3, 3, seed=7)
     for i in range(3):
         fields = timing.row_fields(i)
+        paired = {"latency_ms_b1_ratio", "latency_ms_b1_ratio_spread", "latency_ms_b64_ratio",
+                  "latency_ms_b64_ratio_spread"} if i else set()
         assert set(fields) == {"latency_ms_b1", "latency_ms_b1_spread", "latency_ms_b64",
-                               "latency_ms_b64_spread"}
+                               "latency_ms_b64_spread"} | paired
         assert len(timing.stats[64][i].rounds) == 3
         assert_timed(fields)
 
@@ -291,3 +293,22 @@ def test_onnx_deployments_reopen_without_export(tmp_path):
         np.testing.assert_allclose(reopened(x.numpy()), compiled(x.numpy()), rtol=1e-5,
                                    atol=1e-6)
         assert reopened.latency_ms(1, warmup=0, runs=1) > 0
+
+
+def test_paired_ratio_sees_through_load_that_hits_both_models():
+    """Busy rounds slow baseline and stage alike: their own spreads overlap, but the stage is
+    0.8x the baseline in every round, so it is faster; random same-round jitter around 1 is ≈."""
+    from lighten.measure.timing import LatencyStats, Timing
+    from lighten.report import speed_text
+
+    load = [1.0, 3.0, 1.2, 2.5, 1.1, 2.8, 1.0, 3.1]  # a shared machine: some rounds are busy
+    base = LatencyStats.of(load)
+    faster = LatencyStats.of([0.8 * x for x in load])
+    jitter = LatencyStats.of([x * f for x, f in zip(load, [1.05, 0.95, 1.02, 0.97, 1.04, 0.98,
+                                                           1.01, 0.96], strict=True)])
+    timing = Timing({64: [base, faster, jitter]}, [[0, 1, 2]] * 8, 8, 1)
+    rows = [timing.row_fields(i) for i in range(3)]
+    assert "latency_ms_b64_ratio" not in rows[0]
+    assert rows[1]["latency_ms_b64_ratio"] == pytest.approx(0.8)
+    assert speed_text(rows[0], rows[1]) == "1.2x faster"  # own spreads overlap; paired do not
+    assert speed_text(rows[0], rows[2]) == "≈"

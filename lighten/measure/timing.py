@@ -96,13 +96,23 @@ class Timing:
     runs_per_round: int
     timed_at: float = field(default_factory=time.time)  # seconds since the epoch, at the end
 
-    def row_fields(self, index: int) -> dict[str, Any]:
+    def row_fields(self, index: int, *, reference: int | None = 0) -> dict[str, Any]:
         """The metrics.jsonl keys of model ``index``: ``latency_ms_b<B>`` (median) and
-        ``latency_ms_b<B>_spread`` ([25th, 75th percentile] of the rounds) per batch."""
+        ``latency_ms_b<B>_spread`` ([25th, 75th percentile] of the rounds) per batch, and, for
+        a model other than ``reference`` (the baseline), ``latency_ms_b<B>_ratio`` and
+        ``latency_ms_b<B>_ratio_spread``: the median and IQR of its time divided by the
+        reference's *in the same round*. The paired ratio is what "faster" rests on: a busy
+        round slows both models of that round, so drift and load cancel in the ratio where
+        they widen each model's own spread."""
         out: dict[str, Any] = {}
         for batch, per_model in self.stats.items():
             out[f"latency_ms_b{batch}"] = per_model[index].median
             out[f"latency_ms_b{batch}_spread"] = per_model[index].spread
+            if reference is not None and index != reference:
+                ratio = paired_ratio(per_model[index], per_model[reference])
+                if ratio is not None:
+                    out[f"latency_ms_b{batch}_ratio"] = ratio.median
+                    out[f"latency_ms_b{batch}_ratio_spread"] = ratio.spread
         return out
 
     def to_dict(self, names: Sequence[str]) -> dict[str, Any]:
@@ -118,6 +128,14 @@ class Timing:
                               for batch, per_model in self.stats.items()}
                        for i, name in enumerate(names)},
         }
+
+
+def paired_ratio(model: LatencyStats, reference: LatencyStats) -> LatencyStats | None:
+    """Per-round ``model / reference`` times (both timed in every round), as statistics."""
+    if len(model.rounds) != len(reference.rounds) or not model.rounds:
+        return None
+    return LatencyStats.of([m / r for m, r in zip(model.rounds, reference.rounds, strict=True)
+                            if r > 0])
 
 
 def time_interleaved(compiled: Sequence, *, runs: int = 50, batches: Sequence[int] = BATCHES,
@@ -147,5 +165,5 @@ def time_interleaved(compiled: Sequence, *, runs: int = 50, batches: Sequence[in
     return Timing(stats, orders, rounds, per_round)
 
 
-__all__ = ["BATCHES", "LatencyStats", "Timing", "interleave_orders", "split_runs",
-           "time_interleaved"]
+__all__ = ["BATCHES", "LatencyStats", "Timing", "interleave_orders", "paired_ratio",
+           "split_runs", "time_interleaved"]
