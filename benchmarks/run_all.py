@@ -19,6 +19,7 @@ interquartile range). Full-run time on the project's 2-core machine when it is o
     prune_peers.py mobilenetv2            ~17 min  (4 fine-tunes of 1 epoch)
     prune_quant.py                        ~5 min
     importance.py                         ~8 min
+    int8_architectures.py                 ~5 min
 
 A script that fails does not stop the others; the run exits non-zero and names it at the end.
 """
@@ -44,6 +45,8 @@ BENCHMARKS = [
      "--name", "prune_peers_mobilenetv2"],
     ["prune_quant.py", "--epochs", "2", "--threads", "2"],
     ["importance.py", "--models", "resnet20", "mobilenetv2", "--epochs", "1"],
+    ["int8_architectures.py", "--threads", "2", "--runs", "30", "--epochs", "1", "--train",
+     "8000", "--tag", "after"],
 ]
 # the same scripts at their smallest settings: every code path a full run takes, numbers that
 # mean nothing (LeNet-5 where a script takes a model, a few hundred images, 3 timed runs)
@@ -61,6 +64,8 @@ QUICK = [
     ["prune_quant.py", "--epochs", "0.05", "--limit-train", "512", "--limit", "500", "--runs",
      "3"],
     ["importance.py", "--models", "lenet5", "--epochs", "0.05", "--limit-train", "512"],
+    ["int8_architectures.py", "--archs", "densenet", "--runs", "3", "--epochs", "0.05",
+     "--train", "512", "--test", "200", "--tag", "quick"],
 ]
 
 
