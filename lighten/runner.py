@@ -338,7 +338,8 @@ def _time_stages(rows, stage_names, backend, data, out, recipe, progress) -> str
     return (f"latency: all {len(stage_names)} stages timed together after the last one, in "
             f"{timing.rounds} interleaved rounds of {timing.runs_per_round} run(s) per stage and "
             "batch size (order shuffled per round, seeded); shown: the median of the rounds ± "
-            "half their interquartile range; '≈' where a stage's range overlaps the baseline's")
+            "half their interquartile range; speed: the median of same-round ratios to the "
+            "baseline, '≈' where their interquartile range holds 1")
 
 
 def _clone(model: nn.Module) -> nn.Module:
