@@ -318,8 +318,32 @@ def _time_stages(rows, stage_names, backend, data, out, recipe, progress) -> str
     The deployments are the files each stage's compile wrote to ``deploy/<stage>/`` (opened
     again, not re-exported); where a backend writes none (torch) or the files are gone, the
     stage's artifact is loaded and compiled."""
-    from lighten.measure.timing import time_interleaved
+    from lighten.measure.timing_worker import time_in_fresh_process
     from lighten.provenance import atomic_write_text
+
+    workdirs = [out / "deploy" / stage for stage in stage_names]
+    timing = time_in_fresh_process(backend.name, getattr(backend, "threads", None), workdirs,
+                                   data.task.inputs, runs=recipe.deploy.latency_runs,
+                                   seed=recipe.seed)
+    where = "in a fresh process that opens only the deployment files"
+    if timing is None:
+        timing = _time_here(stage_names, backend, data, out, recipe, progress)
+        where = "in the run's own process"
+    by_stage = {row["stage"]: row for row in rows}
+    for index, stage in enumerate(stage_names):
+        by_stage[stage].update(timing.row_fields(index))
+    atomic_write_text(out / "latency.json", json.dumps(timing.to_dict(stage_names), indent=1))
+    return (f"latency: all {len(stage_names)} stages timed together after the last one, {where}, "
+            f"in {timing.rounds} interleaved rounds of {timing.runs_per_round} run(s) per stage "
+            "and batch size (order shuffled per round, seeded); shown: the median of the rounds "
+            "± half their interquartile range; speed: the median of same-round ratios to the "
+            "baseline, '≈' where their interquartile range holds 1")
+
+
+def _time_here(stage_names, backend, data, out: Path, recipe, progress):
+    """The in-process timing, for backends without deployment files (torch) or when the fresh
+    process cannot run: stages reopened from deploy/, else rebuilt from their artifacts."""
+    from lighten.measure.timing import time_interleaved
 
     compiled = []
     for index, stage in enumerate(stage_names):
@@ -329,17 +353,8 @@ def _time_stages(rows, stage_names, backend, data, out, recipe, progress) -> str
             model, _ = load_finished(out / "stages" / f"{index:02d}-{stage}.safetensors", out)
             deployed = _compile(model, backend, data, workdir)
         compiled.append(deployed)
-    timing = time_interleaved(compiled, runs=recipe.deploy.latency_runs, seed=recipe.seed,
-                              progress=progress)
-    by_stage = {row["stage"]: row for row in rows}
-    for index, stage in enumerate(stage_names):
-        by_stage[stage].update(timing.row_fields(index))
-    atomic_write_text(out / "latency.json", json.dumps(timing.to_dict(stage_names), indent=1))
-    return (f"latency: all {len(stage_names)} stages timed together after the last one, in "
-            f"{timing.rounds} interleaved rounds of {timing.runs_per_round} run(s) per stage and "
-            "batch size (order shuffled per round, seeded); shown: the median of the rounds ± "
-            "half their interquartile range; speed: the median of same-round ratios to the "
-            "baseline, '≈' where their interquartile range holds 1")
+    return time_interleaved(compiled, runs=recipe.deploy.latency_runs, seed=recipe.seed,
+                            progress=progress)
 
 
 def _clone(model: nn.Module) -> nn.Module:

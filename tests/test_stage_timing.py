@@ -317,3 +317,26 @@ def test_paired_ratio_sees_through_load_that_hits_both_models():
     assert rows[1]["latency_ms_b64_ratio"] == pytest.approx(0.8)
     assert speed_text(rows[0], rows[1]) == "1.2x faster"  # own spreads overlap; paired do not
     assert speed_text(rows[0], rows[2]) == "≈"
+
+
+def test_timing_round_trips_through_its_record_and_a_fresh_process(tmp_path):
+    """The runner times ONNX deployments in a child process that opens only the files; what it
+    sends back (Timing.to_dict) rebuilds the same medians, spreads and orders."""
+    from lighten.measure.timing import Timing
+    from lighten.measure.timing_worker import time_in_fresh_process
+    from lighten.task import ClassificationTask
+
+    backend = get_backend("onnxruntime", threads=1)
+    dirs = []
+    for i in range(2):
+        work = tmp_path / f"s{i}"
+        backend.compile(tiny(8 * (i + 1)), input_shape=SHAPE, workdir=work)
+        dirs.append(work)
+    inputs = ClassificationTask(SHAPE, 10).inputs
+    timing = time_in_fresh_process("onnxruntime", 1, dirs, inputs, runs=6, seed=3)
+    assert timing is not None and (timing.rounds, timing.runs_per_round) == (3, 2)
+    assert timing.orders == interleave_orders(2, 3, seed=3)
+    names = [str(d) for d in dirs]
+    again = Timing.from_dict(json.loads(json.dumps(timing.to_dict(names))), names)
+    assert again.row_fields(1) == timing.row_fields(1)
+    assert time_in_fresh_process("torch", 1, dirs, inputs, runs=6, seed=3) is None  # no files

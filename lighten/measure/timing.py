@@ -115,6 +115,16 @@ class Timing:
                     out[f"latency_ms_b{batch}_ratio_spread"] = ratio.spread
         return out
 
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], names: Sequence[str]) -> Timing:
+        """The :class:`Timing` that :meth:`to_dict` wrote for models ``names`` (each model's
+        per-round medians; orders back as indices)."""
+        index = {name: i for i, name in enumerate(names)}
+        stats = {int(b): [LatencyStats.of(data["stages"][name][f"b{b}"]["rounds"])
+                          for name in names] for b in data["batches"]}
+        orders = [[index[name] for name in order] for order in data["orders"]]
+        return cls(stats, orders, data["rounds"], data["runs_per_round"], data["timed_at"])
+
     def to_dict(self, names: Sequence[str]) -> dict[str, Any]:
         """JSON record of the whole timing (the runner writes it to ``latency.json``)."""
         return {
