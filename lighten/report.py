@@ -438,15 +438,20 @@ def _layer_cells(r: dict) -> list[str]:
             str(r.get("compared_with", "-")), str(r.get("note") or "")]
 
 
+def _stage_files(output_dir: Path, rows: Sequence[dict], suffix: str):
+    """(stage, path) of each stage's ``stages/NN-<stage><suffix>`` file that exists."""
+    for index, row in enumerate(rows):
+        stage = str(row.get("stage", "?"))
+        path = output_dir / "stages" / f"{index:02d}-{stage}{suffix}"
+        if path.is_file():
+            yield stage, path
+
+
 def _layer_sections(output_dir: Path, rows: Sequence[dict]) -> list[tuple[str, Any]]:
     """One table per stage with quantized layers (``stages/NN-<stage>.layers.json``), worst
     SQNR first: the layer that hurts most is the first line."""
     out: list[tuple[str, Any]] = []
-    for index, row in enumerate(rows):
-        stage = str(row.get("stage", "?"))
-        path = output_dir / "stages" / f"{index:02d}-{stage}.layers.json"
-        if not path.is_file():
-            continue
+    for stage, path in _stage_files(output_dir, rows, ".layers.json"):
         try:
             table = json.loads(path.read_text(encoding="utf-8"))
             layers = sorted(table["rows"], key=lambda r: (r.get("sqnr_db") is None,
@@ -489,11 +494,7 @@ def _step_sections(output_dir: Path, rows: Sequence[dict]) -> list[tuple[str, An
     """One compact table per stage of what its step did to each layer
     (``stages/NN-<stage>.report.json``, the step's :class:`lighten.verb.Report`)."""
     out: list[tuple[str, Any]] = []
-    for index, row in enumerate(rows):
-        stage = str(row.get("stage", "?"))
-        path = output_dir / "stages" / f"{index:02d}-{stage}.report.json"
-        if not path.is_file():
-            continue
+    for stage, path in _stage_files(output_dir, rows, ".report.json"):
         try:
             layers = json.loads(path.read_text(encoding="utf-8"))["layers"]
             header, body = layer_table(layers)
@@ -544,11 +545,7 @@ def _width_sections(output_dir: Path, rows: Sequence[dict]) -> list[tuple[str, A
     """Per stage whose step changed layer widths (prune.channels, prune.neurons, prune.heads,
     prune.layers): every resized layer's channels before -> after."""
     out: list[tuple[str, Any]] = []
-    for index, row in enumerate(rows):
-        stage = str(row.get("stage", "?"))
-        path = output_dir / "stages" / f"{index:02d}-{stage}.report.json"
-        if not path.is_file():
-            continue
+    for stage, path in _stage_files(output_dir, rows, ".report.json"):
         try:
             body = width_rows(json.loads(path.read_text(encoding="utf-8"))["layers"])
         except (json.JSONDecodeError, KeyError, TypeError, AttributeError, IndexError):

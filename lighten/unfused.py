@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lighten.modules import register_module_type, registered_key, set_submodule
-from lighten.prune.heads import PrunedMultiheadAttention, _additive
+from lighten.prune.heads import PrunedMultiheadAttention, _additive, attend
 
 __all__ = ["UnfusedMultiheadAttention", "UnfusedTransformerDecoder",
            "UnfusedTransformerDecoderLayer", "UnfusedTransformerEncoder",
@@ -101,26 +101,14 @@ class UnfusedMultiheadAttention(nn.Module):
         if not self.batch_first:
             query, key, value = query.transpose(0, 1), key.transpose(0, 1), value.transpose(0, 1)
         b, n_q, n_k = query.shape[0], query.shape[1], key.shape[1]  # (B, L, E), (B, S, E)
-        h, d = self.num_heads, self.head_dim
+        h = self.num_heads
         # -1, not d: the channel analysis reads a literal width as one pruning would break
         q = self.q_proj(query).reshape(b, n_q, h, -1).transpose(1, 2)  # (B, H, L, d)
         k = self.k_proj(key).reshape(b, n_k, h, -1).transpose(1, 2)  # (B, H, S, d)
         v = self.v_proj(value).reshape(b, n_k, h, -1).transpose(1, 2)
-        scores = (q * d ** -0.5) @ k.transpose(-2, -1)  # (B, H, L, S)
-        if attn_mask is not None:  # is_causal is only a hint about attn_mask then (as in torch)
-            scores = scores + self._per_head(_additive(attn_mask, scores.dtype), b)
-        elif is_causal:
-            causal = torch.ones(n_q, n_k, dtype=torch.bool, device=scores.device).triu(1)
-            scores = scores + _additive(causal, scores.dtype)
-        if key_padding_mask is not None:
-            scores = scores + _additive(key_padding_mask, scores.dtype)[:, None, None, :]
-        attn = F.dropout(scores.softmax(-1), self.dropout, self.training)
-        out = self.out_proj((attn @ v).transpose(1, 2).reshape(b, n_q, -1))  # (B, L, E)
-        if not self.batch_first:
-            out = out.transpose(0, 1)
-        if not need_weights:
-            return out, None
-        return out, attn.mean(1) if average_attn_weights else attn
+        return attend(self, q, k, v, attn_mask=attn_mask, is_causal=is_causal,
+                      key_padding_mask=key_padding_mask, need_weights=need_weights,
+                      average_attn_weights=average_attn_weights)
 
     def _per_head(self, mask: torch.Tensor, batch: int) -> torch.Tensor:
         if mask.dim() == 2:

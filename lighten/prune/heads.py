@@ -133,21 +133,9 @@ class PrunedMultiheadAttention(nn.Module):
         q = F.linear(query, w_q, b_q).view(b, n_q, h, d).transpose(1, 2)  # (B, H, L, d)
         k = F.linear(key, w_k, b_k).view(b, n_k, h, d).transpose(1, 2)  # (B, H, S, d)
         v = F.linear(value, w_v, b_v).view(b, n_k, h, d).transpose(1, 2)
-        scores = (q * d ** -0.5) @ k.transpose(-2, -1)  # (B, H, L, S)
-        if attn_mask is not None:
-            scores = scores + self._per_head(_additive(attn_mask, scores.dtype), b)
-        elif is_causal:
-            causal = torch.ones(n_q, n_k, dtype=torch.bool, device=scores.device).triu(1)
-            scores = scores + _additive(causal, scores.dtype)
-        if key_padding_mask is not None:
-            scores = scores + _additive(key_padding_mask, scores.dtype)[:, None, None, :]
-        attn = F.dropout(scores.softmax(-1), self.dropout, self.training)
-        out = self.out_proj((attn @ v).transpose(1, 2).reshape(b, n_q, h * d))  # (B, L, E)
-        if not self.batch_first:
-            out = out.transpose(0, 1)
-        if not need_weights:
-            return out, None
-        return out, attn.mean(1) if average_attn_weights else attn
+        return attend(self, q, k, v, attn_mask=attn_mask, is_causal=is_causal,
+                      key_padding_mask=key_padding_mask, need_weights=need_weights,
+                      average_attn_weights=average_attn_weights)
 
     def _per_head(self, mask: torch.Tensor, batch: int) -> torch.Tensor:
         if mask.dim() == 2:
@@ -159,6 +147,32 @@ class PrunedMultiheadAttention(nn.Module):
 # the channel analysis sees it as one call, like nn.MultiheadAttention (prune.channels slices
 # its embedding width: in_proj columns, out_proj rows)
 register_layer_spec(LayerSpec(PrunedMultiheadAttention, graph_kind="attention"))
+
+
+def attend(module: nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
+           attn_mask, is_causal: bool, key_padding_mask, need_weights: bool,
+           average_attn_weights: bool):
+    """Scaled dot-product attention of per-head ``q`` (B, H, L, d) and ``k``/``v`` (B, H, S, d)
+    with torch's mask rules, then ``module.out_proj``: what ``nn.MultiheadAttention.forward``
+    returns, for the attention modules that replace it (pruned heads, unfused projections).
+    ``module`` supplies ``head_dim``, ``dropout``, ``batch_first``, ``out_proj``, ``_per_head``."""
+    b, n_q, n_k = q.shape[0], q.shape[2], k.shape[2]  # indexed, not unpacked: fx traces this
+    scores = (q * module.head_dim ** -0.5) @ k.transpose(-2, -1)  # (B, H, L, S)
+    if attn_mask is not None:  # is_causal is only a hint about attn_mask then (as in torch)
+        scores = scores + module._per_head(_additive(attn_mask, scores.dtype), b)
+    elif is_causal:
+        causal = torch.ones(n_q, n_k, dtype=torch.bool, device=scores.device).triu(1)
+        scores = scores + _additive(causal, scores.dtype)
+    if key_padding_mask is not None:
+        scores = scores + _additive(key_padding_mask, scores.dtype)[:, None, None, :]
+    attn = F.dropout(scores.softmax(-1), module.dropout, module.training)
+    # -1, not H * d: the channel analysis reads a literal width as one pruning would break
+    out = module.out_proj((attn @ v).transpose(1, 2).reshape(b, n_q, -1))  # (B, L, E)
+    if not module.batch_first:
+        out = out.transpose(0, 1)
+    if not need_weights:
+        return out, None
+    return out, attn.mean(1) if average_attn_weights else attn
 
 
 def _additive(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
