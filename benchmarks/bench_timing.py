@@ -10,6 +10,13 @@ wording) and, in ratio columns, the *paired* ratio: each round's time of one row
 other's in the same round (load and drift hit both), its median, and ``≈`` where the IQR of those
 per-round ratios holds 1: the difference is inside the noise. Rows keep their per-round medians
 (``latency_ms_b<B>_rounds``) for that.
+
+The timing runs in a fresh process that opens only the deployed files
+(:func:`lighten.measure.timing_worker.time_files_in_fresh_process`), as the runner's stage
+timing does: the benchmark's own process has trained and compiled everything, and that history
+skews latency (a dense pruned LeNet-5 timed 1.5-1.9x faster than its identical baseline there).
+Where a row has no file to open (eager PyTorch), all rows are timed in-process and the returned
+``how`` says so.
 """
 
 from __future__ import annotations
@@ -18,6 +25,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from lighten.measure.timing import LatencyStats, paired_ratio, time_interleaved
+from lighten.measure.timing_worker import time_files_in_fresh_process
 from lighten.report import same_speed
 
 B1_FACTOR = 4  # batch 1 is cheap: four times the runs of batch 64
@@ -34,8 +42,13 @@ def time_rows(rows: Sequence[dict], compiled: Sequence, *, runs: int, seed: int 
     how: dict[str, Any] = {"statistic": "median of per-round medians; spread: IQR across "
                            "interleaved rounds (lighten.measure.timing)"}
     for batch, total in ((1, b1_factor * runs), (64, runs)):
-        timing = time_interleaved(list(compiled), runs=total, batches=(batch,), seed=seed,
-                                  progress=progress)
+        timing = time_files_in_fresh_process(list(compiled), runs=total, seed=seed,
+                                             batches=(batch,))
+        how["process"] = "fresh process (deployed files only)"
+        if timing is None:
+            how["process"] = "benchmark process (a row has no deployed file to reopen)"
+            timing = time_interleaved(list(compiled), runs=total, batches=(batch,), seed=seed,
+                                      progress=progress)
         for i, row in enumerate(rows):
             row.update(timing.row_fields(i, reference=None))
             row[f"latency_ms_b{batch}_rounds"] = list(timing.stats[batch][i].rounds)
@@ -87,7 +100,9 @@ def spread_note(how: dict[str, Any]) -> str:
     """One sentence for a table's footnote: how latency was timed and what ± and ≈ mean."""
     parts = [f"{how[b]['rounds']} rounds x {how[b]['runs_per_round']} runs at {b}"
              for b in ("b1", "b64") if b in how]
-    return ("Latency: all rows timed together in interleaved rounds (" + ", ".join(parts)
+    where = f" in a {how['process']}" if "process" in how else ""
+    return ("Latency: all rows timed together" + where + " in interleaved rounds ("
+            + ", ".join(parts)
             + "); median of the per-round medians, ± half the interquartile range across "
             "rounds in % of the median; a ratio column gives the median of the same-round "
             "ratios, ≈ where their interquartile range holds 1 (within the noise).")

@@ -207,3 +207,31 @@ def test_ratio_cells_pair_rows_round_by_round(bench):
     noisy = {**fast, "latency_ms_b64_rounds": [x * f for x, f in zip(
         load, [1.1, 0.9, 1.05, 0.95, 1.0, 1.02], strict=True)]}
     assert timing.ratio_cell(slow, noisy) == "≈"
+
+
+def test_time_rows_reopens_deployed_files_in_a_fresh_process(bench, tmp_path):
+    """ORT and OpenVINO rows are timed by a child that opens only their files; the rows get
+    the same fields as in-process timing, and the footnote says where they were timed."""
+    from lighten.backends import get_backend
+
+    bt = bench("bench_timing")
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4)).eval()
+    ort = get_backend("onnxruntime", threads=1).compile(model, input_shape=(1, 4, 4),
+                                                        workdir=tmp_path / "ort")
+    ov = get_backend("openvino", threads=1).compile_file(ort.onnx_path, input_shape=(1, 4, 4))
+    assert ort.deployment() == {"backend": "onnxruntime", "path": str(ort.onnx_path),
+                                "threads": 1}
+    assert ov.deployment()["backend"] == "openvino" and ov.deployment()["threads"] == 1
+    rows = [{"name": "ort"}, {"name": "ov"}]
+    how = bt.time_rows(rows, [ort, ov], runs=3)
+    assert how["process"].startswith("fresh process")
+    assert "in a fresh process" in bt.spread_note(how)
+    for row in rows:
+        assert len(row["latency_ms_b64_rounds"]) == 3
+        low, high = row["latency_ms_b1_spread"]
+        assert 0 < low <= row["latency_ms_b1"] <= high
+    eager = get_backend("torch", threads=1).compile(model, input_shape=(1, 4, 4),
+                                                    workdir=tmp_path / "eager")
+    how = bt.time_rows(rows, [ort, eager], runs=3)  # eager has no file: all timed in-process
+    assert how["process"].startswith("benchmark process")

@@ -55,6 +55,11 @@ class OrtCompiled:
         feed = dict(zip(self._names, random_arrays(self.inputs, batch), strict=True))
         return median_latency_ms(lambda: self._session.run(None, feed), warmup=warmup, runs=runs)
 
+    def deployment(self) -> dict[str, Any]:
+        """What another process needs to open this model again: backend, file, threads."""
+        threads = self._session.get_session_options().intra_op_num_threads
+        return {"backend": self.backend, "path": str(self.onnx_path), "threads": threads}
+
 
 class OnnxRuntimeBackend:
     name = "onnxruntime"
@@ -104,6 +109,20 @@ class OnnxRuntimeBackend:
         info = {"onnx_path": str(onnx_path), "optimized_path": str(optimized_path),
                 "threads": self.threads, "op_types": ops, "integer_ops": integer_ops(ops)}
         return OrtCompiled(session, input_shape=input_shape, inputs=inputs, onnx_path=onnx_path,
+                           info=info)
+
+    def compile_file(self, path: str | Path, *, input_shape=None, inputs=None) -> OrtCompiled:
+        """Open an existing ONNX file (another tool's, or one timed again in a fresh process);
+        no export, no PyTorch check. ORT's optimized graph goes next to it."""
+        path = Path(path)
+        if not path.is_file():
+            raise BackendError(f"onnxruntime: no model file at {path}; export it first")
+        optimized_path = path.with_suffix(".optimized.onnx")
+        session = self._session(path, optimized_path)
+        ops = _op_types(optimized_path)
+        info = {"onnx_path": str(path), "optimized_path": str(optimized_path),
+                "threads": self.threads, "op_types": ops, "integer_ops": integer_ops(ops)}
+        return OrtCompiled(session, input_shape=input_shape, inputs=inputs, onnx_path=path,
                            info=info)
 
     def _session(self, onnx_path: Path, optimized_path: Path):

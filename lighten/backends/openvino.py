@@ -60,6 +60,7 @@ class OpenVinoCompiled:
         self.inputs = input_specs(input_shape, inputs)
         self.input_shape = tuple(self.inputs[0].shape)
         self.bytes_on_disk = _file_bytes(model_path)
+        self.model_path = Path(model_path)
         self.info = info
 
     def __call__(self, *xs: np.ndarray) -> np.ndarray:
@@ -82,6 +83,11 @@ class OpenVinoCompiled:
     def latency_ms(self, batch: int, *, warmup: int = 10, runs: int = 50) -> float:
         feed = dict(enumerate(random_arrays(self.inputs, batch)))
         return median_latency_ms(lambda: self._request.infer(feed), warmup=warmup, runs=runs)
+
+    def deployment(self) -> dict[str, Any]:
+        """What another process needs to compile this model again: backend, file, threads."""
+        threads = int(self._model.get_property("INFERENCE_NUM_THREADS"))
+        return {"backend": self.backend, "path": str(self.model_path), "threads": threads}
 
 
 class OpenVinoBackend:

@@ -10,7 +10,9 @@ hands the deployment files (ONNX Runtime, OpenVINO) to a child process that open
 
 REQUEST names the backend, threads, the stages' ``deploy/<stage>/`` folders, the model's inputs,
 the runs and the seed; RESULT is :meth:`Timing.to_dict` (every round's numbers), read back with
-:meth:`Timing.from_dict`.
+:meth:`Timing.from_dict`. The benchmarks use the other form, :func:`time_files_in_fresh_process`:
+a list of already compiled models (each names its own backend, file and threads through
+``compiled.deployment()``), so peers' files (NNCF, ORT's quantizer) are timed the same way.
 """
 
 from __future__ import annotations
@@ -52,6 +54,30 @@ def time_in_fresh_process(backend: str, threads: int | None, workdirs: Sequence[
         return Timing.from_dict(json.loads(res.read_text()), names)
 
 
+def time_files_in_fresh_process(compiled: Sequence, *, runs: int, seed: int,
+                                batches: Sequence[int] = (1, 64),
+                                timeout: float = 3600) -> Timing | None:
+    """Time models already compiled in this process again in a child that opens only their
+    files, in interleaved rounds; None when one of them has no file to open (``deployment()``
+    missing or None, e.g. eager PyTorch) or the child fails, so the caller times in-process."""
+    entries = []
+    for c in compiled:
+        deployment = c.deployment() if callable(getattr(c, "deployment", None)) else None
+        if deployment is None:
+            return None
+        entries.append({**deployment, "inputs": [_input_to_json(s) for s in c.inputs]})
+    names = [str(i) for i in range(len(entries))]
+    request = {"models": entries, "runs": runs, "seed": seed, "batches": list(batches)}
+    with tempfile.TemporaryDirectory() as tmp:
+        req, res = Path(tmp) / "request.json", Path(tmp) / "result.json"
+        req.write_text(json.dumps(request))
+        done = subprocess.run([sys.executable, "-m", "lighten.measure.timing_worker", str(req),
+                               str(res)], capture_output=True, text=True, timeout=timeout)
+        if done.returncode != 0 or not res.is_file():
+            return None
+        return Timing.from_dict(json.loads(res.read_text()), names)
+
+
 def _input_to_json(spec) -> dict:
     return {"name": spec.name, "shape": list(spec.shape),
             "dtype": str(spec.dtype).removeprefix("torch."), "high": spec.high}
@@ -69,13 +95,21 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     request_path, result_path = (argv if argv is not None else sys.argv[1:])[:2]
     request = json.loads(Path(request_path).read_text())
-    backend = get_backend(request["backend"], threads=request["threads"])
-    inputs = [_input_from_json(e) for e in request["inputs"]]
-    compiled = [backend.load(Path(w), inputs=inputs) for w in request["workdirs"]]
+    if "models" in request:  # time_files_in_fresh_process: each model names its own backend
+        compiled = [get_backend(m["backend"], threads=m["threads"]).compile_file(
+            m["path"], inputs=[_input_from_json(e) for e in m["inputs"]])
+            for m in request["models"]]
+        names = [str(i) for i in range(len(compiled))]
+    else:
+        backend = get_backend(request["backend"], threads=request["threads"])
+        inputs = [_input_from_json(e) for e in request["inputs"]]
+        compiled = [backend.load(Path(w), inputs=inputs) for w in request["workdirs"]]
+        names = request["workdirs"]
     if any(c is None for c in compiled):
         return 2
-    timing = time_interleaved(compiled, runs=request["runs"], seed=request["seed"])
-    Path(result_path).write_text(json.dumps(timing.to_dict(request["workdirs"])))
+    timing = time_interleaved(compiled, runs=request["runs"], seed=request["seed"],
+                              batches=tuple(request.get("batches", (1, 64))))
+    Path(result_path).write_text(json.dumps(timing.to_dict(names)))
     return 0
 
 
