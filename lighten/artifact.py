@@ -49,11 +49,14 @@ from torch import nn
 
 from lighten.codecs import (
     RAW_DTYPES,
+    index_bits,
     join_tensors,
     nonzero_mask,
     pack_bitmask,
     pack_bits,
     packed_width,
+    palette_of,
+    palette_values,
     split_tensors,
     unpack_bitmask,
     unpack_bits,
@@ -72,6 +75,10 @@ BLOB_KEY = "#blob"
 TINY_BYTES = 1024
 # Decompressed manifests above this are refused (a zlib bomb in a downloaded file).
 _MAX_MANIFEST_BYTES = 64 << 20
+
+# Attribute set on a model by encode.entropy (lighten.encode.streams.ENTROPY_FLAG, kept equal):
+# its artifact's parts are entropy-coded; a loaded coded artifact gets it back.
+ENTROPY_FLAG = "_lighten_entropy_coded"
 
 _PICKLE_HINT = "lighten never unpickles; load it with lighten.models.load_weights and save_artifact"
 _PLAIN_HINT = ("plain weights need their architecture: `MODEL --weights FILE` on the command line "
@@ -112,18 +119,23 @@ def save_artifact(model: nn.Module, path: str | os.PathLike, *, model_spec: dict
         else:
             edits = derive_edits(model, source)
     parts, entries = _encode_state(model.state_dict())
+    if getattr(model, ENTROPY_FLAG, False):  # encode.entropy: parts entropy-coded (ANS)
+        from lighten.encode.streams import code_parts
+
+        parts, entries, _ = code_parts(parts, entries)
     tensors, blob_index = _join_tiny(parts)
     manifest = {
         "format": FORMAT, "version": VERSION,
         "model_spec": model_spec, "input_shape": shape, "num_classes": num_classes,
         "edits": edits,
         "tensors": {k: e for k, e in entries.items() if e["encoding"] != "dense" or "#" in k},
-        "meta": meta or {},
+        "meta": dict(meta or {}),  # a copy: the save time is taken out below
     }
     if task:
         manifest["task"] = task
     if blob_index:
         manifest["blob"] = blob_index
+    saved_at = _pop_timestamp(manifest["meta"])
     try:
         text = json.dumps(manifest, sort_keys=True, separators=(",", ":"))
     except (TypeError, ValueError) as err:
@@ -131,15 +143,30 @@ def save_artifact(model: nn.Module, path: str | os.PathLike, *, model_spec: dict
                               "meta and artifact_config() must hold plain JSON values") from None
     from safetensors.torch import save
 
-    data = save(tensors, metadata={"format": "pt", METADATA_KEY: _envelope(text)})
+    data = save(tensors, metadata={"format": "pt", METADATA_KEY: _envelope(text, saved_at)})
     return atomic_write_bytes(path, data)
 
 
-def _envelope(text: str) -> str:
-    """The manifest as stored: compressed, base64 (metadata values must be strings)."""
+def _envelope(text: str, saved_at: str | None = None) -> str:
+    """The manifest as stored: compressed, base64 (metadata values must be strings). The save
+    time stays outside the compressed part: inside, a different second changes the compressed
+    length, so the same model saved twice (a resumed run) differed in its bytes on disk."""
     packed = base64.b64encode(zlib.compress(text.encode("utf-8"), 9)).decode("ascii")
-    return json.dumps({"format": FORMAT, "version": VERSION, "zlib": packed},
-                      separators=(",", ":"))
+    envelope = {"format": FORMAT, "version": VERSION, "zlib": packed}
+    if saved_at is not None:
+        envelope["saved_at"] = saved_at
+    return json.dumps(envelope, separators=(",", ":"))
+
+
+def _pop_timestamp(meta: dict) -> str | None:
+    """``meta["provenance"]["timestamp_utc"]`` removed from a copy-on-write ``meta`` (the
+    caller's dict is left as it was); None where there is none."""
+    provenance = meta.get("provenance") if isinstance(meta, dict) else None
+    if not isinstance(provenance, dict) or "timestamp_utc" not in provenance:
+        return None
+    stamp = provenance["timestamp_utc"]
+    meta["provenance"] = {k: v for k, v in provenance.items() if k != "timestamp_utc"}
+    return str(stamp)
 
 
 def _join_tiny(parts: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], list[list]]:
@@ -204,7 +231,8 @@ def _encode_state(state: dict) -> tuple[dict, dict]:
 
 
 def _encode_tensor(name: str, t: torch.Tensor, entry: dict) -> dict[str, torch.Tensor]:
-    """Pick the smallest of dense, sparse_bitmask and (integers) packed_bits/sparse_packed_bits.
+    """Pick the smallest of dense, sparse_bitmask, (integers) packed_bits/sparse_packed_bits and
+    (few distinct values) palette/sparse_palette.
 
     Each candidate's size counts the index entries its parts need (:func:`_part_cost`) and, for
     encodings other than dense, the manifest entry that names them.
@@ -212,6 +240,7 @@ def _encode_tensor(name: str, t: torch.Tensor, entry: dict) -> dict[str, torch.T
     n, itemsize = t.numel(), t.element_size()
     candidates: dict[str, int] = {"dense": _part_cost(name, n * itemsize)}
     nonzero = nnz = None
+    palettes: dict = {}
     if n > 0:
         nonzero = nonzero_mask(t)
         nnz = int(nonzero.sum())
@@ -228,8 +257,14 @@ def _encode_tensor(name: str, t: torch.Tensor, entry: dict) -> dict[str, torch.T
                 if sbits < itemsize * 8:
                     candidates["sparse_packed_bits"] = mask + _part_cost(
                         name, math.ceil(nnz * sbits / 8))
+        palettes = _palettes(t, nonzero, nnz)
+        for kind, (table, index) in palettes.items():
+            count = index.numel()
+            candidates[kind] = (_part_cost(name, table.nbytes) + _ENTRY_COST + _part_cost(
+                name, math.ceil(count * index_bits(table.numel()) / 8))
+                + (mask if kind == "sparse_palette" else 0))
     encoding = min(candidates, key=lambda k: (candidates[k], k != "dense"))
-    if "packed" in encoding:  # bit-packing must pay for itself (see _PACK_MIN_GAIN)
+    if "packed" in encoding or "palette" in encoding:  # must pay for itself (_PACK_MIN_GAIN)
         plain = min(candidates[k] for k in ("dense", "sparse_bitmask") if k in candidates)
         if candidates[encoding] > (1 - _PACK_MIN_GAIN) * plain:
             encoding = "dense" if candidates["dense"] <= plain else "sparse_bitmask"
@@ -243,6 +278,15 @@ def _encode_tensor(name: str, t: torch.Tensor, entry: dict) -> dict[str, torch.T
     if encoding == "packed_bits":
         entry.update(bits=bits, offset=offset)
         return {f"{name}#packed": pack_bits(t, bits=bits, offset=offset)}
+    if encoding in palettes:  # the table of distinct values + each value's packed index
+        table, index = palettes[encoding]
+        entry["bits"] = ibits = index_bits(table.numel())
+        parts = {f"{name}#palette": table.clone(),
+                 f"{name}#index": pack_bits(index, bits=ibits, offset=0)}
+        if encoding == "sparse_palette":
+            entry["nnz"] = nnz
+            parts[f"{name}#mask"] = pack_bitmask(t, nonzero=nonzero)[0]
+        return parts
     entry.update(nnz=nnz, bits=sbits, offset=soffset)
     mask, values = pack_bitmask(t, nonzero=nonzero)
     return {f"{name}#mask": mask, f"{name}#packed": pack_bits(values, bits=sbits, offset=soffset)}
@@ -253,6 +297,31 @@ def _part_cost(name: str, nbytes: int) -> int:
     return nbytes + (_BLOB_ENTRY_COST if nbytes <= TINY_BYTES else len(name) + 80)
 
 
+def _palettes(t: torch.Tensor, nonzero: torch.Tensor | None, nnz: int | None) -> dict:
+    """``palette`` (every value) and ``sparse_palette`` (the non-zero ones, zeros in the mask)
+    candidates as (table, index), for tensors with few distinct values: clustered weights
+    (``share.kmeans``), codebooks, one-hot or constant buffers. Trained float weights have as
+    many distinct values as entries, so a sample in which most values differ skips the sort."""
+    if t.numel() < _PALETTE_MIN or t.dtype not in RAW_DTYPES or t.dtype is torch.bool:
+        return {}
+    flat = t.reshape(-1)
+    sample = flat[:_PALETTE_SAMPLE]
+    if palette_of(sample, max_size=sample.numel() // 2) is None:
+        return {}
+    out = {}
+    for kind, values in (("palette", flat),
+                         ("sparse_palette", flat[nonzero] if 0 < nnz < t.numel() else None)):
+        found = None if values is None else palette_of(values, max_size=_PALETTE_MAX)
+        if found is not None:
+            out[kind] = found
+    return out
+
+
+# Palettes: tensors of at least _PALETTE_MIN values, of at most _PALETTE_MAX distinct ones
+# (16-bit indices), tried only when at most half of the first _PALETTE_SAMPLE values differ.
+_PALETTE_MIN = 16
+_PALETTE_MAX = 1 << 16
+_PALETTE_SAMPLE = 4096
 # Rough compressed sizes of a blob index entry and of a manifest `tensors` entry.
 _BLOB_ENTRY_COST = 12
 _ENTRY_COST = 16
@@ -293,7 +362,10 @@ def load_artifact(path: str | os.PathLike, *,
             raise CheckpointError(f"{path}: its edit log does not replay ({type(err).__name__}: "
                                   f"{err}); the file is corrupt, re-save it") from None
     entries, stored = _read_stored(path, manifest)
-    state = _decode_state(path, entries, stored)
+    coded = any(e.get("encoding") == "entropy" for e in entries.values())
+    state = _decode_state(path, *_uncode(path, entries, stored) if coded else (entries, stored))
+    if coded:  # saved again, it stays entropy-coded
+        setattr(model, ENTROPY_FLAG, True)
     _check_fits(path, model, state)
     _match_dtypes(model, state)
     model.load_state_dict(state, strict=True)
@@ -357,8 +429,13 @@ def _read_manifest(path: Path) -> dict:
         raise CheckpointError(f"{path} has a corrupt manifest ({err}); re-save it") from None
     _check_header(path, manifest)
     if "zlib" in manifest:
+        saved_at = manifest.get("saved_at")
         manifest = _inflate(path, manifest["zlib"])
         _check_header(path, manifest)
+        provenance = manifest.get("meta", {}).get("provenance") if isinstance(
+            manifest.get("meta"), dict) else None
+        if isinstance(saved_at, str) and isinstance(provenance, dict):
+            provenance["timestamp_utc"] = saved_at
     if manifest["version"] >= 3:
         required = (("model_spec", (dict, type(None))), ("input_shape", (list, type(None))),
                     ("num_classes", (int, type(None))), ("edits", list), ("tensors", dict),
@@ -455,6 +532,8 @@ def _decode_state(path: Path, entries: dict, stored: dict) -> dict[str, torch.Te
                                _stored(path, stored, f"{name}#values"), dtype, shape)
         elif encoding in ("packed_bits", "sparse_packed_bits"):
             t = _decode_packed(path, name, entry, stored, dtype, shape)
+        elif encoding in ("palette", "sparse_palette"):
+            t = _decode_palette(path, name, entry, stored, dtype, shape)
         else:
             raise CheckpointError(f"{path}: tensor {name!r} uses unknown encoding {encoding!r}; "
                                   "it needs a newer lighten")
@@ -514,6 +593,38 @@ def _decode_packed(path: Path, name: str, entry: dict, stored: dict, dtype: torc
     out = torch.zeros(n, dtype=dtype)
     out[nonzero] = values
     return out.reshape(shape)
+
+
+def _uncode(path: Path, entries: dict, stored: dict) -> tuple[dict, dict]:
+    """Entropy-coded parts (``encode.entropy``) decoded back to the parts they were."""
+    from lighten.encode.streams import uncode_parts
+
+    try:
+        return uncode_parts(entries, stored)
+    except (ValueError, TypeError, KeyError, RuntimeError) as err:
+        raise CheckpointError(f"{path}: its entropy-coded tensors do not decode ({err}); the "
+                              "file is corrupt, re-save it") from None
+
+
+def _decode_palette(path: Path, name: str, entry: dict, stored: dict, dtype: torch.dtype,
+                    shape: tuple[int, ...]) -> torch.Tensor:
+    """``palette`` (table + packed index of every value) or ``sparse_palette`` (+ bit mask)."""
+    table, packed = _stored(path, stored, f"{name}#palette"), _stored(path, stored, f"{name}#index")
+    n, bits = math.prod(shape), entry.get("bits")
+    count = entry.get("nnz") if entry["encoding"] == "sparse_palette" else n
+    if (table.dtype != dtype or table.dim() != 1 or not isinstance(bits, int)
+            or not isinstance(count, int) or bits != index_bits(table.numel())
+            or packed.dtype != torch.uint8 or packed.numel() != math.ceil(count * bits / 8)):
+        raise CheckpointError(f"{path}: palette tensor {name!r} has a table/index layout that "
+                              f"does not match {dtype} {shape}; the file is corrupt, re-save it")
+    index = unpack_bits(packed, bits=bits, offset=0, count=count, dtype=torch.int64)
+    if count and int(index.max()) >= table.numel():
+        raise CheckpointError(f"{path}: palette tensor {name!r} indexes past its table of "
+                              f"{table.numel()}; the file is corrupt, re-save it")
+    values = palette_values(table, index)
+    if entry["encoding"] == "palette":
+        return values.reshape(shape)
+    return _decode_sparse(path, name, _stored(path, stored, f"{name}#mask"), values, dtype, shape)
 
 
 def _stored(path: Path, stored: dict, key: str) -> torch.Tensor:
@@ -590,8 +701,11 @@ def describe_artifact(path: str | os.PathLike) -> list[dict]:
     for name, entry in entries.items():
         keys = {"dense": [name], "sparse_bitmask": [f"{name}#mask", f"{name}#values"],
                 "packed_bits": [f"{name}#packed"],
-                "sparse_packed_bits": [f"{name}#mask", f"{name}#packed"]}
-        stored = sum(parts[k].nbytes for k in keys.get(entry["encoding"], []) if k in parts)
+                "sparse_packed_bits": [f"{name}#mask", f"{name}#packed"],
+                "palette": [f"{name}#palette", f"{name}#index"],
+                "sparse_palette": [f"{name}#mask", f"{name}#palette", f"{name}#index"]}
+        base = entry.get("base", entry["encoding"])  # entropy-coded: the parts of its base
+        stored = sum(parts[k].nbytes for k in keys.get(base, []) if k in parts)
         rows.append({"name": name, "encoding": entry["encoding"], "dtype": entry["dtype"],
                      "shape": entry["shape"], "bytes": stored})
     return rows

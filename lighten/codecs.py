@@ -1,5 +1,6 @@
-"""Lossless bit-level codecs for artifact tensors: packed b-bit integers, sparse bit masks, and
-many small tensors joined into one byte blob.
+"""Lossless bit-level codecs for artifact tensors: packed b-bit integers, sparse bit masks, value
+palettes (few distinct values -> a table plus packed indices), and many small tensors joined into
+one byte blob.
 
 Pure functions on tensors, no file format: :mod:`lighten.artifact` decides which encoding a
 tensor gets and records it in the manifest.
@@ -12,8 +13,9 @@ import math
 import numpy as np
 import torch
 
-__all__ = ["RAW_DTYPES", "join_tensors", "nonzero_mask", "pack_bitmask", "pack_bits",
-           "packed_width", "split_tensors", "unpack_bitmask", "unpack_bits"]
+__all__ = ["RAW_DTYPES", "index_bits", "join_tensors", "nonzero_mask", "pack_bitmask",
+           "pack_bits", "packed_width", "palette_of", "palette_values", "split_tensors",
+           "unpack_bitmask", "unpack_bits"]
 
 
 def packed_width(values: torch.Tensor) -> tuple[int, int]:
@@ -92,6 +94,35 @@ def nonzero_mask(t: torch.Tensor) -> torch.Tensor:
     """True where the value is not zero. NaNs are kept with their payload; -0.0 counts as zero
     (pruning by ``w * mask`` leaves many) and comes back as +0.0, an equal value."""
     return t.reshape(-1) != 0
+
+
+# Integer dtype of each item size: a palette compares values by their bits through this view, so
+# -0.0 and +0.0 or NaNs with different payloads are distinct entries and come back bit for bit.
+_BIT_VIEW = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def palette_of(values: torch.Tensor, *, max_size: int = 1 << 16
+               ) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """1-D ``values`` -> (table of its distinct values, int64 index of each value into it), or
+    None when there are more than ``max_size`` distinct values. Values are compared bit for bit
+    (the table is sorted by bit pattern), so ``palette_values`` rebuilds them exactly."""
+    flat = values.detach().cpu().contiguous().reshape(-1)
+    bits = flat.view(_BIT_VIEW[flat.element_size()])
+    table, index = torch.unique(bits, sorted=True, return_inverse=True)
+    if table.numel() > max_size:
+        return None
+    return table.view(flat.dtype), index
+
+
+def palette_values(table: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`palette_of`: ``table[index]`` gathered on the bits (exact for NaNs)."""
+    bits = table.contiguous().view(_BIT_VIEW[table.element_size()])
+    return bits[index.long()].view(table.dtype)
+
+
+def index_bits(size: int) -> int:
+    """Bits per index into a table of ``size`` entries (0 for a single entry)."""
+    return max(size - 1, 0).bit_length()
 
 
 # dtypes whose bytes are plainly their values (what safetensors stores); not quantized types.

@@ -52,6 +52,12 @@ _BUILTIN_STEP_MODULES = (
     "lighten.quant.weight_only",
     "lighten.quant.qat",
     "lighten.quant.mixed",
+    "lighten.dynamic.early_exit",
+    "lighten.arch.reorganize",
+    "lighten.arch.separable",
+    "lighten.lowrank",  # lowrank.svd, lowrank.tucker, lowrank.cp
+    "lighten.share.kmeans",
+    "lighten.encode.entropy",
 )
 
 

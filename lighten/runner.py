@@ -157,7 +157,8 @@ def _execute(recipe, prepared: Prepared, out: Path, state, digest, recipe_dict, 
         step = recipe.steps[index - 1] if index else None
         ctx = StepContext(data=data, train_config=recipe.train, baseline=baseline_copy,
                           workdir=out, seed=recipe.seed + index, progress=progress,
-                          target=target)
+                          target=target, model_spec=model_spec,
+                          baseline_spec=recipe.model.model_dump(exclude_none=True))
         start = time.perf_counter()
         if step is not None:
             model, report = step_apply(step, model, ctx)
@@ -292,6 +293,7 @@ def _measure(model, stage, step, data, backend, reference, nbytes, seconds, out,
         eval_limit=recipe.measure.eval_limit, robustness=recipe.measure.robustness,
         latency_runs=recipe.deploy.latency_runs, progress=progress,
         latency=False,  # every stage is timed at the end, together: _time_stages
+        workdir=out / "deploy" / stage,
     )
 
 
@@ -318,6 +320,7 @@ def _time_stages(rows, stage_names, backend, data, out, recipe, progress) -> str
     The deployments are the files each stage's compile wrote to ``deploy/<stage>/`` (opened
     again, not re-exported); where a backend writes none (torch) or the files are gone, the
     stage's artifact is loaded and compiled."""
+    from lighten.dynamic.runtime import keep_dynamic_latency
     from lighten.measure.timing_worker import time_in_fresh_process
     from lighten.provenance import atomic_write_text
 
@@ -332,6 +335,7 @@ def _time_stages(rows, stage_names, backend, data, out, recipe, progress) -> str
     by_stage = {row["stage"]: row for row in rows}
     for index, stage in enumerate(stage_names):
         by_stage[stage].update(timing.row_fields(index))
+        keep_dynamic_latency(by_stage[stage])  # a dynamic stage: its runtime's batch-1 time
     atomic_write_text(out / "latency.json", json.dumps(timing.to_dict(stage_names), indent=1))
     return (f"latency: all {len(stage_names)} stages timed together after the last one, {where}, "
             f"in {timing.rounds} interleaved rounds of {timing.runs_per_round} run(s) per stage "

@@ -6,14 +6,13 @@ loop, seed handling, progress bars and distillation from the baseline (``distill
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, model_validator
 from torch import nn
 
 from lighten.target import Target
@@ -48,13 +47,36 @@ class FinetuneConfig(StrictModel):
     distill: float = Field(0.0, ge=0, description="weight of a soft-target loss from the "
                            "recipe's baseline model (the teacher); 0 = labels only")
     temperature: float = Field(4.0, gt=0, description="softmax temperature for distill")
+    teacher: str | dict[str, Any] | None = Field(
+        None, description="distill from this teacher instead of the baseline: 'baseline', an "
+        "artifact path, {zoo: ...}, {python: t.py:build, weights: ...} or {stage: NAME} "
+        "(lighten.distill.models); distill defaults to 0.5 with it")
+    loss: str | dict[str, float] | None = Field(
+        None, description="distillation loss added with weight distill: hinton (default: "
+        "soft targets), dkd, hint, attention, relational; or {name: weight, ...}")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _distill_refs(cls, data, info: ValidationInfo):
+        """Check ``teacher:`` / ``loss:`` now (one recipe line), paths relative to the recipe."""
+        if isinstance(data, dict) and (data.get("teacher") is not None
+                                       or data.get("loss") is not None):
+            from lighten.distill.recovery import check_finetune_fields
+
+            data = check_finetune_fields(dict(data), info.context)
+        return data
 
     @model_validator(mode="after")
     def _temperature_needs_distill(self):
-        if "temperature" in self.model_fields_set and not self.distill:
+        if "temperature" in self.model_fields_set and not self.distills:
             raise ValueError("finetune temperature only applies with distill > 0; set distill "
                              "(e.g. 0.5) or remove temperature")
         return self
+
+    @property
+    def distills(self) -> bool:
+        """Whether fine-tuning learns from a teacher (``distill``, ``teacher`` or ``loss``)."""
+        return bool(self.distill) or self.teacher is not None or self.loss is not None
 
 
 class PruneFinetuneConfig(FinetuneConfig):
@@ -115,6 +137,12 @@ class StepContext:
     # model): how to build that model's source, e.g. {"zoo": "resnet20", "kwargs": {...}};
     # None keeps the recipe's model. Artifacts from then on start their edit log from it.
     source_spec: dict | None = None
+    # how the recipe's baseline is built (the runner's model: block); a distilled student
+    # derived from the baseline starts its artifact from it
+    baseline_spec: dict | None = None
+    # how the model given to the step is built (the recipe's model:, or a previous step's
+    # source_spec); a step that wraps the model records it (dynamic.early_exit's backbone)
+    model_spec: dict | None = None
 
     @property
     def input_shape(self) -> tuple[int, ...]:
@@ -164,6 +192,8 @@ class StepContext:
         loss_terms: Sequence[LossTerm] = (),
         callbacks: Sequence[Callback] = (),
         keep_zeros: bool = True,
+        dataset=None,
+        task=None,
     ) -> nn.Module:
         """Fine-tune ``model`` in place with the shared loop; a no-op when ``config`` is None.
 
@@ -183,12 +213,13 @@ class StepContext:
                 "seed": self.seed,
             }
         )
-        if config.distill:
-            from lighten.distill import teacher_term
+        dataset = dataset if dataset is not None else self.data.train
+        objective = None
+        if config.distills:  # the teacher's loss terms; lighten.distill.recovery
+            from lighten.distill.recovery import recovery_objective
 
-            teacher = copy.deepcopy(self.baseline)
-            loss_terms = [*loss_terms, teacher_term(teacher, weight=config.distill,
-                                                    temperature=config.temperature)]
+            objective = recovery_objective(self, model, config, dataset)
+            model, dataset, task = objective.module, objective.dataset, objective.task
         if keep_zeros:
             callbacks = [KeepZeros(), *callbacks]
         elif regrow := pruned_masks(model)[0]:
@@ -198,8 +229,13 @@ class StepContext:
                        "tensors may regrow (keep_zeros=False)")
             self.note(message)
             warnings.warn(message, stacklevel=2)
-        train(model, self.data.train, cfg, loss_terms=loss_terms, callbacks=callbacks,
-              progress=self.progress, task=self.task)
+        try:
+            train(model, dataset, cfg, loss_terms=loss_terms, callbacks=callbacks,
+                  progress=self.progress, task=task if task is not None else self.task)
+        finally:
+            if objective is not None:
+                objective.close()
+                model = objective.module.students[0]
         return model
 
     def calibration_batches(self, samples: int, batch_size: int = 64) -> Iterator[torch.Tensor]:

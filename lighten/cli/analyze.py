@@ -71,7 +71,8 @@ def run(args) -> int:
     if not args.sensitivity:
         raise LightenError("nothing to analyze; add --sensitivity")
     resolved = resolve_model(args.model, input_shape=args.input_shape, weights=args.weights,
-                             num_classes=args.num_classes, data=args.data)
+                             num_classes=args.num_classes, data=args.data,
+                             trust=args.trust)
     data = load_data_for(args.data, resolved)
 
     out = Path(args.output)

@@ -24,7 +24,8 @@ def run(args) -> int:
     from lighten.errors import UnsupportedError
 
     resolved = resolve_model(args.model, input_shape=args.input_shape, weights=args.weights,
-                             num_classes=args.num_classes, data=args.data)
+                             num_classes=args.num_classes, data=args.data,
+                             trust=args.trust)
     task = resolved.task
     if len(task.inputs) != 1:
         names = ", ".join(s.name for s in task.inputs)

@@ -30,7 +30,8 @@ def run(args) -> int:
     from lighten.report import human_bytes
 
     resolved = resolve_model(args.model, input_shape=args.input_shape, weights=args.weights,
-                             num_classes=args.num_classes, data=args.data)
+                             num_classes=args.num_classes, data=args.data,
+                             trust=args.trust)
     task = resolved.task
     manifest = (artifact_manifest(resolved.artifact or args.weights or "") or {})
     meta = manifest.get("meta") or {}

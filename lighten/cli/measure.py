@@ -35,7 +35,8 @@ def run(args) -> int:
 
     from lighten.cli.model_ref import load_data_for, resolve_model
     resolved = resolve_model(args.model, input_shape=args.input_shape, weights=args.weights,
-                             num_classes=args.num_classes, data=args.data)
+                             num_classes=args.num_classes, data=args.data,
+                             trust=args.trust)
     data = load_data_for(args.data, resolved)
     task = resolved.task
 

@@ -58,6 +58,10 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
                         help="per-sample input shape (required for file.py:factory)")
     parser.add_argument("--weights", metavar="FILE",
                         help="weights to load (.safetensors, or .pt/.pth read weights-only)")
+    parser.add_argument("--trust", action="store_true",
+                        help="unpickle --weights .pt/.pth in full (torch.load(weights_only="
+                             "False)): this RUNS ANY CODE inside the file; only for files you "
+                             "made yourself")
     parser.add_argument("--num-classes", type=positive_int, metavar="N",
                         help="classes of a zoo model (default 10); inferred for file.py:factory")
 
@@ -109,32 +113,34 @@ def default_data(input_shape: tuple[int, ...]) -> str:
 def resolve_model(ref: str, *, input_shape: tuple[int, ...] | None = None,
                   weights: str | None = None, num_classes: int | None = None,
                   data: str | None = None,
-                  warn: Callable[[str], None] = _stderr_warning) -> ResolvedModel:
-    """Build the model MODEL names; every mistake is a one-line ModelError/CheckpointError."""
+                  warn: Callable[[str], None] = _stderr_warning,
+                  trust: bool = False) -> ResolvedModel:
+    """Build the model MODEL names; every mistake is a one-line ModelError/CheckpointError.
+    ``trust`` unpickles ``weights`` in full (it may run code; ``--trust``)."""
     from lighten.errors import ModelError
 
     path_part, sep, _ = ref.rpartition(":")
     if sep and path_part.endswith(".py"):
-        return _from_python(ref, input_shape, weights, num_classes, data)
+        return _from_python(ref, input_shape, weights, num_classes, data, trust)
     if ref.endswith(".safetensors") or Path(ref).is_file():
         return _from_artifact(ref, input_shape, weights)
     from lighten.errors import did_you_mean
     from lighten.models import ZOO
 
     if ref in ZOO:
-        return _from_zoo(ref, input_shape, weights, num_classes, data, warn)
+        return _from_zoo(ref, input_shape, weights, num_classes, data, warn, trust)
     raise ModelError(f"unknown model {ref!r}: not a zoo name ({', '.join(ZOO)}), not an "
                      "existing .safetensors artifact, not 'file.py:factory'"
                      + did_you_mean(ref, ZOO))
 
 
-def _from_zoo(name, input_shape, weights, num_classes, data, warn) -> ResolvedModel:
+def _from_zoo(name, input_shape, weights, num_classes, data, warn, trust=False) -> ResolvedModel:
     from lighten.models import ModelSpec, build_model, load_weights, shipped_checkpoint
 
     shape = tuple(input_shape or _DATA_SHAPES.get(data or "", (1, 28, 28)))
     data_name = data or default_data(shape)
     classes = num_classes or 10
-    spec = ModelSpec(zoo=name, weights=weights)
+    spec = ModelSpec(zoo=name, weights=weights, trust_weights=trust or None)
     model = build_model(spec, input_shape=shape, num_classes=classes)
     label = name
     if weights is None:
@@ -188,7 +194,7 @@ def _from_artifact(ref, input_shape, weights) -> ResolvedModel:
                          dict(manifest.get("model_spec") or {}), artifact=path, task=task)
 
 
-def _from_python(ref, input_shape, weights, num_classes, data) -> ResolvedModel:
+def _from_python(ref, input_shape, weights, num_classes, data, trust=False) -> ResolvedModel:
     from torch import nn
 
     from lighten.data.pyref import load_callable
@@ -210,7 +216,7 @@ def _from_python(ref, input_shape, weights, num_classes, data) -> ResolvedModel:
         raise ModelError(f"model factory {ref!r} returned {type(model).__name__}; "
                          "it must return a torch.nn.Module")
     if weights is not None:  # a lighten artifact's model may be pruned or quantized
-        model = load_weights(model, weights)
+        model = load_weights(model, weights, trust=trust)
     model.eval()
     spec = {"python": ref, "input_shape": list(input_shape)}
     if weights is not None:

@@ -8,6 +8,7 @@ language model (``accuracy`` is always there, under the same key).
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -58,6 +59,7 @@ def measure_stage(
     latency_runs: int = 50,
     progress: bool = False,
     latency: bool = True,
+    workdir=None,
 ) -> tuple[dict[str, Any], torch.Tensor]:
     """Measure one stage; returns (row, reference): keep the baseline's reference for the
     agreement of later stages (``task.reference``: the test logits for classification, the
@@ -101,6 +103,10 @@ def measure_stage(
         row["integer_ops"] = list(integer_ops)
     # the export self-check: export_max_diff_b1 / _b64, export_agreement_b1 / _b64, inputs
     row.update(getattr(compiled, "info", {}).get("export_check") or {})
+    dynamic = getattr(model, "dynamic_measure", None)
+    if callable(dynamic):  # executed MACs, batch-1 latency and exits of the deployed form
+        row.update(dynamic(test, task=task, threads=getattr(compiled, "info", {}).get("threads"),
+                           workdir=None if workdir is None else Path(workdir) / "segments"))
     if robustness and task.perturbable:  # noise / shift perturb images, not token ids
         probe = robustness_probe(compiled, test, samples=min(ROBUSTNESS_SAMPLES, len(test)))
         row.update(probe)

@@ -44,6 +44,8 @@ class ModelSpec(StrictModel):
     python: str | None = Field(None, description="'file.py:factory' returning an nn.Module")
     input_shape: list[int] | None = Field(None, description="required with python")
     weights: str | None = Field(None, description=".safetensors, or .pt/.pth (weights only)")
+    trust_weights: bool | None = Field(None, description="true: unpickle .pt/.pth weights in "
+                                       "full, which runs any code in the file (your own only)")
     kwargs: dict[str, Any] = Field(default_factory=dict, description="passed to the factory")
 
     @model_validator(mode="after")
@@ -97,7 +99,7 @@ def build_model(spec: ModelSpec, *, input_shape, num_classes: int,
             raise ModelError(f"model factory {spec.python!r} returned {type(model).__name__}; "
                              "it must return a torch.nn.Module")
     if spec.weights is not None:  # a lighten artifact may give a pruned/quantized model
-        model = load_weights(model, spec.weights)
+        model = load_weights(model, spec.weights, trust=bool(spec.trust_weights))
     check_model_outputs(model, task, name=f"model {spec.zoo or spec.python!r}",
                         hint=f"; match num_classes to {classes_from}")
     return model

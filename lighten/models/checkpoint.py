@@ -1,7 +1,11 @@
 """Load weights into a model safely: safetensors, or torch files with ``weights_only=True``.
 
-We never unpickle arbitrary objects: a file that needs code to load is refused with a hint to
-convert it to safetensors. Every failure is one CheckpointError line saying what to do.
+We never unpickle arbitrary objects: a torch file's pickle is first scanned opcode by opcode
+(:mod:`lighten.models.pickle_scan`: only tensor-rebuilding names allowed) and then read with
+``weights_only=True``, two barriers; a file that needs code to load is refused with a hint to
+convert it to safetensors. ``trust=True`` (``--trust``, ``model.trust_weights``) is the one
+opt-in to full unpickling, for files the user made: it runs any code inside the file.
+Every failure is one CheckpointError line saying what to do.
 """
 
 from __future__ import annotations
@@ -17,8 +21,9 @@ from lighten.errors import CheckpointError
 TORCH_SUFFIXES = (".pt", ".pth", ".bin")
 
 
-def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    """Read a flat ``{name: tensor}`` mapping from ``path`` without executing anything."""
+def read_state_dict(path: str | Path, *, trust: bool = False) -> dict[str, torch.Tensor]:
+    """Read a flat ``{name: tensor}`` mapping from ``path`` without executing anything; with
+    ``trust`` a torch file is unpickled in full (it may run code: only for your own files)."""
     path = Path(path).expanduser()
     if path.is_dir():
         raise CheckpointError(f"weights {str(path)!r} is a folder; pass the weights file inside "
@@ -28,10 +33,12 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     if path.suffix == ".safetensors":
         state = _read_safetensors(path)
     elif path.suffix in TORCH_SUFFIXES:
-        state = _read_torch(path)
+        state = _read_torch(path, trust=trust)
     else:
         raise CheckpointError(f"weights file {str(path)!r} has unknown extension "
                               f"{path.suffix!r}; use .safetensors, .pt or .pth")
+    if trust and isinstance(state, nn.Module):  # torch.save(model): a trusted full pickle
+        state = state.state_dict()
     if isinstance(state, dict):  # common training-checkpoint layouts: {"model": sd, "epoch": 3}
         for key in ("state_dict", "model_state_dict", "model"):
             if isinstance(state.get(key), dict):
@@ -46,7 +53,7 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def load_weights(model: nn.Module, path: str | Path) -> nn.Module:
+def load_weights(model: nn.Module, path: str | Path, *, trust: bool = False) -> nn.Module:
     """Load ``path`` into ``model`` and return the model to use from now on.
 
     ``path`` is a plain state dict (safetensors, or torch.save read weights-only) or any lighten
@@ -56,11 +63,12 @@ def load_weights(model: nn.Module, path: str | Path) -> nn.Module:
     artifact is rebuilt on a copy of ``model`` (its edit log replayed: pruned widths, quantized
     layers) and loaded; when the result has ``model``'s structure the weights go into ``model``
     in place, otherwise the rebuilt model is returned. A file that fits neither is one
-    CheckpointError line naming the mismatch.
+    CheckpointError line naming the mismatch. ``trust`` unpickles a torch file in full (see
+    :func:`read_state_dict`).
     """
     if _is_artifact(path):
         return _load_artifact_into(model, Path(path).expanduser())
-    state = read_state_dict(path)
+    state = read_state_dict(path, trust=trust)
     problems = _mismatch(model, state)
     if problems and not problems[0] and not problems[1]:  # only shapes differ: resize layers
         model = _resize_to(model, state)
@@ -286,14 +294,28 @@ def _read_safetensors(path: Path) -> dict:
                               f"({_first_line(exc)}); re-download or re-save it") from exc
 
 
-def _read_torch(path: Path):
+def _read_torch(path: Path, *, trust: bool = False):
+    if trust:
+        return _read_trusted(path)
     with path.open("rb") as f:
         head = f.read(4)
     # torch.save writes a zip archive (PK..); the legacy format is a protocol-2 pickle (\x80\x02).
     if not (head.startswith(b"PK\x03\x04") or head.startswith(b"\x80")):
         raise CheckpointError(f"{str(path)!r} is not a torch weights file (unknown header "
                               f"{head!r}); pass a .safetensors file or a torch.save(state_dict)")
-    try:
+    from lighten.models.pickle_scan import UnsafePickle, scan_torch_file
+
+    try:  # the first barrier: nothing outside tensor rebuilding is named in the pickle
+        scan_torch_file(path)
+    except UnsafePickle as err:
+        what = ("a pickle that needs code to load" if err.name else "a torch file lighten "
+                "cannot check")
+        raise CheckpointError(
+            f"{str(path)!r} is {what} ({err}); lighten never unpickles untrusted files: "
+            "convert it to safetensors (safetensors.torch.save_file(model.state_dict(), ...)) "
+            "where the model's code lives, or pass --trust (recipe: model.trust_weights: true) "
+            "if you made the file yourself: that runs any code inside it") from None
+    try:  # the second barrier: torch's weights-only unpickler
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         if "global" in str(exc).lower():
@@ -307,6 +329,16 @@ def _read_torch(path: Path):
     except Exception as exc:  # a damaged file can fail anywhere inside the unpickler
         raise CheckpointError(f"{str(path)!r} is a truncated or corrupt torch file "
                               f"({_first_line(exc)}); re-download or re-save it") from exc
+
+
+def _read_trusted(path: Path):
+    """torch.load in full, for a file the user vouched for (``trust=True``): any code in it runs."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:  # a damaged file, or a class whose code is not importable here
+        raise CheckpointError(f"{str(path)!r} does not unpickle even trusted "
+                              f"({type(exc).__name__}: {_first_line(exc)}); re-save it with "
+                              "torch.save(model.state_dict())") from None
 
 
 def _last_line(exc: BaseException) -> str:

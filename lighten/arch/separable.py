@@ -1,0 +1,246 @@
+"""``arch.separable``: k x k convolutions -> depthwise k x k + pointwise 1 x 1.
+
+A full conv has ``k^2 * C_in * C_out`` weights; the pair has ``k^2 * C_in + C_in * C_out``
+(ResNet-20's 64-channel 3x3 conv: 36,864 -> 4,672). The pair computes
+``W[o, i] = P[o, i] * D[i]``: one spatial filter per input channel, mixed per output channel.
+
+**Initialisation.** For each input channel ``i`` the slice ``W[:, i]`` reshaped to
+``(C_out, k*k)`` is approximated by the rank-1 matrix ``P[:, i] D[i]^T``; the best such fit in
+the Frobenius norm (Eckart-Young) is the top singular pair of that slice, split as
+``sqrt(s) u`` and ``sqrt(s) v``. Input channels are independent, so this is the best fit of the
+whole kernel in that form; the relative error left is reported per layer. It is a start, not an
+equivalent: the step then recovers accuracy with ``finetune:`` (``distill:`` from the baseline).
+
+**Which layers.** ``layers: auto`` takes every ``Conv2d`` with ``groups=1``, a kernel larger
+than 1 and at least :data:`MIN_IN_CHANNELS` input channels (a 1-3 channel stem would be left
+with one shared filter per input channel), then keeps a replacement only where the deployment
+backend runs it faster: the original layer and the pair are exported alone at the layer's input
+shape and timed together in interleaved rounds (``measure_latency: false`` skips the timing and
+keeps every candidate, e.g. in tests or to trade speed for parameters). A list of names takes
+exactly those layers (each must be such a conv).
+"""
+
+from __future__ import annotations
+
+import copy
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+from pydantic import Field
+from torch import nn
+
+from lighten.errors import UnsupportedError
+from lighten.modules import require_modules, set_submodule
+from lighten.registry import register_step
+from lighten.step import PruneFinetuneConfig, StepConfig, StepContext
+
+__all__ = ["LayerChoice", "SeparableConfig", "separable_pair", "separable_"]
+
+MIN_IN_CHANNELS = 4
+BATCH = 64  # the batch the choice is timed at (the stage table's b64 column)
+RUNS = 20
+
+
+class SeparableConfig(StepConfig):
+    layers: Literal["auto"] | list[str] = Field("auto", description="auto, or conv names")
+    measure_latency: bool = Field(True, description="keep a pair only where it runs faster on "
+                                  "the deployment backend")
+    ignore: list[str] = Field(default_factory=list, description="modules left alone")
+    # replacing layers is re-training, like pruning: the pruning steps' fine-tune defaults
+    finetune: PruneFinetuneConfig | None = None
+
+
+@dataclass
+class LayerChoice:
+    name: str
+    replaced: bool
+    params_before: int
+    params_after: int
+    macs_before: int
+    macs_after: int
+    fit_error: float  # relative Frobenius error of the rank-1 initialisation
+    ms_before: float | None = None
+    ms_after: float | None = None
+    reason: str | None = None
+
+
+def _eligible(m: nn.Module) -> str | None:
+    """Why ``m`` cannot become a separable pair, or None when it can."""
+    if type(m) is not nn.Conv2d:
+        return f"{type(m).__name__} is not a Conv2d"
+    if m.groups != 1:
+        return f"already grouped (groups={m.groups})"
+    if all(k == 1 for k in m.kernel_size):
+        return "1x1 kernel: already pointwise"
+    if m.padding_mode != "zeros":
+        return f"padding_mode={m.padding_mode!r}"
+    return None
+
+
+@torch.no_grad()
+def separable_pair(conv: nn.Conv2d) -> tuple[nn.Sequential, float]:
+    """(``Sequential(depthwise, pointwise)`` initialised from the best per-input-channel rank-1
+    fit of ``conv``'s kernel, relative error of that fit)."""
+    w = conv.weight.double()  # (out, in, kh, kw)
+    cout, cin = w.shape[:2]
+    slices = w.permute(1, 0, 2, 3).reshape(cin, cout, -1)  # (in, out, k*k)
+    u, s, vh = torch.linalg.svd(slices, full_matrices=False)
+    root = s[:, :1].sqrt()  # (in, 1)
+    p = u[:, :, 0] * root  # (in, out)
+    d = vh[:, 0, :] * root  # (in, k*k)
+    approx = torch.einsum("io,ik->iok", p, d)
+    error = float((approx - slices).norm() / slices.norm().clamp_min(1e-30))
+    dw = nn.Conv2d(cin, cin, conv.kernel_size, stride=conv.stride, padding=conv.padding,
+                   dilation=conv.dilation, groups=cin, bias=False)
+    pw = nn.Conv2d(cin, cout, 1, bias=conv.bias is not None)
+    dw.weight.copy_(d.reshape(cin, 1, *conv.kernel_size).to(conv.weight.dtype))
+    pw.weight.copy_(p.t().reshape(cout, cin, 1, 1).to(conv.weight.dtype))
+    if conv.bias is not None:
+        pw.bias.copy_(conv.bias)
+    return nn.Sequential(dw, pw).to(conv.weight.device), error
+
+
+def _input_shapes(model: nn.Module, inputs, names) -> dict[str, tuple[int, ...]]:
+    """Input shape (batch 1 dropped) of each named module, from one forward pass."""
+    shapes: dict[str, tuple[int, ...]] = {}
+
+    def hook(name):
+        def record(module, args) -> None:
+            shapes.setdefault(name, tuple(args[0].shape[1:]))
+        return record
+
+    handles = [model.get_submodule(n).register_forward_pre_hook(hook(n)) for n in names]
+    try:
+        with torch.no_grad():
+            model(*inputs)
+    finally:
+        for h in handles:
+            h.remove()
+    return shapes
+
+
+def _macs(m: nn.Module, shape: tuple[int, ...]) -> int:
+    with torch.no_grad():
+        out = m(torch.zeros(1, *shape))
+    positions = out.shape[2] * out.shape[3]
+    total = 0
+    for c in ([m] if isinstance(m, nn.Conv2d) else m):
+        total += positions * c.out_channels * (c.in_channels // c.groups) * \
+            c.kernel_size[0] * c.kernel_size[1]
+    return total
+
+
+def time_pairs(pairs: list[tuple[nn.Module, nn.Module, tuple[int, ...]]], *, backend: str,
+               threads: int | None, runs: int = RUNS, batch: int = BATCH
+               ) -> list[tuple[float, float]]:
+    """(ms before, ms after) per (original, replacement, input shape), timed together on
+    ``backend`` in interleaved rounds (:func:`lighten.measure.timing.time_interleaved`)."""
+    from lighten.backends import get_backend
+    from lighten.export import export_onnx
+    from lighten.measure.timing import time_interleaved
+
+    be = get_backend(backend, threads=threads)
+    compiled = []
+    with tempfile.TemporaryDirectory(prefix="lighten-separable-") as tmp:
+        for i, (a, b, shape) in enumerate(pairs):
+            for tag, m in (("a", a), ("b", b)):
+                work = Path(tmp) / f"{i}{tag}"
+                work.mkdir()
+                export_onnx(copy.deepcopy(m).eval(), work / "model.onnx", input_shape=shape,
+                            verify=False)
+                loaded = be.load(work, input_shape=shape)
+                if loaded is None:
+                    raise UnsupportedError(f"arch.separable measure_latency: the {backend} "
+                                           "backend cannot time ONNX files; set "
+                                           "measure_latency: false or deploy on onnxruntime")
+                compiled.append(loaded)
+        stats = time_interleaved(compiled, runs=runs, batches=(batch,)).stats[batch]
+    return [(stats[2 * k].median, stats[2 * k + 1].median) for k in range(len(pairs))]
+
+
+def separable_(model: nn.Module, inputs, config: SeparableConfig | None = None, *,
+               backend: str = "onnxruntime", threads: int | None = None) -> list[LayerChoice]:
+    """Replace the chosen convs of ``model`` in place; one :class:`LayerChoice` per candidate."""
+    config = config or SeparableConfig()
+    require_modules(model, config.ignore, key="arch.separable ignore")
+    modules = dict(model.named_modules())
+    if config.layers == "auto":
+        names = [n for n, m in modules.items() if n and _eligible(m) is None
+                 and not any(n == s or n.startswith(s + ".") for s in config.ignore)]
+    else:
+        require_modules(model, config.layers, key="arch.separable layers")
+        names = list(config.layers)
+        for n in names:
+            why = _eligible(modules[n])
+            if why:
+                raise UnsupportedError(f"arch.separable layers: {n!r} cannot be made separable "
+                                       f"({why}); list k x k Conv2d layers with groups=1")
+    shapes = _input_shapes(model, inputs, names)
+    choices, pairs = [], []
+    for n in names:
+        conv = modules[n]
+        if n not in shapes:
+            continue  # never called: nothing to gain
+        pair, error = separable_pair(conv)
+        p0, p1 = sum(p.numel() for p in conv.parameters()), sum(p.numel()
+                                                                for p in pair.parameters())
+        choice = LayerChoice(n, True, p0, p1, _macs(conv, shapes[n]), _macs(pair, shapes[n]),
+                             error)
+        if config.layers == "auto" and conv.in_channels < MIN_IN_CHANNELS:
+            choice.replaced = False
+            choice.reason = (f"{conv.in_channels} input channel(s): the pair would keep one "
+                             f"filter per input channel (auto needs >= {MIN_IN_CHANNELS})")
+        choices.append(choice)
+        pairs.append(pair)
+    if config.measure_latency and choices:
+        timed = [(modules[c.name], pair, shapes[c.name])
+                 for c, pair in zip(choices, pairs, strict=True)]
+        for c, (before, after) in zip(choices, time_pairs(timed, backend=backend,
+                                                          threads=threads), strict=True):
+            c.ms_before, c.ms_after = before, after
+            if c.replaced and after >= before and config.layers == "auto":
+                c.replaced = False
+                c.reason = f"not faster on {backend}: {after:.3g} vs {before:.3g} ms"
+    for c, pair in zip(choices, pairs, strict=True):
+        if c.replaced:
+            set_submodule(model, c.name, pair)
+    return choices
+
+
+@register_step("arch.separable", SeparableConfig,
+               needs_data=lambda c: "example inputs (each layer's input shape)")
+def arch_separable(model: nn.Module, config: SeparableConfig, ctx: StepContext) -> nn.Module:
+    """Replace k x k convs by depthwise + pointwise pairs (rank-1 fit), then fine-tune."""
+    from lighten.measure import count_macs
+
+    example = ctx.example_inputs(1)
+    macs_before = count_macs(model, example)
+    choices = separable_(model, example, config, backend=ctx.target.backend,
+                         threads=ctx.target.threads)
+    for c in choices:
+        row = dict(before=f"{c.params_before} params, {c.macs_before} MACs",
+                   after=(f"{c.params_after} params, {c.macs_after} MACs" if c.replaced
+                          else "kept"),
+                   params_before=c.params_before,
+                   params=c.params_after if c.replaced else c.params_before,
+                   macs_before=c.macs_before,
+                   macs=c.macs_after if c.replaced else c.macs_before,
+                   fit_error=round(c.fit_error, 4), reason=c.reason)
+        if c.ms_before is not None:
+            row.update(latency_ms_before=c.ms_before, latency_ms_after=c.ms_after)
+            row["after"] += f", {c.ms_after:.3g} vs {c.ms_before:.3g} ms"
+        ctx.layer(c.name, "separable" if c.replaced else "keep", **row)
+    done = [c for c in choices if c.replaced]
+    if not done:
+        ctx.note("arch.separable: no layer replaced" + (
+            f" ({choices[0].reason})" if choices and choices[0].reason else ""))
+    else:
+        ctx.note(f"arch.separable: {len(done)} of {len(choices)} conv(s) -> depthwise + "
+                 f"pointwise; params {sum(c.params_before for c in done)} -> "
+                 f"{sum(c.params_after for c in done)} in those layers")
+    ctx.summary.update(macs_before=macs_before, macs_after=count_macs(model, example),
+                       replaced=len(done))
+    return ctx.finetune(model, config.finetune)

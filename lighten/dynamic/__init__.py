@@ -1,0 +1,7 @@
+"""Dynamic computation: models that do less work for easy inputs, and really skip it when
+deployed. ``dynamic.early_exit`` (exits.py, early_exit.py, calibrate.py, runtime.py) and
+``dynamic.gating`` (gating.py)."""
+
+from lighten.dynamic.exits import MultiExitModel, confidence, module_chain
+
+__all__ = ["MultiExitModel", "confidence", "module_chain"]
