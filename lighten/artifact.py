@@ -73,8 +73,13 @@ BLOB_KEY = "#blob"
 # Stored parts up to this size go into the blob: a safetensors header entry costs ~80 bytes plus
 # the name, a blob index entry ~15 compressed bytes. 1 KiB = 256 float32 values.
 TINY_BYTES = 1024
-# Decompressed manifests above this are refused (a zlib bomb in a downloaded file).
-_MAX_MANIFEST_BYTES = 64 << 20
+# Decompressed manifests above this are refused (a zlib bomb in a downloaded file; a model of
+# thousands of layers has a manifest of a few hundred KB).
+_MAX_MANIFEST_BYTES = 16 << 20
+# A manifest may rebuild at most this many bytes of tensors per byte of file (+ _BUILD_SLACK):
+# 64 = a float64 tensor stored as a 1-bit mask, the most any encoding expands. More is a lie
+# (a memory bomb), refused before anything is allocated.
+_BUILD_RATIO, _BUILD_SLACK = 64, 256 << 20
 
 # Attribute set on a model by encode.entropy (lighten.encode.streams.ENTROPY_FLAG, kept equal):
 # its artifact's parts are entropy-coded; a loaded coded artifact gets it back.
@@ -119,7 +124,9 @@ def save_artifact(model: nn.Module, path: str | os.PathLike, *, model_spec: dict
         else:
             edits = derive_edits(model, source)
     parts, entries = _encode_state(model.state_dict())
+    coder = None
     if getattr(model, ENTROPY_FLAG, False):  # encode.entropy: parts entropy-coded (ANS)
+        from lighten.encode.streams import CODER as coder
         from lighten.encode.streams import code_parts
 
         parts, entries, _ = code_parts(parts, entries)
@@ -135,6 +142,11 @@ def save_artifact(model: nn.Module, path: str | os.PathLike, *, model_spec: dict
         manifest["task"] = task
     if blob_index:
         manifest["blob"] = blob_index
+    if coder:
+        manifest["coder"] = coder
+    from lighten.verify import stream_digests
+
+    manifest["sha256"] = stream_digests(tensors)  # `lighten verify` checks every stored byte
     saved_at = _pop_timestamp(manifest["meta"])
     try:
         text = json.dumps(manifest, sort_keys=True, separators=(",", ":"))
@@ -349,6 +361,7 @@ def load_artifact(path: str | os.PathLike, *,
     if model is not None and not isinstance(model, nn.Module):
         raise CheckpointError(f"load_artifact(model=...) needs an nn.Module, "
                               f"got {type(model).__name__}")
+    _check_build_size(path, manifest)
     # Building modules draws random init values that are overwritten; keep the caller's RNG.
     with torch.random.fork_rng(devices=[]):
         if model is None and manifest.get("model_spec") is not None:
@@ -358,16 +371,19 @@ def load_artifact(path: str | os.PathLike, *,
             model = replay_edits(model, edits)
         except CheckpointError as err:
             raise CheckpointError(f"{path}: {err}") from None
-        except (KeyError, TypeError, ValueError, AttributeError) as err:
+        except (KeyError, TypeError, ValueError, AttributeError, RuntimeError,
+                OverflowError) as err:
             raise CheckpointError(f"{path}: its edit log does not replay ({type(err).__name__}: "
                                   f"{err}); the file is corrupt, re-save it") from None
     entries, stored = _read_stored(path, manifest)
-    coded = any(e.get("encoding") == "entropy" for e in entries.values())
-    state = _decode_state(path, *_uncode(path, entries, stored) if coded else (entries, stored))
-    if coded:  # saved again, it stays entropy-coded
+    coder = manifest.get("coder")
+    state = _decode_state(path, *_uncode(path, coder, entries, stored) if coder else (
+        entries, stored))
+    if coder:  # saved again, it stays entropy-coded
         setattr(model, ENTROPY_FLAG, True)
     _check_fits(path, model, state)
     _match_dtypes(model, state)
+    check_finite(model, state, path)
     model.load_state_dict(state, strict=True)
     _retie(model, entries)
     manifest = {k: v for k, v in manifest.items() if k != "blob"}
@@ -503,8 +519,14 @@ def _build_from_spec(path: Path, manifest: dict) -> nn.Module:
     except LightenError as err:
         raise CheckpointError(f"{path} records a task that cannot be rebuilt here ({err}); pass "
                               "load_artifact(..., model=...)") from None
-    return build_model(model_spec, input_shape=tuple(manifest["input_shape"] or ()),
-                       num_classes=manifest["num_classes"], task=task)
+    try:
+        return build_model(model_spec, input_shape=tuple(manifest["input_shape"] or ()),
+                           num_classes=manifest["num_classes"], task=task)
+    except (TypeError, ValueError, RuntimeError, OverflowError) as err:  # e.g. no num_classes
+        raise CheckpointError(f"{path}: its model_spec {spec} does not build with input_shape "
+                              f"{manifest['input_shape']} and num_classes "
+                              f"{manifest['num_classes']} ({type(err).__name__}: "
+                              f"{str(err)[:120]}); pass load_artifact(..., model=...)") from None
 
 
 def _task(description: dict | None):
@@ -520,7 +542,7 @@ def _decode_state(path: Path, entries: dict, stored: dict) -> dict[str, torch.Te
     state: dict[str, torch.Tensor] = {}
     aliases = {}
     for name, entry in entries.items():
-        dtype, shape = _dtype(path, entry.get("dtype")), tuple(entry.get("shape", ()))
+        dtype, shape = _dtype(path, entry.get("dtype")), _shape(path, name, entry.get("shape"))
         encoding = entry.get("encoding")
         if encoding == "alias":
             aliases[name] = entry
@@ -567,7 +589,7 @@ def _decode_packed(path: Path, name: str, entry: dict, stored: dict, dtype: torc
     """``packed_bits`` or ``sparse_packed_bits`` (mask + packed non-zero values)."""
     bits, offset = entry.get("bits"), entry.get("offset")
     if (not isinstance(bits, int) or not isinstance(offset, int) or not 0 <= bits <= 64
-            or dtype not in _PACKABLE):
+            or not -(2**63) <= offset < 2**63 or dtype not in _PACKABLE):
         raise CheckpointError(f"{path}: packed tensor {name!r} has bits={bits!r}, "
                               f"offset={offset!r} for {dtype}; the file is corrupt, re-save it")
     n = math.prod(shape)
@@ -595,12 +617,12 @@ def _decode_packed(path: Path, name: str, entry: dict, stored: dict, dtype: torc
     return out.reshape(shape)
 
 
-def _uncode(path: Path, entries: dict, stored: dict) -> tuple[dict, dict]:
+def _uncode(path: Path, coder, entries: dict, stored: dict) -> tuple[dict, dict]:
     """Entropy-coded parts (``encode.entropy``) decoded back to the parts they were."""
     from lighten.encode.streams import uncode_parts
 
     try:
-        return uncode_parts(entries, stored)
+        return uncode_parts(coder, entries, stored)
     except (ValueError, TypeError, KeyError, RuntimeError) as err:
         raise CheckpointError(f"{path}: its entropy-coded tensors do not decode ({err}); the "
                               "file is corrupt, re-save it") from None
@@ -634,6 +656,58 @@ def _stored(path: Path, stored: dict, key: str) -> torch.Tensor:
     return stored[key]
 
 
+def _shape(path: Path, name: str, shape: Any) -> tuple[int, ...]:
+    if not isinstance(shape, list) or not all(type(d) is int and 0 <= d < 2**48 for d in shape):
+        raise CheckpointError(f"{path}: tensor {name!r} has shape {str(shape)[:80]} in the "
+                              "manifest, not a list of sizes; the file is corrupt, re-save it")
+    return tuple(shape)
+
+
+def _check_build_size(path: Path, manifest: dict) -> None:
+    """Refuse, before anything is allocated, a manifest that would build far more tensor bytes
+    than the file could fill: each layer and tensor its source and edit log make is built on the
+    meta device (no memory) and counted. What fails to build there is left to the real build."""
+    from lighten.edits import build_layer
+    from lighten.modules import get_module_type
+
+    limit = _BUILD_RATIO * path.stat().st_size + _BUILD_SLACK
+    spec = manifest.get("model_spec") if isinstance(manifest.get("model_spec"), dict) else {}
+    makers = []
+    if isinstance(spec.get("zoo"), str):
+        from lighten.models import ZOO
+
+        if spec["zoo"] in ZOO:
+            makers.append(lambda: ZOO[spec["zoo"]](
+                num_classes=manifest["num_classes"], input_shape=tuple(manifest["input_shape"]),
+                **spec.get("kwargs", {})))
+    edits = manifest.get("edits") if isinstance(manifest.get("edits"), list) else []
+    for edit in edits:
+        if not isinstance(edit, dict) or edit.get("op") != "module":
+            if isinstance(edit, dict) and edit.get("op") == "tensor":
+                makers.append(lambda e=edit: torch.empty(e["shape"], dtype=getattr(torch,
+                                                                                  e["dtype"])))
+            continue
+        if "type" in edit:
+            makers.append(lambda e=edit: get_module_type(e["type"]).from_artifact(e["config"]))
+        else:
+            makers.append(lambda e=edit: build_layer(e["layer"], e["attrs"]))
+    total = 0
+    for make in makers:
+        try:
+            with torch.device("meta"), torch.random.fork_rng(devices=[]):
+                built = make()
+        except Exception:  # noqa: BLE001 - the real build names what is wrong with it
+            continue
+        tensors = [built] if isinstance(built, torch.Tensor) else [
+            *built.parameters(), *built.buffers()] if isinstance(built, nn.Module) else []
+        total += sum(t.nelement() * t.element_size() for t in tensors)
+        if total > limit:
+            raise CheckpointError(f"{path}'s manifest builds a model of over {total >> 20} MiB "
+                                  f"from a file of {path.stat().st_size} bytes (at most "
+                                  f"{limit >> 20} MiB fit); the file is corrupt or hostile, "
+                                  "re-save it")
+
+
 def _dtype(path: Path, name: Any) -> torch.dtype:
     dtype = getattr(torch, name, None) if isinstance(name, str) else None
     if not isinstance(dtype, torch.dtype):
@@ -653,6 +727,21 @@ def _check_fits(path: Path, model: nn.Module, state: dict) -> None:
         raise CheckpointError(f"{path} does not fit {type(model).__name__}: "
                               f"{'; '.join(problems[:3])}{more}; tensor/shape mismatch — pass the "
                               "model it was saved from as load_artifact(..., model=...)")
+
+
+def check_finite(model: nn.Module, state: dict, path: str | os.PathLike) -> None:
+    """NaN or infinite values for ``model``'s parameters in ``state`` (a diverged training, a
+    damaged file) are one clear error before loading, never a model that silently outputs NaN.
+    Buffers may hold them (masks of -inf, observers' empty ranges)."""
+    for name, _ in model.named_parameters():
+        p = state.get(name)
+        if p is None:
+            continue
+        if (p.is_floating_point() or p.is_complex()) and not bool(torch.isfinite(p).all()):
+            nan, inf = int(torch.isnan(p).sum()), int(torch.isinf(p).sum())
+            raise CheckpointError(f"{path}: parameter {name!r} holds {nan} NaN and {inf} "
+                                  "infinite values; these weights are broken (a diverged "
+                                  "training or a damaged file): use an earlier checkpoint")
 
 
 def _retie(model: nn.Module, entries: dict) -> None:

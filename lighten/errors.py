@@ -13,8 +13,24 @@ def did_you_mean(name: object, choices: Iterable[str]) -> str:
     import difflib
 
     lowered = {choice.lower(): choice for choice in choices}
-    close = difflib.get_close_matches(str(name).lower(), list(lowered), n=1)
-    return f"; did you mean {lowered[close[0]]!r}?" if close else ""
+    # one slip (a letter dropped, added, changed or two swapped) first: difflib alone misses
+    # them in short names ('ur' for 'lr')
+    close = [c for c in lowered if _one_slip(str(name).lower(), c)]
+    ranked = difflib.get_close_matches(str(name).lower(), close or list(lowered), n=1,
+                                       cutoff=0.0 if close else 0.6)
+    return f"; did you mean {lowered[ranked[0]]!r}?" if ranked else ""
+
+
+def _one_slip(a: str, b: str) -> bool:
+    """Whether ``a`` and ``b`` differ by one deletion, insertion, substitution or swap."""
+    if a == b or abs(len(a) - len(b)) > 1:
+        return False
+    if len(a) > len(b):
+        a, b = b, a
+    i = next((k for k in range(len(a)) if a[k] != b[k]), len(a))
+    if len(a) < len(b):
+        return a[i:] == b[i + 1:]
+    return a[i + 1:] == b[i + 1:] or (a[i + 2:] == b[i + 2:] and a[i:i + 2] == b[i:i + 2][::-1])
 
 
 class LightenError(Exception):

@@ -168,7 +168,7 @@ def parse_recipe(raw: Any, *, source: str = "<dict>", base_dir: Path = Path(".")
         top = schema.model_validate(raw)
     except ValidationError as err:
         raise RecipeError(f"{source}: {_describe(err, schema)}") from None
-    steps = tuple(_parse_step(i, entry, source) for i, entry in enumerate(top.steps))
+    steps = tuple(_parse_step(i, entry, source, base_dir) for i, entry in enumerate(top.steps))
     check_step_order([s.name for s in steps], where=source)
     model = _resolve_paths(top.model, base_dir, ("python", "weights"))
     data = _resolve_paths(top.data, base_dir, ("python", "root", "path"))
@@ -215,11 +215,12 @@ def check_step_order(names: list[str], *, where: str) -> None:
                               f"put {later} before {name} (quantization is the last step)")
 
 
-def _parse_step(index: int, entry: dict, source: str) -> ParsedStep:
-    return parse_step(entry, where=f"{source}: steps[{index}]")
+def _parse_step(index: int, entry: dict, source: str, base_dir: Path | None = None
+                ) -> ParsedStep:
+    return parse_step(entry, where=f"{source}: steps[{index}]", base_dir=base_dir)
 
 
-def parse_step(entry: dict, *, where: str) -> ParsedStep:
+def parse_step(entry: dict, *, where: str, base_dir: Path | None = None) -> ParsedStep:
     """One ``{name: options}`` step validated by its config type, problems as one line that
     starts with ``where`` (recipes, and ``lighten.compress`` given a mapping)."""
     if len(entry) != 1:
@@ -231,7 +232,8 @@ def parse_step(entry: dict, *, where: str) -> ParsedStep:
     except RecipeError as err:
         raise RecipeError(f"{where}: {err}") from None
     try:
-        config = spec.config_type.model_validate(options or {})
+        # base_dir: model files a step names (a distill teacher) are relative to the recipe
+        config = spec.config_type.model_validate(options or {}, context={"base_dir": base_dir})
     except ValidationError as err:
         raise RecipeError(f"{where} {name}: {_describe(err, spec.config_type)}") from None
     return ParsedStep(name, config)

@@ -52,11 +52,16 @@ _BUILTIN_STEP_MODULES = (
     "lighten.quant.weight_only",
     "lighten.quant.qat",
     "lighten.quant.mixed",
+    "lighten.distill.step",
     "lighten.dynamic.early_exit",
+    "lighten.dynamic.gating",
     "lighten.arch.reorganize",
     "lighten.arch.separable",
     "lighten.lowrank",  # lowrank.svd, lowrank.tucker, lowrank.cp
     "lighten.share.kmeans",
+    "lighten.share.pq",
+    "lighten.share.channels",
+    "lighten.share.tie",
     "lighten.encode.entropy",
 )
 

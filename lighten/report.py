@@ -378,6 +378,7 @@ def _sections(rows: Sequence[dict], info: dict, *, output_dir: Path | None = Non
         sections += _step_sections(output_dir, rows)
         sections += _width_sections(output_dir, rows)
         sections += _layer_sections(output_dir, rows)
+    sections += _dynamic_sections(rows)
     pre = info.get("preprocessing")
     if isinstance(pre, dict):  # what a deployed model must be fed, and what its outputs mean
         names = pre.get("class_names")
@@ -552,6 +553,27 @@ def _width_sections(output_dir: Path, rows: Sequence[dict]) -> list[tuple[str, A
             continue  # the stage's Layers section says the file is unreadable
         if body:
             out.append((f"Widths: {stage}", ("table", list(WIDTH_COLUMNS), body)))
+    return out
+
+
+def _dynamic_sections(rows: Sequence[dict]) -> list[tuple[str, Any]]:
+    """Per dynamic stage (a row with ``dynamic``): dynamic.early_exit's exits (share of test
+    samples answered there, their accuracy, the MACs spent), dynamic.gating's blocks."""
+    out: list[tuple[str, Any]] = []
+    for r in rows:
+        dyn = r.get("dynamic")
+        if not isinstance(dyn, dict):
+            continue
+        if isinstance(dyn.get("exits"), list):
+            body = [[str(e.get("name")), _pct(e.get("share")), _pct(e.get("accuracy")),
+                     human_count(e.get("macs"))] for e in dyn["exits"]]
+            out.append((f"Exits: {r.get('stage')}", ("table",
+                        ["exit", "share of test samples", "accuracy there", "MACs"], body)))
+        if isinstance(dyn.get("blocks"), list):  # dynamic.gating
+            body = [[str(b.get("name")), _pct(b.get("share")), human_count(b.get("macs"))]
+                    for b in dyn["blocks"]]
+            out.append((f"Gated blocks: {r.get('stage')}", ("table",
+                        ["block", "share of test samples that run it", "MACs"], body)))
     return out
 
 

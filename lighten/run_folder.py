@@ -100,7 +100,7 @@ def differences(old, new, where: str) -> list[str]:
 def prepare_output(out: Path, *, fresh: bool) -> None:
     if fresh:
         for name in ("metrics.jsonl", "state.json", "run.json", "report.md", "report.html",
-                     "latency.json", BASELINE_CHECKPOINT):
+                     "latency.json", "checksums.json", BASELINE_CHECKPOINT):
             (out / name).unlink(missing_ok=True)
         stages = out / "stages"
         if stages.is_dir():

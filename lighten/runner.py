@@ -120,6 +120,7 @@ def _execute(recipe, prepared: Prepared, out: Path, state, digest, recipe_dict, 
     from lighten.progress import line as progress_line
     from lighten.provenance import atomic_write_text, provenance
     from lighten.report import write_report
+    from lighten.verify import write_checksums
 
     data, model = prepared.data, prepared.model
     backend = get_backend(recipe.deploy.backend, threads=recipe.deploy.threads)
@@ -188,12 +189,14 @@ def _execute(recipe, prepared: Prepared, out: Path, state, digest, recipe_dict, 
         atomic_write_text(out / "state.json", json.dumps(
             {"version": STATE_VERSION, "recipe_hash": digest, "done": done, "notes": notes,
              "recipe": recipe_dict, "target": target.to_dict()}))
+        write_checksums(out)  # `lighten verify OUTPUT`
     # latency of every stage (finished ones of a resumed run too), timed together, interleaved
     notes.append(_time_stages(rows, stage_names, backend, data, out, recipe, progress))
     atomic_write_text(out / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
     atomic_write_text(out / "run.json", json.dumps(
         {**_run_info(recipe, digest, prov, notes, data), "status": "finished"}, indent=2))
     write_report(out)
+    write_checksums(out)
     return RunResult(out, rows, notes)
 
 

@@ -201,6 +201,17 @@ def test_python_model_reloads_and_exports_through_compress(models_file, tmp_path
     assert check.max_abs_diff < 1e-4
 
 
+def test_later_steps_work_on_the_folded_model(models_file):
+    """Zero branches and merged layers do not stop structured pruning or int8 quantization."""
+    data = load_data(DataSpec(name="synthetic", samples=64, input_shape=[1, 8, 8],
+                              num_classes=4))
+    folded, _ = compress(_repnet(models_file), "arch.fold", data=data)
+    pruned, report = compress(folded, {"prune.channels": {"ratio": 0.3}}, data=data)
+    assert report.summary["params_after"] < report.summary["params_before"]
+    quantized, report = compress(pruned, {"quant.ptq": {"calib_samples": 32}}, data=data)
+    assert any(row["action"] == "quantize" for row in report.layers)
+
+
 def test_recipe_runs_fold_then_separable(models_file, tmp_path, monkeypatch):
     """Both arch steps from one recipe: the runner reloads and exports every stage."""
     from lighten.recipe import load_recipe

@@ -93,6 +93,14 @@ STEP_CASES = {
     "quant.weight_only": (TinyNet, {"method": "gptq", "calib_samples": 32, "group_size": 8}),
     "quant.qat": (TinyNet, {"calib_samples": 32, "finetune": {"epochs": 1}}),
     "quant.mixed": (TinyNet, {"budget_bytes": 0.2, "calib_samples": 32}),
+    "share.kmeans": (TinyNet, {"bits": "auto", "budget_bytes": 0.1, "calib_samples": 32}),
+    "encode.entropy": (TinyNet, {}),
+    "share.pq": (TinyNet, {"codebook_bits": 4, "linear_subvector": 2}),
+    "share.channels": (TinyNet, {"count": 2}),
+    "share.tie": (TinyNet, {"finetune": {"epochs": 1}}),
+    "lowrank.svd": (TinyNet, {"rank": 4, "measure_latency": False}),
+    "lowrank.tucker": (TinyNet, {"ranks": 4, "measure_latency": False}),
+    "lowrank.cp": (TinyNet, {"rank": 4, "measure_latency": False}),
 }
 
 

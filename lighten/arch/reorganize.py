@@ -167,6 +167,8 @@ def _reparam(model, ignore, out: FoldResult) -> None:
         if found is None:
             continue
         new, parts = found
+        if any(_ignored(f"{name}.{p}", ignore) for p in parts):
+            continue
         set_submodule(model, name, new)
         out.changes.append(Change(name, "reparam", f"{len(parts)} branch modules summed",
                                   "Sequential(" + ", ".join(_describe(x) for x in new) + ")",
@@ -205,7 +207,7 @@ def _reparam(model, ignore, out: FoldResult) -> None:
 
 
 def _fold_bn(model, ignore, out: FoldResult, inputs) -> None:
-    from lighten.arch.fold import fold_pair, fold_batchnorm_report
+    from lighten.arch.fold import fold_batchnorm_report, fold_pair
 
     # fold_batchnorm_report has no ignore list: fold a copy, then apply the allowed pairs
     probe = fold_batchnorm_report(copy.deepcopy(model))

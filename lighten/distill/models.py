@@ -217,10 +217,8 @@ def resolve_student(value: Any, ctx, model: nn.Module, teacher: Resolved | None,
         student.train()
         for p in student.parameters():
             p.requires_grad_(True)
-        if spec is None:
-            raise ModelError(f"student derived from {label}: its source is unknown (no model "
-                             "spec), so the saved student could not be rebuilt; derive from a "
-                             "zoo / python: / artifact teacher")
+        # spec None (lighten.compress knows no baseline spec): the caller saves the student
+        # with model_spec=None, or derives from a zoo / python: / artifact teacher
     else:
         raise RecipeError("student: give 'input', a model (zoo / python / artifact / stage) or "
                           "a derivation (width / depth / prune)")

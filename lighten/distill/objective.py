@@ -117,13 +117,14 @@ class Objective:
 
     def __init__(self, students: Sequence[nn.Module], *, task, train_set: Dataset,
                  example: tuple[Tensor, ...], losses: Mapping[str, float],
-                 params: LossParams = LossParams(), teachers: Sequence[nn.Module] = (),
+                 params: LossParams | None = None, teachers: Sequence[nn.Module] = (),
                  teacher_weights: Sequence[float] | None = None, layers="auto",
                  exit_layers="auto", head_hidden: int = 0, num_classes: int | None = None,
-                 cache: bool = True):
+                 cache: bool = True, warmup_steps: int = 0):
         self.losses = {name: float(w) for name, w in losses.items() if w}
         specs = [get_loss(n) for n in self.losses]
         needs = set().union(*(s.needs for s in specs)) if specs else set()
+        params = params or LossParams()
         self.params, self.base_task = params, task
         self.needs = needs
         if "teacher" in needs or "features" in needs or "embeddings" in needs:
@@ -175,6 +176,7 @@ class Objective:
             self.dataset = train_set
             self.module.live_teacher = self.teachers is not None
         self.task = ObjectiveTask(task, self)
+        self.warmup_steps, self.steps = warmup_steps, 0
 
     # ------------------------------------------------------------------------------ the loss
     def loss(self, outputs: dict, targets: Tensor, *, label_smoothing: float = 0.0) -> Tensor:
@@ -188,11 +190,16 @@ class Objective:
             return self.base_task.loss(o, y, label_smoothing=label_smoothing)
 
         logits = outputs["students"]
+        ramp = 1.0
+        if self.warmup_steps and self.module.training:
+            self.steps += 1
+            ramp = min(1.0, self.steps / self.warmup_steps)
         t_feats = self.teacher_tap.features if self.teacher_tap is not None else {}
         total = logits[0].new_zeros(())
         for k, st in enumerate(self.students):
             feats = st.tap.features if st.tap is not None else {}
-            b = Batch(student=logits[k], labels=labels, task_loss=task_loss, teacher=teacher)
+            b = Batch(student=logits[k], labels=labels, task_loss=task_loss, teacher=teacher,
+                      ramp=ramp)
             for s_name, t_name, key in st.pairs:
                 b.pairs.append((self.module.extras[key](feats[s_name]), t_feats[t_name]))
             if st.embedding is not None:

@@ -22,8 +22,13 @@ from torch import nn
 from torch.utils.data import DataLoader, Subset
 
 from lighten.dynamic.calibrate import Calibration, calibrate
-from lighten.dynamic.exits import MultiExitModel, build_head, confidence, exit_loss_term, \
-    module_chain
+from lighten.dynamic.exits import (
+    MultiExitModel,
+    build_head,
+    confidence,
+    exit_loss_term,
+    module_chain,
+)
 from lighten.errors import UnsupportedError
 from lighten.registry import register_step
 from lighten.step import FinetuneConfig, StepConfig, StepContext
@@ -43,8 +48,9 @@ class EarlyExitConfig(StepConfig):
     exits: Literal["auto"] | list[str] = Field("auto", description="module names to put exits "
                                                "after, or auto (chosen by held-out cost/accuracy)")
     criterion: Literal["max_softmax", "entropy"] = "max_softmax"
-    head: Literal["conv", "pool"] = Field("conv", description="exit head: conv3x3+BN+ReLU+pool+"
-                                          "linear, or global pool + linear")
+    head: Literal["auto", "conv", "pool"] = Field(
+        "auto", description="exit head: conv (conv3x3+BN+ReLU, global pool, linear), pool "
+        "(global pool + linear), auto (conv where it costs <= 5% of the model's MACs)")
     head_epochs: float = Field(1.0, ge=0, description="heads-only epochs (backbone frozen) "
                                "before the joint finetune:")
     freeze_backbone: bool = Field(False, description="finetune: trains the heads only")
@@ -82,7 +88,7 @@ def early_exit(model: nn.Module, cfg: EarlyExitConfig, ctx: StepContext) -> nn.M
     shapes, macs = chain_profile(model, chain, ctx.example_input(1))
     total = macs[-1]
     positions = _positions(model, chain, shapes, macs, cfg.exits)
-    heads = [build_head(shapes[i], task.num_classes, cfg.head) for i in positions]
+    heads = [_head(shapes[i], task.num_classes, cfg.head, total) for i in positions]
     spec = getattr(ctx, "model_spec", None) or zoo_spec(model, ctx)
     multi = MultiExitModel(model, chain, positions, heads, criterion=cfg.criterion,
                            backbone_spec=spec, input_shape=list(ctx.input_shape),
@@ -167,6 +173,18 @@ def _positions(model, chain, shapes, macs, exits) -> list[int]:
     return sorted(i for i in picked if macs[i] < 0.9 * total)
 
 
+def _head(shape, num_classes: int, kind: str, total: int) -> nn.Module:
+    """``auto``: the conv head where it is cheap (<= 5% of the model), else pool + linear."""
+    if kind != "auto":
+        return build_head(shape, num_classes, kind)
+    from lighten.measure.macs import count_macs
+
+    head = build_head(shape, num_classes, "conv")
+    if len(shape) == 3 and count_macs(head, torch.zeros(1, *shape)) > 0.05 * total:
+        head = build_head(shape, num_classes, "pool")
+    return head
+
+
 def head_macs(multi: MultiExitModel, x: torch.Tensor) -> list[int]:
     """MACs of each exit head on the features it reads (batch 1)."""
     from lighten.measure.macs import count_macs
@@ -240,15 +258,20 @@ def _keep_exits(multi: MultiExitModel, keep: list[int]) -> None:
 def _split(ctx: StepContext, share: float):
     """(context training on the rest, held-out Subset): a seeded split of the training data."""
     train = ctx.data.train
-    n = len(train)
+    fit, held = holdout_split(len(train), share, ctx.seed)
+    data = copy.copy(ctx.data)
+    data.train = Subset(train, fit)
+    return dataclasses.replace(ctx, data=data), Subset(train, held)
+
+
+def holdout_split(n: int, share: float, seed: int) -> tuple[list[int], list[int]]:
+    """(training indices, held-out indices) of a seeded split of ``n`` training samples."""
     held_n = max(1, int(round(n * share)))
     if n - held_n < 1:
         raise UnsupportedError(f"dynamic.early_exit: {n} training samples are too few to hold "
                                f"out {share:.0%} for calibration")
-    order = torch.randperm(n, generator=torch.Generator().manual_seed(ctx.seed + 7919)).tolist()
-    data = copy.copy(ctx.data)
-    data.train = Subset(train, order[held_n:])
-    return dataclasses.replace(ctx, data=data), Subset(train, order[:held_n])
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed + 7919)).tolist()
+    return order[held_n:], order[:held_n]
 
 
 def zoo_spec(model: nn.Module, ctx: StepContext) -> dict | None:

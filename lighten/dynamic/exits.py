@@ -155,6 +155,30 @@ class MultiExitModel(nn.Module):
 
         return measure_dynamic(self, dataset, **kwargs)
 
+    def onnx_graph(self, specs, *, opset: int = 17):
+        """The deployed ONNX graph (``lighten.export`` asks for it instead of tracing): the
+        segments joined by ``If`` nodes, so a confident sample skips the later segments
+        (:mod:`lighten.dynamic.onnx_if`)."""
+        import tempfile
+        from pathlib import Path
+
+        from lighten.dynamic.onnx_if import build_if_graph
+        from lighten.dynamic.runtime import export_segments
+
+        if len(specs) != 1 or not specs[0].is_float:
+            raise UnsupportedError("an early-exit model exports for one float input")
+        with tempfile.TemporaryDirectory() as tmp:
+            files = export_segments(self, Path(tmp), torch.zeros(1, *specs[0].shape),
+                                    opset=opset)
+            return build_if_graph(files, self.thresholds.tolist(), self.criterion,
+                                  self._classes(specs[0].shape))
+
+    def _classes(self, shape) -> int:
+        if self.num_classes is not None:
+            return self.num_classes
+        with torch.no_grad():
+            return int(self.eval().all_exits(torch.zeros(1, *shape))[-1].shape[-1])
+
     # ----------------------------------------------------------------- artifact
     def artifact_config(self) -> dict[str, Any]:
         if self.backbone_spec is None:
@@ -194,6 +218,7 @@ class MultiExitModel(nn.Module):
 
     def train(self, mode: bool = True):
         super().train(mode)
+        self.exit_logits = []  # graph-holding tensors of the last training batch
         if self._freeze_backbone:
             self.backbone.eval()
         return self

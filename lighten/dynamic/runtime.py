@@ -49,7 +49,8 @@ class _Segment(nn.Module):
         return (h, self.head(h)) if self.head is not None else h
 
 
-def export_segments(model, workdir: Path, example: torch.Tensor) -> list[Path]:
+def export_segments(model, workdir: Path, example: torch.Tensor, *, opset: int = 17
+                    ) -> list[Path]:
     """Write ``segment{k}.onnx`` for every segment of ``model`` (a MultiExitModel) and
     ``runtime.json`` (thresholds, criterion, exit names, MACs); returns the segment files."""
     workdir = Path(workdir)
@@ -68,7 +69,7 @@ def export_segments(model, workdir: Path, example: torch.Tensor) -> list[Path]:
             torch.onnx.export(segment, (h,), str(path), input_names=["input"],
                               output_names=outputs,
                               dynamic_axes={n: {0: "batch"} for n in ["input", *outputs]},
-                              opset_version=17, do_constant_folding=True, dynamo=False)
+                              opset_version=opset, do_constant_folding=True, dynamo=False)
             out = segment(h)
         h = out[0] if head is not None else out
         paths.append(path)
@@ -169,13 +170,17 @@ class SegmentRuntime:
 
 
 def measure_dynamic(model, dataset, *, task=None, workdir: Path | None = None,
-                    threads: int | None = None, latency_samples: int = 500,
+                    threads: int | None = None, compiled=None, latency_samples: int = 500,
                     rounds: int = 5) -> dict[str, Any]:
-    """metrics.jsonl fields of a multi-exit stage, measured on its deployed form: ``macs`` =
-    mean executed MACs per test sample, ``latency_ms_b1`` = mean per-sample batch-1 latency
-    of the segment runtime (median of ``rounds`` interleaved rounds, ``_spread`` their IQR),
-    and under ``dynamic`` the per-exit share/accuracy/MACs and the same runtime's full path."""
+    """metrics.jsonl fields of a multi-exit stage, measured on test samples: ``macs`` = mean
+    executed MACs per sample, ``latency_ms_b1`` = mean per-sample batch-1 latency of the
+    deployed graph (``compiled``: the runner's ``model.onnx``, the ``If`` form; built here when
+    None), median of ``rounds`` interleaved rounds (``_spread``: their IQR), ``latency_ms_b64``
+    the same per batch of 64 test samples; under ``dynamic``: per-exit share / accuracy / MACs
+    and the segment loop and its every-segment path timed in the same rounds."""
     from torch.utils.data import DataLoader
+
+    from lighten.dynamic.onnx_if import build_if_graph
 
     if workdir is None:
         workdir = Path(tempfile.mkdtemp(prefix="lighten-exits-"))
@@ -185,69 +190,101 @@ def measure_dynamic(model, dataset, *, task=None, workdir: Path | None = None,
         xs.append(task.as_inputs(x)[0] if task is not None else x)
         ys.append(torch.as_tensor(y))
     x_all, y_all = torch.cat(xs), torch.cat(ys).numpy()
-    export_segments(model, workdir, x_all[:1])
+    files = export_segments(model, workdir, x_all[:1])
     runtime = SegmentRuntime(workdir, threads=threads)
+    if compiled is None:
+        path = workdir / "if_graph.onnx"
+        build_if_graph(files, runtime.thresholds, runtime.criterion,
+                       model._classes(x_all.shape[1:]), path)
+        compiled = _session_fn(path, threads)
     logits, exits = runtime(x_all.numpy())
-    # the deployed runtime must answer what the model answers
-    with torch.no_grad():
-        ref = model.eval()(x_all[:64]).numpy()
-    agree = float((ref.argmax(-1) == logits[:64].argmax(-1)).mean())
+    deployed = np.asarray(compiled(x_all.numpy()))
+    agree = float((deployed.argmax(-1) == logits.argmax(-1)).mean())
     correct = logits.argmax(-1) == y_all
     costs = np.asarray(model.exit_macs, dtype=np.float64)
-    k = len(runtime.sessions)
     per_exit = []
-    for i in range(k):
+    for i in range(len(runtime.sessions)):
         mask = exits == i
         per_exit.append({"name": runtime.exit_names[i], "share": float(mask.mean()),
                          "accuracy": float(correct[mask].mean()) if mask.any() else None,
                          "macs": int(costs[i])})
-    timing = time_batch1(runtime, x_all[:latency_samples].numpy(), rounds=rounds)
+    samples = x_all[:latency_samples].numpy()
+    timing = time_batch1(runtime, samples, rounds=rounds,
+                         others={"deployed": lambda x: compiled(x)})
+    batches = [np.ascontiguousarray(b) for b in np.array_split(
+        x_all.numpy(), max(1, len(x_all) // 64)) if len(b)][:8]
+    b64 = _time_batches(compiled, batches, rounds=rounds)
+    ratio = _stats([d / f for d, f in zip(timing["deployed"]["rounds"], timing["full"]["rounds"],
+                                          strict=True)])
     return {
         "macs": int(round(float(costs[exits].mean()))),
-        "latency_ms_b1": timing["dynamic"]["median"],
-        "latency_ms_b1_spread": timing["dynamic"]["spread"],
+        "latency_ms_b1": timing["deployed"]["median"],
+        "latency_ms_b1_spread": timing["deployed"]["spread"],
+        "latency_ms_b64": b64["median"],
+        "latency_ms_b64_spread": b64["spread"],
         "dynamic": {
-            "kind": "early_exit", "form": "per-segment ONNX Runtime sessions",
-            "workdir": str(workdir), "criterion": runtime.criterion,
-            "thresholds": runtime.thresholds, "exits": per_exit,
-            "accuracy": float(correct.mean()), "samples": int(len(y_all)),
-            "agreement_with_model": agree, "macs_full": int(costs[-1]),
+            "kind": "early_exit", "form": "one ONNX graph with If nodes (model.onnx)",
+            "criterion": runtime.criterion, "thresholds": runtime.thresholds,
+            "exits": per_exit, "accuracy": float(correct.mean()), "samples": int(len(y_all)),
+            "agreement_deployed_vs_loop": agree, "macs_full": int(costs[-1]),
             "macs_ratio_to_full": float(costs[exits].mean() / costs[-1]),
-            "latency_ms_b1": timing["dynamic"]["median"],
-            "latency_ms_b1_spread": timing["dynamic"]["spread"],
-            "latency_ms_b1_full": timing["full"]["median"],
-            "latency_ratio_to_full": timing["ratio"]["median"],
-            "latency_ratio_to_full_spread": timing["ratio"]["spread"],
-            "latency_samples": int(min(latency_samples, len(y_all))), "rounds": rounds,
+            "latency_ms_b1": timing["deployed"]["median"],
+            "latency_ms_b1_spread": timing["deployed"]["spread"],
+            "latency_ms_b64": b64["median"], "latency_ms_b64_spread": b64["spread"],
+            "latency_ms_b1_segment_loop": timing["dynamic"]["median"],
+            "latency_ms_b1_every_segment": timing["full"]["median"],
+            "latency_ratio_to_every_segment": ratio["median"],
+            "latency_ratio_to_every_segment_spread": ratio["spread"],
+            "latency_samples": int(len(samples)), "rounds": rounds,
+            "segments": str(workdir),
         },
     }
 
 
+def _session_fn(path: Path, threads: int | None):
+    import onnxruntime as ort
+
+    from lighten.backends import default_threads
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads or default_threads()
+    opts.inter_op_num_threads = 1
+    opts.log_severity_level = 3
+    session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    name = session.get_inputs()[0].name
+    return lambda x: session.run(None, {name: np.ascontiguousarray(x, dtype=np.float32)})[0]
+
+
 def time_batch1(runtime: SegmentRuntime, samples: np.ndarray, *, rounds: int = 5,
                 others: dict | None = None) -> dict[str, dict]:
-    """Mean per-sample batch-1 latency (ms) of the early-exit loop and of the full path (every
-    segment), and of ``others`` (name -> ``fn(x)``), timed in interleaved rounds over the same
-    samples (order alternating per round); per name the median of the rounds' means and their
-    IQR, and ``ratio``: the dynamic time over the full path's, per round."""
+    """Mean per-sample batch-1 latency (ms) of the segment loop (``dynamic``), of the same
+    segments without exits (``full``) and of ``others`` (name -> ``fn(x)``), timed in
+    interleaved rounds over the same samples (order alternating per round): per name the median
+    of the rounds' means, their IQR and the per-round means."""
     fns = {"dynamic": lambda x: runtime.run_one(x), "full": runtime.run_full, **(others or {})}
     one = [np.ascontiguousarray(samples[i:i + 1], dtype=np.float32) for i in range(len(samples))]
-    for fn in fns.values():  # warm-up: sessions allocate on first use
-        for x in one[:5]:
+    return _interleaved(fns, one, rounds)
+
+
+def _time_batches(fn, batches, *, rounds: int) -> dict:
+    return _interleaved({"b": fn}, batches, rounds)["b"]
+
+
+def _interleaved(fns: dict, items: list, rounds: int) -> dict[str, dict]:
+    calls = {name: fn for name, fn in fns.items()}
+    for fn in calls.values():  # warm-up: sessions allocate on first use
+        for x in items[:5]:
             fn(x)
-    per_round: dict[str, list[float]] = {name: [] for name in fns}
-    names = list(fns)
+    per_round: dict[str, list[float]] = {name: [] for name in calls}
+    names = list(calls)
     for r in range(rounds):
-        order = names if r % 2 == 0 else names[::-1]
-        for name in order:
-            fn = fns[name]
+        for name in (names if r % 2 == 0 else names[::-1]):
+            fn = calls[name]
             start = time.perf_counter()
-            for x in one:
+            for x in items:
                 fn(x)
-            per_round[name].append((time.perf_counter() - start) * 1e3 / max(len(one), 1))
-    out = {name: _stats(values) for name, values in per_round.items()}
-    out["ratio"] = _stats([d / f for d, f in zip(per_round["dynamic"], per_round["full"],
-                                                 strict=True)])
-    return out
+            per_round[name].append((time.perf_counter() - start) * 1e3 / max(len(items), 1))
+    return {name: _stats(values) for name, values in per_round.items()}
 
 
 def _stats(values) -> dict:
@@ -257,13 +294,17 @@ def _stats(values) -> dict:
 
 
 def keep_dynamic_latency(row: dict) -> None:
-    """After the runner's end-of-run timing (of ``model.onnx``, the batch form that computes
-    every exit, on random inputs): a dynamic row keeps the batch-1 latency of its deployed
-    runtime on test samples; the paired ratio to the baseline was of the other graph."""
+    """After the runner's end-of-run timing (of ``model.onnx`` on random inputs, whose
+    confidences say nothing about real samples): a dynamic row keeps the latency its deployed
+    graph measured on test samples; the paired ratio to the baseline (random inputs) is
+    dropped."""
     dynamic = row.get("dynamic")
     if not isinstance(dynamic, dict) or dynamic.get("latency_ms_b1") is None:
         return
-    row["latency_ms_b1"] = dynamic["latency_ms_b1"]
-    row["latency_ms_b1_spread"] = dynamic["latency_ms_b1_spread"]
-    row.pop("latency_ms_b1_ratio", None)
-    row.pop("latency_ms_b1_ratio_spread", None)
+    for batch in (1, 64):
+        key = f"latency_ms_b{batch}"
+        if dynamic.get(key) is not None:
+            row[key] = dynamic[key]
+            row[f"{key}_spread"] = dynamic[f"{key}_spread"]
+            row.pop(f"{key}_ratio", None)
+            row.pop(f"{key}_ratio_spread", None)

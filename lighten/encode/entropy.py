@@ -70,8 +70,11 @@ def encode_entropy(model: nn.Module, cfg: EntropyConfig, ctx: StepContext) -> nn
     for s in stats:
         module, _, tensor = s.tensor.rpartition(".")
         coded.add(s.tensor)
+        per_symbol, bound = s.coded_bits / max(s.symbols, 1), s.entropy_bits / max(s.symbols, 1)
         ctx.layer(module, "encode", tensor=tensor, part=s.part or "values", kind=s.kind,
-                  before=f"{s.raw_bytes} B", after=f"{s.coded_bytes + s.model_bytes} B",
+                  before=f"{tensor}#{s.part or 'values'}: {s.raw_bytes} B",
+                  after=f"{s.coded_bytes + s.model_bytes} B ({per_symbol:.3f} bits/symbol, "
+                        f"bound {bound:.3f})",
                   symbols=s.symbols, coded_bits=s.coded_bits,
                   entropy_bits=round(s.entropy_bits, 1), model_bytes=s.model_bytes,
                   bits_per_symbol=round(s.coded_bits / max(s.symbols, 1), 4),

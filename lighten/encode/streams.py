@@ -17,10 +17,12 @@ and decoding a million symbols takes milliseconds. Probabilities are ``counts / 
 passed to ``Categorical(perfect=False)``, which quantizes them deterministically, so the loader
 rebuilds exactly the encoder's model from the stored counts.
 
-Layout of a coded tensor's manifest entry: its plain entry with ``encoding: entropy``, ``base``
-(the encoding of the parts once decoded) and ``streams`` {part suffix ("" for the tensor's own
-part): {"kind", "subs": [...]}}; each sub is ``{"counts": [...], "words": w}`` (w 32-bit ANS
-words in the part, in order) or ``{"raw": nbytes}`` (bytes kept as they are). Kinds:
+The manifest of a coded artifact names the coder (``coder``: :data:`CODER`); the loader refuses
+one it does not know. A coded tensor's manifest entry is its plain entry with ``encoding:
+entropy``, ``base`` (the encoding of the parts once decoded) and ``streams`` {part suffix (""
+for the tensor's own part): {"kind", "subs": [...]}}; each sub is ``{"counts": [...], "words":
+w}`` (w 32-bit ANS words in the part, in order) or ``{"raw": nbytes}`` (bytes kept as they
+are). Kinds:
 
 * ``bits``: a packed bit mask (``numpy.packbits`` order), one symbol per bit;
 * ``packed``: b-bit packed integers (:func:`lighten.codecs.pack_bits`), one symbol per value;
@@ -255,24 +257,22 @@ def code_parts(parts: dict[str, torch.Tensor], entries: dict[str, dict]
             parts[key], streams[suffix], facts = coded
             stats.append(StreamStats(tensor=name, part=suffix, **facts))
         if streams:
-            entry.update(base=entry["encoding"], encoding="entropy", coder=CODER,
-                         streams=streams)
+            entry.update(base=entry["encoding"], encoding="entropy", streams=streams)
     return parts, entries, stats
 
 
-def uncode_parts(entries: dict[str, dict], stored: dict[str, torch.Tensor]
+def uncode_parts(coder: str, entries: dict[str, dict], stored: dict[str, torch.Tensor]
                  ) -> tuple[dict[str, dict], dict[str, torch.Tensor]]:
-    """Inverse of :func:`code_parts`: plain entries and parts; ValueError names the damage."""
+    """Inverse of :func:`code_parts` (``coder``: the manifest's); ValueError names the damage."""
+    if coder != CODER:
+        raise ValueError(f"its tensors are coded with {coder!r}, which this lighten does not "
+                         "know; upgrade lighten")
     entries, stored = {k: dict(e) for k, e in entries.items()}, dict(stored)
     for name, entry in entries.items():
         if entry.get("encoding") != "entropy":
             continue
-        if entry.get("coder") != CODER:
-            raise ValueError(f"tensor {name!r} is coded with {entry.get('coder')!r}, which this "
-                             "lighten does not know; upgrade lighten")
         streams = entry.pop("streams", None)
         entry["encoding"] = entry.pop("base", None)
-        entry.pop("coder")
         if not isinstance(streams, dict) or not isinstance(entry["encoding"], str):
             raise ValueError(f"tensor {name!r} has no valid coded streams")
         kinds = _part_streams(entry)

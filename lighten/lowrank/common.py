@@ -128,6 +128,15 @@ def positions(shape: tuple[int, ...], channel_axis: int) -> int:
     return n
 
 
+def one_blas_thread():
+    """Run numpy's LAPACK on one thread: the decompositions are many small SVDs, for which
+    OpenBLAS's threads only spin and wait (16x slower on a busy 2-core machine). threadpoolctl
+    comes with scikit-learn."""
+    from threadpoolctl import threadpool_limits
+
+    return threadpool_limits(limits=1, user_api="blas")
+
+
 def relative_error(approx: torch.Tensor, weight: torch.Tensor) -> float:
     w = weight.detach().double()
     return float(torch.linalg.norm(approx.double() - w) / torch.linalg.norm(w).clamp_min(1e-30))
@@ -207,6 +216,11 @@ def apply_proposals(model: nn.Module, proposals: list[Proposal], config: LowRank
         if p.kept:
             model.set_submodule(p.site.name, p.module)
     if ctx is not None:
+        sparse = [p.site.name for p in proposals
+                  if p.kept and float((p.site.module.weight == 0).float().mean()) > 0.01]
+        if sparse:
+            ctx.note(f"{step}: {', '.join(sparse)} held pruned zeros; their factors are dense "
+                     "(factorize before pruning, or prune the factors afterwards)")
         for p in proposals:
             _row(ctx, p, step)
         kept = [p for p in proposals if p.kept]

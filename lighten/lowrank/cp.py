@@ -46,6 +46,7 @@ from lighten.lowrank.common import (
     apply_proposals,
     example_inputs_of,
     finish,
+    one_blas_thread,
     positions,
     relative_error,
 )
@@ -75,7 +76,7 @@ def cp4(weight: torch.Tensor, rank: int, iterations: int = 100
     from tensorly.decomposition import parafac
 
     w = weight.detach().double().cpu().numpy()
-    with warnings.catch_warnings():  # an SVD init asked for more vectors than a mode has
+    with warnings.catch_warnings(), one_blas_thread():  # warning: SVD init rank > a mode
         warnings.simplefilter("ignore", UserWarning)
         cp = parafac(w, rank=rank, init="svd", n_iter_max=iterations, tol=1e-10,
                      random_state=0)

@@ -42,6 +42,7 @@ from lighten.lowrank.common import (
     example_inputs_of,
     find_sites,
     finish,
+    one_blas_thread,
     positions,
     relative_error,
 )
@@ -54,6 +55,8 @@ from lighten.lowrank.ranks import (
 )
 from lighten.registry import register_step
 from lighten.step import StepContext
+
+HOOI_SWEEPS = 20  # from the SVD start the kernel error settles in a few sweeps
 
 __all__ = ["TuckerConfig", "conv_padding", "factorize_tucker_", "tucker2_layer"]
 
@@ -116,8 +119,9 @@ def why_not(conv: nn.Conv2d, what: str) -> str | None:
 def _gram_svd(matrix, n_eigenvecs=None, **_):
     """Truncated SVD from the eigenvectors of the smaller Gram matrix. A conv's unfoldings are
     wide (``out x in*k*k``); tensorly's own ``symeig_svd`` (0.10) decomposes the larger Gram
-    and its ``truncated_svd`` a full one, each ~100x slower here. Only the left vectors are
-    used (the mode's factor), and they are orthonormal whatever the conditioning."""
+    and its ``truncated_svd`` a full one, each ~100x slower here (tensorly uses it for the
+    HOSVD start; its HOOI sweeps call ``truncated_svd`` on much smaller matrices). Only the left
+    vectors are used (the mode's factor); they are orthonormal whatever the conditioning."""
     m = np.asarray(matrix)
     wide = m.shape[0] <= m.shape[1]
     s2, vecs = np.linalg.eigh(m @ m.T if wide else m.T @ m)
@@ -138,8 +142,10 @@ def tucker2(weight: torch.Tensor, ranks: tuple[int, int]) -> tuple[np.ndarray, n
     from tensorly.decomposition import partial_tucker
 
     w = weight.detach().double().cpu().numpy()
-    (core, (u_out, u_in)), _ = partial_tucker(w, rank=list(ranks), modes=[0, 1], init="svd",
-                                              n_iter_max=100, tol=1e-6, svd=_gram_svd)
+    with one_blas_thread():
+        (core, (u_out, u_in)), _ = partial_tucker(w, rank=list(ranks), modes=[0, 1], init="svd",
+                                                  n_iter_max=HOOI_SWEEPS, tol=1e-5,
+                                                  svd=_gram_svd)
     return core, u_out, u_in
 
 

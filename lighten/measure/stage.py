@@ -106,6 +106,7 @@ def measure_stage(
     dynamic = getattr(model, "dynamic_measure", None)
     if callable(dynamic):  # executed MACs, batch-1 latency and exits of the deployed form
         row.update(dynamic(test, task=task, threads=getattr(compiled, "info", {}).get("threads"),
+                           compiled=compiled,
                            workdir=None if workdir is None else Path(workdir) / "segments"))
     if robustness and task.perturbable:  # noise / shift perturb images, not token ids
         probe = robustness_probe(compiled, test, samples=min(ROBUSTNESS_SAMPLES, len(test)))

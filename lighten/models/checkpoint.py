@@ -85,6 +85,9 @@ def load_weights(model: nn.Module, path: str | Path, *, trust: bool = False) -> 
         raise CheckpointError(f"{str(path)!r} does not fit {type(model).__name__}: "
                               + "; ".join(text)
                               + "; check the model architecture, num_classes and input_shape")
+    from lighten.artifact import check_finite
+
+    check_finite(model, state, repr(str(path)))
     model.load_state_dict(state, strict=True)
     return model
 
@@ -308,6 +311,9 @@ def _read_torch(path: Path, *, trust: bool = False):
     try:  # the first barrier: nothing outside tensor rebuilding is named in the pickle
         scan_torch_file(path)
     except UnsafePickle as err:
+        if err.corrupt:
+            raise CheckpointError(f"{str(path)!r} is a truncated or corrupt torch file ({err}); "
+                                  "re-download or re-save it") from None
         what = ("a pickle that needs code to load" if err.name else "a torch file lighten "
                 "cannot check")
         raise CheckpointError(

@@ -52,12 +52,13 @@ _GET_OPS = {"GET", "BINGET", "LONG_BINGET"}
 
 
 class UnsafePickle(Exception):
-    """The pickle names something outside :data:`ALLOWED_GLOBALS` (``.name``), or cannot be
-    read far enough to tell; ``str()`` is the reason."""
+    """The pickle names something outside :data:`ALLOWED_GLOBALS` (``.name``), uses a
+    mechanism the scan does not follow, or (``.corrupt``) cannot be read far enough to tell;
+    ``str()`` is the reason."""
 
-    def __init__(self, reason: str, name: str | None = None):
+    def __init__(self, reason: str, name: str | None = None, *, corrupt: bool = False):
         super().__init__(reason)
-        self.name = name
+        self.name, self.corrupt = name, corrupt
 
 
 class _Mark:
@@ -76,12 +77,12 @@ def scan_pickle(stream: io.BufferedIOBase) -> list[str]:
                 raise UnsafePickle("it calls through the copyreg extension registry")
             if name in _GET_OPS:
                 if arg not in memo:
-                    raise UnsafePickle("its memo is read before it is written")
+                    raise UnsafePickle("its memo is read before it is written", corrupt=True)
                 stack.append(memo[arg])
                 continue
             if name in _PUT_OPS or name == "MEMOIZE":
                 if not stack:
-                    raise UnsafePickle("its memo stores from an empty stack")
+                    raise UnsafePickle("its memo stores from an empty stack", corrupt=True)
                 memo[len(memo) if name == "MEMOIZE" else arg] = stack[-1]
                 continue
             if name in ("GLOBAL", "INST"):
@@ -98,7 +99,7 @@ def scan_pickle(stream: io.BufferedIOBase) -> list[str]:
             else:
                 stack.extend([None] * len(op.stack_after))
     except (ValueError, EOFError, IndexError, KeyError, TypeError) as err:
-        raise UnsafePickle(f"it is not a readable pickle ({err})") from None
+        raise UnsafePickle(f"it is not a readable pickle ({err})", corrupt=True) from None
     return found
 
 
@@ -110,15 +111,15 @@ def _pop(stack: list, op) -> None:
         while stack and not isinstance(stack[-1], _Mark):
             stack.pop()
         if not stack:
-            raise UnsafePickle("it pops a MARK that was never pushed")
+            raise UnsafePickle("it pops a MARK that was never pushed", corrupt=True)
         stack.pop()
         below = before.index(pickletools.markobject)
         if len(stack) < below:
-            raise UnsafePickle(f"its stack underflows at {op.name}")
+            raise UnsafePickle(f"its stack underflows at {op.name}", corrupt=True)
         del stack[len(stack) - below:]
         return
     if len(stack) < len(before):
-        raise UnsafePickle(f"its stack underflows at {op.name}")
+        raise UnsafePickle(f"its stack underflows at {op.name}", corrupt=True)
     del stack[len(stack) - len(before):]
 
 
@@ -155,12 +156,12 @@ def _scan_zip(path: Path) -> list[str]:
     try:
         archive = zipfile.ZipFile(path)
     except (zipfile.BadZipFile, OSError, ValueError) as err:
-        raise UnsafePickle(f"it is not a readable zip archive ({err})") from None
+        raise UnsafePickle(f"it is not a readable zip archive ({err})", corrupt=True) from None
     found: list[str] = []
     with archive:
         infos = [i for i in archive.infolist() if i.filename.endswith(".pkl")]
         if not infos:
-            raise UnsafePickle("its zip archive holds no data.pkl")
+            raise UnsafePickle("its zip archive holds no data.pkl", corrupt=True)
         for info in infos:  # every member, duplicates too: a reader may pick either
             if info.compress_type != zipfile.ZIP_STORED:
                 raise UnsafePickle(f"its {info.filename} is compressed, which torch.save "
@@ -169,7 +170,8 @@ def _scan_zip(path: Path) -> list[str]:
                 with archive.open(info) as member:
                     found += scan_pickle(io.BufferedReader(member))
             except (zipfile.BadZipFile, OSError) as err:
-                raise UnsafePickle(f"its {info.filename} is unreadable ({err})") from None
+                raise UnsafePickle(f"its {info.filename} is unreadable ({err})",
+                                   corrupt=True) from None
     return found
 
 

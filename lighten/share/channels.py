@@ -204,10 +204,11 @@ def share_channels_(model: nn.Module, config: ChannelShareConfig, example_input:
         merged = [c for c in found if len(c) > 1]
         if merged:
             worst = max(float(d[c[0], x]) for c in merged for x in c[1:])
-            producers = ", ".join(dict.fromkeys(m.module for m in group.producers()))
-            rows.append({"module": producers, "action": "share",
-                         "before": f"{group.size} channels", "after": f"{len(found)} channels",
-                         "merged": [c for c in merged], "max_distance": round(worst, 6)})
+            for producer in dict.fromkeys(m.module for m in group.producers()):
+                rows.append({"module": producer, "action": "share",
+                             "before": f"{group.size} channels",
+                             "after": f"{len(found)} channels", "merged": merged,
+                             "max_distance": round(worst, 6)})
     apply_keep_(model, groups, keeps)
     return rows
 
@@ -225,9 +226,10 @@ def share_channels(model: nn.Module, config: ChannelShareConfig, ctx: StepContex
     rows = share_channels_(model, config, x, notes=ctx.notes)
     for row in rows:
         ctx.layer(**row)
-    removed = sum(int(r["before"].split()[0]) - int(r["after"].split()[0]) for r in rows)
+    removed = sum(len(c) - 1 for r in {id(r["merged"]): r for r in rows}.values()
+                  for c in r["merged"])
     macs_after, params_after = count_macs(model, x), count_params(model)[0]
-    ctx.note(f"share.channels: {removed} duplicate channels merged in {len(rows)} groups; MACs "
+    ctx.note(f"share.channels: {removed} duplicate channels merged; MACs "
              f"{macs_after / max(macs, 1):.1%} and params {params_after / max(params, 1):.1%} "
              "of before")
     record_widths(ctx, widths, model)

@@ -111,7 +111,7 @@ def kmeans_1d(values: torch.Tensor, k: int, *, init: str = "linear", iterations:
     if distinct.numel() <= k:
         return distinct.to(values.dtype), torch.searchsorted(distinct, x)
     if init == "linear":
-        c = torch.linspace(float(x.min()), float(x.max()), k, dtype=torch.float64)
+        c = _linear_init(x, k)
     elif init == "density":
         c = torch.quantile(x if x.numel() <= 1 << 24 else x[:: x.numel() // (1 << 23) + 1],
                            (torch.arange(k, dtype=torch.float64) + 0.5) / k)
@@ -128,7 +128,25 @@ def kmeans_1d(values: torch.Tensor, k: int, *, init: str = "linear", iterations:
         c = new
     c, _ = torch.sort(c)
     index = torch.searchsorted((c[1:] + c[:-1]) / 2, x)
-    return c.to(values.dtype), index
+    used = torch.bincount(index, minlength=c.numel()) > 0  # empty clusters leave the codebook
+    remap = torch.cumsum(used.long(), 0) - 1
+    return c[used].to(values.dtype), remap[index]
+
+
+def _linear_init(x: torch.Tensor, k: int) -> torch.Tensor:
+    """Evenly spaced centroids over [min, max] with the band between the largest negative and
+    the smallest positive value cut out.
+
+    Han et al. space them over [min, max]; after magnitude pruning the band around 0 is empty,
+    so centroids there would stay empty. Collapsing that band spaces them over what is occupied
+    (for a dense layer the band is ~0 wide and this is their linear initialisation)."""
+    neg, pos = x[x < 0], x[x > 0]
+    steps = torch.linspace(0.0, 1.0, k, dtype=torch.float64)
+    if neg.numel() == 0 or pos.numel() == 0:
+        return float(x.min()) + steps * float(x.max() - x.min())
+    span_neg, span_pos = float(neg.max() - neg.min()), float(pos.max() - pos.min())
+    p = steps * (span_neg + span_pos)  # positions along the two occupied intervals
+    return torch.where(p <= span_neg, float(neg.min()) + p, float(pos.min()) + p - span_neg)
 
 
 def _kmeans_pp(x: torch.Tensor, k: int, seed: int) -> torch.Tensor:

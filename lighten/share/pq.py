@@ -56,6 +56,9 @@ class PQConfig(StepConfig):
     codebook_bits: int = Field(8, ge=1, le=12, description="2^bits centroids per codebook")
     layer_bits: dict[str, int] = Field(default_factory=dict,
                                        description="{layer: bits} overriding codebook_bits")
+    min_share: int | None = Field(
+        None, ge=1, description="at least this many sub-vectors per centroid: a small layer "
+        "gets fewer bits (down to 2), so its codebook does not outweigh its codes")
     codebook: Literal["layer", "subspace"] = Field(
         "layer", description="one codebook per layer, or one per column block (classic PQ)")
     codebook_dtype: Literal["float16", "float32"] = Field(
@@ -299,6 +302,19 @@ def _why_not(layer: nn.Module, d: int, bits: int, books: str) -> str | None:
     return None
 
 
+def _bits(name: str, layer: nn.Module, config: PQConfig) -> int:
+    """Code bits of ``layer``: ``layer_bits``, else ``codebook_bits`` capped by ``min_share``."""
+    if name in config.layer_bits:
+        return config.layer_bits[name]
+    bits = config.codebook_bits
+    if config.min_share:
+        d = _subvector(layer, config)
+        n_sub = layer.weight.numel() // d // (1 if config.codebook == "layer" else
+                                              max(math.prod(layer.weight.shape[1:]) // d, 1))
+        bits = min(bits, max(2, int(math.log2(max(n_sub // config.min_share, 1)))))
+    return bits
+
+
 def _books(layer: nn.Module, d: int, config: PQConfig) -> int:
     return 1 if config.codebook == "layer" else math.prod(layer.weight.shape[1:]) // d
 
@@ -387,7 +403,7 @@ def product_quantize_(model: nn.Module, config: PQConfig, *, batches: Iterable |
     for name, layer in model.named_modules():
         if type(layer) not in (nn.Conv2d, nn.Linear) or name in config.ignore:
             continue
-        d, bits = _subvector(layer, config), config.layer_bits.get(name, config.codebook_bits)
+        d, bits = _subvector(layer, config), _bits(name, layer, config)
         why = _why_not(layer, d, bits, config.codebook)
         books = _books(layer, d, config)
         dense = layer.weight.numel() * layer.weight.element_size()
@@ -396,26 +412,30 @@ def product_quantize_(model: nn.Module, config: PQConfig, *, batches: Iterable |
                    f"not smaller than the dense weight ({dense} B)")
         if why is not None:
             notes.append(f"{name} left dense: {why}")
-            rows.append({"module": name, "action": "keep", "reason": why})
+            rows.append({"module": name, "action": "keep", "before": "float32",
+                         "after": "float32", "reason": why})
             continue
         targets[name], plan[name] = layer, (d, bits)
     if not targets:
         raise UnsupportedError("share.pq found no Conv2d/Linear layer to product-quantize "
                                "(all ignored, too small, or already replaced); "
                                + "; ".join(notes[:2]))
-    metrics = None
     if config.weighted:
         if batches is None:
             raise UnsupportedError("share.pq weighted: true needs calibration inputs; pass "
                                    "batches= (the recipe step takes them from the training set)")
-        metrics = _input_metrics(model, targets, {n: plan[n][0] for n in targets}, batches)
+        batches = list(batches)
     for i, (name, layer) in enumerate(targets.items()):
         d, bits = plan[name]
         books = _books(layer, d, config)
         w = layer.weight.detach()
+        # weighted: this layer's inputs come from the model with every earlier layer already
+        # product-quantized, so k-means also absorbs the error those layers pass on (BGD)
+        metric = (_input_metrics(model, {name: layer}, {name: d}, batches)[name]
+                  if config.weighted else None)
         codebook, codes, zero_code = _encode_layer(
             w, d, bits, books, iterations=config.iterations, seed=seed + 1000 * i,
-            metric=None if metrics is None else metrics[name])
+            metric=metric)
         new = _pq_module(layer, d, books, codebook, codes, zero_code, config.codebook_dtype)
         with torch.no_grad():
             err = float((new.reconstruct() - w).norm() / w.norm().clamp_min(1e-12))

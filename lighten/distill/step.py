@@ -1,0 +1,253 @@
+"""The ``distill`` step: train a student from a teacher; the trained student is the stage.
+
+```yaml
+- distill: {method: hinton, teacher: baseline, student: {python: student.py:build}}
+- distill: {method: dkd, teacher: {python: t.py:build, weights: t.safetensors},
+           student: {zoo: lenet5}}
+- distill: {method: hint, layers: auto}          # also attention, relational, self
+- distill: {method: mutual, peers: 2}
+- distill: {method: ensemble, teachers: [baseline, {python: t2.py:build, weights: t2.safetensors}]}
+- distill: {method: multitask, tasks: [{data: {name: fashion-mnist}},
+                                      {data: {name: mnist}, teacher: ...}]}
+```
+
+Each method is a default composition of registered losses (:data:`METHOD_LOSSES`); ``losses:``
+replaces it (``{hinton: 1, attention: 1000}``). The student's source spec becomes the stage's
+(``ctx.source_spec``), so its artifact rebuilds from the student's own zoo / python: model, or
+from the teacher's spec plus the resized layers for a derived student.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import Field, ValidationInfo, field_validator, model_validator
+from torch import nn
+
+from lighten.distill.losses import LOSSES, LossParams
+from lighten.distill.models import parse_ref, resolve_student, resolve_teacher
+from lighten.registry import register_step
+from lighten.step import FinetuneConfig, StepConfig, StepContext, StrictModel
+
+Method = Literal["hinton", "dkd", "hint", "attention", "relational", "self", "mutual",
+                 "ensemble", "multitask"]
+
+# method -> the losses it trains with, {name: weight}. Feature methods add their term to Hinton
+# KD (the combination torchdistill / RepDistiller report); weights: RepDistiller's defaults
+# (attention 1000, RKD distance 25 / angle 50 inside `relational`).
+METHOD_LOSSES: dict[str, dict[str, float]] = {
+    "hinton": {"hinton": 1.0},
+    "dkd": {"ce": 1.0, "dkd": 1.0},
+    "hint": {"hinton": 1.0, "hint": 1.0},
+    "attention": {"hinton": 1.0, "attention": 1000.0},
+    "relational": {"hinton": 1.0, "relational": 1.0},
+    "self": {"ce": 1.0, "self": 1.0},
+    "mutual": {"ce": 1.0, "mutual": 1.0},
+    "ensemble": {"hinton": 1.0},
+    "multitask": {"hinton": 1.0},
+}
+
+
+class DistillFinetuneConfig(FinetuneConfig):
+    """``finetune:`` of the distill step: how long and how fast the student trains (a fresh
+    student trains at the recipe's lr: ``lr_scale`` 1)."""
+
+    epochs: float = Field(3, ge=0, description="epochs of student training")
+    lr_scale: float = Field(1.0, gt=0, description="without lr: this multiple of train lr")
+
+    @model_validator(mode="after")
+    def _own_keys(self):
+        if self.distill or self.teacher is not None or self.loss is not None:
+            raise ValueError("the distill step's teacher and losses are its own keys (teacher:, "
+                             "method:, losses:); remove distill / teacher / loss from finetune")
+        return self
+
+
+class TaskRef(StrictModel):
+    """One task of ``method: multitask``: its data, its teacher, its loss weight."""
+
+    data: dict[str, Any]
+    teacher: Any = "baseline"
+    weight: float = Field(1.0, gt=0)
+    name: str | None = None
+
+    @field_validator("data")
+    @classmethod
+    def _data(cls, v):
+        from lighten.data import DataSpec
+
+        DataSpec(**v)  # one error now rather than mid-run
+        return v
+
+
+class DistillConfig(StepConfig):
+    method: Method = "hinton"
+    teacher: Any = Field("baseline", description="'baseline', an artifact path, {zoo: ...}, "
+                         "{python: t.py:build, weights: ...}, {stage: NAME}; + train: {epochs}")
+    teachers: list[Any] | None = Field(None, description="ensemble: the teachers")
+    weights: Literal["equal", "accuracy"] | list[float] = Field(
+        "equal", description="ensemble: teacher weights, fixed or from each one's test accuracy")
+    student: Any = Field("input", description="'input' (the stage's model), {zoo: ...}, "
+                         "{python: s.py:build}, or derived: {width: 0.25} / {depth: 0.5} / "
+                         "{prune: {target_macs: 0.5}}")
+    losses: dict[str, float] | None = Field(None, description="{loss: weight}; replaces the "
+                                            "method's default composition")
+    temperature: float = Field(4.0, gt=0)
+    alpha: float = Field(0.9, ge=0, le=1, description="hinton: weight of the soft targets")
+    beta: float = Field(8.0, ge=0, description="dkd: weight of the non-target part (NCKD)")
+    warmup: float = Field(0.25, ge=0, le=1, description="dkd: its term ramps up linearly over "
+                          "this share of the training steps (mdistiller warms up too)")
+    layers: Literal["auto"] | list[str] | dict[str, str] = Field(
+        "auto", description="feature layers: auto (by resolution), [names] or {student: teacher}")
+    peers: int = Field(2, ge=2, description="mutual: students trained together")
+    tasks: list[TaskRef] | None = Field(None, description="multitask: [{data, teacher}, ...]")
+    keep_heads: bool = Field(False, description="self: keep the exit heads in the saved model")
+    head_hidden: int = Field(0, ge=0, description="self: hidden width of each exit head")
+    cache_teacher: bool = Field(True, description="cache teacher logits when the data is fixed")
+    finetune: DistillFinetuneConfig = Field(default_factory=DistillFinetuneConfig)
+
+    @model_validator(mode="after")
+    def _consistent(self, info: ValidationInfo):
+        context = info.context if info is not None else None
+        if self.losses is not None:
+            unknown = [n for n in self.losses if n not in LOSSES]
+            if unknown:
+                raise ValueError(f"unknown loss {unknown[0]!r}; known: {', '.join(LOSSES)}")
+        if (self.method == "ensemble") != (self.teachers is not None):
+            raise ValueError("teachers: [...] goes with method: ensemble (and it needs them)")
+        if self.method == "ensemble" and len(self.teachers) < 2:
+            raise ValueError("method: ensemble needs at least two teachers")
+        if isinstance(self.weights, list) and len(self.weights) != len(self.teachers or []):
+            raise ValueError(f"weights: {len(self.weights)} numbers for "
+                             f"{len(self.teachers or [])} teachers")
+        if (self.method == "multitask") != (self.tasks is not None):
+            raise ValueError("tasks: [...] goes with method: multitask (and it needs them)")
+        if self.method == "multitask" and len(self.tasks) < 2:
+            raise ValueError("method: multitask needs at least two tasks")
+        if "peers" in self.model_fields_set and self.method != "mutual":
+            raise ValueError("peers goes with method: mutual")
+        refs = {"teacher": self.teacher, "student": self.student}
+        for i, t in enumerate(self.teachers or []):
+            refs[f"teachers[{i}]"] = t
+        for i, t in enumerate(self.tasks or []):
+            refs[f"tasks[{i}].teacher"] = t.teacher
+        update = {}
+        for where, value in refs.items():
+            try:
+                ref = parse_ref(value, role="student" if where == "student" else "teacher",
+                                context=context)
+            except Exception as err:
+                raise ValueError(f"{where}: {str(err).splitlines()[0]}") from None
+            if where in ("teacher", "student") and not isinstance(ref, str):
+                update[where] = ref
+        return self.model_copy(update=update) if update else self
+
+    def loss_weights(self) -> dict[str, float]:
+        return dict(self.losses) if self.losses is not None else dict(METHOD_LOSSES[self.method])
+
+    def loss_params(self) -> LossParams:
+        return LossParams(temperature=self.temperature, alpha=self.alpha, dkd_beta=self.beta)
+
+
+@register_step("distill", DistillConfig, needs_data=lambda c: "labelled training data")
+def distill(model: nn.Module, config: DistillConfig, ctx: StepContext) -> nn.Module:
+    """Train a student from a teacher (or peers, teachers, tasks); the student is the stage."""
+    if config.method == "multitask":
+        from lighten.distill.multitask import distill_multitask
+
+        return distill_multitask(model, config, ctx)
+    from lighten.distill.objective import Objective
+
+    losses = config.loss_weights()
+    teachers, labels = _teachers(config, ctx, losses)
+    first = teachers[0] if teachers else None
+    student = resolve_student(config.student, ctx, model, first, seed=ctx.seed)
+    students = [student.model]
+    if config.method == "mutual":
+        from lighten.distill.mutual import make_peers
+
+        students = make_peers(student.model, config.peers, seed=ctx.seed)
+    weights = _ensemble_weights(config, teachers, ctx) if config.method == "ensemble" else None
+    augment = bool(getattr(ctx.train_config, "augment", False))
+    objective = Objective(
+        students, task=ctx.task, train_set=ctx.data.train, example=ctx.example_inputs(2),
+        losses=losses, params=config.loss_params(), teachers=[t.model for t in teachers],
+        teacher_weights=weights, layers=config.layers, exit_layers=config.layers,
+        head_hidden=config.head_hidden, num_classes=ctx.data.num_classes,
+        cache=config.cache_teacher and config.finetune.epochs >= 1 and not augment,
+        warmup_steps=_warmup_steps(config, ctx))
+    _describe(ctx, config, student.label, labels, objective)
+    try:
+        ctx.finetune(objective.module, config.finetune, dataset=objective.dataset,
+                     task=objective.task)
+    finally:
+        objective.close(keep_heads=config.keep_heads)
+    result = students[0]
+    if config.method == "mutual":
+        from lighten.distill.mutual import choose_peer
+
+        result = choose_peer(students, ctx)
+    if student.source_spec is not None:
+        ctx.source_spec = student.source_spec
+        ctx.summary["source_spec"] = student.source_spec
+    return result.eval()
+
+
+def _warmup_steps(config: DistillConfig, ctx: StepContext) -> int:
+    """Training steps over which the dkd term ramps up (0: none)."""
+    import math
+
+    batch = config.finetune.batch_size or ctx.train_config.batch_size
+    total = config.finetune.epochs * math.ceil(len(ctx.data.train) / batch)
+    return math.ceil(config.warmup * total)
+
+
+def _teachers(config: DistillConfig, ctx: StepContext, losses: dict[str, float]):
+    """The frozen teachers this config trains from (none for self / mutual unless named)."""
+    from lighten.distill.losses import get_loss
+
+    needs = set().union(*(get_loss(n).needs for n in losses))
+    if config.method == "ensemble":
+        refs = list(config.teachers)
+    elif "teacher" not in config.model_fields_set and not (
+            needs & {"teacher", "features", "embeddings"}):
+        refs = []  # self / mutual / losses: {ce: 1} learn without a teacher
+    else:
+        refs = [config.teacher]
+    resolved = [resolve_teacher(r, ctx) for r in refs]
+    return resolved, [t.label for t in resolved]
+
+
+def _ensemble_weights(config: DistillConfig, teachers, ctx: StepContext) -> list[float]:
+    from lighten.train import evaluate
+
+    accuracies = [evaluate(t.model, ctx.data.test, task=ctx.task) for t in teachers]
+    for t, acc in zip(teachers, accuracies, strict=True):
+        ctx.layer(f"teacher {t.label}", "teach", after=f"test accuracy {acc:.4f}", accuracy=acc)
+    ctx.summary["teacher_accuracy"] = accuracies
+    if isinstance(config.weights, list):
+        return list(config.weights)
+    if config.weights == "accuracy":
+        ctx.note("ensemble weights from each teacher's test-split accuracy: "
+                 + ", ".join(f"{a:.4f}" for a in accuracies))
+        return accuracies
+    return [1.0] * len(teachers)
+
+
+def _describe(ctx: StepContext, config: DistillConfig, student: str, teachers: list[str],
+              objective) -> None:
+    losses = ", ".join(f"{w:g} x {n}" for n, w in objective.losses.items())
+    who = " + ".join(teachers) if teachers else "no teacher"
+    ctx.note(f"distill {config.method}: student {student} from {who}; loss {losses}")
+    for st in objective.students:
+        for s_name, t_name, key in st.pairs:
+            ctx.layer(s_name, "match", before=f"teacher {t_name}",
+                      after=type(objective.module.extras[key]).__name__, reason="feature pair")
+        for name in st.exits:
+            ctx.layer(name, "exit head", after="kept" if config.keep_heads else
+                      "training only", reason="self-distillation")
+    if objective.cached is not None:
+        ctx.note(f"teacher logits cached once for {len(objective.dataset)} training samples "
+                 "(fixed data, no augmentation)")
+    ctx.summary.update(method=config.method, losses=dict(objective.losses),
+                       teachers=teachers, student=student)

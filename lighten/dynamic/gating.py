@@ -1,0 +1,439 @@
+"""``dynamic.gating``: learned per-input gates that skip residual blocks (SkipNet, Wang et al.
+2018; ConvNet-AIG, Veit & Belongie 2018), trained with a compute-budget loss.
+
+A block can be skipped when it maps features to features of the same shape (a residual block
+whose shortcut is the identity): skipping it passes its input on. Each such block of the
+backbone's module chain (:func:`~lighten.dynamic.exits.module_chain`) gets a gate (global
+average pool + Linear -> one logit) that reads the block's input. Training samples hard
+decisions with a straight-through Gumbel-sigmoid, and the loss adds ``budget_weight x
+(expected MAC ratio - target_macs)^2``. After training one logit threshold for all gates is
+calibrated on held-out training data so the mean executed MACs meet ``target_macs``.
+
+Inference: batch 1 runs a block only when its gate opens; a batch (and the export) computes the
+block and selects per sample. Deployed as one ONNX graph with an ``If`` per gate (then: the
+block, selected per row; else: the input passed on), so a closed gate runs none of the block's
+nodes (:func:`gated_graph`).
+"""
+
+from __future__ import annotations
+
+import copy
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from pydantic import Field
+from torch import Tensor, nn
+from torch.utils.data import DataLoader
+
+from lighten.errors import CheckpointError, UnsupportedError
+from lighten.modules import register_module_type
+from lighten.registry import register_step
+from lighten.step import FinetuneConfig, StepConfig, StepContext
+
+
+class GatingConfig(StepConfig):
+    """``dynamic.gating``: the mean executed MACs to aim for, and how hard to push."""
+
+    target_macs: float = Field(0.7, gt=0, le=1, description="mean executed MACs per sample as "
+                               "a fraction of the model's")
+    budget_weight: float = Field(4.0, ge=0, description="weight of (MAC ratio - target)^2")
+    temperature: float = Field(1.0, gt=0, description="Gumbel-sigmoid temperature")
+    gate_epochs: float = Field(1.0, ge=0, description="gates-only epochs (backbone frozen) "
+                               "before the joint finetune:")
+    holdout: float = Field(0.1, gt=0, lt=0.5, description="share of the training data held out "
+                           "to calibrate the gate threshold")
+
+
+def _gate(shape) -> nn.Sequential:
+    """Global pool + Linear -> one logit; starts open (bias 3) so training starts from the
+    unchanged model."""
+    linear = nn.Linear(shape[0], 1)
+    nn.init.zeros_(linear.weight)
+    nn.init.constant_(linear.bias, 3.0)
+    if len(shape) == 1:
+        return nn.Sequential(linear)
+    return nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), linear)
+
+
+@register_module_type
+class GatedModel(nn.Module):
+    """``backbone`` run as its module chain; ``chain[gated[i]]`` runs only where ``gates[i]``
+    (its input -> a logit) exceeds the buffer ``threshold``."""
+
+    artifact_type = "lighten.dynamic:GatedModel"
+
+    def __init__(self, backbone: nn.Module, chain: list[str], gated: list[int],
+                 gates: list[nn.Module] | nn.ModuleList, *, backbone_spec: dict | None = None,
+                 input_shape=None, num_classes=None, task: dict | None = None,
+                 block_macs: list[int] | None = None, total_macs: int | None = None):
+        super().__init__()
+        self.backbone = backbone
+        self.gates = gates if isinstance(gates, nn.ModuleList) else nn.ModuleList(gates)
+        self.register_buffer("threshold", torch.zeros(()))
+        self.chain = [str(p) for p in chain]
+        self.gated = [int(i) for i in gated]
+        self.backbone_spec = backbone_spec
+        self.input_shape = None if input_shape is None else [int(d) for d in input_shape]
+        self.num_classes = None if num_classes is None else int(num_classes)
+        self.task = task
+        self.block_macs = block_macs  # MACs of each gated block
+        self.total_macs = total_macs  # the whole backbone
+        self.temperature = 1.0
+        self.gate_open: list[Tensor] = []  # training: per gate, the (B,) decisions (ST)
+        self._executed: list[bool] = []
+
+    def artifact_config(self) -> dict[str, Any]:
+        if self.backbone_spec is None:
+            raise CheckpointError("cannot save a GatedModel whose backbone_spec is unknown: set "
+                                  "model.backbone_spec (e.g. {'zoo': 'resnet20'}) before saving, "
+                                  "or run dynamic.gating from a recipe")
+        return {"backbone_spec": self.backbone_spec, "input_shape": self.input_shape,
+                "num_classes": self.num_classes, "task": self.task, "chain": self.chain,
+                "gated": self.gated, "block_macs": self.block_macs,
+                "total_macs": self.total_macs}
+
+    @classmethod
+    def from_artifact(cls, config: dict) -> GatedModel:
+        from lighten.models import ModelSpec, build_model
+        from lighten.task import task_from_dict
+
+        spec = ModelSpec(**{k: v for k, v in config["backbone_spec"].items() if k != "weights"})
+        task = task_from_dict(config["task"]) if config.get("task") else None
+        with torch.random.fork_rng(devices=[]):
+            backbone = build_model(spec, input_shape=tuple(config["input_shape"]),
+                                   num_classes=config["num_classes"], task=task)
+        return cls(backbone, config["chain"], config["gated"], [],
+                   backbone_spec=config["backbone_spec"], input_shape=config["input_shape"],
+                   num_classes=config["num_classes"], task=config.get("task"),
+                   block_macs=config.get("block_macs"), total_macs=config.get("total_macs"))
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.gate_open = []
+        return self
+
+    def forward(self, x: Tensor) -> Tensor:
+        where = {pos: i for i, pos in enumerate(self.gated)}
+        batch1 = (not self.training and x.shape[0] == 1
+                  and not (torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()))
+        self._executed = []
+        for pos, path in enumerate(self.chain):
+            module = self.backbone.get_submodule(path)
+            i = where.get(pos)
+            if i is None:
+                x = module(x)
+                continue
+            logit = self.gates[i](x).reshape(-1)  # (B,)
+            if self.training:
+                u = torch.rand_like(logit).clamp(1e-6, 1 - 1e-6)
+                soft = torch.sigmoid((logit + torch.log(u) - torch.log1p(-u)) / self.temperature)
+                hard = (soft > 0.5).to(soft.dtype)
+                g = hard + soft - soft.detach()  # straight-through: hard forward, soft gradient
+                self.gate_open.append(g)
+                x = _select(g, module(x), x)
+            elif batch1:
+                run = bool(logit[0] > self.threshold)
+                self._executed.append(run)
+                if run:
+                    x = module(x)
+            else:
+                x = torch.where(_expand(logit > self.threshold, x), module(x), x)
+        return x
+
+    def decisions(self, x: Tensor) -> Tensor:
+        """(B, gates) booleans: which blocks each sample runs (eval)."""
+        opened = []
+        was = self.training
+        self.eval()
+        with torch.no_grad():
+            where = {pos: i for i, pos in enumerate(self.gated)}
+            for pos, path in enumerate(self.chain):
+                module = self.backbone.get_submodule(path)
+                i = where.get(pos)
+                if i is None:
+                    x = module(x)
+                    continue
+                take = self.gates[i](x).reshape(-1) > self.threshold
+                opened.append(take)
+                x = torch.where(_expand(take, x), module(x), x)
+        self.train(was)
+        return torch.stack(opened, 1)
+
+    def gate_logits(self, x: Tensor) -> Tensor:
+        """(B, gates) logits with every block run (for the threshold search)."""
+        out = []
+        with torch.no_grad():
+            where = {pos: i for i, pos in enumerate(self.gated)}
+            for pos, path in enumerate(self.chain):
+                if pos in where:
+                    out.append(self.gates[where[pos]](x).reshape(-1))
+                x = self.backbone.get_submodule(path)(x)
+        return torch.stack(out, 1)
+
+    def executed_macs(self, opened: Tensor) -> np.ndarray:
+        """Per sample, the MACs it executes given its gate decisions (gates included)."""
+        skipped = (~opened).float().numpy() @ np.asarray(self.block_macs, dtype=np.float64)
+        return self.total_macs - skipped
+
+    def onnx_graph(self, specs, *, opset: int = 17):
+        """The deployed graph: one ``If`` per gate (:func:`gated_graph`)."""
+        if len(specs) != 1 or not specs[0].is_float:
+            raise UnsupportedError("a gated model exports for one float input")
+        return gated_graph(self, torch.zeros(1, *specs[0].shape), opset=opset)
+
+    def dynamic_measure(self, dataset, **kwargs) -> dict[str, Any]:
+        return measure_gated(self, dataset, **kwargs)
+
+
+def _expand(take: Tensor, like: Tensor) -> Tensor:
+    return take.reshape(-1, *([1] * (like.dim() - 1)))
+
+
+def _select(g: Tensor, run: Tensor, skip: Tensor) -> Tensor:
+    g = _expand(g, run)
+    return g * run + (1 - g) * skip
+
+
+def budget_term(weight: float, target: float):
+    """``weight x (expected executed MAC ratio - target)^2`` from the straight-through gates."""
+
+    def term(model: nn.Module, x, outputs: Tensor, y: Tensor) -> Tensor:
+        if not model.gate_open:
+            return outputs.new_zeros(())
+        opened = torch.stack(model.gate_open, 1)  # (B, gates)
+        macs = torch.tensor(model.block_macs, dtype=opened.dtype)
+        skipped = ((1 - opened) * macs).sum(1).mean()
+        ratio = (model.total_macs - skipped) / model.total_macs
+        return weight * (ratio - target) ** 2
+
+    return term
+
+
+@register_step("dynamic.gating", GatingConfig,
+               needs_data=lambda c: "labelled training data (gates, held-out threshold)")
+def gating(model: nn.Module, cfg: GatingConfig, ctx: StepContext) -> nn.Module:
+    """Learned gates skip residual blocks per input, trained to a mean-MACs budget."""
+    from lighten.dynamic.early_exit import _split, chain_profile, zoo_spec
+    from lighten.dynamic.exits import module_chain
+    from lighten.measure.macs import count_macs
+
+    if isinstance(model, GatedModel):
+        raise UnsupportedError("dynamic.gating: the model has gates already; apply it once")
+    chain = module_chain(model)
+    x = ctx.example_input(1)
+    shapes, macs = chain_profile(model, chain, x)
+    inputs = [tuple(x.shape[1:]), *shapes[:-1]]
+    gated = [i for i in range(len(chain)) if inputs[i] == shapes[i] and len(shapes[i]) in (1, 3)
+             and macs[i] - (macs[i - 1] if i else 0) > 0]
+    if not gated:
+        raise UnsupportedError("dynamic.gating: no block of the model keeps its input's shape "
+                               "(a residual block with an identity shortcut); nothing to skip")
+    gates = [_gate(inputs[i]) for i in gated]
+    gate_macs = sum(count_macs(g, torch.zeros(1, *inputs[i])) for g, i in zip(gates, gated,
+                                                                              strict=True))
+    block = [int(macs[i] - (macs[i - 1] if i else 0)) for i in gated]
+    spec = getattr(ctx, "model_spec", None) or zoo_spec(model, ctx)
+    gm = GatedModel(model, chain, gated, gates, backbone_spec=spec,
+                    input_shape=list(ctx.input_shape), num_classes=ctx.task.num_classes,
+                    task=ctx.task.describe(), block_macs=block, total_macs=int(macs[-1] +
+                                                                               gate_macs))
+    gm.temperature = cfg.temperature
+    fit_ctx, held = _split(ctx, cfg.holdout)
+    term = budget_term(cfg.budget_weight, cfg.target_macs)
+    for p in gm.backbone.parameters():
+        p.requires_grad_(False)
+    fit_ctx.finetune(gm, FinetuneConfig(epochs=cfg.gate_epochs, lr_scale=1.0), loss_terms=[term])
+    for p in gm.backbone.parameters():
+        p.requires_grad_(True)
+    fit_ctx.finetune(gm, cfg.finetune or FinetuneConfig(epochs=1), loss_terms=[term])
+    gm.eval()
+    ratio, acc = _calibrate_threshold(gm, held, cfg.target_macs, macs[-1])
+    for pos, b in zip(gated, block, strict=True):
+        ctx.layer(chain[pos], "gate", before="always runs", after="runs where its gate opens",
+                  macs=b)
+    ctx.summary.update(dynamic={"gated_blocks": [chain[i] for i in gated],
+                                "threshold": float(gm.threshold), "held_out_macs_ratio": ratio,
+                                "held_out_accuracy": acc, "target_met": ratio <= cfg.target_macs
+                                + 1e-9})
+    ctx.note(f"dynamic.gating: {len(gated)} gated blocks; on {len(held)} held-out training "
+             f"samples {ratio:.2f}x the MACs at {acc:.2%} accuracy (target_macs "
+             f"{cfg.target_macs}{'' if ratio <= cfg.target_macs + 1e-9 else ': NOT met'})")
+    return gm
+
+
+def _calibrate_threshold(gm: GatedModel, held, target: float, base_macs: float
+                         ) -> tuple[float, float]:
+    """The smallest logit threshold (keeping most blocks) whose held-out mean executed MACs
+    are within ``target`` of the backbone's: gates are applied in sequence, so each candidate
+    is evaluated by running the model."""
+    xs, ys = zip(*[(x, torch.as_tensor(y)) for x, y in DataLoader(held, batch_size=512)],
+                 strict=True)
+    x, y = torch.cat(xs), torch.cat(ys)
+
+    def result(t: float) -> tuple[float, float]:
+        gm.threshold.fill_(t)
+        opened = gm.decisions(x)
+        with torch.no_grad():
+            acc = (gm(x).argmax(-1) == y).float().mean().item()
+        return float(gm.executed_macs(opened).mean() / base_macs), acc
+
+    logits = gm.gate_logits(x)
+    lo, hi = float(logits.min()) - 1.0, float(logits.max()) + 1.0
+    if result(0.0)[0] <= target:
+        gm.threshold.fill_(0.0)
+        return result(0.0)
+    for _ in range(30):  # bisection: a higher threshold closes more gates
+        mid = (lo + hi) / 2
+        if result(mid)[0] <= target:
+            hi = mid
+        else:
+            lo = mid
+    return result(hi)
+
+
+# --------------------------------------------------------------------------- deployment
+
+
+def gated_graph(gm: GatedModel, example: Tensor, *, opset: int = 17):
+    """One ONNX graph: plain runs of modules inline; per gated block the gate inline, then
+    ``If(any row opens)`` -> the block, rows selected by their gate; else the input."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    from lighten.dynamic.onnx_if import _renamed
+
+    gm = copy.deepcopy(gm).eval()
+    nodes, inits = [], []
+    current, h = "input", example[:1]
+    where = {pos: i for i, pos in enumerate(gm.gated)}
+    pending: list[nn.Module] = []
+    with tempfile.TemporaryDirectory() as tmp:
+
+        def inline(module: nn.Module, tag: str, x: Tensor, value: str):
+            proto = _export(module, x, Path(tmp) / f"{tag}.onnx", opset)
+            n, i, outs = _renamed(proto.graph, f"{tag}/", value)
+            return n, i, outs[0]
+
+        def flush(value: str, x: Tensor, tag: str):
+            if not pending:
+                return value, x
+            seq = nn.Sequential(*pending)
+            n, i, out = inline(seq, tag, x, value)
+            nodes.extend(n)
+            inits.extend(i)
+            with torch.no_grad():
+                x = seq(x)
+            pending.clear()
+            return out, x
+
+        for pos, path in enumerate(gm.chain):
+            module = gm.backbone.get_submodule(path)
+            k = where.get(pos)
+            if k is None:
+                pending.append(module)
+                continue
+            current, h = flush(current, h, f"p{pos}")
+            n, i, logit = inline(gm.gates[k], f"g{k}", h, current)
+            nodes.extend(n)
+            inits.extend(i)
+            bn, bi, bout = inline(module, f"b{k}", h, current)
+            p = f"c{k}/"
+            rank = h.dim()
+            nodes += [
+                helper.make_node("Constant", [], [p + "shape"], value=helper.make_tensor(
+                    "shape", TensorProto.INT64, [1], [-1])),
+                helper.make_node("Reshape", [logit, p + "shape"], [p + "logit"]),
+                helper.make_node("Constant", [], [p + "t"], value=helper.make_tensor(
+                    "t", TensorProto.FLOAT, [], [float(gm.threshold)])),
+                helper.make_node("Greater", [p + "logit", p + "t"], [p + "take"]),
+                helper.make_node("Cast", [p + "take"], [p + "take_i"], to=TensorProto.INT32),
+                helper.make_node("ReduceMax", [p + "take_i"], [p + "any_i"], keepdims=0),
+                helper.make_node("Cast", [p + "any_i"], [p + "any"], to=TensorProto.BOOL),
+            ]
+            then_nodes = [*bn,
+                          helper.make_node("Constant", [], [p + "axes"], value=helper.make_tensor(
+                              "axes", TensorProto.INT64, [rank - 1], list(range(1, rank)))),
+                          helper.make_node("Unsqueeze", [p + "take", p + "axes"], [p + "take_nd"]),
+                          helper.make_node("Where", [p + "take_nd", bout, current],
+                                           [p + "then"])]
+            out_info = helper.make_tensor_value_info(p + "then", TensorProto.FLOAT, None)
+            else_info = helper.make_tensor_value_info(p + "else", TensorProto.FLOAT, None)
+            then_graph = helper.make_graph(then_nodes, f"then{k}", [], [out_info],
+                                           initializer=bi)
+            else_graph = helper.make_graph([helper.make_node("Identity", [current],
+                                                             [p + "else"])],
+                                           f"else{k}", [], [else_info])
+            nodes.append(helper.make_node("If", [p + "any"], [p + "out"],
+                                          then_branch=then_graph, else_branch=else_graph))
+            current = p + "out"
+            with torch.no_grad():
+                h = module(h)
+        current, h = flush(current, h, "tail")
+        nodes.append(helper.make_node("Identity", [current], ["logits"]))
+    graph = helper.make_graph(
+        nodes, "gated", [helper.make_tensor_value_info("input", TensorProto.FLOAT,
+                                                       ["batch", *example.shape[1:]])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", h.shape[-1]])],
+        initializer=inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)],
+                              producer_name="lighten.dynamic")
+    onnx.checker.check_model(model)
+    return model
+
+
+def _export(module: nn.Module, x: Tensor, path: Path, opset: int):
+    import onnx
+
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(module.eval(), (x,), str(path), input_names=["input"],
+                          output_names=["output"],
+                          dynamic_axes={"input": {0: "batch"}, "output": {0: "batch"}},
+                          opset_version=opset, do_constant_folding=True, dynamo=False)
+    return onnx.load(str(path))
+
+
+def measure_gated(gm: GatedModel, dataset, *, task=None, workdir=None, threads=None,
+                  compiled=None, latency_samples: int = 500, rounds: int = 5) -> dict[str, Any]:
+    """metrics.jsonl fields of a gated stage on test samples: ``macs`` = mean executed MACs,
+    ``latency_ms_b1`` = mean batch-1 latency of the deployed graph (``compiled``, else built
+    here), ``dynamic``: per block the share of samples that ran it."""
+    from lighten.dynamic.runtime import _interleaved, _session_fn
+
+    xs, ys = [], []
+    for x, y in DataLoader(dataset, batch_size=512):
+        xs.append(task.as_inputs(x)[0] if task is not None else x)
+        ys.append(torch.as_tensor(y))
+    x_all = torch.cat(xs)
+    if compiled is None:
+        import onnx
+
+        path = Path(tempfile.mkdtemp(prefix="lighten-gated-")) / "model.onnx"
+        onnx.save(gated_graph(gm, x_all[:1]), str(path))
+        compiled = _session_fn(path, threads)
+    opened = gm.decisions(x_all)
+    executed = gm.executed_macs(opened)
+    one = [np.ascontiguousarray(x_all[i:i + 1].numpy()) for i in range(min(latency_samples,
+                                                                           len(x_all)))]
+    b1 = _interleaved({"deployed": lambda a: compiled(a)}, one, rounds)["deployed"]
+    return {
+        "macs": int(round(float(executed.mean()))),
+        "latency_ms_b1": b1["median"], "latency_ms_b1_spread": b1["spread"],
+        "dynamic": {
+            "kind": "gating", "form": "one ONNX graph with an If per gate (model.onnx)",
+            "threshold": float(gm.threshold),
+            "blocks": [{"name": gm.chain[p], "share": float(opened[:, i].float().mean()),
+                        "macs": int(m)} for i, (p, m) in enumerate(zip(gm.gated, gm.block_macs,
+                                                                      strict=True))],
+            "macs_ratio": float(executed.mean() / gm.total_macs),
+            "latency_ms_b1": b1["median"], "latency_ms_b1_spread": b1["spread"],
+            "latency_samples": len(one), "rounds": rounds,
+        },
+    }
+
+
+__all__ = ["GatedModel", "GatingConfig", "gated_graph", "gating", "measure_gated"]

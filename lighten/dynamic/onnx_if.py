@@ -1,0 +1,150 @@
+"""An early-exit model as ONE ONNX graph whose ``If`` nodes skip the later segments.
+
+Built from the per-segment files of :func:`lighten.dynamic.runtime.export_segments`: segment 0
+runs in the main graph; after exit k the graph computes ``done_k`` (rows whose confidence reached
+their exit's threshold, or an earlier one's) and ``out_k`` (each row's answer so far), then
+``If(all(done_k))`` returns ``out_k`` or runs the next segment inside the ``else`` branch. So at
+batch 1 a confident sample executes none of the later segments' nodes, and a batch stops as
+soon as every row has answered; rows that answered early keep their early logits (the same
+per-sample semantics as the PyTorch model and the segment loop).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import onnx
+from onnx import TensorProto, helper
+
+
+def _renamed(graph: onnx.GraphProto, prefix: str, input_name: str):
+    """(nodes, initializers, outputs) of ``graph`` with every value name prefixed, its one
+    input wired to ``input_name``."""
+    source = graph.input[0].name
+    inits = {i.name for i in graph.initializer}
+
+    def name(n: str) -> str:
+        if not n:
+            return n
+        return input_name if n == source else f"{prefix}{n}"
+
+    nodes = []
+    for node in graph.node:
+        new = onnx.NodeProto()
+        new.CopyFrom(node)
+        del new.input[:]
+        del new.output[:]
+        new.input.extend(name(n) for n in node.input)
+        new.output.extend(name(n) for n in node.output)
+        new.name = f"{prefix}{node.name}"
+        nodes.append(new)
+    initializers = []
+    for init in graph.initializer:
+        new = onnx.TensorProto()
+        new.CopyFrom(init)
+        new.name = name(init.name) if init.name in inits else init.name
+        initializers.append(new)
+    return nodes, initializers, [name(o.name) for o in graph.output]
+
+
+def _exit_nodes(k: int, logits: str, prev_out: str | None, prev_done: str | None,
+                threshold: float, criterion: str):
+    """Nodes computing ``out{k}`` / ``done{k}`` / ``all{k}`` after exit k."""
+    p = f"x{k}/"
+    nodes = [helper.make_node("Softmax", [logits], [p + "prob"], axis=-1)]
+    if criterion == "max_softmax":
+        nodes.append(helper.make_node("ReduceMax", [p + "prob"], [p + "conf"], axes=[-1],
+                                      keepdims=0))
+    else:  # 1 - entropy / log(C)
+        nodes += [
+            helper.make_node("Constant", [], [p + "eps"], value=helper.make_tensor(
+                "eps", TensorProto.FLOAT, [], [1e-12])),
+            helper.make_node("Max", [p + "prob", p + "eps"], [p + "clip"]),
+            helper.make_node("Log", [p + "clip"], [p + "log"]),
+            helper.make_node("Mul", [p + "prob", p + "log"], [p + "plogp"]),
+            helper.make_node("ReduceSum", [p + "plogp", p + "axis"], [p + "negent"], keepdims=0),
+            helper.make_node("Shape", [logits], [p + "shape"]),
+            helper.make_node("Gather", [p + "shape", p + "last"], [p + "classes"], axis=0),
+            helper.make_node("Cast", [p + "classes"], [p + "classes_f"], to=TensorProto.FLOAT),
+            helper.make_node("Log", [p + "classes_f"], [p + "logc"]),
+            helper.make_node("Div", [p + "negent", p + "logc"], [p + "ratio"]),
+            helper.make_node("Constant", [], [p + "one"], value=helper.make_tensor(
+                "one", TensorProto.FLOAT, [], [1.0])),
+            helper.make_node("Add", [p + "one", p + "ratio"], [p + "conf"]),
+        ]
+        nodes.insert(0, helper.make_node("Constant", [], [p + "axis"], value=helper.make_tensor(
+            "axis", TensorProto.INT64, [1], [-1])))
+        nodes.insert(0, helper.make_node("Constant", [], [p + "last"], value=helper.make_tensor(
+            "last", TensorProto.INT64, [], [-1])))
+    nodes += [
+        helper.make_node("Constant", [], [p + "t"], value=helper.make_tensor(
+            "t", TensorProto.FLOAT, [], [float(threshold)])),
+        helper.make_node("GreaterOrEqual", [p + "conf", p + "t"], [p + "take"]),
+    ]
+    if prev_done is None:
+        nodes += [helper.make_node("Identity", [p + "take"], [f"done{k}"]),
+                  helper.make_node("Identity", [logits], [f"out{k}"])]
+    else:
+        nodes += [
+            helper.make_node("Or", [prev_done, p + "take"], [f"done{k}"]),
+            helper.make_node("Unsqueeze", [prev_done, p + "ax1"], [p + "prev2d"]),
+            helper.make_node("Where", [p + "prev2d", prev_out, logits], [f"out{k}"]),
+        ]
+        nodes.insert(0, helper.make_node("Constant", [], [p + "ax1"], value=helper.make_tensor(
+            "ax1", TensorProto.INT64, [1], [1])))
+    nodes += [
+        helper.make_node("Cast", [f"done{k}"], [p + "done_i"], to=TensorProto.INT32),
+        helper.make_node("ReduceMin", [p + "done_i"], [p + "min"], keepdims=0),
+        helper.make_node("Cast", [p + "min"], [f"all{k}"], to=TensorProto.BOOL),
+    ]
+    return nodes
+
+
+def _logits_info(name: str, classes: int) -> onnx.ValueInfoProto:
+    return helper.make_tensor_value_info(name, TensorProto.FLOAT, ["batch", classes])
+
+
+def build_if_graph(segment_files: list[Path], thresholds: list[float], criterion: str,
+                   classes: int, path: Path | None = None) -> onnx.ModelProto:
+    """The one-graph form of the segments (input as segment 0's, output ``logits``); written
+    to ``path`` when given."""
+    models = [onnx.load(str(f)) for f in segment_files]
+    opset = max(o.version for o in models[0].opset_import if o.domain in ("", "ai.onnx"))
+    last = len(models) - 1
+
+    def body(k: int, prev_features: str, prev_out: str | None, prev_done: str | None):
+        """Segment k and everything after it, in the graph (branch) segment k runs in:
+        (nodes, its weights, name of the answer). Weights stay in their own branch."""
+        nodes, inits, outs = _renamed(models[k].graph, f"s{k}/", prev_features)
+        if k == last:
+            if prev_done is None:
+                return nodes, inits, outs[0]
+            nodes += [helper.make_node("Unsqueeze", [prev_done, "f/ax1"], ["f/prev2d"]),
+                      helper.make_node("Where", ["f/prev2d", prev_out, outs[0]], ["f/out"])]
+            nodes.insert(0, helper.make_node("Constant", [], ["f/ax1"], value=helper.make_tensor(
+                "ax1", TensorProto.INT64, [1], [1])))
+            return nodes, inits, "f/out"
+        features, logits = outs
+        nodes += _exit_nodes(k, logits, prev_out, prev_done, thresholds[k], criterion)
+        rest, rest_inits, answer = body(k + 1, features, f"out{k}", f"done{k}")
+        then_graph = helper.make_graph(
+            [helper.make_node("Identity", [f"out{k}"], [f"then{k}"])], f"then{k}", [],
+            [_logits_info(f"then{k}", classes)])
+        rest.append(helper.make_node("Identity", [answer], [f"else{k}"]))
+        else_graph = helper.make_graph(rest, f"else{k}", [], [_logits_info(f"else{k}", classes)],
+                                       initializer=rest_inits)
+        nodes.append(helper.make_node("If", [f"all{k}"], [f"answer{k}"],
+                                      then_branch=then_graph, else_branch=else_graph))
+        return nodes, inits, f"answer{k}"
+
+    input_info = models[0].graph.input[0]
+    nodes, initializers, answer = body(0, input_info.name, None, None)
+    nodes.append(helper.make_node("Identity", [answer], ["logits"]))
+    graph = helper.make_graph(nodes, "early_exit", [input_info], [_logits_info("logits", classes)],
+                              initializer=initializers)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)],
+                              producer_name="lighten.dynamic")
+    onnx.checker.check_model(model)
+    if path is not None:
+        onnx.save(model, str(path))
+    return model
