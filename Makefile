@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 FMNIST := /usr/share/datasets/fashion-mnist
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: demo test bench lint install dataset clean
+.PHONY: demo test bench lint install dataset clean reliability
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -25,6 +25,10 @@ demo: install dataset
 
 test: install
 	$(BIN)/python -m pytest tests
+
+# RELIABILITY.md: hostile and malformed files, verify, strict recipes (a few minutes)
+reliability: install
+	$(BIN)/python scripts/reliability.py
 
 lint: install
 	$(BIN)/ruff check lighten tests benchmarks

@@ -97,7 +97,8 @@ def render(results: list[dict], command: str) -> str:
              f"Command: `{command}`  ", f"Machine: {describe_machine(machine())}", "",
              "Bytes are the stage artifacts on disk (one .safetensors file each, manifest "
              "included); × is the float baseline's bytes over the stage's; accuracy is the "
-             "deployed ONNX file's on the 10,000 test images; Δ against the baseline.", ""]
+             "deployed ONNX file's on the Fashion-MNIST test set (10,000 images; 512 with "
+             "--quick); Δ against the baseline.", ""]
     lines += ["| recipe | stage | bytes | × vs float | accuracy | Δ pts | agreement |",
               "|---|---|---|---|---|---|---|"]
     for res in results:

@@ -73,7 +73,8 @@ def main(argv=None) -> int:
 
     base = get_backend("onnxruntime", threads=threads).compile(
         model, inputs=data.task.inputs, workdir=work / "baseline", sample_inputs=(x_test[:64],))
-    base_acc = float((base(x_test.numpy()).argmax(-1) == y_test).mean())
+    chunks = [x_test[i:i + 256].numpy() for i in range(0, len(x_test), 256)]
+    base_acc = float((np.concatenate([base(c) for c in chunks]).argmax(-1) == y_test).mean())
     from lighten.measure.macs import count_macs
 
     base_macs = count_macs(model, data.task)
@@ -90,7 +91,7 @@ def main(argv=None) -> int:
     seg_dir = work / "segments"
     files = export_segments(multi, seg_dir, x_test[:1])
     runtime = SegmentRuntime(seg_dir, threads=threads)
-    logits, exits = runtime(x_test.numpy())
+    logits, exits = (np.concatenate(p) for p in zip(*(runtime(c) for c in chunks), strict=True))
     correct = logits.argmax(-1) == y_test
     costs = np.asarray(multi.exit_macs, dtype=float)
     if_path = build_if_graph(files, runtime.thresholds, runtime.criterion, 10,
@@ -100,7 +101,7 @@ def main(argv=None) -> int:
     opts.inter_op_num_threads = 1
     opts.log_severity_level = 3
     if_session = ort.InferenceSession(str(if_path), opts, providers=["CPUExecutionProvider"])
-    if_logits = if_session.run(None, {"input": x_test.numpy()})[0]
+    if_logits = np.concatenate([if_session.run(None, {"input": c})[0] for c in chunks])
     base_session = base._session
     timing = time_batch1(runtime, x_test[:args.latency_samples].numpy(), rounds=args.rounds,
                          others={"baseline": lambda x: base_session.run(None, {"input": x}),

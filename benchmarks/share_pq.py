@@ -8,7 +8,7 @@ per centroid at least) + codebook fine-tune. The aim (issue #11): >= 20x fewer b
 float artifact at <= 1 point lost. Writes ``share_pq.{json,md}`` to ``--out``.
 
     python benchmarks/share_pq.py --quick          # minutes: 4000 train images, 1 epoch each
-    python benchmarks/share_pq.py --epochs 2       # the full training set
+    python benchmarks/share_pq.py --epochs 2       # the full training set (hours on 2 cores)
 """
 
 from __future__ import annotations
@@ -66,7 +66,7 @@ def run(args) -> list[dict]:
     data = load_data(DataSpec(name="fashion-mnist", limit_train=args.train,
                               limit_test=args.test))
     train = TrainConfig(epochs=1, lr=0.1, batch_size=128, optimizer="sgd", momentum=0.9,
-                        schedule="cosine", augment=False)
+                        schedule="cosine", augment=True)
     work = Path(tempfile.mkdtemp(prefix="share-pq-"))
     model = _model()
     rows, compiled = [], []
@@ -76,7 +76,8 @@ def run(args) -> list[dict]:
     if args.prune:
         start = time.perf_counter()
         model, _ = compress(model, ChannelPruneConfig(
-            target_macs=args.prune, finetune={"epochs": args.epochs, "lr": args.prune_lr}),
+            target_macs=args.prune, finetune={"epochs": args.epochs, "lr": args.prune_lr,
+                                              "distill": args.distill}),
             data=data, train=train, progress=args.progress)
         row, c = _row("prune.channels", model, data, work, time.perf_counter() - start)
         rows.append(row)
@@ -84,7 +85,8 @@ def run(args) -> list[dict]:
     start = time.perf_counter()
     pq = PQConfig(codebook_bits=args.bits, min_share=args.min_share, weighted=True,
                   calibration_samples=args.calibration,
-                  finetune={"epochs": args.epochs, "lr": args.pq_lr} if args.epochs else None)
+                  finetune={"epochs": args.epochs, "lr": args.pq_lr, "distill": args.distill}
+                  if args.epochs else None)
     model, report = compress(model, pq, data=data, train=train, progress=args.progress)
     row, c = _row("share.pq", model, data, work, time.perf_counter() - start)
     row["pq_layers"] = report.summary["pq_layers"]
@@ -106,7 +108,8 @@ def table(rows: list[dict], args) -> str:
              f"Command: `python benchmarks/share_pq.py {' '.join(args.argv)}` "
              f"({args.train or 60000} training images, {args.test or 10000} test images, "
              f"{args.epochs} fine-tune epochs per step, codes {args.bits} bits, "
-             f"min_share {args.min_share}, prune target_macs {args.prune or 'none'}).", "",
+             f"min_share {args.min_share}, prune target_macs {args.prune or 'none'}, "
+             f"distill {args.distill}).", "",
              "| stage | artifact bytes | smaller | accuracy | points | params | MACs | "
              "ONNX bytes | latency b1 (ms) |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
@@ -130,7 +133,10 @@ def main(argv=None) -> None:
     p.add_argument("--test", type=int, default=None, help="test images (all: 10000)")
     p.add_argument("--bits", type=int, default=6)
     p.add_argument("--min-share", type=int, default=16)
-    p.add_argument("--prune", type=float, default=None, help="prune.channels target_macs")
+    p.add_argument("--prune", type=float, default=0.75,
+                   help="prune.channels target_macs (0: no pruning stage)")
+    p.add_argument("--distill", type=float, default=0.5,
+                   help="weight of distillation from the baseline in every fine-tune")
     p.add_argument("--prune-lr", type=float, default=0.02)
     p.add_argument("--pq-lr", type=float, default=0.01)
     p.add_argument("--calibration", type=int, default=512)

@@ -62,6 +62,8 @@ def load_baseline(model: nn.Module, recipe: Recipe, data) -> str | None:
 
     if recipe.model.weights:  # build_model loaded them (a lighten artifact's model included)
         return f"weights {recipe.model.weights}"
+    if getattr(recipe.model, "hf", None):  # a pretrained transformers model: never trained here
+        return f"pretrained weights of hf {recipe.model.hf}"
     if recipe.model.zoo:
         shipped = shipped_checkpoint(recipe.model.zoo, data.name)
         if shipped is not None:

@@ -259,7 +259,12 @@ def _describe(err: ValidationError, schema: type[BaseModel]) -> str:
     # a typo shows up as "unknown key" and "missing key"; the unknown key is the useful one
     errors = sorted(err.errors(), key=lambda e: e["type"] != "extra_forbidden")
     first = errors[0]
-    loc = [p for p in first["loc"] if not isinstance(p, str) or not p.startswith("function-")]
+    # pydantic puts validator and union-member tags in the path ('function-after[...]',
+    # 'HFTokenizerSpec', "literal['char']"); never last: the last part is the user's own key
+    *inner, last = first["loc"] or [""]
+    loc = [p for p in inner if not isinstance(p, str) or not (
+        p.startswith("function-") or p[:1].isupper() or "[" in p)] + [last]
+    loc = [p for p in loc if not isinstance(p, str) or not p.startswith("function-")]
     where = _format_loc(loc)
     if first["type"] == "extra_forbidden":
         allowed = _allowed_keys(schema, loc[:-1])

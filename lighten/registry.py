@@ -63,6 +63,7 @@ _BUILTIN_STEP_MODULES = (
     "lighten.share.channels",
     "lighten.share.tie",
     "lighten.encode.entropy",
+    "lighten.llm.steps",  # llm.weight_only, llm.smoothquant, llm.sparsegpt, llm.wanda
 )
 
 

@@ -36,16 +36,16 @@ _DIGEST_HEX = 16  # 64 bits of sha256 per stream
 _STAGE_SUFFIXES = (".safetensors", ".layers.json", ".report.json")
 
 
-def stream_digest(t: torch.Tensor) -> str:
-    """The first 64 bits of sha256(dtype, shape, raw bytes) of one stored tensor."""
-    h = hashlib.sha256(f"{str(t.dtype).removeprefix('torch.')}{list(t.shape)}".encode())
+def stream_digest(key: str, t: torch.Tensor) -> str:
+    """The first 64 bits of sha256(key, dtype, shape, raw bytes) of one stored tensor."""
+    h = hashlib.sha256(f"{key}\0{str(t.dtype).removeprefix('torch.')}{list(t.shape)}".encode())
     h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()[:_DIGEST_HEX]
 
 
 def stream_digests(tensors: dict[str, torch.Tensor]) -> list[str]:
     """Digests of the tensors a safetensors file stores, in sorted key order."""
-    return [stream_digest(tensors[key]) for key in sorted(tensors)]
+    return [stream_digest(key, tensors[key]) for key in sorted(tensors)]
 
 
 def verify_artifact(path: str | os.PathLike) -> int:
@@ -65,15 +65,17 @@ def verify_artifact(path: str | os.PathLike) -> int:
     try:
         with safe_open(str(path), framework="pt") as f:
             stored = {key: f.get_tensor(key) for key in f.keys()}
+            metadata = f.metadata() or {}
     except Exception as err:  # noqa: BLE001 - safetensors' own error types
         raise CheckpointError(f"{path} is truncated or corrupt ({str(err)[:120]})") from None
+    _check_envelope(path, metadata, manifest)
     keys = sorted(stored)
     if not isinstance(digests, list) or len(digests) != len(keys):
         raise CheckpointError(f"{path} stores {len(keys)} tensor streams but its manifest "
                               f"records {len(digests) if isinstance(digests, list) else 0} "
                               "digests; the file is damaged")
     for key, expected in zip(keys, digests, strict=True):
-        if stream_digest(stored[key]) != expected:
+        if stream_digest(key, stored[key]) != expected:
             raise CheckpointError(f"{path}: stored stream {key!r} does not match its sha256; "
                                   "the file is damaged, re-save or re-download it")
     entries, parts = _read_stored(path, manifest)
@@ -84,6 +86,34 @@ def verify_artifact(path: str | os.PathLike) -> int:
         entries, parts = _uncode(path, coder, entries, parts)
     _decode_state(path, entries, parts)
     return len(keys)
+
+
+def _check_envelope(path: Path, metadata: dict, manifest: dict) -> None:
+    """The header parts outside the digests are exactly what save_artifact writes: metadata
+    keys, the envelope's version, canonical base64 (unused low bits of its last character)."""
+    import base64
+    import binascii
+
+    from lighten.artifact import METADATA_KEY
+
+    problem = None
+    envelope = json.loads(metadata[METADATA_KEY])
+    packed = envelope.get("zlib") if isinstance(envelope, dict) else None
+    if set(metadata) != {"format", METADATA_KEY} or metadata["format"] != "pt":
+        problem = f"its safetensors metadata is {sorted(metadata)!r}, not format + lighten"
+    elif envelope.get("version") != manifest.get("version"):
+        problem = "its envelope and manifest versions differ"
+    elif set(envelope) - {"format", "version", "zlib", "saved_at"}:
+        problem = "its manifest envelope has unknown keys"
+    elif isinstance(packed, str):
+        try:
+            canonical = base64.b64encode(base64.b64decode(packed, validate=True)).decode()
+        except (binascii.Error, ValueError):
+            canonical = None
+        if canonical != packed:
+            problem = "its compressed manifest is not canonical base64"
+    if problem:
+        raise CheckpointError(f"{path}: {problem}; the file is damaged")
 
 
 def file_sha256(path: Path) -> str:

@@ -69,6 +69,15 @@ class TinyAttention(nn.Module):
         return self.head(h.mean(1))
 
 
+class TinyChain(nn.Sequential):
+    """A forward that is a chain of modules (stem, a residual block, pool, Linear): what the
+    dynamic.* steps cut into segments."""
+
+    def __init__(self):
+        super().__init__(nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), Block(8),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 10))
+
+
 def _model(cls=TinyNet, **kwargs) -> nn.Module:
     torch.manual_seed(0)
     model = cls(**kwargs)
@@ -101,6 +110,9 @@ STEP_CASES = {
     "lowrank.svd": (TinyNet, {"rank": 4, "measure_latency": False}),
     "lowrank.tucker": (TinyNet, {"ranks": 4, "measure_latency": False}),
     "lowrank.cp": (TinyNet, {"rank": 4, "measure_latency": False}),
+    "dynamic.early_exit": (TinyChain, {"target_macs": 0.6, "head": "pool", "head_epochs": 0.5}),
+    "dynamic.gating": (TinyChain, {"target_macs": 0.7, "gate_epochs": 0.5,
+                                   "finetune": {"epochs": 0.5}}),
 }
 
 
@@ -145,8 +157,9 @@ def test_every_step_through_compress(name, data):
         assert {"module", "action", "before", "after"} <= row.keys()
         _check_row_against_model(row, modules)
     s = report.summary
-    assert s["params_after"] <= s["params_before"] or name.startswith("quant.")
-    assert s["nonzero_after"] <= s["nonzero_before"] or name.startswith("quant.")
+    grows = name.startswith(("quant.", "dynamic."))  # scales; exit heads and gates
+    assert s["params_after"] <= s["params_before"] or grows
+    assert s["nonzero_after"] <= s["nonzero_before"] or grows
     assert s["seconds"] >= 0
     # a program reads it back; a person reads the table
     again = Report.from_dict(json.loads(json.dumps(report.to_dict())))

@@ -29,7 +29,7 @@ def setup(tmp_path_factory):
     for i, width in enumerate((16, 8)):
         torch.manual_seed(i)
         teacher = module.teacher(width)
-        train(teacher, data.train, TrainConfig(epochs=3, lr=1e-2, batch_size=32), progress=False)
+        train(teacher, data.train, TrainConfig(epochs=6, lr=1e-2, batch_size=32), progress=False)
         weights.append(root / f"t{i}.safetensors")
         save_file(teacher.state_dict(), str(weights[-1]))
     return {"root": root, "path": path, "module": module, "data": data, "weights": weights}
@@ -85,7 +85,8 @@ def test_multitask_student_has_one_head_per_task_saved_and_exported(setup, tmp_p
               "teacher": _teacher(setup, 0)},
              {"data": {"name": "synthetic", "samples": 200, "input_shape": [1, 8, 8],
                        "num_classes": 3},
-              "teacher": {"python": f"{setup['path']}:student", "train": {"epochs": 1}},
+              "teacher": {"python": f"{setup['path']}:student", "kwargs": {"classes": 3},
+                          "train": {"epochs": 1}},
               "name": "blobs"}]
     student = setup["module"].teacher(8)
     model, report = compress(student, {"distill": {"method": "multitask", "tasks": tasks,
@@ -149,7 +150,8 @@ def test_modes_from_one_recipe(setup, tmp_path, monkeypatch):
                        {{data: {{name: digits, limit_train: 300, limit_test: 100}}}},
                        {{data: {{name: synthetic, samples: 120, input_shape: [1, 8, 8],
                                  num_classes: 3}},
-                         teacher: {{python: kd_modes.py:student, train: {{epochs: 1}}}}}}]}}
+                         teacher: {{python: kd_modes.py:student, kwargs: {{classes: 3}},
+                                    train: {{epochs: 1}}}}}}]}}
     """))
     result = run_recipe(load_recipe(recipe), progress=False)
     stages = [r["stage"] for r in result.rows]

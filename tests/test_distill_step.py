@@ -38,11 +38,11 @@ class Teacher(nn.Module):
 
 
 class Student(nn.Module):
-    def __init__(self):
+    def __init__(self, classes=10):
         super().__init__()
         self.conv1 = nn.Conv2d(1, 4, 3, padding=1)
         self.conv2 = nn.Conv2d(4, 8, 3, padding=1, stride=2)
-        self.head = nn.Linear(8 * 4 * 4, 10)
+        self.head = nn.Linear(8 * 4 * 4, classes)
 
     def forward(self, x):
         x = torch.relu(self.conv2(torch.relu(self.conv1(x))))
@@ -53,8 +53,8 @@ def teacher(width=16):
     return Teacher(width)
 
 
-def student():
-    return Student()
+def student(classes=10):
+    return Student(classes)
 '''
 
 

@@ -212,7 +212,8 @@ def dup():
 '''
 
 
-@pytest.mark.parametrize("model", ["{zoo: lenet5}", "{python: models.py:dup, input_shape: [1, 8, 8]}"])
+@pytest.mark.parametrize("model", ["{zoo: lenet5}",
+                                   "{python: models.py:dup, input_shape: [1, 8, 8]}"])
 def test_through_lighten_run(tmp_path, monkeypatch, model):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "models.py").write_text(MODELS)

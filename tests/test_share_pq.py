@@ -181,7 +181,8 @@ def net():
 '''
 
 
-@pytest.mark.parametrize("model", ["{zoo: lenet5}", "{python: models.py:net, input_shape: [1, 8, 8]}"])
+@pytest.mark.parametrize("model", ["{zoo: lenet5}",
+                                   "{python: models.py:net, input_shape: [1, 8, 8]}"])
 def test_prune_then_pq_through_lighten_run(tmp_path, monkeypatch, model):
     import onnxruntime as ort
 

@@ -66,6 +66,12 @@ def rescnn():
     return ResCNN()
 
 
+def chain():
+    """A forward that is a chain of modules: what the dynamic.* steps cut into segments."""
+    return nn.Sequential(nn.Conv2d(1, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+                         Block(16), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 4))
+
+
 def transformer():
     return TinyTransformer()
 '''
@@ -88,9 +94,14 @@ STEPS = {
     "share.pq": ("rescnn", "{codebook_bits: 5, weighted: true, finetune: {epochs: 1}}"),
     "share.channels": ("rescnn", "{count: 3}"),
     "share.tie": ("rescnn", "{finetune: {epochs: 1}}"),
+    "distill": ("rescnn", "{student: {width: 0.5}, finetune: {epochs: 1}}"),
     "lowrank.svd": ("rescnn", "{rank: 8, measure_latency: false}"),
     "lowrank.tucker": ("rescnn", "{ranks: 4, measure_latency: false}"),
     "lowrank.cp": ("rescnn", "{rank: 4, measure_latency: false}"),
+    "arch.fold": ("rescnn", "{}"),
+    "arch.separable": ("rescnn", "{measure_latency: false}"),
+    "dynamic.early_exit": ("chain", "{target_macs: 0.5, head: pool, head_epochs: 1}"),
+    "dynamic.gating": ("chain", "{target_macs: 0.7, gate_epochs: 1, finetune: {epochs: 1}}"),
 }
 
 

@@ -38,6 +38,13 @@ class TaskSpec(StrictModel):
         return self
 
 
+class HFTokenizerSpec(StrictModel):
+    """``tokenizer: {hf: SOURCE}``: the tokenizer stored with a transformers model."""
+
+    hf: str = Field(description="folder, .gguf file or installed package (as model: {hf: ...})")
+    gguf: str | None = Field(None, description="the GGUF file in the folder, when several")
+
+
 def _task_shorthand(value):
     """``task: language-model`` is short for ``task: {name: language-model}``."""
     return {"name": value} if isinstance(value, str) else value
@@ -56,7 +63,11 @@ class DataSpec(StrictModel):
                                    description="synthetic: shape of one input")
     num_classes: int = Field(10, ge=2, description="synthetic: number of classes")
     path: str | None = Field(None, description="text: the text file")
-    tokenizer: Literal["char", "bytes"] = Field("char", description="text: char or bytes")
+    corpus: str | None = Field(None, description="text: a named corpus instead of path: austen, "
+                               "austen/emma, ... (lighten.llm.text; the llm extra)")
+    tokenizer: Literal["char", "bytes"] | HFTokenizerSpec = Field(
+        "char", description="text: char, bytes or {hf: SOURCE} (a transformers model's own "
+                            "tokenizer: folder, .gguf file or installed package)")
     seq_len: int = Field(128, ge=1, description="text: tokens per window")
     task: Annotated[TaskSpec | None, BeforeValidator(_task_shorthand)] = Field(
         None, description="what the model is for: classification (default), language-model, "
@@ -69,8 +80,11 @@ class DataSpec(StrictModel):
                              "synthetic) or 'python' ('file.py:function')")
         if any(d < 1 for d in self.input_shape) or not self.input_shape:
             raise ValueError(f"input_shape {self.input_shape} must be non-empty positive sizes")
-        if self.name == "text" and not self.path:
-            raise ValueError("data name: text needs path: the text file (e.g. corpus.txt)")
+        if self.name == "text" and (self.path is None) == (self.corpus is None):
+            raise ValueError("data name: text needs one of path: the text file (e.g. "
+                             "corpus.txt) or corpus: a named corpus (austen)")
+        if self.corpus and self.name != "text":
+            raise ValueError("data.corpus is the text of name: text; remove it")
         if self.path and self.name != "text":
             raise ValueError("data.path is the text file of name: text; for other data use "
                              "root (fashion-mnist) or python")
@@ -83,7 +97,8 @@ class DataSpec(StrictModel):
 # Keys of DataSpec that mean something only for some sources (the rest apply to all).
 _APPLIES_TO = {"samples": ("synthetic",), "input_shape": ("synthetic",),
                "num_classes": ("synthetic",), "root": ("fashion-mnist",), "path": ("text",),
-               "tokenizer": ("text",), "seq_len": ("text",), "task": ("python",)}
+               "corpus": ("text",), "tokenizer": ("text",), "seq_len": ("text",),
+               "task": ("python",)}
 
 
 def data_settings(spec: DataSpec) -> dict:
@@ -132,12 +147,17 @@ def load_data(spec: DataSpec) -> DataBundle:
     if spec.name == "text":
         from lighten.data.text import load_text
 
-        train, test, tok = load_text(spec.path, tokenizer=spec.tokenizer, seq_len=spec.seq_len)
+        kind = spec.tokenizer if isinstance(spec.tokenizer, str) else \
+            spec.tokenizer.model_dump(exclude_none=True)
+        train, test, tok = load_text(spec.path, tokenizer=kind, seq_len=spec.seq_len,
+                                     corpus=spec.corpus)
         task = LanguageModelTask(tok.vocab_size, spec.seq_len, tokenizer=tok.describe())
-        ids = ("ids = index of each character in the recorded vocabulary (task.tokenizer)"
-               if spec.tokenizer == "char" else "ids = the text's UTF-8 bytes (0-255)")
+        ids = {"char": "ids = index of each character in the recorded vocabulary "
+                       "(task.tokenizer)", "bytes": "ids = the text's UTF-8 bytes (0-255)",
+               "hf": f"ids = the tokenizer of hf {getattr(tok, 'source', '')} (task.tokenizer)"
+               }[tok.kind]
         bundle = DataBundle("text", train, test, (spec.seq_len,), tok.vocab_size,
-                            f"{spec.tokenizer} tokenizer: {ids}; windows of {spec.seq_len} "
+                            f"{tok.kind} tokenizer: {ids}; windows of {spec.seq_len} "
                             "tokens", task=task)
         return _limit(bundle, spec)
     if spec.name == "fashion-mnist":

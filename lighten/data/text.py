@@ -34,7 +34,11 @@ class Tokenizer:
         self._index = {c: i for i, c in enumerate(vocab)} if vocab is not None else None
 
     @classmethod
-    def fit(cls, kind: str, text: str) -> Tokenizer:
+    def fit(cls, kind, text: str) -> Tokenizer:
+        if isinstance(kind, dict) and "hf" in kind:  # a transformers model's own tokenizer
+            from lighten.llm.text import HFTokenizer
+
+            return HFTokenizer(kind["hf"], kind.get("gguf"))
         if kind == "bytes":
             return cls("bytes")
         if kind == "char":
@@ -45,6 +49,10 @@ class Tokenizer:
     def from_description(cls, facts: dict) -> Tokenizer:
         """The tokenizer :meth:`describe` recorded (``LanguageModelTask.tokenizer``)."""
         kind = facts.get("kind") if isinstance(facts, dict) else None
+        if kind == "hf" and isinstance(facts.get("source"), str):
+            from lighten.llm.text import HFTokenizer
+
+            return HFTokenizer(facts["source"], facts.get("gguf"))
         if kind == "bytes":
             return cls("bytes")
         if kind == "char" and isinstance(facts.get("vocab"), str) and facts["vocab"]:
@@ -85,9 +93,20 @@ def windows(ids: torch.Tensor, seq_len: int) -> TensorDataset:
     return TensorDataset(x.contiguous(), y.contiguous())
 
 
-def load_text(path: str | Path, *, tokenizer: str | Tokenizer, seq_len: int):
-    """(train, test, tokenizer) for the text file at ``path``. ``tokenizer`` is a kind (fitted
-    to this text) or a :class:`Tokenizer` already fitted, e.g. a trained model's vocabulary."""
+def load_text(path: str | Path | None, *, tokenizer: str | dict | Tokenizer, seq_len: int,
+              corpus: str | None = None):
+    """(train, test, tokenizer) for the text file at ``path`` (or the named ``corpus``,
+    :mod:`lighten.llm.text`). ``tokenizer`` is a kind (fitted to this text), ``{hf: SOURCE}``
+    (a transformers model's tokenizer) or a tokenizer already fitted, e.g. a trained model's
+    vocabulary."""
+    if corpus is not None:
+        from lighten.llm.text import corpus_text
+
+        text = corpus_text(corpus)
+        tok = Tokenizer.fit(tokenizer, text) if isinstance(tokenizer, str | dict) else tokenizer
+        raw = text.encode("utf-8") if tok.kind == "bytes" else b""
+        ids = torch.tensor(list(raw), dtype=torch.int64) if raw else tok.encode(text)
+        return _split(ids, f"corpus {corpus!r}", seq_len) + (tok,)
     path = Path(path).expanduser()
     if not path.is_file():
         raise DataError(f"text file {str(path)!r} does not exist; fix data.path")
@@ -101,17 +120,22 @@ def load_text(path: str | Path, *, tokenizer: str | Tokenizer, seq_len: int):
             raise DataError(f"text file {str(path)!r} is not UTF-8 ({err.reason} at byte "
                             f"{err.start}); use tokenizer: bytes") from None
         text = raw.decode("utf-8", errors="replace")
-    tok = tokenizer if isinstance(tokenizer, Tokenizer) else Tokenizer.fit(tokenizer, text)
+    tok = Tokenizer.fit(tokenizer, text) if isinstance(tokenizer, str | dict) else tokenizer
     ids = torch.tensor(list(raw), dtype=torch.int64) if tok.kind == "bytes" else tok.encode(text)
+    return _split(ids, f"text file {str(path)!r}", seq_len) + (tok,)
+
+
+def _split(ids: torch.Tensor, what: str, seq_len: int) -> tuple[TensorDataset, TensorDataset]:
+    """The first 90% of ``ids`` as training windows, the last 10% as test windows."""
     if len(ids) <= seq_len:
-        raise DataError(f"text file {str(path)!r} has {len(ids)} tokens, not more than seq_len "
+        raise DataError(f"{what} has {len(ids)} tokens, not more than seq_len "
                         f"{seq_len}; lower data.seq_len or give a longer text")
     cut = int(len(ids) * (1 - TEST_FRACTION))
     train, test = windows(ids[:cut], seq_len), windows(ids[cut:], seq_len)
     if len(train) == 0 or len(test) == 0:
         split, have = ("train", cut) if len(train) == 0 else ("test", len(ids) - cut)
-        raise DataError(f"text file {str(path)!r} has {len(ids)} tokens: its {split} part "
+        raise DataError(f"{what} has {len(ids)} tokens: its {split} part "
                         f"({have} tokens; the last {TEST_FRACTION:.0%} is test) holds no window "
                         f"of seq_len + 1 = {seq_len + 1}; lower data.seq_len or give at least "
                         f"{int((seq_len + 1) / TEST_FRACTION) + 1} tokens")
-    return train, test, tok
+    return train, test

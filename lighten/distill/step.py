@@ -131,16 +131,21 @@ class DistillConfig(StepConfig):
             refs[f"teachers[{i}]"] = t
         for i, t in enumerate(self.tasks or []):
             refs[f"tasks[{i}].teacher"] = t.teacher
-        update = {}
+        parsed = {}
         for where, value in refs.items():
             try:
-                ref = parse_ref(value, role="student" if where == "student" else "teacher",
-                                context=context)
+                parsed[where] = parse_ref(value, role="student" if where == "student" else
+                                          "teacher", context=context)
             except Exception as err:
                 raise ValueError(f"{where}: {str(err).splitlines()[0]}") from None
-            if where in ("teacher", "student") and not isinstance(ref, str):
-                update[where] = ref
-        return self.model_copy(update=update) if update else self
+        # keep the parsed refs: their paths are resolved against the recipe's folder
+        update = {k: parsed[k] for k in ("teacher", "student") if not isinstance(parsed[k], str)}
+        if self.teachers is not None:
+            update["teachers"] = [parsed[f"teachers[{i}]"] for i in range(len(self.teachers))]
+        if self.tasks is not None:
+            update["tasks"] = [t.model_copy(update={"teacher": parsed[f"tasks[{i}].teacher"]})
+                               for i, t in enumerate(self.tasks)]
+        return self.model_copy(update=update)
 
     def loss_weights(self) -> dict[str, float]:
         return dict(self.losses) if self.losses is not None else dict(METHOD_LOSSES[self.method])

@@ -60,6 +60,8 @@ class EarlyExitConfig(StepConfig):
     temperature: float = Field(3.0, gt=0)
     holdout: float = Field(0.1, gt=0, lt=0.5, description="share of the training data held out "
                            "to choose exits and calibrate thresholds")
+    ignore: list[str] = Field(default_factory=list, description="modules no exit may follow "
+                              "(exits: auto)")
 
     @model_validator(mode="before")
     @classmethod
@@ -87,7 +89,7 @@ def early_exit(model: nn.Module, cfg: EarlyExitConfig, ctx: StepContext) -> nn.M
     chain = module_chain(model)
     shapes, macs = chain_profile(model, chain, ctx.example_input(1))
     total = macs[-1]
-    positions = _positions(model, chain, shapes, macs, cfg.exits)
+    positions = _positions(model, chain, shapes, macs, cfg.exits, cfg.ignore)
     heads = [_head(shapes[i], task.num_classes, cfg.head, total) for i in positions]
     spec = getattr(ctx, "model_spec", None) or zoo_spec(model, ctx)
     multi = MultiExitModel(model, chain, positions, heads, criterion=cfg.criterion,
@@ -155,10 +157,14 @@ def chain_profile(model: nn.Module, chain: list[str], x: torch.Tensor
     return shapes, macs
 
 
-def _positions(model, chain, shapes, macs, exits) -> list[int]:
+def _positions(model, chain, shapes, macs, exits, ignore=()) -> list[int]:
     """Chain positions of the exits: named ones, or for ``auto`` the ends of blocks nearest to
-    :data:`AUTO_FRACTIONS` of the MACs."""
-    usable = [i for i in range(len(chain) - 1) if len(shapes[i]) in (1, 3)]
+    :data:`AUTO_FRACTIONS` of the MACs (never after a module in ``ignore``)."""
+    from lighten.modules import require_modules
+
+    require_modules(model, ignore, key="dynamic.early_exit ignore")
+    usable = [i for i in range(len(chain) - 1) if len(shapes[i]) in (1, 3)
+              and not any(chain[i] == n or chain[i].startswith(n + ".") for n in ignore)]
     if exits != "auto":
         where = {chain[i]: i for i in usable}
         unknown = [name for name in exits if name not in where]
@@ -294,12 +300,15 @@ def zoo_spec(model: nn.Module, ctx: StepContext) -> dict | None:
 def _record(ctx, multi: MultiExitModel, cal: Calibration, costs, total, cfg, held_n) -> None:
     names = multi.exit_names
     for k, name in enumerate(names):
-        threshold = cal.thresholds[k] if k < len(cal.thresholds) else None
-        ctx.layer(name, "exit" if threshold is not None else "keep",
-                  before="-", after=(f"exit, threshold {threshold:.3f}" if threshold is not None
-                                     else "final exit"),
-                  macs=int(costs[k]), macs_ratio=costs[k] / total, share=cal.shares[k],
-                  accuracy=cal.exit_accuracy[k])
+        facts = {"macs": int(costs[k]), "macs_ratio": costs[k] / total,
+                 "share": cal.shares[k], "accuracy": cal.exit_accuracy[k]}
+        if k < len(cal.thresholds):
+            ctx.layer(f"heads.{k}", "add exit", before="-",
+                      after=f"exit after {name}, threshold {cal.thresholds[k]:.3f}",
+                      exit_after=name, threshold=cal.thresholds[k], **facts)
+        else:
+            ctx.layer(f"backbone.{multi.chain[-1]}", "keep", before="output",
+                      after="final exit", **facts)
     ctx.summary.update(dynamic={
         "exits": names, "thresholds": cal.thresholds, "criterion": multi.criterion,
         "held_out_samples": held_n, "held_out_accuracy": cal.accuracy,

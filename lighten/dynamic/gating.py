@@ -46,6 +46,7 @@ class GatingConfig(StepConfig):
                                "before the joint finetune:")
     holdout: float = Field(0.1, gt=0, lt=0.5, description="share of the training data held out "
                            "to calibrate the gate threshold")
+    ignore: list[str] = Field(default_factory=list, description="blocks that always run")
 
 
 def _gate(shape) -> nn.Sequential:
@@ -121,6 +122,7 @@ class GatedModel(nn.Module):
         batch1 = (not self.training and x.shape[0] == 1
                   and not (torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()))
         self._executed = []
+        self.gate_open = []
         for pos, path in enumerate(self.chain):
             module = self.backbone.get_submodule(path)
             i = where.get(pos)
@@ -227,8 +229,11 @@ def gating(model: nn.Module, cfg: GatingConfig, ctx: StepContext) -> nn.Module:
     x = ctx.example_input(1)
     shapes, macs = chain_profile(model, chain, x)
     inputs = [tuple(x.shape[1:]), *shapes[:-1]]
+    from lighten.modules import require_modules
+
+    require_modules(model, cfg.ignore, key="dynamic.gating ignore")
     gated = [i for i in range(len(chain)) if inputs[i] == shapes[i] and len(shapes[i]) in (1, 3)
-             and macs[i] - (macs[i - 1] if i else 0) > 0]
+             and macs[i] - (macs[i - 1] if i else 0) > 0 and chain[i] not in cfg.ignore]
     if not gated:
         raise UnsupportedError("dynamic.gating: no block of the model keeps its input's shape "
                                "(a residual block with an identity shortcut); nothing to skip")
@@ -252,9 +257,9 @@ def gating(model: nn.Module, cfg: GatingConfig, ctx: StepContext) -> nn.Module:
     fit_ctx.finetune(gm, cfg.finetune or FinetuneConfig(epochs=1), loss_terms=[term])
     gm.eval()
     ratio, acc = _calibrate_threshold(gm, held, cfg.target_macs, macs[-1])
-    for pos, b in zip(gated, block, strict=True):
-        ctx.layer(chain[pos], "gate", before="always runs", after="runs where its gate opens",
-                  macs=b)
+    for i, (pos, b) in enumerate(zip(gated, block, strict=True)):
+        ctx.layer(f"gates.{i}", "add gate", before="-",
+                  after=f"{chain[pos]} runs where this gate opens", block=chain[pos], macs=b)
     ctx.summary.update(dynamic={"gated_blocks": [chain[i] for i in gated],
                                 "threshold": float(gm.threshold), "held_out_macs_ratio": ratio,
                                 "held_out_accuracy": acc, "target_met": ratio <= cfg.target_macs

@@ -197,8 +197,10 @@ def measure_dynamic(model, dataset, *, task=None, workdir: Path | None = None,
         build_if_graph(files, runtime.thresholds, runtime.criterion,
                        model._classes(x_all.shape[1:]), path)
         compiled = _session_fn(path, threads)
-    logits, exits = runtime(x_all.numpy())
-    deployed = np.asarray(compiled(x_all.numpy()))
+    chunks = [x_all[i:i + 256].numpy() for i in range(0, len(x_all), 256)]
+    logits, exits = (np.concatenate(parts) for parts in zip(*(runtime(c) for c in chunks),
+                                                            strict=True))
+    deployed = np.concatenate([np.asarray(compiled(c)) for c in chunks])
     agree = float((deployed.argmax(-1) == logits.argmax(-1)).mean())
     correct = logits.argmax(-1) == y_all
     costs = np.asarray(model.exit_macs, dtype=np.float64)

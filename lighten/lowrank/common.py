@@ -240,6 +240,22 @@ def apply_proposals(model: nn.Module, proposals: list[Proposal], config: LowRank
     return proposals
 
 
+def target_note(model: nn.Module, example_inputs, model_macs: int | None, target: float | None,
+                proposals: list[Proposal], step: str, backend: str) -> str | None:
+    """When ``target_macs`` is missed because the latency check kept layers whole, say so."""
+    if model_macs is None or target is None:
+        return None
+    from lighten.measure import count_macs
+
+    reached = count_macs(model, example_inputs) / model_macs
+    slower = sum(1 for p in proposals if not p.kept and p.ms_before is not None)
+    if reached <= target + 0.01 or not slower:
+        return None
+    return (f"{step}: MACs are {reached:.2f} of before, not the target {target:g}: {slower} "
+            f"layer(s) stayed whole because their factorized form was not faster on {backend}; "
+            "measure_latency: false replaces them all and meets the target")
+
+
 def _rank_text(rank) -> str:
     return "x".join(str(r) for r in rank) if isinstance(rank, tuple) else str(rank)
 

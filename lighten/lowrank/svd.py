@@ -29,6 +29,7 @@ from lighten.lowrank.common import (
     find_sites,
     finish,
     positions,
+    target_note,
 )
 from lighten.lowrank.ranks import energy_rank, evbmf_rank, threshold_for_target
 from lighten.registry import register_step
@@ -165,8 +166,12 @@ def factorize_svd_(model: nn.Module, config: SVDConfig, example_inputs,
         error = float(s[rank:].square().sum().sqrt() / s.square().sum().sqrt().clamp_min(1e-30))
         proposals.append(Proposal(site, svd_layer(site.module, rank), rank, error))
     apply_proposals(model, proposals, config, ctx, step="lowrank.svd")
-    if ctx is not None and note:
-        ctx.note(note)
+    if ctx is not None:
+        missed = target_note(model, example_inputs, model_macs, config.target_macs, proposals,
+                             "lowrank.svd", ctx.target.backend)
+        for line in (note, missed):
+            if line:
+                ctx.note(line)
     return finish(model, config, ctx, "lowrank.svd", example_inputs)
 
 

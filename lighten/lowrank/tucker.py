@@ -45,6 +45,7 @@ from lighten.lowrank.common import (
     one_blas_thread,
     positions,
     relative_error,
+    target_note,
 )
 from lighten.lowrank.ranks import (
     energy_rank,
@@ -261,8 +262,12 @@ def factorize_tucker_(model: nn.Module, config: TuckerConfig, example_inputs,
         rank = (core.out_channels, core.in_channels)
         proposals.append(Proposal(site, module, rank, error))
     apply_proposals(model, proposals, config, ctx, step="lowrank.tucker")
-    if ctx is not None and note:
-        ctx.note(note)
+    if ctx is not None:
+        missed = target_note(model, example_inputs, model_macs, config.target_macs, proposals,
+                             "lowrank.tucker", ctx.target.backend)
+        for line in (note, missed):
+            if line:
+                ctx.note(line)
     return finish(model, config, ctx, "lowrank.tucker", example_inputs)
 
 

@@ -42,6 +42,8 @@ class ModelSpec(StrictModel):
 
     zoo: str | None = None
     python: str | None = Field(None, description="'file.py:factory' returning an nn.Module")
+    hf: str | None = Field(None, description="pretrained transformers model from local files: "
+                           "a folder, a .gguf file or an installed package (lighten.llm)")
     input_shape: list[int] | None = Field(None, description="required with python")
     weights: str | None = Field(None, description=".safetensors, or .pt/.pth (weights only)")
     trust_weights: bool | None = Field(None, description="true: unpickle .pt/.pth weights in "
@@ -50,9 +52,9 @@ class ModelSpec(StrictModel):
 
     @model_validator(mode="after")
     def _one_source(self) -> ModelSpec:
-        if (self.zoo is None) == (self.python is None):
-            raise ValueError("model needs exactly one of 'zoo' (e.g. lenet5) or 'python' "
-                             "('file.py:factory')")
+        if sum(x is not None for x in (self.zoo, self.python, self.hf)) != 1:
+            raise ValueError("model needs exactly one of 'zoo' (e.g. lenet5), 'python' "
+                             "('file.py:factory') or 'hf' (a local transformers model)")
         if self.python is not None and self.input_shape is None:
             raise ValueError("model.python needs model.input_shape, e.g. [1, 28, 28]")
         return self
@@ -72,7 +74,11 @@ def build_model(spec: ModelSpec, *, input_shape, num_classes: int,
 
     input_shape = tuple(int(d) for d in input_shape)
     task = task if task is not None else ClassificationTask(input_shape, num_classes)
-    if spec.zoo is not None:
+    if spec.hf is not None:  # a pretrained transformers model (lighten.llm, the llm extra)
+        from lighten.llm.sources import build_hf
+
+        model = build_hf(spec.hf, task=task, options=spec.kwargs)
+    elif spec.zoo is not None:
         if spec.zoo not in ZOO:
             raise ModelError(f"unknown zoo model {spec.zoo!r}; known: {', '.join(ZOO)}"
                              f"{did_you_mean(spec.zoo, ZOO)}")
@@ -100,7 +106,7 @@ def build_model(spec: ModelSpec, *, input_shape, num_classes: int,
                              "it must return a torch.nn.Module")
     if spec.weights is not None:  # a lighten artifact may give a pruned/quantized model
         model = load_weights(model, spec.weights, trust=bool(spec.trust_weights))
-    check_model_outputs(model, task, name=f"model {spec.zoo or spec.python!r}",
+    check_model_outputs(model, task, name=f"model {spec.zoo or spec.python or spec.hf!r}",
                         hint=f"; match num_classes to {classes_from}")
     return model
 

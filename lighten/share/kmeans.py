@@ -170,16 +170,17 @@ def _kmeans_pp(x: torch.Tensor, k: int, seed: int) -> torch.Tensor:
 
 def cluster_weight(weight: torch.Tensor, bits: int, *, init: str = "linear",
                    iterations: int = 50, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """(codebook (k,), index of weight's shape: 0 for an exact zero, i + 1 for centroid i)."""
-    w = weight.detach()
+    """(codebook (k,), index of weight's shape: 0 for an exact zero, i + 1 for centroid i),
+    computed on the CPU, returned on the weight's device."""
+    w = weight.detach().cpu()
     keep = w != 0
     index = torch.zeros(w.shape, dtype=torch.long)
     if not keep.any():
-        return torch.zeros(0, dtype=w.dtype), index
+        return torch.zeros(0, dtype=w.dtype, device=weight.device), index.to(weight.device)
     codebook, assign = kmeans_1d(w[keep], 1 << bits, init=init, iterations=iterations,
                                  seed=seed)
     index[keep] = assign + 1
-    return codebook, index
+    return codebook.to(weight.device), index.to(weight.device)
 
 
 # ----------------------------------------------------------------------------- codebook layers

@@ -1,0 +1,12 @@
+"""Large models: pretrained transformers from local files, real text, and the LLM compression
+steps (weight-only RTN / GPTQ / AWQ, SmoothQuant W8A8, SparseGPT, Wanda).
+
+Everything here needs the ``llm`` extra (``pip install 'lighten[llm]'``: transformers, gguf,
+tokenizers, rdata); importing this package imports none of it. Nothing is ever downloaded:
+models and tokenizers load with ``local_files_only=True`` from a folder, a GGUF file or an
+installed package (:mod:`lighten.llm.sources`).
+
+Calibration runs one decoder block at a time (:mod:`lighten.llm.blockwise`): the inputs of
+block ``i`` are captured, its linears calibrated and replaced, and the compressed block is run
+to give block ``i + 1`` its inputs; the model is never copied, and the peak memory is measured.
+"""

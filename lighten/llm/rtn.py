@@ -1,0 +1,76 @@
+"""Group-wise integer grids for LLM weights, vectorized over all groups of a matrix.
+
+The storage is :class:`lighten.quant.weight_only.WeightOnlyLinear`'s: int8 containers holding
+``bits``-bit values in ``[-2^(b-1), 2^(b-1) - 1]``, one float16 scale and one int8 zero point per
+(output row, group of ``group_size`` input columns). The artifact bit-packs the containers
+(4-bit: two values per byte). ``clip`` (rows, groups) shrinks each group's range before the
+grid is fitted (AWQ's clipping search chooses it).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from lighten.quant.weight_only import _MIN_SCALE, int_range
+
+
+def grouped(weight: torch.Tensor, group_size: int) -> torch.Tensor:
+    """``(rows, cols) -> (rows, groups, group_size)``, the last group zero-padded."""
+    rows, cols = weight.shape
+    groups = -(-cols // group_size)
+    return F.pad(weight.float(), (0, groups * group_size - cols)).reshape(rows, groups,
+                                                                         group_size)
+
+
+def group_grid(weight: torch.Tensor, *, bits: int, group_size: int, symmetric: bool,
+               clip: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-(row, group) ``(scale, zero_point)`` of ``weight`` (rows, cols); the range always
+    holds 0, scales are float16-exact (what is stored is what quantized)."""
+    qmin, qmax = int_range(bits)
+    w = grouped(weight, group_size)
+    lo, hi = w.amin(-1).clamp(max=0), w.amax(-1).clamp(min=0)  # (rows, groups)
+    if clip is not None:
+        lo, hi = lo * clip, hi * clip
+    if symmetric:
+        scale = torch.maximum(-lo, hi) / qmax
+    else:
+        scale = (hi - lo) / (qmax - qmin)
+    scale = scale.clamp_min(_MIN_SCALE).half().float()
+    if symmetric:
+        zero = torch.zeros_like(scale, dtype=torch.int32)
+    else:
+        zero = torch.clamp(torch.round(qmin - lo / scale), qmin, qmax).to(torch.int32)
+    return scale, zero
+
+
+def quantize_with(weight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, *, bits: int,
+                  group_size: int) -> torch.Tensor:
+    """Integer codes ``(rows, cols)`` of ``weight`` on a given per-(row, group) grid."""
+    qmin, qmax = int_range(bits)
+    rows, cols = weight.shape
+    w = grouped(weight, group_size)
+    q = torch.clamp(torch.round(w / scale[..., None]) + zero[..., None], qmin, qmax)
+    return q.reshape(rows, -1)[:, :cols].to(torch.int32)
+
+
+def dequantize(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, *,
+               group_size: int) -> torch.Tensor:
+    """Float weights ``(rows, cols)`` of codes ``q`` on the per-(row, group) grid."""
+    rows, cols = q.shape
+    w = grouped(q.float(), group_size)
+    return ((w - zero[..., None]) * scale[..., None]).reshape(rows, -1)[:, :cols]
+
+
+def rtn(weight: torch.Tensor, *, bits: int, group_size: int, symmetric: bool,
+        clip: torch.Tensor | None = None):
+    """Round to nearest: ``(q int32 (rows, cols), scale (rows, groups), zero (rows, groups))``."""
+    scale, zero = group_grid(weight, bits=bits, group_size=group_size, symmetric=symmetric,
+                             clip=clip)
+    return quantize_with(weight, scale, zero, bits=bits, group_size=group_size), scale, zero
+
+
+def fake_quantize(weight: torch.Tensor, **grid) -> torch.Tensor:
+    """``weight`` rounded to its grid and back (float)."""
+    q, scale, zero = rtn(weight, **grid)
+    return dequantize(q, scale, zero, group_size=grid["group_size"])

@@ -1,0 +1,150 @@
+"""dynamic.gating: a closed gate skips its block's nodes in the deployed graph, the gate
+threshold meets target_macs on the held-out split, artifacts reload, recipes run."""
+
+import json
+import textwrap
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+
+import lighten
+from lighten.artifact import load_artifact, save_artifact
+from lighten.data import DataSpec, load_data
+from lighten.dynamic.early_exit import holdout_split
+from lighten.dynamic.gating import GatedModel, GatingConfig
+from lighten.measure.macs import count_macs
+from lighten.models import ModelSpec, build_model
+from lighten.train import TrainConfig, train
+
+TRAIN = TrainConfig(epochs=1, lr=0.01, batch_size=64)
+
+RES_NET = '''
+import torch
+from torch import nn
+
+
+class Res(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c),
+                                  nn.ReLU(), nn.Conv2d(c, c, 3, padding=1, bias=False),
+                                  nn.BatchNorm2d(c))
+
+    def forward(self, x):
+        return torch.relu(x + self.body(x))
+
+
+def build():
+    return nn.Sequential(nn.Conv2d(1, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+                         Res(16), Res(16), Res(16),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 10))
+'''
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return load_data(DataSpec(name="digits"))
+
+
+@pytest.fixture(scope="module")
+def net_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("gating") / "resnet.py"
+    path.write_text(RES_NET)
+    return path
+
+
+@pytest.fixture(scope="module")
+def gated(net_file, digits):
+    torch.manual_seed(0)
+    spec = {"python": f"{net_file}:build", "input_shape": [1, 8, 8]}
+    model = build_model(ModelSpec(**spec), input_shape=(1, 8, 8), num_classes=10)
+    train(model, digits.train, TrainConfig(epochs=3, lr=0.01, batch_size=64), progress=False)
+    cfg = GatingConfig(target_macs=0.7, gate_epochs=0.5, finetune={"epochs": 0.5})
+    gm, report = lighten.compress(model, cfg, data=digits, train=TRAIN)
+    gm.backbone_spec = spec  # compress has no recipe to read it from
+    return model.eval(), gm.eval(), report
+
+
+def test_target_macs_is_met_on_the_held_out_split(gated, digits):
+    base, gm, report = gated
+    assert gm.chain[3:6] == ["3", "4", "5"] and gm.gated == [3, 4, 5]
+    _, held = holdout_split(len(digits.train), 0.1, 0)
+    x = torch.stack([digits.train[i][0] for i in held])
+    executed = gm.executed_macs(gm.decisions(x))
+    assert executed.mean() <= 0.7 * count_macs(base, digits.task) + 1e-6
+    assert report.summary["dynamic"]["target_met"]
+
+
+def _profiled_nodes(path, x, tmp_path, tag):
+    opts = ort.SessionOptions()
+    opts.enable_profiling = True
+    opts.profile_file_prefix = str(tmp_path / tag)
+    opts.intra_op_num_threads = 1
+    session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    out = session.run(None, {"input": x})[0]
+    events = json.loads(open(session.end_profiling()).read())
+    return out, sum(1 for e in events if e.get("cat") == "Node"
+                    and e.get("name", "").endswith("_kernel_time"))
+
+
+def test_a_closed_gate_skips_its_nodes_in_the_deployed_graph(gated, digits, tmp_path):
+    _, gm, _ = gated
+    x = torch.stack([digits.test[i][0] for i in range(64)])
+    with torch.no_grad():
+        gm.threshold.fill_(float(gm.gate_logits(x)[:, 0].median()))  # block 3 runs for half
+    opened = gm.decisions(x).sum(1)
+    few, many = int(opened.argmin()), int(opened.argmax())
+    assert opened[few] < opened[many]
+    path = tmp_path / "model.onnx"
+    onnx.save(gm.onnx_graph(digits.task.inputs), str(path))
+    out_few, nodes_few = _profiled_nodes(path, x[few:few + 1].numpy(), tmp_path, "few")
+    out_many, nodes_many = _profiled_nodes(path, x[many:many + 1].numpy(), tmp_path, "many")
+    assert nodes_few < nodes_many
+    with torch.no_grad():
+        assert np.abs(out_few - gm(x[few:few + 1]).numpy()).max() < 1e-4
+        assert gm._executed.count(True) == int(opened[few])  # batch 1 skipped the same blocks
+        assert np.abs(out_many - gm(x[many:many + 1]).numpy()).max() < 1e-4
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        assert np.abs(session.run(None, {"input": x.numpy()})[0] - gm(x).numpy()).max() < 1e-4
+
+
+def test_artifact_reloads_with_identical_outputs(gated, digits, tmp_path):
+    _, gm, _ = gated
+    path = tmp_path / "gated.safetensors"
+    save_artifact(gm, path, model_spec=gm.backbone_spec, input_shape=[1, 8, 8], num_classes=10,
+                  task=digits.task)
+    loaded, _ = load_artifact(path)
+    assert isinstance(loaded, GatedModel) and loaded.gated == gm.gated
+    x = torch.stack([digits.test[i][0] for i in range(32)])
+    with torch.no_grad():
+        assert torch.equal(loaded.eval()(x), gm(x))
+        assert torch.equal(loaded(x[:1]), gm(x[:1]))
+
+
+def test_recipe_on_a_python_model(net_file, tmp_path):
+    from lighten.recipe import load_recipe
+    from lighten.runner import run_recipe
+
+    (tmp_path / "resnet.py").write_text(net_file.read_text())
+    out = tmp_path / "out"
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(textwrap.dedent(f"""
+        name: gating
+        model: {{python: resnet.py:build, input_shape: [1, 8, 8]}}
+        data: {{name: digits, limit_test: 120}}
+        train: {{epochs: 2, lr: 0.01, batch_size: 32}}
+        measure: {{robustness: false}}
+        deploy: {{backend: onnxruntime, latency_runs: 3}}
+        output: {out}
+        steps:
+          - dynamic.gating: {{target_macs: 0.75, gate_epochs: 0.5, finetune: {{epochs: 0.3}}}}
+    """))
+    base, row = run_recipe(load_recipe(recipe), progress=False).rows
+    assert row["dynamic"]["kind"] == "gating" and row["macs"] < base["macs"]
+    assert [b["name"] for b in row["dynamic"]["blocks"]] == ["3", "4", "5"]
+    deployed = out / "deploy" / "dynamic.gating" / "model.onnx"
+    assert sum(n.op_type == "If" for n in onnx.load(str(deployed)).graph.node) == 3
+    assert "Gated blocks: dynamic.gating" in (out / "report.md").read_text()
