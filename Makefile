@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 FMNIST := /usr/share/datasets/fashion-mnist
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: demo test bench lint install dataset clean reliability
+.PHONY: demo test bench lint install dataset clean reliability fuzz
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -29,6 +29,10 @@ test: install
 # RELIABILITY.md: hostile and malformed files, verify, strict recipes (a few minutes)
 reliability: install
 	$(BIN)/python scripts/reliability.py
+
+# Hypothesis at scale, 30 minutes per target (not in CI); results feed RELIABILITY.md
+fuzz: install
+	$(BIN)/python scripts/fuzz.py --minutes 30
 
 lint: install
 	$(BIN)/ruff check lighten tests benchmarks

@@ -2,7 +2,8 @@
 mutual, ensemble and multi-task distillation and distillation-as-recovery pay?
 
     python benchmarks/distill.py [--quick] [--epochs 5] [--train N] [--test N] [--seeds 0 1]
-        [--sections students mutual ensemble multitask prune cache] [--out DIR]
+        [--sections students mutual ensemble multitask prune cache] [--methods ...]
+        [--students lenet5 resnet20x0.25] [--out DIR]
 
 Every number goes through the library's own path (``lighten.compress(model, {"distill": ...})``
 and ``{"prune.channels": ...}``), same epochs and seeds for every row of a comparison:
@@ -89,8 +90,8 @@ def _fresh(zoo: str, seed: int):
 
 
 def students(args, data, teacher, rows) -> None:
-    for student in ("lenet5", "resnet20x0.25"):
-        for method in METHODS:
+    for student in args.students:
+        for method in args.methods:
             for seed in args.seeds:
                 options = _student_options(method)
                 base = _fresh("lenet5", seed)
@@ -246,6 +247,10 @@ def main(argv=None) -> None:
     parser.add_argument("--test", type=int, default=None)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--sections", nargs="+", default=list(SECTIONS), choices=list(SECTIONS))
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS),
+                        help="students section: which losses")
+    parser.add_argument("--students", nargs="+", default=["lenet5", "resnet20x0.25"],
+                        choices=["lenet5", "resnet20x0.25"])
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)

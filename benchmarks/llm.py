@@ -177,7 +177,10 @@ def table(rows: list[dict], args) -> str:
                          f"{r['error'][:80]} | | | | | |")
             continue
         rel = f"{100 * (r['perplexity'] / base - 1):+.1f}%" if base else ""
-        fmt = (lambda v, f="{:.0f}": f.format(v) if isinstance(v, (int, float)) else "-")
+
+        def fmt(v, f="{:.0f}"):
+            return f.format(v) if isinstance(v, (int, float)) else "-"
+
         lines.append(f"| {LABELS.get(r['method'], r['method'])} | {r['perplexity']:.2f} | {rel} "
                      f"| {fmt(r.get('bytes', None) and r['bytes'] / 1e6, '{:.1f}')} "
                      f"| {fmt(r.get('calib_seconds'))} | {fmt(r.get('calib_peak_rss_mb'))} "

@@ -377,8 +377,14 @@ def load_artifact(path: str | os.PathLike, *,
                                   f"{err}); the file is corrupt, re-save it") from None
     entries, stored = _read_stored(path, manifest)
     coder = manifest.get("coder")
-    state = _decode_state(path, *_uncode(path, coder, entries, stored) if coder else (
-        entries, stored))
+    try:  # every value below comes from the file: a type the manifest lies about is damage
+        state = _decode_state(path, *_uncode(path, coder, entries, stored) if coder else (
+            entries, stored))
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError, RuntimeError,
+            OverflowError) as err:
+        raise CheckpointError(f"{path}: its tensors do not decode as its manifest says "
+                              f"({type(err).__name__}: {str(err)[:120]}); the file is corrupt, "
+                              "re-save it") from None
     if coder:  # saved again, it stays entropy-coded
         setattr(model, ENTROPY_FLAG, True)
     _check_fits(path, model, state)

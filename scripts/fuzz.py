@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import json
 import sys
 import tempfile
 import time
@@ -33,6 +34,7 @@ from hypothesis import strategies as st  # noqa: E402
 from lighten.errors import LightenError  # noqa: E402
 
 HANG_SECONDS = 10.0
+RESULTS = ROOT / "benchmarks" / "results" / "fuzz.json"
 JSON = st.recursive(st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=8),
                     lambda inner: st.lists(inner, max_size=4)
                     | st.dictionaries(st.text(max_size=8), inner, max_size=4), max_leaves=12)
@@ -209,11 +211,16 @@ def main() -> int:
     args = parser.parse_args()
     torch.set_num_threads(1)
     failed = 0
+    results = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {}
     for name in args.target or list(TARGETS):
         examples, cpu, failure = run(name, args.minutes)
         failed += failure is not None
         status = "FAILED " + failure if failure else "0 crashes, 0 hangs > 10 s"
         print(f"{name}: {examples} inputs, {cpu / 60:.1f} CPU-minutes: {status}", flush=True)
+        results[name] = {"inputs": examples, "cpu_minutes": round(cpu / 60, 2),
+                         "failure": failure, "date": time.strftime("%Y-%m-%d")}
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(json.dumps(results, indent=1))  # RELIABILITY.md reads it
     return failed
 
 

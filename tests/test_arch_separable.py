@@ -50,6 +50,31 @@ def test_fit_is_the_best_rank1_per_input_channel():
         assert float((other - w).norm() / w.norm()) >= error - 1e-6
 
 
+def test_refit_on_data_brings_outputs_closer():
+    """The sequential least-squares refit of the pointwise weights beats the weight-only fit
+    on the model's outputs (inputs it did not see)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(4, 12, 3, padding=1), nn.ReLU(),
+                          nn.Conv2d(12, 12, 3, padding=1), nn.ReLU(),
+                          nn.Conv2d(12, 6, 3, padding=1)).eval()
+    g = torch.Generator().manual_seed(1)
+    mix = torch.randn(4, 4, generator=g)  # correlated input channels: the data has structure
+    sample = lambda n: torch.einsum("ij,bjhw->bihw", mix,  # noqa: E731
+                                    torch.randn(n, 4, 8, 8, generator=g))
+    calibration, test = [sample(32) for _ in range(4)], sample(64)
+    errors = {}
+    for name, batches in (("svd", None), ("refit", calibration)):
+        m = copy.deepcopy(model)
+        choices = separable_(m, (test[:1],), SeparableConfig(measure_latency=False),
+                             batches=batches)
+        assert all(c.replaced for c in choices)
+        with torch.no_grad():
+            errors[name] = float((m(test) - model(test)).norm() / model(test).norm())
+        if batches is not None:
+            assert all(c.output_error is not None and c.output_error < 1 for c in choices)
+    assert errors["refit"] < 0.9 * errors["svd"]
+
+
 def test_resnet20_three_times_fewer_params_and_reloads(tmp_path):
     model = ZOO["resnet20"](num_classes=10, input_shape=(1, 28, 28)).eval()
     reference = copy.deepcopy(model)

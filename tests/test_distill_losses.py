@@ -10,8 +10,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lighten.distill.losses import (LOSSES, Batch, LossParams, attention_loss, dkd_loss, get_loss,
-                                    hint_loss, hinton_loss, rkd_loss)
+from lighten.distill.losses import (
+    LOSSES,
+    Batch,
+    LossParams,
+    attention_loss,
+    dkd_loss,
+    get_loss,
+    hint_loss,
+    hinton_loss,
+    rkd_loss,
+)
 from lighten.errors import RecipeError
 
 

@@ -8,12 +8,12 @@ import textwrap
 import pytest
 import torch
 from safetensors.torch import save_file
+from test_distill_step import MODELS
 
 from lighten import compress
 from lighten.artifact import load_artifact, save_artifact
 from lighten.data import DataSpec, load_data
 from lighten.train import TrainConfig, train
-from test_distill_step import MODELS
 
 FT = {"epochs": 1, "lr": 3e-3}
 
@@ -152,11 +152,14 @@ def test_modes_from_one_recipe(setup, tmp_path, monkeypatch):
                                  num_classes: 3}},
                          teacher: {{python: kd_modes.py:student, kwargs: {{classes: 3}},
                                     train: {{epochs: 1}}}}}}]}}
+          - distill: {{method: hint, layers: auto, finetune: {{epochs: 0.5}}}}
     """))
     result = run_recipe(load_recipe(recipe), progress=False)
     stages = [r["stage"] for r in result.rows]
-    assert stages == ["baseline", "distill", "distill#2", "distill#3"]
+    assert stages == ["baseline", "distill", "distill#2", "distill#3", "distill#4"]
     model, manifest = load_artifact(out / "stages" / "03-distill#3.safetensors")
     assert manifest["model_spec"]["python"].endswith("kd_modes.py:student")
     assert type(model.head).__name__ == "MultiHead" and model.head.select == 0
     assert all((out / "deploy" / s / "model.onnx").is_file() for s in stages[1:])
+    hinted, _ = load_artifact(out / "stages" / "04-distill#4.safetensors")
+    assert set(hinted.state_dict()) == set(model.state_dict())  # no adapter saved

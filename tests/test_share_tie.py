@@ -81,6 +81,25 @@ def test_finetune_keeps_blocks_tied_and_the_artifact_too(tmp_path):
     assert torch.equal(loaded.layers[1].conv1.weight, loaded.layers[0].conv1.weight)
 
 
+def test_tie_then_pq_keeps_one_pq_module_per_tied_weight(tmp_path):
+    from lighten.share.pq import PQConfig, PQConv2d, product_quantize_
+
+    model = _resnet()
+    tie_blocks_(model, TieConfig())
+    product_quantize_(model, PQConfig(codebook_bits=4))
+    assert isinstance(model.layers[0].conv1, PQConv2d)
+    assert model.layers[2].conv1 is model.layers[0].conv1
+    assert model.layers[8].conv2 is model.layers[7].conv2
+    save_artifact(model, tmp_path / "tp.safetensors", model_spec={"zoo": "resnet20"},
+                  input_shape=[1, 8, 8], num_classes=10)
+    entries = {r["name"]: r for r in describe_artifact(tmp_path / "tp.safetensors")}
+    assert entries["layers.1.conv1.codes"]["encoding"] == "alias"
+    loaded, _ = load_artifact(tmp_path / "tp.safetensors")
+    assert loaded.layers[1].conv1 is loaded.layers[0].conv1
+    with torch.no_grad():
+        assert torch.equal(loaded.eval()(X), model(X))
+
+
 def test_transformer_layers_tie_albert_style(tmp_path):
     torch.manual_seed(0)
     layer = nn.TransformerEncoderLayer(16, 2, dim_feedforward=32, batch_first=True)

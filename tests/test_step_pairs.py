@@ -109,6 +109,9 @@ CONFIGS = {
     "quant.mixed": {"budget_bytes": 0.5},
     "share.kmeans": {"bits": 3},
     "encode.entropy": {},
+    "share.pq": {"codebook_bits": 4},
+    "share.channels": {"count": 2},
+    "share.tie": {},
 }
 # Steps a model lacks the parts for: (model, step) -> a phrase of the one-line refusal.
 CHAINS = [

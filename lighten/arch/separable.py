@@ -8,8 +8,15 @@ A full conv has ``k^2 * C_in * C_out`` weights; the pair has ``k^2 * C_in + C_in
 ``(C_out, k*k)`` is approximated by the rank-1 matrix ``P[:, i] D[i]^T``; the best such fit in
 the Frobenius norm (Eckart-Young) is the top singular pair of that slice, split as
 ``sqrt(s) u`` and ``sqrt(s) v``. Input channels are independent, so this is the best fit of the
-whole kernel in that form; the relative error left is reported per layer. It is a start, not an
-equivalent: the step then recovers accuracy with ``finetune:`` (``distill:`` from the baseline).
+whole kernel in that form (``fit_error`` per layer). Weight space ignores the data, so with
+``calibration_samples`` (default 256 training inputs) the pointwise weights are then refitted by
+least squares on the layer's outputs, layer after layer in forward order: each pair is fitted
+to reproduce the *original* conv's output from the input it receives *after* the earlier
+layers were replaced, so it also absorbs their error (:func:`refit_pointwise`; ``output_error``
+per layer). On the shipped Fashion-MNIST ResNet-20 (18 convs replaced, 1,000 test images,
+no fine-tuning) the SVD fit alone kept 9.5% accuracy, independent per-layer refits 60.2%, the
+sequential refit 88.8% (baseline 93.3%). It is a start, not an equivalent: the step then
+recovers accuracy with ``finetune:`` (``distill:`` from the baseline).
 
 **Which layers.** ``layers: auto`` takes every ``Conv2d`` with ``groups=1``, a kernel larger
 than 1 and at least :data:`MIN_IN_CHANNELS` input channels (a 1-3 channel stem would be left
@@ -48,6 +55,9 @@ class SeparableConfig(StepConfig):
     layers: Literal["auto"] | list[str] = Field("auto", description="auto, or conv names")
     measure_latency: bool = Field(True, description="keep a pair only where it runs faster on "
                                   "the deployment backend")
+    calibration_samples: int = Field(256, ge=0, description="training inputs the pointwise "
+                                     "weights are refitted on (least squares on the layer's "
+                                     "outputs); 0: the weight-only SVD fit")
     ignore: list[str] = Field(default_factory=list, description="modules left alone")
     # replacing layers is re-training, like pruning: the pruning steps' fine-tune defaults
     finetune: PruneFinetuneConfig | None = None
@@ -62,6 +72,7 @@ class LayerChoice:
     macs_before: int
     macs_after: int
     fit_error: float  # relative Frobenius error of the rank-1 initialisation
+    output_error: float | None = None  # relative error of the layer's outputs on data
     ms_before: float | None = None
     ms_after: float | None = None
     reason: str | None = None
@@ -101,6 +112,60 @@ def separable_pair(conv: nn.Conv2d) -> tuple[nn.Sequential, float]:
     if conv.bias is not None:
         pw.bias.copy_(conv.bias)
     return nn.Sequential(dw, pw).to(conv.weight.device), error
+
+
+MAX_ROWS = 65536  # output positions the least-squares refit uses per layer
+
+
+@torch.no_grad()
+def refit_pointwise(conv: nn.Conv2d, pair: nn.Sequential, x: torch.Tensor, *,
+                    target_input: torch.Tensor | None = None) -> tuple[float, float]:
+    """Refit ``pair``'s pointwise weights (in place) so that ``pair(x)`` matches
+    ``conv(target_input)`` (default ``x``) in least squares, the depthwise filters fixed: a
+    linear regression of the conv's outputs on the depthwise outputs, one per output channel.
+    Unlike the weight-space fit it weighs input channels by how the data excites them, and
+    with ``target_input`` (what the layer received in the original model, ``x`` being what it
+    receives after earlier layers were replaced) it also absorbs those layers' error.
+    Returns the relative output error (before, after); the refit is kept only when lower."""
+    target = conv(x if target_input is None else target_input)
+    if conv.bias is not None:
+        target = target - conv.bias.reshape(1, -1, 1, 1)
+    z = pair[0](x)  # (N, C_in, H', W')
+    zs = z.permute(0, 2, 3, 1).reshape(-1, z.shape[1]).double()
+    ys = target.permute(0, 2, 3, 1).reshape(-1, target.shape[1]).double()
+    if len(zs) > MAX_ROWS:
+        pick = torch.randperm(len(zs), generator=torch.Generator().manual_seed(0))[:MAX_ROWS]
+        zs, ys = zs[pick], ys[pick]
+    old = pair[1].weight.double().flatten(1).t()  # (C_in, C_out)
+    gram = zs.t() @ zs
+    ridge = 1e-6 * gram.diagonal().mean().clamp_min(1e-12)
+    new = torch.linalg.solve(gram + ridge * torch.eye(len(gram), dtype=gram.dtype), zs.t() @ ys)
+    norm = ys.norm().clamp_min(1e-30)
+    before = float((zs @ old - ys).norm() / norm)
+    after = float((zs @ new - ys).norm() / norm)
+    if after < before:
+        pair[1].weight.copy_(new.t().reshape_as(pair[1].weight).to(pair[1].weight.dtype))
+    return before, min(before, after)
+
+
+def _layer_inputs(model: nn.Module, batches, names) -> dict[str, torch.Tensor]:
+    """The inputs each named module receives over ``batches`` (concatenated)."""
+    seen: dict[str, list[torch.Tensor]] = {n: [] for n in names}
+
+    def hook(name):
+        def record(module, args) -> None:
+            seen[name].append(args[0].detach())
+        return record
+
+    handles = [model.get_submodule(n).register_forward_pre_hook(hook(n)) for n in names]
+    try:
+        with torch.no_grad():
+            for batch in batches:
+                model(*(batch if isinstance(batch, tuple) else (batch,)))
+    finally:
+        for h in handles:
+            h.remove()
+    return {n: torch.cat(v) for n, v in seen.items() if v}
 
 
 def _input_shapes(model: nn.Module, inputs, names) -> dict[str, tuple[int, ...]]:
@@ -162,8 +227,11 @@ def time_pairs(pairs: list[tuple[nn.Module, nn.Module, tuple[int, ...]]], *, bac
 
 
 def separable_(model: nn.Module, inputs, config: SeparableConfig | None = None, *,
-               backend: str = "onnxruntime", threads: int | None = None) -> list[LayerChoice]:
-    """Replace the chosen convs of ``model`` in place; one :class:`LayerChoice` per candidate."""
+               backend: str = "onnxruntime", threads: int | None = None,
+               batches=None) -> list[LayerChoice]:
+    """Replace the chosen convs of ``model`` in place; one :class:`LayerChoice` per candidate.
+    ``inputs``: one ``model(*inputs)`` batch (layer shapes); ``batches``: calibration inputs
+    the pointwise weights are refitted on (:func:`refit_pointwise`), or None."""
     config = config or SeparableConfig()
     require_modules(model, config.ignore, key="arch.separable ignore")
     modules = dict(model.named_modules())
@@ -204,22 +272,32 @@ def separable_(model: nn.Module, inputs, config: SeparableConfig | None = None, 
             if c.replaced and after >= before and config.layers == "auto":
                 c.replaced = False
                 c.reason = f"not faster on {backend}: {after:.3g} vs {before:.3g} ms"
-    for c, pair in zip(choices, pairs, strict=True):
-        if c.replaced:
-            set_submodule(model, c.name, pair)
+    original = copy.deepcopy(model) if batches is not None else None
+    batches = list(batches) if batches is not None else None
+    for c, pair in zip(choices, pairs, strict=True):  # in forward order
+        if not c.replaced:
+            continue
+        if original is not None:  # fit to what the layer now receives, after earlier pairs
+            now = _layer_inputs(model, batches, [c.name])[c.name]
+            was = _layer_inputs(original, batches, [c.name])[c.name]
+            c.output_error = refit_pointwise(modules[c.name], pair, now, target_input=was)[1]
+        set_submodule(model, c.name, pair)
     return choices
 
 
 @register_step("arch.separable", SeparableConfig,
-               needs_data=lambda c: "example inputs (each layer's input shape)")
+               needs_data=lambda c: "example inputs (each layer's input shape)"
+               + (" and calibration inputs" if c.calibration_samples else ""))
 def arch_separable(model: nn.Module, config: SeparableConfig, ctx: StepContext) -> nn.Module:
     """Replace k x k convs by depthwise + pointwise pairs (rank-1 fit), then fine-tune."""
     from lighten.measure import count_macs
 
     example = ctx.example_inputs(1)
     macs_before = count_macs(model, example)
+    batches = (list(ctx.calibration_batches(config.calibration_samples))
+               if config.calibration_samples else None)
     choices = separable_(model, example, config, backend=ctx.target.backend,
-                         threads=ctx.target.threads)
+                         threads=ctx.target.threads, batches=batches)
     for c in choices:
         row = dict(before=f"{c.params_before} params, {c.macs_before} MACs",
                    after=(f"{c.params_after} params, {c.macs_after} MACs" if c.replaced
@@ -229,6 +307,8 @@ def arch_separable(model: nn.Module, config: SeparableConfig, ctx: StepContext) 
                    macs_before=c.macs_before,
                    macs=c.macs_after if c.replaced else c.macs_before,
                    fit_error=round(c.fit_error, 4), reason=c.reason)
+        if c.output_error is not None:
+            row["output_error"] = round(c.output_error, 4)
         if c.ms_before is not None:
             row.update(latency_ms_before=c.ms_before, latency_ms_after=c.ms_after)
             row["after"] += f", {c.ms_after:.3g} vs {c.ms_before:.3g} ms"

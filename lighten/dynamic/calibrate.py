@@ -27,7 +27,7 @@ class Calibration:
     final_accuracy: float  # held-out accuracy of the final exit alone
     mean_cost: float  # mean cost per sample (same unit as costs)
     shares: list[float]  # share of samples answered by each exit, the final one last
-    exit_accuracy: list[float]  # accuracy of each exit on the samples it answered (nan: none)
+    exit_accuracy: list[float | None]  # accuracy of each exit on the samples it answered
     met: bool  # the target holds on the held-out data
 
     def as_dict(self) -> dict:
@@ -89,7 +89,7 @@ def calibrate(scores: np.ndarray, correct: np.ndarray, costs, *, max_drop: float
     acc, cost, chosen = evaluate(scores, correct, costs, best)
     rows = np.arange(len(chosen))
     shares = [float((chosen == i).mean()) for i in range(k + 1)]
-    exit_acc = [float(correct[rows[chosen == i], i].mean()) if (chosen == i).any() else
-                float("nan") for i in range(k + 1)]
+    exit_acc = [float(correct[rows[chosen == i], i].mean()) if (chosen == i).any() else None
+                for i in range(k + 1)]
     return Calibration([float(t) for t in best], acc, final_acc, cost, shares, exit_acc,
                        met=best_key[0] == 0.0)

@@ -161,7 +161,13 @@ def load_hf_model(source: str | HFSource, *, head: str = "causal-lm", gguf: str 
     except (OSError, ValueError, KeyError) as err:
         raise ModelError(f"transformers cannot load {src.describe()} as {head} "
                          f"({type(err).__name__}: {str(err).splitlines()[0][:200]})") from None
-    return model.float().eval()
+    if src.gguf:  # dequantized to float32 on load: a plain float model from here on
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        for attr in ("is_quantized", "quantization_method"):
+            model.__dict__.pop(attr, None)
+    return model.eval()
 
 
 class CausalLM(nn.Module):

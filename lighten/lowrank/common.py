@@ -234,6 +234,9 @@ def apply_proposals(model: nn.Module, proposals: list[Proposal], config: LowRank
             ctx.note(f"{step}: {len(kept)} of {len(proposals)} layers replaced; each replacement "
                      f"timed against its layer on {ctx.target.backend} at batch "
                      f"{config.latency_batch} and kept only where faster")
+            elsewhere = ctx.target.latency_note()
+            if elsewhere:
+                ctx.note(f"{step}: {elsewhere}")
         else:
             ctx.note(f"{step}: {len(kept)} of {len(proposals)} layers replaced where MACs fall "
                      "(measure_latency: false, no latency check)")

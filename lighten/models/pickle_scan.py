@@ -14,7 +14,6 @@ Formats read: torch.save's zip archive (every ``*.pkl`` member is scanned), the 
 
 from __future__ import annotations
 
-import io
 import pickletools
 import tarfile
 import zipfile
@@ -65,7 +64,32 @@ class _Mark:
     pass
 
 
-def scan_pickle(stream: io.BufferedIOBase) -> list[str]:
+class _Bounded:
+    """A stream that refuses, before allocating, a read past its end: a pickle may declare a
+    2**63-byte string, and pickletools reads what it is told."""
+
+    def __init__(self, raw, size: int):
+        self.raw, self.left = raw, size
+
+    def read(self, n: int = -1) -> bytes:
+        if n is None or n < 0:
+            n = self.left
+        if n > self.left:
+            raise UnsafePickle(f"it declares {n} bytes where {self.left} are left", corrupt=True)
+        data = self.raw.read(n)
+        self.left -= len(data)
+        return data
+
+    def readline(self) -> bytes:
+        line = self.raw.readline(self.left)
+        self.left -= len(line)
+        return line
+
+    def tell(self) -> int:
+        return self.raw.tell()
+
+
+def scan_pickle(stream) -> list[str]:
     """The globals one pickle (read from ``stream`` up to its STOP) names, each checked."""
     stack: list = []
     memo: dict = {}
@@ -146,7 +170,7 @@ def scan_torch_file(path: str | Path) -> list[str]:
     with path.open("rb") as f:
         size = path.stat().st_size
         for _ in range(_LEGACY_PICKLES):
-            found += scan_pickle(f)
+            found += scan_pickle(_Bounded(f, size - f.tell()))
             if f.tell() >= size:
                 break
     return found
@@ -155,7 +179,7 @@ def scan_torch_file(path: str | Path) -> list[str]:
 def _scan_zip(path: Path) -> list[str]:
     try:
         archive = zipfile.ZipFile(path)
-    except (zipfile.BadZipFile, OSError, ValueError) as err:
+    except (zipfile.BadZipFile, OSError, ValueError, NotImplementedError, EOFError) as err:
         raise UnsafePickle(f"it is not a readable zip archive ({err})", corrupt=True) from None
     found: list[str] = []
     with archive:
@@ -168,8 +192,9 @@ def _scan_zip(path: Path) -> list[str]:
                                    "never writes")
             try:
                 with archive.open(info) as member:
-                    found += scan_pickle(io.BufferedReader(member))
-            except (zipfile.BadZipFile, OSError) as err:
+                    found += scan_pickle(_Bounded(member, info.file_size))
+            except (zipfile.BadZipFile, OSError, NotImplementedError, ValueError,
+                    EOFError) as err:  # NotImplementedError: a zip version zipfile lacks
                 raise UnsafePickle(f"its {info.filename} is unreadable ({err})",
                                    corrupt=True) from None
     return found

@@ -400,7 +400,7 @@ def product_quantize_(model: nn.Module, config: PQConfig, *, batches: Iterable |
     plan: dict[str, tuple[int, int]] = {}
     rows: list[dict] = []
     dtype_bytes = 2 if config.codebook_dtype == "float16" else 4
-    for name, layer in model.named_modules():
+    for name, layer in model.named_modules(remove_duplicate=False):  # a shared module: each path
         if type(layer) not in (nn.Conv2d, nn.Linear) or name in config.ignore:
             continue
         d, bits = _subvector(layer, config), _bits(name, layer, config)
@@ -425,10 +425,19 @@ def product_quantize_(model: nn.Module, config: PQConfig, *, batches: Iterable |
             raise UnsupportedError("share.pq weighted: true needs calibration inputs; pass "
                                    "batches= (the recipe step takes them from the training set)")
         batches = list(batches)
+    quantized: dict[tuple, tuple[str, _PQBase]] = {}  # tied weights -> the one PQ module
     for i, (name, layer) in enumerate(targets.items()):
         d, bits = plan[name]
         books = _books(layer, d, config)
         w = layer.weight.detach()
+        key = (id(layer.weight), None if layer.bias is None else id(layer.bias))
+        if key in quantized and _same_call(quantized[key][1], layer):
+            first, module = quantized[key]  # share.tie'd (or one module at two paths): stays tied
+            set_submodule(model, name, module)
+            rows.append({"module": name, "action": "share", "type": type(layer).__name__,
+                         "before": f"tied to {first}", "after": f"the PQ module of {first}",
+                         "bytes_before": 0, "bytes_after": 0})
+            continue
         # weighted: this layer's inputs come from the model with every earlier layer already
         # product-quantized, so k-means also absorbs the error those layers pass on (BGD)
         metric = (_input_metrics(model, {name: layer}, {name: d}, batches)[name]
@@ -440,6 +449,7 @@ def product_quantize_(model: nn.Module, config: PQConfig, *, batches: Iterable |
         with torch.no_grad():
             err = float((new.reconstruct() - w).norm() / w.norm().clamp_min(1e-12))
         set_submodule(model, name, new)
+        quantized[key] = (name, new)
         pq_bytes = _pq_bytes(layer, d, bits, books, dtype_bytes)
         rows.append({"module": name, "action": "share", "type": type(layer).__name__,
                      "before": f"{w.numel()} float32",
@@ -448,6 +458,16 @@ def product_quantize_(model: nn.Module, config: PQConfig, *, batches: Iterable |
                      "codebook_bits": bits, "relative_error": round(err, 5),
                      "bytes_before": w.numel() * w.element_size(), "bytes_after": pq_bytes})
     return rows
+
+
+def _same_call(module: _PQBase, layer: nn.Module) -> bool:
+    """``layer`` (sharing ``module``'s weight) computes as ``module`` does."""
+    if isinstance(layer, nn.Linear):
+        return isinstance(module, PQLinear)
+    return isinstance(module, PQConv2d) and (
+        tuple(layer.stride), layer.padding if isinstance(layer.padding, str)
+        else tuple(layer.padding), tuple(layer.dilation), layer.groups) == (
+        module.stride, module.padding, module.dilation, module.groups)
 
 
 def _pq_module(layer, d, books, codebook, codes, zero_code, dtype) -> _PQBase:

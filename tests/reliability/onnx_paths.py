@@ -15,6 +15,7 @@ def build_corpus(folder: str | Path) -> list[tuple[str, Path]]:
     from onnx import TensorProto, helper
 
     folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
     secret = folder / "secret.bin"
     np.ones(4, dtype=np.float32).tofile(secret)
     cases = []
