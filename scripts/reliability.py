@@ -133,7 +133,9 @@ def malformed(tmp: Path) -> list[dict]:
                    "artifact_manifest",
          "cases": f"{len(cases)} files x {n_entries} = {len(cases) * n_entries}",
          "result": f"crashed {kinds['crashed']} (only LightenErrors), refused "
-                   f"{kinds['refused']}, loaded {kinds['loaded']}; hangs 0 (slowest "
+                   f"{kinds['refused']}, loaded {kinds['loaded']} (a file still valid after "
+                   "the change, e.g. a flipped data bit: `lighten verify` finds those; or an "
+                   "entry point that only inspects); hangs 0 (slowest "
                    f"{slowest:.2f} s); {memory} (bound: + 64 MiB)",
          "command": "pytest tests/test_reliability_artifacts.py"},
         {"figure": "NaN / Inf weights (artifacts and plain safetensors) loaded into a model",

@@ -20,7 +20,7 @@ from torch import nn
 
 from lighten.cli.main import main
 from lighten.errors import CheckpointError
-from lighten.models import load_weights, read_state_dict
+from lighten.models import ModelSpec, build_model, load_weights, read_state_dict
 from lighten.models.lenet import lenet5
 from lighten.models.pickle_scan import UnsafePickle, scan_torch_file
 
@@ -135,6 +135,11 @@ def test_trust_is_the_one_opt_in(tmp_path):
         trusted = main(["check", "lenet5", "--weights", str(path), "--trust"])
     assert refused == 2 and trusted == 0
     assert "RUNS ANY CODE" in _help("check")
+    spec = ModelSpec(zoo="lenet5", weights=str(path), trust_weights=True)  # recipe model: block
+    built = build_model(spec, input_shape=(1, 28, 28), num_classes=10)
+    assert torch.equal(built.state_dict()["features.0.weight"],
+                       model.state_dict()["features.0.weight"])
+    assert "trust_weights" not in ModelSpec(zoo="lenet5").model_dump(exclude_none=True)
 
 
 def _help(command: str) -> str:

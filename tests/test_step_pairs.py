@@ -112,6 +112,7 @@ CONFIGS = {
     "share.pq": {"codebook_bits": 4},
     "share.channels": {"count": 2},
     "share.tie": {},
+    "distill": {"finetune": TUNE},
 }
 # Steps a model lacks the parts for: (model, step) -> a phrase of the one-line refusal.
 CHAINS = [

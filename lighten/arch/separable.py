@@ -314,9 +314,12 @@ def arch_separable(model: nn.Module, config: SeparableConfig, ctx: StepContext) 
             row["after"] += f", {c.ms_after:.3g} vs {c.ms_before:.3g} ms"
         ctx.layer(c.name, "separable" if c.replaced else "keep", **row)
     done = [c for c in choices if c.replaced]
-    if not done:
-        ctx.note("arch.separable: no layer replaced" + (
-            f" ({choices[0].reason})" if choices and choices[0].reason else ""))
+    if not choices:
+        ctx.note("arch.separable: no layer replaced: the model has no k x k Conv2d with "
+                 "groups=1 that runs in its forward")
+    elif not done:
+        ctx.note(f"arch.separable: no layer replaced (of {len(choices)} candidates; see the "
+                 "reasons per layer)")
     else:
         ctx.note(f"arch.separable: {len(done)} of {len(choices)} conv(s) -> depthwise + "
                  f"pointwise; params {sum(c.params_before for c in done)} -> "

@@ -228,5 +228,5 @@ def build_hf(source: str, *, task=None, options: dict | None = None) -> nn.Modul
     model = load_hf_model(src, head=head,
                           attn_implementation=options.get("attn_implementation", "eager"))
     if head == "causal-lm":
-        return CausalLM(model)
-    return SentenceEncoder(model, normalize=_normalizes(src.folder))
+        return CausalLM(model).eval()
+    return SentenceEncoder(model, normalize=_normalizes(src.folder)).eval()

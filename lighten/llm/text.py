@@ -60,7 +60,9 @@ def austen_books(directory: str | os.PathLike | None = None) -> dict[str, str]:
         body = zlib.decompress(blob[4:])
         if len(body) != size:
             raise DataError(f"{db} entry {name!r} is corrupt; reinstall r-cran-janeaustenr")
-        lines = rdata.conversion.convert(rdata.parser.parse_data(body))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            lines = rdata.conversion.convert(rdata.parser.parse_data(body))
         books[str(name)] = "\n".join(str(line) for line in lines)
     return books
 

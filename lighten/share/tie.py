@@ -19,6 +19,9 @@ inside). ``threshold`` keeps only blocks whose weights are within that relative 
 their group's first block (blocks that already compute nearly the same); without it every
 structurally identical block is tied and ``finetune:`` recovers the accuracy. ``init: mean``
 starts the shared weights at the members' mean instead of the first block's.
+
+Order: tie after structural pruning (``prune.channels`` slices each block on its own and so
+unties them); ``share.pq`` after tying keeps one PQ module per tied weight (stored once).
 """
 
 from __future__ import annotations
