@@ -1,6 +1,7 @@
 """Early exit on ResNet-20 / Fashion-MNIST: mean executed MACs and batch-1 latency per sample.
 
     python benchmarks/dynamic.py [--train 12000] [--head-epochs 1] [--epochs 1] [--max-drop 0.5]
+        [--holdout 0.1] [--freeze-backbone] [--exit-distill 0] [--lr-scale 0.1]
         [--test 10000] [--latency-samples 1000] [--rounds 7] [--threads 2] [--quick] [--out DIR]
 
 Starts from the shipped ResNet-20 Fashion-MNIST weights (lighten/models/weights), applies
@@ -38,6 +39,11 @@ def main(argv=None) -> int:
     ap.add_argument("--head-epochs", type=float, default=1.0)
     ap.add_argument("--epochs", type=float, default=1.0, help="joint fine-tune epochs")
     ap.add_argument("--max-drop", type=float, default=0.5)
+    ap.add_argument("--freeze-backbone", action="store_true",
+                    help="the fine-tune trains the exit heads only (the final exit stays)")
+    ap.add_argument("--exit-distill", type=float, default=0.0,
+                    help="self-distillation weight of each exit from the final exit")
+    ap.add_argument("--lr-scale", type=float, default=0.1, help="fine-tune lr / train lr")
     ap.add_argument("--holdout", type=float, default=0.1)
     ap.add_argument("--test", type=int, default=10000)
     ap.add_argument("--latency-samples", type=int, default=1000)
@@ -82,7 +88,9 @@ def main(argv=None) -> int:
     train_cfg = TrainConfig(epochs=1, lr=0.1, batch_size=128, optimizer="sgd", momentum=0.9,
                             weight_decay=5e-4, schedule="cosine", augment=True)
     step = {"max_drop": args.max_drop, "head_epochs": args.head_epochs,
-            "holdout": args.holdout, "finetune": {"epochs": args.epochs}}
+            "holdout": args.holdout, "freeze_backbone": args.freeze_backbone,
+            "exit_distill": args.exit_distill,
+            "finetune": {"epochs": args.epochs, "lr_scale": args.lr_scale}}
     start = time.perf_counter()
     multi, report = lighten.compress(model, {"dynamic.early_exit": step}, data=data,
                                      train=train_cfg, progress=True)

@@ -113,6 +113,8 @@ CONFIGS = {
     "share.channels": {"count": 2},
     "share.tie": {},
     "distill": {"finetune": TUNE},
+    "dynamic.early_exit": {"head": "pool", "head_epochs": 0.3},
+    "dynamic.gating": {"gate_epochs": 0.3, "finetune": TUNE},
 }
 # Steps a model lacks the parts for: (model, step) -> a phrase of the one-line refusal.
 CHAINS = [

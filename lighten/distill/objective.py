@@ -127,9 +127,10 @@ class Objective:
         params = params or LossParams()
         self.params, self.base_task = params, task
         self.needs = needs
-        if "teacher" in needs or "features" in needs or "embeddings" in needs:
-            if not teachers:
-                raise ModelError(f"losses {sorted(self.losses)} need a teacher; give teacher:")
+        if not needs & {"teacher", "features", "embeddings"}:
+            teachers = ()  # e.g. a student derived from the teacher, trained on labels only
+        elif not teachers:
+            raise ModelError(f"losses {sorted(self.losses)} need a teacher; give teacher:")
         if ("features" in needs or "embeddings" in needs) and len(teachers) != 1:
             raise ModelError("feature losses (hint, attention, relational) read one teacher's "
                              "layers; an ensemble teaches through its outputs only")

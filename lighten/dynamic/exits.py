@@ -39,7 +39,7 @@ class _ChainTracer(fx.Tracer):
         return not isinstance(m, _CONTAINERS)
 
 
-def module_chain(model: nn.Module) -> list[str]:
+def module_chain(model: nn.Module, *, step: str = "dynamic.early_exit") -> list[str]:
     """The module paths whose calls, one after the other, are ``model``'s forward.
 
     UnsupportedError (naming the first node that breaks the chain) for anything else: a
@@ -47,17 +47,18 @@ def module_chain(model: nn.Module) -> list[str]:
     try:
         graph = _ChainTracer().trace(model)
     except Exception as exc:  # user code: fx cannot trace data-dependent control flow
-        raise UnsupportedError(f"dynamic.early_exit: cannot trace {type(model).__name__} into a "
+        raise UnsupportedError(f"{step}: cannot trace {type(model).__name__} into a "
                                f"chain of modules ({type(exc).__name__}: "
-                               f"{str(exc).splitlines()[0][:120]}); exits need a forward that "
-                               "calls its blocks one after the other") from None
+                               f"{str(exc).splitlines()[0][:120]}); it needs a forward that "
+                               "calls its blocks one after the other (a dynamic step comes "
+                               "last, once)") from None
     chain: list[str] = []
     previous = None
     for node in graph.nodes:
         if node.op == "placeholder":
             if previous is not None:
-                raise UnsupportedError("dynamic.early_exit: the model takes several inputs; "
-                                       "exits need a one-input chain of modules")
+                raise UnsupportedError(f"{step}: the model takes several inputs; it needs a "
+                                       "one-input chain of modules")
             previous = node
         elif node.op == "call_module" and node.args == (previous,) and not node.kwargs:
             chain.append(str(node.target))
@@ -66,11 +67,11 @@ def module_chain(model: nn.Module) -> list[str]:
             return chain
         else:
             raise UnsupportedError(
-                f"dynamic.early_exit: {type(model).__name__}'s forward is not a chain of "
+                f"{step}: {type(model).__name__}'s forward is not a chain of "
                 f"modules: {node.op} {node.target} (after {chain[-1] if chain else 'the input'})"
                 " reads something other than the previous module's output; move such ops into "
                 "modules (e.g. nn.Flatten) or wrap the model's blocks in an nn.Sequential")
-    raise UnsupportedError(f"dynamic.early_exit: {type(model).__name__} has no modules to cut")
+    raise UnsupportedError(f"{step}: {type(model).__name__} has no modules to cut")
 
 
 def build_head(feature_shape: tuple[int, ...], num_classes: int, kind: str = "conv"

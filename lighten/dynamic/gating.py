@@ -225,7 +225,7 @@ def gating(model: nn.Module, cfg: GatingConfig, ctx: StepContext) -> nn.Module:
 
     if isinstance(model, GatedModel):
         raise UnsupportedError("dynamic.gating: the model has gates already; apply it once")
-    chain = module_chain(model)
+    chain = module_chain(model, step="dynamic.gating")
     x = ctx.example_input(1)
     shapes, macs = chain_profile(model, chain, x)
     inputs = [tuple(x.shape[1:]), *shapes[:-1]]

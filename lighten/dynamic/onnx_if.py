@@ -7,6 +7,9 @@ their exit's threshold, or an earlier one's) and ``out_k`` (each row's answer so
 batch 1 a confident sample executes none of the later segments' nodes, and a batch stops as
 soon as every row has answered; rows that answered early keep their early logits (the same
 per-sample semantics as the PyTorch model and the segment loop).
+
+This is the deployed form of ``dynamic.early_exit`` (why, measured against the per-segment loop:
+:mod:`lighten.dynamic.runtime`). Each segment's weights live in the branch that runs it.
 """
 
 from __future__ import annotations
