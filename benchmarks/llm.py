@@ -215,7 +215,9 @@ def main() -> None:
     if unknown:
         p.error(f"unknown methods {unknown}; choose from {', '.join(METHODS)}")
     folder = float_folder(args.source)
-    rows = []
+    name = "llm-quick" if args.quick else "llm"
+    saved = args.out / f"{name}.json"  # a rerun of some methods keeps the others' rows
+    rows = json.loads(saved.read_text()) if saved.is_file() else []
     for method in args.methods:
         cmd = [sys.executable, __file__, "--one", method, "--folder", str(folder),
                "--eval-windows", str(args.eval_windows), "--calib", str(args.calib),
@@ -225,12 +227,12 @@ def main() -> None:
         found = [ln for ln in done.stdout.splitlines() if ln.startswith("ROW ")]
         row = json.loads(found[-1][4:]) if found else {
             "method": method, "error": (done.stderr.strip().splitlines() or ["?"])[-1]}
-        rows.append(row)
+        rows = sorted([r for r in rows if r["method"] != method] + [row],
+                      key=lambda r: list(METHODS).index(r["method"]))
         print(f"{method}: {row.get('perplexity', row.get('error'))} "
               f"({time.perf_counter() - start:.0f} s)", flush=True)
         args.out.mkdir(parents=True, exist_ok=True)
-        name = "llm-quick" if args.quick else "llm"
-        (args.out / f"{name}.json").write_text(json.dumps(rows, indent=1))
+        saved.write_text(json.dumps(rows, indent=1))
         (args.out / f"{name}.md").write_text(table(rows, args))
 
 

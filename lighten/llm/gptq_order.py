@@ -19,7 +19,7 @@ from lighten.quant.weight_only import int_range
 
 @torch.no_grad()
 def gptq_act_order(weight: torch.Tensor, hessian: torch.Tensor, *, bits: int, group_size: int,
-                   symmetric: bool, damp: float = 0.01):
+                   symmetric: bool, damp: float = 0.01, block: int = 128):
     """``(q int32 (rows, cols), scale (rows, groups), zero (rows, groups))``."""
     w = weight.detach().double().clone()
     rows, cols = w.shape
@@ -35,11 +35,17 @@ def gptq_act_order(weight: torch.Tensor, hessian: torch.Tensor, *, bits: int, gr
     s, z = scale[:, group].double(), zero[:, group].double()  # (rows, cols), permuted
     qmin, qmax = int_range(bits)
     q = torch.zeros(rows, cols, dtype=torch.int32)
-    for i in range(cols):
-        qi = torch.clamp(torch.round(w[:, i] / s[:, i]) + z[:, i], qmin, qmax)
-        err = (w[:, i] - (qi - z[:, i]) * s[:, i]) / u[i, i]
-        w[:, i + 1:] -= torch.outer(err, u[i, i + 1:])
-        q[:, i] = qi.to(torch.int32)
+    for i1 in range(0, cols, block):  # lazy batch updates: columns beyond the block at once
+        i2 = min(i1 + block, cols)
+        w1, err1 = w[:, i1:i2].clone(), torch.zeros(rows, i2 - i1, dtype=w.dtype)
+        for j in range(i2 - i1):
+            i = i1 + j
+            qi = torch.clamp(torch.round(w1[:, j] / s[:, i]) + z[:, i], qmin, qmax)
+            err = (w1[:, j] - (qi - z[:, i]) * s[:, i]) / u[i, i]
+            w1[:, j + 1:] -= torch.outer(err, u[i, i + 1:i2])
+            err1[:, j] = err
+            q[:, i] = qi.to(torch.int32)
+        w[:, i2:] -= err1 @ u[i1:i2, i2:]
     out = torch.empty_like(q)
     out[:, perm] = q
     return out, scale, zero

@@ -51,7 +51,8 @@ class LLMWeightOnlyConfig(_Calibrated):
                                               "diagonal (static groups)")
     clip: bool = Field(True, description="awq: search each group's clipping range too")
     damp: float = Field(0.01, gt=0, le=1, description="gptq: Hessian damping x mean diagonal")
-    awq_rows: int = Field(1024, ge=16, description="awq: input rows each search is scored on")
+    awq_rows: int = Field(512, ge=16, description="awq: input rows (tokens) each scale search "
+                                                  "is scored on")
 
 
 class LLMSmoothQuantConfig(_Calibrated):
@@ -232,8 +233,9 @@ def _record(ctx: StepContext, rows: list[dict], result: BlockwiseResult, headlin
     memory = (f"; calibration peak memory {result.peak_rss_mb:.0f} MiB resident "
               f"(+{result.extra_mb:.0f} MiB over the start)"
               if result.peak_rss_mb is not None else "")
+    how = "calibrated one block at a time" if result.peak_rss_mb is not None else "no data"
     ctx.note(f"{headline}: {len(result.layers)} Linear layers in {result.blocks} blocks, "
-             f"calibrated one block at a time{memory}; embeddings and the LM head stay float")
+             f"{how}{memory}; embeddings and the LM head stay float")
 
 
 @register_step("llm.weight_only", LLMWeightOnlyConfig, quantizes=True,

@@ -22,7 +22,10 @@ exact; truncated, the relative error of the kernel is reported per layer.
 Ranks: ``vbmf`` (the default; :func:`lighten.lowrank.ranks.evbmf_rank` on the mode-0 and mode-1
 unfoldings, as Kim et al. do), ``energy`` (each unfolding keeps that share of its squared
 singular values), an int or ``[r_out, r_in]``, or ``target_macs`` (one energy threshold for all
-layers, found by bisection, so the model's MACs meet the target).
+layers, found by bisection, so the model's MACs meet the target). EVBMF reads a layer as
+signal plus Gaussian noise; on a compact, weight-decayed net it calls most of a layer noise
+(shipped ResNet-20: ranks 1-11 of 16-64 channels, about 20x fewer MACs, a large loss before
+fine-tuning), so there prefer ``target_macs`` or ``energy``.
 """
 
 from __future__ import annotations
