@@ -57,11 +57,12 @@ def _acc(model, data) -> float:
     return evaluate(model, data.test, task=data.task)
 
 
-def _bytes(model, data) -> int:
+def _bytes(model, data, zoo: str = "lenet5") -> int:
+    """Bytes of the model saved as a lighten artifact (built from the zoo model + edits)."""
     from lighten.artifact import save_artifact
 
     with tempfile.TemporaryDirectory() as tmp:
-        return save_artifact(model, Path(tmp) / "m.safetensors", model_spec=None,
+        return save_artifact(model, Path(tmp) / "m.safetensors", model_spec={"zoo": zoo},
                              input_shape=list(data.input_shape), num_classes=data.num_classes,
                              task=data.task)
 
@@ -123,6 +124,7 @@ def ensemble(args, data, teacher, rows) -> None:
     for z, t in teachers.items():
         rows.append({"section": "ensemble", "student": z, "method": "teacher", "seed": 0,
                      "accuracy": evaluate(t, data.test)})
+        print(rows[-1], flush=True)
     refs = ["baseline", {"zoo": "mobilenetv2"}, {"zoo": "lenet5"}]
     for seed in args.seeds:
         model, _, sec = _distill(_fresh("lenet5", seed), {"method": "ensemble", "teachers": refs,

@@ -107,6 +107,14 @@ def test_sources_resolve_folders_packages_and_gguf(tmp_path):
     assert torch.allclose(emb[:1], alone, atol=1e-5)  # padding is pooled out
     with pytest.raises(ModelError, match="kwargs"):
         build_hf(str(pkg), options={"weights_url": "x"})
+    # two int64 inputs export to ONNX and run on ONNX Runtime like PyTorch
+    from lighten.export import export_onnx
+    from lighten.task import InputSpec
+
+    specs = (InputSpec("ids", (10,), torch.int64, high=120),
+             InputSpec("mask", (10,), torch.int64, high=2))
+    check = export_onnx(encoder, tmp_path / "enc.onnx", inputs=specs, sample_inputs=(ids, mask))
+    assert check.max_abs_diff < 1e-4
 
 
 def test_bad_hf_specs_are_one_clear_error(tmp_path):
@@ -115,7 +123,7 @@ def test_bad_hf_specs_are_one_clear_error(tmp_path):
     with pytest.raises(DataError, match="tokenizer"):
         load_data(DataSpec(name="text", path=str(write_text(tmp_path / "t.txt")),
                            tokenizer={"hf": str(tmp_path / "missing")}))
-    with pytest.raises(ValueError, match="one of path"):
+    with pytest.raises(ValueError, match="not both"):
         DataSpec(name="text", path="a.txt", corpus="austen")
     with pytest.raises(DataError, match="unknown corpus"):
         load_data(DataSpec(name="text", corpus="dickens", tokenizer="bytes"))

@@ -81,8 +81,8 @@ class DataSpec(StrictModel):
         if any(d < 1 for d in self.input_shape) or not self.input_shape:
             raise ValueError(f"input_shape {self.input_shape} must be non-empty positive sizes")
         if self.name == "text" and (self.path is None) == (self.corpus is None):
-            raise ValueError("data name: text needs one of path: the text file (e.g. "
-                             "corpus.txt) or corpus: a named corpus (austen)")
+            raise ValueError("data name: text needs path: the text file (e.g. corpus.txt), "
+                             "or corpus: a named corpus (austen), not both")
         if self.corpus and self.name != "text":
             raise ValueError("data.corpus is the text of name: text; remove it")
         if self.path and self.name != "text":
