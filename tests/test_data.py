@@ -67,7 +67,7 @@ def test_spec_needs_exactly_one_source():
     with pytest.raises(ValidationError, match="exactly one of 'name'"):
         DataSpec(name="digits", python="x.py:f")
     with pytest.raises(ValidationError):
-        DataSpec(name="mnist")
+        DataSpec(name="imagenet")  # not a built-in source
     with pytest.raises(ValidationError):
         DataSpec(name="digits", color=True)
 
