@@ -166,3 +166,27 @@ def test_a_damaged_coded_stream_is_one_checkpoint_error(lenet300, digits, tmp_pa
     with pytest.raises(CheckpointError, match="do not decode") as err:
         load_artifact(path)
     assert "\n" not in str(err.value)
+
+
+def test_deep_compression_benchmark_renders_its_tables():
+    """benchmarks/deep_compression.py imports against today's API; its tables show ratio and
+    coded bits against the bound from stored rows (no benchmark runs here)."""
+    import importlib
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+    bench = importlib.import_module("deep_compression")
+    stage = {"stage": "encode.entropy", "bytes": 20000, "accuracy": 0.89, "agreement": 0.95,
+             "ratio": 53.4, "delta_pts": -0.4}
+    result = {"recipe": "dc", "path": "recipes/dc.yaml", "steps": ["encode.entropy"],
+              "bits": None, "stages": [stage],
+              "streams": [{"tensor": "fc.weight#mask", "kind": "bits", "symbols": 1000,
+                           "raw_bytes": 125, "coded_bits": 320, "entropy_bits": 300.0,
+                           "model_bytes": 20}],
+              "coding": {"bytes_before": 125, "bytes_after": 60, "model_bytes": 20,
+                         "entropy_bits": 300.0, "coded_bits": 320, "streams": 1}}
+    text = bench.render([result], "python benchmarks/deep_compression.py")
+    assert "| dc | encode.entropy | 20,000 | 53.4× | 0.8900 | -0.40 | 0.9500 |" in text
+    assert "| fc.weight#mask | bits | 1,000 | 125 | 0.320 | 0.300 | +6.67% |" in text
+    assert callable(bench.main) and bench.__doc__

@@ -25,13 +25,27 @@ from lighten.verb import compress
 README = Path(__file__).resolve().parents[1] / "README.md"
 
 
-def documented_scales() -> dict[str, float]:
-    """The README's statement of the default scales: '`lr_scale`: 3 ... pruning ... 0.1 ...'."""
+def documented_scales() -> tuple[dict[str, float], float]:
+    """The README's statement of the default scales: ``(name or family -> scale, the scale of
+    every other step)``, from '`lr_scale` (default 3 in the steps ...: `prune.*`, ...; 1 in
+    `distill`, ...; 0.1 in every other step)'."""
     text = README.read_text()
-    match = re.search(r"`lr_scale` \(default ([\d.]+) in the `prune\.\*` steps, ([\d.]+) in the "
-                      r"`quant\.\*` steps\)", text)
+    match = re.search(r"`lr_scale` \(default ([^()]*?) in every other step\)", text)
     assert match, "README no longer states the fine-tune lr defaults"
-    return {"prune.": float(match.group(1)), "quant.": float(match.group(2))}
+    *named, rest = re.split(r";\s*", match.group(1))
+    scales = {}
+    for part in named:
+        value = float(part.split()[0])
+        for name in re.findall(r"`([a-z_.*]+)`", part):
+            scales[name.removesuffix("*")] = value
+    return scales, float(rest.split()[0])
+
+
+def documented_scale(step: str, scales: dict[str, float], other: float) -> float:
+    """The scale the README gives ``step``: its own name, else its family (``prune.``)."""
+    if step in scales:
+        return scales[step]
+    return scales.get(step.split(".")[0] + ".", other)
 
 
 def resolved_finetune(step: str, block: dict) -> FinetuneConfig:
@@ -41,12 +55,15 @@ def resolved_finetune(step: str, block: dict) -> FinetuneConfig:
 
 
 def test_every_step_default_lr_scale_is_the_documented_one():
-    scales = documented_scales()
+    scales, other = documented_scales()
+    assert scales["prune."] == 3.0 and other == 0.1
     steps = load_builtin_steps()
-    assert {name.split(".")[0] + "." for name in steps} == set(scales)
+    assert {k for k in scales if not k.endswith(".")} <= set(steps)  # no stale names
     for name in steps:
+        if "finetune" not in steps[name].config_type.model_fields:
+            continue
         ft = resolved_finetune(name, {"epochs": 1})
-        assert ft.lr_scale == scales[name.split(".")[0] + "."], name
+        assert ft.lr_scale == documented_scale(name, scales, other), name
         assert ft.lr is None
         # an explicit lr or scale is kept
         assert resolved_finetune(name, {"epochs": 1, "lr_scale": 0.5}).lr_scale == 0.5
