@@ -9,16 +9,17 @@ later segments' sessions (``calls`` counts them). A batch continues only with un
 **Which form is deployed, and why: one ONNX graph with ``If`` nodes**
 (:mod:`lighten.dynamic.onnx_if`, built from these segment files; what ``lighten.export`` and the
 runner write as ``model.onnx``). Measured on ResNet-20 / Fashion-MNIST at batch 1, 2 threads,
-the same 1000 test images in interleaved rounds (``benchmarks/dynamic.py``, a busy machine):
-the If graph took 0.84x the baseline graph's time per sample, the segment loop 1.61x, and the
-loop running every segment 1.97x. A loop pays a Python call, input/output copies and a thread
-pool hand-off per segment, and several sessions' thread pools compete for the same cores; the
-If graph is one session whose branches ORT optimizes like any graph, pays one scheduling step
-per exit, and keeps the runner's machinery as is (one file, verified against PyTorch at batch 1
-and 64, reopened and timed in a fresh process). What the loop does better: a batch drops rows
-that answered (an ``If`` condition is one boolean, so a batch runs on while any row is
-undecided, selecting per row), and the decision is host code one can change without
-re-exporting. The loop is kept for that and as the measured alternative.
+the same 1000 test images in interleaved rounds (``benchmarks/dynamic.py``, a shared machine):
+the If graph took 0.79x the baseline graph's time per sample, the segment loop 1.64x, and the
+loop running every segment 2.10x (an earlier, busier run: 0.84x, 1.61x, 1.97x). A loop pays a
+Python call, input/output copies and a thread pool hand-off per segment, and several sessions'
+thread pools compete for the same cores; the If graph is one session whose branches ORT
+optimizes like any graph, pays one scheduling step per exit, and keeps the runner's machinery as
+is (one file, verified against PyTorch at batch 1 and 64, reopened and timed in a fresh
+process). What the loop does better: a batch drops rows that answered (an ``If`` condition is
+one boolean, so a batch runs on while any row is undecided, selecting per row), and the decision
+is host code one can change without re-exporting. The loop is kept for that and as the measured
+alternative.
 """
 
 from __future__ import annotations
