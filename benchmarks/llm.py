@@ -145,7 +145,10 @@ def one(method: str, args) -> dict:
     elif spec is not None:
         (name, options), = spec.items()
         options = {**options, "calib_samples": args.calib}
-        model, report = lighten.compress(model, {name: options}, data=data, inplace=True)
+        # baseline=model: no teacher copy (compress copies the model as the distillation
+        # teacher otherwise; these steps never distill), so the model is held once
+        model, report = lighten.compress(model, {name: options}, data=data, inplace=True,
+                                         baseline=model)
         row.update({k: report.summary.get(k) for k in ("calib_seconds", "calib_peak_rss_mb",
                                                        "calib_extra_rss_mb")})
     row["step_seconds"] = time.perf_counter() - start

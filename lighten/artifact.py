@@ -118,6 +118,12 @@ def save_artifact(model: nn.Module, path: str | os.PathLike, *, model_spec: dict
     if task is not None and not isinstance(task, dict):
         task = task.describe()
     source, _ = _source_model(model_spec, shape, num_classes, task)
+    if model_spec is not None:
+        # a wrapper built around the source model (early exit, gating) by lighten.compress, which
+        # never sees a spec, is rebuilt from the source this artifact names
+        for module in model.modules():
+            if hasattr(module, "backbone_spec") and module.backbone_spec is None:
+                module.backbone_spec = dict(model_spec)
     with torch.random.fork_rng(devices=[]):  # rebuilding layers must not shift the caller's RNG
         if source is None and model_spec is not None:  # e.g. saved where the model file is not:
             edits = derive_edits(model, copy.deepcopy(model), source_unknown=True)
@@ -135,7 +141,10 @@ def save_artifact(model: nn.Module, path: str | os.PathLike, *, model_spec: dict
         "format": FORMAT, "version": VERSION,
         "model_spec": model_spec, "input_shape": shape, "num_classes": num_classes,
         "edits": edits,
-        "tensors": {k: e for k, e in entries.items() if e["encoding"] != "dense" or "#" in k},
+        # dense tensors need no entry (their stored dtype and shape say it all) unless they are
+        # float32 values stored as float16
+        "tensors": {k: e for k, e in entries.items()
+                    if e["encoding"] != "dense" or "#" in k or "stored_dtype" in e},
         "meta": dict(meta or {}),  # a copy: the save time is taken out below
     }
     if task:
@@ -233,7 +242,11 @@ def _encode_state(state: dict) -> tuple[dict, dict]:
             entries[name] = {"encoding": "alias", "of": first_name[identity], **entry}
             continue
         first_name[identity] = name
-        for key, part in _encode_tensor(name, t.cpu().contiguous(), entry).items():
+        t = t.cpu().contiguous()
+        if t.dtype == torch.float32 and t.numel() and torch.equal(t.half().float(), t):
+            entry["stored_dtype"] = "float16"  # every value is a float16: half the bytes, exact
+            t = t.half()
+        for key, part in _encode_tensor(name, t, entry).items():
             if key in stored:
                 raise CheckpointError(f"state_dict key {key!r} clashes with an encoded tensor "
                                       "name; rename that parameter or buffer")
@@ -550,6 +563,12 @@ def _decode_state(path: Path, entries: dict, stored: dict) -> dict[str, torch.Te
     for name, entry in entries.items():
         dtype, shape = _dtype(path, entry.get("dtype")), _shape(path, name, entry.get("shape"))
         encoding = entry.get("encoding")
+        widened = dtype
+        if "stored_dtype" in entry:  # float32 values that are all float16s, stored as such
+            if entry["stored_dtype"] != "float16" or dtype != torch.float32:
+                raise CheckpointError(f"{path}: tensor {name!r} claims {dtype} stored as "
+                                      f"{entry['stored_dtype']!r}; the file is corrupt, re-save it")
+            dtype = torch.float16
         if encoding == "alias":
             aliases[name] = entry
             continue
@@ -568,7 +587,7 @@ def _decode_state(path: Path, entries: dict, stored: dict) -> dict[str, torch.Te
         if t.dtype != dtype or tuple(t.shape) != shape:
             raise CheckpointError(f"{path}: tensor {name!r} is {t.dtype} {tuple(t.shape)} but the "
                                   f"manifest says {dtype} {shape}; the file is corrupt, re-save it")
-        state[name] = t
+        state[name] = t.to(widened)
     for name, entry in aliases.items():
         if entry.get("of") not in state:
             raise CheckpointError(f"{path}: tensor {name!r} aliases missing {entry.get('of')!r}; "

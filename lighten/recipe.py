@@ -200,15 +200,14 @@ def _plain(raw: dict) -> dict:
 def check_step_order(names: list[str], *, where: str) -> None:
     """Refuse, before any work, a step that cannot follow an earlier one: every step works on
     a float model, so a quantizing step must come last (prune, then quantize). A storage-only
-    step (its config's ``storage_only``: ``encode.entropy``) changes how the artifact stores
+    step (``StepSpec.storage_only``: ``encode.entropy``) changes how the artifact stores
     tensors, not the model: it must be the very last step, and may follow a quantizing one."""
     for i, name in enumerate(names[:-1]):
-        if getattr(get_step(name).config_type, "storage_only", False):
+        if get_step(name).storage_only:
             raise RecipeError(f"{where}: steps[{i}] {name} must be the last step (it only "
                               f"changes how the artifact stores tensors); move "
                               f"{names[i + 1]} before it")
-        if get_step(name).quantizes and not getattr(
-                get_step(names[i + 1]).config_type, "storage_only", False):
+        if get_step(name).quantizes and not get_step(names[i + 1]).storage_only:
             later = names[i + 1]
             raise RecipeError(f"{where}: steps[{i + 1}] {later} cannot follow steps[{i}] {name}: "
                               f"{name} quantizes the model and {later} works on float weights; "

@@ -27,6 +27,9 @@ class StepSpec:
     needs_data: Callable[[Any], str | None] | None = None
     # the step leaves integer/fake-quantized layers that no later step can work on
     quantizes: bool = False
+    # the step changes how the artifact stores tensors, not the model (encode.entropy): it is a
+    # recipe's very last step and may follow a quantizing one
+    storage_only: bool = False
 
     def data_needed(self, config: BaseModel) -> str | None:
         """What data ``config`` makes this step read (None: it runs on the model alone)."""
@@ -69,12 +72,13 @@ _BUILTIN_STEP_MODULES = (
 
 def register_step(name: str, config_type: type[BaseModel], *,
                   needs_data: Callable[[Any], str | None] | None = None,
-                  quantizes: bool = False):
+                  quantizes: bool = False, storage_only: bool = False):
     """Decorator: make ``fn(model, config, ctx) -> model`` available as recipe step ``name``
     and as ``lighten.compress(model, config_type(...))``. Each step has its own config type
     (the verb dispatches on it). ``needs_data(config)`` says what data the step reads with that
     config, e.g. ``"calibration inputs"``, or None; ``finetune:`` adds labelled training data.
-    ``quantizes``: the step's output is quantized, so it must be a recipe's last step."""
+    ``quantizes``: the step's output is quantized, so it must be a recipe's last step;
+    ``storage_only``: the step changes only how the artifact stores tensors (last of all)."""
 
     def decorate(fn):
         if name in STEPS and STEPS[name].apply is not fn:
@@ -84,7 +88,8 @@ def register_step(name: str, config_type: type[BaseModel], *,
                 raise RuntimeError(f"steps {other.name!r} and {name!r} share the config type "
                                    f"{config_type.__name__}; give {name!r} its own subclass")
         summary = (fn.__doc__ or "").strip().splitlines()[0] if fn.__doc__ else ""
-        STEPS[name] = StepSpec(name, config_type, fn, summary, needs_data, quantizes)
+        STEPS[name] = StepSpec(name, config_type, fn, summary, needs_data, quantizes,
+                               storage_only)
         return fn
 
     return decorate

@@ -167,12 +167,11 @@ def run_step(model: nn.Module, config: BaseModel, ctx: StepContext) -> tuple[nn.
 def _check_float(spec: StepSpec, model: nn.Module) -> None:
     """Every step works on float weights: one on an already quantized model is refused (the
     recipe form of this rule is :func:`lighten.recipe.check_step_order`); a storage-only step
-    (its config's ``storage_only``) may follow."""
+    (``StepSpec.storage_only``) may follow."""
     from lighten.errors import UnsupportedError
     from lighten.quant.layer_report import has_quantized_layers
 
-    storage_only = getattr(spec.config_type, "storage_only", False)  # encode.entropy: storage
-    if has_quantized_layers(model) and not storage_only:
+    if has_quantized_layers(model) and not spec.storage_only:
         raise UnsupportedError(f"{spec.name} cannot run on a quantized model: it works on float "
                                "weights; apply it to the model before quantizing (quantization "
                                "is the last step)")

@@ -101,7 +101,8 @@ def test_pruned_subvectors_stay_exactly_zero_through_finetune():
     assert conv.zero_code and (conv.codes[:, :3] == 0).all() and (conv.codes[:, 3:] > 0).all()
     w = conv.reconstruct().detach()
     assert (w[:, :3] == 0).all() and (w[:, 3:] != 0).any()
-    assert conv.codebook.dtype == torch.float16  # stored half precision after fine-tuning
+    # rounded to half precision after fine-tuning (the artifact stores it in two bytes each)
+    assert torch.equal(conv.codebook.half().float(), conv.codebook)
 
 
 def test_finetune_trains_codebooks_with_codes_fixed():

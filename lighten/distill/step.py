@@ -246,6 +246,9 @@ def _describe(ctx: StepContext, config: DistillConfig, student: str, teachers: l
     losses = ", ".join(f"{w:g} x {n}" for n, w in objective.losses.items())
     who = " + ".join(teachers) if teachers else "no teacher"
     ctx.note(f"distill {config.method}: student {student} from {who}; loss {losses}")
+    params = sum(p.numel() for p in objective.students[0].model.parameters())
+    ctx.layer("", "train student", before=who, after=f"{student}: {params:,} parameters",
+              reason=f"loss {losses}")
     for st in objective.students:
         for s_name, t_name, key in st.pairs:
             ctx.layer(s_name, "match", before=f"teacher {t_name}",

@@ -3,5 +3,6 @@ deployed. ``dynamic.early_exit`` (exits.py, early_exit.py, calibrate.py, runtime
 ``dynamic.gating`` (gating.py)."""
 
 from lighten.dynamic.exits import MultiExitModel, confidence, module_chain
+from lighten.dynamic.gating import GatedModel  # its artifact key names this package
 
-__all__ = ["MultiExitModel", "confidence", "module_chain"]
+__all__ = ["GatedModel", "MultiExitModel", "confidence", "module_chain"]

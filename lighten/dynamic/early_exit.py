@@ -112,6 +112,7 @@ def early_exit(model: nn.Module, cfg: EarlyExitConfig, ctx: StepContext) -> nn.M
                      "they did not lower the held-out cost")
         _keep_exits(multi, keep)
         positions, head_cost = [positions[i] for i in keep], [head_cost[i] for i in keep]
+        stats = held_out_stats(multi, held)  # the kept exits' scores, for the calibration
     if cfg.finetune is not None and cfg.finetune.epochs:
         multi.freeze_backbone(cfg.freeze_backbone)
         fit_ctx.finetune(multi, cfg.finetune, loss_terms=[exit_loss_term(

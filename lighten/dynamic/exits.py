@@ -110,6 +110,8 @@ class MultiExitModel(nn.Module):
     """``backbone`` run as a chain of module paths with ``heads[k]`` after ``chain[exits[k]]``;
     ``thresholds[k]`` (a buffer) is the confidence at which exit ``k`` answers."""
 
+    structure_fixed_by = "dynamic.early_exit"  # lighten.graph: no channel surgery after it
+
     artifact_type = "lighten.dynamic:MultiExitModel"
 
     def __init__(self, backbone: nn.Module, chain: list[str], exits: list[int],

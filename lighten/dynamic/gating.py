@@ -65,6 +65,8 @@ class GatedModel(nn.Module):
     """``backbone`` run as its module chain; ``chain[gated[i]]`` runs only where ``gates[i]``
     (its input -> a logit) exceeds the buffer ``threshold``."""
 
+    structure_fixed_by = "dynamic.gating"  # lighten.graph: no channel surgery after it
+
     artifact_type = "lighten.dynamic:GatedModel"
 
     def __init__(self, backbone: nn.Module, chain: list[str], gated: list[int],

@@ -9,13 +9,11 @@ manifest (:mod:`lighten.encode.streams`, which says why constriction rather than
 its coded bits against the empirical entropy of its symbols (the order-0 Shannon bound).
 
 It is the last step (it describes storage, which a later step would change) but it does not
-quantize, so it may follow a quantizing step: ``EntropyConfig.storage_only`` tells
+quantize, so it may follow a quantizing step: its registration (``storage_only=True``) tells
 :func:`lighten.recipe.check_step_order` both.
 """
 
 from __future__ import annotations
-
-from typing import ClassVar
 
 from pydantic import model_validator
 from torch import nn
@@ -29,9 +27,6 @@ __all__ = ["EntropyConfig", "encode_entropy", "entropy_report"]
 
 class EntropyConfig(StepConfig):
     """Entropy coding of the artifact: no options; it trains nothing and must be the last step."""
-
-    # recipe.check_step_order: a storage-only step must be last and may follow a quantizing one
-    storage_only: ClassVar[bool] = True
 
     @model_validator(mode="after")
     def _no_finetune(self):
@@ -61,7 +56,7 @@ def entropy_report(model: nn.Module) -> tuple[dict, list]:
     return totals, stats
 
 
-@register_step("encode.entropy", EntropyConfig)
+@register_step("encode.entropy", EntropyConfig, storage_only=True)
 def encode_entropy(model: nn.Module, cfg: EntropyConfig, ctx: StepContext) -> nn.Module:
     """Entropy-code the artifact's masks, indices and integers (ANS); the loader decodes."""
     setattr(model, ENTROPY_FLAG, True)

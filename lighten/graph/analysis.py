@@ -32,10 +32,24 @@ HANDLERS: dict[str, Callable[[Analysis, fx.Node], object]] = {
 }
 
 
+def _refuse_fixed_structure(model: nn.Module) -> None:
+    """Modules whose class sets ``structure_fixed_by = "step"`` (product-quantized layers, early
+    exit and gating wrappers) hold a structure that step built around today's widths: channels
+    are removed or merged before it, never after. One line saying so, not a trace error."""
+    for name, module in model.named_modules():
+        step = getattr(type(module), "structure_fixed_by", None)
+        if step:
+            where = f"{name} ({type(module).__name__})" if name else type(module).__name__
+            raise UnsupportedError(f"channels cannot be removed or merged in {where}: {step} "
+                                   f"built it; run structural steps (prune.channels, "
+                                   f"share.channels, ...) before {step}")
+
+
 def channel_groups(model: nn.Module, example_input: torch.Tensor) -> list[Group]:
     """Trace ``model`` and return its channel groups (pinned ones included, in graph order)."""
     from torch.fx.passes.shape_prop import ShapeProp
 
+    _refuse_fixed_structure(model)
     try:
         gm = symbolic_trace(model)  # registered layer types stay one call
     except Exception as err:

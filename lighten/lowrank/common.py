@@ -89,7 +89,7 @@ def find_sites(model: nn.Module, example_inputs: tuple[torch.Tensor, ...],
         for p in module.parameters(recurse=False):
             owners[id(p)] = owners.get(id(p), 0) + 1
     chosen = {n: m for n, m in model.named_modules()
-              if n and wanted(m) and not ignored(n, ignore)
+              if n and wanted(m) and not ignored(n, ignore) and not _inside_fused(model, n)
               and all(owners[id(p)] == 1 for p in m.parameters(recurse=False))}
     sites: dict[str, Site] = {}
 
@@ -278,6 +278,17 @@ def _row(ctx: StepContext, p: Proposal, step: str) -> None:
     else:
         ctx.layer(p.site.name, "keep", before=describe(p.site.module),
                   after=describe(p.site.module), reason=f"{p.reason} ({text})", **facts)
+
+
+def _inside_fused(model: nn.Module, name: str) -> bool:
+    """Whether ``name`` is a part of nn.MultiheadAttention or of a registered lighten module
+    (a pruned attention, a quantized layer): those read their parts' ``weight``/``bias``
+    themselves, so a part cannot become two layers."""
+    from lighten.modules import registered_key
+
+    parent_name = name.rpartition(".")[0]
+    parent = model.get_submodule(parent_name) if parent_name else model
+    return isinstance(parent, nn.MultiheadAttention) or registered_key(parent) is not None
 
 
 def check_runs(model: nn.Module, example_inputs: tuple[torch.Tensor, ...], step: str) -> None:

@@ -95,14 +95,18 @@ class _PQBase(nn.Module):
     (out, m) indices, one per sub-vector; with ``zero_code`` index 0 is a fixed zero vector and
     the learned centroids are 1..K."""
 
+    structure_fixed_by = "share.pq"  # lighten.graph refuses channel surgery on coded layers
+
     def _init_pq(self, weight_shape, subvector: int, books: int, centroids: int,
                  zero_code: bool, codebook_dtype: str, bias: bool) -> None:
         self.weight_shape = tuple(int(s) for s in weight_shape)
         self.subvector, self.books, self.centroids = int(subvector), int(books), int(centroids)
         self.zero_code, self.codebook_dtype = bool(zero_code), str(codebook_dtype)
         out, per_row = self.weight_shape[0], math.prod(self.weight_shape[1:])
-        self.codebook = nn.Parameter(torch.zeros(books, centroids, subvector,
-                                                 dtype=_DTYPES[codebook_dtype]))
+        # float32 in memory, whatever the storage precision: a later fine-tune (distill,
+        # another step's finetune:) trains it like any weight; float16 codebooks hold values
+        # rounded to float16, which the artifact stores in two bytes each, losslessly
+        self.codebook = nn.Parameter(torch.zeros(books, centroids, subvector))
         codes_dtype = torch.uint8 if centroids + zero_code <= 256 else torch.int16
         self.register_buffer("codes", torch.zeros(out, per_row // subvector, dtype=codes_dtype))
         self.bias = nn.Parameter(torch.zeros(out)) if bias else None
@@ -484,17 +488,18 @@ def _pq_module(layer, d, books, codebook, codes, zero_code, dtype) -> _PQBase:
         new.codes.copy_(codes.to(new.codes.dtype))
         if layer.bias is not None:
             new.bias.copy_(layer.bias)
-    new.codebook_dtype = dtype  # stored as float32 until fine-tuning ends (store_codebooks_)
+    new.codebook_dtype = dtype  # rounded to it when fine-tuning ends (store_codebooks_)
     return new.to(layer.weight.device).train(layer.training)
 
 
 def store_codebooks_(model: nn.Module) -> None:
-    """Cast every PQ codebook to its storage dtype (after fine-tuning in float32)."""
+    """Round every PQ codebook to its storage precision (after fine-tuning): float16 values in
+    a float32 parameter, which the artifact stores as float16 without loss."""
     for module in model.modules():
         if isinstance(module, _PQBase):
             dtype = _DTYPES[module.codebook_dtype]
-            if module.codebook.dtype != dtype:
-                module.codebook = nn.Parameter(module.codebook.detach().to(dtype))
+            with torch.no_grad():
+                module.codebook.copy_(module.codebook.to(dtype).float())
 
 
 @register_step("share.pq", PQConfig,
