@@ -124,7 +124,7 @@ class PruneStepConfig(StepConfig):
 class StepContext:
     data: DataBundle
     train_config: TrainConfig
-    baseline: nn.Module
+    baseline: nn.Module | None  # the teacher of distillation (None: the step needs none)
     workdir: Path
     seed: int = 0
     progress: bool = True

@@ -118,13 +118,17 @@ def compress(
     calibration and labelled batches and the fine-tuning set; a step that needs data and gets
     none is refused before anything runs. ``target`` is a :class:`lighten.target.Target` or a
     CPU name (``"avx2"``); None is this machine. ``baseline`` is the teacher for
-    ``finetune: {distill: ...}``; by default a frozen copy of ``model`` as given. ``train`` is
+    ``finetune: {distill: ...}`` and the ``distill`` step; by default a frozen copy of ``model``
+    as given, made only when the config can use a teacher (a large model is not held twice
+    for nothing). ``train`` is
     the training setup ``finetune:`` starts from (default ``TrainConfig()``). The caller's
     ``model`` is not modified unless ``inplace=True``.
     """
     spec, cfg = resolve_config(config)
     _check_data(spec, cfg, data)
-    teacher = baseline if baseline is not None else frozen_copy(model)
+    teacher = baseline
+    if teacher is None and _may_use_baseline(spec, cfg):
+        teacher = frozen_copy(model)
     work = model if inplace else copy.deepcopy(model)
     if train is None:
         from lighten.train import TrainConfig
@@ -136,6 +140,17 @@ def compress(
                       workdir=Path(workdir) if workdir is not None else Path(tempfile.gettempdir()),
                       seed=seed, progress=progress, **extra)
     return run_step(work, cfg, ctx)
+
+
+def _may_use_baseline(spec: StepSpec, config: BaseModel) -> bool:
+    """Whether ``config`` can read the baseline: the distill step, or a ``finetune:`` that
+    distills (from the baseline unless it names another teacher)."""
+    if spec.name == "distill":
+        return True
+    finetune = getattr(config, "finetune", None)
+    return finetune is not None and bool(getattr(finetune, "distill", 0)
+                                         or getattr(finetune, "teacher", None)
+                                         or getattr(finetune, "loss", None))
 
 
 def run_step(model: nn.Module, config: BaseModel, ctx: StepContext) -> tuple[nn.Module, Report]:

@@ -133,11 +133,18 @@ def _state(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.clone() for k, v in model.state_dict().items()}
 
 
+# llm.* steps calibrate Hugging Face decoder/encoder blocks: tests/test_llm_quant.py and
+# tests/test_llm_sparse.py call lighten.compress on tiny Llama and BERT models
+OWN_TESTS = ("llm.",)
+
+
 def test_every_registered_step_has_a_case():
-    assert sorted(load_builtin_steps()) == sorted(STEP_CASES)
+    assert sorted(s for s in load_builtin_steps() if not s.startswith(OWN_TESTS)) == sorted(
+        STEP_CASES)
 
 
-@pytest.mark.parametrize("name", sorted(load_builtin_steps()))
+@pytest.mark.parametrize("name", sorted(s for s in load_builtin_steps()
+                                        if not s.startswith(OWN_TESTS)))
 def test_every_step_through_compress(name, data):
     cls, options = STEP_CASES[name]
     model = _model(cls)

@@ -183,6 +183,9 @@ def freeze(model: nn.Module) -> nn.Module:
 def resolve_teacher(value: Any, ctx, *, data=None) -> Resolved:
     """A frozen teacher (a copy: the baseline itself stays as it is)."""
     ref = parse_ref(value, role="teacher")
+    if ref == "baseline" and ctx.baseline is None:
+        raise ModelError("no baseline model to teach from here: pass baseline= to "
+                         "lighten.compress, or name the teacher (zoo, python, artifact)")
     if ref == "baseline":
         return Resolved(freeze(copy.deepcopy(ctx.baseline)), getattr(ctx, "baseline_spec", None),
                         "baseline")
