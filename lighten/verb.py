@@ -148,9 +148,7 @@ def _may_use_baseline(spec: StepSpec, config: BaseModel) -> bool:
     if spec.name == "distill":
         return True
     finetune = getattr(config, "finetune", None)
-    return finetune is not None and bool(getattr(finetune, "distill", 0)
-                                         or getattr(finetune, "teacher", None)
-                                         or getattr(finetune, "loss", None))
+    return finetune is not None and finetune.distills
 
 
 def run_step(model: nn.Module, config: BaseModel, ctx: StepContext) -> tuple[nn.Module, Report]:
