@@ -122,6 +122,29 @@ class Recipe:
             "seed": self.seed,
         }
 
+    def code_outside(self) -> list[str]:
+        """The ``python:`` files the recipe runs that lie outside its own folder (allowed: a
+        shared models file is common; run.json states them, since running a recipe runs
+        them)."""
+        folder = Path(self.base_dir).resolve()
+        found: list[str] = []
+
+        def visit(value) -> None:
+            if isinstance(value, dict):
+                for key, item in value.items():
+                    if key == "python" and isinstance(item, str) and ":" in item:
+                        path = (folder / item.rpartition(":")[0]).resolve()
+                        if not path.is_relative_to(folder) and str(path) not in found:
+                            found.append(str(path))
+                    else:
+                        visit(item)
+            elif isinstance(value, list | tuple):
+                for item in value:
+                    visit(item)
+
+        visit(self.settings())
+        return found
+
 
 def load_recipe(path: str | Path) -> Recipe:
     path = Path(path)

@@ -205,7 +205,8 @@ def _run_info(recipe: Recipe, digest: str, prov: dict, notes: list, data) -> dic
     that apply), the data's preprocessing (input transform, class names), provenance, notes."""
     return {"recipe": recipe.as_written(), "settings": recipe.settings(), "recipe_hash": digest,
             "source": recipe.source, "preprocessing": data.preprocessing(), "provenance": prov,
-            "notes": notes}
+            # python: files outside the recipe's folder that the run imported (and so ran)
+            "code_outside_recipe_folder": recipe.code_outside(), "notes": notes}
 
 
 def _verify_reload(model: nn.Module, artifact: Path, stage: str, data) -> None:

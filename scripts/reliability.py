@@ -295,9 +295,9 @@ NOT_YET = """## Not measured yet
   run here, on a machine shared by 8 sessions.
 - Memory budgets (`--max-memory`) for calibration, sensitivity analysis and fine-tuning.
 - pip-audit of the pinned dependencies.
-- Recipe `python:` references outside the recipe's folder are allowed but not yet stated in
-  the run record; an artifact whose model_spec names a `python:` file runs that file on load
-  (pass `load_artifact(path, model=...)` for artifacts from elsewhere).
+- Recipe `python:` files outside the recipe's folder are allowed and listed in run.json
+  (`code_outside_recipe_folder`); an artifact whose model_spec names a `python:` file still runs
+  that file on load (pass `load_artifact(path, model=...)` for artifacts from elsewhere).
 """
 
 
