@@ -304,6 +304,20 @@ def check_runs(model: nn.Module, example_inputs: tuple[torch.Tensor, ...], step:
             "layer's weight directly: list that layer under ignore") from exc
 
 
+def apply_to_target(model: nn.Module, proposals: list[Proposal], config, ctx, step: str,
+                    example_inputs, model_macs: int | None, rank_note: str | None) -> nn.Module:
+    """The end of a step with a MAC target (svd, tucker): apply the proposals, note how the
+    ranks were chosen and whether the target was missed, check and fine-tune."""
+    apply_proposals(model, proposals, config, ctx, step=step)
+    if ctx is not None:
+        missed = target_note(model, example_inputs, model_macs, config.target_macs, proposals,
+                             step, ctx.target.backend)
+        for line in (rank_note, missed):
+            if line:
+                ctx.note(line)
+    return finish(model, config, ctx, step, example_inputs)
+
+
 def finish(model: nn.Module, config: LowRankConfig, ctx: StepContext | None, step: str,
            example_inputs) -> nn.Module:
     check_runs(model, example_inputs, step)

@@ -24,12 +24,10 @@ from lighten.lowrank.common import (
     LowRankConfig,
     Proposal,
     Site,
-    apply_proposals,
+    apply_to_target,
     example_inputs_of,
     find_sites,
-    finish,
     positions,
-    target_note,
 )
 from lighten.lowrank.ranks import energy_rank, evbmf_rank, threshold_for_target
 from lighten.registry import register_step
@@ -165,14 +163,8 @@ def factorize_svd_(model: nn.Module, config: SVDConfig, example_inputs,
         s = torch.linalg.svdvals(w.double())
         error = float(s[rank:].square().sum().sqrt() / s.square().sum().sqrt().clamp_min(1e-30))
         proposals.append(Proposal(site, svd_layer(site.module, rank), rank, error))
-    apply_proposals(model, proposals, config, ctx, step="lowrank.svd")
-    if ctx is not None:
-        missed = target_note(model, example_inputs, model_macs, config.target_macs, proposals,
-                             "lowrank.svd", ctx.target.backend)
-        for line in (note, missed):
-            if line:
-                ctx.note(line)
-    return finish(model, config, ctx, "lowrank.svd", example_inputs)
+    return apply_to_target(model, proposals, config, ctx, "lowrank.svd", example_inputs, model_macs,
+                           note)
 
 
 @register_step("lowrank.svd", SVDConfig,

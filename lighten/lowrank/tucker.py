@@ -41,14 +41,12 @@ from lighten.lowrank.common import (
     LowRankConfig,
     Proposal,
     Site,
-    apply_proposals,
+    apply_to_target,
     example_inputs_of,
     find_sites,
-    finish,
     one_blas_thread,
     positions,
     relative_error,
-    target_note,
 )
 from lighten.lowrank.ranks import (
     energy_rank,
@@ -264,14 +262,8 @@ def factorize_tucker_(model: nn.Module, config: TuckerConfig, example_inputs,
         core = next(m for m in module if m.kernel_size == site.module.kernel_size)
         rank = (core.out_channels, core.in_channels)
         proposals.append(Proposal(site, module, rank, error))
-    apply_proposals(model, proposals, config, ctx, step="lowrank.tucker")
-    if ctx is not None:
-        missed = target_note(model, example_inputs, model_macs, config.target_macs, proposals,
-                             "lowrank.tucker", ctx.target.backend)
-        for line in (note, missed):
-            if line:
-                ctx.note(line)
-    return finish(model, config, ctx, "lowrank.tucker", example_inputs)
+    return apply_to_target(model, proposals, config, ctx, "lowrank.tucker", example_inputs,
+                           model_macs, note)
 
 
 @register_step("lowrank.tucker", TuckerConfig,
