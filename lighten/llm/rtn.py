@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from lighten.quant.weight_only import _MIN_SCALE, int_range
+from lighten.quant.weight_only import int_range, range_grid
 
 
 def grouped(weight: torch.Tensor, group_size: int) -> torch.Tensor:
@@ -27,21 +27,11 @@ def group_grid(weight: torch.Tensor, *, bits: int, group_size: int, symmetric: b
                clip: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-(row, group) ``(scale, zero_point)`` of ``weight`` (rows, cols); the range always
     holds 0, scales are float16-exact (what is stored is what quantized)."""
-    qmin, qmax = int_range(bits)
     w = grouped(weight, group_size)
     lo, hi = w.amin(-1).clamp(max=0), w.amax(-1).clamp(min=0)  # (rows, groups)
     if clip is not None:
         lo, hi = lo * clip, hi * clip
-    if symmetric:
-        scale = torch.maximum(-lo, hi) / qmax
-    else:
-        scale = (hi - lo) / (qmax - qmin)
-    scale = scale.clamp_min(_MIN_SCALE).half().float()
-    if symmetric:
-        zero = torch.zeros_like(scale, dtype=torch.int32)
-    else:
-        zero = torch.clamp(torch.round(qmin - lo / scale), qmin, qmax).to(torch.int32)
-    return scale, zero
+    return range_grid(lo, hi, bits=bits, symmetric=symmetric)
 
 
 def quantize_with(weight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, *, bits: int,

@@ -92,6 +92,17 @@ def output_error_sensitivity(model: nn.Module, layers: Sequence[str], inputs: li
     """Relative output error (noise power / signal power) with one layer quantized at a time.
 
     ``inputs``: calibration batches (a tensor, or ``Inputs`` for a model with several inputs)."""
+    return layer_output_error(
+        model, layers, inputs, candidates,
+        lambda original, bits: _quantized_weight(original, bits, per_channel, target))
+
+
+@torch.no_grad()
+def layer_output_error(model: nn.Module, layers: Sequence[str], inputs: list[torch.Tensor],
+                       candidates: Sequence[int], replace) -> dict[str, dict[int, float]]:
+    """``{layer: {candidate: noise power / signal power}}`` of the model's outputs with one
+    layer's weight at a time swapped for ``replace(original_weight, candidate)`` (restored
+    after): the measured sensitivity behind ``quant.mixed`` and ``share.kmeans: {bits: auto}``."""
     model.eval()
     args = [batch_inputs(x) for x in inputs]
     reference = [model(*a) for a in args]
@@ -102,11 +113,11 @@ def output_error_sensitivity(model: nn.Module, layers: Sequence[str], inputs: li
         original = weight.detach().clone()
         out[name] = {}
         try:
-            for bits in candidates:
-                weight.copy_(_quantized_weight(original, bits, per_channel, target))
+            for candidate in candidates:
+                weight.copy_(replace(original, candidate))
                 noise = sum(float((model(*a) - r).pow(2).sum())
                             for a, r in zip(args, reference, strict=True))
-                out[name][bits] = noise / signal
+                out[name][candidate] = noise / signal
         finally:
             weight.copy_(original)
     return out

@@ -86,6 +86,23 @@ def int_range(bits: int) -> tuple[int, int]:
     return -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
 
 
+def range_grid(lo: torch.Tensor, hi: torch.Tensor, *, bits: int, symmetric: bool
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(scale, zero_point)`` of the ``bits``-bit grid over ``[lo, hi]`` (``lo <= 0 <= hi``):
+    scales rounded to float16 first, so the stored scale is the one the weights used."""
+    qmin, qmax = int_range(bits)
+    if symmetric:
+        scale = torch.maximum(-lo, hi) / qmax
+    else:
+        scale = (hi - lo) / (qmax - qmin)
+    scale = scale.clamp_min(_MIN_SCALE).half().float()
+    if symmetric:
+        zero = torch.zeros_like(scale, dtype=torch.int32)
+    else:
+        zero = torch.clamp(torch.round(qmin - lo / scale), qmin, qmax).to(torch.int32)
+    return scale, zero
+
+
 def make_grid(bits: int, symmetric: bool):
     """``grid(block (rows, k)) -> (scale (rows,), zero_point (rows,), qmin, qmax)``.
 
@@ -97,15 +114,7 @@ def make_grid(bits: int, symmetric: bool):
     def grid(block: torch.Tensor):
         lo = block.amin(dim=1).clamp(max=0)
         hi = block.amax(dim=1).clamp(min=0)
-        if symmetric:
-            scale = torch.maximum(-lo, hi) / qmax
-        else:
-            scale = (hi - lo) / (qmax - qmin)
-        scale = scale.clamp_min(_MIN_SCALE).half().float()
-        if symmetric:
-            zero = torch.zeros_like(scale, dtype=torch.int32)
-        else:
-            zero = torch.clamp(torch.round(qmin - lo / scale), qmin, qmax).to(torch.int32)
+        scale, zero = range_grid(lo, hi, bits=bits, symmetric=symmetric)
         return scale, zero, qmin, qmax
 
     return grid

@@ -38,7 +38,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from lighten.errors import ModelError, UnsupportedError
-from lighten.quant.mixed import choose_bits, weight_bytes
+from lighten.quant.mixed import choose_bits, layer_output_error, weight_bytes
 from lighten.registry import register_step
 from lighten.step import StepConfig, StepContext
 from lighten.task import Inputs, batch_inputs
@@ -258,25 +258,12 @@ def clustering_sensitivity(model: nn.Module, layers, inputs, candidates, *,
                            init: str = "linear", iterations: int = 50
                            ) -> dict[str, dict[int, float]]:
     """Relative output error (noise / signal power) with one layer clustered at a time."""
-    model.eval()
-    args = [batch_inputs(x) for x in inputs]
-    reference = [model(*a) for a in args]
-    signal = sum(float(r.pow(2).sum()) for r in reference) or 1.0
-    out: dict[str, dict[int, float]] = {}
-    for name in layers:
-        weight = model.get_submodule(name).weight
-        original = weight.detach().clone()
-        out[name] = {}
-        try:
-            for b in candidates:
-                codebook, index = cluster_weight(original, b, init=init, iterations=iterations)
-                weight.copy_(F.pad(codebook, (1, 0))[index])
-                noise = sum(float((model(*a) - r).pow(2).sum())
-                            for a, r in zip(args, reference, strict=True))
-                out[name][b] = noise / signal
-        finally:
-            weight.copy_(original)
-    return out
+
+    def clustered(original: torch.Tensor, bits: int) -> torch.Tensor:
+        codebook, index = cluster_weight(original, bits, init=init, iterations=iterations)
+        return F.pad(codebook, (1, 0))[index]
+
+    return layer_output_error(model, layers, inputs, candidates, clustered)
 
 
 def _widths(model: nn.Module, cfg: KMeansConfig, ctx: StepContext, layers: dict[str, nn.Module]
