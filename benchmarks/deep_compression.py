@@ -14,8 +14,8 @@ every entropy-coded part (masks, cluster indices, float byte planes) with its co
 symbol against the empirical entropy of its symbols (the Shannon bound of an order-0 code).
 ``--train N`` fine-tunes on the first N training images; ``--runs`` is the runner's
 ``latency_runs`` (latency is not tabulated here: LeNets on a shared machine are noise).
-Writes deep_compression.{json,md} to ``--out`` (default benchmarks/results/); rows of recipes
-not run this time are kept.
+Writes ``--name``.{json,md} (default deep_compression) to ``--out`` (default
+benchmarks/results/); rows of recipes not run this time are kept.
 """
 
 from __future__ import annotations
@@ -84,8 +84,16 @@ def summarize(path: Path, result) -> dict:
                     "coded_bits": r["coded_bits"], "entropy_bits": r["entropy_bits"],
                     "model_bytes": r["model_bytes"]}
                    for r in report["layers"] if r["action"] == "encode"]
+    artifacts = sorted((result.output_dir / "stages").glob("*.safetensors"))
+    if artifacts:  # what the last file spends on its header (manifest) and on its tensors
+        raw = artifacts[-1].read_bytes()
+        header = 8 + int.from_bytes(raw[:8], "little")
+        totals = {**totals, "file_bytes": len(raw), "header_bytes": header}
     kmeans = sorted((result.output_dir / "stages").glob("*-share.kmeans.report.json"))
-    bits = json.loads(kmeans[-1].read_text())["summary"].get("bits") if kmeans else None
+    summary = json.loads(kmeans[-1].read_text())["summary"] if kmeans else {}
+    bits = summary.get("bits")
+    if bits and summary.get("bias_bits"):
+        bits = {**bits, "biases": summary["bias_bits"]}
     return {"recipe": path.stem, "path": str(path.relative_to(ROOT)) if path.is_relative_to(ROOT)
             else str(path), "steps": [next(iter(s)) for s in yaml.safe_load(
                 path.read_text())["steps"]], "bits": bits, "stages": stages,
@@ -121,10 +129,13 @@ def render(results: list[dict], command: str) -> str:
             continue
         c = res["coding"]
         over = c["coded_bits"] / c["entropy_bits"] - 1 if c["entropy_bits"] else 0.0
+        header = (f"; the file's {c['file_bytes']:,} bytes hold {c['header_bytes']:,} of "
+                  "header (the manifest: edit log, tensor entries, counts tables, digests, "
+                  "provenance; zlib + base64)" if "header_bytes" in c else "")
         lines += [f"**{res['recipe']}**: stored tensors {c['bytes_before']:,} → "
                   f"{c['bytes_after']:,} bytes; coded {c['coded_bits']:,} bits vs bound "
                   f"{c['entropy_bits']:,.0f} ({over:+.2%}); counts tables {c['model_bytes']:,} "
-                  "bytes", "",
+                  f"bytes{header}", "",
                   "| part | kind | symbols | bytes before | coded bits/symbol | entropy "
                   "bits/symbol | over bound |", "|---|---|---|---|---|---|---|"]
         for s in res["streams"]:
@@ -149,6 +160,8 @@ def main(argv=None) -> int:
     parser.add_argument("--quick", action="store_true",
                         help="smoke test: 0.02x epochs, 2000 train / 512 test images, 3 runs")
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--name", default="deep_compression",
+                        help="stem of the result files (e.g. deep_compression_lenet5)")
     parser.add_argument("--workdir", type=Path, default=None, help="run folders (default: tmp)")
     args = parser.parse_args(argv)
     if args.quick:
@@ -156,7 +169,7 @@ def main(argv=None) -> int:
     paths = [p.resolve() for p in args.recipes] or RECIPES
     command = "python benchmarks/deep_compression.py " + shlex.join(sys.argv[1:] if argv is None
                                                                     else argv)
-    json_path = args.out / "deep_compression.json"
+    json_path = args.out / f"{args.name}.json"
     kept = json.loads(json_path.read_text()) if json_path.exists() else []
     with tempfile.TemporaryDirectory() as tmp:
         work = args.workdir or Path(tmp)
@@ -176,7 +189,7 @@ def main(argv=None) -> int:
     results.sort(key=lambda r: order.get(r["recipe"], len(order)))
     args.out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(json_path, json.dumps(results, indent=1))
-    atomic_write_text(args.out / "deep_compression.md", render(results, command))
+    atomic_write_text(args.out / f"{args.name}.md", render(results, command))
     return 0
 
 

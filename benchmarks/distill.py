@@ -78,10 +78,16 @@ def _distill(student_seed_model, options: dict, data, teacher, seed: int, epochs
     return model, report, time.perf_counter() - start
 
 
-def _student_options(method: str) -> dict:
+def _student_options(method: str, args=None) -> dict:
     if method == "label":
         return {"losses": {"ce": 1.0}}
-    return {"method": method}
+    return {"method": method, **_kd_options(args)}
+
+
+def _kd_options(args) -> dict:
+    """--temperature / --alpha / --beta when given (else the step's defaults)."""
+    keys = ("temperature", "alpha", "beta")
+    return {k: getattr(args, k) for k in keys if getattr(args, k, None) is not None}
 
 
 def _fresh(zoo: str, seed: int):
@@ -95,7 +101,7 @@ def students(args, data, teacher, rows) -> None:
     for student in args.students:
         for method in args.methods:
             for seed in args.seeds:
-                options = _student_options(method)
+                options = _student_options(method, args)
                 base = _fresh("lenet5", seed)
                 if student != "lenet5":  # derived from the teacher, re-initialized
                     options = {**options, "teacher": "baseline", "student": {"width": 0.25}}
@@ -128,7 +134,8 @@ def ensemble(args, data, teacher, rows) -> None:
     refs = ["baseline", {"zoo": "mobilenetv2"}, {"zoo": "lenet5"}]
     for seed in args.seeds:
         model, _, sec = _distill(_fresh("lenet5", seed), {"method": "ensemble", "teachers": refs,
-                                                          "weights": "accuracy"},
+                                                          "weights": "accuracy",
+                                                          **_kd_options(args)},
                                  data, teacher, seed, args.epochs)
         rows.append({"section": "ensemble", "student": "lenet5", "method": "ensemble (3)",
                      "seed": seed, "accuracy": _acc(model, data), "seconds": round(sec, 1)})
@@ -154,7 +161,8 @@ def multitask(args, data, teacher, rows) -> None:
                                                            "weights": str(weights)}}]
         for seed in args.seeds:
             model, report, sec = _distill(_fresh("lenet5", seed), {"method": "multitask",
-                                                                   "tasks": tasks},
+                                                                   "tasks": tasks,
+                                                                   **_kd_options(args)},
                                           data, teacher, seed, args.epochs)
             nbytes = _bytes(model, data)
             for t in report.summary["tasks"]:
@@ -163,7 +171,8 @@ def multitask(args, data, teacher, rows) -> None:
                              "accuracy": t["accuracy"], "bytes": nbytes,
                              "seconds": round(sec, 1)})
                 print(rows[-1], flush=True)
-            single, _, sec = _distill(_fresh("lenet5", seed), {"method": "hinton"}, digits,
+            single, _, sec = _distill(_fresh("lenet5", seed),
+                                      {"method": "hinton", **_kd_options(args)}, digits,
                                       mnist_teacher, seed, args.epochs * _ratio(data, digits))
             rows.append({"section": "multitask", "student": "lenet5", "method": "single: mnist",
                          "seed": seed, "accuracy": _acc(single, digits),
@@ -222,16 +231,22 @@ def render(rows: list[dict], args) -> str:
     for r in rows:
         if "accuracy" in r:
             groups.setdefault((r["section"], r["student"], r["method"]), []).append(r)
+    label_mean = {student: 100 * _mean([r["accuracy"] for r in rs])
+                  for (section, student, method), rs in groups.items()
+                  if section == "students" and method == "label"}
     current = None
     for (section, student, method), rs in groups.items():
         if section != current:
-            out += ["", f"## {section}", "", "| student | method | per seed | mean | bytes |",
-                    "|---|---|---|---|---|"]
+            out += ["", f"## {section}", "",
+                    "| student | method | per seed | mean | vs label | bytes |",
+                    "|---|---|---|---|---|---|"]
             current = section
         per = " / ".join(f"{100 * r['accuracy']:.2f}" for r in rs)
         nbytes = rs[0].get("bytes", "")
         mean = 100 * _mean([r["accuracy"] for r in rs])
-        out.append(f"| {student} | {method} | {per} | {mean:.2f} | {nbytes} |")
+        base = label_mean.get(student) if section == "students" else None
+        delta = f"{mean - base:+.2f}" if base is not None and method != "label" else ""
+        out.append(f"| {student} | {method} | {per} | {mean:.2f} | {delta} | {nbytes} |")
     timed = [r for r in rows if r["section"] == "cache"]
     if len(timed) == 2:
         on, off = (next(r["seconds"] for r in timed if r["cached"] is c) for c in (True, False))
@@ -257,6 +272,9 @@ def main(argv=None) -> None:
                         help="students section: which losses")
     parser.add_argument("--students", nargs="+", default=["lenet5", "resnet20x0.25"],
                         choices=["lenet5", "resnet20x0.25"])
+    parser.add_argument("--temperature", type=float, default=None, help="KD temperature")
+    parser.add_argument("--alpha", type=float, default=None, help="hinton: soft-target weight")
+    parser.add_argument("--beta", type=float, default=None, help="dkd: non-target weight")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)

@@ -46,12 +46,18 @@ def main(argv=None) -> int:
                     help="self-distillation weight of each exit from the final exit")
     ap.add_argument("--lr-scale", type=float, default=0.1, help="fine-tune lr / train lr")
     ap.add_argument("--holdout", type=float, default=0.1)
+    ap.add_argument("--head", choices=["auto", "conv2", "conv", "pool"], default="auto",
+                    help="early exit: exit head kind")
     ap.add_argument("--test", type=int, default=10000)
     ap.add_argument("--latency-samples", type=int, default=1000)
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--step", choices=["early_exit", "gating"], default="early_exit")
     ap.add_argument("--target-macs", type=float, default=0.65, help="gating: mean MAC ratio")
+    ap.add_argument("--budget", choices=["per_gate", "total"], default="per_gate",
+                    help="gating: budget loss form")
+    ap.add_argument("--gate-distill", type=float, default=0.5,
+                    help="gating: soft-target weight from the ungated model")
     ap.add_argument("--quick", action="store_true", help="tiny budget: checks the script runs")
     ap.add_argument("--out", type=Path, default=RESULTS)
     ap.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "lighten-bench-"
@@ -97,7 +103,7 @@ def main(argv=None) -> int:
                           chunks, train_cfg, threads)
     step = {"max_drop": args.max_drop, "head_epochs": args.head_epochs,
             "holdout": args.holdout, "freeze_backbone": args.freeze_backbone,
-            "exit_distill": args.exit_distill,
+            "exit_distill": args.exit_distill, "head": args.head,
             "finetune": {"epochs": args.epochs, "lr_scale": args.lr_scale}}
     # the trained step is cached (an artifact + its report), so a re-measurement skips training
     key = json.dumps({"train": args.train, "step": step}, sort_keys=True)
@@ -188,6 +194,7 @@ def run_gating(args, argv, model, data, base, base_acc, base_macs, x_test, y_tes
     from lighten.dynamic.runtime import _interleaved, _session_fn
 
     step = {"target_macs": args.target_macs, "gate_epochs": args.head_epochs,
+            "budget": args.budget, "distill": args.gate_distill,
             "holdout": args.holdout, "finetune": {"epochs": args.epochs,
                                                   "lr_scale": args.lr_scale}}
     start = time.perf_counter()

@@ -361,9 +361,12 @@ _PACKABLE = (torch.int8, torch.uint8, torch.int16, torch.int32, torch.int64)
 # ----------------------------------------------------------------------------- load
 
 
-def load_artifact(path: str | os.PathLike, *,
-                  model: nn.Module | None = None) -> tuple[nn.Module, dict]:
+def load_artifact(path: str | os.PathLike, *, model: nn.Module | None = None,
+                  bits: int | None = None) -> tuple[nn.Module, dict]:
     """Rebuild the saved model (in eval mode) and return it with the manifest.
+
+    ``bits`` picks the precision of a ``dynamic.any_precision`` model (one of its trained
+    widths); other models refuse it.
 
     Without ``model`` the architecture is built from the manifest's ``model_spec`` (for a
     ``python:`` spec that runs the named file, so for untrusted artifacts pass ``model``, which
@@ -406,6 +409,10 @@ def load_artifact(path: str | os.PathLike, *,
     model.load_state_dict(state, strict=True)
     _retie(model, entries)
     manifest = {k: v for k, v in manifest.items() if k != "blob"}
+    if bits is not None:
+        from lighten.dynamic.any_precision import select_precision
+
+        model = select_precision(model, bits)
     return model.eval(), {**manifest, "tensors": entries}
 
 

@@ -24,6 +24,7 @@ class Prepared:
     model: nn.Module
     baseline_source: str | None  # None: the baseline is trained in the output folder
     baseline_seconds: float
+    baseline_peak_mib: float | None = None  # resident-memory peak while the baseline trained
 
 
 def prepare(recipe: Recipe) -> Prepared:
@@ -81,6 +82,7 @@ def train_baseline(prepared: Prepared, recipe: Recipe, out: Path, *, progress: b
     so that ``--resume`` after an interrupt continues from the last finished epoch (to the same
     weights as an uninterrupted training); then cache it and drop the checkpoint."""
     from lighten import train_state
+    from lighten.memory import PeakMemory
     from lighten.train import train
 
     model, data = prepared.model, prepared.data
@@ -91,7 +93,9 @@ def train_baseline(prepared: Prepared, recipe: Recipe, out: Path, *, progress: b
     resumed = (f", continued after epoch {meta['epoch'] + 1}"
                if meta and meta.get("key") == key else "")
     start = time.perf_counter()
-    train(model, data.train, cfg, progress=progress, task=data.task, checkpoint=checkpoint)
+    with PeakMemory() as peak:
+        train(model, data.train, cfg, progress=progress, task=data.task, checkpoint=checkpoint)
+    prepared.baseline_peak_mib = peak.peak_mb
     model.eval()
     cached = cache_path(recipe)
     save_weights(model, cached)

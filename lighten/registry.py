@@ -58,8 +58,11 @@ _BUILTIN_STEP_MODULES = (
     "lighten.distill.step",
     "lighten.dynamic.early_exit",
     "lighten.dynamic.gating",
+    "lighten.dynamic.slimmable",
+    "lighten.dynamic.any_precision",
     "lighten.arch.reorganize",
     "lighten.arch.separable",
+    "lighten.arch.nas",
     "lighten.lowrank",  # lowrank.svd, lowrank.tucker, lowrank.cp
     "lighten.share.kmeans",
     "lighten.share.pq",
@@ -67,6 +70,7 @@ _BUILTIN_STEP_MODULES = (
     "lighten.share.tie",
     "lighten.encode.entropy",
     "lighten.llm.steps",  # llm.weight_only, llm.smoothquant, llm.sparsegpt, llm.wanda
+    "lighten.llm.encoder",  # llm.encoder_prune (heads, FFN neurons, layers of an encoder)
 )
 
 

@@ -67,8 +67,20 @@ def run_recipe(
     overwrite: bool = False,
     progress: bool = True,
     output: str | Path | None = None,
+    max_memory: str | int | None = None,
 ) -> RunResult:
-    """Run ``recipe``; with ``resume`` continue after the last finished stage."""
+    """Run ``recipe``; with ``resume`` continue after the last finished stage. With
+    ``max_memory`` (e.g. ``"2GB"``) training, calibration and evaluation fit that much resident
+    memory or are refused before they start (:mod:`lighten.memory`)."""
+    from lighten.memory import memory_budget
+
+    with memory_budget(max_memory):
+        return _run_recipe(recipe, resume=resume, overwrite=overwrite, progress=progress,
+                           output=output)
+
+
+def _run_recipe(recipe: Recipe, *, resume: bool, overwrite: bool, progress: bool,
+                output: str | Path | None) -> RunResult:
     from lighten.provenance import recipe_hash
 
     out = Path(output or recipe.output)
@@ -161,8 +173,10 @@ def _execute(recipe, prepared: Prepared, out: Path, state, digest, recipe_dict, 
                           target=target, model_spec=model_spec,
                           baseline_spec=recipe.model.model_dump(exclude_none=True))
         start = time.perf_counter()
+        peak_mib = prepared.baseline_peak_mib
         if step is not None:
             model, report = step_apply(step, model, ctx)
+            peak_mib = report.summary.get("peak_memory_mib")
             model_spec = ctx.source_spec or model_spec
             atomic_write_text(artifact.with_suffix(".report.json"),
                               json.dumps(report.to_dict(), indent=1))
@@ -183,6 +197,8 @@ def _execute(recipe, prepared: Prepared, out: Path, state, digest, recipe_dict, 
         if index == 0:
             reference = logits
             save_reference(out, logits)
+        if peak_mib is not None:  # training / calibration of this stage (not its measuring)
+            row["peak_memory_mib"] = round(peak_mib, 1)
         rows.append(row)
         done.append(stage)
         atomic_write_text(out / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in rows))

@@ -143,6 +143,9 @@ class StepContext:
     # how the model given to the step is built (the recipe's model:, or a previous step's
     # source_spec); a step that wraps the model records it (dynamic.early_exit's backbone)
     model_spec: dict | None = None
+    # what a gradient pass over the step's input model needs (lighten.memory.Footprint; set by
+    # lighten.verb.run_step under a memory budget): calibration batches are sized from it
+    memory_footprint: object | None = None
 
     @property
     def input_shape(self) -> tuple[int, ...]:
@@ -258,6 +261,11 @@ class StepContext:
         """(inputs tuple, targets) batches of a fixed random subset of the training split."""
         from torch.utils.data import default_collate
 
+        if self.memory_footprint is not None:  # gradients may be taken (Taylor): size for them
+            from lighten.memory import current_budget
+
+            if (budget := current_budget()) is not None:
+                batch_size = budget.fit(self.memory_footprint, batch_size, "calibration")
         g = torch.Generator().manual_seed(self.seed)
         n = len(self.data.train)
         idx = torch.randperm(n, generator=g)[: min(samples, n)]

@@ -10,7 +10,9 @@ counting, export and latency ``task.inputs`` / ``task.example_inputs``, the mode
 * :class:`LanguageModelTask`: token ids ``(B, T)`` int64 in, logits ``(B, T, V)`` out; items are
   ``(ids[T], next_ids[T])`` pairs (``next_ids[t] == ids[t + 1]`` within the text); next-token
   cross-entropy; metrics perplexity (exp of the mean token NLL) and next-token accuracy;
-  agreement = next-token top-1 match with the baseline.
+  agreement = next-token top-1 match with the baseline;
+* ``embedding`` (:class:`lighten.llm.embedding.EmbeddingTask`, imported on demand): ids and
+  mask in, one sentence embedding out; linear-probe accuracy, agreement = mean cosine.
 
 Anything else: a ``Task`` subclass from user code, ``data: {..., task: {python: tasks.py:make}}``.
 """
@@ -382,8 +384,13 @@ def make_task(*, name: str | None = None, python: str | None = None,
                             "inputs = (InputSpec('input', shape, dtype),)")
         task.made_by = {"kind": "python", "python": python, "kwargs": kwargs}  # describe()
         return task
+    if name == "embedding" and name not in BUILTIN:  # lives with the llm extra's code
+        from lighten.llm.embedding import EmbeddingTask
+
+        BUILTIN[name] = EmbeddingTask
     if name not in BUILTIN:
-        raise DataError(f"unknown task {name!r}; choose one of {', '.join(BUILTIN)} or "
+        raise DataError(f"unknown task {name!r}; choose one of {', '.join(BUILTIN)}, "
+                        "embedding or "
                         "{python: file.py:make}")
     try:
         return BUILTIN[name](**kwargs)

@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset
 
 from lighten.errors import DataError, LightenError
+from lighten.memory import fit_inference_batch, fit_training_batch
 from lighten.step import StrictModel
 from lighten.task import Task
 
@@ -175,6 +176,8 @@ def train(model: nn.Module, dataset: Dataset, cfg: TrainConfig, *,
                                             scheduler=scheduler, generators=generators, key=key)
         if meta is not None:
             step, first_epoch, losses = meta["step"], meta["epoch"] + 1, list(meta["losses"])
+    micro = fit_training_batch(model, lambda b: _example_inputs(task, dataset, b),
+                               cfg.batch_size, optimizer=cfg.optimizer)
     for cb in callbacks:
         cb.on_train_begin(model, optimizer, total_steps)
     bar = tqdm(total=total_steps, initial=step, desc="train", unit="step", leave=False,
@@ -187,23 +190,19 @@ def train(model: nn.Module, dataset: Dataset, cfg: TrainConfig, *,
                 y = y.to(device)
                 if cfg.augment:
                     inputs = (augment_batch(inputs[0], generator=aug_gen), *inputs[1:])
-                outputs = model(*inputs)
-                if task is None:
-                    loss = F.cross_entropy(outputs, y, label_smoothing=cfg.label_smoothing)
-                else:
-                    loss = task.loss(outputs, y, label_smoothing=cfg.label_smoothing)
-                x = inputs[0] if len(inputs) == 1 else inputs
-                for term in loss_terms:
-                    loss = loss + term(model, x, outputs, y)
-                if not torch.isfinite(loss):
-                    raise TrainingDiverged(f"training loss became {loss.item()} at step "
-                                           f"{step + 1}; lower the learning rate (lr={cfg.lr})")
                 optimizer.zero_grad(set_to_none=True)
-                loss.backward()
+                loss = 0.0
+                for share, part, part_y in _micro_batches(inputs, y, micro):
+                    part_loss = _loss(model, task, cfg, part, part_y, loss_terms) * share
+                    if not torch.isfinite(part_loss):
+                        raise TrainingDiverged(f"training loss became {part_loss.item()} at step "
+                                               f"{step + 1}; lower the learning rate (lr={cfg.lr})")
+                    part_loss.backward()  # gradients add up over the micro-batches
+                    loss += part_loss.item()
                 optimizer.step()
                 scheduler.step()
                 step += 1
-                running += loss.item()
+                running += loss
                 batches += 1
                 for cb in callbacks:
                     cb.on_step_end(model, step, total_steps)
@@ -227,6 +226,39 @@ def train(model: nn.Module, dataset: Dataset, cfg: TrainConfig, *,
     for cb in callbacks:
         cb.on_train_end(model)
     return losses
+
+
+def _loss(model, task, cfg: TrainConfig, inputs, y, loss_terms) -> Tensor:
+    outputs = model(*inputs)
+    if task is None:
+        loss = F.cross_entropy(outputs, y, label_smoothing=cfg.label_smoothing)
+    else:
+        loss = task.loss(outputs, y, label_smoothing=cfg.label_smoothing)
+    x = inputs[0] if len(inputs) == 1 else inputs
+    for term in loss_terms:
+        loss = loss + term(model, x, outputs, y)
+    return loss
+
+
+def _micro_batches(inputs: tuple[Tensor, ...], y: Tensor, micro: int):
+    """(share of the batch, inputs, labels) per micro-batch of at most ``micro`` samples: the
+    whole batch when it fits the memory budget (:mod:`lighten.memory`)."""
+    n = len(y)
+    if micro >= n:
+        yield 1.0, inputs, y
+        return
+    for start in range(0, n, micro):
+        stop = min(n, start + micro)
+        yield (stop - start) / n, tuple(t[start:stop] for t in inputs), y[start:stop]
+
+
+def _example_inputs(task: Task | None, dataset: Dataset, batch: int) -> tuple[Tensor, ...]:
+    """Inputs of ``batch`` samples for the memory estimate: the task's, else the data's."""
+    if task is not None:
+        return task.example_inputs(batch)
+    x = dataset[0][0]
+    return tuple(torch.zeros(batch, *t.shape, dtype=t.dtype)
+                 for t in (x if isinstance(x, tuple | list) else (x,)))
 
 
 def predict(model: nn.Module, dataset: Dataset, *, batch_size: int = 512,
@@ -286,6 +318,8 @@ def _run(model: nn.Module, dataset: Dataset, *, batch_size: int, progress: bool,
     logits, labels = [], []
     try:
         with torch.inference_mode():
+            batch_size = fit_inference_batch(model, lambda b: _example_inputs(task, dataset, b),
+                                             batch_size)
             loader = make_loader(dataset, batch_size, shuffle=False)
             shown = progress and on_terminal()  # bars only on a terminal, never in a log
             for x, y in tqdm(loader, desc="eval", disable=not shown, leave=False):

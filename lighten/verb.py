@@ -109,6 +109,7 @@ def compress(
     train: TrainConfig | None = None,
     seed: int = 0,
     inplace: bool = False,
+    max_memory: str | int | None = None,
 ) -> tuple[nn.Module, Report]:
     """Apply one step to ``model``; return the compressed model and what was done.
 
@@ -122,8 +123,17 @@ def compress(
     as given, made only when the config can use a teacher (a large model is not held twice
     for nothing). ``train`` is
     the training setup ``finetune:`` starts from (default ``TrainConfig()``). The caller's
-    ``model`` is not modified unless ``inplace=True``.
+    ``model`` is not modified unless ``inplace=True``. ``max_memory`` (``"2GB"``) makes its
+    training and calibration fit that much resident memory (:mod:`lighten.memory`); a
+    ``with lighten.memory.memory_budget(...)`` block around several calls does the same.
     """
+    if max_memory is not None:
+        from lighten.memory import memory_budget
+
+        with memory_budget(max_memory):
+            return compress(model, config, data=data, target=target, baseline=baseline,
+                            progress=progress, workdir=workdir, train=train, seed=seed,
+                            inplace=inplace)
     spec, cfg = resolve_config(config)
     _check_data(spec, cfg, data)
     teacher = baseline
@@ -155,6 +165,7 @@ def run_step(model: nn.Module, config: BaseModel, ctx: StepContext) -> tuple[nn.
     """Run the step ``config`` belongs to on ``model`` (in place, as steps do) with ``ctx``;
     what :func:`compress` and the recipe runner both call."""
     from lighten.measure import count_params
+    from lighten.memory import PeakMemory, step_footprint
     from lighten.registry import step_for_config
 
     spec = step_for_config(config)
@@ -163,7 +174,11 @@ def run_step(model: nn.Module, config: BaseModel, ctx: StepContext) -> tuple[nn.
     notes_at, layers_at = len(ctx.notes), len(ctx.layers)
     params_before, nonzero_before = count_params(model)
     start = time.perf_counter()
-    result = spec.apply(model, config, ctx)
+    # under a memory budget, calibration batches are sized from this (measured before the
+    # step attaches any hook or observer to the model)
+    ctx.memory_footprint = step_footprint(model, ctx.example_inputs)
+    with PeakMemory() as peak:
+        result = spec.apply(model, config, ctx)
     if not isinstance(result, nn.Module):
         raise TypeError(f"step {spec.name} returned {type(result).__name__}, not a model")
     seconds = time.perf_counter() - start
@@ -171,6 +186,8 @@ def run_step(model: nn.Module, config: BaseModel, ctx: StepContext) -> tuple[nn.
     summary = {**ctx.summary, "params_before": params_before, "params_after": params_after,
                "nonzero_before": nonzero_before, "nonzero_after": nonzero_after,
                "seconds": round(seconds, 3)}
+    if peak.peak_mb is not None:
+        summary["peak_memory_mib"] = round(peak.peak_mb, 1)
     report = Report(step=spec.name, config=config.model_dump(mode="json"),
                     notes=list(ctx.notes[notes_at:]), layers=list(ctx.layers[layers_at:]),
                     summary=summary)

@@ -129,6 +129,29 @@ def test_exited_sample_runs_fewer_nodes_in_the_if_graph(exited, digits, tmp_path
         assert np.abs(session.run(None, {"input": x.numpy()})[0] - model(x).numpy()).max() < 1e-4
 
 
+@pytest.mark.parametrize("criterion", ["max_softmax", "entropy"])
+def test_if_graph_selects_per_row_like_the_model(exited, digits, criterion):
+    """A batch whose rows answer at different exits: the If graph gives every row the logits
+    of its own first confident exit, for both confidence criteria."""
+    x = torch.stack([digits.test[i][0] for i in range(96)])
+    model = copy.deepcopy(exited[0]).eval()
+    model.criterion = criterion
+    with torch.no_grad():
+        outs = model.all_exits(x)
+    left = torch.ones(len(x), dtype=torch.bool)
+    for k in range(len(model.thresholds)):  # each exit answers a third of the rows reaching it
+        conf = confidence(outs[k], criterion)
+        model.thresholds[k] = conf[left].quantile(0.66)
+        left &= conf < model.thresholds[k]
+    session = ort.InferenceSession(model.onnx_graph(digits.task.inputs).SerializeToString(),
+                                   providers=["CPUExecutionProvider"])
+    chosen, _ = _exit_index(model, x)
+    assert len(set(chosen.tolist())) == len(model.thresholds) + 1  # every exit answers some
+    with torch.no_grad():
+        ref = model(x).numpy()
+    assert np.abs(session.run(None, {"input": x.numpy()})[0] - ref).max() < 1e-4
+
+
 def test_max_drop_is_met_on_the_held_out_split(exited, digits):
     model, report = exited
     x, y = _held_out(digits)

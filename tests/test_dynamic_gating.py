@@ -148,3 +148,30 @@ def test_recipe_on_a_python_model(net_file, tmp_path):
     deployed = out / "deploy" / "dynamic.gating" / "model.onnx"
     assert sum(n.op_type == "If" for n in onnx.load(str(deployed)).graph.node) == 3
     assert "Gated blocks: dynamic.gating" in (out / "report.md").read_text()
+
+
+def test_unreachable_target_is_one_clear_error(net_file, digits):
+    from lighten.errors import UnsupportedError
+
+    model = build_model(ModelSpec(python=f"{net_file}:build", input_shape=[1, 8, 8]),
+                        input_shape=(1, 8, 8), num_classes=10)
+    with pytest.raises(UnsupportedError, match="target_macs 0.05 is below"):
+        lighten.compress(model, GatingConfig(target_macs=0.05), data=digits, train=TRAIN)
+
+
+def test_per_gate_budget_pushes_every_gate_to_the_shared_rate(net_file):
+    from lighten.dynamic.gating import _gate, budget_term, open_rate
+
+    backbone = build_model(ModelSpec(python=f"{net_file}:build", input_shape=[1, 8, 8]),
+                           input_shape=(1, 8, 8), num_classes=10)
+    gm = GatedModel(backbone, [str(i) for i in range(9)], [3, 4, 5],
+                    [_gate((16, 8, 8)) for _ in range(3)], block_macs=[30, 30, 40],
+                    total_macs=120)
+    rate = open_rate(gm.block_macs, gm.total_macs, 0.7)
+    assert rate * 100 + 20 == pytest.approx(0.7 * 120)  # all gates at that rate meet the target
+    out = gm.train()(torch.randn(4, 1, 8, 8))
+    assert len(gm.gate_open) == 3
+    gm.gate_open = [torch.full((4,), rate)] * 3
+    assert budget_term(1.0, 0.7)(gm, None, out, None).item() == pytest.approx(0, abs=1e-9)
+    gm.gate_open = [torch.ones(4), torch.zeros(4), torch.full((4,), rate)]
+    assert budget_term(1.0, 0.7)(gm, None, out, None).item() > 0.1  # per gate, not in total

@@ -175,7 +175,7 @@ def test_smoothquant_w8a8_and_onnx(setup):
     check = export_onnx(out, tmp / "sq.onnx", inputs=task.inputs, sample_inputs=(x,))
     assert check.agreement > 0.95
     ops = {n.op_type for n in onnx.load(str(tmp / "sq.onnx")).graph.node}
-    assert {"DynamicQuantizeLinear", "MatMulInteger"} <= ops
+    assert "MatMulInteger" in ops  # per-token int8 activations (ReduceMax, Round, Cast)
     save_artifact(out, tmp / "sq.safetensors", model_spec={"hf": str(folder)}, task=task,
                   input_shape=data.input_shape, num_classes=data.num_classes)
     again, _ = load_artifact(tmp / "sq.safetensors")

@@ -21,6 +21,7 @@ from lighten.errors import ModelError, RecipeError
 from lighten.models import ModelSpec, build_model
 from lighten.recipe import parse_recipe
 from lighten.share.kmeans import KMeansConfig, SharedWeight, kmeans_1d
+from lighten.train import evaluate
 
 SPEC = {"zoo": "lenet300"}
 
@@ -120,6 +121,33 @@ def test_artifact_bytes_drop_by_the_index_width_and_reload_is_identical(pruned, 
     x = torch.randn(16, *digits.input_shape)
     assert torch.equal(loaded(x), out.eval()(x))
     assert manifest["tensors"]["classifier.1.weight"]["bits"] == 4
+
+
+def test_bias_bits_and_float16_shrink_the_artifact_and_reload_exactly(pruned, digits,
+                                                                      tmp_path):
+    plain, _ = compress(pruned, {"share.kmeans": {"bits": 4}}, data=digits)
+    small, report = compress(pruned, {"share.kmeans": {
+        "bits": 4, "bias_bits": 3, "float16": True, "finetune": {"epochs": 0.2, "lr": 0.01}}},
+        data=digits)
+    rows = {r["module"]: r for r in report.layers}
+    for name, module in small.named_modules():
+        if not isinstance(module, nn.Linear):
+            continue
+        w, b = module.weight.detach(), module.bias.detach()
+        assert torch.equal(w == 0, pruned.get_submodule(name).weight == 0)
+        assert torch.unique(b).numel() == rows[name]["bias_distinct"] <= 8  # 3-bit biases
+        assert torch.unique(w[w != 0]).numel() <= 16
+        for t in (w, b):  # every value a float16: the artifact stores the tables in half
+            assert torch.equal(t.half().float(), t)
+    shape = dict(model_spec=SPEC, input_shape=digits.input_shape, num_classes=10)
+    big = save_artifact(plain, tmp_path / "plain.safetensors", **shape)
+    size = save_artifact(small, tmp_path / "small.safetensors", **shape)
+    biases = sum(m.bias.numel() for m in small.modules() if isinstance(m, nn.Linear))
+    assert size < big - 2 * biases  # float32 biases -> 3-bit palette indices
+    loaded, _ = load_artifact(tmp_path / "small.safetensors")
+    x = torch.randn(16, *digits.input_shape)
+    assert torch.equal(loaded(x), small.eval()(x))
+    assert evaluate(small, digits.test) > evaluate(plain, digits.test) - 0.05
 
 
 def test_onnx_export_runs_on_onnxruntime(pruned, digits, tmp_path):

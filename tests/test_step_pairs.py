@@ -115,11 +115,16 @@ CONFIGS = {
     "distill": {"finetune": TUNE},
     "dynamic.early_exit": {"head": "pool", "head_epochs": 0.3},
     "dynamic.gating": {"gate_epochs": 0.3, "finetune": TUNE},
+    "dynamic.slimmable": {"widths": [1.0, 0.5], "finetune": TUNE},
+    "dynamic.any_precision": {"bits": [8, 4, 2], "finetune": TUNE},
     "lowrank.svd": {"rank": 4, "measure_latency": False},
     "lowrank.tucker": {"ranks": 4, "measure_latency": False},
     "lowrank.cp": {"rank": 4, "measure_latency": False},
     "arch.fold": {},
     "arch.separable": {"measure_latency": False, "calibration_samples": 32},
+    "arch.nas": {"target_macs": 0.6, "trials": 1, "proxy": {"epochs": 0.25, "train": 32,
+                                                            "holdout": 16},
+                 "finetune": TUNE},
 }
 # The first twelve steps are paired exhaustively; every later step is paired with each of
 # REPRESENTATIVE (before and after it) and with every other later step: 29 steps all against
@@ -162,6 +167,8 @@ PAIR_REFUSALS: dict[tuple, str] = {
     ("dynamic.gating", "dynamic.gating"): "apply it once",
     ("dynamic.early_exit", "dynamic.gating"): "a dynamic step comes last, once",
     ("dynamic.gating", "dynamic.early_exit"): "a dynamic step comes last, once",
+    **{(first, "dynamic.any_precision"): "a dynamic step comes last, once"
+       for first in ("dynamic.early_exit", "dynamic.gating", "dynamic.slimmable")},
 }
 
 

@@ -100,8 +100,12 @@ STEPS = {
     "lowrank.cp": ("rescnn", "{rank: 4, measure_latency: false}"),
     "arch.fold": ("rescnn", "{}"),
     "arch.separable": ("rescnn", "{measure_latency: false}"),
+    "arch.nas": ("rescnn", "{target_macs: 0.5, trials: 2, proxy: {epochs: 0.5, train: 64, "
+                 "holdout: 32}, finetune: {epochs: 1}}"),
     "dynamic.early_exit": ("chain", "{target_macs: 0.5, head: pool, head_epochs: 1}"),
     "dynamic.gating": ("chain", "{target_macs: 0.7, gate_epochs: 1, finetune: {epochs: 1}}"),
+    "dynamic.slimmable": ("rescnn", "{widths: [1.0, 0.5], finetune: {epochs: 0.5}}"),
+    "dynamic.any_precision": ("rescnn", "{bits: [8, 4, 2], finetune: {epochs: 0.5}}"),
 }
 
 

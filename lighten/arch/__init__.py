@@ -1,6 +1,7 @@
 """Architecture surgery: BN folding (used by the quant steps), ``arch.fold`` (reorganize the
 traced graph: fold, drop, merge, re-parameterize) and ``arch.separable`` (k x k convs ->
-depthwise + pointwise).
+depthwise + pointwise) and ``arch.nas`` (architecture search under a MAC / params / bytes /
+latency budget: nas.py, nas_space.py, nas_build.py, nas_latency.py, nas_search.py).
 
 Library use::
 
@@ -17,7 +18,8 @@ from lighten.arch.fold import FoldReport, fold_batchnorm, fold_batchnorm_report
 
 _LAZY = {"FoldConfig": "lighten.arch.reorganize", "FoldResult": "lighten.arch.reorganize",
          "reorganize_": "lighten.arch.reorganize", "SeparableConfig": "lighten.arch.separable",
-         "separable_": "lighten.arch.separable", "separable_pair": "lighten.arch.separable"}
+         "separable_": "lighten.arch.separable", "separable_pair": "lighten.arch.separable",
+         "NASConfig": "lighten.arch.nas", "nas_": "lighten.arch.nas"}
 
 __all__ = ["FoldReport", "fold_batchnorm", "fold_batchnorm_report", *_LAZY]
 

@@ -21,6 +21,16 @@ def add_arguments(parser) -> None:
                              "the model is built for (vocab_size, seq_len = --input-shape)")
     parser.add_argument("--no-verify", action="store_true",
                         help="skip the ONNX Runtime comparison (not recommended)")
+    parser.add_argument("--width", type=float, metavar="W",
+                        help="a dynamic.slimmable model: write the plain model of width W only "
+                             "(e.g. 0.5; one of the widths it was trained for)")
+    parser.add_argument("--kv-cache", action="store_true",
+                        help="language models (hf decoders): a generation graph with past/present "
+                             "key-value inputs/outputs; 4-bit llm.weight_only layers become ORT "
+                             "MatMulNBits (lighten.llm.onnx_decoder)")
+    parser.add_argument("--bits", type=int, metavar="B",
+                        help="a dynamic.any_precision artifact: export its B-bit model (one of "
+                             "its trained precisions; default: the saved one)")
 
 
 def run(args) -> int:
@@ -33,11 +43,23 @@ def run(args) -> int:
                              num_classes=args.num_classes, data=args.data,
                              trust=args.trust)
     task = resolved.task
+    if getattr(args, "bits", None) is not None:  # dynamic.any_precision: one of its widths
+        from lighten.dynamic.any_precision import select_precision
+
+        select_precision(resolved.model, args.bits)
+    if getattr(args, "kv_cache", False):
+        return _export_decoder(args, resolved)
     manifest = (artifact_manifest(resolved.artifact or args.weights or "") or {})
     meta = manifest.get("meta") or {}
     samples, source, pre = (None, "", {}) if args.no_verify else _check_data(args, resolved, meta)
     pre = meta.get("preprocessing") or pre
-    check = export_onnx(resolved.model, args.onnx, inputs=task.inputs, sample_inputs=samples,
+    model = resolved.model
+    if args.width is not None:  # one width of a slimmable model, weights physically sliced
+        from lighten.dynamic.slimmable import plain_width
+
+        model = plain_width(model, args.width)
+        print(f"width {args.width:g}: the plain model of that width")
+    check = export_onnx(model, args.onnx, inputs=task.inputs, sample_inputs=samples,
                         metadata={**task_metadata(task), **preprocessing_metadata(pre)},
                         verify=not args.no_verify)
     print(f"wrote {check.path} ({human_bytes(check.bytes)}"
@@ -63,6 +85,17 @@ def run(args) -> int:
 
 
 CHECK_SAMPLES = 64
+
+
+def _export_decoder(args, resolved) -> int:
+    from lighten.export import task_metadata
+    from lighten.llm.onnx_decoder import export_decoder
+    from lighten.report import human_bytes
+
+    done = export_decoder(resolved.model, args.onnx, verify=not args.no_verify,
+                          metadata=task_metadata(resolved.task))
+    print(f"wrote {done.path} ({human_bytes(done.bytes)}): {done.summary()}")
+    return 0
 
 
 def _check_data(args, resolved, meta: dict):

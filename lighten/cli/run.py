@@ -24,6 +24,10 @@ def add_run_options(parser, *, default_output: str | None = None) -> None:
                       help="replace a previous run in the output folder")
     parser.add_argument("--quiet", action="store_true",
                         help="print only errors and the final stage table")
+    parser.add_argument("--max-memory", metavar="SIZE", default=None,
+                        help="resident-memory budget for training, calibration and evaluation, "
+                             "e.g. 2GB: batches are split to fit, or the run is refused up "
+                             "front with the amount needed")
 
 
 def add_arguments(parser) -> None:
@@ -39,7 +43,8 @@ def run_and_print(recipe_path: Path | str, args) -> int:
     recipe = load_recipe(recipe_path)
     with _quiet_warnings(args.quiet):
         result = run_recipe(recipe, resume=args.resume, overwrite=args.overwrite,
-                            progress=not args.quiet, output=args.output)
+                            progress=not args.quiet, output=args.output,
+                            max_memory=getattr(args, "max_memory", None))
     out = Path(result.output_dir)
     if (out / "report.html").is_file() and (out / "report.md").is_file():
         md, html = out / "report.md", out / "report.html"

@@ -25,7 +25,7 @@ __all__ = ["DataBundle", "DataSpec", "TaskSpec", "bundle_from_datasets", "data_s
 class TaskSpec(StrictModel):
     """``data.task``: a built-in task ``name`` or ``python: tasks.py:make`` returning a Task."""
 
-    name: Literal["classification", "language-model"] | None = None
+    name: Literal["classification", "language-model", "embedding"] | None = None
     python: str | None = Field(None, description="'file.py:function' -> lighten.task.Task")
     kwargs: dict[str, Any] = Field(default_factory=dict,
                                    description="passed to the task (missing facts: from the data)")
@@ -53,7 +53,8 @@ def _task_shorthand(value):
 class DataSpec(StrictModel):
     """The ``data:`` block of a recipe: a built-in ``name`` or a ``python: file.py:function``."""
 
-    name: Literal["fashion-mnist", "digits", "mnist", "synthetic", "text"] | None = None
+    name: Literal["fashion-mnist", "digits", "mnist", "synthetic", "text", "sentences"] | None \
+        = None
     python: str | None = Field(None, description="'file.py:function' -> (train, test) datasets")
     root: str | None = Field(None, description="Fashion-MNIST folder (overrides the env var)")
     limit_train: int | None = Field(None, ge=1)
@@ -83,7 +84,9 @@ class DataSpec(StrictModel):
         if self.name == "text" and (self.path is None) == (self.corpus is None):
             raise ValueError("data name: text needs path: the text file (e.g. corpus.txt), "
                              "or corpus: a named corpus (austen), not both")
-        if self.corpus and self.name != "text":
+        if self.name == "sentences" and self.corpus is None:
+            raise ValueError("data name: sentences needs corpus: r8 or r52 (lighten.llm.embedding)")
+        if self.corpus and self.name not in ("text", "sentences"):
             raise ValueError("data.corpus is the text of name: text; remove it")
         if self.path and self.name != "text":
             raise ValueError("data.path is the text file of name: text; for other data use "
@@ -97,7 +100,8 @@ class DataSpec(StrictModel):
 # Keys of DataSpec that mean something only for some sources (the rest apply to all).
 _APPLIES_TO = {"samples": ("synthetic",), "input_shape": ("synthetic",),
                "num_classes": ("synthetic",), "root": ("fashion-mnist",), "path": ("text",),
-               "corpus": ("text",), "tokenizer": ("text",), "seq_len": ("text",),
+               "corpus": ("text", "sentences"), "tokenizer": ("text", "sentences"),
+               "seq_len": ("text", "sentences"),
                "task": ("python",)}
 
 
@@ -144,6 +148,13 @@ def load_data(spec: DataSpec) -> DataBundle:
     """Build the bundle a recipe's ``data:`` block describes."""
     if spec.python is not None:
         return _load_python(spec)
+    if spec.name == "sentences":  # sentence embeddings of R8/R52 (lighten.llm.embedding)
+        from lighten.llm.embedding import load_sentences
+
+        tok = spec.tokenizer if isinstance(spec.tokenizer, str) else \
+            spec.tokenizer.model_dump(exclude_none=True)
+        return load_sentences(spec.corpus, tokenizer=tok, seq_len=spec.seq_len,
+                              limit_train=spec.limit_train, limit_test=spec.limit_test)
     if spec.name == "text":
         from lighten.data.text import load_text
 

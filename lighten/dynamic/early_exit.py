@@ -48,9 +48,10 @@ class EarlyExitConfig(StepConfig):
     exits: Literal["auto"] | list[str] = Field("auto", description="module names to put exits "
                                                "after, or auto (chosen by held-out cost/accuracy)")
     criterion: Literal["max_softmax", "entropy"] = "max_softmax"
-    head: Literal["auto", "conv", "pool"] = Field(
-        "auto", description="exit head: conv (conv3x3+BN+ReLU, global pool, linear), pool "
-        "(global pool + linear), auto (conv where it costs <= 5% of the model's MACs)")
+    head: Literal["auto", "conv2", "conv", "pool"] = Field(
+        "auto", description="exit head: conv (conv3x3+BN+ReLU, global pool, linear), conv2 (a "
+        "second, wider strided conv before the pool), pool (global pool + linear), auto (the "
+        "first of conv2, conv, pool that costs <= 7% of the model's MACs)")
     head_epochs: float = Field(1.0, ge=0, description="heads-only epochs (backbone frozen) "
                                "before the joint finetune:")
     freeze_backbone: bool = Field(False, description="finetune: trains the heads only")
@@ -181,15 +182,16 @@ def _positions(model, chain, shapes, macs, exits, ignore=()) -> list[int]:
 
 
 def _head(shape, num_classes: int, kind: str, total: int) -> nn.Module:
-    """``auto``: the conv head where it is cheap (<= 5% of the model), else pool + linear."""
+    """``auto``: the most capable head that is cheap (<= 7% of the model's MACs)."""
     if kind != "auto":
         return build_head(shape, num_classes, kind)
     from lighten.measure.macs import count_macs
 
-    head = build_head(shape, num_classes, "conv")
-    if len(shape) == 3 and count_macs(head, torch.zeros(1, *shape)) > 0.05 * total:
-        head = build_head(shape, num_classes, "pool")
-    return head
+    for choice in ("conv2", "conv"):
+        head = build_head(shape, num_classes, choice)
+        if len(shape) != 3 or count_macs(head, torch.zeros(1, *shape)) <= 0.07 * total:
+            return head
+    return build_head(shape, num_classes, "pool")
 
 
 def head_macs(multi: MultiExitModel, x: torch.Tensor) -> list[int]:

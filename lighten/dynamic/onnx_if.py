@@ -1,12 +1,13 @@
 """An early-exit model as ONE ONNX graph whose ``If`` nodes skip the later segments.
 
 Built from the per-segment files of :func:`lighten.dynamic.runtime.export_segments`: segment 0
-runs in the main graph; after exit k the graph computes ``done_k`` (rows whose confidence reached
-their exit's threshold, or an earlier one's) and ``out_k`` (each row's answer so far), then
-``If(all(done_k))`` returns ``out_k`` or runs the next segment inside the ``else`` branch. So at
-batch 1 a confident sample executes none of the later segments' nodes, and a batch stops as
-soon as every row has answered; rows that answered early keep their early logits (the same
-per-sample semantics as the PyTorch model and the segment loop).
+runs in the main graph; after exit k the graph computes ``m_k`` (per row, the best
+``confidence - threshold`` so far: the row has answered where it is >= 0) and ``out_k`` (each
+row's answer so far), then ``If(min(m_k) >= 0)`` returns ``out_k`` or runs the next segment
+inside the ``else`` branch. So at batch 1 a confident sample executes none of the later
+segments' nodes, and a batch stops as soon as every row has answered; rows that answered early
+keep their early logits (the same per-sample semantics as the PyTorch model and the segment
+loop).
 
 This is the deployed form of ``dynamic.early_exit`` (why, measured against the per-segment loop:
 :mod:`lighten.dynamic.runtime`). Each segment's weights live in the branch that runs it.
@@ -50,55 +51,57 @@ def _renamed(graph: onnx.GraphProto, prefix: str, input_name: str):
     return nodes, initializers, [name(o.name) for o in graph.output]
 
 
-def _exit_nodes(k: int, logits: str, prev_out: str | None, prev_done: str | None,
+def _const(name: str, dtype, dims, values):
+    return helper.make_node("Constant", [], [name], value=helper.make_tensor(
+        name.replace("/", "_"), dtype, dims, values))
+
+
+def _exit_nodes(k: int, logits: str, prev_out: str | None, prev_margin: str | None,
                 threshold: float, criterion: str):
-    """Nodes computing ``out{k}`` / ``done{k}`` / ``all{k}`` after exit k."""
+    """Nodes computing ``out{k}`` (each row's answer so far), ``m{k}`` (per row, the best
+    ``confidence - threshold`` of exits 0..k: the row has answered where it is >= 0) and
+    ``all{k}`` (every row has answered). Kept short on purpose: at batch 1 each node is a
+    kernel launch that costs about as much as a small conv's share of the model."""
     p = f"x{k}/"
     nodes = [helper.make_node("Softmax", [logits], [p + "prob"], axis=-1)]
     if criterion == "max_softmax":
         nodes.append(helper.make_node("ReduceMax", [p + "prob"], [p + "conf"], axes=[-1],
-                                      keepdims=0))
-    else:  # 1 - entropy / log(C)
+                                      keepdims=1))
+    else:  # 1 - entropy / log(C) = 1 + sum(p log p) / log(C)
+        classes = f"{p}classes_f"
         nodes += [
-            helper.make_node("Constant", [], [p + "eps"], value=helper.make_tensor(
-                "eps", TensorProto.FLOAT, [], [1e-12])),
+            _const(p + "eps", TensorProto.FLOAT, [], [1e-12]),
+            _const(p + "axis", TensorProto.INT64, [1], [-1]),
+            _const(p + "last", TensorProto.INT64, [], [-1]),
+            _const(p + "one", TensorProto.FLOAT, [], [1.0]),
             helper.make_node("Max", [p + "prob", p + "eps"], [p + "clip"]),
             helper.make_node("Log", [p + "clip"], [p + "log"]),
             helper.make_node("Mul", [p + "prob", p + "log"], [p + "plogp"]),
-            helper.make_node("ReduceSum", [p + "plogp", p + "axis"], [p + "negent"], keepdims=0),
+            helper.make_node("ReduceSum", [p + "plogp", p + "axis"], [p + "negent"], keepdims=1),
             helper.make_node("Shape", [logits], [p + "shape"]),
             helper.make_node("Gather", [p + "shape", p + "last"], [p + "classes"], axis=0),
-            helper.make_node("Cast", [p + "classes"], [p + "classes_f"], to=TensorProto.FLOAT),
-            helper.make_node("Log", [p + "classes_f"], [p + "logc"]),
+            helper.make_node("Cast", [p + "classes"], [classes], to=TensorProto.FLOAT),
+            helper.make_node("Log", [classes], [p + "logc"]),
             helper.make_node("Div", [p + "negent", p + "logc"], [p + "ratio"]),
-            helper.make_node("Constant", [], [p + "one"], value=helper.make_tensor(
-                "one", TensorProto.FLOAT, [], [1.0])),
             helper.make_node("Add", [p + "one", p + "ratio"], [p + "conf"]),
         ]
-        nodes.insert(0, helper.make_node("Constant", [], [p + "axis"], value=helper.make_tensor(
-            "axis", TensorProto.INT64, [1], [-1])))
-        nodes.insert(0, helper.make_node("Constant", [], [p + "last"], value=helper.make_tensor(
-            "last", TensorProto.INT64, [], [-1])))
+    margin = f"m{k}" if prev_margin is None else p + "margin"
     nodes += [
-        helper.make_node("Constant", [], [p + "t"], value=helper.make_tensor(
-            "t", TensorProto.FLOAT, [], [float(threshold)])),
-        helper.make_node("GreaterOrEqual", [p + "conf", p + "t"], [p + "take"]),
+        _const(p + "t", TensorProto.FLOAT, [], [float(threshold)]),
+        _const(p + "zero", TensorProto.FLOAT, [], [0.0]),
+        helper.make_node("Sub", [p + "conf", p + "t"], [margin]),  # (B, 1)
     ]
-    if prev_done is None:
-        nodes += [helper.make_node("Identity", [p + "take"], [f"done{k}"]),
-                  helper.make_node("Identity", [logits], [f"out{k}"])]
-    else:
+    if prev_margin is None:
+        nodes.append(helper.make_node("Identity", [logits], [f"out{k}"]))
+    else:  # rows that answered earlier keep their earlier logits
         nodes += [
-            helper.make_node("Or", [prev_done, p + "take"], [f"done{k}"]),
-            helper.make_node("Unsqueeze", [prev_done, p + "ax1"], [p + "prev2d"]),
-            helper.make_node("Where", [p + "prev2d", prev_out, logits], [f"out{k}"]),
+            helper.make_node("Max", [prev_margin, margin], [f"m{k}"]),
+            helper.make_node("GreaterOrEqual", [prev_margin, p + "zero"], [p + "prev"]),
+            helper.make_node("Where", [p + "prev", prev_out, logits], [f"out{k}"]),
         ]
-        nodes.insert(0, helper.make_node("Constant", [], [p + "ax1"], value=helper.make_tensor(
-            "ax1", TensorProto.INT64, [1], [1])))
     nodes += [
-        helper.make_node("Cast", [f"done{k}"], [p + "done_i"], to=TensorProto.INT32),
-        helper.make_node("ReduceMin", [p + "done_i"], [p + "min"], keepdims=0),
-        helper.make_node("Cast", [p + "min"], [f"all{k}"], to=TensorProto.BOOL),
+        helper.make_node("ReduceMin", [f"m{k}"], [p + "min"], keepdims=0),
+        helper.make_node("GreaterOrEqual", [p + "min", p + "zero"], [f"all{k}"]),
     ]
     return nodes
 
@@ -115,21 +118,20 @@ def build_if_graph(segment_files: list[Path], thresholds: list[float], criterion
     opset = max(o.version for o in models[0].opset_import if o.domain in ("", "ai.onnx"))
     last = len(models) - 1
 
-    def body(k: int, prev_features: str, prev_out: str | None, prev_done: str | None):
+    def body(k: int, prev_features: str, prev_out: str | None, prev_margin: str | None):
         """Segment k and everything after it, in the graph (branch) segment k runs in:
         (nodes, its weights, name of the answer). Weights stay in their own branch."""
         nodes, inits, outs = _renamed(models[k].graph, f"s{k}/", prev_features)
         if k == last:
-            if prev_done is None:
+            if prev_margin is None:
                 return nodes, inits, outs[0]
-            nodes += [helper.make_node("Unsqueeze", [prev_done, "f/ax1"], ["f/prev2d"]),
-                      helper.make_node("Where", ["f/prev2d", prev_out, outs[0]], ["f/out"])]
-            nodes.insert(0, helper.make_node("Constant", [], ["f/ax1"], value=helper.make_tensor(
-                "ax1", TensorProto.INT64, [1], [1])))
+            nodes += [_const("f/zero", TensorProto.FLOAT, [], [0.0]),
+                      helper.make_node("GreaterOrEqual", [prev_margin, "f/zero"], ["f/prev"]),
+                      helper.make_node("Where", ["f/prev", prev_out, outs[0]], ["f/out"])]
             return nodes, inits, "f/out"
         features, logits = outs
-        nodes += _exit_nodes(k, logits, prev_out, prev_done, thresholds[k], criterion)
-        rest, rest_inits, answer = body(k + 1, features, f"out{k}", f"done{k}")
+        nodes += _exit_nodes(k, logits, prev_out, prev_margin, thresholds[k], criterion)
+        rest, rest_inits, answer = body(k + 1, features, f"out{k}", f"m{k}")
         then_graph = helper.make_graph(
             [helper.make_node("Identity", [f"out{k}"], [f"then{k}"])], f"then{k}", [],
             [_logits_info(f"then{k}", classes)])

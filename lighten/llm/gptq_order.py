@@ -19,15 +19,18 @@ from lighten.quant.weight_only import int_range
 
 @torch.no_grad()
 def gptq_act_order(weight: torch.Tensor, hessian: torch.Tensor, *, bits: int, group_size: int,
-                   symmetric: bool, damp: float = 0.01, block: int = 128):
-    """``(q int32 (rows, cols), scale (rows, groups), zero (rows, groups))``."""
+                   symmetric: bool, damp: float = 0.01, block: int = 128,
+                   clip: torch.Tensor | None = None):
+    """``(q int32 (rows, cols), scale (rows, groups), zero (rows, groups))``; ``clip``
+    (rows, groups) shrinks each group's range (:func:`lighten.llm.rtn.search_range`)."""
     w = weight.detach().double().clone()
     rows, cols = w.shape
     h = hessian.detach().double().clone()
     dead = torch.diag(h) == 0
     h[dead, dead] = 1
     w[:, dead] = 0
-    scale, zero = group_grid(w.float(), bits=bits, group_size=group_size, symmetric=symmetric)
+    scale, zero = group_grid(w.float(), bits=bits, group_size=group_size, symmetric=symmetric,
+                             clip=clip)
     perm = torch.argsort(torch.diag(h), descending=True)
     w, h = w[:, perm], h[perm][:, perm]
     u = _inverse_hessian_factor(h, damp)

@@ -3,7 +3,7 @@
 * ``llm.weight_only``: 4/3-bit group-wise weights, ``method: rtn | gptq | awq``, packed in the
   artifact (:class:`~lighten.quant.weight_only.WeightOnlyLinear`, AWQ's
   :class:`~lighten.llm.awq.AWQLinear`); activations stay float;
-* ``llm.smoothquant``: W8A8, smoothed int8 weights and per-tensor dynamic uint8 activations;
+* ``llm.smoothquant``: W8A8, smoothed int8 weights and dynamic int8 activations (per token);
 * ``llm.sparsegpt`` / ``llm.wanda``: 50% unstructured or N:M (2:4) sparsity.
 
 Only the Linear layers inside the model's block stack are changed: embeddings and the LM head
@@ -24,7 +24,7 @@ from torch import nn
 from lighten.errors import DataError
 from lighten.llm.awq import AWQLinear, search_clip, search_scale
 from lighten.llm.blockwise import BlockwiseResult, LayerInputs, calibrate_blockwise, find_blocks
-from lighten.llm.rtn import rtn
+from lighten.llm.rtn import rtn, search_range
 from lighten.llm.smoothquant import SmoothQuantLinear
 from lighten.llm.sparsegpt import sparsegpt_prune
 from lighten.llm.wanda import wanda_mask
@@ -50,16 +50,21 @@ class LLMWeightOnlyConfig(_Calibrated):
     act_order: bool = Field(True, description="gptq: quantize columns by decreasing Hessian "
                                               "diagonal (static groups)")
     clip: bool = Field(True, description="awq: search each group's clipping range too")
+    mse_range: bool = Field(True, description="rtn / gptq act_order: shrink each group's range "
+                                              "where that lowers its (Hessian-weighted) error")
     damp: float = Field(0.01, gt=0, le=1, description="gptq: Hessian damping x mean diagonal")
     awq_rows: int = Field(512, ge=16, description="awq: input rows (tokens) each scale search "
                                                   "is scored on")
 
 
 class LLMSmoothQuantConfig(_Calibrated):
-    """SmoothQuant W8A8: smoothed int8 weights, dynamic per-tensor uint8 activations."""
+    """SmoothQuant W8A8: smoothed int8 weights, dynamic int8 activations (per token)."""
 
     alpha: float = Field(0.5, ge=0, le=1, description="migration strength: 0 = none, 1 = all "
                                                       "of the activation range into weights")
+    activations: Literal["token", "tensor"] = Field(
+        "token", description="int8 activation scales: one per token (row, symmetric; the W8A8 "
+        "LLM standard) or one per tensor (uint8, ONNX DynamicQuantizeLinear)")
     reduce_range: bool | None = Field(None, description="7-bit weights against U8S8 overflow; "
                                       "None = auto (target x86 without VNNI)")
 
@@ -178,7 +183,9 @@ def quantize_llm_(model: nn.Module, config: LLMWeightOnlyConfig | None = None,
         if cfg.method == "gptq" and cfg.act_order:
             from lighten.llm.gptq_order import gptq_act_order
 
-            q, scale, zero = gptq_act_order(w, stats.hessian, damp=cfg.damp, **grid)
+            h = stats.hessian
+            clip = search_range(w, torch.diagonal(h), **grid) if cfg.mse_range else None
+            q, scale, zero = gptq_act_order(w, h, damp=cfg.damp, clip=clip, **grid)
         elif cfg.method == "gptq":
             q, scale, zero = gptq_quantize(w, stats.hessian, group_size=gs, damp=cfg.damp,
                                            grid=make_grid(cfg.bits, cfg.symmetric))
@@ -190,7 +197,9 @@ def quantize_llm_(model: nn.Module, config: LLMWeightOnlyConfig | None = None,
             q, scale, zero = rtn(ws, clip=clip, **grid)
             input_scale = 1 / s
         else:
-            q, scale, zero = rtn(w, **grid)
+            clip = search_range(w, None if stats is None else torch.diagonal(stats.hessian),
+                                **grid) if cfg.mse_range else None
+            q, scale, zero = rtn(w, clip=clip, **grid)
         q = _keep_pruned(q, zero, pruned_mask(w), gs)
         cls = AWQLinear if input_scale is not None else WeightOnlyLinear
         new = cls(linear.in_features, linear.out_features, bias=linear.bias is not None,
@@ -264,10 +273,12 @@ def smoothquant_(model: nn.Module, config: LLMSmoothQuantConfig | None = None,
 
     def compress(name: str, linear: nn.Linear, stats: LayerInputs) -> nn.Module:
         new = SmoothQuantLinear.smoothed(linear, stats.absmax, alpha=cfg.alpha,
-                                         reduce_range=reduce_range)
+                                         reduce_range=reduce_range,
+                                         activations=cfg.activations)
         approx = new.dequantized_weight() * new.input_scale[None, :]
         rows.append({"module": name, "action": "quantize", "before": "float32",
-                     "after": f"w8a8 smoothquant a={cfg.alpha}", "weight_bits": 8,
+                     "after": f"w8a8 smoothquant a={cfg.alpha} per-{cfg.activations}",
+                     "weight_bits": 8,
                      "activation_bits": 8, "granularity": "channel",
                      "score": relative_error(linear.weight.detach().float(), approx,
                                              stats.hessian)})

@@ -1,0 +1,441 @@
+"""``arch.nas``: search an architecture under a MAC, parameter, bytes or latency budget.
+
+**Space.** Per-stage widths, expansion (inner block widths), depth, kernel size and block type
+(conv / depthwise-separable), derived from the user's model (:mod:`lighten.arch.nas_space`;
+ResNet-20 gets 3 stages of width x expansion x depth) with the choice lists in ``space:``; or a
+factory given in the recipe, ``space: {python: file.py:build, params: {k: [choices]}}``.
+
+**Evaluation: short proxy training, not a weight-sharing supernet.** A supernet
+(Once-for-All) amortises training over many subnets, but it must itself be trained for many
+epochs with progressive shrinking before its subnets rank correctly, it needs the model
+rewritten into elastic layers (which our user-model surgery cannot express for any model), and
+its inherited weights rank small subnets poorly without that long schedule. On 2 CPU cores
+with a 30-minute budget the honest option is to train each candidate from scratch for a
+fraction of an epoch on a subset of the training data (``proxy:``) and score it on held-out
+*training* samples (never the test set): every candidate is a real model of the space, the
+ranking cost is linear in the trials, and ``finetune:`` then trains the chosen one fully.
+
+**Budget.** ``target_macs`` / ``target_params`` / ``target_bytes`` (a fraction <= 1 of the input
+model's, or an absolute count) are counted; ``target_latency`` (fraction of the input model's
+measured batch-1 latency) / ``target_latency_ms`` use the per-layer latency table calibrated on
+the deployment backend (:mod:`lighten.arch.nas_latency`). A sampled shape over the budget is
+scaled uniformly (bisection on a width scale, 0.05 to 4) to the widest that fits, so each trial
+is a candidate at the budget; only shapes that do not fit even at 5% width are rejected (pruned trials, not
+counted in ``trials``). The result's counted cost (and measured latency for a latency budget)
+is checked and reported.
+
+**Search.** Optuna, TPE (default; the model's own shape is the first trial, so the uniformly
+narrowed model is always a candidate) or NSGA-II (accuracy and cost), seeded, in an SQLite
+study under the run's ``stages/`` folder (:mod:`lighten.arch.nas_search`): ``--resume`` skips
+finished trials. The folder also gets ``candidates.csv`` (every trial) and ``pareto.png``.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import re
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from pydantic import Field, field_validator, model_validator
+from torch import nn
+
+from lighten.errors import RecipeError, UnsupportedError
+from lighten.registry import register_step
+from lighten.step import FinetuneConfig, StepConfig, StepContext, StrictModel
+
+__all__ = ["NASConfig", "NASResult", "nas_"]
+
+TARGETS = ("target_macs", "target_params", "target_bytes", "target_latency", "target_latency_ms")
+_UNITS = {"s": 1, "m": 60, "h": 3600}
+
+
+class NASSpaceConfig(StrictModel):
+    """``space:``: choice lists applied to the stages derived from the model, or a factory."""
+
+    widths: list[float] = Field([0.5, 0.625, 0.75, 0.875, 1.0, 1.25], min_length=1,
+                                description="width multipliers per stage")
+    expansions: list[float] = Field([0.5, 0.75, 1.0], min_length=1,
+                                    description="inner block width multipliers per stage")
+    depths: Literal["auto"] | list[int] = Field("auto", description="blocks per stage; auto: "
+                                                "from the non-removable ones to all")
+    kernels: list[int] | None = Field(None, description="k x k conv kernel sizes (odd); unset: "
+                                      "kept")
+    blocks: list[Literal["conv", "separable"]] = Field(["conv"], min_length=1,
+                                                       description="conv and/or separable")
+    round_to: int = Field(4, ge=1, description="searched widths are multiples of this")
+    ignore: list[str] = Field(default_factory=list, description="modules whose widths stay")
+    python: str | None = Field(None, description="'file.py:build': a factory called with one "
+                               "choice of each of params (instead of a derived space)")
+    params: dict[str, list[Any]] = Field(default_factory=dict)
+
+    @field_validator("widths", "expansions")
+    @classmethod
+    def _positive(cls, v):
+        if any(x <= 0 for x in v):
+            raise ValueError(f"multipliers must be > 0, got {v}")
+        return v
+
+    @field_validator("kernels")
+    @classmethod
+    def _odd(cls, v):
+        if v is not None and any(k < 1 or k % 2 == 0 for k in v):
+            raise ValueError(f"kernels must be odd (same padding), got {v}")
+        return v
+
+    @model_validator(mode="after")
+    def _factory(self):
+        if self.python is not None and not self.params:
+            raise ValueError("space.python needs params: {name: [choices], ...}")
+        if self.params and self.python is None:
+            raise ValueError("space.params are the keyword choices of space.python "
+                             "('file.py:build'); give it, or use widths / depths / ...")
+        if any(not isinstance(v, list) or not v for v in self.params.values()):
+            raise ValueError("space.params: each parameter needs a non-empty list of choices")
+        return self
+
+
+class ProxyConfig(StrictModel):
+    """``proxy:``: the short training that scores each candidate."""
+
+    epochs: float = Field(1.0, gt=0, description="epochs over the proxy subset")
+    train: int = Field(4096, ge=1, description="training samples each candidate trains on")
+    holdout: int = Field(1024, ge=1, description="held-out training samples it is scored on")
+    lr_scale: float = Field(1.0, gt=0, description="x the recipe's train lr")
+
+
+class NASFinetuneConfig(FinetuneConfig):
+    """``finetune:`` of arch.nas trains the chosen architecture from scratch: full lr."""
+
+    lr_scale: float = Field(1.0, gt=0, description="without lr: x the recipe's train lr")
+
+
+class NASConfig(StepConfig):
+    target_macs: float | None = Field(None, gt=0, description="<= 1: fraction of the model's "
+                                      "MACs; > 1: MACs")
+    target_params: float | None = Field(None, gt=0)
+    target_bytes: float | None = Field(None, gt=0, description="float32 state bytes")
+    target_latency: float | None = Field(None, gt=0, description="fraction of the model's "
+                                         "measured batch-1 latency on the deployment backend")
+    target_latency_ms: float | None = Field(None, gt=0, description="batch-1 ms")
+    trials: int = Field(40, ge=1, description="candidates proxy-trained")
+    time_budget: float | str | None = Field(None, description="stop starting trials after "
+                                            "this: seconds, or '30m', '1h', '90s'")
+    sampler: Literal["tpe", "nsga2"] = "tpe"
+    space: NASSpaceConfig = Field(default_factory=NASSpaceConfig)
+    proxy: ProxyConfig = Field(default_factory=ProxyConfig)
+    predict_latency: bool | None = Field(None, description="build the latency table and "
+                                         "report its error (default: only for latency budgets)")
+    latency_runs: int = Field(20, ge=1, description="timed runs per layer / model")
+    check_models: int = Field(3, ge=0, description="candidates timed whole for the predictor "
+                              "error (besides the result)")
+    finetune: NASFinetuneConfig | None = Field(None, description="training of the chosen "
+                                               "architecture; unset: the recipe's train epochs")
+
+    @model_validator(mode="after")
+    def _one_target(self):
+        given = [k for k in TARGETS if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError("give exactly one budget of " + ", ".join(TARGETS)
+                             + f"; got {given or 'none'}")
+        seconds(self.time_budget)
+        return self
+
+    @property
+    def target(self) -> tuple[str, float, bool]:
+        """(cost kind, value, is a fraction of the input model's)."""
+        key = next(k for k in TARGETS if getattr(self, k) is not None)
+        value = getattr(self, key)
+        if key == "target_latency_ms":
+            return "latency", value, False
+        if key == "target_latency":
+            return "latency", value, True
+        return key.removeprefix("target_"), value, value <= 1
+
+
+def seconds(value: float | str | None) -> float | None:
+    """``time_budget`` in seconds: a number, or '30m' / '1.5h' / '90s'."""
+    if value is None or isinstance(value, (int, float)):
+        return None if value is None else float(value)
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smh]?)\s*", value)
+    if not m:
+        raise ValueError(f"time_budget {value!r} is not a duration; write e.g. 30m, 2h or 600")
+    return float(m.group(1)) * _UNITS[m.group(2) or "s"]
+
+
+class NASResult:
+    """What :func:`nas_` found: the chosen model (untrained), its trial and the study rows."""
+
+    def __init__(self, model, spec, best: dict, rows: list[dict], front: list[dict],
+                 folder: Path, budget: float, kind: str, reference_cost: float, extra: dict):
+        self.model, self.spec, self.best, self.rows, self.front = model, spec, best, rows, front
+        self.folder, self.budget, self.kind = folder, budget, kind
+        self.reference_cost, self.extra = reference_cost, extra
+
+
+def _key(config: NASConfig, model: nn.Module, ctx: StepContext) -> str:
+    settings = config.model_dump(mode="json", exclude={"finetune", "check_models", "trials",
+                                                       "time_budget"})
+    text = json.dumps([settings, str(model), [tuple(p.shape) for p in model.parameters()],
+                       len(ctx.data.train), list(ctx.input_shape), ctx.seed], sort_keys=True)
+    return hashlib.sha1(text.encode()).hexdigest()[:10]
+
+
+def _proxy_split(ctx: StepContext, proxy: ProxyConfig) -> tuple[list[int], list[int]]:
+    n = len(ctx.data.train)
+    if n < 2:
+        raise RecipeError(f"arch.nas needs training data to score candidates; got {n} samples")
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(ctx.seed)).tolist()
+    hold = min(proxy.holdout, max(1, n // 5))
+    return perm[hold:hold + proxy.train], perm[:hold]
+
+
+def proxy_score(model: nn.Module, ctx: StepContext, proxy: ProxyConfig, split, seed: int
+                ) -> float:
+    """Train ``model`` briefly on the proxy subset (in place); its held-out score."""
+    from torch.utils.data import Subset
+
+    from lighten.train import evaluate, train
+
+    base = ctx.train_config
+    cfg = base.model_copy(update={"epochs": proxy.epochs, "seed": seed,
+                                  "lr": base.lr * proxy.lr_scale})
+    train(model, Subset(ctx.data.train, split[0]), cfg, progress=False, task=ctx.task)
+    return float(evaluate(model, Subset(ctx.data.train, split[1]), task=ctx.task))
+
+
+def _search_folder(ctx: StepContext, key: str, keep: list) -> Path:
+    if Path(ctx.workdir).resolve() == Path(tempfile.gettempdir()).resolve():
+        tmp = tempfile.TemporaryDirectory(prefix="lighten-nas-")  # lighten.compress default
+        keep.append(tmp)
+        ctx.note("arch.nas: the search folder is temporary; pass workdir= to keep its study, "
+                 "CSV and plot")
+        return Path(tmp.name)
+    folder = Path(ctx.workdir) / "stages" / f"nas-{key}"
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+def nas_(model: nn.Module, config: NASConfig, ctx: StepContext) -> NASResult:
+    """Search; the returned model is the chosen architecture with fresh weights."""
+    from lighten.arch.nas_build import COSTS, CandidateBuilder, fit_to_budget, layer_macs
+    from lighten.arch.nas_search import import_optuna, pareto_front, run_study, trial_rows
+    from lighten.arch.nas_space import FactorySpace, derive_space
+
+    import_optuna()  # the one clear error before any work
+    example = ctx.example_inputs(1)
+    kind, value, fraction = config.target
+    keep: list = []
+    folder = _search_folder(ctx, _key(config, model, ctx), keep)
+    model = copy.deepcopy(model).eval()
+    if config.space.python is not None:
+        space = FactorySpace(config.space.python, dict(config.space.params),
+                             list(ctx.input_shape))
+    else:
+        space = derive_space(model, example, config.space)
+    table = None
+    macs_ratio = 1.0
+    if kind == "macs":
+        counted = COSTS["macs"](model, example)
+        macs_ratio = counted / max(1, layer_macs(model, example))
+    if kind == "latency" or config.predict_latency:
+        from lighten.arch.nas_latency import LatencyTable
+
+        table = LatencyTable(ctx.target.backend, ctx.target.threads, runs=config.latency_runs,
+                             path=folder / "latency_table.json")
+
+    def cost_of(m: nn.Module, arch: dict | None = None) -> float:
+        if kind == "latency":
+            return table.predict(m, example)
+        if kind == "macs":
+            fast = (builder.macs(m, arch) if arch is not None and builder is not None
+                    else layer_macs(m, example))
+            return fast * macs_ratio
+        return float(COSTS[kind](m, example))
+
+    def build_factory(arch: dict, seed: int) -> nn.Module:
+        from lighten.models import ModelSpec, build_model
+
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return build_model(ModelSpec(**space.spec(arch)), input_shape=ctx.input_shape,
+                               num_classes=ctx.data.num_classes, task=ctx.task)
+
+    builder = CandidateBuilder(model, space, example) if config.space.python is None else None
+    extra: dict = {}
+    if table is not None:  # calibrate on the input model and uniformly narrowed copies
+        ref = space.reference()
+        calib = [model] + ([builder(ref, scale=s, seed=ctx.seed) for s in (0.75, 0.5, 0.35)]
+                           if builder is not None else [])
+        measured = ([m for _, m in table.calibration] if table.calibration  # a resumed search
+                    else table.calibrate(calib, example, ctx.task.inputs))
+        extra["input_latency_ms"] = measured[0]
+        extra["calibration_models"] = len(calib)
+    reference_cost = extra["input_latency_ms"] if kind == "latency" else cost_of(model)
+    budget = value * reference_cost if fraction else value
+
+    def propose(arch: dict, trial):
+        from lighten.arch.nas_search import Candidate
+
+        seed = ctx.seed + trial.number
+        if builder is not None:
+            fast = kind in ("macs", "params", "bytes")  # counted on shapes (meta device)
+            m, scale, c = fit_to_budget(lambda s: builder(arch, scale=s, seed=seed, meta=fast),
+                                        lambda m: cost_of(m, arch), budget)
+            if m is not None and fast:
+                m = builder(arch, scale=scale, seed=seed)
+        else:
+            m, scale = build_factory(arch, seed), 1.0
+            c = cost_of(m)
+            if c > budget:
+                m = None
+        if m is None:
+            trial.set_user_attr(kind, c)
+            return None
+        facts = _facts(m, example, table, space, builder)
+        facts[kind if kind != "latency" else "predicted_ms"] = c
+        facts.update(scale=round(scale, 4), describe=space.describe(arch))
+        for k, v in facts.items():
+            trial.set_user_attr(k, v)
+        return Candidate(arch, scale, c, facts)
+
+    def score(cand, trial) -> float:
+        m = builder(cand.arch, scale=cand.scale, seed=ctx.seed + trial.number) \
+            if builder is not None else build_factory(cand.arch, ctx.seed + trial.number)
+        return proxy_score(m, ctx, config.proxy, split, ctx.seed + trial.number)
+
+    split = _proxy_split(ctx, config.proxy)
+    start = time.perf_counter()
+    study = run_study(storage=folder / "study.db", name="arch.nas", sampler=config.sampler,
+                      seed=ctx.seed, trials=config.trials,
+                      time_budget_s=seconds(config.time_budget), sample=space.sample,
+                      propose=propose, score=score, reference=space.reference(),
+                      progress=lambda msg: ctx.note(msg) if "resuming" in msg else None)
+    extra["search_seconds"] = round(time.perf_counter() - start, 1)
+    rows = trial_rows(study)
+    done = [r for r in rows if r["state"] == "complete"]
+    if not done:
+        raise UnsupportedError(f"arch.nas: no candidate fits the budget ({kind} <= "
+                               f"{budget:.4g}); raise the target or widen space.widths")
+    best = max(done, key=lambda r: (r["proxy_accuracy"], -r["trial"]))
+    arch = {k.removeprefix("choice."): v for k, v in best.items() if k.startswith("choice.")}
+    seed = ctx.seed + best["trial"]
+    if builder is not None:
+        chosen, spec = builder(arch, scale=best["scale"], seed=seed), None
+    else:
+        chosen, spec = build_factory(arch, seed), space.spec(arch)
+    cost_key = kind if kind != "latency" else "predicted_ms"
+    front = pareto_front(rows, cost_key)
+    if table is not None:
+        others = [r for r in sorted(front, key=lambda r: -r["proxy_accuracy"])
+                  if r["trial"] != best["trial"]][: config.check_models]
+        models = [chosen] + [_rebuild(r, builder, build_factory, ctx) for r in others]
+        pairs = table.errors(models, example, ctx.task.inputs)
+        extra["predictor"] = pairs
+    for t in keep:
+        extra.setdefault("_temporary", []).append(t)
+    return NASResult(chosen, spec, best, rows, front, folder, budget, kind, reference_cost,
+                     extra)
+
+
+def _rebuild(row: dict, builder, build_factory, ctx) -> nn.Module:
+    arch = {k.removeprefix("choice."): v for k, v in row.items() if k.startswith("choice.")}
+    if builder is not None:
+        return builder(arch, scale=row["scale"], seed=ctx.seed + row["trial"])
+    return build_factory(arch, ctx.seed + row["trial"])
+
+
+def _facts(m: nn.Module, example, table, space, builder) -> dict:
+    from lighten.arch.nas_build import COSTS, layer_macs, stage_widths
+
+    facts = {"macs": layer_macs(m, example), "params": COSTS["params"](m, example),
+             "bytes": COSTS["bytes"](m, example)}
+    if table is not None:
+        facts["predicted_ms"] = round(table.predict(m, example), 4)
+    if builder is not None:
+        facts["widths"] = json.dumps(stage_widths(m, space, example))
+    return facts
+
+
+UNIT = {"macs": "MACs", "params": "params", "bytes": "bytes", "latency": "ms (batch 1)"}
+
+
+@register_step("arch.nas", NASConfig,
+               needs_data=lambda c: "labelled training data (each candidate is proxy-trained)")
+def arch_nas(model: nn.Module, config: NASConfig, ctx: StepContext) -> nn.Module:
+    """Search the space under the budget, then train the chosen architecture."""
+    from lighten.arch.nas_build import COSTS
+    from lighten.arch.nas_search import write_csv, write_plot
+
+    result = nas_(model, config, ctx)
+    kind, best, extra = result.kind, result.best, result.extra
+    cost_key = kind if kind != "latency" else "predicted_ms"
+    write_csv(result.rows, result.folder / "candidates.csv")
+    plotted = write_plot(result.rows, result.front, cost_key, UNIT[kind], result.budget,
+                         best["trial"], result.folder / "pareto.png")
+    shown = result.front + ([] if any(r["trial"] == best["trial"] for r in result.front)
+                            else [best])
+    for r in shown:
+        ctx.layer(f"trial {r['trial']}", "chosen" if r["trial"] == best["trial"] else "pareto",
+                  before=r.get("describe", ""),
+                  after=f"proxy acc {r['proxy_accuracy']:.4f}, {UNIT[kind]} "
+                        f"{r[cost_key]:.4g}",
+                  proxy_accuracy=r["proxy_accuracy"], macs=r.get("macs"),
+                  params=r.get("params"), bytes=r.get("bytes"),
+                  predicted_ms=r.get("predicted_ms"), widths=r.get("widths"))
+    complete = sum(r["state"] == "complete" for r in result.rows)
+    rejected = sum(r["state"] == "pruned" for r in result.rows)
+    ctx.note(f"arch.nas: {complete} candidate(s) proxy-trained ({rejected} shape(s) over the "
+             f"budget at any width) in {extra['search_seconds']:.0f} s; chosen trial "
+             f"{best['trial']}: {best.get('describe', '')} (proxy acc "
+             f"{best['proxy_accuracy']:.4f}); every candidate in "
+             f"{result.folder / 'candidates.csv'}"
+             + (f", plot {result.folder / 'pareto.png'}" if plotted else ""))
+    if result.spec is not None:  # a factory's model: its artifact rebuilds from the kwargs
+        ctx.source_spec = result.spec
+        ctx.summary["source_spec"] = result.spec
+    chosen = result.model.train()
+    ft = config.finetune or NASFinetuneConfig(epochs=ctx.train_config.epochs)
+    if config.finetune is None:
+        ctx.note(f"arch.nas: the chosen architecture trains for the recipe's "
+                 f"{ft.epochs:g} train epochs (set finetune: to change it)")
+    chosen = ctx.finetune(chosen, ft)
+    example = ctx.example_inputs(1)
+    summary = {"budget_kind": kind, "budget": result.budget, "trials": complete,
+               "rejected": rejected, "search_seconds": extra["search_seconds"],
+               "chosen_trial": best["trial"], "chosen": best.get("describe"),
+               "proxy_accuracy": best["proxy_accuracy"], "search_folder": str(result.folder)}
+    for k in ("macs", "params", "bytes"):
+        summary[f"{k}_before"] = COSTS[k](model, example)
+        summary[f"{k}_after"] = COSTS[k](chosen, example)
+    if kind != "latency":
+        summary["budget_met"] = summary[f"{kind}_after"] <= result.budget * (1 + 1e-9)
+        if not summary["budget_met"]:
+            ctx.note(f"arch.nas: counted {kind} {summary[f'{kind}_after']} exceed the budget "
+                     f"{result.budget:.4g} (the search's fast count missed some ops)")
+    pairs = extra.get("predictor")
+    if pairs:
+        errors = [abs(p - m) / m for p, m in pairs if m > 0]
+        summary.update(predicted_ms=pairs[0][0], measured_ms=pairs[0][1],
+                       input_latency_ms=extra.get("input_latency_ms"),
+                       predictor_median_error=statistics.median(errors),
+                       predictor_checked=len(errors))
+        ctx.note(f"arch.nas latency predictor ({ctx.target.backend}, per-layer table + affine "
+                 f"fit on {extra.get('calibration_models')} model(s)): median error "
+                 f"{100 * statistics.median(errors):.1f}% on {len(errors)} other model(s); "
+                 f"result predicted {pairs[0][0]:.3g} ms, measured {pairs[0][1]:.3g} ms")
+        if kind == "latency":
+            summary["budget_met"] = pairs[0][1] <= result.budget
+            ctx.note(f"arch.nas latency budget {result.budget:.3g} ms: the result measured "
+                     f"{pairs[0][1]:.3g} ms ({'met' if summary['budget_met'] else 'NOT met'}; "
+                     "timings on a busy machine vary)")
+    ctx.summary.update(summary)
+    for t in extra.get("_temporary", []):
+        t.cleanup()
+    return chosen

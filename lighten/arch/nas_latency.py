@@ -1,0 +1,170 @@
+"""``arch.nas`` latency predictor: a per-layer lookup table measured on the deployment backend.
+
+Timing every candidate as a whole would cost an ONNX export and a session per candidate and
+per width tried while fitting the budget. Instead each Conv / Linear layer configuration
+(type, channels, kernel, stride, groups, input shape) is exported alone, timed once on the
+target backend at batch 1 (interleaved rounds, ``lighten.measure.timing``) and kept in a table
+(``latency_table.json`` in the search folder, so a resumed search does not time them again);
+a candidate's prediction is the sum over its layers. What the sum misses (adds, pooling, the
+runtime's per-call overhead; BatchNorm and ReLU fold into the convs on ONNX Runtime) is
+calibrated by one affine fit ``measured ~ a * sum + b`` on a few whole models (the input model
+and uniformly narrowed copies) timed together. Its median relative error is then reported on
+*other* models (the search's best candidates), each timed as a whole.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import statistics
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from lighten.errors import UnsupportedError
+
+__all__ = ["LatencyTable", "measure_models"]
+
+LAYERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+
+
+def _layer_key(m: nn.Module, shape: tuple[int, ...]) -> str:
+    if isinstance(m, nn.Linear):
+        facts = [m.in_features, m.out_features, m.bias is not None]
+    else:
+        facts = [m.in_channels, m.out_channels, list(m.kernel_size), list(m.stride),
+                 list(m.padding), list(m.dilation), m.groups, m.bias is not None]
+    return json.dumps([type(m).__name__, facts, list(shape)])
+
+
+def _layers(model: nn.Module, example: tuple) -> list[tuple[str, nn.Module, tuple]]:
+    """(key, layer, input shape without batch) of every Conv / Linear call, forward order."""
+    found: list[tuple[str, nn.Module, tuple]] = []
+
+    def hook(module, args) -> None:
+        shape = tuple(args[0].shape[1:])
+        found.append((_layer_key(module, shape), module, shape))
+
+    handles = [m.register_forward_pre_hook(hook) for m in model.modules()
+               if isinstance(m, LAYERS)]
+    try:
+        with torch.no_grad():
+            model.eval()(*(x[:1] for x in example))
+    finally:
+        for h in handles:
+            h.remove()
+    return found
+
+
+def _compile(be, module: nn.Module, workdir: Path, *, input_shape=None, inputs=None):
+    from lighten.export import export_onnx
+
+    workdir.mkdir(parents=True, exist_ok=True)
+    export_onnx(copy.deepcopy(module).eval(), workdir / "model.onnx", input_shape=input_shape,
+                inputs=inputs, verify=False)
+    loaded = be.load(workdir, input_shape=input_shape, inputs=inputs)
+    if loaded is None:
+        raise UnsupportedError(f"arch.nas latency budget: the {be.name} backend cannot time "
+                               "ONNX files; deploy on onnxruntime or openvino, or give "
+                               "target_macs / target_params / target_bytes")
+    return loaded
+
+
+def measure_models(models: list[nn.Module], *, backend: str, threads: int | None, inputs,
+                   runs: int) -> list[float]:
+    """Batch-1 median latency (ms) of each whole model, all timed together in rounds."""
+    from lighten.backends import get_backend
+    from lighten.measure.timing import time_interleaved
+
+    be = get_backend(backend, threads=threads)
+    with tempfile.TemporaryDirectory(prefix="lighten-nas-") as tmp:
+        compiled = [_compile(be, m, Path(tmp) / str(i), inputs=inputs)
+                    for i, m in enumerate(models)]
+        stats = time_interleaved(compiled, runs=runs, batches=(1,)).stats[1]
+    return [s.median for s in stats]
+
+
+@dataclass
+class LatencyTable:
+    """Measured per-layer latencies (ms, batch 1) and the affine calibration on top."""
+
+    backend: str
+    threads: int | None
+    runs: int = 20
+    path: Path | None = None  # JSON cache: layer key -> ms
+    ms: dict[str, float] = field(default_factory=dict)
+    a: float = 1.0
+    b: float = 0.0
+    calibration: list[tuple[float, float]] = field(default_factory=list)  # (sum, measured)
+
+    def __post_init__(self) -> None:
+        if self.path is not None and Path(self.path).is_file():
+            saved = json.loads(Path(self.path).read_text())
+            self.ms.update(saved.get("layers", {}))
+            self.calibration = [tuple(p) for p in saved.get("calibration", [])]
+            if self.calibration:
+                self._fit()
+
+    def _save(self) -> None:
+        if self.path is not None:
+            Path(self.path).write_text(json.dumps(
+                {"backend": self.backend, "threads": self.threads, "layers": self.ms,
+                 "calibration": self.calibration}, indent=0))
+
+    def _time_layers(self, todo: dict[str, tuple[nn.Module, tuple]]) -> None:
+        from lighten.backends import get_backend
+        from lighten.measure.timing import time_interleaved
+
+        be = get_backend(self.backend, threads=self.threads)
+        keys = list(todo)
+        with tempfile.TemporaryDirectory(prefix="lighten-nas-layers-") as tmp:
+            compiled = [_compile(be, todo[k][0], Path(tmp) / str(i), input_shape=todo[k][1])
+                        for i, k in enumerate(keys)]
+            stats = time_interleaved(compiled, runs=self.runs, batches=(1,)).stats[1]
+        self.ms.update({k: s.median for k, s in zip(keys, stats, strict=True)})
+        self._save()
+
+    def layer_sum(self, model: nn.Module, example: tuple) -> float:
+        """Sum of the table's latencies over ``model``'s layers (timing any it lacks)."""
+        layers = _layers(model, example)
+        todo = {k: (m, shape) for k, m, shape in layers if k not in self.ms}
+        if todo:
+            self._time_layers(todo)
+        return sum(self.ms[k] for k, _, _ in layers)
+
+    def _fit(self) -> None:
+        xs, ys = zip(*self.calibration, strict=True)
+        if len(xs) < 2 or max(xs) - min(xs) < 1e-9:
+            self.a, self.b = sum(ys) / max(sum(xs), 1e-12), 0.0
+            return
+        mx, my = statistics.fmean(xs), statistics.fmean(ys)
+        self.a = sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / \
+            sum((x - mx) ** 2 for x in xs)
+        self.b = my - self.a * mx
+        if self.a <= 0 or self.b < 0:  # overhead cannot be negative: a fit through 0
+            self.a = sum(x * y for x, y in zip(xs, ys, strict=True)) / sum(x * x for x in xs)
+            self.b = 0.0
+
+    def calibrate(self, models: list[nn.Module], example: tuple, inputs) -> list[float]:
+        """Fit ``measured ~ a * sum + b`` on ``models`` timed whole; their measured ms."""
+        sums = [self.layer_sum(m, example) for m in models]
+        measured = measure_models(models, backend=self.backend, threads=self.threads,
+                                  inputs=inputs, runs=self.runs)
+        self.calibration = list(zip(sums, measured, strict=True))
+        self._fit()
+        self._save()
+        return measured
+
+    def predict(self, model: nn.Module, example: tuple) -> float:
+        return max(0.0, self.a * self.layer_sum(model, example) + self.b)
+
+    def errors(self, models: list[nn.Module], example: tuple, inputs
+               ) -> list[tuple[float, float]]:
+        """(predicted, measured) ms of each model (models the fit did not see)."""
+        predicted = [self.predict(m, example) for m in models]
+        measured = measure_models(models, backend=self.backend, threads=self.threads,
+                                  inputs=inputs, runs=self.runs)
+        return list(zip(predicted, measured, strict=True))

@@ -1,0 +1,295 @@
+"""Structured pruning of a pretrained transformer encoder (BERT layout), recovered by distillation.
+
+``llm.encoder_prune`` removes, in every layer of ``*.encoder.layer`` (BERT, RoBERTa, MiniLM...):
+
+* attention heads (``heads``: the fraction removed): rows of ``query``/``key``/``value`` and the
+  matching input columns of ``attention.output.dense``. The transformers forward derives the head
+  count from the projection width, so the layer keeps its class; ``num_attention_heads`` and
+  ``all_head_size`` are updated to match;
+* FFN neurons (``ffn``): rows of ``intermediate.dense`` and input columns of ``output.dense``,
+  kept in multiples of ``ffn_multiple`` (whole SIMD tiles for the int8 kernels);
+* whole layers (``keep_layers``): a 3-layer student of a 6-layer model keeps e.g. ``[0, 2, 4]``.
+
+lighten's generic ``prune.heads`` looks for a q/k/v + out projection inside one module and
+``prune.neurons`` for a traceable graph; a transformers encoder has its out projection in a
+sibling module and does not trace, hence this explicit rule for the one layout.
+
+Importance is measured on calibration sentences (padding excluded): a head's score is the squared
+norm of its contribution to the attention output (its context vectors through its columns of the
+out projection), a neuron's its mean absolute activation times the norm of its output column.
+The removed parts are checked exactly: zeroing them in a copy gives the pruned model's outputs.
+
+Recovery (``distill:``): the pruned encoder learns to reproduce the original's embeddings
+(``1 - cosine``) on unlabeled sentences of the training split; the original's embeddings are
+computed once.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field
+from torch import Tensor, nn
+
+from lighten.errors import ModelError, RecipeError
+from lighten.registry import register_step
+from lighten.step import PruneStepConfig, StepContext, StrictModel
+
+__all__ = ["EncoderDistill", "EncoderPruneConfig", "distill_embeddings_", "encoder_layers",
+           "prune_encoder_"]
+
+
+class EncoderDistill(StrictModel):
+    """Recovery by distillation from the original encoder's embeddings."""
+
+    epochs: float = Field(1.0, gt=0, description="passes over the distillation sentences")
+    samples: int = Field(2000, ge=1, description="unlabeled training sentences used")
+    lr: float = Field(1e-4, gt=0)
+    batch_size: int = Field(16, ge=1)
+
+
+class EncoderPruneConfig(PruneStepConfig):
+    """Heads, FFN neurons and layers of a transformer encoder (``*.encoder.layer``)."""
+
+    heads: float = Field(0.0, ge=0, lt=1, description="fraction of heads removed per layer")
+    ffn: float = Field(0.0, ge=0, lt=1, description="fraction of FFN neurons removed per layer")
+    ffn_multiple: int = Field(16, ge=1, description="kept FFN width rounded to this multiple")
+    keep_layers: list[int] | None = Field(None, description="indices of the layers kept")
+    samples: int = Field(128, ge=1, description="calibration sentences for the importance")
+    distill: EncoderDistill | None = Field(None, description="recover from the original")
+
+
+# ----------------------------------------------------------------------------- the layout
+
+
+def encoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """``(path, ModuleList)`` of the encoder's layers; ModelError when the layout is not BERT's."""
+    for name, module in model.named_modules():
+        if name.endswith("encoder.layer") and isinstance(module, nn.ModuleList) and len(module):
+            if all(_bert_layer(layer) for layer in module):
+                return name, module
+    raise ModelError("no BERT-layout encoder found (a ModuleList '*.encoder.layer' whose layers "
+                     "have attention.self.query/key/value, attention.output.dense, "
+                     "intermediate.dense and output.dense); llm.encoder_prune supports "
+                     "BERT-family encoders (BERT, RoBERTa, MiniLM)")
+
+
+def _bert_layer(layer: nn.Module) -> bool:
+    try:
+        mods = [layer.get_submodule(p) for p in ("attention.self.query", "attention.self.key",
+                                                 "attention.self.value",
+                                                 "attention.output.dense",
+                                                 "intermediate.dense", "output.dense")]
+    except AttributeError:
+        return False
+    return all(isinstance(m, nn.Linear) for m in mods) and hasattr(
+        layer.attention.self, "attention_head_size")
+
+
+def _rows(linear: nn.Linear, keep: Tensor) -> nn.Linear:
+    new = nn.Linear(linear.in_features, len(keep), bias=linear.bias is not None)
+    with torch.no_grad():
+        new.weight.copy_(linear.weight[keep])
+        if linear.bias is not None:
+            new.bias.copy_(linear.bias[keep])
+    return new
+
+
+def _cols(linear: nn.Linear, keep: Tensor) -> nn.Linear:
+    new = nn.Linear(len(keep), linear.out_features, bias=linear.bias is not None)
+    with torch.no_grad():
+        new.weight.copy_(linear.weight[:, keep])
+        if linear.bias is not None:
+            new.bias.copy_(linear.bias)
+    return new
+
+
+# ----------------------------------------------------------------------------- importance
+
+
+@dataclass
+class _Scores:
+    heads: list[Tensor]  # per layer (H,)
+    neurons: list[Tensor]  # per layer (F,)
+
+
+def _importance(model: nn.Module, layers: nn.ModuleList, batches) -> _Scores:
+    """Head and neuron scores from the out projections' inputs on real tokens only."""
+    heads = [torch.zeros(1)] * len(layers)
+    neurons = [torch.zeros(1)] * len(layers)
+    state: dict[str, Tensor] = {}
+
+    def tap(i: int, kind: str):
+        def hook(module, args):
+            x = args[0].detach()  # (B, T, width)
+            keep = state["mask"].reshape(-1).bool()
+            x = x.reshape(-1, x.shape[-1])[keep]  # real tokens only
+            if kind == "head":
+                layer = layers[i]
+                d = layer.attention.self.attention_head_size
+                w = module.weight.detach()  # (D, H*d)
+                h = w.shape[1] // d
+                contrib = torch.einsum("nhd,ohd->nho", x.reshape(-1, h, d), w.reshape(-1, h, d))
+                heads[i] = heads[i] + contrib.pow(2).sum((0, 2))
+            else:
+                col = module.weight.detach().norm(dim=0)  # (F,)
+                neurons[i] = neurons[i] + x.abs().sum(0) * col
+        return hook
+
+    handles = []
+    for i, layer in enumerate(layers):
+        handles.append(layer.attention.output.dense.register_forward_pre_hook(tap(i, "head")))
+        handles.append(layer.output.dense.register_forward_pre_hook(tap(i, "ffn")))
+    try:
+        with torch.no_grad():
+            for ids, mask in batches:
+                state["mask"] = mask
+                model(ids, mask)
+    finally:
+        for h in handles:
+            h.remove()
+    return _Scores(heads, neurons)
+
+
+# ----------------------------------------------------------------------------- surgery
+
+
+def _keep_count(total: int, ratio: float, multiple: int = 1) -> int:
+    keep = total - int(round(total * ratio))
+    if multiple > 1:
+        keep = max(multiple, int(round(keep / multiple)) * multiple)
+    return max(1, min(total, keep))
+
+
+def prune_encoder_(model: nn.Module, batches: list[tuple[Tensor, Tensor]], *, heads: float = 0.0,
+                   ffn: float = 0.0, ffn_multiple: int = 16,
+                   keep_layers: list[int] | None = None) -> dict:
+    """Prune ``model`` in place; ``batches``: ``(ids, mask)`` calibration batches. Returns
+    ``{"heads": [kept per layer], "ffn": [...], "layers": [kept indices]}``."""
+    path, layers = encoder_layers(model)
+    if keep_layers is not None:
+        bad = [i for i in keep_layers if not 0 <= i < len(layers)]
+        if bad or not keep_layers or len(set(keep_layers)) != len(keep_layers):
+            raise RecipeError(f"keep_layers {keep_layers} must be distinct indices of the "
+                              f"{len(layers)} layers of {path} (0..{len(layers) - 1})")
+        kept = nn.ModuleList([layers[i] for i in sorted(keep_layers)])
+        model.set_submodule(path, kept)
+        layers = kept
+        config = getattr(_hf_root(model), "config", None)
+        if config is not None and hasattr(config, "num_hidden_layers"):
+            config.num_hidden_layers = len(kept)
+    scores = _importance(model, layers, batches) if heads or ffn else None
+    facts = {"heads": [], "ffn": [], "layers": sorted(keep_layers) if keep_layers else
+             list(range(len(layers)))}
+    for i, layer in enumerate(layers):
+        attn, inter, out = layer.attention.self, layer.intermediate, layer.output
+        d = attn.attention_head_size
+        h = attn.query.out_features // d
+        if heads and scores is not None:
+            n = _keep_count(h, heads)
+            top = scores.heads[i].topk(n).indices.sort().values
+            idx = (top[:, None] * d + torch.arange(d)).reshape(-1)
+            for name in ("query", "key", "value"):
+                setattr(attn, name, _rows(getattr(attn, name), idx))
+            dense = layer.attention.output.dense
+            layer.attention.output.dense = _cols(dense, idx)
+            attn.num_attention_heads, attn.all_head_size, h = n, n * d, n
+        facts["heads"].append(h)
+        width = inter.dense.out_features
+        if ffn and scores is not None:
+            n = _keep_count(width, ffn, ffn_multiple)
+            idx = scores.neurons[i].topk(n).indices.sort().values
+            inter.dense = _rows(inter.dense, idx)
+            out.dense = _cols(out.dense, idx)
+            width = n
+        facts["ffn"].append(width)
+    return facts
+
+
+def _hf_root(model: nn.Module) -> nn.Module:
+    return getattr(model, "hf", model)
+
+
+# ----------------------------------------------------------------------------- distillation
+
+
+def distill_embeddings_(student: nn.Module, teacher: nn.Module,
+                        batches: list[tuple[Tensor, Tensor]], *, epochs: float = 1.0,
+                        lr: float = 1e-4, seed: int = 0) -> list[float]:
+    """Train ``student`` in place so its embeddings match ``teacher``'s (``1 - cosine``);
+    dropout stays off. Returns the mean loss of each epoch (a fraction: the last is partial)."""
+    with torch.no_grad():
+        targets = [teacher(ids, mask) for ids, mask in batches]
+    opt = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=lr,
+                            weight_decay=0.0)
+    steps = max(1, int(round(epochs * len(batches))))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 - s / steps)
+    g = torch.Generator().manual_seed(seed)
+    was_training = student.training
+    student.eval()  # no dropout: the target is a deterministic embedding
+    history, total, count, step = [], 0.0, 0, 0
+    try:
+        while step < steps:
+            for j in torch.randperm(len(batches), generator=g).tolist():
+                if step >= steps:
+                    break
+                ids, mask = batches[j]
+                loss = (1 - F.cosine_similarity(student(ids, mask), targets[j], dim=-1)).mean()
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                sched.step()
+                total, count, step = total + float(loss.detach()), count + 1, step + 1
+            history.append(total / max(count, 1))
+            total, count = 0.0, 0
+    finally:
+        student.train(was_training)
+        opt.zero_grad(set_to_none=True)
+    return history
+
+
+# ----------------------------------------------------------------------------- the step
+
+
+def _sentence_batches(ctx: StepContext, samples: int, batch_size: int):
+    out = []
+    for batch in ctx.calibration_batches(samples, batch_size):
+        args = tuple(batch)
+        if len(args) != 2:
+            raise ModelError("llm.encoder_prune needs (ids, mask) inputs: use the embedding task "
+                             "(data: {name: sentences, ...})")
+        out.append(args)
+    return out
+
+
+def _needs(config: EncoderPruneConfig) -> str | None:
+    return "calibration sentences" if (config.heads or config.ffn or config.distill) else None
+
+
+@register_step("llm.encoder_prune", EncoderPruneConfig, needs_data=_needs)
+def encoder_prune(model: nn.Module, config: EncoderPruneConfig, ctx: StepContext) -> nn.Module:
+    """Prune heads / FFN neurons / layers of a BERT-family encoder; optionally distill."""
+    if not (config.heads or config.ffn or config.keep_layers):
+        raise RecipeError("llm.encoder_prune removes nothing; set heads, ffn (fractions) or "
+                          "keep_layers")
+    teacher = ctx.baseline if ctx.baseline is not None else copy.deepcopy(model)
+    calib = _sentence_batches(ctx, config.samples, 16) if (config.heads or config.ffn) else []
+    before = sum(p.numel() for p in model.parameters())
+    facts = prune_encoder_(model, calib, heads=config.heads, ffn=config.ffn,
+                           ffn_multiple=config.ffn_multiple, keep_layers=config.keep_layers)
+    after = sum(p.numel() for p in model.parameters())
+    ctx.note(f"encoder: layers {facts['layers']}, heads per layer {facts['heads']}, FFN widths "
+             f"{facts['ffn']}; parameters {before:,} -> {after:,}")
+    ctx.summary.update({"encoder_" + k: v for k, v in facts.items()})
+    if config.distill is not None:
+        d = config.distill
+        batches = _sentence_batches(ctx, d.samples, d.batch_size)
+        history = distill_embeddings_(model, teacher.eval(), batches, epochs=d.epochs, lr=d.lr,
+                                      seed=ctx.seed)
+        ctx.note(f"distilled from the original: 1 - cosine per epoch "
+                 f"{', '.join(f'{h:.4f}' for h in history)}")
+        ctx.summary["distill_loss"] = history
+    return ctx.finetune(model, config.finetune)

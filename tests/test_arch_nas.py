@@ -1,0 +1,209 @@
+"""arch.nas: the space derived from a model, the budget, resume, reload + export, errors."""
+
+from __future__ import annotations
+
+import sys
+import textwrap
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+import lighten
+from lighten.arch.nas import NASConfig
+from lighten.arch.nas_build import build_candidate
+from lighten.arch.nas_space import derive_space
+from lighten.artifact import load_artifact, save_artifact
+from lighten.data import DataSpec, load_data
+from lighten.errors import UnsupportedError
+from lighten.export import export_onnx
+from lighten.measure import count_macs, count_params
+from lighten.models import ZOO, ModelSpec, build_model
+
+pytest.importorskip("optuna")
+
+MODELS = textwrap.dedent('''
+    import torch
+    from torch import nn
+
+
+    class Block(nn.Module):
+        def __init__(self, c):
+            super().__init__()
+            self.conv1 = nn.Conv2d(c, c, 3, padding=1, bias=False)
+            self.bn1 = nn.BatchNorm2d(c)
+            self.conv2 = nn.Conv2d(c, c, 3, padding=1, bias=False)
+            self.bn2 = nn.BatchNorm2d(c)
+
+        def forward(self, x):
+            return torch.relu(x + self.bn2(self.conv2(torch.relu(self.bn1(self.conv1(x))))))
+
+
+    class CNN(nn.Module):
+        def __init__(self, c=16, classes=10):
+            super().__init__()
+            self.stem = nn.Sequential(nn.Conv2d(1, c, 3, padding=1), nn.BatchNorm2d(c),
+                                      nn.ReLU())
+            self.blocks = nn.Sequential(Block(c), Block(c))
+            self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(c, 32),
+                                      nn.ReLU(), nn.Linear(32, classes))
+
+        def forward(self, x):
+            return self.head(self.blocks(self.stem(x)))
+
+
+    class Flat(nn.Module):
+        def __init__(self, classes=10):
+            super().__init__()
+            self.fc = nn.Linear(64, classes)
+
+        def forward(self, x):
+            return self.fc(x.flatten(1))
+
+
+    def cnn():
+        return CNN()
+
+
+    def flat():
+        return Flat()
+
+
+    def sized(width=8, hidden=16):
+        return nn.Sequential(nn.Conv2d(1, width, 3, padding=1), nn.ReLU(),
+                             nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(width, hidden),
+                             nn.ReLU(), nn.Linear(hidden, 10))
+''')
+
+SPACE = SimpleNamespace(widths=[0.5, 1.0, 1.5], expansions=[0.5, 1.0], depths="auto",
+                        kernels=None, blocks=["conv"], round_to=4, ignore=[])
+TINY = {"trials": 2, "proxy": {"epochs": 0.25, "train": 64, "holdout": 32},
+        "finetune": {"epochs": 0.1}}
+
+
+@pytest.fixture(scope="module")
+def setting(tmp_path_factory):
+    root = tmp_path_factory.mktemp("nas")
+    (root / "models.py").write_text(MODELS)
+    data = load_data(DataSpec(name="digits"))  # 8x8 images, 10 classes
+    return root, data
+
+
+def _model(root, name="cnn"):
+    spec = {"python": f"{root / 'models.py'}:{name}", "input_shape": [1, 8, 8]}
+    torch.manual_seed(0)
+    return build_model(ModelSpec(**spec), input_shape=(1, 8, 8), num_classes=10), spec
+
+
+def test_space_of_resnet20_has_three_stages_of_blocks():
+    space = derive_space(ZOO["resnet20"](), (torch.zeros(1, 1, 28, 28),), SPACE)
+    stages = {s.label: s for s in space.stages}
+    assert list(stages) == ["(28x28)", "(14x14)", "(7x7)"]
+    assert [s.width for s in space.stages] == [16, 32, 64]
+    # the first block of stages 2 and 3 has a projection shortcut: it stays
+    assert [(s.fixed_blocks, len(s.blocks)) for s in space.stages] == [(0, 3), (1, 2), (1, 2)]
+    assert all(set(space.choices(s)) == {"width", "expansion", "depth"} for s in space.stages)
+    # the model's own shape rebuilds the model's own cost
+    model = ZOO["resnet20"]()
+    same = build_candidate(model, space, space.reference(), (torch.zeros(1, 1, 28, 28),))
+    assert count_macs(same, (1, 28, 28)) == count_macs(model, (1, 28, 28))
+
+
+def test_space_of_a_python_model_and_a_candidate_of_it(setting):
+    root, _ = setting
+    model, _ = _model(root)
+    example = (torch.zeros(1, 1, 8, 8),)
+    space = derive_space(model, example, SPACE)
+    assert [s.label for s in space.stages] == ["(8x8)", "(linear)"]
+    conv, head = space.stages
+    assert conv.blocks == ["blocks.0", "blocks.1"] and conv.inner == 2
+    assert set(space.choices(head)) == {"width"}  # the hidden Linear: no blocks, no convs
+    arch = {"s1.width": 1.5, "s1.expansion": 0.5, "s1.depth": 1, "s2.width": 0.5}
+    cand = build_candidate(model, space, arch, example)
+    assert cand.stem[0].out_channels == 24 and cand.blocks[0].conv1.out_channels == 12
+    assert type(cand.blocks[1]).__name__ == "SkippedBlock"
+    assert cand.head[2].out_features == 16 and cand(torch.zeros(2, 1, 8, 8)).shape == (2, 10)
+
+
+def test_budget_is_respected_and_the_result_reloads_and_exports(setting, tmp_path):
+    root, data = setting
+    model, spec = _model(root)
+    budget = 0.4 * count_macs(model, (1, 8, 8))
+    out, report = lighten.compress(model, NASConfig(target_macs=0.4, **TINY), data=data,
+                                   workdir=tmp_path)
+    assert count_macs(out, (1, 8, 8)) <= budget
+    assert report.summary["macs_after"] <= budget and report.summary["budget_met"]
+    assert report.summary["trials"] == 2
+    assert any(row["action"] == "chosen" for row in report.layers)
+    folder = tmp_path / "stages"
+    (search,) = folder.glob("nas-*")
+    assert (search / "study.db").is_file()
+    csv = (search / "candidates.csv").read_text().splitlines()
+    assert len(csv) >= 3 and csv[0].startswith("trial,state")
+    path = tmp_path / "nas.safetensors"
+    save_artifact(out, path, model_spec=spec, input_shape=[1, 8, 8], num_classes=10)
+    loaded, _ = load_artifact(path)
+    x = torch.stack([data.test[i][0] for i in range(8)])
+    with torch.no_grad():
+        assert torch.allclose(loaded.eval()(x), out.eval()(x), atol=1e-6)
+    check = export_onnx(loaded, tmp_path / "nas.onnx", input_shape=(1, 8, 8), sample_inputs=x)
+    assert check.max_abs_diff < 1e-4
+
+
+def test_resume_skips_finished_trials(setting, tmp_path):
+    root, data = setting
+    model, _ = _model(root)
+    config = {**TINY, "target_params": 0.5, "finetune": {"epochs": 0}}
+    first = lighten.compress(model, NASConfig(**config), data=data, workdir=tmp_path)[1]
+    (search,) = (tmp_path / "stages").glob("nas-*")
+    before = (search / "candidates.csv").read_text().splitlines()
+    # the same search interrupted after 2 trials and run again: they are loaded, not rerun
+    out, second = lighten.compress(model, NASConfig(**{**config, "trials": 3}), data=data,
+                                   workdir=tmp_path)
+    # trials is part of the search's key: the resumed search is the same folder's study
+    assert [p.name for p in (tmp_path / "stages").glob("nas-*")] == [search.name]
+    after = (search / "candidates.csv").read_text().splitlines()
+    assert first.summary["trials"] == 2 and second.summary["trials"] == 3
+    assert any("resuming the search: 2 trial(s) already done" in n for n in second.notes)
+    assert after[1:3] == before[1:3]  # same scores and timings: not trained again
+    assert count_params(out)[0] <= 0.5 * count_params(model)[0]
+
+
+def test_factory_space_builds_from_the_recipe_and_reloads(setting, tmp_path):
+    root, data = setting
+    model, _ = _model(root, "sized")
+    space = {"python": f"{root / 'models.py'}:sized", "params": {"width": [2, 4, 8],
+                                                                "hidden": [4, 16]}}
+    out, report = lighten.compress(model, NASConfig(target_params=0.6, space=space, **TINY),
+                                   data=data, workdir=tmp_path)
+    assert count_params(out)[0] <= 0.6 * count_params(model)[0]
+    spec = report.summary["source_spec"]  # the artifact rebuilds from the chosen kwargs
+    assert spec["python"] == space["python"] and set(spec["kwargs"]) == {"width", "hidden"}
+    path = tmp_path / "f.safetensors"
+    save_artifact(out, path, model_spec=spec, input_shape=[1, 8, 8], num_classes=10)
+    loaded, manifest = load_artifact(path)
+    assert manifest["edits"] == []  # nothing to replay: the factory built it
+    x = torch.stack([data.test[i][0] for i in range(4)])
+    with torch.no_grad():
+        assert torch.allclose(loaded.eval()(x), out.eval()(x), atol=1e-6)
+
+
+def test_clear_errors(setting, tmp_path, monkeypatch):
+    root, data = setting
+    with pytest.raises(ValueError, match="exactly one budget"):
+        NASConfig(trials=2)
+    with pytest.raises(ValueError, match="exactly one budget"):
+        NASConfig(target_macs=0.5, target_params=0.5)
+    with pytest.raises(ValueError, match="time_budget"):
+        NASConfig(target_macs=0.5, time_budget="soon")
+    assert NASConfig(target_macs=0.5, time_budget="30m").time_budget == "30m"
+    flat, _ = _model(root, "flat")
+    with pytest.raises(UnsupportedError, match=r"cannot derive a search space.*space: "
+                                               r"\{python:"):
+        lighten.compress(flat, NASConfig(target_macs=0.5, **TINY), data=data,
+                         workdir=tmp_path)
+    monkeypatch.setitem(sys.modules, "optuna", None)  # as if the nas extra were missing
+    model, _ = _model(root)
+    with pytest.raises(UnsupportedError, match=r"pip install lighten\[nas\]"):
+        lighten.compress(model, NASConfig(target_macs=0.5, **TINY), data=data,
+                         workdir=tmp_path)
