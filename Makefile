@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 FMNIST := /usr/share/datasets/fashion-mnist
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: demo test bench lint install dataset clean llm reliability fuzz
+.PHONY: demo test bench lint install dataset clean llm reliability fuzz audit
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -33,6 +33,11 @@ reliability: install
 # Hypothesis at scale, 30 minutes per target (not in CI); results feed RELIABILITY.md
 fuzz: install
 	$(BIN)/python scripts/fuzz.py --minutes 30
+
+# pip-audit of the installed pins + the CVE floors of pyproject.toml (needs a vulnerability
+# service; results feed RELIABILITY.md)
+audit: install
+	$(BIN)/python scripts/audit.py
 
 lint: install
 	$(BIN)/ruff check lighten tests benchmarks

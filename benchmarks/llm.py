@@ -41,6 +41,7 @@ METHODS = {
     "gptq": {"llm.weight_only": {"method": "gptq", "bits": 4, "group_size": 128}},
     "awq": {"llm.weight_only": {"method": "awq", "bits": 4, "group_size": 128}},
     "smoothquant": {"llm.smoothquant": {"alpha": 0.5}},
+    "smoothquant_tensor": {"llm.smoothquant": {"alpha": 0.5, "activations": "tensor"}},
     "wanda": {"llm.wanda": {"sparsity": 0.5}},
     "sparsegpt": {"llm.sparsegpt": {"sparsity": 0.5}},
     "wanda24": {"llm.wanda": {"n": 2, "m": 4}},
@@ -49,8 +50,10 @@ METHODS = {
     "quanto": "peer",
 }
 LABELS = {"float": "float32 (GGUF Q4_1 dequantized)", "rtn": "4-bit g128 RTN (lighten)",
-          "gptq": "4-bit g128 GPTQ act_order (lighten)", "awq": "4-bit g128 AWQ (lighten)",
-          "smoothquant": "W8A8 SmoothQuant a=0.5 (lighten)",
+          "gptq": "4-bit g128 GPTQ act_order + range search (lighten)",
+          "awq": "4-bit g128 AWQ (lighten)",
+          "smoothquant": "W8A8 SmoothQuant a=0.5, per-token activations (lighten)",
+          "smoothquant_tensor": "W8A8 SmoothQuant a=0.5, per-tensor activations (lighten)",
           "wanda": "50% Wanda (lighten)", "sparsegpt": "50% SparseGPT (lighten)",
           "wanda24": "2:4 Wanda (lighten)", "sparsegpt24": "2:4 SparseGPT (lighten)",
           "hqq": "4-bit g128 HQQ (peer, hqq)", "quanto": "4-bit qint4 (peer, optimum-quanto)"}
@@ -121,6 +124,10 @@ def run_peer(model, name: str) -> dict:
         else:
             from optimum.quanto import freeze, qint4, quantize
 
+            with torch.inference_mode(False):  # quanto's freeze cannot take inference tensors
+                for mod in blocks.modules():
+                    for key, p in list(mod.named_parameters(recurse=False)):
+                        setattr(mod, key, nn.Parameter(p.detach().clone(), requires_grad=False))
             for block in blocks:
                 quantize(block, weights=qint4)
                 freeze(block)

@@ -81,6 +81,7 @@ def run_recipe(
 
 def _run_recipe(recipe: Recipe, *, resume: bool, overwrite: bool, progress: bool,
                 output: str | Path | None) -> RunResult:
+    from lighten.memory import fit_training_batch
     from lighten.provenance import recipe_hash
 
     out = Path(output or recipe.output)
@@ -104,6 +105,9 @@ def _run_recipe(recipe: Recipe, *, resume: bool, overwrite: bool, progress: bool
             # nothing is re-run or rewritten (run.json keeps its time)
 
     prepared = prepare(recipe)  # all user-input errors surface here (weights too; no training)
+    # under --max-memory: refused now if the model cannot train even one sample at a time
+    fit_training_batch(prepared.model, prepared.data.task.example_inputs, 1,
+                       optimizer=recipe.train.optimizer, what="this run")
     prepare_output(out, fresh=state is None)
     if state is None:  # the run record comes first: a long baseline training is a run already
         _write_started(out, recipe, digest, recipe_dict, prepared.data)

@@ -155,8 +155,8 @@ def test_unreachable_target_is_one_clear_error(net_file, digits):
 
     model = build_model(ModelSpec(python=f"{net_file}:build", input_shape=[1, 8, 8]),
                         input_shape=(1, 8, 8), num_classes=10)
-    with pytest.raises(UnsupportedError, match="target_macs 0.05 is below"):
-        lighten.compress(model, GatingConfig(target_macs=0.05), data=digits, train=TRAIN)
+    with pytest.raises(UnsupportedError, match="target_macs 0.01 is below"):
+        lighten.compress(model, GatingConfig(target_macs=0.01), data=digits, train=TRAIN)
 
 
 def test_per_gate_budget_pushes_every_gate_to_the_shared_rate(net_file):

@@ -161,6 +161,8 @@ FIXED = "run structural steps (prune.channels, share.channels, ...) before"
 PAIR_REFUSALS: dict[tuple, str] = {
     **{(first, second): FIXED for first in ("share.pq", "dynamic.early_exit", "dynamic.gating")
        for second in ("prune.channels", "share.channels")},
+    **{(first, "arch.nas"): FIXED for first in ("share.pq", "dynamic.early_exit",
+                                                "dynamic.gating", "dynamic.slimmable")},
     ("cnn", "share.pq", "quant.dynamic"): "found no nn.Linear",  # PQLinear holds the codes
     ("share.pq", "share.pq"): "already replaced",
     ("dynamic.early_exit", "dynamic.early_exit"): "apply the step once",

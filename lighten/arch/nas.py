@@ -19,10 +19,10 @@ ranking cost is linear in the trials, and ``finetune:`` then trains the chosen o
 model's, or an absolute count) are counted; ``target_latency`` (fraction of the input model's
 measured batch-1 latency) / ``target_latency_ms`` use the per-layer latency table calibrated on
 the deployment backend (:mod:`lighten.arch.nas_latency`). A sampled shape over the budget is
-scaled uniformly (bisection on a width scale, 0.05 to 4) to the widest that fits, so each trial
-is a candidate at the budget; only shapes that do not fit even at 5% width are rejected (pruned trials, not
-counted in ``trials``). The result's counted cost (and measured latency for a latency budget)
-is checked and reported.
+scaled uniformly (bisection on a width scale, 0.05 to 4) to the widest that fits, so each
+trial is a candidate at the budget; only shapes that do not fit even at 5% width are rejected
+(pruned trials, not counted in ``trials``). The result's counted cost (and measured latency
+for a latency budget) is checked and reported.
 
 **Search.** Optuna, TPE (default; the model's own shape is the first trial, so the uniformly
 narrowed model is always a candidate) or NSGA-II (accuracy and cost), seeded, in an SQLite

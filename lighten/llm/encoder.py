@@ -111,37 +111,36 @@ def _cols(linear: nn.Linear, keep: Tensor) -> nn.Linear:
 
 
 @dataclass
-class _Scores:
-    heads: list[Tensor]  # per layer (H,)
-    neurons: list[Tensor]  # per layer (F,)
+class _Stats:
+    """Per layer, for the two out projections' inputs over real tokens: the mean ``(width,)``
+    and the score ``var(x_j) * ||W[:, j]||^2`` per input feature (FLAP's fluctuation: the
+    output error of replacing feature ``j`` by its mean)."""
+
+    attn_mean: list[Tensor]
+    attn_score: list[Tensor]
+    ffn_mean: list[Tensor]
+    ffn_score: list[Tensor]
 
 
-def _importance(model: nn.Module, layers: nn.ModuleList, batches) -> _Scores:
-    """Head and neuron scores from the out projections' inputs on real tokens only."""
-    heads = [torch.zeros(1)] * len(layers)
-    neurons = [torch.zeros(1)] * len(layers)
+def _importance(model: nn.Module, layers: nn.ModuleList, batches) -> _Stats:
+    """Mean and fluctuation score of every input feature of each layer's out projections."""
+    sums: dict[tuple[int, str], list] = {}
     state: dict[str, Tensor] = {}
 
     def tap(i: int, kind: str):
         def hook(module, args):
-            x = args[0].detach()  # (B, T, width)
+            x = args[0].detach().double()  # (B, T, width)
             keep = state["mask"].reshape(-1).bool()
             x = x.reshape(-1, x.shape[-1])[keep]  # real tokens only
-            if kind == "head":
-                layer = layers[i]
-                d = layer.attention.self.attention_head_size
-                w = module.weight.detach()  # (D, H*d)
-                h = w.shape[1] // d
-                contrib = torch.einsum("nhd,ohd->nho", x.reshape(-1, h, d), w.reshape(-1, h, d))
-                heads[i] = heads[i] + contrib.pow(2).sum((0, 2))
-            else:
-                col = module.weight.detach().norm(dim=0)  # (F,)
-                neurons[i] = neurons[i] + x.abs().sum(0) * col
+            acc = sums.setdefault((i, kind), [0, 0.0, 0.0])
+            acc[0] += len(x)
+            acc[1] = acc[1] + x.sum(0)
+            acc[2] = acc[2] + x.pow(2).sum(0)
         return hook
 
     handles = []
     for i, layer in enumerate(layers):
-        handles.append(layer.attention.output.dense.register_forward_pre_hook(tap(i, "head")))
+        handles.append(layer.attention.output.dense.register_forward_pre_hook(tap(i, "attn")))
         handles.append(layer.output.dense.register_forward_pre_hook(tap(i, "ffn")))
     try:
         with torch.no_grad():
@@ -151,7 +150,33 @@ def _importance(model: nn.Module, layers: nn.ModuleList, batches) -> _Scores:
     finally:
         for h in handles:
             h.remove()
-    return _Scores(heads, neurons)
+    stats = _Stats([], [], [], [])
+    for i, layer in enumerate(layers):
+        for kind, dense in (("attn", layer.attention.output.dense), ("ffn", layer.output.dense)):
+            n, total, squares = sums.get((i, kind), (0, 0.0, 0.0))
+            if not n:
+                raise ModelError("calibration saw no real token; give sentences with a mask")
+            mean = total / n
+            var = (squares / n - mean.pow(2)).clamp_min(0)
+            score = var * dense.weight.detach().double().pow(2).sum(0)
+            getattr(stats, f"{kind}_mean").append(mean.float())
+            getattr(stats, f"{kind}_score").append(score)
+    return stats
+
+
+def _cols_compensated(linear: nn.Linear, keep: Tensor, mean: Tensor) -> nn.Linear:
+    """Input columns ``keep`` of ``linear``; the removed features' mean contribution moves into
+    the bias, so a removed feature acts as its calibration mean instead of zero."""
+    new = _cols(linear, keep)
+    gone = torch.ones(linear.in_features, dtype=torch.bool)
+    gone[keep] = False
+    with torch.no_grad():
+        shift = linear.weight[:, gone] @ mean[gone]
+        if new.bias is None:
+            new.bias = nn.Parameter(shift)
+        else:
+            new.bias.add_(shift)
+    return new
 
 
 # ----------------------------------------------------------------------------- surgery
@@ -190,20 +215,21 @@ def prune_encoder_(model: nn.Module, batches: list[tuple[Tensor, Tensor]], *, he
         h = attn.query.out_features // d
         if heads and scores is not None:
             n = _keep_count(h, heads)
-            top = scores.heads[i].topk(n).indices.sort().values
+            per_head = scores.attn_score[i].reshape(h, d).sum(1)
+            top = per_head.topk(n).indices.sort().values
             idx = (top[:, None] * d + torch.arange(d)).reshape(-1)
             for name in ("query", "key", "value"):
                 setattr(attn, name, _rows(getattr(attn, name), idx))
-            dense = layer.attention.output.dense
-            layer.attention.output.dense = _cols(dense, idx)
+            layer.attention.output.dense = _cols_compensated(
+                layer.attention.output.dense, idx, scores.attn_mean[i])
             attn.num_attention_heads, attn.all_head_size, h = n, n * d, n
         facts["heads"].append(h)
         width = inter.dense.out_features
         if ffn and scores is not None:
             n = _keep_count(width, ffn, ffn_multiple)
-            idx = scores.neurons[i].topk(n).indices.sort().values
+            idx = scores.ffn_score[i].topk(n).indices.sort().values
             inter.dense = _rows(inter.dense, idx)
-            out.dense = _cols(out.dense, idx)
+            out.dense = _cols_compensated(out.dense, idx, scores.ffn_mean[i])
             width = n
         facts["ffn"].append(width)
     return facts
