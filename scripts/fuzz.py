@@ -10,6 +10,9 @@ Hypothesis and printed; the exit status is the number of failing targets.
 
     python scripts/fuzz.py --minutes 30                  # every target, 30 min each
     python scripts/fuzz.py --target artifact --minutes 1
+
+Runs add up: benchmarks/results/fuzz.json keeps each run (date, commit, inputs, CPU minutes)
+and a target's totals, so a budget can be spent in several sittings.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import os
 import sys
 import tempfile
 import time
@@ -185,12 +189,14 @@ TARGETS = {"artifact": artifact_target, "manifest": manifest_target,
 
 
 def run(name: str, minutes: float) -> tuple[int, float, str | None]:
-    """(examples, CPU seconds, failure) for one target."""
+    """(examples, CPU seconds, failure) for one target; progress is recorded every CPU minute,
+    so a run stopped early still counts what it did."""
+    run_id = f"{os.getpid()}-{time.time():.0f}"
     with tempfile.TemporaryDirectory() as tmp:
         target, prop = TARGETS[name](Path(tmp))
         fuzz = settings(max_examples=500, deadline=None, database=None, derandomize=False,
                         suppress_health_check=list(HealthCheck), print_blob=True)(prop)
-        cpu0 = time.process_time()
+        cpu0 = last = time.process_time()
         failure = None
         while time.process_time() - cpu0 < 60 * minutes and failure is None:
             try:
@@ -201,7 +207,38 @@ def run(name: str, minutes: float) -> tuple[int, float, str | None]:
                 traceback.print_exception(err, file=sys.stderr)  # shrunk input + traceback
                 errors = getattr(err, "exceptions", [err])
                 failure = " | ".join(f"{type(e).__name__}: {str(e)[:200]}" for e in errors)
-        return target.examples, time.process_time() - cpu0, failure
+            if time.process_time() - last > 60:
+                last = time.process_time()
+                record(name, run_id, target.examples, last - cpu0, failure)
+        cpu = time.process_time() - cpu0
+        record(name, run_id, target.examples, cpu, failure)
+        return target.examples, cpu, failure
+
+
+def record(name: str, run_id: str, examples: int, cpu: float, failure: str | None) -> None:
+    """Add this run to benchmarks/results/fuzz.json (locked: targets may run in parallel);
+    a target's totals are the sum of its runs, each with the commit it fuzzed."""
+    import fcntl
+    import subprocess
+
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT,
+                            capture_output=True, text=True).stdout.strip()
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    with open(RESULTS.with_suffix(".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        results = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {}
+        entry = results.get(name, {})
+        runs = [r for r in entry.get("runs", []) if r.get("id") != run_id]
+        runs.append({"id": run_id, "date": time.strftime("%Y-%m-%d"), "commit": commit,
+                     "inputs": examples, "cpu_minutes": round(cpu / 60, 2), "failure": failure})
+        failures = [r["failure"] for r in runs if r["failure"]]
+        results[name] = {"inputs": sum(r["inputs"] for r in runs),
+                         "cpu_minutes": round(sum(r["cpu_minutes"] for r in runs), 2),
+                         "failure": failures[-1] if failures else None,
+                         "date": runs[-1]["date"], "runs": runs}
+        tmp = RESULTS.with_suffix(".tmp")
+        tmp.write_text(json.dumps(results, indent=1))  # RELIABILITY.md reads it
+        os.replace(tmp, RESULTS)
 
 
 def main() -> int:
@@ -212,16 +249,11 @@ def main() -> int:
     args = parser.parse_args()
     torch.set_num_threads(1)
     failed = 0
-    results = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {}
     for name in args.target or list(TARGETS):
         examples, cpu, failure = run(name, args.minutes)
         failed += failure is not None
         status = "FAILED " + failure if failure else "0 crashes, 0 hangs > 10 s"
         print(f"{name}: {examples} inputs, {cpu / 60:.1f} CPU-minutes: {status}", flush=True)
-        results[name] = {"inputs": examples, "cpu_minutes": round(cpu / 60, 2),
-                         "failure": failure, "date": time.strftime("%Y-%m-%d")}
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(results, indent=1))  # RELIABILITY.md reads it
     return failed
 
 

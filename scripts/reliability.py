@@ -282,7 +282,8 @@ def fuzz_rows() -> list[dict]:
         result = ("FAILED: " + r["failure"][:120] if r.get("failure")
                   else "0 crashes, 0 hangs > 10 s")
         rows.append({"figure": f"Fuzzing ({name}; Hypothesis, scripts/fuzz.py, {r['date']})",
-                     "cases": f"{r['inputs']} inputs, {r['cpu_minutes']} CPU-min",
+                     "cases": f"{r['inputs']} inputs, {r['cpu_minutes']} CPU-min in "
+                              f"{len(r.get('runs', [])) or 1} runs",
                      "result": result, "command": f"make fuzz (python scripts/fuzz.py --target "
                                                   f"{name} --minutes 30)"})
     return rows
