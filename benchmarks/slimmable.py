@@ -57,7 +57,8 @@ def main(argv=None) -> int:
     from lighten.backends import default_threads
     from lighten.data import DataSpec, load_data
     from lighten.dynamic.runtime import _session_fn
-    from lighten.dynamic.slimmable import export_width, width_facts, width_latency
+    from lighten.dynamic.slimmable import width_facts
+    from lighten.dynamic.slimmable_runtime import export_width, width_latency
     from lighten.export import export_onnx
     from lighten.models import ZOO
     from lighten.train import TrainConfig, train

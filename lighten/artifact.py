@@ -62,7 +62,7 @@ from lighten.codecs import (
     unpack_bits,
 )
 from lighten.edits import derive_edits, legacy_edits, replay_edits
-from lighten.errors import CheckpointError, LightenError
+from lighten.errors import CheckpointError, LightenError, UntrustedCodeError
 from lighten.modules import get_submodule
 from lighten.provenance import atomic_write_bytes
 
@@ -362,15 +362,18 @@ _PACKABLE = (torch.int8, torch.uint8, torch.int16, torch.int32, torch.int64)
 
 
 def load_artifact(path: str | os.PathLike, *, model: nn.Module | None = None,
-                  bits: int | None = None) -> tuple[nn.Module, dict]:
+                  bits: int | None = None, trust: bool = False) -> tuple[nn.Module, dict]:
     """Rebuild the saved model (in eval mode) and return it with the manifest.
 
     ``bits`` picks the precision of a ``dynamic.any_precision`` model (one of its trained
     widths); other models refuse it.
 
-    Without ``model`` the architecture is built from the manifest's ``model_spec`` (for a
-    ``python:`` spec that runs the named file, so for untrusted artifacts pass ``model``, which
-    is used as the skeleton and modified in place).
+    Without ``model`` the architecture is built from the manifest's ``model_spec``. A
+    ``python:`` spec names a file and a function to run with keyword arguments, all taken from
+    the file being loaded -- code execution if the file is hostile -- so it is run only with
+    ``trust=True`` (``--trust``: you made this file, or trust who did); otherwise pass
+    ``model`` (used as the skeleton and modified in place). Zoo and ``hf:`` specs run no code
+    from the file and need no trust.
     """
     path = Path(path)
     manifest = _read_manifest(path)
@@ -381,7 +384,7 @@ def load_artifact(path: str | os.PathLike, *, model: nn.Module | None = None,
     # Building modules draws random init values that are overwritten; keep the caller's RNG.
     with torch.random.fork_rng(devices=[]):
         if model is None and manifest.get("model_spec") is not None:
-            model = _build_from_spec(path, manifest)
+            model = _build_from_spec(path, manifest, trust=trust)
         edits = manifest["edits"] if manifest["version"] >= 3 else legacy_edits(manifest)
         try:
             model = replay_edits(model, edits)
@@ -529,7 +532,7 @@ def _inflate(path: Path, packed: Any) -> Any:
                               "re-save it") from None
 
 
-def _build_from_spec(path: Path, manifest: dict) -> nn.Module:
+def _build_from_spec(path: Path, manifest: dict, *, trust: bool = False) -> nn.Module:
     from pydantic import ValidationError
 
     from lighten.models import ModelSpec, build_model
@@ -540,6 +543,13 @@ def _build_from_spec(path: Path, manifest: dict) -> nn.Module:
     except (ValidationError, TypeError) as err:
         raise CheckpointError(f"{path} has an invalid model_spec {spec} ({type(err).__name__}); "
                               "pass load_artifact(..., model=...)") from None
+    if model_spec.python is not None and not trust:
+        raise UntrustedCodeError(
+            f"{path} builds its model by running {model_spec.python!r} with arguments from the "
+            f"file; code named by a model file is not run unless you trust it: pass --trust "
+            f"(load_artifact(..., trust=True)) if you made it, or give the architecture "
+            f"yourself (load_artifact(..., model=...), or a recipe's model: {{python: "
+            f"{model_spec.python}, weights: {path.name}}})")
     try:
         task = _task(manifest.get("task"))
     except LightenError as err:

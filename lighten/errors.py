@@ -53,6 +53,11 @@ class CheckpointError(LightenError):
     """A weights/artifact file is missing, truncated, foreign, or unsafe to load."""
 
 
+class UntrustedCodeError(CheckpointError):
+    """A file asks for code to be run (a pickle, an artifact's ``python:`` model) and the
+    caller has not said it trusts the file (``--trust`` / ``trust=True``)."""
+
+
 class ExportError(LightenError):
     """An exported model does not run or does not match the PyTorch model."""
 

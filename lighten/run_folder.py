@@ -117,7 +117,7 @@ def load_finished(artifact: Path, out: Path) -> tuple[nn.Module, dict]:
     from lighten.errors import CheckpointError
 
     try:
-        model, manifest = load_artifact(artifact)
+        model, manifest = load_artifact(artifact, trust=True)  # this run's own stage
         return model, manifest["model_spec"]
     except CheckpointError as err:
         reason = str(err).removesuffix("; re-save it")  # a stage is not re-saved by hand

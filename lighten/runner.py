@@ -236,7 +236,8 @@ def _verify_reload(model: nn.Module, artifact: Path, stage: str, data) -> None:
     from lighten.errors import CheckpointError
 
     try:
-        loaded, _ = load_artifact(artifact)  # from the source its manifest names, as users do
+        # from the source its manifest names, as users do (this run wrote it: trusted)
+        loaded, _ = load_artifact(artifact, trust=True)
     except CheckpointError as err:
         raise CheckpointError(f"stage {stage}: its artifact does not load again ({err}); this "
                               "is a lighten bug, please report it with the recipe") from None
@@ -299,7 +300,7 @@ def _save_layer_table(model: nn.Module, artifact: Path, previous: Path, recipe, 
 
     if len(data.test) == 0 or not has_quantized_layers(model):
         return
-    before, _ = load_artifact(previous)
+    before, _ = load_artifact(previous, trust=True)  # this run's previous stage
     from lighten.task import Inputs
 
     samples = data.task.as_inputs(_sample_inputs(data, 128))  # one tensor per model input

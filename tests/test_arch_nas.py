@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import sys
 import textwrap
 from types import SimpleNamespace
@@ -138,8 +139,8 @@ def test_budget_is_respected_and_the_result_reloads_and_exports(setting, tmp_pat
     folder = tmp_path / "stages"
     (search,) = folder.glob("nas-*")
     assert (search / "study.db").is_file()
-    csv = (search / "candidates.csv").read_text().splitlines()
-    assert len(csv) >= 3 and csv[0].startswith("trial,state")
+    lines = (search / "candidates.csv").read_text().splitlines()
+    assert len(lines) >= 3 and lines[0].startswith("trial,state")
     path = tmp_path / "nas.safetensors"
     save_artifact(out, path, model_spec=spec, input_shape=[1, 8, 8], num_classes=10)
     loaded, _ = load_artifact(path)
@@ -167,6 +168,24 @@ def test_resume_skips_finished_trials(setting, tmp_path):
     assert any("resuming the search: 2 trial(s) already done" in n for n in second.notes)
     assert after[1:3] == before[1:3]  # same scores and timings: not trained again
     assert count_params(out)[0] <= 0.5 * count_params(model)[0]
+
+
+def test_latency_budget_uses_the_calibrated_table_and_measures_the_result(setting, tmp_path):
+    root, data = setting
+    model, _ = _model(root)
+    config = NASConfig(target_latency=0.8, latency_runs=3, check_models=1, **TINY)
+    out, report = lighten.compress(model, config, data=data, workdir=tmp_path)
+    s = report.summary
+    assert s["budget_kind"] == "latency" and s["budget"] == pytest.approx(
+        0.8 * s["input_latency_ms"])
+    with open(next((tmp_path / "stages").glob("nas-*")) / "candidates.csv") as f:
+        rows = list(csv.DictReader(f))
+    predicted = [float(r["predicted_ms"]) for r in rows if r["state"] == "complete"]
+    assert predicted and max(predicted) <= s["budget"]  # every candidate within the prediction
+    # the result was timed whole on ONNX Runtime and the predictor's error reported
+    assert s["measured_ms"] > 0 and isinstance(s["budget_met"], bool)
+    assert 0 <= s["predictor_median_error"] and s["predictor_checked"] >= 1
+    assert any("latency predictor" in n for n in report.notes)
 
 
 def test_factory_space_builds_from_the_recipe_and_reloads(setting, tmp_path):

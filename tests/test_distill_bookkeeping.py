@@ -89,3 +89,17 @@ def test_soft_targets_are_batchmean_t_squared_kl_by_hand():
     soft_target_loss(a, t, temp).backward()
     pa, pt = F.softmax(s / temp, -1), F.softmax(t / temp, -1)
     assert torch.allclose(a.grad, temp * (pa - pt) / 2, atol=1e-6)
+
+
+def test_teacher_fit_reports_training_accuracy_and_true_class_mass():
+    from lighten.distill.objective import teacher_fit
+
+    logits = torch.tensor([[2.0, 0.0, 0.0], [0.0, 1.0, 3.0]])
+    labels = torch.tensor([0, 1])
+    fit = teacher_fit(logits, labels, 2.0)
+    e = math.exp
+    assert fit["train_accuracy"] == pytest.approx(0.5)
+    p1 = (e(2) / (e(2) + 2) + e(1) / (1 + e(1) + e(3))) / 2
+    p2 = (e(1) / (e(1) + 2) + e(0.5) / (1 + e(0.5) + e(1.5))) / 2
+    assert fit["true_class_prob"] == pytest.approx(p1, rel=1e-5)
+    assert fit["true_class_prob_at_t"] == pytest.approx(p2, rel=1e-5)

@@ -253,7 +253,8 @@ def test_recipe_on_a_python_model(tmp_path):
     assert dyn["agreement_deployed_vs_loop"] == 1.0
     deployed = out / "deploy" / "dynamic.early_exit" / "model.onnx"
     assert any(n.op_type == "If" for n in onnx.load(str(deployed)).graph.node)
-    model, manifest = load_artifact(out / "stages" / "01-dynamic.early_exit.safetensors")
+    model, manifest = load_artifact(out / "stages" / "01-dynamic.early_exit.safetensors",
+                                    trust=True)
     assert isinstance(model, MultiExitModel) and manifest["model_spec"]["python"]
     x = torch.randn(16, 1, 8, 8, generator=torch.Generator().manual_seed(1))
     session = ort.InferenceSession(str(deployed), providers=["CPUExecutionProvider"])

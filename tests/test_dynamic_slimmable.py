@@ -14,14 +14,9 @@ from torch import nn
 import lighten
 from lighten.artifact import load_artifact, save_artifact
 from lighten.data import DataSpec, load_data
-from lighten.dynamic.slimmable import (
-    SlimmableConfig,
-    SlimmableModel,
-    export_width,
-    pick_width,
-    width_facts,
-)
+from lighten.dynamic.slimmable import SlimmableConfig, SlimmableModel, width_facts
 from lighten.dynamic.slimmable_layers import SlimConv, SwitchableBatchNorm
+from lighten.dynamic.slimmable_runtime import export_width, pick_width
 from lighten.errors import LightenError, UnsupportedError
 from lighten.models import ModelSpec, build_model
 from lighten.train import TrainConfig
@@ -150,7 +145,7 @@ def test_artifact_holds_every_width_and_reloads(slim, data, tmp_path, spec):
     sm.set_width(0.5)
     path = tmp_path / "slim.safetensors"
     save_artifact(sm, path, model_spec=spec, input_shape=(1, 8, 8), num_classes=10)
-    loaded, _ = load_artifact(path)
+    loaded, _ = load_artifact(path, trust=True)  # the model file is the test's own
     assert isinstance(loaded, SlimmableModel) and loaded.width == 0.5
     loaded.eval()
     with torch.no_grad():
@@ -167,14 +162,16 @@ def test_cli_export_width(slim, tmp_path, spec, capsys):
     path = tmp_path / "slim.safetensors"
     save_artifact(sm, path, model_spec=spec, input_shape=(1, 8, 8), num_classes=10)
     onnx_path = tmp_path / "w25.onnx"
-    assert main(["export", str(path), "--onnx", str(onnx_path), "--width", "0.25"]) == 0
+    assert main(["export", str(path), "--onnx", str(onnx_path), "--width", "0.25",
+                 "--trust"]) == 0
     x = torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(3))
     out = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"]).run(
         None, {"input": x.numpy()})[0]
     with torch.no_grad():
         assert np.abs(out - sm.set_width(0.25)(x).numpy()).max() <= 1e-5
     sm.set_width(1.0)
-    assert main(["export", str(path), "--onnx", str(tmp_path / "x.onnx"), "--width", "0.6"]) != 0
+    assert main(["export", str(path), "--onnx", str(tmp_path / "x.onnx"), "--width", "0.6",
+                 "--trust"]) != 0
     assert "not one this model was trained for" in capsys.readouterr().err
 
 

@@ -137,38 +137,45 @@ def test_sentence_data_errors(world, tmp_path, monkeypatch):
         sentences(world)
 
 
-def _zeroed(original, facts_model):
-    """A copy of ``original`` whose removed heads / neurons contribute zero, found by matching the
-    pruned model's kept weights."""
+def _mean_replaced(original, pruned, stats):
+    """A copy of ``original`` in which every feature ``pruned`` removed (found by matching the
+    kept weight rows) enters its out projection as its calibration mean instead."""
     model = copy.deepcopy(original)
-    for layer, pruned in zip(model.hf.encoder.layer, facts_model.hf.encoder.layer, strict=True):
-        for full, small, dense in ((layer.attention.self.query, pruned.attention.self.query,
-                                    layer.attention.output.dense),
-                                   (layer.intermediate.dense, pruned.intermediate.dense,
-                                    layer.output.dense)):
-            kept = {tuple(r.tolist()) for r in small.weight}
+    layers = zip(model.hf.encoder.layer, pruned.hf.encoder.layer, stats.attn_mean,
+                 stats.ffn_mean, strict=True)
+    for layer, small, attn_mean, ffn_mean in layers:
+        for full, kept_rows, dense, mean in (
+                (layer.attention.self.query, small.attention.self.query,
+                 layer.attention.output.dense, attn_mean),
+                (layer.intermediate.dense, small.intermediate.dense, layer.output.dense,
+                 ffn_mean)):
+            kept = {tuple(r.tolist()) for r in kept_rows.weight}
             gone = [i for i, r in enumerate(full.weight) if tuple(r.tolist()) not in kept]
             with torch.no_grad():
+                dense.bias += dense.weight[:, gone] @ mean[gone]
                 dense.weight[:, gone] = 0
     return model
 
 
 def test_heads_and_neurons_removed_exactly(world):
-    from lighten.llm.encoder import prune_encoder_
+    from lighten.llm.encoder import _importance, encoder_layers, prune_encoder_
 
     data = sentences(world, limit_test=40)
     original = encoder(world)
     pruned = copy.deepcopy(original)
-    batch = embed_inputs = [(torch.stack([data.train[i][0][0] for i in range(32)]),
+    batch = [(torch.stack([data.train[i][0][0] for i in range(32)]),
                              torch.stack([data.train[i][0][1] for i in range(32)]))]
+    stats = _importance(original, encoder_layers(original)[1], batch)
     facts = prune_encoder_(pruned, batch, heads=0.5, ffn=0.5, ffn_multiple=8)
     assert facts == {"heads": [2, 2, 2], "ffn": [32, 32, 32], "layers": [0, 1, 2]}
     attn = pruned.hf.encoder.layer[0].attention.self
     assert attn.query.out_features == 16 and attn.num_attention_heads == 2
-    ids, mask = embed_inputs[0]
+    ids, mask = batch[0]
     with torch.no_grad():
-        got, want = pruned(ids, mask), _zeroed(original, pruned)(ids, mask)
-    assert torch.allclose(got, want, atol=1e-5)  # slicing == zeroing the removed parts
+        got, want = pruned(ids, mask), _mean_replaced(original, pruned, stats)(ids, mask)
+        plain = original(ids, mask)
+    assert torch.allclose(got, want, atol=1e-5)  # slicing == removed features at their mean
+    assert not torch.allclose(got, plain, atol=1e-3)  # and something was removed
     with pytest.raises(RecipeError, match="keep_layers"):
         prune_encoder_(copy.deepcopy(original), batch, keep_layers=[0, 7])
     with pytest.raises(ModelError, match="BERT-layout"):
@@ -189,7 +196,7 @@ def test_layer_drop_recovered_by_distillation(world):
              for j in range(0, 96, 16)]
     test, _ = embed(teacher, data.test)
     before = mean_cosine(embed(student, data.test)[0], test)
-    history = distill_embeddings_(student, teacher, train, epochs=6, lr=1e-3)
+    history = distill_embeddings_(student, teacher, train, epochs=6, lr=1e-3, tokens=1.0)
     after = mean_cosine(embed(student, data.test)[0], test)  # held-out sentences
     assert history[-1] < history[0] / 5
     assert 1 - after < (1 - before) / 5 and after > 0.98
@@ -222,3 +229,19 @@ def test_encoder_prune_through_the_runner_with_int8(world):
     assert 0.5 < pruned["agreement"] < 1 and 0.5 < int8["agreement"] < 1
     assert int8["bytes"] < pruned["bytes"] and int8.get("integer_ops")
     assert (out / "deploy" / "quant.dynamic" / "model.onnx").is_file()
+
+
+def test_encoder_prune_from_python(world):
+    import lighten
+
+    data = sentences(world, limit_test=40)
+    model = encoder(world)
+    out, report = lighten.compress(model, {"llm.encoder_prune": {
+        "ffn": 0.5, "ffn_multiple": 8, "keep_layers": [1, 2], "samples": 16,
+        "distill": {"epochs": 1, "samples": 32}}}, data=data)
+    layers = out.hf.encoder.layer
+    assert len(layers) == 2 and layers[0].intermediate.dense.out_features == 32
+    assert len(model.hf.encoder.layer) == 3  # the caller's model is untouched
+    assert any("distilled from the original" in n for n in report.notes)
+    with pytest.raises(RecipeError, match="removes nothing"):
+        lighten.compress(model, {"llm.encoder_prune": {}}, data=data)

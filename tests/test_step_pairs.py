@@ -171,6 +171,16 @@ PAIR_REFUSALS: dict[tuple, str] = {
     ("dynamic.gating", "dynamic.early_exit"): "a dynamic step comes last, once",
     **{(first, "dynamic.any_precision"): "a dynamic step comes last, once"
        for first in ("dynamic.early_exit", "dynamic.gating", "dynamic.slimmable")},
+    # dynamic.slimmable: its layers are SlimConv/SlimLinear (every width's weights in one)
+    **{("dynamic.slimmable", second): FIXED for second in ("prune.channels", "share.channels")},
+    **{(first, "dynamic.slimmable"): FIXED for first in ("share.pq", "dynamic.early_exit",
+                                                         "dynamic.gating")},
+    ("dynamic.slimmable", "dynamic.slimmable"): "apply the step once",
+    ("dynamic.slimmable", "dynamic.early_exit"): "a dynamic step comes last, once",
+    ("dynamic.slimmable", "dynamic.gating"): "a dynamic step comes last, once",
+    ("cnn", "dynamic.slimmable", "quant.dynamic"): "found no nn.Linear",
+    ("cnn", "dynamic.slimmable", "quant.weight_only"): "found no nn.Linear / nn.Conv2d",
+    ("cnn", "dynamic.slimmable", "share.pq"): "found no Conv2d/Linear layer",
 }
 
 

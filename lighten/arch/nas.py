@@ -285,10 +285,10 @@ def nas_(model: nn.Module, config: NASConfig, ctx: StepContext) -> NASResult:
 
         seed = ctx.seed + trial.number
         if builder is not None:
-            fast = kind in ("macs", "params", "bytes")  # counted on shapes (meta device)
-            m, scale, c = fit_to_budget(lambda s: builder(arch, scale=s, seed=seed, meta=fast),
+            # costs are read off shapes: the widths tried are built on the meta device
+            m, scale, c = fit_to_budget(lambda s: builder(arch, scale=s, seed=seed, meta=True),
                                         lambda m: cost_of(m, arch), budget)
-            if m is not None and fast:
+            if m is not None:
                 m = builder(arch, scale=scale, seed=seed)
         else:
             m, scale = build_factory(arch, seed), 1.0
@@ -316,7 +316,7 @@ def nas_(model: nn.Module, config: NASConfig, ctx: StepContext) -> NASResult:
                       seed=ctx.seed, trials=config.trials,
                       time_budget_s=seconds(config.time_budget), sample=space.sample,
                       propose=propose, score=score, reference=space.reference(),
-                      progress=lambda msg: ctx.note(msg) if "resuming" in msg else None)
+                      progress=ctx.note)
     extra["search_seconds"] = round(time.perf_counter() - start, 1)
     rows = trial_rows(study)
     done = [r for r in rows if r["state"] == "complete"]

@@ -2,7 +2,8 @@
 
 Timing every candidate as a whole would cost an ONNX export and a session per candidate and
 per width tried while fitting the budget. Instead each Conv / Linear layer configuration
-(type, channels, kernel, stride, groups, input shape) is exported alone, timed once on the
+(type, channels, kernel, stride, groups, input shape) is written as a one-node ONNX model
+(:func:`layer_onnx`), timed once on the
 target backend at batch 1 (interleaved rounds, ``lighten.measure.timing``) and kept in a table
 (``latency_table.json`` in the search folder, so a resumed search does not time them again);
 a candidate's prediction is the sum over its layers. What the sum misses (adds, pooling, the
@@ -50,13 +51,60 @@ def _layers(model: nn.Module, example: tuple) -> list[tuple[str, nn.Module, tupl
 
     handles = [m.register_forward_pre_hook(hook) for m in model.modules()
                if isinstance(m, LAYERS)]
+    device = "meta" if any(p.is_meta for p in model.parameters()) else "cpu"
     try:
         with torch.no_grad():
-            model.eval()(*(x[:1] for x in example))
+            model.eval()(*(x[:1].to(device) for x in example))
     finally:
         for h in handles:
             h.remove()
     return found
+
+
+def layer_onnx(layer: nn.Module, shape: tuple[int, ...], path: Path) -> None:
+    """A one-node ONNX model of ``layer`` at input ``shape`` (random weights: only the shapes
+    matter for time). Written directly with onnx.helper: no PyTorch export per layer, which
+    would cost more than the timing itself."""
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    inp = helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", *shape])
+    out = helper.make_tensor_value_info("logits", TensorProto.FLOAT, None)
+    if isinstance(layer, nn.Linear):
+        w = rng.standard_normal((layer.in_features, layer.out_features), dtype=np.float32)
+        inits = [numpy_helper.from_array(w, "W")]
+        nodes = [helper.make_node("MatMul", ["input", "W"], ["mm" if layer.bias is not None
+                                                            else "logits"])]
+        if layer.bias is not None:
+            inits.append(numpy_helper.from_array(np.zeros(layer.out_features, np.float32), "B"))
+            nodes.append(helper.make_node("Add", ["mm", "B"], ["logits"]))
+    else:
+        w = rng.standard_normal((layer.out_channels, layer.in_channels // layer.groups,
+                                 *layer.kernel_size), dtype=np.float32)
+        inits = [numpy_helper.from_array(w, "W")]
+        names = ["input", "W"]
+        if layer.bias is not None:
+            inits.append(numpy_helper.from_array(np.zeros(layer.out_channels, np.float32), "B"))
+            names.append("B")
+        pads = list(layer.padding) * 2
+        nodes = [helper.make_node("Conv", names, ["logits"], kernel_shape=list(layer.kernel_size),
+                                  strides=list(layer.stride), pads=pads,
+                                  dilations=list(layer.dilation), group=layer.groups)]
+    graph = helper.make_graph(nodes, "layer", [inp], [out], initializer=inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    onnx.save(model, str(path))
+
+
+def _compile_layer(be, layer: nn.Module, shape: tuple[int, ...], workdir: Path):
+    if not callable(getattr(be, "compile_file", None)):
+        raise UnsupportedError(f"arch.nas latency budget: the {be.name} backend cannot time "
+                               "ONNX files; deploy on onnxruntime or openvino, or give "
+                               "target_macs / target_params / target_bytes")
+    workdir.mkdir(parents=True, exist_ok=True)
+    layer_onnx(layer, shape, workdir / "model.onnx")
+    return be.compile_file(workdir / "model.onnx", input_shape=shape)
 
 
 def _compile(be, module: nn.Module, workdir: Path, *, input_shape=None, inputs=None):
@@ -121,7 +169,7 @@ class LatencyTable:
         be = get_backend(self.backend, threads=self.threads)
         keys = list(todo)
         with tempfile.TemporaryDirectory(prefix="lighten-nas-layers-") as tmp:
-            compiled = [_compile(be, todo[k][0], Path(tmp) / str(i), input_shape=todo[k][1])
+            compiled = [_compile_layer(be, todo[k][0], todo[k][1], Path(tmp) / str(i))
                         for i, k in enumerate(keys)]
             stats = time_interleaved(compiled, runs=self.runs, batches=(1,)).stats[1]
         self.ms.update({k: s.median for k, s in zip(keys, stats, strict=True)})

@@ -55,7 +55,7 @@ def run(args) -> int:
     pre = meta.get("preprocessing") or pre
     model = resolved.model
     if args.width is not None:  # one width of a slimmable model, weights physically sliced
-        from lighten.dynamic.slimmable import plain_width
+        from lighten.dynamic.slimmable_runtime import plain_width
 
         model = plain_width(model, args.width)
         print(f"width {args.width:g}: the plain model of that width")

@@ -60,8 +60,9 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
                         help="weights to load (.safetensors, or .pt/.pth read weights-only)")
     parser.add_argument("--trust", action="store_true",
                         help="unpickle --weights .pt/.pth in full (torch.load(weights_only="
-                             "False)): this RUNS ANY CODE inside the file; only for files you "
-                             "made yourself")
+                             "False)), and build an artifact's python: model by running the "
+                             "file it names: this RUNS ANY CODE the files ask for; only for "
+                             "files you made yourself")
     parser.add_argument("--num-classes", type=positive_int, metavar="N",
                         help="classes of a zoo model (default 10); inferred for file.py:factory")
 
@@ -123,7 +124,7 @@ def resolve_model(ref: str, *, input_shape: tuple[int, ...] | None = None,
     if sep and path_part.endswith(".py"):
         return _from_python(ref, input_shape, weights, num_classes, data, trust)
     if ref.endswith(".safetensors") or Path(ref).is_file():
-        return _from_artifact(ref, input_shape, weights)
+        return _from_artifact(ref, input_shape, weights, trust)
     from lighten.errors import did_you_mean
     from lighten.models import ZOO
 
@@ -155,7 +156,7 @@ def _from_zoo(name, input_shape, weights, num_classes, data, warn, trust=False) 
                          spec.model_dump(exclude_none=True))
 
 
-def _from_artifact(ref, input_shape, weights) -> ResolvedModel:
+def _from_artifact(ref, input_shape, weights, trust=False) -> ResolvedModel:
     from lighten.errors import CheckpointError, ModelError
 
     path = Path(ref)
@@ -170,7 +171,7 @@ def _from_artifact(ref, input_shape, weights) -> ResolvedModel:
                          "drop --weights")
     from lighten.artifact import load_artifact
 
-    model, manifest = load_artifact(path)
+    model, manifest = load_artifact(path, trust=trust)
     shape = tuple(manifest.get("input_shape") or ())
     if not shape:
         raise CheckpointError(f"{ref!r} has no input_shape in its manifest; is it a lighten "

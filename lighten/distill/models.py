@@ -139,7 +139,9 @@ def _build(ref: ModelRef, ctx, *, data=None, shipped: bool = True
         if not path.is_file():
             raise ModelError(f"artifact {path} not found; give the path of a lighten "
                              ".safetensors file (a run's stages/NN-<stage>.safetensors)")
-        model, manifest = load_artifact(path)
+        # a stage of this run was built from this recipe's code; another file's python: model
+        # runs only when trusted (load_artifact)
+        model, manifest = load_artifact(path, trust=bool(ref.stage))
         return model, manifest.get("model_spec"), f"artifact {path.name}"
     spec = _model_spec(ref, ctx)
     model = build_model(ModelSpec(**spec, weights=ref.weights), input_shape=data.input_shape,

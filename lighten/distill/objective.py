@@ -168,9 +168,12 @@ class Objective:
         self.module = DistillModule([s.model for s in self.students], extras)
         self.module.teacher_fn = self.teachers
         self.cached: Tensor | None = None
+        self.teacher_fit: dict[str, float] | None = None  # with a cache: teacher on train set
         logits_only = not ({"features", "embeddings"} & needs)
         if self.teachers is not None and cache and logits_only and _scalar_labels(train_set):
-            self.cached = _predict_teachers(self.teachers, train_set, task)
+            self.cached, labels = _predict_teachers(self.teachers, train_set, task,
+                                                    with_labels=True)
+            self.teacher_fit = teacher_fit(self.cached, labels, params.temperature)
             self.dataset: Dataset = IndexedDataset(train_set)
         else:
             self.dataset = train_set
@@ -225,15 +228,32 @@ class Objective:
             self.teacher_tap.remove()
 
 
-def _predict_teachers(teachers: Teachers, dataset: Dataset, task) -> Tensor:
-    """The teachers' combined logits for every sample, in order (eval mode, no grad)."""
+def _predict_teachers(teachers: Teachers, dataset: Dataset, task, *,
+                      with_labels: bool = False):
+    """The teachers' combined logits for every sample, in order (eval mode, no grad); with
+    ``with_labels`` also the samples' labels."""
     from lighten.data import make_loader
 
-    out = []
+    out, labels = [], []
     with torch.inference_mode():
-        for x, _ in make_loader(dataset, 512, shuffle=False):
+        for x, y in make_loader(dataset, 512, shuffle=False):
             out.append(teachers(tuple(task.as_inputs(x))).float())
-    return torch.cat(out)
+            labels.append(torch.as_tensor(y))
+    return (torch.cat(out), torch.cat(labels)) if with_labels else torch.cat(out)
+
+
+def teacher_fit(logits: Tensor, labels: Tensor, temperature: float) -> dict[str, float]:
+    """How much a teacher has to teach on the training set: its top-1 accuracy there and the
+    mean probability it gives the true class at T = 1 and at the distillation temperature.
+
+    A teacher barely more accurate on the training set than the student can get by itself, or
+    one whose softened targets put little mass on the true class, makes soft targets a weaker
+    signal than the labels (issue #12: ResNet-20 teacher 93.5% / 0.90 / 0.51 at T 4)."""
+    p1 = F.softmax(logits, -1).gather(1, labels[:, None]).mean()
+    pt = F.softmax(logits / temperature, -1).gather(1, labels[:, None]).mean()
+    acc = (logits.argmax(-1) == labels).float().mean()
+    return {"train_accuracy": float(acc), "true_class_prob": float(p1),
+            "true_class_prob_at_t": float(pt)}
 
 
 def _scalar_labels(dataset: Dataset) -> bool:

@@ -259,5 +259,11 @@ def _describe(ctx: StepContext, config: DistillConfig, student: str, teachers: l
     if objective.cached is not None:
         ctx.note(f"teacher logits cached once for {len(objective.dataset)} training samples "
                  "(fixed data, no augmentation)")
+    if objective.teacher_fit is not None:
+        fit = objective.teacher_fit
+        ctx.note(f"teacher on the training set: top-1 {fit['train_accuracy']:.4f}, mean "
+                 f"true-class probability {fit['true_class_prob']:.3f} (T 1), "
+                 f"{fit['true_class_prob_at_t']:.3f} (T {config.temperature:g})")
+        ctx.summary["teacher_fit"] = fit
     ctx.summary.update(method=config.method, losses=dict(objective.losses),
                        teachers=teachers, student=student)

@@ -280,11 +280,11 @@ def any_precision(model: nn.Module, cfg: AnyPrecisionConfig, ctx: StepContext) -
                                "step comes last, once")
     require_modules(model, cfg.ignore, key="dynamic.any_precision ignore")
     spec = getattr(ctx, "model_spec", None) or zoo_spec(model, ctx)
-    floats = {n: m.weight.detach().clone() for n, m in model.named_modules() if nestable(m)}
-    had_zeros = any(bool((w == 0).any()) for w in floats.values())
     notes: list[str] = []
     names = nest_layers(model, cfg.bits, ignore=cfg.ignore, switchable_bn=cfg.switchable_bn,
                         notes=notes)
+    floats = {n: model.get_submodule(n).layer.weight.detach().clone() for n in names}
+    had_zeros = any(bool((w == 0).any()) for w in floats.values())
     for message in notes:
         ctx.note(message)
     if not names:

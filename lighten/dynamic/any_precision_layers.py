@@ -9,9 +9,10 @@ code ``t`` covers the stored codes ``[t 2^k, (t+1) 2^k)`` (``k = B - b``), whose
 coarser bin, so no width pays the half-step bias plain truncation has. Each width keeps its
 own per-channel scale ``s_b`` (learned), so the narrow grids are not forced to ``2^k s_B``.
 
-Training (:class:`NestedTrainer`): master float weights, a learned per-channel ``scale`` of
-the stored grid and per-width ratios; ``w_b = (floor(floor(w / s) / 2^k) + 0.5) 2^k s r_b``
-with straight-through floors, so the scale gradient is LSQ's quantization residual.
+Training (:class:`NestedTrainer`): master float weights, a learned per-channel scale ``s`` of
+the stored grid and per-width ratios ``r_b`` (both as logs);
+``w_b = (floor(floor(w / s) / 2^k) + 0.5) 2^k s r_b`` with straight-through floors, so the
+scale gradient is LSQ's quantization residual.
 Storage (:class:`NestedQuantLinear` / :class:`NestedQuantConv`): int8 ``codes`` + float32
 ``scales`` (one row per trained width); :class:`PrecisionBatchNorm` keeps one BatchNorm per
 width (the activations' statistics differ between 8 and 2 bits).
@@ -72,31 +73,33 @@ class _Switchable:
 
 
 def initial_scales(weight: Tensor, bits: list[int]) -> tuple[Tensor, Tensor]:
-    """(scale (out,), ratios (len(bits), out)): per output channel the clip ratio of max|w|
-    whose summed relative error over every width is smallest, and each width's least-squares
-    ratio on that grid."""
+    """(scale (out,), ratios (len(bits), out)): per output channel, the clip ratio of max|w|
+    minimizing ``sum_b err_b / min err_b`` (each width's relative error against the best that
+    width could reach alone, so 8 bits is not clipped to suit 2 bits), and each width's
+    least-squares ratio on that grid."""
     w = weight.detach().float().reshape(weight.shape[0], -1)  # (out, n)
     stored = bits[0]
     lo, hi = code_range(stored)
     amax = w.abs().amax(1).clamp_min(1e-12)
     energy = w.pow(2).sum(1).clamp_min(1e-30)
-    best_err = torch.full_like(amax, math.inf)
-    best_scale, best_ratio = amax / hi, torch.ones(len(bits), w.shape[0])
+    errors, scales, ratios = [], [], []
     for clip in _CLIPS:
         scale = clip * amax / 2 ** (stored - 1)
         codes = torch.clamp(torch.floor(w / scale[:, None]), lo, hi)
-        err, ratios = torch.zeros_like(amax), []
+        err, rs = [], []
         for b in bits:
             step = 2.0 ** (stored - b)
             base = (torch.floor(codes / step) + 0.5) * step * scale[:, None]
             r = (w * base).sum(1) / base.pow(2).sum(1).clamp_min(1e-30)
-            err += (w - r[:, None] * base).pow(2).sum(1) / energy
-            ratios.append(r)
-        better = err < best_err
-        best_err = torch.where(better, err, best_err)
-        best_scale = torch.where(better, scale, best_scale)
-        best_ratio = torch.where(better[None], torch.stack(ratios), best_ratio)
-    return best_scale, best_ratio
+            err.append((w - r[:, None] * base).pow(2).sum(1) / energy)
+            rs.append(r)
+        errors.append(torch.stack(err))
+        scales.append(scale)
+        ratios.append(torch.stack(rs))
+    errors = torch.stack(errors)  # (clips, widths, out)
+    pick = (errors / errors.amin(0, keepdim=True).clamp_min(1e-30)).sum(1).argmin(0)  # (out,)
+    rows = torch.arange(w.shape[0])
+    return torch.stack(scales)[pick, rows], torch.stack(ratios)[pick, :, rows].T
 
 
 class NestedTrainer(nn.Module, _Switchable):
@@ -107,8 +110,10 @@ class NestedTrainer(nn.Module, _Switchable):
         super().__init__()
         self.layer, self.bits, self.active = layer, list(bits), bits[0]
         scale, ratios = initial_scales(layer.weight, self.bits)
-        self.scale = nn.Parameter(scale)
-        self.ratios = nn.Parameter(ratios.clamp_min(1e-3))
+        # logs: an optimizer step moves a scale by a fraction of itself (Adam's step is ~lr
+        # whatever the gradient, and a weight scale is ~1e-3)
+        self.log_scale = nn.Parameter(scale.clamp_min(1e-12).log())
+        self.log_ratios = nn.Parameter(ratios.clamp_min(1e-3).log())
 
     def fake_weight(self, bits: int | None = None) -> Tensor:
         i = self._index(bits)
@@ -116,8 +121,9 @@ class NestedTrainer(nn.Module, _Switchable):
         w = self.layer.weight
         per_scale = w[0].numel()
         lo, hi = code_range(stored)
-        s = grad_scale(self.scale, 1 / math.sqrt(per_scale * hi)).clamp_min(1e-12)
-        r = grad_scale(self.ratios[i], 1 / math.sqrt(per_scale * max(2 ** (b - 1) - 1, 1)))
+        s = grad_scale(self.log_scale, 1 / math.sqrt(per_scale * hi)).exp()
+        r = grad_scale(self.log_ratios[i], 1 / math.sqrt(per_scale * max(2 ** (b - 1) - 1,
+                                                                          1))).exp()
         s, r = _per_row(s, w), _per_row(r, w)
         codes = torch.clamp(_floor_ste(w / s), lo, hi)
         step = 2.0 ** (stored - b)
@@ -135,10 +141,10 @@ class NestedTrainer(nn.Module, _Switchable):
     def to_storage(self) -> nn.Module:
         """The storage layer: the codes and each width's scale ``2^k s r_b``."""
         layer, stored = self.layer, self.bits[0]
-        s = self.scale.clamp_min(1e-12)
+        s = self.log_scale.exp()
         codes = torch.clamp(torch.floor(layer.weight / _per_row(s, layer.weight)),
                             *code_range(stored)).to(torch.int8)
-        scales = torch.stack([2.0 ** (stored - b) * s * self.ratios[i]
+        scales = torch.stack([2.0 ** (stored - b) * s * self.log_ratios[i].exp()
                               for i, b in enumerate(self.bits)])
         if isinstance(layer, nn.Linear):
             out = NestedQuantLinear(layer.in_features, layer.out_features, bits=self.bits,

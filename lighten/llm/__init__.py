@@ -9,4 +9,8 @@ installed package (:mod:`lighten.llm.sources`).
 Calibration runs one decoder block at a time (:mod:`lighten.llm.blockwise`): the inputs of
 block ``i`` are captured, its linears calibrated and replaced, and the compressed block is run
 to give block ``i + 1`` its inputs; the model is never copied, and the peak memory is measured.
+
+Sentence encoders (:mod:`lighten.llm.embedding`, :mod:`lighten.llm.encoder`): the ``embedding``
+task (R8 linear probe, mean cosine to the original) and ``llm.encoder_prune`` (heads, FFN
+neurons and layers of a BERT-family encoder, recovered by distillation from the original).
 """

@@ -14,10 +14,11 @@ lighten's generic ``prune.heads`` looks for a q/k/v + out projection inside one 
 ``prune.neurons`` for a traceable graph; a transformers encoder has its out projection in a
 sibling module and does not trace, hence this explicit rule for the one layout.
 
-Importance is measured on calibration sentences (padding excluded): a head's score is the squared
-norm of its contribution to the attention output (its context vectors through its columns of the
-out projection), a neuron's its mean absolute activation times the norm of its output column.
-The removed parts are checked exactly: zeroing them in a copy gives the pruned model's outputs.
+Importance is measured on calibration sentences (padding excluded), as FLAP (An et al. 2024)
+does: an input feature ``j`` of an out projection (a neuron's activation, a head's context
+dimension) scores ``var(x_j) * ||W[:, j]||^2``, the output error of replacing it by its mean; a
+head sums its dimensions. The removed features' mean contribution ``W[:, gone] @ mean[gone]``
+moves into the out projection's bias, so pruning costs only their fluctuation.
 
 Recovery (``distill:``): the pruned encoder learns to reproduce the original's embeddings
 (``1 - cosine``) on unlabeled sentences of the training split; the original's embeddings are
@@ -49,6 +50,7 @@ class EncoderDistill(StrictModel):
     samples: int = Field(2000, ge=1, description="unlabeled training sentences used")
     lr: float = Field(1e-4, gt=0)
     batch_size: int = Field(16, ge=1)
+    tokens: float = Field(0.0, ge=0, description="weight of the per-token hidden-state loss")
 
 
 class EncoderPruneConfig(PruneStepConfig):
@@ -242,13 +244,49 @@ def _hf_root(model: nn.Module) -> nn.Module:
 # ----------------------------------------------------------------------------- distillation
 
 
+class _LastHidden:
+    """Keeps the last hidden states ``(B, T, D)`` of the transformers model inside a wrapper."""
+
+    def __init__(self, model: nn.Module):
+        self.value: Tensor | None = None
+        root = _hf_root(model)
+        self.handle = root.register_forward_hook(self._hook) if root is not model else None
+
+    def _hook(self, module, args, output):
+        self.value = getattr(output, "last_hidden_state", None)
+
+    def remove(self):
+        if self.handle is not None:
+            self.handle.remove()
+
+
+def _token_loss(student: Tensor, teacher: Tensor, mask: Tensor) -> Tensor:
+    """Mean ``1 - cosine`` of the token states over the real (unmasked) tokens."""
+    cos = F.cosine_similarity(student, teacher, dim=-1)  # (B, T)
+    weights = mask.to(cos.dtype)
+    return ((1 - cos) * weights).sum() / weights.sum().clamp_min(1)
+
+
 def distill_embeddings_(student: nn.Module, teacher: nn.Module,
                         batches: list[tuple[Tensor, Tensor]], *, epochs: float = 1.0,
-                        lr: float = 1e-4, seed: int = 0) -> list[float]:
-    """Train ``student`` in place so its embeddings match ``teacher``'s (``1 - cosine``);
-    dropout stays off. Returns the mean loss of each epoch (a fraction: the last is partial)."""
-    with torch.no_grad():
-        targets = [teacher(ids, mask) for ids, mask in batches]
+                        lr: float = 1e-4, tokens: float = 0.0, seed: int = 0) -> list[float]:
+    """Train ``student`` in place so its embeddings match ``teacher``'s (``1 - cosine``), plus
+    ``tokens`` x the same loss on every real token's last hidden state (a denser signal: T
+    targets per sentence instead of one); dropout stays off. Returns the mean loss of each
+    epoch (a fraction: the last is partial)."""
+    t_tap = _LastHidden(teacher) if tokens else None
+    try:
+        with torch.no_grad():
+            targets, hidden = [], []
+            for ids, mask in batches:
+                targets.append(teacher(ids, mask))
+                hidden.append(t_tap.value.detach() if t_tap is not None else None)
+    finally:
+        if t_tap is not None:
+            t_tap.remove()
+    s_tap = _LastHidden(student) if tokens else None
+    if s_tap is not None and s_tap.handle is None:
+        raise ModelError("distillation on tokens needs a wrapped transformers model (.hf)")
     opt = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=lr,
                             weight_decay=0.0)
     steps = max(1, int(round(epochs * len(batches))))
@@ -264,6 +302,8 @@ def distill_embeddings_(student: nn.Module, teacher: nn.Module,
                     break
                 ids, mask = batches[j]
                 loss = (1 - F.cosine_similarity(student(ids, mask), targets[j], dim=-1)).mean()
+                if s_tap is not None:
+                    loss = loss + tokens * _token_loss(s_tap.value, hidden[j], mask)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
@@ -272,6 +312,8 @@ def distill_embeddings_(student: nn.Module, teacher: nn.Module,
             history.append(total / max(count, 1))
             total, count = 0.0, 0
     finally:
+        if s_tap is not None:
+            s_tap.remove()
         student.train(was_training)
         opt.zero_grad(set_to_none=True)
     return history
@@ -301,7 +343,9 @@ def encoder_prune(model: nn.Module, config: EncoderPruneConfig, ctx: StepContext
     if not (config.heads or config.ffn or config.keep_layers):
         raise RecipeError("llm.encoder_prune removes nothing; set heads, ffn (fractions) or "
                           "keep_layers")
-    teacher = ctx.baseline if ctx.baseline is not None else copy.deepcopy(model)
+    teacher = None
+    if config.distill is not None:  # the original: the run's baseline, else the model as given
+        teacher = ctx.baseline if ctx.baseline is not None else copy.deepcopy(model)
     calib = _sentence_batches(ctx, config.samples, 16) if (config.heads or config.ffn) else []
     before = sum(p.numel() for p in model.parameters())
     facts = prune_encoder_(model, calib, heads=config.heads, ffn=config.ffn,
@@ -310,11 +354,11 @@ def encoder_prune(model: nn.Module, config: EncoderPruneConfig, ctx: StepContext
     ctx.note(f"encoder: layers {facts['layers']}, heads per layer {facts['heads']}, FFN widths "
              f"{facts['ffn']}; parameters {before:,} -> {after:,}")
     ctx.summary.update({"encoder_" + k: v for k, v in facts.items()})
-    if config.distill is not None:
+    if config.distill is not None and teacher is not None:
         d = config.distill
         batches = _sentence_batches(ctx, d.samples, d.batch_size)
         history = distill_embeddings_(model, teacher.eval(), batches, epochs=d.epochs, lr=d.lr,
-                                      seed=ctx.seed)
+                                      tokens=d.tokens, seed=ctx.seed)
         ctx.note(f"distilled from the original: 1 - cosine per epoch "
                  f"{', '.join(f'{h:.4f}' for h in history)}")
         ctx.summary["distill_loss"] = history

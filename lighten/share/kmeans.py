@@ -24,7 +24,8 @@ saved model, its ONNX export and every later step see standard modules.
 Han et al. leave biases float; in a small, sparse model they are not negligible (LeNet-5's 236
 float32 biases took ~800 of a ~7,000-byte coded artifact), so ``bias_bits`` clusters each layer's
 bias into its own codebook, fine-tuned the same way, and ``float16`` rounds the codebooks (and
-the biases left float) to float16 values, which the artifact then stores in half the bytes.
+every other float32 tensor, such as BatchNorm statistics) to float16 values, which the artifact
+then stores in half the bytes.
 
 ``bits: auto`` measures each layer's sensitivity (relative output error on calibration inputs
 with only that layer clustered at each candidate width) and picks the widths with the least
@@ -74,8 +75,9 @@ class KMeansConfig(StepConfig):
         "2^bias_bits values (its codebook fine-tuned with the weights'); unset: biases stay "
         "float. LeNet-5's 236 float32 biases cost ~800 of a ~7,000-byte coded artifact")
     float16: bool = Field(
-        False, description="round the codebooks (and biases left float) to float16 after "
-        "fine-tuning: the artifact then stores those tables in half the bytes")
+        False, description="after fine-tuning, round every float32 value of the model (the "
+        "codebooks, biases and BatchNorm statistics left float) to float16: the artifact then "
+        "stores them in half the bytes")
 
     @field_validator("bits")
     @classmethod
@@ -270,16 +272,14 @@ def finetune_codebooks(model: nn.Module, clusters: dict[str, tuple[torch.Tensor,
 
 
 @torch.no_grad()
-def round_float16_(model: nn.Module, layers) -> None:
-    """Round the named layers' weights and biases to float16 values (kept float32): clustered
-    weights keep their zeros and at most their codebook's count of values, and the artifact
-    stores every tensor whose values are all float16 in float16 (tables in half the bytes)."""
-    for name in layers:
-        module = model.get_submodule(name)
-        for tensor in ("weight", "bias"):
-            param = module._parameters.get(tensor)
-            if isinstance(param, nn.Parameter) and param.dtype == torch.float32:
-                param.copy_(param.half().float())
+def round_float16_(model: nn.Module) -> None:
+    """Round every float32 parameter and buffer (weights, biases, BatchNorm statistics) to
+    float16 values, kept float32; tensors with values beyond float16's range stay as they are.
+    Clustered weights keep their zeros and at most their codebook's count of values, and the
+    artifact stores a tensor whose values are all float16 in float16: half the bytes."""
+    for t in [*model.parameters(), *model.buffers()]:
+        if t.dtype == torch.float32 and t.numel() and bool(t.abs().max() <= 65504):
+            t.copy_(t.half().float())
 
 
 def _bias_facts(module: nn.Module, cluster) -> dict:
@@ -357,7 +357,7 @@ def share_kmeans(model: nn.Module, cfg: KMeansConfig, ctx: StepContext) -> nn.Mo
     if cfg.finetune is not None and cfg.finetune.epochs:
         finetune_codebooks(model, clusters, ctx, cfg.finetune)
     if cfg.float16:
-        round_float16_(model, bits)
+        round_float16_(model)
     for name, module in layers.items():
         w = module.weight.detach()
         if name not in bits:
