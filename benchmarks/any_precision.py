@@ -125,7 +125,7 @@ def main(argv=None) -> int:
             print(f"{name} w{b}: {separate[name][b]['accuracy']:.4f}", flush=True)
     out["separate"] = separate
     args.out.mkdir(parents=True, exist_ok=True)
-    stem = "any_precision-quick" if args.quick else "any_precision"
+    stem = "any_precision.quick" if args.quick else "any_precision"
     (args.out / f"{stem}.json").write_text(json.dumps(out, indent=2))
     (args.out / f"{stem}.md").write_text(_markdown(out, args))
     print((args.out / f"{stem}.md").read_text())

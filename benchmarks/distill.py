@@ -1,9 +1,13 @@
 """Knowledge distillation on Fashion-MNIST: which loss teaches a small student best, and do
 mutual, ensemble and multi-task distillation and distillation-as-recovery pay?
 
-    python benchmarks/distill.py [--quick] [--epochs 5] [--train N] [--test N] [--seeds 0 1]
+    python benchmarks/distill.py [--quick] [--epochs 20] [--train N] [--test N] [--seeds 0 1]
         [--sections students mutual ensemble multitask prune cache] [--methods ...]
-        [--students lenet5 resnet20x0.25] [--out DIR]
+        [--students lenet5 resnet20x0.25] [--temperature T] [--alpha A] [--beta B] [--out DIR]
+
+20 epochs by default: at 10 a LeNet-5 trained on the labels alone is still far from converged
+(89.96% at 10 epochs, 91.14% at 20, seed 0), and a comparison of losses at a budget where
+the student is still fitting measures speed of fitting, not what the teacher adds.
 
 Every number goes through the library's own path (``lighten.compress(model, {"distill": ...})``
 and ``{"prune.channels": ...}``), same epochs and seeds for every row of a comparison:
@@ -275,7 +279,7 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true",
                         help="3,000 training / 1,000 test images, 1 epoch, LeNet-5 sections")
-    parser.add_argument("--epochs", type=float, default=5)
+    parser.add_argument("--epochs", type=float, default=20)
     parser.add_argument("--train", type=int, default=None)
     parser.add_argument("--test", type=int, default=None)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])

@@ -1,8 +1,11 @@
-"""Early exit on ResNet-20 / Fashion-MNIST: mean executed MACs and batch-1 latency per sample.
+"""Early exit / gating on ResNet-20 / Fashion-MNIST: mean executed MACs and batch-1 latency.
 
     python benchmarks/dynamic.py [--train 12000] [--head-epochs 1] [--epochs 1] [--max-drop 0.5]
-        [--holdout 0.1] [--freeze-backbone] [--exit-distill 0] [--lr-scale 0.1]
-        [--test 10000] [--latency-samples 1000] [--rounds 7] [--threads 2] [--quick] [--out DIR]
+        [--margin 1.5] [--holdout 0.1] [--head auto] [--freeze-backbone] [--exit-distill 0]
+        [--lr-scale 0.1] [--test 10000] [--latency-samples 1000] [--rounds 7] [--threads 2]
+        [--quick] [--out DIR]
+    python benchmarks/dynamic.py --step gating [--target-macs 0.65] [--budget per_gate]
+        [--gate-distill 0.5] [--head-epochs: gate epochs] [--epochs] [--lr-scale] ...
 
 Starts from the shipped ResNet-20 Fashion-MNIST weights (lighten/models/weights), applies
 ``lighten.compress(model, {"dynamic.early_exit": {...}}, data=...)`` on ``--train`` training
@@ -40,6 +43,8 @@ def main(argv=None) -> int:
     ap.add_argument("--head-epochs", type=float, default=1.0)
     ap.add_argument("--epochs", type=float, default=1.0, help="joint fine-tune epochs")
     ap.add_argument("--max-drop", type=float, default=0.5)
+    ap.add_argument("--margin", type=float, default=1.5,
+                    help="standard errors of the held-out drop kept as margin")
     ap.add_argument("--freeze-backbone", action="store_true",
                     help="the fine-tune trains the exit heads only (the final exit stays)")
     ap.add_argument("--exit-distill", type=float, default=0.0,
@@ -101,7 +106,7 @@ def main(argv=None) -> int:
     if args.step == "gating":
         return run_gating(args, argv, model, data, base, base_acc, base_macs, x_test, y_test,
                           chunks, train_cfg, threads)
-    step = {"max_drop": args.max_drop, "head_epochs": args.head_epochs,
+    step = {"max_drop": args.max_drop, "margin": args.margin, "head_epochs": args.head_epochs,
             "holdout": args.holdout, "freeze_backbone": args.freeze_backbone,
             "exit_distill": args.exit_distill, "head": args.head,
             "finetune": {"epochs": args.epochs, "lr_scale": args.lr_scale}}

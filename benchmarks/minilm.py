@@ -57,6 +57,8 @@ def parse_args(argv=None):
     p.add_argument("--distill-samples", type=int, default=4000)
     p.add_argument("--epochs", type=float, default=2.0, help="distillation epochs")
     p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--tokens", type=float, default=1.0,
+                   help="weight of the per-token hidden-state distillation loss")
     p.add_argument("--prune", default="0.25:0.5,0:0.25",
                    help="pruned rows, 'HEADS:FFN' fractions removed per layer, comma-separated")
     p.add_argument("--keep-layers", default="0,2,4", help="layers of the student ('' = none)")
@@ -212,7 +214,7 @@ def main(argv=None) -> dict:
         start = time.perf_counter()
         facts = prune_encoder_(student, calib, **cfg)
         history = distill_embeddings_(student, model, distill_set, epochs=args.epochs,
-                                      lr=args.lr)
+                                      lr=args.lr, tokens=args.tokens)
         seconds = time.perf_counter() - start
         info = {"facts": facts, "distill_loss": history, "distill_s": round(seconds, 1),
                 "params": sum(p.numel() for p in student.parameters())}
@@ -261,7 +263,7 @@ def write(result: dict, out: Path) -> None:
         f"{a['seq_len']} tokens; latency: batch of {a['batch']} sentences, "
         f"{result['threads']} ORT threads, {a['runs']} interleaved rounds; distillation: "
         f"{a['distill_samples']} unlabeled R8 training documents, {a['epochs']} epochs, "
-        f"lr {a['lr']}; {result['seconds']} s in all.",
+        f"lr {a['lr']}, token-loss weight {a.get('tokens', 0)}; {result['seconds']} s in all.",
         "",
         "| model | ms / batch | speed-up | ONNX bytes | cosine to original (mean / 5th pct) "
         "| R8 probe acc | Δ pts |",

@@ -4,7 +4,7 @@ with the same budget; the search's wall time and the latency predictor's median 
 
     python benchmarks/nas.py [--quick] [--epochs 6] [--train 60000] [--test 10000]
         [--trials 40] [--time-budget 30m] [--proxy-train 5000] [--proxy-epochs 1]
-        [--proxy-holdout 1000] [--runs 40] [--threads 2] [--parts macs latency]
+        [--proxy-holdout 1000] [--proxy-batch 64] [--runs 40] [--threads 2] [--parts macs latency]
         [--out benchmarks/results]
 
 Training (every contender): the shipped ResNet-20 checkpoint's recipe (SGD 0.1, momentum 0.9,
@@ -14,8 +14,8 @@ starts from the shipped trained ResNet-20 and fine-tunes the same epochs at lr 0
 step is for: it keeps the trained weights). ``--parts latency`` adds NAS under a measured ORT
 latency budget of 0.5x ResNet-20's batch-1 latency (``target_latency: 0.5``). All models of a
 table are timed together in interleaved rounds (benchmarks/bench_timing.py). ``--quick``: 2,000
-training / 1,000 test images, 0.5 epoch, 4 trials of 512-image proxies, 10 timed runs (a smoke
-run, not a result). Writes ``nas.json`` and ``nas.md`` to ``--out``.
+training / 1,000 test images, 0.5 epoch, 4 trials of 512-image proxies (1 epoch, batch 32), 10
+timed runs (a smoke run, not a result). Writes ``nas.json`` and ``nas.md`` to ``--out``.
 """
 
 from __future__ import annotations
@@ -59,7 +59,8 @@ def shipped():
 def nas_step(args, target: dict) -> dict:
     return {"arch.nas": {**target, "trials": args.trials, "time_budget": args.time_budget,
                          "proxy": {"epochs": args.proxy_epochs, "train": args.proxy_train,
-                                   "holdout": args.proxy_holdout},
+                                   "holdout": args.proxy_holdout,
+                                   "batch_size": args.proxy_batch},
                          "predict_latency": True, "latency_runs": args.runs,
                          "finetune": {"epochs": args.epochs}}}
 
@@ -183,7 +184,8 @@ def markdown(res: dict, args, machine: str) -> str:
            f"`python benchmarks/nas.py {' '.join(args.argv)}` — {machine}", "",
            f"Training: {args.epochs:g} epoch(s) on {args.train:,} images for every contender "
            f"(SGD 0.1, cosine); test accuracy on {args.test:,} images. NAS: {args.trials} "
-           f"trials, proxy {args.proxy_epochs:g} epoch(s) on {args.proxy_train:,} images, "
+           f"trials, proxy {args.proxy_epochs:g} epoch(s) on {args.proxy_train:,} images "
+           f"(batch {args.proxy_batch}), "
            f"scored on {args.proxy_holdout:,} held-out training images.", ""]
     if "macs" in res:
         r = res["macs"]
@@ -228,6 +230,7 @@ def main(argv=None) -> None:
     parser.add_argument("--proxy-train", type=int, default=5000)
     parser.add_argument("--proxy-epochs", type=float, default=1.0)
     parser.add_argument("--proxy-holdout", type=int, default=1000)
+    parser.add_argument("--proxy-batch", type=int, default=64)
     parser.add_argument("--runs", type=int, default=40)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--parts", nargs="+", default=["macs", "latency"])
@@ -236,7 +239,8 @@ def main(argv=None) -> None:
     args.argv = list(argv if argv is not None else sys.argv[1:])
     if args.quick:
         args.train, args.test, args.epochs, args.runs = 2000, 1000, 0.5, 10
-        args.trials, args.proxy_train, args.proxy_epochs, args.proxy_holdout = 4, 512, 0.5, 256
+        args.trials, args.proxy_train, args.proxy_epochs, args.proxy_holdout = 4, 512, 1, 256
+        args.proxy_batch = 32
     from lighten.data import DataSpec, load_data
     from lighten.provenance import machine
 

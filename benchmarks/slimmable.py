@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -120,7 +121,8 @@ def main(argv=None) -> int:
         row.update(latency_ms_b1=t["median"], latency_ms_b1_spread=t["spread"],
                    latency_rounds=t["rounds"])
     result = {
-        "command": "python benchmarks/slimmable.py " + " ".join(argv or []),
+        "command": " ".join(["python benchmarks/slimmable.py",
+                             *(sys.argv[1:] if argv is None else argv)]),
         "epochs": args.epochs, "train": len(data.train), "test": len(data.test),
         "lr": args.lr, "threads": threads, "runs": args.runs,
         "latency_samples": args.latency_samples, "artifact_bytes": artifact_bytes(artifact),

@@ -558,7 +558,8 @@ def _width_sections(output_dir: Path, rows: Sequence[dict]) -> list[tuple[str, A
 
 def _dynamic_sections(rows: Sequence[dict]) -> list[tuple[str, Any]]:
     """Per dynamic stage (a row with ``dynamic``): dynamic.early_exit's exits (share of test
-    samples answered there, their accuracy, the MACs spent), dynamic.gating's blocks."""
+    samples answered there, their accuracy, the MACs spent), dynamic.gating's blocks,
+    dynamic.slimmable's widths (each width's own accuracy, MACs, params, latency)."""
     out: list[tuple[str, Any]] = []
     for r in rows:
         dyn = r.get("dynamic")
@@ -574,6 +575,14 @@ def _dynamic_sections(rows: Sequence[dict]) -> list[tuple[str, Any]]:
                     for b in dyn["blocks"]]
             out.append((f"Gated blocks: {r.get('stage')}", ("table",
                         ["block", "share of test samples that run it", "MACs"], body)))
+        if dyn.get("kind") == "slimmable" and isinstance(dyn.get("widths"), list):
+            body = [[f"{w.get('width'):g}" + (" (deployed)" if w.get("width") == dyn.get("width")
+                                              else ""), _pct(w.get("accuracy")),
+                     human_count(w.get("macs")), human_count(w.get("params")),
+                     _ms(w.get("latency_ms_b1"))]
+                    for w in dyn["widths"]]
+            out.append((f"Slimmable widths: {r.get('stage')}", ("table",
+                        ["width", "accuracy", "MACs", "params", "latency ms (b1)"], body)))
     return out
 
 

@@ -102,7 +102,7 @@ def test_multitask_student_has_one_head_per_task_saved_and_exported(setup, tmp_p
     save_artifact(model, path, model_spec={"python": f"{setup['path']}:teacher",
                                            "input_shape": [1, 8, 8], "kwargs": {"width": 8}},
                   input_shape=[1, 8, 8], num_classes=10, task=data.task)
-    loaded, _ = load_artifact(path)
+    loaded, _ = load_artifact(path, trust=True)
     with torch.no_grad():
         assert torch.allclose(loaded(x), model(x), atol=1e-5)
         loaded.fc.select = None  # every head at once
@@ -157,9 +157,9 @@ def test_modes_from_one_recipe(setup, tmp_path, monkeypatch):
     result = run_recipe(load_recipe(recipe), progress=False)
     stages = [r["stage"] for r in result.rows]
     assert stages == ["baseline", "distill", "distill#2", "distill#3", "distill#4"]
-    model, manifest = load_artifact(out / "stages" / "03-distill#3.safetensors")
+    model, manifest = load_artifact(out / "stages" / "03-distill#3.safetensors", trust=True)
     assert manifest["model_spec"]["python"].endswith("kd_modes.py:student")
     assert type(model.head).__name__ == "MultiHead" and model.head.select == 0
     assert all((out / "deploy" / s / "model.onnx").is_file() for s in stages[1:])
-    hinted, _ = load_artifact(out / "stages" / "04-distill#4.safetensors")
+    hinted, _ = load_artifact(out / "stages" / "04-distill#4.safetensors", trust=True)
     assert set(hinted.state_dict()) == set(model.state_dict())  # no adapter saved

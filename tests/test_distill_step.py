@@ -84,7 +84,7 @@ def _roundtrip(model, spec, data, tmp_path):
     path = tmp_path / "student.safetensors"
     save_artifact(model, path, model_spec=spec, input_shape=list(data.input_shape),
                   num_classes=10, task=data.task)
-    loaded, manifest = load_artifact(path)
+    loaded, manifest = load_artifact(path, trust=True)
     x = torch.stack([data.test[i][0] for i in range(8)])
     with torch.no_grad():
         assert torch.allclose(model.eval()(x), loaded(x), atol=1e-5)
@@ -209,10 +209,10 @@ def test_distill_step_from_a_recipe_saves_the_student_as_the_stage(setup, tmp_pa
     result = run_recipe(load_recipe(recipe), progress=False)
     base, student, pruned = result.rows
     assert student["params"] < base["params"] and student["accuracy"] > 0.3
-    model, manifest = load_artifact(out / "stages" / "01-distill.safetensors")
+    model, manifest = load_artifact(out / "stages" / "01-distill.safetensors", trust=True)
     assert type(model).__name__ == "Student"
     assert manifest["model_spec"]["python"].endswith("kd_models.py:student")
-    later, manifest2 = load_artifact(out / "stages" / "02-prune.magnitude.safetensors")
+    later, manifest2 = load_artifact(out / "stages" / "02-prune.magnitude.safetensors", trust=True)
     assert manifest2["model_spec"] == manifest["model_spec"]  # later stages build the student
     x = torch.stack([torch.as_tensor(load_data(DataSpec(name="digits")).test[i][0])
                      for i in range(16)])

@@ -119,7 +119,7 @@ def test_every_precision_is_its_own_sub_model_and_they_differ(trained, digits):
 
 def test_one_artifact_stores_one_code_tensor_per_layer_and_serves_each_precision(trained):
     ap, _, path = trained
-    _, manifest = load_artifact(path)
+    _, manifest = load_artifact(path, trust=True)
     entries = manifest["tensors"]  # per state_dict entry, however it is stored on disk
     for name, layer in ap.nested_layers().items():
         own = sorted(k.rsplit(".", 1)[1] for k in entries if k.rsplit(".", 1)[0] ==
@@ -131,12 +131,12 @@ def test_one_artifact_stores_one_code_tensor_per_layer_and_serves_each_precision
         assert f.get_tensor("backbone.fc.codes").dtype == torch.int8
     x = _x()
     for b in ap.bits:
-        loaded, manifest = load_artifact(path, bits=b)
+        loaded, manifest = load_artifact(path, bits=b, trust=True)
         assert isinstance(loaded, AnyPrecisionModel) and loaded.active == b
         assert manifest["model_spec"]["python"].endswith("net.py:build")
         with torch.no_grad():
             assert torch.allclose(loaded(x), ap.plain(b)(x), atol=1e-5)
-    default, _ = load_artifact(path)  # saved at its widest precision
+    default, _ = load_artifact(path, trust=True)  # saved at its widest precision
     assert default.active == 8
 
 
@@ -162,14 +162,15 @@ def test_cli_export_picks_the_precision(trained, tmp_path, capsys):
 
     ap, _, path = trained
     out = tmp_path / "w4.onnx"
-    assert main(["export", str(path), "--bits", "4", "--onnx", str(out)]) == 0
+    assert main(["export", str(path), "--trust", "--bits", "4", "--onnx", str(out)]) == 0
     session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
     x = _x()
     with torch.no_grad():
         ref = ap.plain(4)(x).numpy()
     got = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
     assert np.abs(got - ref).max() < 1e-4
-    assert main(["export", str(path), "--bits", "3", "--onnx", str(tmp_path / "x.onnx")]) != 0
+    bad = ["export", str(path), "--trust", "--bits", "3", "--onnx", str(tmp_path / "x.onnx")]
+    assert main(bad) != 0
     assert "not one of this model's trained precisions [8, 4, 2]" in capsys.readouterr().err
 
 
@@ -178,7 +179,7 @@ def test_bad_input_is_one_clear_error(trained, digits):
     with pytest.raises(UnsupportedError, match=r"bits=3 is not one of .* \[8, 4, 2\]"):
         ap.set_precision(3)
     with pytest.raises(UnsupportedError, match="stored as 8-bit codes at most"):
-        load_artifact(path, bits=16)
+        load_artifact(path, bits=16, trust=True)
     with pytest.raises(ModelError, match="dynamic.any_precision"):
         select_precision(nn.Linear(2, 2), 4)
     with pytest.raises(RecipeError, match="each width must be 1..8"):

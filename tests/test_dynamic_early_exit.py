@@ -198,6 +198,20 @@ def test_calibrate_picks_the_cheapest_thresholds_within_the_drop():
     assert tight.met and tight.mean_cost <= 50
 
 
+def test_calibrate_margin_keeps_standard_errors_of_the_drop_in_reserve():
+    rng = np.random.default_rng(1)
+    n = 3000
+    scores = rng.uniform(size=(n, 1))
+    correct = np.stack([rng.uniform(size=n) < 0.6 + 0.4 * scores[:, 0],
+                        rng.uniform(size=n) < 0.95], 1)
+    plain = calibrate(scores, correct, [40, 100], max_drop=2.0)
+    safe = calibrate(scores, correct, [40, 100], max_drop=2.0, margin=2.0)
+    assert plain.met and safe.met and safe.mean_cost > plain.mean_cost
+    chosen = (scores[:, 0] < safe.thresholds[0]).astype(int)  # 0: exited, 1: final
+    diff = correct[:, 1].astype(float) - correct[np.arange(n), chosen]
+    assert diff.mean() + 2.0 * diff.std() / np.sqrt(n) <= 0.02 + 1e-12
+
+
 def test_artifact_reloads_with_identical_outputs(exited, digits, tmp_path):
     model, _ = exited
     assert model.backbone_spec == {"zoo": "lenet5"}  # recognised from the zoo

@@ -209,6 +209,7 @@ def test_recipe_records_the_per_width_breakdown(spec, tmp_path):
     assert row["macs"] == dyn["widths"][1]["macs"] < base["macs"]
     lines = (out / "metrics.jsonl").read_text().splitlines()
     assert json.loads(lines[-1])["dynamic"]["widths"][1]["width"] == 0.5
+    assert "Slimmable widths: dynamic.slimmable" in (out / "report.md").read_text()
 
 
 def test_bad_input_is_one_clear_error(slim, data):
@@ -219,6 +220,8 @@ def test_bad_input_is_one_clear_error(slim, data):
         parse_step({"dynamic.slimmable": {"widths": [0.5, 0.25]}}, where="r")
     with pytest.raises(LightenError, match=r"lie in \(0, 1\]"):
         parse_step({"dynamic.slimmable": {"widths": [1.0, 1.5]}}, where="r")
+    with pytest.raises(LightenError, match="width 0.3 is not among widths"):
+        parse_step({"dynamic.slimmable": {"width": 0.3}}, where="r")
     with pytest.raises(UnsupportedError, match="apply the step once"):
         lighten.compress(sm, SlimmableConfig(finetune={"epochs": 0}), data=data)
     with pytest.raises(UnsupportedError, match="not one this model was trained for"):
@@ -228,3 +231,33 @@ def test_bad_input_is_one_clear_error(slim, data):
         lighten.compress(flat, SlimmableConfig(finetune={"epochs": 0}), data=data)
     with pytest.raises(UnsupportedError, match="--width needs a slimmable model"):
         export_width(flat, 0.5, "never.onnx")
+
+
+class _Concat(nn.Module):
+    """Two branches concatenated: the consumer keeps non-adjacent input channels per width."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
+        self.b = nn.Sequential(nn.Conv2d(1, 4, 1), nn.BatchNorm2d(4), nn.ReLU())
+        self.mix = nn.Conv2d(12, 8, 3, padding=1)
+        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 10))
+
+    def forward(self, x):
+        return self.head(torch.relu(self.mix(torch.cat([self.a(x), self.b(x)], 1))))
+
+
+def test_concatenated_branches_slice_their_own_channels(data, tmp_path):
+    torch.manual_seed(0)
+    sm, _ = lighten.compress(_Concat(), SlimmableConfig(widths=[1.0, 0.5], finetune={
+        "epochs": 0}, calibration_samples=64), data=data)
+    assert sm.backbone.mix.ins[1] == [[0, 4], [8, 10]]  # a's first 4 and b's first 2
+    x = _x(data)
+    plain = sm.at_width(0.5)
+    assert plain.mix.in_channels == 6
+    path = tmp_path / "half.onnx"
+    export_width(sm, 0.5, path, sample_inputs=(x,))
+    deployed = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(
+        None, {"input": x.numpy()})[0]
+    with torch.no_grad():
+        assert np.abs(deployed - sm.eval().set_width(0.5)(x).numpy()).max() <= 1e-5

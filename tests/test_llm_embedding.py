@@ -245,3 +245,6 @@ def test_encoder_prune_from_python(world):
     assert any("distilled from the original" in n for n in report.notes)
     with pytest.raises(RecipeError, match="removes nothing"):
         lighten.compress(model, {"llm.encoder_prune": {}}, data=data)
+    with pytest.raises(RecipeError, match="no label loss"):
+        lighten.compress(model, {"llm.encoder_prune": {"ffn": 0.5, "finetune": {"epochs": 1}}},
+                         data=data)

@@ -150,6 +150,31 @@ def test_bias_bits_and_float16_shrink_the_artifact_and_reload_exactly(pruned, di
     assert evaluate(small, digits.test) > evaluate(plain, digits.test) - 0.05
 
 
+def test_float16_halves_batchnorm_bytes_and_reloads_exactly(tmp_path):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 32, 3), nn.BatchNorm2d(32), nn.ReLU(), nn.Flatten(),
+                          nn.LazyLinear(10))
+    x = torch.randn(8, 1, 6, 6)
+    model(x)  # materialise the lazy layer
+    model[1].running_var.uniform_(0.5, 2.0)
+    model[1].running_mean.normal_()
+    with torch.no_grad():
+        model[1].weight.uniform_(0.5, 1.5)
+        model[1].bias.normal_()
+    model.eval()
+    full, _ = compress(model, {"share.kmeans": {"bits": 4}})
+    half, _ = compress(model, {"share.kmeans": {"bits": 4, "float16": True}})
+    bn = half[1]
+    for t in (bn.weight, bn.bias, bn.running_mean, bn.running_var):
+        assert torch.equal(t.half().float(), t)
+    assert (half(x) - full(x)).abs().max() < 1e-2  # float16 rounding only
+    big = save_artifact(full, tmp_path / "full.safetensors", model_spec=None)
+    small = save_artifact(half, tmp_path / "half.safetensors", model_spec=None)
+    assert small <= big - 2 * 4 * 32  # four BatchNorm vectors of 32 values: 2 bytes each less
+    loaded, _ = load_artifact(tmp_path / "half.safetensors")
+    assert torch.equal(loaded(x), half(x))
+
+
 def test_onnx_export_runs_on_onnxruntime(pruned, digits, tmp_path):
     from lighten.export import export_onnx
 

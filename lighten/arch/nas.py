@@ -108,6 +108,8 @@ class ProxyConfig(StrictModel):
     train: int = Field(4096, ge=1, description="training samples each candidate trains on")
     holdout: int = Field(1024, ge=1, description="held-out training samples it is scored on")
     lr_scale: float = Field(1.0, gt=0, description="x the recipe's train lr")
+    batch_size: int | None = Field(None, ge=1, description="unset: the recipe's train "
+                                   "batch size (smaller: more steps from a small subset)")
 
 
 class NASFinetuneConfig(FinetuneConfig):
@@ -205,7 +207,8 @@ def proxy_score(model: nn.Module, ctx: StepContext, proxy: ProxyConfig, split, s
 
     base = ctx.train_config
     cfg = base.model_copy(update={"epochs": proxy.epochs, "seed": seed,
-                                  "lr": base.lr * proxy.lr_scale})
+                                  "lr": base.lr * proxy.lr_scale,
+                                  "batch_size": proxy.batch_size or base.batch_size})
     train(model, Subset(ctx.data.train, split[0]), cfg, progress=False, task=ctx.task)
     return float(evaluate(model, Subset(ctx.data.train, split[1]), task=ctx.task))
 

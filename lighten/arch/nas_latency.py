@@ -3,14 +3,15 @@
 Timing every candidate as a whole would cost an ONNX export and a session per candidate and
 per width tried while fitting the budget. Instead each Conv / Linear layer configuration
 (type, channels, kernel, stride, groups, input shape) is written as a one-node ONNX model
-(:func:`layer_onnx`), timed once on the
-target backend at batch 1 (interleaved rounds, ``lighten.measure.timing``) and kept in a table
-(``latency_table.json`` in the search folder, so a resumed search does not time them again);
-a candidate's prediction is the sum over its layers. What the sum misses (adds, pooling, the
-runtime's per-call overhead; BatchNorm and ReLU fold into the convs on ONNX Runtime) is
-calibrated by one affine fit ``measured ~ a * sum + b`` on a few whole models (the input model
-and uniformly narrowed copies) timed together. Its median relative error is then reported on
-*other* models (the search's best candidates), each timed as a whole.
+(:func:`layer_onnx`), timed once on the target backend at batch 1 (interleaved rounds,
+``lighten.measure.timing``) and kept in a table (``latency_table.json`` in the search folder,
+so a resumed search does not time them again). A candidate's prediction is the sum over its
+layers, each less the cost of one session call (timed on a near-empty one-node model), which
+a layer inside a model does not pay. What the sum misses (adds, pooling, the model's own call;
+BatchNorm and ReLU fold into the convs on ONNX Runtime) is calibrated by one affine fit
+``measured ~ a * sum + b`` on a few whole models (the input model and uniformly narrowed
+copies) timed together. Its median relative error is then reported on *other* models (the
+search's best candidates), each timed as a whole.
 """
 
 from __future__ import annotations
@@ -49,12 +50,13 @@ def _layers(model: nn.Module, example: tuple) -> list[tuple[str, nn.Module, tupl
         shape = tuple(args[0].shape[1:])
         found.append((_layer_key(module, shape), module, shape))
 
+    if not any(p.is_meta for p in model.parameters()):  # shapes only: no arithmetic
+        model = copy.deepcopy(model).to("meta")
     handles = [m.register_forward_pre_hook(hook) for m in model.modules()
                if isinstance(m, LAYERS)]
-    device = "meta" if any(p.is_meta for p in model.parameters()) else "cpu"
     try:
         with torch.no_grad():
-            model.eval()(*(x[:1].to(device) for x in example))
+            model.eval()(*(x[:1].to("meta") for x in example))
     finally:
         for h in handles:
             h.remove()
@@ -146,12 +148,14 @@ class LatencyTable:
     ms: dict[str, float] = field(default_factory=dict)
     a: float = 1.0
     b: float = 0.0
+    overhead: float | None = None  # ms of one call of a near-empty layer model
     calibration: list[tuple[float, float]] = field(default_factory=list)  # (sum, measured)
 
     def __post_init__(self) -> None:
         if self.path is not None and Path(self.path).is_file():
             saved = json.loads(Path(self.path).read_text())
             self.ms.update(saved.get("layers", {}))
+            self.overhead = saved.get("overhead")
             self.calibration = [tuple(p) for p in saved.get("calibration", [])]
             if self.calibration:
                 self._fit()
@@ -160,7 +164,7 @@ class LatencyTable:
         if self.path is not None:
             Path(self.path).write_text(json.dumps(
                 {"backend": self.backend, "threads": self.threads, "layers": self.ms,
-                 "calibration": self.calibration}, indent=0))
+                 "overhead": self.overhead, "calibration": self.calibration}, indent=0))
 
     def _time_layers(self, todo: dict[str, tuple[nn.Module, tuple]]) -> None:
         from lighten.backends import get_backend
@@ -168,11 +172,17 @@ class LatencyTable:
 
         be = get_backend(self.backend, threads=self.threads)
         keys = list(todo)
+        if self.overhead is None:  # a 1x1 conv on one pixel: what a call costs by itself
+            todo["overhead"] = (nn.Conv2d(1, 1, 1), (1, 1, 1))
+            keys.append("overhead")
         with tempfile.TemporaryDirectory(prefix="lighten-nas-layers-") as tmp:
             compiled = [_compile_layer(be, todo[k][0], todo[k][1], Path(tmp) / str(i))
                         for i, k in enumerate(keys)]
             stats = time_interleaved(compiled, runs=self.runs, batches=(1,)).stats[1]
-        self.ms.update({k: s.median for k, s in zip(keys, stats, strict=True)})
+        times = {k: s.median for k, s in zip(keys, stats, strict=True)}
+        if "overhead" in times:
+            self.overhead = times.pop("overhead")
+        self.ms.update(times)
         self._save()
 
     def layer_sum(self, model: nn.Module, example: tuple) -> float:
@@ -181,7 +191,8 @@ class LatencyTable:
         todo = {k: (m, shape) for k, m, shape in layers if k not in self.ms}
         if todo:
             self._time_layers(todo)
-        return sum(self.ms[k] for k, _, _ in layers)
+        # a layer timed alone includes one session call, which a whole model pays once
+        return sum(max(self.ms[k] - (self.overhead or 0.0), 0.0) for k, _, _ in layers)
 
     def _fit(self) -> None:
         xs, ys = zip(*self.calibration, strict=True)
@@ -192,7 +203,7 @@ class LatencyTable:
         self.a = sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / \
             sum((x - mx) ** 2 for x in xs)
         self.b = my - self.a * mx
-        if self.a <= 0 or self.b < 0:  # overhead cannot be negative: a fit through 0
+        if self.a <= 0:  # timing noise swamped the trend: a fit through 0
             self.a = sum(x * y for x, y in zip(xs, ys, strict=True)) / sum(x * x for x in xs)
             self.b = 0.0
 

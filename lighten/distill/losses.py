@@ -148,10 +148,13 @@ class Batch:
 
 @dataclass(frozen=True)
 class LossParams:
-    temperature: float = 4.0
-    alpha: float = 0.9    # hinton: weight of the soft targets (1 - alpha on the labels)
+    """The losses' knobs; defaults as the ``distill`` step's (chosen on Fashion-MNIST, see
+    :class:`lighten.distill.step.DistillConfig`); the functions above keep the papers'."""
+
+    temperature: float = 2.0
+    alpha: float = 0.5    # hinton: weight of the soft targets (1 - alpha on the labels)
     dkd_alpha: float = 1.0
-    dkd_beta: float = 8.0
+    dkd_beta: float = 2.0
 
 
 @dataclass(frozen=True)

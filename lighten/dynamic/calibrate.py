@@ -6,8 +6,10 @@ its first confident exit, so accuracy and mean cost of any thresholds are a few 
 a coordinate search over per-exit grids (the quantiles of that exit's confidences) is cheap.
 
 Targets: ``max_drop`` (accuracy points the exits may lose against running every sample to the
-final exit) -> the cheapest thresholds within it; ``target_macs`` (mean cost as a fraction of
-``reference_cost``, the model without exits) -> the most accurate thresholds within it.
+final exit; with ``margin`` > 0, the held-out estimate plus ``margin`` standard errors of it,
+so that the drop also holds on new data with that confidence) -> the cheapest thresholds
+within it; ``target_macs`` (mean cost as a fraction of ``reference_cost``, the model without
+exits) -> the most accurate thresholds within it.
 """
 
 from __future__ import annotations
@@ -53,8 +55,8 @@ def evaluate(scores, correct, costs, thresholds) -> tuple[float, float, np.ndarr
 
 
 def calibrate(scores: np.ndarray, correct: np.ndarray, costs, *, max_drop: float | None = None,
-              target_macs: float | None = None, reference_cost: float | None = None
-              ) -> Calibration:
+              target_macs: float | None = None, reference_cost: float | None = None,
+              margin: float = 0.0) -> Calibration:
     """Thresholds for ``scores`` (N, K: confidence of exits 0..K-1), ``correct`` (N, K+1: exit
     k right on sample n, the final exit last) and ``costs`` (K+1 cumulative costs)."""
     scores = np.asarray(scores, dtype=np.float64)
@@ -64,11 +66,17 @@ def calibrate(scores: np.ndarray, correct: np.ndarray, costs, *, max_drop: float
     final_acc = float(correct[:, -1].mean())
     reference = float(reference_cost or costs[-1])
 
+    rows = np.arange(len(correct))
+
     def key(t) -> tuple[float, float]:
-        acc, cost, _ = evaluate(scores, correct, costs, t)
+        acc, cost, chosen = evaluate(scores, correct, costs, t)
         if target_macs is not None:
             return max(0.0, cost / reference - target_macs), -acc
-        return max(0.0, final_acc - max_drop / 100.0 - acc), cost
+        drop = final_acc - acc
+        if margin:  # standard error of the paired per-sample difference
+            diff = correct[:, -1].astype(np.float64) - correct[rows, chosen]
+            drop += margin * diff.std() / np.sqrt(len(diff))
+        return max(0.0, drop - max_drop / 100.0), cost
 
     grids = [np.unique(np.r_[np.quantile(scores[:, i], np.linspace(0, 1, GRID)), NEVER])
              for i in range(k)]
@@ -87,7 +95,6 @@ def calibrate(scores: np.ndarray, correct: np.ndarray, costs, *, max_drop: float
         if not changed:
             break
     acc, cost, chosen = evaluate(scores, correct, costs, best)
-    rows = np.arange(len(chosen))
     shares = [float((chosen == i).mean()) for i in range(k + 1)]
     exit_acc = [float(correct[rows[chosen == i], i].mean()) if (chosen == i).any() else None
                 for i in range(k + 1)]

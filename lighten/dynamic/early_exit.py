@@ -47,6 +47,9 @@ class EarlyExitConfig(StepConfig):
                                       "sample as a fraction of the model's; most accurate within")
     exits: Literal["auto"] | list[str] = Field("auto", description="module names to put exits "
                                                "after, or auto (chosen by held-out cost/accuracy)")
+    margin: float = Field(1.5, ge=0, description="max_drop must hold for the held-out drop plus "
+                          "this many standard errors of it (what the test set then loses "
+                          "stays within max_drop more often)")
     criterion: Literal["max_softmax", "entropy"] = "max_softmax"
     head: Literal["auto", "conv2", "conv", "pool"] = Field(
         "auto", description="exit head: conv (conv3x3+BN+ReLU, global pool, linear), conv2 (a "
@@ -104,7 +107,8 @@ def early_exit(model: nn.Module, cfg: EarlyExitConfig, ctx: StepContext) -> nn.M
                      loss_terms=[exit_loss_term(cfg.exit_weight)])
     multi.freeze_backbone(False)
     stats = held_out_stats(multi, held)
-    target = {"max_drop": cfg.max_drop, "target_macs": cfg.target_macs, "reference_cost": total}
+    target = {"max_drop": cfg.max_drop, "target_macs": cfg.target_macs, "reference_cost": total,
+              "margin": cfg.margin}
     if cfg.exits == "auto" and len(positions) > 1:
         keep = select_exits(stats, [macs[i] for i in positions], head_cost, total, target)
         dropped = [chain[positions[i]] for i in range(len(positions)) if i not in keep]

@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from torch import Tensor, nn
 
 from lighten.dynamic.slimmable_layers import (
@@ -77,6 +77,12 @@ class SlimmableConfig(StepConfig):
             raise ValueError(f"widths must include 1.0 (the full model holds the shared "
                              f"weights), got {v}")
         return sorted(set(float(w) for w in v), reverse=True)
+
+    @model_validator(mode="after")
+    def _width_is_one_of_them(self):
+        if all(abs(self.width - w) > 1e-6 for w in self.widths):
+            raise ValueError(f"width {self.width} is not among widths {self.widths}")
+        return self
 
 
 @register_module_type
@@ -181,9 +187,6 @@ def slimmable(model: nn.Module, cfg: SlimmableConfig, ctx: StepContext) -> nn.Mo
                                "step once")
     require_modules(model, cfg.ignore, key="dynamic.slimmable ignore")
     width = float(cfg.width)
-    if all(abs(width - w) > 1e-6 for w in cfg.widths):
-        raise UnsupportedError(f"dynamic.slimmable width {width} is not among widths "
-                               f"{cfg.widths}")
     specs = ctx.task.inputs
     if len(specs) != 1 or not specs[0].is_float:
         raise UnsupportedError("dynamic.slimmable needs a model with one float input (its "
@@ -250,6 +253,10 @@ def sandwich_term(sm: SlimmableModel, task, *, per_batch: int = 4, distill: bool
     n = len(sm.widths)
 
     def term(model: nn.Module, x, outputs: Tensor, y: Tensor) -> Tensor:
+        if isinstance(outputs, dict):  # finetune: distill wraps the model (lighten.distill)
+            outputs = outputs["students"][0]
+            if outputs.dim() == 2 and y.dim() == 2:  # labels [y, index] of cached teachers
+                y = y[:, 0]
         total = outputs.new_zeros(())
         if not sm.training or n == 1:
             return total

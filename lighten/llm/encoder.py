@@ -343,6 +343,10 @@ def encoder_prune(model: nn.Module, config: EncoderPruneConfig, ctx: StepContext
     if not (config.heads or config.ffn or config.keep_layers):
         raise RecipeError("llm.encoder_prune removes nothing; set heads, ffn (fractions) or "
                           "keep_layers")
+    if config.finetune is not None and getattr(ctx.task, "kind", None) == "embedding":
+        raise RecipeError("llm.encoder_prune: an embedding has no label loss to fine-tune on; "
+                          "replace finetune: with distill: {epochs: 1} (recovery from the "
+                          "original's embeddings)")
     teacher = None
     if config.distill is not None:  # the original: the run's baseline, else the model as given
         teacher = ctx.baseline if ctx.baseline is not None else copy.deepcopy(model)

@@ -8,8 +8,9 @@ channel and int8 activations quantized at run time, with an integer matmul.
 
 Activations are quantized **per token** by default (one symmetric scale per row, from that row's
 ``max |x|``), as the W8A8 LLM kernels do (SmoothQuant's O1/O2, vLLM, TensorRT-LLM): one scale per
-tensor lets a single outlier token coarsen every other token's grid, which cost SmolLM2-135M
-+18% perplexity where per-token costs a few percent. ``activations: tensor`` keeps the
+tensor lets a single outlier token (LLMs' first-token "attention sink" rows are hundreds of
+times larger) coarsen every other token's grid; with it SmolLM2-135M lost 18% perplexity
+(``benchmarks/llm.py --quick``). ``activations: tensor`` keeps the
 per-tensor uint8 form of ``quant.dynamic`` (ONNX ``DynamicQuantizeLinear``). In ONNX, per token
 is ``ReduceMax(|x|)`` → ``Round(x / s)`` shifted to uint8 (+128, an exact scalar zero point) →
 ``MatMulInteger`` → times ``s · w_scale``; ORT's integer kernels run it.
