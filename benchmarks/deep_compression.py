@@ -39,7 +39,9 @@ RESULTS = HERE / "results"
 RECIPES = [ROOT / "recipes" / "deep_compression_lenet300.yaml",
            ROOT / "recipes" / "deep_compression_lenet5.yaml",
            HERE / "recipes" / "deep-compression-lenet300-push.yaml",
-           HERE / "recipes" / "deep-compression-lenet5-push.yaml"]
+           HERE / "recipes" / "deep-compression-lenet5-push.yaml",
+           HERE / "recipes" / "deep-compression-lenet5-layered.yaml",
+           HERE / "recipes" / "deep-compression-lenet300-97.yaml"]
 
 
 def prepared(path: Path, out: Path, *, epochs: float, train: int | None, runs: int,

@@ -244,8 +244,11 @@ def main(argv=None) -> dict:
         r["latency_iqr_pct"] = iqr_pct(times)
         r["speedup"] = float(np.median(np.array(rounds[0]) / np.array(times)))
         r["onnx"] = r["onnx"].name
-    result = {"args": vars(args), "rows": rows, "seconds": round(time.perf_counter() - t0),
-              "classes": names, "threads": args.threads}
+    command = " ".join(["python benchmarks/minilm.py", *(argv if argv is not None else
+                                                         sys.argv[1:])])
+    result = {"command": command, "args": vars(args), "rows": rows,
+              "seconds": round(time.perf_counter() - t0), "classes": names,
+              "threads": args.threads}
     write(result, Path(args.out))
     return result
 
@@ -258,7 +261,7 @@ def write(result: dict, out: Path) -> None:
     lines = [
         "# all-MiniLM-L6-v2 on ONNX Runtime: int8 and structured pruning",
         "",
-        f"`python benchmarks/minilm.py{' --quick' if a['quick'] else ''}` -- R8 probe: "
+        f"`{result['command']}` -- R8 probe: "
         f"{a['probe_train'] or 'all'} training / {a['probe_test'] or 'all'} test documents, "
         f"{a['seq_len']} tokens; latency: batch of {a['batch']} sentences, "
         f"{result['threads']} ORT threads, {a['runs']} interleaved rounds; distillation: "

@@ -248,20 +248,23 @@ def main(argv=None) -> None:
     data = load_data(DataSpec(name="fashion-mnist", limit_train=args.train,
                               limit_test=args.test))
     res: dict = {}
-    with tempfile.TemporaryDirectory(prefix="lighten-nas-bench-") as tmp:
-        if "macs" in args.parts:
-            res["macs"] = run_macs(data, args, Path(tmp))
-        if "latency" in args.parts:
-            res["latency"] = run_latency(data, args, Path(tmp))
     m = machine()
     line = f"{m.get('cpu', '')} ({m.get('cpu_class', '')}), threads {args.threads or 'all'}"
     args.out.mkdir(parents=True, exist_ok=True)
     stem = "nas-quick" if args.quick else "nas"
+    with tempfile.TemporaryDirectory(prefix="lighten-nas-bench-") as tmp:
+        for part, fn in (("macs", run_macs), ("latency", run_latency)):
+            if part in args.parts:
+                res[part] = fn(data, args, Path(tmp))
+                write(res, args, line, stem)  # after each part: a long run keeps what it did
+    print((args.out / f"{stem}.md").read_text())
+
+
+def write(res: dict, args, line: str, stem: str) -> None:
     (args.out / f"{stem}.json").write_text(json.dumps(
         {**res, "args": {k: v for k, v in vars(args).items() if k != "out"}}, indent=1,
         default=str))
     (args.out / f"{stem}.md").write_text(markdown(res, args, line))
-    print((args.out / f"{stem}.md").read_text())
 
 
 if __name__ == "__main__":

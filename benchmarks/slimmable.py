@@ -3,13 +3,14 @@ separately trained model of each width, with ONNX Runtime batch-1 latency per wi
 
     python benchmarks/slimmable.py [--epochs 10] [--train 60000] [--test 10000] [--runs 7]
         [--widths 1.0 0.75 0.5 0.25] [--lr 0.1] [--latency-samples 500] [--threads N]
-        [--quick] [--out DIR]
+        [--inplace-distill] [--quick] [--out DIR]
 
 Both sides start from the same fresh ResNet-20 initialization and get the same ``--epochs``
 (SGD, lr ``--lr``, cosine, momentum 0.9, wd 5e-4, flip/shift augmentation, batch 128):
 
 * slimmable: ``lighten.compress(model, {"dynamic.slimmable": {widths, finetune: {epochs, lr}}})``
-  trains every width at once (each batch: the widest on the labels, the others on its outputs);
+  trains every width at once (each batch: every width on the labels; ``--inplace-distill``: the
+  narrower ones on the widest's outputs);
 * separate: for each width, the plain ResNet-20 of that width (the same channels per layer as
   the slimmable model's width, :meth:`SlimmableModel.at_width`) re-initialized and trained alone.
 
@@ -46,6 +47,8 @@ def main(argv=None) -> int:
     ap.add_argument("--latency-samples", type=int, default=500)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--inplace-distill", action="store_true",
+                    help="narrower widths learn the widest's outputs (default: the labels)")
     ap.add_argument("--quick", action="store_true", help="tiny budget: checks the script runs")
     ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args(argv)
@@ -85,6 +88,7 @@ def main(argv=None) -> int:
     start = time.perf_counter()
     sm, report = lighten.compress(
         fresh, {"dynamic.slimmable": {"widths": args.widths,
+                                      "inplace_distill": args.inplace_distill,
                                       "finetune": {"epochs": args.epochs, "lr": args.lr}}},
         data=data, train=cfg, seed=args.seed, progress=True)
     slim_seconds = time.perf_counter() - start

@@ -371,9 +371,10 @@ def load_artifact(path: str | os.PathLike, *, model: nn.Module | None = None,
     Without ``model`` the architecture is built from the manifest's ``model_spec``. A
     ``python:`` spec names a file and a function to run with keyword arguments, all taken from
     the file being loaded -- code execution if the file is hostile -- so it is run only with
-    ``trust=True`` (``--trust``: you made this file, or trust who did); otherwise pass
-    ``model`` (used as the skeleton and modified in place). Zoo and ``hf:`` specs run no code
-    from the file and need no trust.
+    ``trust=True`` (``--trust``: you made this file, or trust who did) or when this process
+    has imported that file already (not a library file: a model written and reloaded in one
+    session); otherwise pass ``model`` (used as the skeleton and modified in place). Zoo and
+    ``hf:`` specs run no code from the file and need no trust.
     """
     path = Path(path)
     manifest = _read_manifest(path)
@@ -543,7 +544,7 @@ def _build_from_spec(path: Path, manifest: dict, *, trust: bool = False) -> nn.M
     except (ValidationError, TypeError) as err:
         raise CheckpointError(f"{path} has an invalid model_spec {spec} ({type(err).__name__}); "
                               "pass load_artifact(..., model=...)") from None
-    if model_spec.python is not None and not trust:
+    if model_spec.python is not None and not trust and not _ran_here(model_spec.python):
         raise UntrustedCodeError(
             f"{path} builds its model by running {model_spec.python!r} with arguments from the "
             f"file; code named by a model file is not run unless you trust it: pass --trust "
@@ -563,6 +564,33 @@ def _build_from_spec(path: Path, manifest: dict, *, trust: bool = False) -> nn.M
                               f"{manifest['input_shape']} and num_classes "
                               f"{manifest['num_classes']} ({type(err).__name__}: "
                               f"{str(err)[:120]}); pass load_artifact(..., model=...)") from None
+
+
+def _ran_here(ref: str) -> bool:
+    """Whether this process already imported the file ``ref`` names, and it is not part of
+    Python or an installed package: a model file written and loaded in one session (its
+    factory called with file-chosen arguments is no new risk). A library file -- even one
+    imported already, such as subprocess.py -- never is: its functions are the gadgets."""
+    import sys
+    import sysconfig
+
+    try:
+        path = Path(ref.rpartition(":")[0]).expanduser().resolve()
+        libraries = {Path(p).resolve() for key in ("stdlib", "platstdlib", "purelib", "platlib")
+                     if (p := sysconfig.get_paths().get(key))}
+    except (OSError, ValueError, RuntimeError):
+        return False
+    if any(path.is_relative_to(lib) for lib in libraries):
+        return False
+    for module in list(sys.modules.values()):
+        file = getattr(module, "__file__", None)
+        if file and file.endswith(".py"):
+            try:
+                if Path(file).resolve() == path:
+                    return True
+            except (OSError, ValueError, RuntimeError):
+                continue
+    return False
 
 
 def _task(description: dict | None):

@@ -175,3 +175,16 @@ def test_per_gate_budget_pushes_every_gate_to_the_shared_rate(net_file):
     assert budget_term(1.0, 0.7)(gm, None, out, None).item() == pytest.approx(0, abs=1e-9)
     gm.gate_open = [torch.ones(4), torch.zeros(4), torch.full((4,), rate)]
     assert budget_term(1.0, 0.7)(gm, None, out, None).item() > 0.1  # per gate, not in total
+
+
+def test_zoo_resnet20_gates_its_identity_blocks(digits):
+    """On a zoo model: the blocks whose shortcut is the identity get gates (not the
+    downsampling ones), the zoo name is recorded for reloading, one If per gate is deployed."""
+    torch.manual_seed(0)
+    model = build_model(ModelSpec(zoo="resnet20"), input_shape=(1, 8, 8), num_classes=10)
+    cfg = GatingConfig(target_macs=0.8, gate_epochs=0.1, distill=0.0, finetune={"epochs": 0.1})
+    gm, _ = lighten.compress(model, cfg, data=digits, train=TRAIN)
+    assert [gm.chain[i] for i in gm.gated] == [f"layers.{i}" for i in (0, 1, 2, 4, 5, 7, 8)]
+    assert gm.backbone_spec == {"zoo": "resnet20"}
+    graph = gm.onnx_graph(digits.task.inputs)
+    assert sum(n.op_type == "If" for n in graph.graph.node) == 7

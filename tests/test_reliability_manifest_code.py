@@ -11,7 +11,6 @@ import torch
 from torch import nn
 
 from lighten.artifact import load_artifact, save_artifact
-from lighten.cli.main import main
 from lighten.errors import UntrustedCodeError
 
 MODEL_FILE = """
@@ -54,15 +53,42 @@ def _hostile(tmp_path, spec: dict) -> Path:
     return path
 
 
+LOAD = """
+import sys
+from lighten.artifact import load_artifact
+from lighten.errors import UntrustedCodeError
+try:
+    load_artifact(sys.argv[1], trust=sys.argv[2] == "trust")
+except UntrustedCodeError as err:
+    print("REFUSED", err)
+else:
+    print("LOADED")
+"""
+
+
+def _load_in_fresh_process(path, trust: bool) -> str:
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run([sys.executable, "-c", LOAD, str(path), "trust" if trust else "no"],
+                         capture_output=True, text=True, cwd=path.parent, timeout=300,
+                         env={"PYTHONPATH": str(root), "PATH": "/usr/bin:/bin"})
+    return out.stdout + out.stderr
+
+
 def test_python_model_runs_only_when_trusted(python_artifact):
     path, model, canary = python_artifact
-    with pytest.raises(UntrustedCodeError, match=r"net\.py:build.*--trust"):
-        load_artifact(path)
+    out = _load_in_fresh_process(path, trust=False)
+    assert out.startswith("REFUSED") and "net.py:build" in out and "--trust" in out, out
     assert not canary.exists()  # the file was not even imported
-    loaded, _ = load_artifact(path, trust=True)
+    assert _load_in_fresh_process(path, trust=True).startswith("LOADED")
+    assert canary.exists()
+
+
+def test_a_file_this_process_imported_is_its_own(python_artifact):
+    """Written and reloaded in one session (save_artifact imported net.py): no trust needed."""
+    path, model, _ = python_artifact
+    loaded, _ = load_artifact(path)
     x = torch.randn(5, 4)
     torch.testing.assert_close(loaded(x), model(x))
-    assert canary.exists()
 
 
 def test_a_given_skeleton_needs_no_trust(python_artifact):
@@ -85,17 +111,21 @@ def test_manifest_naming_a_library_function_is_refused(tmp_path):
     assert not canary.exists()
 
 
-def test_cli_refuses_in_one_line_and_trust_opts_in(python_artifact, capsys):
+def test_cli_refuses_in_one_line_and_trust_opts_in(python_artifact):
     path, _, canary = python_artifact
-    assert main(["measure", str(path), "--data", "synthetic", "--backend", "torch",
-                 "--no-robustness", "--limit", "16"]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "--trust" in err[0] and not canary.exists()
-    code = main(["measure", str(path), "--data", "synthetic", "--backend", "torch",
-                 "--no-robustness", "--limit", "16",
-                 "--trust"])
+    root = Path(__file__).resolve().parents[1]
+    argv = [sys.executable, "-m", "lighten.cli", "measure", str(path), "--data", "synthetic",
+            "--backend", "torch", "--no-robustness", "--limit", "16"]
+    env = {"PYTHONPATH": str(root), "PATH": "/usr/bin:/bin"}
+    refused = subprocess.run(argv, capture_output=True, text=True, env=env, cwd=path.parent,
+                             timeout=300)
+    err = refused.stderr.strip().splitlines()
+    assert refused.returncode == 2 and len(err) == 1 and "--trust" in err[0], refused.stderr
+    assert not canary.exists()
+    trusted = subprocess.run(argv + ["--trust"], capture_output=True, text=True, env=env,
+                             cwd=path.parent, timeout=300)
+    assert trusted.returncode == 0, trusted.stderr
     assert canary.exists()
-    assert code == 0, capsys.readouterr().err
 
 
 def test_zoo_artifacts_load_without_trust(tmp_path):

@@ -325,24 +325,25 @@ def _calibrate_threshold(gm: GatedModel, held, target: float, base_macs: float
                  strict=True)
     x, y = torch.cat(xs), torch.cat(ys)
 
-    def result(t: float) -> tuple[float, float]:
+    def ratio(t: float) -> float:
         gm.threshold.fill_(t)
-        opened = gm.decisions(x)
-        with torch.no_grad():
-            acc = (gm(x).argmax(-1) == y).float().mean().item()
-        return float(gm.executed_macs(opened).mean() / base_macs), acc
+        return float(gm.executed_macs(gm.decisions(x)).mean() / base_macs)
 
     logits = gm.gate_logits(x)
     lo, hi = float(logits.min()) - 1.0, float(logits.max()) + 1.0
-    if result(0.0)[0] <= target:
-        return result(0.0)
-    for _ in range(30):  # bisection: a higher threshold closes more gates
-        mid = (lo + hi) / 2
-        if result(mid)[0] <= target:
-            hi = mid
-        else:
-            lo = mid
-    return result(hi)
+    if ratio(0.0) <= target:
+        hi = 0.0
+    else:
+        for _ in range(24):  # bisection: a higher threshold closes more gates
+            mid = (lo + hi) / 2
+            if ratio(mid) <= target:
+                hi = mid
+            else:
+                lo = mid
+    macs = ratio(hi)
+    with torch.no_grad():
+        acc = (gm.eval()(x).argmax(-1) == y).float().mean().item()
+    return macs, acc
 
 
 # --------------------------------------------------------------------------- deployment
