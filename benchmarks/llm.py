@@ -50,7 +50,7 @@ METHODS = {
     "quanto": "peer",
 }
 LABELS = {"float": "float32 (GGUF Q4_1 dequantized)", "rtn": "4-bit g128 RTN (lighten)",
-          "gptq": "4-bit g128 GPTQ act_order + range search (lighten)",
+          "gptq": "4-bit g128 GPTQ act_order (lighten)",
           "awq": "4-bit g128 AWQ (lighten)",
           "smoothquant": "W8A8 SmoothQuant a=0.5, per-token activations (lighten)",
           "smoothquant_tensor": "W8A8 SmoothQuant a=0.5, per-tensor activations (lighten)",
