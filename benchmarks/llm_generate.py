@@ -152,7 +152,7 @@ def main() -> None:
         torch_ppl = ppl_torch(model)
         for level in (0, 4):
             e = export_decoder(model, tmp / f"q{level}.onnx", sample_ids=prompt[:, :12],
-                               accuracy_level=level, rtol=1e-3 if level == 0 else 0.05)
+                               accuracy_level=level, rtol=1e-3 if level == 0 else 0.5)
             sess = session(e.path, threads=args.threads)
             tps, _ = ort_speed(sess, prompt.numpy(), args.new_tokens, args.runs)
             row(f"ONNX 4-bit g128 {args.method} (lighten, MatMulNBits accuracy_level {level})",
