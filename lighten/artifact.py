@@ -62,9 +62,10 @@ from lighten.codecs import (
     unpack_bits,
 )
 from lighten.edits import derive_edits, legacy_edits, replay_edits
-from lighten.errors import CheckpointError, LightenError, UntrustedCodeError
+from lighten.errors import CheckpointError, LightenError
 from lighten.modules import get_submodule
 from lighten.provenance import atomic_write_bytes
+from lighten.trust import check_code_allowed, trusting
 
 FORMAT = "lighten-artifact"
 VERSION = 3
@@ -383,14 +384,14 @@ def load_artifact(path: str | os.PathLike, *, model: nn.Module | None = None,
                               f"got {type(model).__name__}")
     _check_build_size(path, manifest)
     # Building modules draws random init values that are overwritten; keep the caller's RNG.
-    with torch.random.fork_rng(devices=[]):
+    with torch.random.fork_rng(devices=[]), trusting(trust):  # wrappers' backbones too
         if model is None and manifest.get("model_spec") is not None:
             model = _build_from_spec(path, manifest, trust=trust)
         edits = manifest["edits"] if manifest["version"] >= 3 else legacy_edits(manifest)
         try:
             model = replay_edits(model, edits)
-        except CheckpointError as err:
-            raise CheckpointError(f"{path}: {err}") from None
+        except CheckpointError as err:  # UntrustedCodeError stays one
+            raise type(err)(f"{path}: {err}") from None
         except (KeyError, TypeError, ValueError, AttributeError, RuntimeError,
                 OverflowError) as err:
             raise CheckpointError(f"{path}: its edit log does not replay ({type(err).__name__}: "
@@ -544,13 +545,8 @@ def _build_from_spec(path: Path, manifest: dict, *, trust: bool = False) -> nn.M
     except (ValidationError, TypeError) as err:
         raise CheckpointError(f"{path} has an invalid model_spec {spec} ({type(err).__name__}); "
                               "pass load_artifact(..., model=...)") from None
-    if model_spec.python is not None and not trust and not _ran_here(model_spec.python):
-        raise UntrustedCodeError(
-            f"{path} builds its model by running {model_spec.python!r} with arguments from the "
-            f"file; code named by a model file is not run unless you trust it: pass --trust "
-            f"(load_artifact(..., trust=True)) if you made it, or give the architecture "
-            f"yourself (load_artifact(..., model=...), or a recipe's model: {{python: "
-            f"{model_spec.python}, weights: {path.name}}})")
+    if model_spec.python is not None:
+        check_code_allowed(model_spec.python, str(path), trust=trust)
     try:
         task = _task(manifest.get("task"))
     except LightenError as err:
@@ -564,33 +560,6 @@ def _build_from_spec(path: Path, manifest: dict, *, trust: bool = False) -> nn.M
                               f"{manifest['input_shape']} and num_classes "
                               f"{manifest['num_classes']} ({type(err).__name__}: "
                               f"{str(err)[:120]}); pass load_artifact(..., model=...)") from None
-
-
-def _ran_here(ref: str) -> bool:
-    """Whether this process already imported the file ``ref`` names, and it is not part of
-    Python or an installed package: a model file written and loaded in one session (its
-    factory called with file-chosen arguments is no new risk). A library file -- even one
-    imported already, such as subprocess.py -- never is: its functions are the gadgets."""
-    import sys
-    import sysconfig
-
-    try:
-        path = Path(ref.rpartition(":")[0]).expanduser().resolve()
-        libraries = {Path(p).resolve() for key in ("stdlib", "platstdlib", "purelib", "platlib")
-                     if (p := sysconfig.get_paths().get(key))}
-    except (OSError, ValueError, RuntimeError):
-        return False
-    if any(path.is_relative_to(lib) for lib in libraries):
-        return False
-    for module in list(sys.modules.values()):
-        file = getattr(module, "__file__", None)
-        if file and file.endswith(".py"):
-            try:
-                if Path(file).resolve() == path:
-                    return True
-            except (OSError, ValueError, RuntimeError):
-                continue
-    return False
 
 
 def _task(description: dict | None):

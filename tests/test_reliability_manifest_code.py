@@ -142,3 +142,17 @@ def test_zoo_artifacts_load_without_trust(tmp_path):
 
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(pytest.main([__file__]))
+
+
+def test_a_wrapped_backbone_from_a_file_is_checked_too(tmp_path):
+    """dynamic.* wrappers record their backbone's spec in the edit log: the same gate holds,
+    even when a skeleton is given for the top-level model."""
+    from lighten.dynamic.gating import GatedModel
+
+    canary = tmp_path / "pwned.canary"
+    config = {"backbone_spec": {"python": f"{subprocess.__file__}:run", "input_shape": [4],
+                                "kwargs": {"args": f"touch {canary}", "shell": True}},
+              "chain": [], "gated": [], "input_shape": [4], "num_classes": 3}
+    with pytest.raises(UntrustedCodeError, match="subprocess"):
+        GatedModel.from_artifact(config)
+    assert not canary.exists()

@@ -108,14 +108,9 @@ class GatedModel(nn.Module):
 
     @classmethod
     def from_artifact(cls, config: dict) -> GatedModel:
-        from lighten.models import ModelSpec, build_model
-        from lighten.task import task_from_dict
+        from lighten.trust import build_recorded_backbone
 
-        spec = ModelSpec(**{k: v for k, v in config["backbone_spec"].items() if k != "weights"})
-        task = task_from_dict(config["task"]) if config.get("task") else None
-        with torch.random.fork_rng(devices=[]):
-            backbone = build_model(spec, input_shape=tuple(config["input_shape"]),
-                                   num_classes=config["num_classes"], task=task)
+        backbone = build_recorded_backbone(config, "GatedModel's backbone")
         return cls(backbone, config["chain"], config["gated"], [],
                    backbone_spec=config["backbone_spec"], input_shape=config["input_shape"],
                    num_classes=config["num_classes"], task=config.get("task"),
