@@ -559,7 +559,8 @@ def _width_sections(output_dir: Path, rows: Sequence[dict]) -> list[tuple[str, A
 def _dynamic_sections(rows: Sequence[dict]) -> list[tuple[str, Any]]:
     """Per dynamic stage (a row with ``dynamic``): dynamic.early_exit's exits (share of test
     samples answered there, their accuracy, the MACs spent), dynamic.gating's blocks,
-    dynamic.slimmable's widths (each width's own accuracy, MACs, params, latency)."""
+    dynamic.slimmable's widths (each width's own accuracy, MACs, params, latency),
+    dynamic.any_precision's precisions (each one's accuracy, agreement, weight bytes)."""
     out: list[tuple[str, Any]] = []
     for r in rows:
         dyn = r.get("dynamic")
@@ -583,6 +584,14 @@ def _dynamic_sections(rows: Sequence[dict]) -> list[tuple[str, Any]]:
                     for w in dyn["widths"]]
             out.append((f"Slimmable widths: {r.get('stage')}", ("table",
                         ["width", "accuracy", "MACs", "params", "latency ms (b1)"], body)))
+        if isinstance(dyn.get("precisions"), list):  # dynamic.any_precision
+            body = [[f"{p.get('bits')}-bit" + (" (active)" if p.get("bits") == dyn.get(
+                        "active_bits") else ""), _pct(p.get("accuracy")),
+                     _pct(p.get("agreement_with_widest")), human_bytes(p.get("weight_bytes"))]
+                    for p in dyn["precisions"]]
+            out.append((f"Precisions: {r.get('stage')}", ("table",
+                        ["weights", "accuracy", "agreement with the widest", "weight bytes"],
+                        body)))
     return out
 
 

@@ -233,3 +233,16 @@ def test_recipe_on_a_zoo_model_reports_every_precision(tmp_path):
                                     bits=2)
     assert manifest["model_spec"] == {"zoo": "lenet5"} or manifest["model_spec"]["zoo"]
     assert isinstance(model, AnyPrecisionModel) and model.active == 2
+
+
+def test_report_has_a_precision_table():
+    from lighten.report import _dynamic_sections
+
+    row = {"stage": "dynamic.any_precision", "dynamic": {
+        "kind": "any_precision", "active_bits": 8, "stored_bits": 8, "precisions": [
+            {"bits": 8, "accuracy": 0.9, "agreement_with_widest": 1.0, "weight_bytes": 2048},
+            {"bits": 4, "accuracy": 0.88, "agreement_with_widest": 0.97, "weight_bytes": 1024}]}}
+    (title, (kind, header, body)), = _dynamic_sections([row])
+    assert title == "Precisions: dynamic.any_precision" and kind == "table"
+    assert [r[0] for r in body] == ["8-bit (active)", "4-bit"]
+    assert body[1][1].startswith("88") and header[2] == "agreement with the widest"
