@@ -105,7 +105,8 @@ def run_peer(model, name: str) -> dict:
     """HQQ / optimum-quanto on the same block Linears (the LM head stays float)."""
     from torch import nn
 
-    from lighten.llm.blockwise import PeakMemory, find_blocks
+    from lighten.llm.blockwise import find_blocks
+    from lighten.memory import PeakMemory
 
     _, blocks = find_blocks(model)
     start = time.perf_counter()

@@ -19,8 +19,6 @@ resident memory while this runs, so the report can say how much calibration cost
 
 from __future__ import annotations
 
-import os
-import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -29,6 +27,7 @@ import torch
 from torch import nn
 
 from lighten.errors import UnsupportedError
+from lighten.memory import PeakMemory
 from lighten.task import batch_inputs
 
 
@@ -225,45 +224,3 @@ def _bar(total: int, progress: bool):
     return tqdm(total=total, desc="blocks", leave=False)
 
 
-def rss_mb() -> float | None:
-    """This process's resident memory now (Linux /proc), in MiB; None elsewhere."""
-    try:
-        with open("/proc/self/statm") as f:
-            pages = int(f.read().split()[1])
-    except (OSError, ValueError, IndexError):
-        return None
-    return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
-
-
-class PeakMemory:
-    """Context manager: the highest resident memory seen while it is open, sampled every
-    ``interval`` seconds by a thread (``ru_maxrss`` cannot be reset, so it cannot give the peak
-    of one phase)."""
-
-    def __init__(self, interval: float = 0.005):
-        self.interval = interval
-        self.start_mb = self.peak_mb = None
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-
-    def _sample(self) -> None:
-        while not self._stop.is_set():
-            now = rss_mb()
-            if now is not None:
-                self.peak_mb = max(self.peak_mb or 0.0, now)
-            self._stop.wait(self.interval)
-
-    def __enter__(self) -> PeakMemory:
-        self.start_mb = self.peak_mb = rss_mb()
-        if self.start_mb is not None:
-            self._thread = threading.Thread(target=self._sample, daemon=True)
-            self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join()
-        now = rss_mb()
-        if now is not None:
-            self.peak_mb = max(self.peak_mb or 0.0, now)
