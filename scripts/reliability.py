@@ -339,7 +339,11 @@ def fuzz_rows() -> list[dict]:
     rows = []
     for name, r in sorted(json.loads(path.read_text()).items()):
         result = ("FAILED: " + r["failure"][:120] if r.get("failure")
-                  else "0 crashes, 0 hangs > 10 s")
+                  else "0 crashes, 0 hangs > 10 s in the latest run")
+        if r.get("found"):
+            result += (f"; found earlier and fixed ({len(r['found'])}, each a test in "
+                       f"tests/test_fuzz_regressions.py): " + " | ".join(
+                           f[:90] for f in r["found"]))
         rows.append({"figure": f"Fuzzing ({name}; Hypothesis, scripts/fuzz.py, {r['date']})",
                      "cases": f"{r['inputs']} inputs, {r['cpu_minutes']} CPU-min in "
                               f"{len(r.get('runs', [])) or 1} runs",

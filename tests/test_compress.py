@@ -116,11 +116,17 @@ STEP_CASES = {
     "arch.fold": (TinyNet, {}),
     "arch.separable": (TinyNet, {"measure_latency": False, "calibration_samples": 32}),
     "distill": (TinyNet, {"method": "dkd", "finetune": {"epochs": 0.5}}),
+    "arch.nas": (TinyNet, {"target_macs": 0.6, "trials": 1, "finetune": {"epochs": 0.5},
+                           "proxy": {"epochs": 0.25, "train": 32, "holdout": 16}}),
+    "dynamic.slimmable": (TinyNet, {"widths": [1.0, 0.5], "finetune": {"epochs": 0.5}}),
+    "dynamic.any_precision": (TinyNet, {"bits": [8, 4], "finetune": {"epochs": 0.5}}),
 }
 # steps without ``ignore:``, and why: they act on the whole model or the whole file, not per module
 NO_IGNORE = {
     "distill": "trains a whole student",
     "encode.entropy": "codes every stream of the artifact file",
+    "arch.nas": "searches and trains a whole new architecture",
+    "llm.encoder_prune": "the same fractions in every encoder layer; keep_layers picks layers",
 }
 
 

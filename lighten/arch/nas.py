@@ -369,6 +369,23 @@ def _facts(m: nn.Module, example, table, space, builder) -> dict:
 UNIT = {"macs": "MACs", "params": "params", "bytes": "bytes", "latency": "ms (batch 1)"}
 
 
+def _layer_rows(before: nn.Module, after: nn.Module, ctx: StepContext) -> None:
+    """One row per weighted layer whose shape changed (``resize``) or that is gone
+    (``remove``: a dropped block's layers) in the chosen architecture."""
+    now = dict(after.named_modules())
+    for name, old in before.named_modules():
+        weight = getattr(old, "weight", None)
+        if not name or not isinstance(weight, torch.Tensor) or not list(old.children()) == []:
+            continue
+        new = now.get(name)
+        new_weight = getattr(new, "weight", None)
+        if not isinstance(new_weight, torch.Tensor):
+            ctx.layer(name, "remove", before=str(list(weight.shape)), after="removed")
+        elif new_weight.shape != weight.shape:
+            ctx.layer(name, "resize", before=str(list(weight.shape)),
+                      after=str(list(new_weight.shape)), shape_after=list(new_weight.shape))
+
+
 @register_step("arch.nas", NASConfig,
                needs_data=lambda c: "labelled training data (each candidate is proxy-trained)")
 def arch_nas(model: nn.Module, config: NASConfig, ctx: StepContext) -> nn.Module:
@@ -384,14 +401,19 @@ def arch_nas(model: nn.Module, config: NASConfig, ctx: StepContext) -> nn.Module
                          best["trial"], result.folder / "pareto.png")
     shown = result.front + ([] if any(r["trial"] == best["trial"] for r in result.front)
                             else [best])
+    # the Pareto front (accuracy vs cost) is a summary table; the per-layer rows say what the
+    # chosen architecture changed in each layer of the model it started from
+    ctx.summary["pareto_front"] = [
+        {"trial": r["trial"], "chosen": r["trial"] == best["trial"],
+         "shape": r.get("describe", ""), "proxy_accuracy": r["proxy_accuracy"],
+         "macs": r.get("macs"), "params": r.get("params"), "bytes": r.get("bytes"),
+         "predicted_ms": r.get("predicted_ms")} for r in shown]
     for r in shown:
-        ctx.layer(f"trial {r['trial']}", "chosen" if r["trial"] == best["trial"] else "pareto",
-                  before=r.get("describe", ""),
-                  after=f"proxy acc {r['proxy_accuracy']:.4f}, {UNIT[kind]} "
-                        f"{r[cost_key]:.4g}",
-                  proxy_accuracy=r["proxy_accuracy"], macs=r.get("macs"),
-                  params=r.get("params"), bytes=r.get("bytes"),
-                  predicted_ms=r.get("predicted_ms"), widths=r.get("widths"))
+        ctx.note(f"arch.nas Pareto front: trial {r['trial']}"
+                 f"{' (chosen)' if r['trial'] == best['trial'] else ''}: "
+                 f"{r.get('describe', '')}, proxy acc {r['proxy_accuracy']:.4f}, "
+                 f"{UNIT[kind]} {r[cost_key]:.4g}")
+    _layer_rows(model, result.model, ctx)
     complete = sum(r["state"] == "complete" for r in result.rows)
     rejected = sum(r["state"] == "pruned" for r in result.rows)
     ctx.note(f"arch.nas: {complete} candidate(s) proxy-trained ({rejected} shape(s) over the "

@@ -327,7 +327,7 @@ def _record(ctx: StepContext, sm: SlimmableModel, groups, kept_whole, x) -> None
     for g in groups:
         name = g.producers()[0].module
         per = [width_channels(g.size, w) for w in sm.widths]
-        ctx.layer(name, "slimmable", before=f"{g.size} ch",
+        ctx.layer(f"backbone.{name}", "slimmable", before=f"{g.size} ch",
                   after="/".join(str(k) for k in per) + " ch", channels=per)
     for note in kept_whole:
         ctx.note(f"dynamic.slimmable: {note}")

@@ -190,6 +190,9 @@ def _scan_zip(path: Path) -> list[str]:
             if info.compress_type != zipfile.ZIP_STORED:
                 raise UnsafePickle(f"its {info.filename} is compressed, which torch.save "
                                    "never writes")
+            if info.flag_bits & 0x1:  # zipfile raises a bare RuntimeError for these
+                raise UnsafePickle(f"its {info.filename} is marked encrypted, which torch.save "
+                                   "never writes", corrupt=True)
             try:
                 with archive.open(info) as member:
                     found += scan_pickle(_Bounded(member, info.file_size))
