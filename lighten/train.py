@@ -178,6 +178,9 @@ def train(model: nn.Module, dataset: Dataset, cfg: TrainConfig, *,
             step, first_epoch, losses = meta["step"], meta["epoch"] + 1, list(meta["losses"])
     micro = fit_training_batch(model, lambda b: _example_inputs(task, dataset, b),
                                cfg.batch_size, optimizer=cfg.optimizer)
+    if micro < cfg.batch_size:
+        line(f"memory budget: each batch of {cfg.batch_size} runs as micro-batches of {micro} "
+             "(gradients accumulated; BatchNorm sees the micro-batches)", enabled=progress)
     for cb in callbacks:
         cb.on_train_begin(model, optimizer, total_steps)
     bar = tqdm(total=total_steps, initial=step, desc="train", unit="step", leave=False,
