@@ -134,7 +134,14 @@ def test_budget_is_respected_and_the_result_reloads_and_exports(setting, tmp_pat
     assert count_macs(out, (1, 8, 8)) <= budget
     assert report.summary["macs_after"] <= budget and report.summary["budget_met"]
     assert report.summary["trials"] == 2
-    assert any(row["action"] == "chosen" for row in report.layers)
+    front = report.summary["pareto_front"]
+    assert sum(r["chosen"] for r in front) == 1
+    # the per-layer rows are the chosen architecture's changes to the input model's layers
+    modules = dict(out.named_modules())
+    assert report.layers and all(row["action"] in ("resize", "remove") for row in report.layers)
+    for row in report.layers:
+        if row["action"] == "resize":
+            assert list(modules[row["module"]].weight.shape) == row["shape_after"]
     folder = tmp_path / "stages"
     (search,) = folder.glob("nas-*")
     assert (search / "study.db").is_file()
