@@ -2,7 +2,7 @@
 quantized separately at each width.
 
     python benchmarks/any_precision.py [--train 60000] [--epochs 3] [--bits 8 4 2]
-        [--compare weight_only single qat] [--distill 0] [--lr-scale 0.1] [--test 10000]
+        [--compare weight_only single qat qat_ste] [--distill 0] [--lr-scale 0.1] [--test 10000]
         [--quick] [--out DIR]
 
 Starts from the shipped ResNet-20 Fashion-MNIST weights (lighten/models/weights), applies
@@ -15,7 +15,10 @@ model quantized for that width alone, with the same fine-tune epochs:
   weights, float activations: the same setting), fine-tuned (biases/BN: its codes are fixed);
 * ``single``: ``dynamic.any_precision {bits: [b]}``: the same nested QAT trained for one width;
 * ``qat``: ``quant.qat {weight_bits: b, activation_bits: 8}`` (LSQ; activations are int8 too,
-  a harder setting).
+  a harder setting);
+* ``qat_ste``: the same with ``lsq: false`` (calibrated scales kept, straight-through rounding):
+  LSQ's raw step sizes under this SGD fine-tune can be pushed past zero at 8 bits (the quick
+  run's 8-bit LSQ model fell to ~35%), so this is the QAT baseline that is not hurt by that.
 
 Writes ``any_precision.{json,md}`` to ``--out`` (default benchmarks/results/).
 """
@@ -24,6 +27,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -40,7 +45,7 @@ def main(argv=None) -> int:
     ap.add_argument("--epochs", type=float, default=3.0, help="fine-tune epochs (every model)")
     ap.add_argument("--bits", type=int, nargs="+", default=[8, 4, 2])
     ap.add_argument("--compare", nargs="*", default=["weight_only", "single"],
-                    choices=["weight_only", "single", "qat"])
+                    choices=["weight_only", "single", "qat", "qat_ste"])
     ap.add_argument("--distill", type=float, default=0.0,
                     help="in-place distillation weight of narrower widths from the widest")
     ap.add_argument("--lr-scale", type=float, default=0.1, help="fine-tune lr / train lr")
@@ -59,6 +64,8 @@ def main(argv=None) -> int:
     from lighten.models import ZOO, load_weights, shipped_checkpoint
     from lighten.train import TrainConfig
 
+    if args.threads:  # training too, not only ONNX Runtime
+        torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     data = load_data(DataSpec(name="fashion-mnist", limit_train=args.train,
                               limit_test=args.test))
@@ -117,6 +124,8 @@ def main(argv=None) -> int:
                 "single": {"dynamic.any_precision": {"bits": [b], "finetune": finetune}},
                 "qat": {"quant.qat": {"weight_bits": b, "activation_bits": 8,
                                       "finetune": finetune}},
+                "qat_ste": {"quant.qat": {"weight_bits": b, "activation_bits": 8, "lsq": False,
+                                          "finetune": finetune}},
             }[name]
             start = time.perf_counter()
             model, _ = lighten.compress(base(), config, data=data, train=train)
@@ -124,12 +133,23 @@ def main(argv=None) -> int:
                                  "seconds": time.perf_counter() - start}
             print(f"{name} w{b}: {separate[name][b]['accuracy']:.4f}", flush=True)
     out["separate"] = separate
+    out["command"] = " ".join(["python benchmarks/any_precision.py",
+                               *(sys.argv[1:] if argv is None else argv)])
+    out["machine"] = _machine_line(args.threads)
+    out["load_average"] = list(os.getloadavg())
     args.out.mkdir(parents=True, exist_ok=True)
     stem = "any_precision.quick" if args.quick else "any_precision"
     (args.out / f"{stem}.json").write_text(json.dumps(out, indent=2))
     (args.out / f"{stem}.md").write_text(_markdown(out, args))
     print((args.out / f"{stem}.md").read_text())
     return 0
+
+
+def _machine_line(threads: int | None) -> str:
+    from lighten.provenance import machine
+
+    m = machine()
+    return f"{m.get('cpu', '')} ({m.get('cpu_class', '')}), threads {threads or 'all'}"
 
 
 def _session(path, threads):
@@ -145,7 +165,8 @@ def _session(path, threads):
 
 _LABELS = {"weight_only": "quant.weight_only (GPTQ, per-channel) + fine-tune",
            "single": "dynamic.any_precision {bits: [b]} (one width)",
-           "qat": "quant.qat (LSQ, w b / a8)"}
+           "qat": "quant.qat (LSQ, w b / a8)",
+           "qat_ste": "quant.qat {lsq: false} (STE, min/max scales, w b / a8)"}
 
 
 def _markdown(out: dict, args) -> str:
@@ -167,11 +188,13 @@ def _markdown(out: dict, args) -> str:
                  "-" if best is None else f"{100 * (a - best):+.2f}",
                  f"{anyp['bits'][b]['weight_sqnr_db']:.1f}"]
         lines.append("| " + " | ".join(cells) + " |")
-    cmd = "python benchmarks/any_precision.py" + (" --quick" if args.quick else
-                                                  f" --train {args.train} --epochs {args.epochs:g}")
-    lines += ["", f"Command: `{cmd}`. The any-precision model trains every width on each batch "
-              f"({len(args.bits)} forward/backward passes per step) in "
-              f"{anyp['seconds']:.0f} s.", ""]
+    lines += ["", f"Command: `{out['command'].strip()}`. The any-precision model trains every "
+              f"width on each batch ({len(args.bits)} forward/backward passes per step) in "
+              f"{anyp['seconds']:.0f} s; separately quantized models: "
+              + ", ".join(f"{n} {sum(v['seconds'] for v in sep[n].values()):.0f} s"
+                          for n in sep) + ".", "",
+              f"Machine: {out['machine']}; load average at the end "
+              f"{', '.join(f'{v:.1f}' for v in out['load_average'])}.", ""]
     return "\n".join(lines)
 
 

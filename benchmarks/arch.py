@@ -19,7 +19,6 @@ Writes ``arch.json`` and ``arch.md`` to ``--out``.
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import tempfile
@@ -30,6 +29,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
+import bench_timing  # noqa: E402
 from bench_timing import ms_cell, ratio_cell, spread_note, time_rows  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
@@ -180,25 +180,14 @@ def markdown(fold: list[dict], sep: dict | None, args, machine: str) -> str:
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--epochs", type=float, default=3.0)
+    parser = bench_timing.bench_parser(__doc__.splitlines()[0], epochs=3.0,
+                                       parts=["fold", "separable"], out=RESULTS)
     parser.add_argument("--lr", type=float, default=0.02)
-    parser.add_argument("--train", type=int, default=60000)
-    parser.add_argument("--test", type=int, default=10000)
-    parser.add_argument("--runs", type=int, default=40)
-    parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--measure-latency", action="store_true",
                         help="arch.separable chooses layers by timing them on ORT")
     parser.add_argument("--backends", nargs="+", default=["onnxruntime", "openvino"])
-    parser.add_argument("--parts", nargs="+", default=["fold", "separable"])
-    parser.add_argument("--out", type=Path, default=RESULTS)
-    args = parser.parse_args(argv)
-    args.argv = list(argv if argv is not None else sys.argv[1:])
-    if args.quick:
-        args.train, args.epochs, args.test, args.runs = 2000, 0.2, 1000, 10
+    args = bench_timing.parse_bench_args(parser, argv, train=2000, epochs=0.2, test=1000, runs=10)
     from lighten.data import DataSpec, load_data
-    from lighten.provenance import machine
 
     torch.manual_seed(0)
     data = load_data(DataSpec(name="fashion-mnist", limit_train=args.train,
@@ -208,8 +197,7 @@ def main(argv=None) -> None:
         fold = ([fold_part(n, data, args, work) for n in ("resnet20", "mobilenetv2")]
                 if "fold" in args.parts else [])
         sep = separable_part(data, args, work) if "separable" in args.parts else None
-    m = machine()
-    line = f"{m.get('cpu', '')} ({m.get('cpu_class', '')}), threads {args.threads or 'all'}"
+    line = bench_timing.machine_line(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "arch.json").write_text(json.dumps(
         {"fold": fold, "separable": sep, "args": {k: v for k, v in vars(args).items()

@@ -21,7 +21,10 @@ Where a row has no file to open (eager PyTorch), all rows are timed in-process a
 
 from __future__ import annotations
 
+import argparse
+import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from lighten.measure.timing import LatencyStats, paired_ratio, time_interleaved
@@ -108,4 +111,40 @@ def spread_note(how: dict[str, Any]) -> str:
             "ratios, ≈ where their interquartile range holds 1 (within the noise).")
 
 
-__all__ = ["B1_FACTOR", "ms_cell", "overlap", "ratio_cell", "spread_note", "time_rows"]
+def bench_parser(description: str, *, epochs: float, parts: list[str], out: Path
+                 ) -> argparse.ArgumentParser:
+    """The options a training benchmark shares (``--quick``, ``--epochs``, ``--train`` and
+    ``--test`` sample counts, ``--runs`` of timing, ``--threads``, ``--parts``, ``--out``), so
+    each script adds only its own."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--epochs", type=float, default=epochs)
+    parser.add_argument("--train", type=int, default=60000)
+    parser.add_argument("--test", type=int, default=10000)
+    parser.add_argument("--runs", type=int, default=40)
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--parts", nargs="+", default=parts)
+    parser.add_argument("--out", type=Path, default=out)
+    return parser
+
+
+def parse_bench_args(parser: argparse.ArgumentParser, argv=None, **quick) -> argparse.Namespace:
+    """``parser``'s arguments with ``argv`` kept (the results state the command) and, under
+    ``--quick``, the ``quick`` values in place of the defaults."""
+    args = parser.parse_args(argv)
+    args.argv = list(argv if argv is not None else sys.argv[1:])
+    if args.quick:
+        vars(args).update(quick)
+    return args
+
+
+def machine_line(threads: int | None) -> str:
+    """The CPU and its class, and the thread count, for a results table's header."""
+    from lighten.provenance import machine
+
+    m = machine()
+    return f"{m.get('cpu', '')} ({m.get('cpu_class', '')}), threads {threads or 'all'}"
+
+
+__all__ = ["B1_FACTOR", "bench_parser", "machine_line", "ms_cell", "overlap", "parse_bench_args",
+           "ratio_cell", "spread_note", "time_rows"]

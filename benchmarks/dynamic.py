@@ -4,8 +4,9 @@
         [--margin 1.5] [--holdout 0.1] [--head auto] [--freeze-backbone] [--exit-distill 0]
         [--lr-scale 0.1] [--test 10000] [--latency-samples 1000] [--rounds 7] [--threads 2]
         [--quick] [--out DIR]
-    python benchmarks/dynamic.py --step gating [--target-macs 0.65] [--budget per_gate]
-        [--gate-distill 0.5] [--head-epochs: gate epochs] [--epochs] [--lr-scale] ...
+    python benchmarks/dynamic.py --step gating [--target-macs 0.7] [--max-drop 0.5]
+        [--margin 1.5] [--budget per_gate] [--gate-distill 0.5] [--head-epochs: gate epochs]
+        [--epochs] [--lr-scale] ...
 
 Starts from the shipped ResNet-20 Fashion-MNIST weights (lighten/models/weights), applies
 ``lighten.compress(model, {"dynamic.early_exit": {...}}, data=...)`` on ``--train`` training
@@ -58,7 +59,8 @@ def main(argv=None) -> int:
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--step", choices=["early_exit", "gating"], default="early_exit")
-    ap.add_argument("--target-macs", type=float, default=0.65, help="gating: mean MAC ratio")
+    ap.add_argument("--target-macs", type=float, default=0.7,
+                    help="gating: mean MAC ratio the gates are trained to")
     ap.add_argument("--budget", choices=["per_gate", "total"], default="per_gate",
                     help="gating: budget loss form")
     ap.add_argument("--gate-distill", type=float, default=0.5,
@@ -199,6 +201,7 @@ def run_gating(args, argv, model, data, base, base_acc, base_macs, x_test, y_tes
     from lighten.dynamic.runtime import _interleaved, _session_fn
 
     step = {"target_macs": args.target_macs, "gate_epochs": args.head_epochs,
+            "max_drop": args.max_drop, "margin": args.margin,
             "budget": args.budget, "distill": args.gate_distill,
             "holdout": args.holdout, "finetune": {"epochs": args.epochs,
                                                   "lr_scale": args.lr_scale}}
@@ -241,13 +244,32 @@ def run_gating(args, argv, model, data, base, base_acc, base_macs, x_test, y_tes
         f"{macs / 1e6:.2f} M | {macs / base_macs:.2f} | {t['gated']['median']:.3f} | "
         f"{ratios[1]:.2f}x [{ratios[0]:.2f}, {ratios[2]:.2f}] |", "",
         "| block | share of test samples that run it |", "|---|---|",
-        *[f"| {b['name']} | {b['share']:.1%} |" for b in g["blocks"]], ""])
+        *[f"| {b['name']} | {b['share']:.1%} |" for b in g["blocks"]], "",
+        *calibration_lines(result["summary"] or {}, args)])
     args.out.mkdir(parents=True, exist_ok=True)
     tag = "dynamic-gating-quick" if args.quick else "dynamic-gating"
     (args.out / f"{tag}.json").write_text(json.dumps(result, indent=1))
     (args.out / f"{tag}.md").write_text(md)
     print(md)
     return 0
+
+
+def calibration_lines(summary: dict, args) -> list[str]:
+    """The gate threshold's calibration on held-out training images: what it chose and the
+    MACs / accuracy trade-off of every threshold it tried."""
+    if "held_out_macs_ratio" not in summary:
+        return []
+    goal = (f"max_drop {summary['max_drop']} with a {summary['margin']}-standard-error margin"
+            if summary.get("max_drop") is not None else f"target_macs {args.target_macs}")
+    return [
+        f"Threshold calibrated on {summary['held_out_samples']} held-out *training* images to "
+        f"{goal}: there {summary['held_out_macs_ratio']:.2f}x the MACs at "
+        f"{summary['held_out_accuracy']:.2%} ({summary['held_out_drop']:+.2f} points lost "
+        f"against the model before gating, {summary['held_out_reference_accuracy']:.2%}); "
+        f"target met: {summary['target_met']}. Thresholds tried:", "",
+        "| threshold | held-out MAC ratio | points lost | + margin |", "|---|---|---|---|",
+        *[f"| {c['threshold']:.3f} | {c['macs_ratio']:.3f} | {c['drop']:+.2f} | "
+          f"{c['drop_bound']:+.2f} |" for c in summary.get("curve", [])], ""]
 
 
 def render(r: dict, argv) -> str:

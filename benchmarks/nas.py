@@ -20,7 +20,6 @@ timed runs (a smoke run, not a result). Writes ``nas.json`` and ``nas.md`` to ``
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import tempfile
@@ -30,6 +29,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
+import bench_timing  # noqa: E402
 from bench_timing import ms_cell, ratio_cell, spread_note, time_rows  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
@@ -220,36 +220,24 @@ def markdown(res: dict, args, machine: str) -> str:
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--epochs", type=float, default=6.0)
-    parser.add_argument("--train", type=int, default=60000)
-    parser.add_argument("--test", type=int, default=10000)
+    parser = bench_timing.bench_parser(__doc__.splitlines()[0], epochs=6.0,
+                                       parts=["macs", "latency"], out=RESULTS)
     parser.add_argument("--trials", type=int, default=40)
     parser.add_argument("--time-budget", default="30m")
     parser.add_argument("--proxy-train", type=int, default=5000)
     parser.add_argument("--proxy-epochs", type=float, default=1.0)
     parser.add_argument("--proxy-holdout", type=int, default=1000)
     parser.add_argument("--proxy-batch", type=int, default=64)
-    parser.add_argument("--runs", type=int, default=40)
-    parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument("--parts", nargs="+", default=["macs", "latency"])
-    parser.add_argument("--out", type=Path, default=RESULTS)
-    args = parser.parse_args(argv)
-    args.argv = list(argv if argv is not None else sys.argv[1:])
-    if args.quick:
-        args.train, args.test, args.epochs, args.runs = 2000, 1000, 0.5, 10
-        args.trials, args.proxy_train, args.proxy_epochs, args.proxy_holdout = 4, 512, 1, 256
-        args.proxy_batch = 32
+    args = bench_timing.parse_bench_args(
+        parser, argv, train=2000, test=1000, epochs=0.5, runs=10, trials=4, proxy_train=512,
+        proxy_epochs=1, proxy_holdout=256, proxy_batch=32)
     from lighten.data import DataSpec, load_data
-    from lighten.provenance import machine
 
     torch.manual_seed(0)
     data = load_data(DataSpec(name="fashion-mnist", limit_train=args.train,
                               limit_test=args.test))
     res: dict = {}
-    m = machine()
-    line = f"{m.get('cpu', '')} ({m.get('cpu_class', '')}), threads {args.threads or 'all'}"
+    line = bench_timing.machine_line(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
     stem = "nas-quick" if args.quick else "nas"
     with tempfile.TemporaryDirectory(prefix="lighten-nas-bench-") as tmp:

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import tempfile
 import time
@@ -68,6 +69,8 @@ def main(argv=None) -> int:
     from lighten.train import TrainConfig, train
 
     threads = args.threads or default_threads()
+    if args.threads:  # training too, not only ONNX Runtime
+        torch.set_num_threads(args.threads)
     data = load_data(DataSpec(name="fashion-mnist", limit_train=args.train,
                               limit_test=args.test))
     x_test = torch.stack([data.test[i][0] for i in range(len(data.test))])
@@ -131,6 +134,7 @@ def main(argv=None) -> int:
         "lr": args.lr, "threads": threads, "runs": args.runs,
         "latency_samples": args.latency_samples, "artifact_bytes": artifact_bytes(artifact),
         "slimmable_seconds": slim_seconds, "notes": report.notes, "widths": rows,
+        "machine": _machine_line(threads), "load_average": list(os.getloadavg()),
     }
     args.out.mkdir(parents=True, exist_ok=True)
     stem = "slimmable-quick" if args.quick else "slimmable"
@@ -138,6 +142,13 @@ def main(argv=None) -> int:
     (args.out / f"{stem}.md").write_text(_markdown(result))
     print(_markdown(result))
     return 0
+
+
+def _machine_line(threads: int) -> str:
+    from lighten.provenance import machine
+
+    m = machine()
+    return f"{m.get('cpu', '')} ({m.get('cpu_class', '')}), threads {threads}"
 
 
 def _reinitialized(model: torch.nn.Module) -> torch.nn.Module:
@@ -182,6 +193,11 @@ def _markdown(r: dict) -> str:
               f"separate models {sum(w['separate_seconds'] for w in r['widths']):.0f} s together. "
               "Each width's ONNX file against the reloaded artifact run at that width: "
               f"(max |diff| {max(w['export_max_diff'] for w in r['widths']):.1e}).", ""]
+    if "machine" in r:
+        lines += [f"Machine: {r['machine']}; load average at the end "
+                  f"{', '.join(f'{v:.1f}' for v in r['load_average'])} (the CPU was shared: "
+                  "latency is indicative, the widths were timed together in interleaved "
+                  "rounds).", ""]
     return "\n".join(lines)
 
 

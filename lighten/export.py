@@ -106,6 +106,10 @@ def export_onnx(
         from lighten.quant.qdq_graph import complete_qdq
 
         complete_qdq(proto)  # exact Q->DQ after concats/shuffles/pools on an int8 grid
+        from lighten.graph.onnx_simplify import simplify
+
+        # exact: x.size() arithmetic -> constants, int8 depthwise convs padded to 16 channels
+        simplify(proto, quantized=any(n.op_type in _QDQ_OPS for n in proto.graph.node))
         for key, value in (metadata or {}).items():
             entry = proto.metadata_props.add()
             entry.key, entry.value = str(key), str(value)

@@ -424,12 +424,14 @@ def audit_rows() -> list[dict]:
     path = ROOT / "benchmarks" / "results" / "audit.json"
     if path.is_file():
         r = json.loads(path.read_text())
-        found = r.get("vulnerabilities")
-        result = (f"{r['status']}: {r['detail']}" if found is None
-                  else f"{r['status']}: {len(found)} known vulnerabilities")
-        rows.append({"figure": f"pip-audit of the installed pins ({r['date']})",
-                     "cases": f"{r['packages']} pinned packages", "result": result,
-                     "command": "make audit"})
+        declared = r.get("scope") == "declared"
+        rows.append({"figure": "Known vulnerabilities of the installed pins"
+                               f"{' that pyproject.toml declares' if declared else ''} "
+                               f"(pip-audit, else PyPI's latest-release list; {r['date']})",
+                     "cases": f"{r['packages']} pinned packages",
+                     "result": f"{r['status']}: {r['detail']}",
+                     "command": "python scripts/audit.py"
+                                + (" --scope declared" if declared else "")})
     return rows
 
 
@@ -439,9 +441,12 @@ NOT_YET = """## Not measured yet
   parser, artifact bytes, artifact manifests, torch weight files); runs add up in
   `benchmarks/results/fuzz.json`, and the rows above show the total so far, which is short of
   30 CPU-minutes per target.
-- pip-audit's verdict: this machine reaches PyPI's package index but not a vulnerability
-  service (osv.dev does not resolve; PyPI answers 404 for per-release metadata), so `make
-  audit` records "not audited" here; the offline floors check above stands in for it.
+- A full vulnerability audit: this machine reaches PyPI's package index but not a
+  vulnerability service (osv.dev does not resolve; PyPI answers 404 for per-release metadata),
+  so pip-audit looks up nothing here. `scripts/audit.py` falls back to PyPI's project JSON,
+  which lists the vulnerabilities of each project's latest release only: pins older than
+  their latest release stay "not audited" (counted in the row above) until a run that reaches
+  a vulnerability service.
 - Recipe `python:` files outside the recipe's folder are allowed and listed in run.json
   (`code_outside_recipe_folder`): a recipe is code the user chose to run.
 """

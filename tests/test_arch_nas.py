@@ -9,6 +9,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from _models import CNN, RESIDUAL_BLOCK, model_source
 
 import lighten
 from lighten.arch.nas import NASConfig
@@ -23,36 +24,7 @@ from lighten.models import ZOO, ModelSpec, build_model
 
 pytest.importorskip("optuna")
 
-MODELS = textwrap.dedent('''
-    import torch
-    from torch import nn
-
-
-    class Block(nn.Module):
-        def __init__(self, c):
-            super().__init__()
-            self.conv1 = nn.Conv2d(c, c, 3, padding=1, bias=False)
-            self.bn1 = nn.BatchNorm2d(c)
-            self.conv2 = nn.Conv2d(c, c, 3, padding=1, bias=False)
-            self.bn2 = nn.BatchNorm2d(c)
-
-        def forward(self, x):
-            return torch.relu(x + self.bn2(self.conv2(torch.relu(self.bn1(self.conv1(x))))))
-
-
-    class CNN(nn.Module):
-        def __init__(self, c=16, classes=10):
-            super().__init__()
-            self.stem = nn.Sequential(nn.Conv2d(1, c, 3, padding=1), nn.BatchNorm2d(c),
-                                      nn.ReLU())
-            self.blocks = nn.Sequential(Block(c), Block(c))
-            self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(c, 32),
-                                      nn.ReLU(), nn.Linear(32, classes))
-
-        def forward(self, x):
-            return self.head(self.blocks(self.stem(x)))
-
-
+MODELS = model_source(RESIDUAL_BLOCK, CNN, textwrap.dedent('''
     class Flat(nn.Module):
         def __init__(self, classes=10):
             super().__init__()
@@ -60,10 +32,6 @@ MODELS = textwrap.dedent('''
 
         def forward(self, x):
             return self.fc(x.flatten(1))
-
-
-    def cnn():
-        return CNN()
 
 
     def flat():
@@ -74,7 +42,7 @@ MODELS = textwrap.dedent('''
         return nn.Sequential(nn.Conv2d(1, width, 3, padding=1), nn.ReLU(),
                              nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(width, hidden),
                              nn.ReLU(), nn.Linear(hidden, 10))
-''')
+'''))
 
 SPACE = SimpleNamespace(widths=[0.5, 1.0, 1.5], expansions=[0.5, 1.0], depths="auto",
                         kernels=None, blocks=["conv"], round_to=4, ignore=[])

@@ -42,3 +42,49 @@ def test_the_installed_releases_are_past_every_fix():
             continue
         needed = max(Version(fixed) for _, fixed, _ in fixes)
         assert installed.release >= needed.release, f"{name} {installed} < {needed}"
+
+
+def _project(latest: str, *vulns: dict) -> dict:
+    """PyPI's answer to GET /pypi/<name>/json, reduced to the keys the audit reads."""
+    return {"info": {"version": latest}, "vulnerabilities": list(vulns)}
+
+
+ADVISORY = {"id": "GHSA-aaaa-bbbb-cccc", "aliases": ["CVE-2026-0001"], "fixed_in": ["2.1.1"],
+            "withdrawn": None, "summary": "", "details": "x", "link": "https://osv.dev/x"}
+PYPI = {"fresh": _project("1.4.0"),
+        "flawed": _project("2.1.0", ADVISORY, {**ADVISORY, "id": "PYSEC-0", "withdrawn": "2026"}),
+        "stale": _project("3.0.0", ADVISORY),  # the list is 3.0.0's; says nothing of 2.9
+        "torch": _project("2.13.0")}
+
+
+def test_only_pins_at_their_latest_release_are_audited_by_the_project_json():
+    pins = {"fresh": "1.4.0", "flawed": "2.1.0", "stale": "2.9.0", "torch": "2.13.0+cpu",
+            "gone": "0.1"}
+    got = audit.latest_release_audit(pins, fetch=PYPI.get)
+    assert got["audited"] == ["fresh", "flawed", "torch"]  # a local +cpu build is 2.13.0
+    assert got["behind"] == [{"package": "stale", "version": "2.9.0", "latest": "3.0.0"}]
+    assert got["not_fetched"] == ["gone"]
+    assert got["vulnerabilities"] == [{"package": "flawed", "version": "2.1.0",
+                                       "id": "GHSA-aaaa-bbbb-cccc", "aliases": ["CVE-2026-0001"],
+                                       "fixed": ["2.1.1"]}]  # the withdrawn one is not listed
+
+
+def test_the_verdict_is_clean_only_when_every_pin_was_audited():
+    failed = {"audited": [], "vulnerabilities": [], "reason": "pip-audit could not look up 3 "
+              "of 3 pins (Dependency not found on PyPI)"}
+    clean = audit.verdict(2, failed, audit.latest_release_audit(
+        {"fresh": "1.4.0", "torch": "2.13.0"}, fetch=PYPI.get))
+    assert clean["status"] == "clean" and clean["audited"] == 2
+    partly = audit.verdict(3, failed, audit.latest_release_audit(
+        {"fresh": "1.4.0", "torch": "2.13.0", "stale": "2.9.0"}, fetch=PYPI.get))
+    assert partly["status"] == "partly audited"
+    assert "not audited: 1 pins, 1 behind their latest release" in partly["detail"]
+    none = audit.verdict(1, failed, audit.latest_release_audit({"stale": "2.9.0"},
+                                                               fetch=PYPI.get))
+    assert none["status"] == "not audited" and "clean" not in none["detail"]
+    bad = audit.verdict(2, failed, audit.latest_release_audit(
+        {"flawed": "2.1.0", "stale": "2.9.0"}, fetch=PYPI.get))
+    assert bad["status"] == "vulnerable" and "1 known vulnerabilities" in bad["detail"]
+    assert "not audited: 1 pins" in bad["detail"]
+    by_pip_audit = {"audited": ["numpy"], "vulnerabilities": [], "reason": None}
+    assert audit.verdict(1, by_pip_audit, None)["status"] == "clean"

@@ -1,6 +1,7 @@
 """dynamic.gating: a closed gate skips its block's nodes in the deployed graph, the gate
 threshold meets target_macs on the held-out split, artifacts reload, recipes run."""
 
+import copy
 import json
 import textwrap
 
@@ -62,7 +63,8 @@ def gated(net_file, digits):
     spec = {"python": f"{net_file}:build", "input_shape": [1, 8, 8]}
     model = build_model(ModelSpec(**spec), input_shape=(1, 8, 8), num_classes=10)
     train(model, digits.train, TrainConfig(epochs=3, lr=0.01, batch_size=64), progress=False)
-    cfg = GatingConfig(target_macs=0.7, gate_epochs=0.5, finetune={"epochs": 0.5})
+    cfg = GatingConfig(target_macs=0.7, max_drop=None, gate_epochs=0.5,
+                       finetune={"epochs": 0.5})
     gm, report = lighten.compress(model, cfg, data=digits, train=TRAIN)
     gm.backbone_spec = spec  # compress has no recipe to read it from
     return model.eval(), gm.eval(), report
@@ -88,6 +90,38 @@ def _profiled_nodes(path, x, tmp_path, tag):
     events = json.loads(open(session.end_profiling()).read())
     return out, sum(1 for e in events if e.get("cat") == "Node"
                     and e.get("name", "").endswith("_kernel_time"))
+
+
+def test_max_drop_threshold_is_the_cheapest_within_the_drop_on_held_out_data(gated, digits):
+    """The default calibration: on the held-out split, the chosen threshold loses at most
+    max_drop points (plus its margin) against the model before gating, and a higher threshold
+    (fewer blocks run) that was tried breaks that bound or costs no less."""
+    from lighten.dynamic.gating import calibrate_threshold
+
+    base, gm, _ = gated
+    gm = copy.deepcopy(gm)
+    _, held = holdout_split(len(digits.train), 0.1, 0)
+    x = torch.stack([digits.train[i][0] for i in held])
+    y = torch.tensor([int(digits.train[i][1]) for i in held])
+    with torch.no_grad():
+        reference = (base(x).argmax(-1) == y).numpy()
+    macs = count_macs(base, digits.task)
+    cal = calibrate_threshold(gm, x, y, base_macs=macs, reference=reference, max_drop=2.0,
+                              margin=1.0)
+    assert cal["met"] and gm.threshold.unique().tolist() == [pytest.approx(cal["threshold"])]
+    with torch.no_grad():  # recomputed here, from the gated model's own batch forward
+        right = (gm(x).argmax(-1) == y).numpy().astype(float)
+    diff = reference - right
+    bound = 100 * (diff.mean() + diff.std() / np.sqrt(len(diff)))
+    assert bound == pytest.approx(cal["drop_bound"]) and bound <= 2.0
+    assert gm.executed_macs(gm.decisions(x)).mean() / macs == pytest.approx(cal["macs_ratio"])
+    for point in cal["curve"]:
+        if point["threshold"] > cal["threshold"]:
+            assert point["drop_bound"] > 2.0 or point["macs_ratio"] >= cal["macs_ratio"]
+    # a drop no threshold meets (wrong labels, a reference right everywhere): every gate opens
+    strict = calibrate_threshold(gm, x, (y + 1) % 10, base_macs=macs,
+                                 reference=np.ones(len(y), bool), max_drop=0.5)
+    assert not strict["met"] and gm.decisions(x).all()
 
 
 def test_a_closed_gate_skips_its_nodes_in_the_deployed_graph(gated, digits, tmp_path):

@@ -9,6 +9,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 import torch
+from _models import RESIDUAL_BLOCK, model_source
 from torch import nn
 
 import lighten
@@ -21,23 +22,7 @@ from lighten.errors import LightenError, UnsupportedError
 from lighten.models import ModelSpec, build_model
 from lighten.train import TrainConfig
 
-NET = '''
-import torch
-from torch import nn
-
-
-class Block(nn.Module):
-    def __init__(self, c):
-        super().__init__()
-        self.conv1 = nn.Conv2d(c, c, 3, padding=1, bias=False)
-        self.bn1 = nn.BatchNorm2d(c)
-        self.conv2 = nn.Conv2d(c, c, 3, padding=1, bias=False)
-        self.bn2 = nn.BatchNorm2d(c)
-
-    def forward(self, x):
-        return torch.relu(x + self.bn2(self.conv2(torch.relu(self.bn1(self.conv1(x))))))
-
-
+NET = model_source(RESIDUAL_BLOCK, '''
 class Net(nn.Module):
     """A residual block, a depthwise conv, then flatten -> hidden Linear -> classes."""
 
@@ -57,7 +42,7 @@ class Net(nn.Module):
 
 def build():
     return Net()
-'''
+''')
 
 WIDTHS = [1.0, 0.75, 0.5, 0.25]
 

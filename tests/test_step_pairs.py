@@ -17,6 +17,7 @@ import textwrap
 
 import pytest
 import torch
+from _models import CNN, RESIDUAL_BLOCK, model_source
 from safetensors.torch import save_file
 
 import lighten
@@ -26,35 +27,7 @@ from lighten.errors import LightenError, RecipeError
 from lighten.recipe import check_step_order
 from lighten.registry import load_builtin_steps
 
-MODELS_PY = textwrap.dedent('''
-    import torch
-    from torch import nn
-
-
-    class Block(nn.Module):
-        def __init__(self, c):
-            super().__init__()
-            self.conv1 = nn.Conv2d(c, c, 3, padding=1, bias=False)
-            self.bn1 = nn.BatchNorm2d(c)
-            self.conv2 = nn.Conv2d(c, c, 3, padding=1, bias=False)
-            self.bn2 = nn.BatchNorm2d(c)
-
-        def forward(self, x):
-            return torch.relu(x + self.bn2(self.conv2(torch.relu(self.bn1(self.conv1(x))))))
-
-
-    class CNN(nn.Module):
-        def __init__(self, c=16, classes=10):
-            super().__init__()
-            self.stem = nn.Sequential(nn.Conv2d(1, c, 3, padding=1), nn.BatchNorm2d(c), nn.ReLU())
-            self.blocks = nn.Sequential(Block(c), Block(c))
-            self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(c, 32),
-                                      nn.ReLU(), nn.Linear(32, classes))
-
-        def forward(self, x):
-            return self.head(self.blocks(self.stem(x)))
-
-
+MODELS_PY = model_source(RESIDUAL_BLOCK, CNN, textwrap.dedent('''
     class Encoder(nn.Module):
         def __init__(self, d, heads):
             super().__init__()
@@ -85,13 +58,9 @@ MODELS_PY = textwrap.dedent('''
             return self.head(self.norm(self.blocks(x)).mean(1))
 
 
-    def cnn():
-        return CNN()
-
-
     def transformer():
         return Transformer()
-''')
+'''))
 
 TUNE = {"epochs": 0.25}
 CONFIGS = {

@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from lighten.errors import UnsupportedError
+from lighten.hooks import forward_with_hooks
 
 __all__ = ["DerivedSpace", "FactorySpace", "Stage", "derive_space", "resizable_groups",
            "stage_of_groups"]
@@ -79,17 +80,8 @@ def module_keys(model: nn.Module, example: tuple) -> tuple[dict[str, tuple], lis
                     order.append(name)
         return record
 
-    handles = [m.register_forward_hook(hook(n)) for n, m in model.named_modules()
-               if isinstance(m, (*CONVS, nn.Linear))]
-    was = model.training
-    try:
-        model.eval()
-        with torch.no_grad():
-            model(*example)
-    finally:
-        model.train(was)
-        for h in handles:
-            h.remove()
+    forward_with_hooks(model, example, [(m, hook(n)) for n, m in model.named_modules()
+                                        if isinstance(m, (*CONVS, nn.Linear))])
     return keys, order
 
 

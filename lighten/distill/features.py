@@ -14,10 +14,10 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
-import torch
 from torch import Tensor, nn
 
 from lighten.errors import ModelError, RecipeError, did_you_mean
+from lighten.hooks import forward_with_hooks
 
 
 class FeatureTap:
@@ -66,7 +66,6 @@ def produced(model: nn.Module, example: tuple[Tensor, ...]) -> list[Produced]:
     A container whose output is its last child's tensor is skipped (the child names it)."""
     records: list[Produced] = []
     last: list[int] = [0]
-    handles = []
 
     def hook(name):
         def keep(module, args, output):
@@ -76,18 +75,8 @@ def produced(model: nn.Module, example: tuple[Tensor, ...]) -> list[Produced]:
                 last[0] = id(output)
         return keep
 
-    for name, module in model.named_modules():
-        if name:
-            handles.append(module.register_forward_hook(hook(name)))
-    was = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            model(*example)
-    finally:
-        model.train(was)
-        for h in handles:
-            h.remove()
+    forward_with_hooks(model, example, [(module, hook(name))
+                                        for name, module in model.named_modules() if name])
     return records
 
 
@@ -148,17 +137,9 @@ def classifier_input(model: nn.Module, example: tuple[Tensor, ...]) -> str:
     """The name of the last ``nn.Linear`` the forward calls (its input is the embedding RKD
     compares), so any classifier with a final Linear works."""
     order: list[str] = []
-    handles = [m.register_forward_hook(lambda mod, a, o, n=name: order.append(n))
-               for name, m in model.named_modules() if isinstance(m, nn.Linear)]
-    was = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            model(*example)
-    finally:
-        model.train(was)
-        for h in handles:
-            h.remove()
+    forward_with_hooks(model, example, [(m, lambda mod, a, o, n=name: order.append(n))
+                                        for name, m in model.named_modules()
+                                        if isinstance(m, nn.Linear)])
     if not order:
         raise ModelError(f"{type(model).__name__} calls no nn.Linear; relational distillation "
                          "reads the input of the final Linear classifier")

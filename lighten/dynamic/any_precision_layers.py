@@ -31,15 +31,12 @@ from torch import Tensor, nn
 from lighten.errors import UnsupportedError
 from lighten.modules import register_module_type
 from lighten.quant.lsq import grad_scale
+from lighten.quant.weight_only import from_config, int_range
 
 MAX_BITS = 8  # codes live in int8
 _CONVS = {1: (nn.Conv1d, F.conv1d), 2: (nn.Conv2d, F.conv2d), 3: (nn.Conv3d, F.conv3d)}
 _BNS = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}
 _CLIPS = torch.linspace(0.3, 1.0, 15)  # candidate clip ratios of max|w| for the initial scale
-
-
-def code_range(bits: int) -> tuple[int, int]:
-    return -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
 
 
 def truncate(codes: Tensor, stored: int, bits: int) -> Tensor:
@@ -79,7 +76,7 @@ def initial_scales(weight: Tensor, bits: list[int]) -> tuple[Tensor, Tensor]:
     least-squares ratio on that grid."""
     w = weight.detach().float().reshape(weight.shape[0], -1)  # (out, n)
     stored = bits[0]
-    lo, hi = code_range(stored)
+    lo, hi = int_range(stored)
     amax = w.abs().amax(1).clamp_min(1e-12)
     energy = w.pow(2).sum(1).clamp_min(1e-30)
     errors, scales, ratios = [], [], []
@@ -120,7 +117,7 @@ class NestedTrainer(nn.Module, _Switchable):
         b, stored = self.bits[i], self.bits[0]
         w = self.layer.weight
         per_scale = w[0].numel()
-        lo, hi = code_range(stored)
+        lo, hi = int_range(stored)
         s = grad_scale(self.log_scale, 1 / math.sqrt(per_scale * hi)).exp()
         r = grad_scale(self.log_ratios[i], 1 / math.sqrt(per_scale * max(2 ** (b - 1) - 1,
                                                                           1))).exp()
@@ -143,7 +140,7 @@ class NestedTrainer(nn.Module, _Switchable):
         layer, stored = self.layer, self.bits[0]
         s = self.log_scale.exp()
         codes = torch.clamp(torch.floor(layer.weight / _per_row(s, layer.weight)),
-                            *code_range(stored)).to(torch.int8)
+                            *int_range(stored)).to(torch.int8)
         scales = torch.stack([2.0 ** (stored - b) * s * self.log_ratios[i].exp()
                               for i, b in enumerate(self.bits)])
         if isinstance(layer, nn.Linear):
@@ -229,8 +226,7 @@ class NestedQuantLinear(_NestedStorage):
 
     @classmethod
     def from_artifact(cls, config: dict) -> NestedQuantLinear:
-        c = dict(config)
-        return cls(c.pop("in_features"), c.pop("out_features"), **c)
+        return from_config(cls, config, "in_features", "out_features")
 
 
 @register_module_type
@@ -275,8 +271,7 @@ class NestedQuantConv(_NestedStorage):
 
     @classmethod
     def from_artifact(cls, config: dict) -> NestedQuantConv:
-        c = dict(config)
-        return cls(c.pop("in_channels"), c.pop("out_channels"), c.pop("kernel_size"), **c)
+        return from_config(cls, config, "in_channels", "out_channels", "kernel_size")
 
 
 @torch.no_grad()
@@ -330,8 +325,7 @@ class PrecisionBatchNorm(nn.Module, _Switchable):
 
     @classmethod
     def from_artifact(cls, config: dict) -> PrecisionBatchNorm:
-        c = dict(config)
-        return cls(c.pop("num_features"), **c)
+        return from_config(cls, config, "num_features")
 
 
 def is_switchable(module: nn.Module) -> bool:

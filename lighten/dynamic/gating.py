@@ -36,11 +36,27 @@ from lighten.registry import register_step
 from lighten.step import FinetuneConfig, StepConfig, StepContext
 
 
+class GatingFinetuneConfig(FinetuneConfig):
+    """``finetune:`` of ``dynamic.gating``: the backbone learns to do without skipped blocks,
+    more than a touch-up, hence 0.3x the train lr by default."""
+
+    lr_scale: float = Field(0.3, gt=0, description="without lr: the fine-tune lr is this "
+                            "multiple of the recipe's train lr (dynamic.gating: 0.3)")
+
+
 class GatingConfig(StepConfig):
-    """``dynamic.gating``: the mean executed MACs to aim for, and how hard to push."""
+    """``dynamic.gating``: the mean executed MACs to train for, and the accuracy the threshold
+    may give up (``max_drop``; None: the threshold meets ``target_macs`` instead)."""
 
     target_macs: float = Field(0.7, gt=0, le=1, description="mean executed MACs per sample as "
-                               "a fraction of the model's")
+                               "a fraction of the model's: what the gates are trained to; with "
+                               "max_drop: null also what the threshold is calibrated to")
+    max_drop: float | None = Field(0.5, ge=0, description="accuracy points the gates may lose "
+                                   "on held-out data against the model before gating; the "
+                                   "threshold is the cheapest within it (null: calibrate to "
+                                   "target_macs)")
+    margin: float = Field(1.5, ge=0, description="max_drop must hold for the held-out drop plus "
+                          "this many standard errors of it")
     budget: Literal["per_gate", "total"] = Field(
         "per_gate", description="per_gate: every gate's open rate is pushed to the rate that "
         "meets target_macs (ConvNet-AIG), so no gate can meet it by closing its block for every "
@@ -54,6 +70,7 @@ class GatingConfig(StepConfig):
     holdout: float = Field(0.1, gt=0, lt=0.5, description="share of the training data held out "
                            "to calibrate the gate threshold")
     ignore: list[str] = Field(default_factory=list, description="blocks that always run")
+    finetune: GatingFinetuneConfig | None = None
 
 
 def _gate(shape) -> nn.Sequential:
@@ -152,6 +169,11 @@ class GatedModel(nn.Module):
 
     def decisions(self, x: Tensor) -> Tensor:
         """(B, gates) booleans: which blocks each sample runs (eval)."""
+        return self.run_gated(x)[1]
+
+    def run_gated(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """(outputs, (B, gates) decisions) in eval mode, each block computed only for the rows
+        whose gate opens (the same result as the batch forward, at the executed cost)."""
         opened = []
         was = self.training
         self.eval()
@@ -165,9 +187,13 @@ class GatedModel(nn.Module):
                     continue
                 take = self.gates[i](x).reshape(-1) > self.threshold[i]
                 opened.append(take)
-                x = torch.where(_expand(take, x), module(x), x)
+                if bool(take.all()):
+                    x = module(x)
+                elif bool(take.any()):
+                    x = x.clone()
+                    x[take] = module(x[take])
         self.train(was)
-        return torch.stack(opened, 1)
+        return x, torch.stack(opened, 1)
 
     def gate_logits(self, x: Tensor) -> Tensor:
         """(B, gates) logits with every block run (for the threshold search)."""
@@ -279,6 +305,13 @@ def gating(model: nn.Module, cfg: GatingConfig, ctx: StepContext) -> nn.Module:
                                f"skipping every gated block gives ({least:.2f}); raise it")
     gm.temperature = cfg.temperature
     fit_ctx, held = _split(ctx, cfg.holdout)
+    if cfg.max_drop is not None and ctx.task.kind != "classification":
+        raise UnsupportedError(f"dynamic.gating: max_drop needs a classification task, not "
+                               f"{ctx.task.kind}; set max_drop: null to calibrate the threshold "
+                               "to target_macs")
+    x_held, y_held = _tensors(held)
+    with torch.no_grad():  # the reference max_drop is measured against: the model before gating
+        reference = _correct(model.eval(), x_held, y_held)
     terms = [budget_term(cfg.budget_weight, cfg.target_macs, per_gate=cfg.budget == "per_gate")]
     if cfg.distill:
         teacher = copy.deepcopy(model).eval()
@@ -290,55 +323,108 @@ def gating(model: nn.Module, cfg: GatingConfig, ctx: StepContext) -> nn.Module:
     fit_ctx.finetune(gm, FinetuneConfig(epochs=cfg.gate_epochs, lr_scale=1.0), loss_terms=terms)
     for p in gm.backbone.parameters():
         p.requires_grad_(True)
-    fit_ctx.finetune(gm, cfg.finetune or FinetuneConfig(epochs=1), loss_terms=terms)
+    fit_ctx.finetune(gm, cfg.finetune or GatingFinetuneConfig(epochs=1), loss_terms=terms)
     gm.eval()
-    ratio, acc = _calibrate_threshold(gm, held, cfg.target_macs, macs[-1])
+    cal = calibrate_threshold(gm, x_held, y_held, base_macs=macs[-1], reference=reference,
+                              target_macs=None if cfg.max_drop is not None else cfg.target_macs,
+                              max_drop=cfg.max_drop, margin=cfg.margin)
     for i, (pos, b) in enumerate(zip(gated, block, strict=True)):
         ctx.layer(f"gates.{i}", "add gate", before="-",
                   after=f"{chain[pos]} runs where this gate opens", block=chain[pos], macs=b)
+    ratio, acc = cal["macs_ratio"], cal["accuracy"]
+    macs_met = ratio <= cfg.target_macs + 1e-9
     ctx.summary.update(dynamic={"gated_blocks": [chain[i] for i in gated],
                                 "thresholds": gm.threshold.tolist(),
-                                "held_out_macs_ratio": ratio,
-                                "held_out_accuracy": acc, "target_met": ratio <= cfg.target_macs
-                                + 1e-9})
+                                "held_out_samples": len(held),
+                                "held_out_macs_ratio": ratio, "held_out_accuracy": acc,
+                                "held_out_reference_accuracy": cal["reference_accuracy"],
+                                "held_out_drop": cal["drop"], "max_drop": cfg.max_drop,
+                                "margin": cfg.margin, "target_macs_met": macs_met,
+                                "target_met": cal["met"], "curve": cal["curve"]})
+    goal = (f"max_drop {cfg.max_drop} (+{cfg.margin} SE)" if cfg.max_drop is not None
+            else f"target_macs {cfg.target_macs}")
     ctx.note(f"dynamic.gating: {len(gated)} gated blocks; on {len(held)} held-out training "
-             f"samples {ratio:.2f}x the MACs at {acc:.2%} accuracy (target_macs "
-             f"{cfg.target_macs}{'' if ratio <= cfg.target_macs + 1e-9 else ': NOT met'})")
+             f"samples {ratio:.2f}x the MACs at {acc:.2%} accuracy ({cal['drop']:+.2f} points "
+             f"lost against {cal['reference_accuracy']:.2%}; {goal}"
+             f"{'' if cal['met'] else ': NOT met'}; target_macs {cfg.target_macs} "
+             f"{'reached' if macs_met else 'not reached'})")
     return gm
 
 
-def _calibrate_threshold(gm: GatedModel, held, target: float, base_macs: float
-                         ) -> tuple[float, float]:
-    """The smallest logit threshold, shared by all gates (keeping most blocks), whose held-out
-    mean executed MACs are within ``target`` of the backbone's: gates are applied in sequence,
-    so each candidate is evaluated by running the model. Returns (MAC ratio, accuracy) there.
-    Per-gate thresholds (each gate's logit quantile at the budget's open rate, plus a shared
-    offset) were measured worse on ResNet-20 / Fashion-MNIST after the same short training
-    (48.9% against 78.9% at 0.65x): they open every block for a share of the inputs, and the
-    network had not learnt to do without its last blocks for any input."""
-    xs, ys = zip(*[(x, torch.as_tensor(y)) for x, y in DataLoader(held, batch_size=512)],
+def _tensors(dataset) -> tuple[Tensor, Tensor]:
+    xs, ys = zip(*[(x, torch.as_tensor(y)) for x, y in DataLoader(dataset, batch_size=512)],
                  strict=True)
-    x, y = torch.cat(xs), torch.cat(ys)
+    return torch.cat(xs), torch.cat(ys)
 
-    def ratio(t: float) -> float:
-        gm.threshold.fill_(t)
-        return float(gm.executed_macs(gm.decisions(x)).mean() / base_macs)
 
-    logits = gm.gate_logits(x)
-    lo, hi = float(logits.min()) - 1.0, float(logits.max()) + 1.0
-    if ratio(0.0) <= target:
-        hi = 0.0
+def _correct(model: nn.Module, x: Tensor, y: Tensor) -> np.ndarray:
+    out = torch.cat([model(x[i:i + 512]) for i in range(0, len(x), 512)])
+    return (out.argmax(-1) == y).numpy()
+
+
+def calibrate_threshold(gm: GatedModel, x: Tensor, y: Tensor, *, base_macs: float,
+                        reference: np.ndarray, max_drop: float | None = None,
+                        target_macs: float | None = None, margin: float = 0.0,
+                        steps: int = 14) -> dict[str, Any]:
+    """Set the logit threshold shared by all gates on held-out data (``x``, ``y``; never the
+    test set) and return what it gives there.
+
+    ``max_drop``: the highest threshold (fewest blocks run) whose accuracy drop against
+    ``reference`` (per sample: the model before gating was right), plus ``margin`` standard
+    errors of the paired per-sample difference, stays within ``max_drop`` points: of every
+    threshold tried, the cheapest that meets it (the drop need not be monotone), else every
+    gate open. ``target_macs``: the lowest threshold whose mean executed MACs are within it.
+    Gates apply in sequence (a skipped block changes what later gates read), so each candidate
+    is a run of the gated model; a bisection over the range of the gates' logits needs ~14.
+    Per-gate thresholds (each gate's logit quantile at the budget's open rate, plus a shared
+    offset) were measured worse on ResNet-20 / Fashion-MNIST after a short training (48.9%
+    against 78.9% at 0.65x): they open every block for a share of the inputs, and the network
+    had not learnt to do without its last blocks for any input."""
+    if (max_drop is None) == (target_macs is None):
+        raise UnsupportedError("calibrate_threshold: give max_drop or target_macs, not both")
+    reference = np.asarray(reference, dtype=np.float64)
+    n = len(reference)
+    tried: dict[float, dict[str, Any]] = {}
+
+    def at(t: float) -> dict[str, Any]:
+        if t not in tried:
+            gm.threshold.fill_(t)
+            runs = [gm.run_gated(x[i:i + 1024]) for i in range(0, len(x), 1024)]
+            out, opened = (torch.cat(r) for r in zip(*runs, strict=True))
+            right = (out.argmax(-1) == y).numpy().astype(np.float64)
+            diff = reference - right  # paired: > 0 where gating lost the sample
+            drop = float(diff.mean() * 100)
+            bound = drop + margin * float(diff.std() / np.sqrt(n) * 100)
+            ratio = float(gm.executed_macs(opened).mean() / base_macs)
+            tried[t] = {"threshold": t, "macs_ratio": ratio, "accuracy": float(right.mean()),
+                        "drop": drop, "drop_bound": bound,
+                        "met": bound <= max_drop + 1e-9 if max_drop is not None
+                        else ratio <= target_macs + 1e-9}
+        return tried[t]
+
+    logits = torch.cat([gm.gate_logits(x[i:i + 1024]) for i in range(0, len(x), 1024)])
+    lo, hi = float(logits.min()) - 1.0, float(logits.max()) + 1.0  # every gate open / closed
+    if max_drop is not None:
+        if at(hi)["met"]:
+            lo = hi
+        elif at(lo)["met"]:
+            for _ in range(steps):  # the boundary between within max_drop (lo) and not (hi)
+                mid = (lo + hi) / 2
+                lo, hi = (mid, hi) if at(mid)["met"] else (lo, mid)
+        met = [r for r in tried.values() if r["met"]]
+        best = min(met, key=lambda r: r["macs_ratio"]) if met else at(lo)
     else:
-        for _ in range(24):  # bisection: a higher threshold closes more gates
-            mid = (lo + hi) / 2
-            if ratio(mid) <= target:
-                hi = mid
-            else:
-                lo = mid
-    macs = ratio(hi)
-    with torch.no_grad():
-        acc = (gm.eval()(x).argmax(-1) == y).float().mean().item()
-    return macs, acc
+        if at(0.0)["met"]:
+            hi = 0.0
+        else:
+            for _ in range(steps + 10):  # a higher threshold closes more gates
+                mid = (lo + hi) / 2
+                lo, hi = (lo, mid) if at(mid)["met"] else (mid, hi)
+        best = at(hi)
+    gm.threshold.fill_(best["threshold"])
+    curve = sorted(({k: r[k] for k in ("threshold", "macs_ratio", "drop", "drop_bound")}
+                    for r in tried.values()), key=lambda r: r["macs_ratio"])
+    return {**best, "reference_accuracy": float(reference.mean()), "curve": curve}
 
 
 # --------------------------------------------------------------------------- deployment
@@ -482,4 +568,5 @@ def measure_gated(gm: GatedModel, dataset, *, task=None, workdir=None, threads=N
     }
 
 
-__all__ = ["GatedModel", "GatingConfig", "gated_graph", "gating", "measure_gated"]
+__all__ = ["GatedModel", "GatingConfig", "GatingFinetuneConfig", "calibrate_threshold",
+           "gated_graph", "gating", "measure_gated"]

@@ -25,9 +25,9 @@ import torch
 from torch import nn
 
 from lighten.modules import register_module_type
-from lighten.quant.dynamic import DynamicQuantLinear
+from lighten.quant.dynamic import DynamicQuantLinear, IntegerLinear
 
-_ONNX_FLOAT, _ONNX_UINT8 = 1, 2
+_ONNX_UINT8 = 2
 
 
 def smoothing_scale(act_absmax: torch.Tensor, weight: torch.Tensor, alpha: float
@@ -46,28 +46,14 @@ def per_token_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.clamp(torch.round(x / safe), -127, 127), safe
 
 
-class _PerTokenLinear(torch.autograd.Function):
-    """Integer-exact per-token W8A8 matmul; straight-through backward."""
+class PerTokenS8:
+    """Per-token activation quantizer for :class:`~lighten.quant.dynamic.IntegerLinear`."""
+
+    quantize = staticmethod(per_token_int8)
 
     @staticmethod
-    def forward(ctx, x, w_int, w_scale, bias):
-        q, s = per_token_int8(x)
-        acc = q.double() @ w_int.double().T  # exact int32 sums
-        y = acc.float() * (s * w_scale)
-        if bias is not None:
-            y = y + bias
-        ctx.save_for_backward(w_int, w_scale)
-        ctx.has_bias = bias is not None
-        return y
-
-    @staticmethod
-    def backward(ctx, grad):
-        w_int, w_scale = ctx.saved_tensors
-        grad_bias = grad.reshape(-1, grad.shape[-1]).sum(0) if ctx.has_bias else None
-        return grad @ (w_int.float() * w_scale[:, None]), None, None, grad_bias
-
-    @staticmethod
-    def symbolic(g, x, w_int, w_scale, bias):
+    def symbolic(g, x):
+        """``(uint8 codes, zero point 128, scale)``: int8 codes shifted by an exact +128."""
         def const(value, dtype=torch.float32):
             return g.op("Constant", value_t=torch.tensor(value, dtype=dtype))
 
@@ -76,12 +62,7 @@ class _PerTokenLinear(torch.autograd.Function):
         safe = g.op("Where", g.op("Equal", scale, const(0.0)), const(1.0), scale)
         q = g.op("Clip", g.op("Round", g.op("Div", x, safe)), const(-127.0), const(127.0))
         q = g.op("Cast", g.op("Add", q, const(128.0)), to_i=_ONNX_UINT8)  # exact shift
-        w_t = g.op("Transpose", w_int, perm_i=[1, 0])
-        acc = g.op("MatMulInteger", q, w_t, const(128, torch.uint8))
-        y = g.op("Mul", g.op("Cast", acc, to_i=_ONNX_FLOAT), g.op("Mul", safe, w_scale))
-        if bias is not None and not (hasattr(bias, "node") and bias.node().mustBeNone()):
-            y = g.op("Add", y, bias)
-        return y
+        return q, const(128, torch.uint8), safe
 
 
 @register_module_type
@@ -110,7 +91,8 @@ class SmoothQuantLinear(DynamicQuantLinear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x * self.input_scale
         if self.activations == "token":
-            return _PerTokenLinear.apply(x, self.weight_int, self.weight_scale, self.bias)
+            return IntegerLinear.apply(x, self.weight_int, self.weight_scale, self.bias,
+                                       PerTokenS8)
         return super().forward(x)
 
     def artifact_config(self) -> dict:

@@ -55,14 +55,32 @@ def dynamic_quantize_u8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, to
     return q, scale, zero
 
 
-class _DynamicLinear(torch.autograd.Function):
-    """Integer-exact forward; straight-through backward (so biases/norms can be fine-tuned)."""
+class PerTensorU8:
+    """Activation quantizer of ``quant.dynamic``: ONNX ``DynamicQuantizeLinear`` (uint8)."""
 
     @staticmethod
-    def forward(ctx, x, w_int, w_scale, bias):
+    def quantize(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(codes minus zero point, scale)``; both exact integers in float."""
         q, s, z = dynamic_quantize_u8(x)
+        return q - z, s
+
+    @staticmethod
+    def symbolic(g, x):
+        """``(uint8 codes, zero point, scale)`` as ONNX values."""
+        q, s, z = g.op("DynamicQuantizeLinear", x, outputs=3)
+        return q, z, s
+
+
+class IntegerLinear(torch.autograd.Function):
+    """``quantizer(x) @ w_int^T * (s * w_scale) + bias``, integer-exact forward and
+    straight-through backward (so biases/norms can be fine-tuned); ``quantizer`` (e.g.
+    :class:`PerTensorU8`) decides the activation codes and their ONNX form."""
+
+    @staticmethod
+    def forward(ctx, x, w_int, w_scale, bias, quantizer=PerTensorU8):
+        codes, s = quantizer.quantize(x)
         # int32 accumulation, computed in float64 where every partial sum is an exact integer
-        acc = (q.double() - z.double()) @ w_int.double().T
+        acc = codes.double() @ w_int.double().T
         y = acc.float() * (s * w_scale)
         if bias is not None:
             y = y + bias
@@ -75,11 +93,11 @@ class _DynamicLinear(torch.autograd.Function):
         w_int, w_scale = ctx.saved_tensors
         weight = w_int.float() * w_scale.reshape(-1, 1)
         grad_bias = grad.reshape(-1, grad.shape[-1]).sum(0) if ctx.has_bias else None
-        return grad @ weight, None, None, grad_bias
+        return grad @ weight, None, None, grad_bias, None
 
     @staticmethod
-    def symbolic(g, x, w_int, w_scale, bias):
-        q, s, z = g.op("DynamicQuantizeLinear", x, outputs=3)
+    def symbolic(g, x, w_int, w_scale, bias, quantizer=PerTensorU8):
+        q, z, s = quantizer.symbolic(g, x)
         w_t = g.op("Transpose", w_int, perm_i=[1, 0])  # (in, out), folded into the initializer
         acc = g.op("MatMulInteger", q, w_t, z)
         y = g.op("Mul", g.op("Cast", acc, to_i=_ONNX_FLOAT), g.op("Mul", s, w_scale))
@@ -128,7 +146,7 @@ class DynamicQuantLinear(nn.Module):
         return self.weight_int.float() * self.weight_scale[:, None]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _DynamicLinear.apply(x, self.weight_int, self.weight_scale, self.bias)
+        return IntegerLinear.apply(x, self.weight_int, self.weight_scale, self.bias)
 
     def artifact_config(self) -> dict:
         return {"in_features": self.in_features, "out_features": self.out_features,

@@ -11,11 +11,12 @@ rounds (:func:`lighten.measure.timing.time_interleaved`), and :func:`choose_floa
 faster form of each. Timing the int8 form with its conversions is deliberately conservative: a
 layer kept in int8 wins even alone.
 
-Then the whole model is timed both ways (every layer int8 vs. with the fallbacks) and the
-fallbacks are kept only when the model with them is faster: a float layer between int8 ones
-adds conversions that the per-layer timing cannot see. "Faster" means clearly: the whole
-model's spread (IQR across rounds) with the fallbacks lies below the all-int8 one's; on a tie
-every layer stays int8. Where OpenVINO is installed and the
+Then the whole model is timed every-layer-int8 and with sets of the losing layers in float
+(:func:`candidate_sets`: the one, two, four, ... that lose the most, and all of them), all
+together, and the fastest set is kept only when the model with it is faster: a float layer
+between int8 ones adds conversions that the per-layer timing cannot see. "Faster" means
+clearly: the whole model's spread (IQR across rounds) with the fallbacks lies below the
+all-int8 one's; on a tie every layer stays int8. Where OpenVINO is installed and the
 deployment backend is ONNX Runtime, the int8 file is also timed on OpenVINO and a note says so
 when it is faster there (the step never switches runtimes by itself).
 """
@@ -51,6 +52,26 @@ def choose_float(timings: Mapping[str, LayerTiming | tuple[float, float]]) -> li
         if float_ms < int8_ms:
             out.append(name)
     return sorted(out)
+
+
+def candidate_sets(timings: Mapping[str, LayerTiming | tuple[float, float]],
+                   losing: list[str]) -> list[list[str]]:
+    """Which sets of the losing layers to time as whole models: the 1, 2, 4, ... layers that
+    lose the most milliseconds, and all of them. Each float layer among int8 ones adds
+    conversions, so the layers that lose little alone may not pay back their conversions,
+    while one that loses a lot (a conv on a 1-channel input) does."""
+    def loss(name):
+        t = timings[name]
+        int8_ms, float_ms = (t.int8_ms, t.float_ms) if isinstance(t, LayerTiming) else t
+        return int8_ms - float_ms
+
+    ranked = sorted(losing, key=lambda n: (-loss(n), n))
+    sizes, k = [], 1
+    while k < len(ranked):
+        sizes.append(k)
+        k *= 2
+    sizes.append(len(ranked))
+    return [sorted(ranked[:k]) for k in sizes]
 
 
 def _float_form(float_layer: nn.Module, activation: str) -> nn.Module:
@@ -121,25 +142,31 @@ def apply_fallback(model: nn.Module, float_model: nn.Module, plan, shapes: Mappi
         work = Path(tmp)
         timings = measure_layers(model, float_model, plan, shapes, backend_name=backend,
                                  threads=target.threads, workdir=work / "layers")
-        chosen = choose_float(timings)
+        losing = choose_float(timings)
+        chosen = losing
         shape = shapes.get("<input>")
         be = get_backend(backend, threads=target.threads)
         if chosen and shape is not None:  # the whole model decides, conversions included
-            candidate = with_float_layers(copy.deepcopy(model), float_model, plan, chosen)
-            whole = [_deploy(be, model, shape, work / "all-int8"),
-                     _deploy(be, candidate, shape, work / "fallback")]
+            sets = candidate_sets(timings, losing)
+            whole = [_deploy(be, model, shape, work / "all-int8")]
+            for k, names in enumerate(sets):
+                candidate = with_float_layers(copy.deepcopy(model), float_model, plan, names)
+                whole.append(_deploy(be, candidate, shape, work / f"fallback-{k}"))
             stats = time_interleaved(whole, runs=RUNS, batches=(BATCH,)).stats[BATCH]
-            all_int8, mixed = stats[0].median, stats[1].median
-            if stats[1].high >= stats[0].low:  # not clearly faster: the spreads overlap
-                notes.append(f"quant.ptq fallback: auto: {len(chosen)} layer(s) lose alone in "
-                             f"int8 but the whole model is not clearly faster with them in float "
-                             f"({mixed:.3g} vs {all_int8:.3g} ms all-int8 at batch {BATCH} on "
-                             f"{backend}); all kept int8")
+            all_int8 = stats[0].median
+            best = min(range(1, len(stats)), key=lambda k: stats[k].median)
+            if stats[best].high >= stats[0].low:  # not clearly faster: the spreads overlap
+                notes.append(f"quant.ptq fallback: auto: {len(losing)} layer(s) lose alone in "
+                             f"int8 but the whole model is not clearly faster with any of them "
+                             f"in float (best {stats[best].median:.3g} vs {all_int8:.3g} ms "
+                             f"all-int8 at batch {BATCH} on {backend}); all kept int8")
                 chosen = []
             else:
+                chosen = sets[best - 1]
                 notes.append(f"quant.ptq fallback: auto: {len(chosen)} of {len(timings)} layers "
-                             f"kept in float ({mixed:.3g} vs {all_int8:.3g} ms all-int8 at batch "
-                             f"{BATCH} on {backend})")
+                             f"kept in float ({stats[best].median:.3g} vs {all_int8:.3g} ms "
+                             f"all-int8 at batch {BATCH} on {backend}; {len(losing)} lose alone, "
+                             f"{len(sets)} sets of them timed whole)")
         with_float_layers(model, float_model, plan, chosen)
         for name in chosen:
             t = timings[name]

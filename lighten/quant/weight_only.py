@@ -139,6 +139,15 @@ def rtn_quantize(weight: torch.Tensor, *, group_size: int, grid):
 # ----------------------------------------------------------------------------- modules
 
 
+def from_config(cls, config: dict, *positional: str):
+    """``cls(config[p] for p in positional, **the rest)``: ``from_artifact`` of a quantized
+    layer whose ``artifact_config`` is its constructor's arguments (also the nested layers of
+    lighten.dynamic.any_precision_layers)."""
+    c = dict(config)
+    args = [c.pop(p) for p in positional]  # popped before **c is read
+    return cls(*args, **c)
+
+
 class _DequantizeGroups(torch.autograd.Function):
     """(int8 (out, G, gs), scale (out, G), zero (out, G)) -> float weight of ``shape``.
 
@@ -235,8 +244,7 @@ class WeightOnlyLinear(_WeightOnlyLayer):
 
     @classmethod
     def from_artifact(cls, config: dict) -> WeightOnlyLinear:
-        c = dict(config)
-        return cls(c.pop("in_features"), c.pop("out_features"), **c)
+        return from_config(cls, config, "in_features", "out_features")
 
 
 @register_module_type

@@ -1,0 +1,510 @@
+"""Exact simplifications of an exported ONNX graph that runtimes do not make by themselves.
+
+The TorchScript exporter writes ``x.view(b, g, c // g, h, w)`` with sizes read from
+``x.size()`` as Shape -> Gather -> Div -> Unsqueeze -> Concat -> Reshape, and ``chunk`` as Slice
+with ends computed from Shape. ONNX Runtime runs that arithmetic on every call, and, worse, it
+cannot see through a computed Reshape: shape inference stops there, so its layout and QDQ
+optimizers treat everything downstream as of unknown shape.
+
+:func:`fold_shape_arithmetic` evaluates such integer subgraphs (only from Shape and constants) at
+two batch sizes. A value that does not change is a constant; a Reshape target whose entries
+change only where the batch size goes becomes a constant with ``0`` (copy the input's batch
+axis) or ``-1`` there. :func:`shuffle_channels_last` rewrites a channel shuffle
+(Reshape -> Transpose -> Reshape on the channel axis) in a quantized graph as the same shuffle
+done channels-last, between a Transpose to NHWC and one back: ONNX Runtime runs int8 convs in
+NHWC and cancels those two transposes against the ones it inserts, so one small transpose is
+left of three. Both rewrites compute the same numbers (tested); :func:`simplify` applies them.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+# integer ops the shape evaluator computes (everything the exporter emits for x.size() math)
+_SHAPE_OPS = {"Shape", "Constant", "Gather", "Unsqueeze", "Squeeze", "Concat", "Slice", "Add",
+              "Sub", "Mul", "Div", "Cast", "Identity", "Floor", "Ceil", "Neg", "Abs",
+              "ReduceProd", "Equal", "Where", "Max", "Min"}
+_BATCHES = (7, 13)  # two batch sizes no static dimension is likely to equal
+
+
+def simplify(proto, *, quantized: bool) -> dict[str, int]:
+    """Apply the exact rewrites to ``proto`` in place; returns how many of each were made.
+    ``quantized``: the graph holds QuantizeLinear/DequantizeLinear (the shuffle rewrite pays
+    only where int8 convs run channels-last)."""
+    done = {"shape_values_folded": fold_shape_arithmetic(proto)}
+    if quantized:
+        done["depthwise_padded"] = pad_depthwise_channels(proto)
+    return done
+
+
+# ----------------------------------------------------------------------------- shape folding
+
+
+def _attr(node, name, default=None):
+    from onnx import helper
+
+    for a in node.attribute:
+        if a.name == name:
+            return helper.get_attribute_value(a)
+    return default
+
+
+def _infer(proto) -> dict[str, list]:
+    """Tensor name -> dims (int, or a dim_param string, or None) after ONNX shape inference."""
+    import onnx
+
+    light = onnx.ModelProto()  # large initializers become typed inputs: inference needs no data
+    if any(_large(i) for i in proto.graph.initializer):
+        _light(proto, light)
+    else:
+        light.CopyFrom(proto)
+    try:
+        inferred = onnx.shape_inference.infer_shapes(light, strict_mode=False)
+    except Exception:  # inference is an optimization aid: no shapes, no folding
+        return {}
+    out = {}
+    g = inferred.graph
+    for v in [*g.input, *g.value_info, *g.output]:
+        t = v.type.tensor_type
+        if t.HasField("shape"):
+            out[v.name] = [d.dim_value if d.HasField("dim_value") else
+                           (d.dim_param or None) for d in t.shape.dim]
+    return out
+
+
+def _large(init) -> bool:
+    return int(np.prod(init.dims)) > 4096
+
+
+def _light(proto, out) -> None:
+    """``proto`` without the data of its large initializers (declared as inputs instead)."""
+    from onnx import helper
+
+    out.ir_version, out.producer_name = proto.ir_version, proto.producer_name
+    out.opset_import.extend(proto.opset_import)
+    g = out.graph
+    g.node.extend(proto.graph.node)
+    g.input.extend(proto.graph.input)
+    g.output.extend(proto.graph.output)
+    g.value_info.extend(proto.graph.value_info)
+    declared = {i.name for i in proto.graph.input}
+    for init in proto.graph.initializer:
+        if not _large(init):
+            g.initializer.append(init)
+        elif init.name not in declared:
+            g.input.append(helper.make_tensor_value_info(init.name, init.data_type, init.dims))
+
+
+def _batch_symbol(proto) -> str | None:
+    """The dim_param of the inputs' batch axis (the only dynamic axis lighten exports)."""
+    init = {i.name for i in proto.graph.initializer}
+    for v in proto.graph.input:
+        if v.name in init:
+            continue
+        dims = v.type.tensor_type.shape.dim
+        if dims and dims[0].dim_param:
+            return dims[0].dim_param
+    return None
+
+
+def _int_div(a, b):
+    q = np.abs(a) // np.abs(b)
+    return np.where((a < 0) != (b < 0), -q, q).astype(np.result_type(a, b))
+
+
+def _eval_node(node, ins: list):
+    """One shape-arithmetic node in numpy, ONNX semantics (integer Div truncates)."""
+    op = node.op_type
+    if op == "Identity":
+        return ins[0]
+    if op == "Gather":
+        return np.take(ins[0], ins[1], axis=_attr(node, "axis", 0))
+    if op == "Unsqueeze":
+        out = ins[0]
+        axes = sorted(int(a) % (out.ndim + len(ins[1])) for a in np.ravel(ins[1]))
+        for a in axes:
+            out = np.expand_dims(out, a)
+        return out
+    if op == "Squeeze":
+        if len(ins) < 2:
+            return np.squeeze(ins[0])
+        return np.squeeze(ins[0], axis=tuple(int(a) for a in np.ravel(ins[1])))
+    if op == "Concat":
+        return np.concatenate(ins, axis=_attr(node, "axis", 0))
+    if op == "Slice":
+        data, starts, ends = ins[0], ins[1], ins[2]
+        axes = ins[3] if len(ins) > 3 and ins[3] is not None else np.arange(len(starts))
+        steps = ins[4] if len(ins) > 4 and ins[4] is not None else np.ones(len(starts), np.int64)
+        index = [slice(None)] * data.ndim
+        for s, e, a, st in zip(starts, ends, axes, steps, strict=True):
+            index[int(a)] = slice(int(s), int(e), int(st))
+        return data[tuple(index)]
+    if op == "Cast":
+        from onnx import helper
+
+        return ins[0].astype(helper.tensor_dtype_to_np_dtype(_attr(node, "to")))
+    if op == "Div":
+        if np.issubdtype(ins[0].dtype, np.integer):
+            return _int_div(ins[0], ins[1])
+        return (ins[0] / ins[1]).astype(ins[0].dtype)
+    if op == "ReduceProd":
+        return np.prod(ins[0], keepdims=bool(_attr(node, "keepdims", 1))).astype(ins[0].dtype)
+    simple = {"Add": np.add, "Sub": np.subtract, "Mul": np.multiply, "Floor": np.floor,
+              "Ceil": np.ceil, "Neg": np.negative, "Abs": np.abs, "Equal": np.equal,
+              "Where": np.where, "Max": np.maximum, "Min": np.minimum}
+    out = simple[op](*ins)
+    return out.astype(ins[0].dtype) if op not in ("Equal", "Where") else out
+
+
+def _shape_values(proto, shapes, symbol) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Every tensor computable from Shape nodes and constants: its value at both batch sizes."""
+    from lighten.export import _constant_values
+
+    consts = _constant_values(proto.graph)
+    values: dict[str, tuple] = {k: (v, v) for k, v in consts.items()
+                                if v.dtype.kind in "iub" and v.size <= 64}
+    for node in proto.graph.node:  # graph order is topological
+        if node.op_type not in _SHAPE_OPS or node.op_type == "Constant":
+            continue
+        if node.op_type == "Shape":
+            dims = shapes.get(node.input[0])
+            if dims is None or any(not isinstance(d, int) and d != symbol for d in dims):
+                continue
+            start, end = _attr(node, "start", 0), _attr(node, "end", None)
+            pair = tuple(np.array([b if d == symbol else d for d in dims], np.int64)[start:end]
+                         for b in _BATCHES)
+        else:
+            ins = [n for n in node.input]
+            if not all(n == "" or n in values for n in ins):
+                continue
+            try:
+                pair = tuple(_eval_node(node, [values[n][k] if n else None for n in ins])
+                             for k in range(2))
+            except Exception:  # anything unusual stays as the exporter wrote it
+                continue
+        values[node.output[0]] = pair
+    return {k: v for k, v in values.items() if k not in consts}
+
+
+def _reshape_target(v1, v2, in_dims, symbol):
+    """A constant Reshape target equal to the computed one at every batch size, or None."""
+    out = v1.astype(np.int64).copy()
+    varying = [i for i in range(len(v1)) if v1[i] != v2[i]]
+    if (v1 == 0).any():  # a literal 0 means "copy" only with allowzero=0; leave such shapes
+        return None
+    rest = []
+    for i in varying:
+        if (i < len(in_dims) and in_dims[i] == symbol and v1[i] == _BATCHES[0]
+                and v2[i] == _BATCHES[1]):
+            out[i] = 0  # copy the batch axis from the input
+        else:
+            rest.append(i)
+    known = all(isinstance(d, int) or d == symbol for d in in_dims)
+    if len(rest) > 1 or (rest and ((out == -1).any() or not known)):
+        return None  # (an input of unknown shape may be known after the next pass)
+    for i in rest:
+        out[i] = -1  # the one size left is implied by the element count
+    return out
+
+
+def fold_shape_arithmetic(proto, *, max_passes: int = 64) -> int:
+    """Replace integer values computed from Shape (Reshape targets, Slice bounds, ...) by
+    constants, in place; returns how many node inputs now read a constant. Repeats until
+    nothing changes, since a folded Reshape lets shape inference see past it."""
+    total = 0
+    if not any(n.op_type == "Shape" for n in proto.graph.node):
+        return 0
+    for _ in range(max_passes):
+        changed = _fold_once(proto)
+        if not changed:
+            break
+        total += changed
+    if total:
+        _drop_dead(proto.graph)
+    return total
+
+
+def _fold_once(proto) -> int:
+    from onnx import numpy_helper
+
+    symbol = _batch_symbol(proto)
+    shapes = _infer(proto)
+    if symbol is None or not shapes:
+        return 0
+    values = _shape_values(proto, shapes, symbol)
+    new_inits, folded = [], 0
+    names: dict[bytes, str] = {}
+
+    def constant(arr) -> str:
+        key = arr.dtype.str.encode() + arr.tobytes() + str(arr.shape).encode()
+        if key not in names:
+            names[key] = f"lighten_shape_{len(proto.graph.initializer) + len(new_inits)}"
+            new_inits.append(numpy_helper.from_array(arr, names[key]))
+        return names[key]
+
+    for node in proto.graph.node:
+        if node.output and node.output[0] in values:  # the arithmetic itself: dropped later
+            continue
+        for k, name in enumerate(node.input):
+            if name not in values:
+                continue
+            v1, v2 = values[name]
+            if np.array_equal(v1, v2) and v1.dtype == v2.dtype:
+                node.input[k] = constant(np.asarray(v1))
+                folded += 1
+            elif node.op_type == "Reshape" and k == 1 and v1.ndim == 1 and v1.shape == v2.shape:
+                in_dims = shapes.get(node.input[0])
+                target = _reshape_target(v1, v2, in_dims or [], symbol) if in_dims else None
+                if target is not None and _attr(node, "allowzero", 0) == 0:
+                    node.input[k] = constant(target)
+                    folded += 1
+    proto.graph.initializer.extend(new_inits)
+    return folded
+
+
+def _used(graph) -> set[str]:
+    """Every tensor name a node reads, inside If/Loop bodies too (they read outer names)."""
+    from onnx import AttributeProto
+
+    names = {o.name for o in graph.output}
+    for n in graph.node:
+        names.update(n.input)
+        for a in n.attribute:
+            if a.type == AttributeProto.GRAPH:
+                names |= _used(a.g)
+            elif a.type == AttributeProto.GRAPHS:
+                for sub in a.graphs:
+                    names |= _used(sub)
+    return names
+
+
+def _drop_dead(graph) -> None:
+    """Remove nodes (and initializers) whose outputs nothing reads; the graph outputs stay."""
+    while True:
+        used = _used(graph)
+        keep = [n for n in graph.node if any(o in used for o in n.output)]
+        if len(keep) == len(graph.node):
+            break
+        del graph.node[:]
+        graph.node.extend(keep)
+    used = _used(graph)
+    inits = [i for i in graph.initializer if i.name in used]
+    del graph.initializer[:]
+    graph.initializer.extend(inits)
+
+
+# ----------------------------------------------------------------------------- depthwise padding
+
+DEPTHWISE_MULTIPLE = 16  # ORT's int8 depthwise kernel vectorizes 16 channels at a time
+# ops that map a zero channel to a zero channel, one value at a time (Q/DQ: 0 <-> zero point)
+_ZERO_KEEPING = {"Relu", "Clip", "LeakyRelu", "QuantizeLinear", "DequantizeLinear", "Identity"}
+
+
+class _Consts:
+    """Constant tensors of a graph (initializers, Constant nodes, and Identity / Round / Cast of
+    them, as the exporter leaves biases), materialized as initializers on demand."""
+
+    def __init__(self, graph):
+        from lighten.export import _constant_values
+
+        self.graph = graph
+        self.values = _constant_values(graph)
+        self.producer = {o: n for n in graph.node for o in n.output}
+
+    def get(self, name: str):
+        if name in self.values:
+            return self.values[name]
+        node = self.producer.get(name)
+        if node is None or node.op_type not in ("Identity", "Round", "Cast") or not node.input:
+            return None
+        x = self.get(node.input[0])
+        if x is None:
+            return None
+        if node.op_type == "Round":
+            x = np.rint(x)
+        elif node.op_type == "Cast":
+            from onnx import helper
+
+            x = x.astype(helper.tensor_dtype_to_np_dtype(_attr(node, "to")))
+        self.values[name] = x
+        return x
+
+    def add(self, name: str, value: np.ndarray) -> str:
+        from onnx import numpy_helper
+
+        name = f"{name}_{len(self.graph.initializer)}"  # shared tensors are padded once each
+        self.graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(value), name))
+        self.values[name] = value
+        return name
+
+
+def _padded(x: np.ndarray, axis: int, size: int, fill) -> np.ndarray:
+    widths = [(0, 0)] * x.ndim
+    widths[axis] = (0, size - x.shape[axis])
+    return np.pad(x, widths, constant_values=np.asarray(fill, x.dtype))
+
+
+class _ConvParams:
+    """A Conv's weight or bias input: a constant, or DequantizeLinear of constants (int8)."""
+
+    def __init__(self, consts: _Consts, readers, name: str):
+        self.consts, self.name, self.dq = consts, name, None
+        node = consts.producer.get(name)
+        if consts.get(name) is not None and (node is None or node.op_type != "DequantizeLinear"):
+            self.value = consts.get(name)
+        elif (node is not None and node.op_type == "DequantizeLinear"
+              and len(readers.get(name, [])) == 1
+              and all(consts.get(i) is not None for i in node.input if i)):
+            self.dq = node
+            self.value = consts.get(node.input[0])
+        else:
+            self.value = None
+
+    def pad(self, axis: int, size: int, tag: str) -> str:
+        """The tensor padded with zeros along ``axis`` (per-channel scales with ones)."""
+        c = self.consts
+        if self.dq is None:
+            return c.add(f"{self.name}__{tag}", _padded(self.value, axis, size, 0))
+        q_axis = _attr(self.dq, "axis", 1) % max(self.value.ndim, 1)
+        for k, name in enumerate(self.dq.input):
+            v = c.get(name) if name else None
+            if v is None:
+                continue
+            if k == 0:
+                v = _padded(v, axis, size, 0)
+            elif v.size > 1 and axis == q_axis and k == 1:  # per-channel scale: repeat the
+                v = np.pad(v, (0, size - v.size), mode="edge")  # last (bias = x * w scales)
+            elif v.size > 1 and axis == q_axis:  # per-channel zero point
+                v = _padded(v, 0, size, 0)
+            else:
+                continue
+            self.dq.input[k] = c.add(f"{name}__{tag}", v)
+        return self.name
+
+
+def pad_depthwise_channels(proto, multiple: int = DEPTHWISE_MULTIPLE) -> int:
+    """Give each int8 depthwise Conv whose channel count is not a multiple of ``multiple`` zero
+    channels up to one, in place; returns how many depthwise convs were padded.
+
+    ONNX Runtime's int8 depthwise kernel runs 24 channels twice as slowly as 32. The channels
+    are padded where they are made: the Conv producing the depthwise input gets zero filters
+    (zero bias), the depthwise conv zero filters, and every Conv reading the padded tensors
+    zero weights for the new input channels. Between them only ops that keep a zero a zero
+    (ReLU, Clip, Q/DQ with per-tensor parameters) are allowed; anything else reading the
+    region (concat, add, reshape, a graph output) leaves it as it is. Exact: a pad channel
+    holds 0 (its zero point in int8), and multiplies only zero weights."""
+    graph = proto.graph
+    consts = _Consts(graph)
+    readers: dict[str, list] = {}
+    for n in graph.node:
+        for i in n.input:
+            readers.setdefault(i, []).append(n)
+    outputs = {o.name for o in graph.output}
+    padded_convs: set[int] = set()
+    count = 0
+    for node in list(graph.node):
+        if node.op_type != "Conv" or id(node) in padded_convs:
+            continue
+        w = _ConvParams(consts, readers, node.input[1])
+        group = _attr(node, "group", 1)
+        if w.value is None or w.dq is None or w.value.ndim < 3:
+            continue
+        c = w.value.shape[0]
+        if not (group == c > 1 and w.value.shape[1] == 1 and c % multiple):
+            continue
+        region = _padding_region(node, consts, readers, outputs)
+        if region is None:
+            continue
+        size = -(-c // multiple) * multiple
+        if _pad_region(region, c, size, consts, readers):
+            padded_convs.update(id(n) for n in region["depthwise"])
+            count += len(region["depthwise"])
+    if count:
+        del graph.value_info[:]  # channel counts changed: let the runtime infer shapes again
+        _drop_dead(graph)
+    return count
+
+
+def _padding_region(dw, consts, readers, outputs):
+    """The convs around depthwise ``dw`` whose channels grow together, or None."""
+    producer = consts.producer
+    # back from the depthwise input to the Conv that makes those channels
+    name = dw.input[0]
+    while True:
+        node = producer.get(name)
+        if node is None:
+            return None
+        if node.op_type == "Conv":
+            root = node
+            break
+        if node.op_type not in _ZERO_KEEPING or not _zero_keeping(node, consts):
+            return None
+        name = node.input[0]
+    c = _ConvParams(consts, readers, dw.input[1]).value.shape[0]
+    region = {"root": root, "depthwise": [], "inputs": [], "tensors": set()}
+    todo = [root.output[0]]
+    while todo:
+        t = todo.pop()
+        if t in region["tensors"]:
+            continue
+        region["tensors"].add(t)
+        if t in outputs or not readers.get(t):
+            return None
+        for r in readers[t]:
+            if r.op_type in _ZERO_KEEPING and r.input[0] == t and _zero_keeping(r, consts):
+                todo.append(r.output[0])
+                continue
+            if r.op_type != "Conv" or r.input[0] != t:
+                return None
+            w = _ConvParams(consts, readers, r.input[1])
+            b = _ConvParams(consts, readers, r.input[2]) if len(r.input) > 2 and r.input[2] \
+                else None
+            if w.value is None or (b is not None and b.value is None) or w.value.ndim < 3:
+                return None
+            group = _attr(r, "group", 1)
+            if group == 1 and w.value.shape[1] == c:
+                region["inputs"].append(r)
+            elif group == c == w.value.shape[0] and w.value.shape[1] == 1:
+                if r not in region["depthwise"]:
+                    region["depthwise"].append(r)
+                    todo.append(r.output[0])
+            else:
+                return None
+    root_w = _ConvParams(consts, readers, root.input[1])
+    root_b = _ConvParams(consts, readers, root.input[2]) if len(root.input) > 2 and \
+        root.input[2] else None
+    if (root_w.value is None or root_w.value.shape[0] != c or _attr(root, "group", 1) != 1
+            or (root_b is not None and root_b.value is None) or not region["depthwise"]):
+        return None
+    return region
+
+
+def _zero_keeping(node, consts) -> bool:
+    """Whether ``node`` maps 0 to 0 channel by channel (its parameters are per-tensor)."""
+    if node.op_type in ("QuantizeLinear", "DequantizeLinear"):
+        params = [consts.get(i) for i in node.input[1:] if i]
+        return all(p is not None and p.size == 1 for p in params)
+    if node.op_type == "Clip":
+        bounds = [consts.get(i) for i in node.input[1:] if i]
+        if any(b is None for b in bounds):
+            return False
+        lo = float(bounds[0]) if bounds else -np.inf
+        hi = float(bounds[1]) if len(bounds) > 1 else np.inf
+        return lo <= 0 <= hi
+    return True
+
+
+def _pad_region(region, c, size, consts, readers) -> bool:
+    tag = f"pad{size}"
+    for conv in [region["root"], *region["depthwise"]]:  # more output channels
+        for k in (1, 2):
+            if len(conv.input) > k and conv.input[k]:
+                conv.input[k] = _ConvParams(consts, readers, conv.input[k]).pad(0, size, tag)
+    for conv in region["depthwise"]:
+        for a in conv.attribute:
+            if a.name == "group":
+                a.i = size
+    for conv in region["inputs"]:  # more input channels, with zero weights
+        p = _ConvParams(consts, readers, conv.input[1])
+        conv.input[1] = p.pad(1, size, tag)
+    return True
