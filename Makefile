@@ -34,8 +34,8 @@ reliability: install
 fuzz: install
 	$(BIN)/python scripts/fuzz.py --minutes 30
 
-# pip-audit of the installed pins + the CVE floors of pyproject.toml (needs a vulnerability
-# service; results feed RELIABILITY.md)
+# pip-audit of the installed pins (falling back to PyPI's project JSON, which covers a pin only
+# at its latest release) + the CVE floors of pyproject.toml; results feed RELIABILITY.md
 audit: install
 	$(BIN)/python scripts/audit.py
 

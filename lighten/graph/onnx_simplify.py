@@ -186,7 +186,7 @@ def _shape_values(proto, shapes, symbol) -> dict[str, tuple[np.ndarray, np.ndarr
     return {k: v for k, v in values.items() if k not in consts}
 
 
-def _reshape_target(v1, v2, in_dims, symbol):
+def _reshape_target(v1, v2, in_dims, symbol, lenient=False):
     """A constant Reshape target equal to the computed one at every batch size, or None."""
     out = v1.astype(np.int64).copy()
     varying = [i for i in range(len(v1)) if v1[i] != v2[i]]
@@ -199,7 +199,7 @@ def _reshape_target(v1, v2, in_dims, symbol):
             out[i] = 0  # copy the batch axis from the input
         else:
             rest.append(i)
-    known = all(isinstance(d, int) or d == symbol for d in in_dims)
+    known = lenient or all(isinstance(d, int) or d == symbol for d in in_dims)
     if len(rest) > 1 or (rest and ((out == -1).any() or not known)):
         return None  # (an input of unknown shape may be known after the next pass)
     for i in rest:
@@ -214,17 +214,19 @@ def fold_shape_arithmetic(proto, *, max_passes: int = 64) -> int:
     total = 0
     if not any(n.op_type == "Shape" for n in proto.graph.node):
         return 0
+    lenient = False  # first only folds that keep the batch symbol; then -1 where it is lost
     for _ in range(max_passes):
-        changed = _fold_once(proto)
-        if not changed:
+        changed = _fold_once(proto, lenient)
+        if not changed and lenient:
             break
+        lenient = not changed
         total += changed
     if total:
         _drop_dead(proto.graph)
     return total
 
 
-def _fold_once(proto) -> int:
+def _fold_once(proto, lenient: bool = False) -> int:
     from onnx import numpy_helper
 
     symbol = _batch_symbol(proto)
@@ -254,7 +256,8 @@ def _fold_once(proto) -> int:
                 folded += 1
             elif node.op_type == "Reshape" and k == 1 and v1.ndim == 1 and v1.shape == v2.shape:
                 in_dims = shapes.get(node.input[0])
-                target = _reshape_target(v1, v2, in_dims or [], symbol) if in_dims else None
+                target = (_reshape_target(v1, v2, in_dims, symbol, lenient) if in_dims
+                          else None)
                 if target is not None and _attr(node, "allowzero", 0) == 0:
                     node.input[k] = constant(target)
                     folded += 1

@@ -27,6 +27,7 @@ from pydantic import Field
 from torch import nn
 
 from lighten.errors import ModelError, UnsupportedError
+from lighten.hooks import forward_with_hooks
 from lighten.step import StepConfig, StepContext
 
 RUNS = 30  # timed runs per form and layer, spread over interleaved rounds
@@ -102,20 +103,13 @@ def find_sites(model: nn.Module, example_inputs: tuple[torch.Tensor, ...],
                                    tuple(output.shape[1:]))
         return record
 
-    handles = [m.register_forward_hook(hook(n)) for n, m in chosen.items()]
-    was_training = model.training
     try:
-        model.eval()
-        with torch.no_grad():
-            model(*example_inputs)
+        forward_with_hooks(model, tuple(example_inputs),
+                           [(m, hook(n)) for n, m in chosen.items()])
     except Exception as exc:
         raise ModelError(f"cannot run the model on its example input to find layer shapes: "
                          f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
                          ) from exc
-    finally:
-        for h in handles:
-            h.remove()
-        model.train(was_training)
     return {n: sites[n] for n in chosen if n in sites}
 
 
