@@ -804,6 +804,11 @@ def _match_dtypes(model: nn.Module, state: dict) -> None:
         owner = get_submodule(model, owner_path)
         param = owner._parameters.get(attr)
         if param is not None and param.dtype != t.dtype:
+            if param.requires_grad and not (t.is_floating_point() or t.is_complex()):
+                raise CheckpointError(
+                    f"the artifact stores parameter {name!r} as {t.dtype}, but a trainable "
+                    f"parameter must be floating point (the model's is {param.dtype}): the "
+                    "file's manifest is damaged or was edited; save the artifact again")
             param.data = param.data.to(t.dtype)
         buf = owner._buffers.get(attr)
         if buf is not None and buf.dtype != t.dtype:

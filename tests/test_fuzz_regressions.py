@@ -30,3 +30,24 @@ def test_zip_members_marked_encrypted_are_one_clear_error(tmp_path):
     path.write_bytes(_set_encrypted_flag(buffer.getvalue()))
     with pytest.raises(CheckpointError, match="encrypted"):
         read_state_dict(path)
+
+
+def test_manifest_giving_a_trainable_parameter_an_integer_dtype_is_one_clear_error(tmp_path):
+    """Found by the `manifest` target: a manifest whose blob entry says int32 for a float
+    parameter made load_artifact raise torch's bare RuntimeError ("data set to a tensor that
+    requires gradients must be floating point")."""
+    import json
+
+    from reliability.artifacts import _read_manifest, _with_manifest, tiny_model
+
+    from lighten.artifact import load_artifact, save_artifact
+
+    good = tmp_path / "good.safetensors"
+    save_artifact(tiny_model(), good, model_spec=None)
+    manifest = _read_manifest(good)
+    edited = json.loads(json.dumps(manifest))
+    edited["blob"][1][1] = "int32"
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(_with_manifest(good.read_bytes(), edited))
+    with pytest.raises(CheckpointError, match="must be floating point"):
+        load_artifact(bad)
