@@ -132,6 +132,8 @@ def main(argv=None) -> int:
             separate[name][b] = {"accuracy": accuracy(model),
                                  "seconds": time.perf_counter() - start}
             print(f"{name} w{b}: {separate[name][b]['accuracy']:.4f}", flush=True)
+            print("partial: " + json.dumps({"any_precision": out["any_precision"],
+                                            "separate": separate}), flush=True)
     out["separate"] = separate
     out["command"] = " ".join(["python benchmarks/any_precision.py",
                                *(sys.argv[1:] if argv is None else argv)])

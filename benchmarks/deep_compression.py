@@ -5,6 +5,8 @@ Fashion-MNIST: bytes per stage, ratio to the float baseline, accuracy, coded bit
     python benchmarks/deep_compression.py recipes/deep_compression_lenet300.yaml ...
     python benchmarks/deep_compression.py --epochs 0.5          # every fine-tune at half length
     python benchmarks/deep_compression.py --quick --out /tmp/dc # tiny settings: a smoke test
+    python benchmarks/deep_compression.py benchmarks/recipes/deep-compression-resnet20-fast.yaml \
+        --runs 3 --name deep_compression_resnet20               # ResNet-20: ~9 CPU-minutes
 
 Each recipe runs through ``lighten.runner.run_recipe`` exactly as ``lighten run`` does, so every
 number is the run's own: bytes are the stage artifacts on disk (dense -> sparse -> clustered ->
@@ -73,7 +75,8 @@ def summarize(path: Path, result) -> dict:
     stages = [{"stage": r["stage"], "bytes": r["bytes"], "accuracy": r["accuracy"],
                "agreement": r.get("agreement"),
                "ratio": round(base["bytes"] / r["bytes"], 2),
-               "delta_pts": round(100 * (r["accuracy"] - base["accuracy"]), 2)}
+               "delta_pts": round(100 * (r["accuracy"] - base["accuracy"]), 2),
+               "seconds": r.get("seconds")}
               for r in rows]
     streams, totals = [], {}
     reports = sorted((result.output_dir / "stages").glob("*-encode.entropy.report.json"))
@@ -102,6 +105,12 @@ def summarize(path: Path, result) -> dict:
             "streams": streams, "coding": totals}
 
 
+def _bits(bits: dict) -> str:
+    """A uniform width as one number (ResNet-20 has 22 layers), else the per-layer mapping."""
+    widths = set(bits.values())
+    return f"{widths.pop()} everywhere" if len(widths) == 1 else str(bits)
+
+
 def render(results: list[dict], command: str) -> str:
     lines = ["# Deep Compression on Fashion-MNIST", "",
              f"Command: `{command}`  ", f"Machine: {describe_machine(machine())}", "",
@@ -109,17 +118,21 @@ def render(results: list[dict], command: str) -> str:
              "included); × is the float baseline's bytes over the stage's; accuracy is the "
              "deployed ONNX file's on the Fashion-MNIST test set (10,000 images; 512 with "
              "--quick); Δ against the baseline.", ""]
-    lines += ["| recipe | stage | bytes | × vs float | accuracy | Δ pts | agreement |",
-              "|---|---|---|---|---|---|---|"]
+    lines += ["| recipe | stage | bytes | × vs float | accuracy | Δ pts | agreement | step s |",
+              "|---|---|---|---|---|---|---|---|"]
     for res in results:
         for s in res["stages"]:
             agree = f"{s['agreement']:.4f}" if s.get("agreement") is not None else "-"
+            secs = f"{s['seconds']:,.0f}" if s.get("seconds") and s["stage"] != "baseline" \
+                else "-"
             lines.append(f"| {res['recipe']} | {s['stage']} | {s['bytes']:,} | "
                          f"{s['ratio']:.1f}× | {s['accuracy']:.4f} | {s['delta_pts']:+.2f} | "
-                         f"{agree} |")
-    lines += ["", "Recipes: " + "; ".join(f"`{r['path']}` ({' → '.join(r['steps'])}"
-                                          + (f", bits {r['bits']}" if r["bits"] else "") + ")"
-                                          for r in results), ""]
+                         f"{agree} | {secs} |")
+    lines += ["", "step s: the step's wall seconds (its fine-tune included) on this shared "
+              "machine; indicative only.", ""]
+    lines += ["Recipes: " + "; ".join(f"`{r['path']}` ({' → '.join(r['steps'])}"
+                                      + (f", bits {_bits(r['bits'])}" if r["bits"] else "")
+                                      + ")" for r in results), ""]
     lines += ["## Coded bits against the entropy bound (last stage)", "",
               "Per coded part: its symbols (mask bits, cluster indices, float values whose "
               "byte planes were coded), the bytes it took before coding, the ANS-coded bits per "

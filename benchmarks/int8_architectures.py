@@ -285,6 +285,39 @@ def ort_facts(info: dict) -> dict:
             "dq_q_pairs": dq_q}
 
 
+def kernel_ms(paths, *, batch: int, threads: int, rounds: int) -> list[float]:
+    """ORT's own per-node kernel times (profiler), summed per model: the median of each node
+    over interleaved rounds. Sturdier than wall time on a loaded machine: a node's median
+    ignores the runs another process interrupted."""
+    import onnxruntime as ort
+
+    from lighten.backends.onnxrt import DISABLED_OPTIMIZERS
+
+    sessions = []
+    prefix = Path(tempfile.mkdtemp(prefix="lighten-prof-")) / "p"
+    for path in paths:
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads, opts.inter_op_num_threads = threads, 1
+        opts.enable_profiling, opts.profile_file_prefix = True, str(prefix)
+        opts.log_severity_level = 3
+        sessions.append(ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"],
+                                             disabled_optimizers=DISABLED_OPTIMIZERS))
+    x = np.random.default_rng(0).standard_normal((batch, *SHAPE)).astype(np.float32)
+    for _ in range(rounds):
+        for sess in sessions:
+            sess.run(None, {"input": x})
+    out = []
+    for sess in sessions:
+        trace = Path(sess.end_profiling())
+        per: dict[str, list] = {}
+        for e in json.loads(trace.read_text()):
+            if e.get("cat") == "Node" and e["name"].endswith("_kernel_time"):
+                per.setdefault(e["name"], []).append(e["dur"])
+        trace.unlink()
+        out.append(sum(float(np.median(d[len(d) // 5:])) for d in per.values()) / 1000)
+    return out
+
+
 def evaluate(compiled, xs: np.ndarray, batch=500) -> np.ndarray:
     return np.concatenate([compiled(xs[i:i + batch]) for i in range(0, len(xs), batch)])
 
@@ -317,11 +350,28 @@ def run_arch(name, data, args, work: Path) -> dict:
             else:
                 facts[f"{kind}-{backend}"] = {k: c.info.get(k) for k in
                                               ("compute_layers", "int8_layers")}
+    if args.plain:  # the same models exported as before the graph simplification, same rounds
+        from lighten.export import export_onnx
+
+        ort_be = get_backend("onnxruntime", threads=args.threads)
+        for kind, m in (("float", model), ("int8", q)):
+            path = work / name / f"{kind}-plain" / "model.onnx"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            export_onnx(m, path, input_shape=SHAPE, verify=False, simplify=False)
+            compiled[(f"{kind}-plain", "onnxruntime")] = ort_be.compile_file(path,
+                                                                             input_shape=SHAPE)
     keys = list(compiled)
     # a fresh process opens only the deployed files: this one has trained and quantized
     timing = (time_files_in_fresh_process([compiled[k] for k in keys], runs=args.runs, seed=0)
               or time_interleaved([compiled[k] for k in keys], runs=args.runs, batches=(1, 64),
                                   seed=0))
+    kernels = {}
+    if args.plain:
+        names = ["float-plain", "float", "int8-plain", "int8"]
+        paths = [compiled[(n, "onnxruntime")].onnx_path for n in names]
+        for b in (1, 64):
+            kernels[f"b{b}"] = dict(zip(names, kernel_ms(paths, batch=b, threads=1,
+                                                         rounds=max(args.runs, 20)), strict=True))
     lat = {f"{kind}/{backend}": {f"b{b}": {"median": timing.stats[b][i].median,
                                             "spread": timing.stats[b][i].spread}
                                  for b in (1, 64)}
@@ -333,7 +383,8 @@ def run_arch(name, data, args, work: Path) -> dict:
         quality[backend] = {"agreement": float(np.mean(out.argmax(1) == ref.argmax(1))),
                             "acc_int8": float(np.mean(out.argmax(1) == test_y))}
     quality["acc_float"] = float(np.mean(ref.argmax(1) == test_y))
-    return {"arch": name, "latency": lat, "quality": quality, "facts": facts,
+    return {"arch": name, "latency": lat, "kernel_ms": kernels, "quality": quality,
+            "facts": facts,
             "ptq_seconds": ptq_s, "notes": report.notes,
             "rounds": timing.rounds, "runs_per_round": timing.runs_per_round,
             "params": sum(p.numel() for p in model.parameters())}
@@ -350,6 +401,7 @@ def markdown(rows, args, machine_line, tag) -> str:
              f"`python benchmarks/int8_architectures.py --threads {args.threads} --runs "
              f"{args.runs} --epochs {args.epochs:g} --train {args.train}"
              + (f" --ptq '{json.dumps(args.ptq)}'" if args.ptq else "")
+             + ("" if args.plain else " --no-plain")
              + (f" --tag {tag}" if tag else "") + "`", "",
              "| arch | runtime | float b1 ms | int8 b1 ms | int8/float b1 | float b64 ms | "
              "int8 b64 ms | int8/float b64 | agree % | acc float / int8 % |",
@@ -372,11 +424,43 @@ def markdown(rows, args, machine_line, tag) -> str:
               "", "What ONNX Runtime runs in the int8 graph (after its optimizations):", "",
               "| arch | integer ops | float ops left | Q / DQ nodes | DQ->Q pairs |",
               "|---|---|---|---|---|"]
+    plain = [row for row in rows if "int8-plain/onnxruntime" in row["latency"]]
     for row in rows:
         f = row["facts"]["int8"]
         float_ops = ", ".join(f"{k} {v}" for k, v in f["float_ops"].items())
         lines.append(f"| {row['arch']} | {', '.join(f['integer_ops'])} | {float_ops} | "
                      f"{f['quantize']} / {f['dequantize']} | {f['dq_q_pairs']} |")
+    if plain:
+        lines += ["", "Same rounds, ONNX Runtime, the files exported without the graph "
+                  "simplification (`export_onnx(simplify=False)`: shape arithmetic left, int8 "
+                  "depthwise convs unpadded) against the default export:", "",
+                  "| arch | float b64 ms plain / simplified | int8 b64 ms plain / simplified | "
+                  "int8/float b64 plain → simplified | int8/float b1 plain → simplified | "
+                  "kernel sum b64 ms: float plain / simpl., int8 plain / simpl. | kernel "
+                  "int8/float b64 plain → simplified | kernel int8/float b1 plain → simplified |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for row in plain:
+            lat = row["latency"]
+            fp, ip = lat["float-plain/onnxruntime"], lat["int8-plain/onnxruntime"]
+            fs, i_s = lat["float/onnxruntime"], lat["int8/onnxruntime"]
+
+            def ratio(a, b, batch):
+                return a[batch]["median"] / b[batch]["median"]
+            k64, k1 = row["kernel_ms"]["b64"], row["kernel_ms"]["b1"]
+            lines.append(f"| {row['arch']} | {fmt(fp['b64'])} / {fmt(fs['b64'])} | "
+                         f"{fmt(ip['b64'])} / {fmt(i_s['b64'])} | "
+                         f"{ratio(ip, fp, 'b64'):.2f}x → {ratio(i_s, fs, 'b64'):.2f}x | "
+                         f"{ratio(ip, fp, 'b1'):.2f}x → {ratio(i_s, fs, 'b1'):.2f}x | "
+                         f"{k64['float-plain']:.3g} / {k64['float']:.3g}, "
+                         f"{k64['int8-plain']:.3g} / {k64['int8']:.3g} | "
+                         f"{k64['int8-plain'] / k64['float-plain']:.2f}x → "
+                         f"{k64['int8'] / k64['float']:.2f}x | "
+                         f"{k1['int8-plain'] / k1['float-plain']:.2f}x → "
+                         f"{k1['int8'] / k1['float']:.2f}x |")
+        lines += ["", "Kernel sum: ORT's profiler at 1 thread, each node's median over the "
+                  "rounds, summed (the four files in one process, interleaved): what the graph "
+                  "costs without the interruptions a loaded machine adds to wall time (with 2 "
+                  "threads one descheduled thread stalls every parallel kernel)."]
     lines += ["", f"Machine: {machine_line}. Load average at the end: "
               f"{os.getloadavg()[0]:.1f}."]
     return "\n".join(lines) + "\n"
@@ -392,6 +476,8 @@ def main(argv=None) -> None:
     p.add_argument("--train", type=int, default=12000, help="training images")
     p.add_argument("--test", type=int, default=2000, help="test images for agreement")
     p.add_argument("--ptq", type=json.loads, default={}, help="extra quant.ptq keys (JSON)")
+    p.add_argument("--no-plain", dest="plain", action="store_false",
+                   help="skip timing the exports without graph simplification")
     p.add_argument("--tag", default="latest",
                    help="results go to int8_architectures-TAG.{json,md}")
     p.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "lighten-int8-arch")

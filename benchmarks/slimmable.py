@@ -193,6 +193,8 @@ def _markdown(r: dict) -> str:
               f"separate models {sum(w['separate_seconds'] for w in r['widths']):.0f} s together. "
               "Each width's ONNX file against the reloaded artifact run at that width: "
               f"(max |diff| {max(w['export_max_diff'] for w in r['widths']):.1e}).", ""]
+    if "wall_seconds" in r:  # measured outside the script (/usr/bin/time)
+        lines += [f"Whole run: {r['wall_seconds']:.0f} s wall, {r['cpu_seconds']:.0f} s CPU.", ""]
     if "machine" in r:
         lines += [f"Machine: {r['machine']}; load average at the end "
                   f"{', '.join(f'{v:.1f}' for v in r['load_average'])} (the CPU was shared: "

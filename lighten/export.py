@@ -84,6 +84,7 @@ def export_onnx(
     opset: int = 17,
     inputs: Sequence[InputSpec] | None = None,
     metadata: Mapping[str, str] | None = None,
+    simplify: bool = True,
 ) -> ExportCheck:
     """Export ``model`` (eval mode) to ``path`` with a dynamic batch axis; verify in ORT.
 
@@ -94,6 +95,7 @@ def export_onnx(
     the outputs differ from PyTorch beyond tolerance. Nothing is written unless the export (and
     check) succeeded. ``metadata`` is written into the file's ``metadata_props`` (e.g.
     :func:`task_metadata`: what the model is for, its inputs, a language model's tokenizer).
+    ``simplify=False`` skips :func:`lighten.graph.onnx_simplify.simplify` (for comparisons).
     """
     specs = _check_specs(input_shape, inputs)
     path = Path(path)
@@ -106,10 +108,10 @@ def export_onnx(
         from lighten.quant.qdq_graph import complete_qdq
 
         complete_qdq(proto)  # exact Q->DQ after concats/shuffles/pools on an int8 grid
-        from lighten.graph.onnx_simplify import simplify
+        if simplify:  # exact: x.size() arithmetic -> constants, int8 depthwise 16-padded
+            from lighten.graph.onnx_simplify import simplify as simplify_graph
 
-        # exact: x.size() arithmetic -> constants, int8 depthwise convs padded to 16 channels
-        simplify(proto, quantized=any(n.op_type in _QDQ_OPS for n in proto.graph.node))
+            simplify_graph(proto, quantized=any(n.op_type in _QDQ_OPS for n in proto.graph.node))
         for key, value in (metadata or {}).items():
             entry = proto.metadata_props.add()
             entry.key, entry.value = str(key), str(value)

@@ -174,7 +174,8 @@ def test_recipe_on_a_python_model(net_file, tmp_path):
         deploy: {{backend: onnxruntime, latency_runs: 3}}
         output: {out}
         steps:
-          - dynamic.gating: {{target_macs: 0.75, gate_epochs: 0.5, finetune: {{epochs: 0.3}}}}
+          - dynamic.gating: {{target_macs: 0.75, max_drop: null, gate_epochs: 0.5,
+                              finetune: {{epochs: 0.3}}}}
     """))
     base, row = run_recipe(load_recipe(recipe), progress=False).rows
     assert row["dynamic"]["kind"] == "gating" and row["macs"] < base["macs"]

@@ -1,19 +1,24 @@
-"""Exact simplifications of an exported ONNX graph that runtimes do not make by themselves.
+"""Simplifications of an exported ONNX graph that runtimes do not make by themselves.
 
 The TorchScript exporter writes ``x.view(b, g, c // g, h, w)`` with sizes read from
 ``x.size()`` as Shape -> Gather -> Div -> Unsqueeze -> Concat -> Reshape, and ``chunk`` as Slice
-with ends computed from Shape. ONNX Runtime runs that arithmetic on every call, and, worse, it
-cannot see through a computed Reshape: shape inference stops there, so its layout and QDQ
-optimizers treat everything downstream as of unknown shape.
+with ends computed from Shape. ONNX Runtime runs that arithmetic on every call, and its
+optimizers cannot see through a computed Reshape (shape inference stops there).
 
-:func:`fold_shape_arithmetic` evaluates such integer subgraphs (only from Shape and constants) at
-two batch sizes. A value that does not change is a constant; a Reshape target whose entries
-change only where the batch size goes becomes a constant with ``0`` (copy the input's batch
-axis) or ``-1`` there. :func:`shuffle_channels_last` rewrites a channel shuffle
-(Reshape -> Transpose -> Reshape on the channel axis) in a quantized graph as the same shuffle
-done channels-last, between a Transpose to NHWC and one back: ONNX Runtime runs int8 convs in
-NHWC and cancels those two transposes against the ones it inserts, so one small transpose is
-left of three. Both rewrites compute the same numbers (tested); :func:`simplify` applies them.
+* :func:`fold_shape_arithmetic` evaluates such integer subgraphs (only from Shape and
+  constants) at two batch sizes. A value that does not change is a constant; a Reshape target
+  whose entries change only with the batch becomes a constant with ``0`` (copy the batch axis)
+  or ``-1`` there. Exact, float and int8 graphs.
+* :func:`pad_depthwise_channels` (int8 graphs) gives a depthwise conv of 24 channels zero
+  channels up to 32: ORT's int8 depthwise kernel runs 16 channels at a time and is twice as
+  slow on the rest. Exact: the same int8 outputs.
+* :func:`fuse_gelu` (int8 graphs) writes the erf GELU as one ``com.microsoft.Gelu``: ORT fuses
+  it in float graphs but not between DequantizeLinear and QuantizeLinear. Same function; the
+  kernel rounds floats differently (the one ORT's float graph uses).
+
+Tried and dropped: a channel shuffle rewritten channels-last (so ORT cancels its NHWC/NCHW
+transposes) leaves a 5-D uint8 Transpose that ORT runs 10x slower than the three it replaces.
+:func:`simplify` applies the kept rewrites at export (:func:`lighten.export.export_onnx`).
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ def simplify(proto, *, quantized: bool) -> dict[str, int]:
     done = {"shape_values_folded": fold_shape_arithmetic(proto)}
     if quantized:
         done["depthwise_padded"] = pad_depthwise_channels(proto)
+        done["gelu_fused"] = fuse_gelu(proto)
     return done
 
 
@@ -511,3 +517,75 @@ def _pad_region(region, c, size, consts, readers) -> bool:
         p = _ConvParams(consts, readers, conv.input[1])
         conv.input[1] = p.pad(1, size, tag)
     return True
+
+
+# ----------------------------------------------------------------------------- GELU
+
+_SQRT2 = float(np.sqrt(np.float32(2.0)))
+
+
+def fuse_gelu(proto) -> int:
+    """Replace the exporter's erf GELU, ``x / sqrt(2) -> Erf -> + 1 -> * x -> * 0.5``, by one
+    ``com.microsoft.Gelu`` node (ONNX Runtime and OpenVINO both run it), in place; returns how
+    many. ORT fuses the pattern itself in a float graph, but in a QDQ graph it first gives each
+    reader of a dequantized tensor its own DequantizeLinear, so ``x`` is two tensors and the
+    five ops run one by one. Same function; only the float rounding of the kernel differs
+    (the kernel ORT uses for the float graph)."""
+    from onnx import helper
+
+    graph = proto.graph
+    consts = _Consts(graph)
+    readers: dict[str, list] = {}
+    for n in graph.node:
+        for i in n.input:
+            readers.setdefault(i, []).append(n)
+    outputs = {o.name for o in graph.output}
+
+    def scalar(name):
+        v = consts.get(name)
+        return float(v.reshape(())) if v is not None and v.size == 1 else None
+
+    def other(node, name):  # the input of a binary node that is not ``name``
+        rest = [i for i in node.input if i != name]
+        return rest[0] if len(rest) == 1 else None
+
+    def single(name, op):
+        users = readers.get(name, [])
+        if len(users) == 1 and users[0].op_type == op and name not in outputs:
+            return users[0]
+        return None
+
+    replace: dict[int, object] = {}
+    dead: set[int] = set()
+    for div in graph.node:
+        if div.op_type != "Div" or len(div.input) != 2:
+            continue
+        x, c = div.input
+        c_val = scalar(c)
+        if c_val is None or abs(c_val - _SQRT2) > 1e-5:
+            continue
+        erf = single(div.output[0], "Erf")
+        if erf is None:
+            continue
+        add = single(erf.output[0], "Add")
+        if add is None or scalar(other(add, erf.output[0]) or "") != 1.0:
+            continue
+        mul = single(add.output[0], "Mul")
+        if mul is None or other(mul, add.output[0]) != x:
+            continue
+        half = single(mul.output[0], "Mul")
+        if half is None or scalar(other(half, mul.output[0]) or "") != 0.5:
+            continue
+        gelu = helper.make_node("Gelu", [x], [half.output[0]], domain="com.microsoft",
+                                name=f"{div.name or x}_gelu")
+        replace[id(div)] = gelu
+        dead.update(id(n) for n in (erf, add, mul, half))
+    if not replace:
+        return 0
+    nodes = [replace.get(id(n), n) for n in graph.node if id(n) not in dead]
+    del graph.node[:]
+    graph.node.extend(nodes)
+    if not any(o.domain == "com.microsoft" for o in proto.opset_import):
+        proto.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+    _drop_dead(graph)
+    return len(replace)
