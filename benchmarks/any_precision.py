@@ -129,9 +129,12 @@ def main(argv=None) -> int:
             }[name]
             start = time.perf_counter()
             model, _ = lighten.compress(base(), config, data=data, train=train)
-            separate[name][b] = {"accuracy": accuracy(model),
-                                 "seconds": time.perf_counter() - start}
-            print(f"{name} w{b}: {separate[name][b]['accuracy']:.4f}", flush=True)
+            try:
+                separate[name][b] = {"accuracy": accuracy(model)}
+            except Exception as e:  # noqa: BLE001 - a baseline that cannot run is a result too
+                separate[name][b] = {"accuracy": None, "error": f"{type(e).__name__}: {e}"[:300]}
+            separate[name][b]["seconds"] = time.perf_counter() - start
+            print(f"{name} w{b}: {separate[name][b]}", flush=True)
             print("partial: " + json.dumps({"any_precision": out["any_precision"],
                                             "separate": separate}), flush=True)
     out["separate"] = separate
@@ -185,8 +188,10 @@ def _markdown(out: dict, args) -> str:
     for b in args.bits:
         a = anyp["bits"][b]["accuracy"]
         others = [sep[n][b]["accuracy"] for n in sep]
-        best = max(others) if others else None
-        cells = [f"{b}-bit", f"{100 * a:.2f}%", *[f"{100 * o:.2f}%" for o in others],
+        ran = [o for o in others if o is not None]
+        best = max(ran) if ran else None
+        cells = [f"{b}-bit", f"{100 * a:.2f}%",
+                 *["fails on ORT" if o is None else f"{100 * o:.2f}%" for o in others],
                  "-" if best is None else f"{100 * (a - best):+.2f}",
                  f"{anyp['bits'][b]['weight_sqnr_db']:.1f}"]
         lines.append("| " + " | ".join(cells) + " |")
@@ -195,6 +200,8 @@ def _markdown(out: dict, args) -> str:
               f"{anyp['seconds']:.0f} s; separately quantized models: "
               + ", ".join(f"{n} {sum(v['seconds'] for v in sep[n].values()):.0f} s"
                           for n in sep) + ".", "",
+              *[f"{_LABELS[n]} at {b} bits did not run: {e['error']}\n" for n in sep
+                for b, e in sep[n].items() if e.get("error")],
               f"Machine: {out['machine']}; load average at the end "
               f"{', '.join(f'{v:.1f}' for v in out['load_average'])}.", ""]
     return "\n".join(lines)

@@ -61,9 +61,12 @@ def main(argv=None) -> int:
     ap.add_argument("--step", choices=["early_exit", "gating"], default="early_exit")
     ap.add_argument("--target-macs", type=float, default=0.7,
                     help="gating: mean MAC ratio the gates are trained to")
+    ap.add_argument("--gate-threshold", choices=["max_drop", "target_macs"], default="max_drop",
+                    help="gating: the threshold is calibrated on held-out data to max_drop (with "
+                    "margin) or to target_macs")
     ap.add_argument("--budget", choices=["per_gate", "total"], default="per_gate",
                     help="gating: budget loss form")
-    ap.add_argument("--gate-distill", type=float, default=0.5,
+    ap.add_argument("--gate-distill", type=float, default=1.0,
                     help="gating: soft-target weight from the ungated model")
     ap.add_argument("--quick", action="store_true", help="tiny budget: checks the script runs")
     ap.add_argument("--out", type=Path, default=RESULTS)
@@ -201,7 +204,8 @@ def run_gating(args, argv, model, data, base, base_acc, base_macs, x_test, y_tes
     from lighten.dynamic.runtime import _interleaved, _session_fn
 
     step = {"target_macs": args.target_macs, "gate_epochs": args.head_epochs,
-            "max_drop": args.max_drop, "margin": args.margin,
+            "max_drop": args.max_drop if args.gate_threshold == "max_drop" else None,
+            "margin": args.margin,
             "budget": args.budget, "distill": args.gate_distill,
             "holdout": args.holdout, "finetune": {"epochs": args.epochs,
                                                   "lr_scale": args.lr_scale}}

@@ -223,3 +223,13 @@ def test_zoo_resnet20_gates_its_identity_blocks(digits):
     assert gm.backbone_spec == {"zoo": "resnet20"}
     graph = gm.onnx_graph(digits.task.inputs)
     assert sum(n.op_type == "If" for n in graph.graph.node) == 7
+
+
+def test_threshold_target_follows_what_the_recipe_names():
+    """``{target_macs: 0.7}`` asks for that cost: the threshold meets it; with nothing named the
+    threshold keeps the accuracy (max_drop 0.5); both: target_macs trains, max_drop calibrates."""
+    assert GatingConfig.model_validate({"target_macs": 0.7}).max_drop is None
+    assert GatingConfig().max_drop == 0.5 and GatingConfig().target_macs == 0.7
+    both = GatingConfig.model_validate({"target_macs": 0.6, "max_drop": 1.0})
+    assert (both.target_macs, both.max_drop) == (0.6, 1.0)
+    assert GatingConfig.model_validate({"finetune": {"epochs": 5}}).finetune.lr_scale == 0.3
