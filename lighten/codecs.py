@@ -172,11 +172,14 @@ def split_tensors(blob: torch.Tensor, index: list) -> dict[str, torch.Tensor]:
     return parts
 
 
+MAX_DIM = 2**62  # torch sizes are int64; a larger dim (even beside a 0) cannot be a tensor
+
+
 def _index_entry(item) -> tuple[str, torch.dtype, tuple[int, ...]]:
     ok = isinstance(item, list) and len(item) == 3 and isinstance(item[0], str)
     dtype = getattr(torch, item[1], None) if ok and isinstance(item[1], str) else None
     shape = item[2] if ok else None
     if (dtype not in RAW_DTYPES or not isinstance(shape, list)
-            or not all(type(d) is int and d >= 0 for d in shape)):
+            or not all(type(d) is int and 0 <= d < MAX_DIM for d in shape)):
         raise ValueError(f"index entry {item!r} is not [key, dtype, shape]")
     return item[0], dtype, tuple(shape)

@@ -51,3 +51,22 @@ def test_manifest_giving_a_trainable_parameter_an_integer_dtype_is_one_clear_err
     bad.write_bytes(_with_manifest(good.read_bytes(), edited))
     with pytest.raises(CheckpointError, match="must be floating point"):
         load_artifact(bad)
+
+
+def test_blob_index_with_a_dimension_past_int64_is_one_clear_error(tmp_path):
+    """Found by the `manifest` target: a blob entry of shape [0, 2**63] (zero bytes, so the
+    length check passed) made torch's reshape raise a bare TypeError (int64 overflow)."""
+    import json
+
+    from reliability.artifacts import _read_manifest, _with_manifest, tiny_model
+
+    from lighten.artifact import load_artifact, save_artifact
+
+    good = tmp_path / "good.safetensors"
+    save_artifact(tiny_model(), good, model_spec=None)
+    edited = json.loads(json.dumps(_read_manifest(good)))
+    edited["blob"][2][2] = [0, 2**63]
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(_with_manifest(good.read_bytes(), edited))
+    with pytest.raises(CheckpointError):
+        load_artifact(bad)
