@@ -264,13 +264,22 @@ def run_gating(args, argv, model, data, base, base_acc, base_macs, x_test, y_tes
         f"{ratios[1]:.2f}x [{ratios[0]:.2f}, {ratios[2]:.2f}] |", "",
         "| block | share of test samples that run it |", "|---|---|",
         *[f"| {b['name']} | {b['share']:.1%} |" for b in g["blocks"]], "",
-        *calibration_lines(result["summary"] or {}, args)])
+        *calibration_lines(result["summary"] or {}, args), f"Machine: {machine(threads)}.", ""])
     args.out.mkdir(parents=True, exist_ok=True)
     tag = "dynamic-gating-quick" if args.quick else "dynamic-gating"
     (args.out / f"{tag}.json").write_text(json.dumps(result, indent=1))
     (args.out / f"{tag}.md").write_text(md)
     print(md)
     return 0
+
+
+def machine(threads) -> str:
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from bench_timing import machine_line
+
+    return machine_line(threads)
 
 
 def recalibrate(cache: Path, model, data, step: dict):
