@@ -186,7 +186,8 @@ def _symbols(kind: str, part: torch.Tensor, entry: dict, suffix: str
 def _rebuild(kind: str, subs: list[np.ndarray], facts: dict, entry: dict, suffix: str,
              ) -> torch.Tensor:
     """The part from its symbol streams (inverse of :func:`_symbols`)."""
-    dtype = getattr(torch, entry["dtype"])
+    # a float32 tensor whose values are all float16s is stored (and its planes coded) as float16
+    dtype = getattr(torch, entry.get("stored_dtype", entry["dtype"]))
     if kind == "bits":
         return torch.from_numpy(np.packbits(subs[0].astype(np.uint8)))
     if kind == "packed":
