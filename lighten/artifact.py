@@ -49,6 +49,7 @@ from torch import nn
 
 from lighten.codecs import (
     RAW_DTYPES,
+    fits_int64,
     index_bits,
     join_tensors,
     nonzero_mask,
@@ -696,7 +697,8 @@ def _stored(path: Path, stored: dict, key: str) -> torch.Tensor:
 
 
 def _shape(path: Path, name: str, shape: Any) -> tuple[int, ...]:
-    if not isinstance(shape, list) or not all(type(d) is int and 0 <= d < 2**48 for d in shape):
+    if (not isinstance(shape, list) or not all(type(d) is int and 0 <= d < 2**48 for d in shape)
+            or not fits_int64(shape)):
         raise CheckpointError(f"{path}: tensor {name!r} has shape {str(shape)[:80]} in the "
                               "manifest, not a list of sizes; the file is corrupt, re-save it")
     return tuple(shape)

@@ -172,7 +172,14 @@ def split_tensors(blob: torch.Tensor, index: list) -> dict[str, torch.Tensor]:
     return parts
 
 
-MAX_DIM = 2**62  # torch sizes are int64; a larger dim (even beside a 0) cannot be a tensor
+MAX_ELEMENTS = 2**62  # torch counts elements in int64, even when a 0 dim makes the tensor empty
+
+
+def fits_int64(shape) -> bool:
+    """Whether torch can hold a tensor of ``shape`` (a list of non-negative ints): the product
+    of its dims, zeros read as ones, must fit torch's int64 element count."""
+    return (all(type(d) is int and d >= 0 for d in shape)
+            and math.prod(max(d, 1) for d in shape) < MAX_ELEMENTS)
 
 
 def _index_entry(item) -> tuple[str, torch.dtype, tuple[int, ...]]:
@@ -180,6 +187,6 @@ def _index_entry(item) -> tuple[str, torch.dtype, tuple[int, ...]]:
     dtype = getattr(torch, item[1], None) if ok and isinstance(item[1], str) else None
     shape = item[2] if ok else None
     if (dtype not in RAW_DTYPES or not isinstance(shape, list)
-            or not all(type(d) is int and 0 <= d < MAX_DIM for d in shape)):
+            or not fits_int64(shape)):
         raise ValueError(f"index entry {item!r} is not [key, dtype, shape]")
     return item[0], dtype, tuple(shape)

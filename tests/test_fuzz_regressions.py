@@ -65,8 +65,9 @@ def test_blob_index_with_a_dimension_past_int64_is_one_clear_error(tmp_path):
     good = tmp_path / "good.safetensors"
     save_artifact(tiny_model(), good, model_spec=None)
     edited = json.loads(json.dumps(_read_manifest(good)))
-    edited["blob"][2][2] = [0, 2**63]
-    bad = tmp_path / "bad.safetensors"
-    bad.write_bytes(_with_manifest(good.read_bytes(), edited))
-    with pytest.raises(CheckpointError):
-        load_artifact(bad)
+    for shape in ([0, 2**63], [2**32, 2**32, 0]):  # the second: a dim product past int64
+        edited["blob"][2][2] = shape
+        bad = tmp_path / "bad.safetensors"
+        bad.write_bytes(_with_manifest(good.read_bytes(), edited))
+        with pytest.raises(CheckpointError):
+            load_artifact(bad)
