@@ -30,14 +30,16 @@ test: install
 reliability: install
 	$(BIN)/python scripts/reliability.py
 
-# Hypothesis at scale, 30 minutes per target (not in CI); results feed RELIABILITY.md
+# Hypothesis at scale, 30 CPU-minutes per target (not in CI); its rows of RELIABILITY.md redone
 fuzz: install
 	$(BIN)/python scripts/fuzz.py --minutes 30
+	$(BIN)/python scripts/reliability.py --records-only
 
 # pip-audit of the installed pins (falling back to PyPI's project JSON, which covers a pin only
 # at its latest release) + the CVE floors of pyproject.toml; results feed RELIABILITY.md
 audit: install
 	$(BIN)/python scripts/audit.py
+	$(BIN)/python scripts/reliability.py --records-only
 
 lint: install
 	$(BIN)/ruff check lighten tests benchmarks
