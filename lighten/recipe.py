@@ -286,7 +286,6 @@ def _describe(err: ValidationError, schema: type[BaseModel]) -> str:
     *inner, last = first["loc"] or [""]
     loc = [p for p in inner if not isinstance(p, str) or not (
         p.startswith("function-") or p[:1].isupper() or "[" in p)] + [last]
-    loc = [p for p in loc if not isinstance(p, str) or not p.startswith("function-")]
     where = _format_loc(loc)
     if first["type"] == "extra_forbidden":
         allowed = _allowed_keys(schema, loc[:-1])

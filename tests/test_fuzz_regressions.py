@@ -71,3 +71,17 @@ def test_blob_index_with_a_dimension_past_int64_is_one_clear_error(tmp_path):
         bad.write_bytes(_with_manifest(good.read_bytes(), edited))
         with pytest.raises(CheckpointError):
             load_artifact(bad)
+
+
+@pytest.mark.parametrize("key", ["function-", "function-after[x]", "Model", "literal['a']"])
+def test_unknown_step_key_shaped_like_a_pydantic_tag_is_one_clear_error(key):
+    """Found by the `recipe` target: an unknown key 'function-' was dropped from the error's
+    path as if it were one of pydantic's validator tags, and the message builder raised an
+    IndexError. The user's own key is always the last part of the path."""
+    from lighten.errors import RecipeError
+    from lighten.recipe import parse_recipe
+
+    raw = {"name": "t", "model": {"zoo": "lenet5"}, "data": {"name": "digits"},
+           "steps": [{"arch.fold": {key: None}}]}
+    with pytest.raises(RecipeError, match="unknown key"):
+        parse_recipe(raw, source="fuzz.yaml", base_dir=".")
