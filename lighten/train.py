@@ -160,7 +160,9 @@ def train(model: nn.Module, dataset: Dataset, cfg: TrainConfig, *,
     if not params:
         raise LightenError(f"{type(model).__name__} has no trainable parameters; "
                            "nothing to train (set finetune epochs to 0)")
-    optimizer = _make_optimizer(params, cfg)
+    optimizer = _make_optimizer(params, cfg, no_decay={  # e.g. LSQ's learned log-scales
+        id(p) for m in model.modules() if callable(getattr(m, "no_weight_decay", None))
+        for p in m.no_weight_decay() if isinstance(p, nn.Parameter)})
     scheduler = _make_scheduler(optimizer, cfg, total_steps)
     aug_gen = torch.Generator().manual_seed(cfg.seed + 1)
     device = next(model.parameters(), torch.empty(0)).device
@@ -335,7 +337,12 @@ def _run(model: nn.Module, dataset: Dataset, *, batch_size: int, progress: bool,
     return torch.cat(logits), torch.cat(labels)
 
 
-def _make_optimizer(params, cfg: TrainConfig) -> torch.optim.Optimizer:
+def _make_optimizer(params, cfg: TrainConfig, no_decay: set[int] = frozenset()
+                    ) -> torch.optim.Optimizer:
+    if no_decay and cfg.weight_decay:
+        rest = [p for p in params if id(p) not in no_decay]
+        params = [*([{"params": rest}] if rest else []),
+                  {"params": [p for p in params if id(p) in no_decay], "weight_decay": 0.0}]
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum,
                                weight_decay=cfg.weight_decay)

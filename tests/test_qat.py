@@ -43,7 +43,8 @@ def test_lsq_scale_gradient_matches_paper_and_scale_moves():
                                      torch.round(v) - v))  # inside: round(x/s) - x/s
     g = lsq_gradient_scale(x[0].numel(), 15)
     assert g == pytest.approx(1 / (5 * 15) ** 0.5)
-    assert float(q.scale.grad) == pytest.approx(g * float(inside.sum()), rel=1e-5)
+    # the parameter is log s: d/d(log s) = s * d/ds
+    assert float(q.log_scale.grad) / 0.1 == pytest.approx(g * float(inside.sum()), rel=1e-5)
 
     # the scale is learned: clipping a wide signal makes the loss pull the step size up
     torch.manual_seed(0)
