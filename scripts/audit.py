@@ -45,7 +45,9 @@ RESULTS = ROOT / "benchmarks" / "results" / "audit.json"
 # package -> [(advisory, first fixed release, what it is)]
 KNOWN_FIXES: dict[str, list[tuple[str, str, str]]] = {
     "torch": [("CVE-2025-32434", "2.6.0",
-               "torch.load(weights_only=True) still ran code from a crafted file")],
+               "torch.load(weights_only=True) still ran code from a crafted file"),
+              ("CVE-2026-24747", "2.10.0",
+               "memory corruption in the weights_only unpickler (code execution)")],
     "onnx": [("CVE-2024-27318", "1.16.0", "external-data path traversal"),
              ("CVE-2024-27319", "1.16.0", "out-of-bounds read"),
              ("CVE-2024-5187", "1.17.0", "file overwrite in download_model_with_test_data"),
