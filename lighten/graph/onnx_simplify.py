@@ -101,6 +101,15 @@ def _light(proto, out) -> None:
             g.input.append(helper.make_tensor_value_info(init.name, init.data_type, init.dims))
 
 
+def _readers(graph) -> dict[str, list]:
+    """Tensor name -> the nodes that read it."""
+    readers: dict[str, list] = {}
+    for n in graph.node:
+        for i in n.input:
+            readers.setdefault(i, []).append(n)
+    return readers
+
+
 def _batch_symbol(proto) -> str | None:
     """The dim_param of the inputs' batch axis (the only dynamic axis lighten exports)."""
     init = {i.name for i in proto.graph.initializer}
@@ -404,10 +413,7 @@ def pad_depthwise_channels(proto, multiple: int = DEPTHWISE_MULTIPLE) -> int:
     holds 0 (its zero point in int8), and multiplies only zero weights."""
     graph = proto.graph
     consts = _Consts(graph)
-    readers: dict[str, list] = {}
-    for n in graph.node:
-        for i in n.input:
-            readers.setdefault(i, []).append(n)
+    readers = _readers(graph)
     outputs = {o.name for o in graph.output}
     padded_convs: set[int] = set()
     count = 0
@@ -535,10 +541,7 @@ def fuse_gelu(proto) -> int:
 
     graph = proto.graph
     consts = _Consts(graph)
-    readers: dict[str, list] = {}
-    for n in graph.node:
-        for i in n.input:
-            readers.setdefault(i, []).append(n)
+    readers = _readers(graph)
     outputs = {o.name for o in graph.output}
 
     def scalar(name):
