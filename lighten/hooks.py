@@ -16,13 +16,21 @@ def forward_with_hooks(model: nn.Module, example: tuple,
                        hooks: Iterable[tuple[nn.Module, ForwardHook]]) -> None:
     """``model(*example)`` once, in eval mode and without gradients, with each
     ``(module, hook)`` of ``hooks`` registered as a forward hook for that call only."""
+    forward_batches_with_hooks(model, [example], hooks)
+
+
+def forward_batches_with_hooks(model: nn.Module, batches: Iterable,
+                               hooks: Iterable[tuple[nn.Module, ForwardHook]]) -> None:
+    """``model(*batch)`` for every batch (a tuple, or one tensor), in eval mode and without
+    gradients, with the hooks registered for those calls only."""
     handles = []
     was = model.training
     try:
         handles += [module.register_forward_hook(hook) for module, hook in hooks]
         model.eval()
         with torch.no_grad():
-            model(*example)
+            for batch in batches:
+                model(*batch) if isinstance(batch, tuple) else model(batch)
     finally:
         model.train(was)
         for h in handles:

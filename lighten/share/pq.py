@@ -38,6 +38,7 @@ from pydantic import Field, field_validator
 from torch import nn
 
 from lighten.errors import UnsupportedError
+from lighten.hooks import forward_batches_with_hooks
 from lighten.modules import register_module_type, require_modules, set_submodule
 from lighten.registry import register_step
 from lighten.step import StepConfig, StepContext
@@ -347,17 +348,8 @@ def _input_metrics(model: nn.Module, layers: dict[str, nn.Module], d: dict[str, 
             rows[name] = rows.get(name, 0) + len(x)
         return collect
 
-    handles = [layer.register_forward_hook(hook(name)) for name, layer in layers.items()]
-    was = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            for batch in batches:
-                model(*batch) if isinstance(batch, tuple) else model(batch)
-    finally:
-        model.train(was)
-        for h in handles:
-            h.remove()
+    forward_batches_with_hooks(model, batches,
+                               [(layer, hook(name)) for name, layer in layers.items()])
     return {name: grams[name] / max(rows[name], 1) for name in grams}
 
 
