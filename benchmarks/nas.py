@@ -4,14 +4,18 @@ with the same budget; the search's wall time and the latency predictor's median 
 
     python benchmarks/nas.py [--quick] [--epochs 6] [--train 60000] [--test 10000]
         [--trials 40] [--time-budget 30m] [--proxy-train 5000] [--proxy-epochs 1]
-        [--proxy-holdout 1000] [--proxy-batch 64] [--runs 40] [--threads 2] [--parts macs latency]
+        [--proxy-holdout 1000] [--proxy-batch 64] [--proxy-lr-scale 1] [--init inherit]
+        [--runs 40] [--threads 2] [--parts macs latency]
         [--out benchmarks/results]
 
 Training (every contender): the shipped ResNet-20 checkpoint's recipe (SGD 0.1, momentum 0.9,
 weight decay 5e-4, cosine, batch 128), ``--epochs`` epochs on ``--train`` images, no
-augmentation. NAS and the uniform model train from scratch; ``prune.channels`` (l2 importance)
-starts from the shipped trained ResNet-20 and fine-tunes the same epochs at lr 0.1 (what the
-step is for: it keeps the trained weights). ``--parts latency`` adds NAS under a measured ORT
+augmentation. ``arch.nas`` searches from the shipped trained ResNet-20 (``--init inherit``, the
+step's default: every candidate is a sub-network of it) or from fresh weights (``--init
+scratch``); the uniformly width-scaled ResNet-20 is trained twice, from scratch and from the
+inherited channels (the NAS space's own reference shape at the budget); ``prune.channels``
+(group L2 importance) starts from the shipped model too. All fine-tune the same epochs at
+lr 0.1. ``--parts latency`` adds NAS under a measured ORT
 latency budget of 0.5x ResNet-20's batch-1 latency (``target_latency: 0.5``). All models of a
 table are timed together in interleaved rounds (benchmarks/bench_timing.py). ``--quick``: 2,000
 training / 1,000 test images, 0.5 epoch, 4 trials of 512-image proxies (1 epoch, batch 32), 10
@@ -56,17 +60,28 @@ def shipped():
     return load_weights(model, shipped_checkpoint("resnet20", "fashion-mnist")).eval()
 
 
+def start_model(args):
+    """What arch.nas searches from: the shipped trained model, or fresh weights."""
+    from lighten.models import ZOO
+
+    return shipped() if args.init == "inherit" else ZOO["resnet20"](num_classes=10,
+                                                                     input_shape=SHAPE)
+
+
 def nas_step(args, target: dict) -> dict:
-    return {"arch.nas": {**target, "trials": args.trials, "time_budget": args.time_budget,
+    return {"arch.nas": {**target, "init": args.init, "trials": args.trials,
+                         "time_budget": args.time_budget,
                          "proxy": {"epochs": args.proxy_epochs, "train": args.proxy_train,
                                    "holdout": args.proxy_holdout,
-                                   "batch_size": args.proxy_batch},
+                                   "batch_size": args.proxy_batch,
+                                   "lr_scale": args.proxy_lr_scale},
                          "predict_latency": True, "latency_runs": args.runs,
                          "finetune": {"epochs": args.epochs}}}
 
 
-def uniform(data, args, budget_macs: float):
-    """ResNet-20 with every width times one factor, the widest at <= budget_macs, trained."""
+def uniform(data, args, budget_macs: float, *, inherit: bool):
+    """ResNet-20 with every width times one factor, the widest at <= budget_macs, trained:
+    from scratch, or from the shipped model's most important channels (``inherit``)."""
     from lighten.arch.nas_build import CandidateBuilder, fit_to_budget
     from lighten.arch.nas_space import derive_space
     from lighten.measure import count_macs
@@ -83,10 +98,10 @@ def uniform(data, args, budget_macs: float):
         round_to: int = 4
         ignore: list[str] = []
 
-    model = ZOO["resnet20"](num_classes=10, input_shape=SHAPE)
+    model = shipped() if inherit else ZOO["resnet20"](num_classes=10, input_shape=SHAPE)
     example = (torch.zeros(1, *SHAPE),)
     space = derive_space(model, example, Space())
-    builder = CandidateBuilder(model, space, example)
+    builder = CandidateBuilder(model, space, example, inherit=inherit)
     ref = space.reference()
     m, scale, _ = fit_to_budget(lambda s: builder(ref, scale=s, meta=True),
                                 lambda m: builder.macs(m, ref), budget_macs)
@@ -100,7 +115,6 @@ def uniform(data, args, budget_macs: float):
 def run_macs(data, args, work: Path) -> dict:
     from lighten import compress
     from lighten.measure import count_macs, count_params
-    from lighten.models import ZOO
 
     base = shipped()
     base_macs = count_macs(base, SHAPE)
@@ -108,16 +122,17 @@ def run_macs(data, args, work: Path) -> dict:
                               "params": count_params(base)[0]}}
     models = {"ResNet-20 (shipped, 6 epochs x 60k)": base}
     t0 = time.time()
-    fresh = ZOO["resnet20"](num_classes=10, input_shape=SHAPE)
-    nas, report = compress(fresh, nas_step(args, {"target_macs": 0.5}), data=data,
+    nas, report = compress(start_model(args), nas_step(args, {"target_macs": 0.5}), data=data,
                            train=train_config(args), workdir=work / "nas-macs")
     s = report.summary
-    out["nas"] = {"seconds": time.time() - t0, "summary": s, "front": report.layers,
+    out["nas"] = {"seconds": time.time() - t0, "summary": s, "layers": report.layers,
                   "notes": report.notes}
     models["arch.nas (50% MACs)"] = nas
-    uni, facts = uniform(data, args, 0.5 * base_macs)
-    out["uniform"] = facts
-    models["uniform width x{:.2f}".format(facts["scale"])] = uni
+    for inherit in (False, True):
+        uni, facts = uniform(data, args, 0.5 * base_macs, inherit=inherit)
+        out["uniform_inherited" if inherit else "uniform"] = facts
+        how = "inherited" if inherit else "scratch"
+        models["uniform width x{:.2f} ({})".format(facts["scale"], how)] = uni
     t0 = time.time()
     pruned, prep = compress(shipped(), {"prune.channels": {
         "target_macs": 0.5, "finetune": {"epochs": args.epochs, "lr": 0.1}}}, data=data,
@@ -130,16 +145,14 @@ def run_macs(data, args, work: Path) -> dict:
 
 def run_latency(data, args, work: Path) -> dict:
     from lighten import compress
-    from lighten.models import ZOO
 
     t0 = time.time()
-    fresh = ZOO["resnet20"](num_classes=10, input_shape=SHAPE)
-    nas, report = compress(fresh, nas_step(args, {"target_latency": 0.5}), data=data,
-                           train=train_config(args), workdir=work / "nas-latency")
+    nas, report = compress(start_model(args), nas_step(args, {"target_latency": 0.5}),
+                           data=data, train=train_config(args), workdir=work / "nas-latency")
     base = shipped()
     rows = table_rows({"ResNet-20 (shipped)": base, "arch.nas (0.5x latency)": nas}, data,
                       args, work / "timing-latency", None)
-    return {"seconds": time.time() - t0, "summary": report.summary, "front": report.layers,
+    return {"seconds": time.time() - t0, "summary": report.summary, "layers": report.layers,
             "notes": report.notes, "rows": rows}
 
 
@@ -195,15 +208,19 @@ def markdown(res: dict, args, machine: str) -> str:
                 f"({s['search_seconds'] / 60:.1f} min; whole step {r['nas']['seconds']:.0f} s); "
                 f"chosen `{s['chosen']}` (proxy accuracy {s['proxy_accuracy']:.2%})",
                 f"- {_predictor(s)}",
-                f"- uniform width scale {r['uniform']['scale']:.3f}; prune.channels starts from "
-                "the shipped trained ResNet-20, the other two from scratch", "",
+                f"- uniform width scale {r['uniform']['scale']:.3f}; arch.nas (init "
+                f"{args.init}), the inherited uniform model and prune.channels start from the "
+                "shipped trained ResNet-20's weights" if args.init == "inherit" else
+                f"- uniform width scale {r['uniform']['scale']:.3f}; arch.nas (init scratch) "
+                "and the scratch uniform model start from fresh weights, the inherited uniform "
+                "model and prune.channels from the shipped trained ResNet-20", "",
                 spread_note(r["rows"][0]["_timing"]), ""]
         out += ["Pareto front of the search (proxy accuracy vs MACs):", "",
                 "| trial | shape (s: stage, w width, e expansion, d depth) | proxy acc | MACs |",
                 "|---|---|---|---|"]
-        for row in r["nas"]["front"]:
-            out.append(f"| {row['module']}{' (chosen)' if row['action'] == 'chosen' else ''} | "
-                       f"{row['before']} | {row['proxy_accuracy']:.2%} | "
+        for row in s["pareto_front"]:
+            out.append(f"| trial {row['trial']}{' (chosen)' if row['chosen'] else ''} | "
+                       f"{row['shape']} | {row['proxy_accuracy']:.2%} | "
                        f"{(row.get('macs') or 0) / 1e6:.2f} M |")
         out.append("")
     if "latency" in res:
@@ -228,6 +245,8 @@ def main(argv=None) -> None:
     parser.add_argument("--proxy-epochs", type=float, default=1.0)
     parser.add_argument("--proxy-holdout", type=int, default=1000)
     parser.add_argument("--proxy-batch", type=int, default=64)
+    parser.add_argument("--proxy-lr-scale", type=float, default=1.0)
+    parser.add_argument("--init", choices=["inherit", "scratch"], default="inherit")
     args = bench_timing.parse_bench_args(
         parser, argv, train=2000, test=1000, epochs=0.5, runs=10, trials=4, proxy_train=512,
         proxy_epochs=1, proxy_holdout=256, proxy_batch=32)

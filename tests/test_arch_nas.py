@@ -93,6 +93,47 @@ def test_space_of_a_python_model_and_a_candidate_of_it(setting):
     assert cand.head[2].out_features == 16 and cand(torch.zeros(2, 1, 8, 8)).shape == (2, 10)
 
 
+def test_inherited_candidates_are_sub_networks_of_the_trained_model(setting):
+    """init: inherit: the model's own shape is the model itself; a narrower one keeps each
+    group's most important channels (group L2) with their trained weights, a dropped block
+    leaves the kept ones as they were, no width grows past the model's, and only a conv
+    whose kernel changed starts fresh."""
+    from lighten.graph import channel_groups
+    from lighten.prune.importance import group_l2
+
+    root, _ = setting
+    model, _ = _model(root)
+    model.eval()
+    example = (torch.zeros(1, 1, 8, 8),)
+    space = derive_space(model, example, SPACE)
+    x = torch.randn(4, 1, 8, 8)
+    same = build_candidate(model, space, space.reference(), example, inherit=True).eval()
+    with torch.no_grad():
+        assert torch.equal(same(x), model(x))
+    wide = {"s1.width": 1.5, "s1.expansion": 1.0, "s1.depth": 2, "s2.width": 1.0}
+    grown = build_candidate(model, space, wide, example, inherit=True)
+    assert grown.stem[0].out_channels == model.stem[0].out_channels  # capped at 1x
+    arch = {"s1.width": 0.5, "s1.expansion": 0.5, "s1.depth": 1, "s2.width": 1.0}
+    cand = build_candidate(model, space, arch, example, inherit=True)
+    assert type(cand.blocks[1]).__name__ == "SkippedBlock"
+    stem = model.stem[0]
+    (group,) = [g for g in channel_groups(model, example[0])
+                if any(m.module == "stem.0" and m.kind == "out" for m in g.members)]
+    n = cand.stem[0].out_channels
+    assert n == stem.out_channels // 2
+    kept = group_l2(model, group).argsort(descending=True)[:n].sort().values
+    assert torch.equal(cand.stem[0].weight, stem.weight[kept])
+    inner = cand.blocks[0].conv1
+    assert inner.out_channels == model.blocks[0].conv1.out_channels // 4  # width x expansion
+    assert torch.equal(cand.head[4].weight, model.head[4].weight)  # its input group kept whole
+    scratch = build_candidate(model, space, arch, example)
+    assert not torch.equal(scratch.head[4].weight, model.head[4].weight)
+    space5 = derive_space(model, example, SimpleNamespace(**{**vars(SPACE), "kernels": [5]}))
+    k5 = build_candidate(model, space5, {**arch, "s1.kernel": 5}, example, inherit=True)
+    assert k5.blocks[0].conv1.kernel_size == (5, 5)
+    assert torch.equal(k5.head[4].weight, model.head[4].weight)
+
+
 def test_budget_is_respected_and_the_result_reloads_and_exports(setting, tmp_path):
     root, data = setting
     model, spec = _model(root)

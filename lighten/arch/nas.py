@@ -5,15 +5,19 @@
 ResNet-20 gets 3 stages of width x expansion x depth) with the choice lists in ``space:``; or a
 factory given in the recipe, ``space: {python: file.py:build, params: {k: [choices]}}``.
 
-**Evaluation: short proxy training, not a weight-sharing supernet.** A supernet
+**Evaluation: short proxy training of sub-networks of the trained model.** A supernet
 (Once-for-All) amortises training over many subnets, but it must itself be trained for many
-epochs with progressive shrinking before its subnets rank correctly, it needs the model
-rewritten into elastic layers (which our user-model surgery cannot express for any model), and
-its inherited weights rank small subnets poorly without that long schedule. On 2 CPU cores
-with a 30-minute budget the honest option is to train each candidate from scratch for a
-fraction of an epoch on a subset of the training data (``proxy:``) and score it on held-out
-*training* samples (never the test set): every candidate is a real model of the space, the
-ranking cost is linear in the trials, and ``finetune:`` then trains the chosen one fully.
+epochs with progressive shrinking before its subnets rank correctly, and it needs the model
+rewritten into elastic layers (which our user-model surgery cannot express for any model). The
+user's trained model is already the largest network of the space, so with ``init: inherit``
+(the default) each candidate *is* a sub-network of it: a stage keeps its first blocks, each
+channel group its most important channels (DepGraph's group L2, the way OFA sorts channels
+before shrinking), and only layers whose kernel or block type changed start fresh. Each
+candidate is then trained briefly on a subset of the training data (``proxy:``) and scored on
+held-out *training* samples (never the test set): the ranking is of how well each shape
+recovers from the trained weights, which is what the final ``finetune:`` then does at full
+length. ``init: scratch`` trains every candidate and the result from fresh weights (for an
+untrained model, or a ``space.python`` factory, which always starts fresh).
 
 **Budget.** ``target_macs`` / ``target_params`` / ``target_bytes`` (a fraction <= 1 of the input
 model's, or an absolute count) are counted; ``target_latency`` (fraction of the input model's
@@ -113,7 +117,8 @@ class ProxyConfig(StrictModel):
 
 
 class NASFinetuneConfig(FinetuneConfig):
-    """``finetune:`` of arch.nas trains the chosen architecture from scratch: full lr."""
+    """``finetune:`` of arch.nas trains the chosen architecture: full lr (what a fresh model
+    needs; an inherited one has lost channels and blocks and recovers at it too)."""
 
     lr_scale: float = Field(1.0, gt=0, description="without lr: x the recipe's train lr")
 
@@ -130,6 +135,9 @@ class NASConfig(StepConfig):
     time_budget: float | str | None = Field(None, description="stop starting trials after "
                                             "this: seconds, or '30m', '1h', '90s'")
     sampler: Literal["tpe", "nsga2"] = "tpe"
+    init: Literal["inherit", "scratch"] = Field("inherit", description="candidates keep the "
+                                                "trained model's most important channels and "
+                                                "first blocks (inherit), or start fresh")
     space: NASSpaceConfig = Field(default_factory=NASSpaceConfig)
     proxy: ProxyConfig = Field(default_factory=ProxyConfig)
     predict_latency: bool | None = Field(None, description="build the latency table and "
@@ -172,7 +180,8 @@ def seconds(value: float | str | None) -> float | None:
 
 
 class NASResult:
-    """What :func:`nas_` found: the chosen model (untrained), its trial and the study rows."""
+    """What :func:`nas_` found: the chosen model (not yet fine-tuned), its trial and the study
+    rows."""
 
     def __init__(self, model, spec, best: dict, rows: list[dict], front: list[dict],
                  folder: Path, budget: float, kind: str, reference_cost: float, extra: dict):
@@ -226,7 +235,8 @@ def _search_folder(ctx: StepContext, key: str, keep: list) -> Path:
 
 
 def nas_(model: nn.Module, config: NASConfig, ctx: StepContext) -> NASResult:
-    """Search; the returned model is the chosen architecture with fresh weights."""
+    """Search; the returned model is the chosen architecture, untrained: with the input
+    model's inherited weights (``init: inherit``) or fresh ones."""
     from lighten.arch.nas_build import COSTS, CandidateBuilder, fit_to_budget, layer_macs
     from lighten.arch.nas_search import import_optuna, pareto_front, run_study, trial_rows
     from lighten.arch.nas_space import FactorySpace, derive_space
@@ -270,7 +280,12 @@ def nas_(model: nn.Module, config: NASConfig, ctx: StepContext) -> NASResult:
             return build_model(ModelSpec(**space.spec(arch)), input_shape=ctx.input_shape,
                                num_classes=ctx.data.num_classes, task=ctx.task)
 
-    builder = CandidateBuilder(model, space, example) if config.space.python is None else None
+    inherit = config.init == "inherit" and config.space.python is None
+    if inherit and max(config.space.widths) * max(config.space.expansions) > 1:
+        ctx.note("arch.nas: init: inherit keeps sub-networks of the model, so no stage grows "
+                 "past its current width (space widths/expansions > 1 are capped)")
+    builder = (CandidateBuilder(model, space, example, inherit=inherit)
+               if config.space.python is None else None)
     extra: dict = {}
     if table is not None:  # calibrate on the input model and uniformly narrowed copies
         ref = space.reference()
@@ -432,7 +447,8 @@ def arch_nas(model: nn.Module, config: NASConfig, ctx: StepContext) -> nn.Module
                  f"{ft.epochs:g} train epochs (set finetune: to change it)")
     chosen = ctx.finetune(chosen, ft)
     example = ctx.example_inputs(1)
-    summary = {"budget_kind": kind, "budget": result.budget, "trials": complete,
+    summary = {"budget_kind": kind, "budget": result.budget, "init": config.init,
+               "trials": complete,
                "rejected": rejected, "search_seconds": extra["search_seconds"],
                "chosen_trial": best["trial"], "chosen": best.get("describe"),
                "proxy_accuracy": best["proxy_accuracy"], "search_folder": str(result.folder)}

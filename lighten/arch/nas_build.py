@@ -7,9 +7,13 @@ artifact like any stage: the artifact's edit log describes resized standard laye
 blocks (``prune.layers``' registered ``SkippedBlock``) and ``nn.Sequential`` separable pairs.
 
 Widths change through :func:`resize_groups_`: every member of a channel group gets an index
-list along its axis (``arange(n) % size``: growing repeats channels, shrinking keeps the first
-``n``) through the same per-layer surgery prune.channels uses; all weights are then
-re-initialised, so which channels were repeated does not matter.
+list along its axis through the same per-layer surgery prune.channels uses. From scratch
+(``inherit=False``) the list is ``arange(n) % size`` (growing repeats channels, shrinking keeps
+the first ``n``) and all weights are then re-initialised, so which channels were kept does not
+matter. With ``inherit=True`` the candidate is a sub-network of the trained model: each group
+keeps its ``n`` most important channels (DepGraph's ``group_l2``, computed once per depth
+choice), a stage keeps its first blocks, no group grows past the model's width, and only layers
+whose kernel or block type changed start fresh.
 """
 
 from __future__ import annotations
@@ -34,13 +38,22 @@ MAX_SCALE = 4.0
 BISECT_STEPS = 8
 
 
-def resize_groups_(model: nn.Module, groups: list, sizes: list[int]) -> None:
-    """Give every group ``sizes[i]`` channels, in place (weights then need re-initialising)."""
+def resize_groups_(model: nn.Module, groups: list, sizes: list[int],
+                   orders: list[torch.Tensor] | None = None) -> None:
+    """Give every group ``sizes[i]`` channels, in place: the first ``sizes[i]`` of
+    ``orders[i]`` (channel indices, most important first; kept in their original order), or
+    without ``orders`` the first channels repeated as needed (weights then need
+    re-initialising)."""
     segments: dict[tuple[str, str], list[tuple[int, int, torch.Tensor]]] = {}
-    for g, n in zip(groups, sizes, strict=True):
+    for i, (g, n) in enumerate(zip(groups, sizes, strict=True)):
         if n == g.size:
             continue
-        channels = torch.arange(n) % g.size
+        if orders is not None:
+            if n > g.size:
+                raise ValueError(f"an inherited group cannot grow ({g.size} -> {n} channels)")
+            channels = orders[i][:n].sort().values
+        else:
+            channels = torch.arange(n) % g.size
         for m in g.members:
             segments.setdefault((m.module, m.kind), []).append(
                 (m.offset, g.size * m.block, m.indices(channels)))
@@ -92,10 +105,13 @@ class CandidateBuilder:
     """Builds candidates of one space. The channel groups of a depth choice are traced once
     and reused (member names do not change with widths)."""
 
-    def __init__(self, model: nn.Module, space: DerivedSpace, example: tuple):
+    def __init__(self, model: nn.Module, space: DerivedSpace, example: tuple, *,
+                 inherit: bool = False):
         self.model, self.space, self.example = model, space, example
+        self.inherit = inherit
         self._meta = copy.deepcopy(model).to("meta")  # costs are counted on shapes only
         self._plans: dict[tuple, list[tuple]] = {}
+        self._orders: dict[tuple, list[torch.Tensor]] = {}
         self._positions: dict[tuple, dict[str, int]] = {}
 
     def _shallow(self, arch: dict, meta: bool = False) -> nn.Module:
@@ -118,6 +134,11 @@ class CandidateBuilder:
             self._plans[depths] = [
                 (g, None if i is None else self.space.stages[i].name, inner)
                 for g, (i, inner) in zip(groups, where, strict=True)]
+            if self.inherit:
+                from lighten.prune.importance import group_l2
+
+                self._orders[depths] = [group_l2(m, g).argsort(descending=True)
+                                        for g in groups]
             self._positions[depths] = _positions(m, self.example)
         return self._plans[depths]
 
@@ -143,8 +164,9 @@ class CandidateBuilder:
 
     def __call__(self, arch: dict, *, scale: float = 1.0, seed: int = 0,
                  meta: bool = False) -> nn.Module:
-        """The model turned into ``arch`` with every width times ``scale``, fresh weights
-        (``meta``: on the meta device, shapes only, for counting its cost fast)."""
+        """The model turned into ``arch`` with every width times ``scale``: fresh weights, or
+        with ``inherit`` the trained model's most important channels (``meta``: on the meta
+        device, shapes only, for counting its cost fast)."""
         m = self._shallow(arch, meta)
         plan = self._plan(m, arch)
         sizes = []
@@ -152,8 +174,12 @@ class CandidateBuilder:
             mult = 1.0 if name is None else arch.get(f"{name}.width", 1.0) * scale
             if inner and name is not None:
                 mult *= arch.get(f"{name}.expansion", 1.0)
-            sizes.append(_width(g.size, mult, self.space.round_to))
-        resize_groups_(m, [g for g, _, _ in plan], sizes)
+            n = _width(g.size, mult, self.space.round_to)
+            sizes.append(min(n, g.size) if self.inherit else n)
+        depths = tuple(arch.get(f"{s.name}.depth") for s in self.space.stages)
+        resize_groups_(m, [g for g, _, _ in plan], sizes,
+                       self._orders[depths] if self.inherit else None)
+        fresh: list[nn.Module] = []
         for s in self.space.stages:  # kernel size / depthwise-separable, per stage
             kernel, block = arch.get(f"{s.name}.kernel"), arch.get(f"{s.name}.block", "conv")
             names = dict(m.named_modules())
@@ -163,9 +189,15 @@ class CandidateBuilder:
                 conv = names[name]
                 sep = block == "separable" and name in s.separable
                 if sep or (kernel and kernel != conv.kernel_size[0]):
-                    set_submodule(m, name, _new_conv(conv, kernel, sep).to(
-                        conv.weight.device))
-        return m if meta else reinit_(m, seed)
+                    new = _new_conv(conv, kernel, sep).to(conv.weight.device)
+                    set_submodule(m, name, new)
+                    fresh.append(new)
+        if meta:
+            return m
+        if not self.inherit:
+            return reinit_(m, seed)
+        reinit_(nn.ModuleList(fresh), seed)  # only the layers whose kind changed start fresh
+        return m
 
 
 def _positions(model: nn.Module, example: tuple) -> dict[str, int]:
@@ -195,9 +227,10 @@ def _on_meta(m: nn.Module) -> bool:
 
 
 def build_candidate(model: nn.Module, space: DerivedSpace, arch: dict, example: tuple, *,
-                    scale: float = 1.0, seed: int = 0) -> nn.Module:
+                    scale: float = 1.0, seed: int = 0, inherit: bool = False) -> nn.Module:
     """``model`` (not changed) turned into ``arch`` with every width times ``scale``."""
-    return CandidateBuilder(model, space, example)(arch, scale=scale, seed=seed)
+    return CandidateBuilder(model, space, example, inherit=inherit)(arch, scale=scale,
+                                                                    seed=seed)
 
 
 def stage_widths(model: nn.Module, space: DerivedSpace, example: tuple) -> dict[str, int]:
