@@ -3,17 +3,20 @@ ONNX Runtime and OpenVINO) and ``arch.separable`` on ResNet-20 (params, accuracy
 latency beside).
 
     python benchmarks/arch.py [--quick] [--epochs 3] [--train 60000] [--test 10000] [--runs 40]
-        [--threads 2] [--measure-latency] [--out benchmarks/results]
+        [--threads 2] [--measure-latency] [--lr 0.02] [--distill 0.5] [--variants all 0.33]
+        [--parts fold separable] [--out benchmarks/results]
 
 Fold: the shipped ResNet-20 and MobileNetV2 checkpoints go through
 ``lighten.compress(model, "arch.fold", data=...)``; the table gives what was folded/fused, the
 max abs logit difference on ``--test`` test images, accuracy before/after, and the four
 deployments (unfolded/folded x ORT/OpenVINO) timed together in interleaved rounds in a fresh
 process (benchmarks/bench_timing.py). Separable: the shipped ResNet-20 through
-``{"arch.separable": {"layers": "auto", "finetune": {"epochs": E, "distill": 0.5}}}`` with the
-checkpoint's own SGD recipe as ``train`` (fine-tune lr ``--lr``), on ``--train`` images; the
-baseline and the result are timed together on ORT and OpenVINO. ``--quick``: 2,000 training
-images, 0.2 epochs, 1,000 test images, 10 timed runs (a smoke run, not a result).
+``{"arch.separable": {"layers": "auto", "finetune": {"epochs": E, "distill": D}}}`` (and, per
+``--variants`` fraction, with ``target_params``) with the checkpoint's own SGD recipe as
+``train`` (fine-tune lr ``--lr``), on ``--train`` images; the baseline and every variant are
+timed together on ORT and OpenVINO. ``--threads`` also sets PyTorch's threads (training).
+``--quick``: 2,000 training images, 0.2 epochs, 1,000 test images, 10 timed runs (a smoke run,
+not a result).
 Writes ``arch.json`` and ``arch.md`` to ``--out``.
 """
 
@@ -86,6 +89,17 @@ def fold_part(name: str, data, args, work: Path) -> dict:
             "rows": rows, "timing": how}
 
 
+def _variant_step(variant: str, args, finetune: bool = True) -> dict:
+    """The ``arch.separable`` step of one variant: ``all`` (every eligible conv) or a
+    ``target_params`` fraction (``0.33``: the fewest replacements reaching 3x fewer params)."""
+    step = {"layers": "auto", "measure_latency": args.measure_latency,
+            "finetune": ({"epochs": args.epochs, "lr": args.lr, "distill": args.distill}
+                         if finetune else None)}
+    if variant != "all":
+        step["target_params"] = float(variant)
+    return {"arch.separable": step}
+
+
 def separable_part(data, args, work: Path) -> dict:
     from lighten import compress
     from lighten.measure import count_macs
@@ -94,26 +108,34 @@ def separable_part(data, args, work: Path) -> dict:
     model = shipped("resnet20")
     train = TrainConfig(epochs=args.epochs, lr=0.1, batch_size=128, optimizer="sgd",
                         momentum=0.9, weight_decay=5e-4, schedule="cosine", augment=True)
-    step = {"arch.separable": {"layers": "auto", "measure_latency": args.measure_latency,
-                               "finetune": {"epochs": args.epochs, "lr": args.lr,
-                                            "distill": 0.5}}}
     xs, ys = data.test.tensors
     acc = lambda m: float((logits(m, xs).argmax(1) == ys).float().mean())  # noqa: E731
-    # the same replacement without fine-tuning: what the initialisation alone keeps
-    init_only = {"arch.separable": {**step["arch.separable"], "finetune": None}}
-    untuned, _ = compress(model, init_only, data=data, train=train, target=_target(args))
-    t0 = time.time()
-    sep, report = compress(model, step, data=data, train=train, target=_target(args))
-    seconds = time.time() - t0
-    rows, compiled = compile_all({"resnet20": model, "separable": sep}, args.backends,
-                                 args.threads, work / "separable", xs[:64])
-    how = time_rows(rows, compiled, runs=args.runs)
     params = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
-    return {"acc_before": acc(model), "acc_after": acc(sep), "acc_init": acc(untuned),
-            "params": [params(model), params(sep)],
-            "macs": [count_macs(model, SHAPE), count_macs(sep, SHAPE)],
-            "replaced": report.summary["replaced"], "seconds": seconds,
-            "layers": report.layers, "rows": rows, "timing": how, "step": step}
+    models, variants = {"resnet20": model}, []
+    for variant in args.variants:
+        # the same replacement without fine-tuning: what the initialisation alone keeps
+        t0 = time.time()
+        untuned, _ = compress(model, _variant_step(variant, args, finetune=False), data=data,
+                              train=train, target=_target(args))
+        init_seconds = time.time() - t0
+        step = _variant_step(variant, args)
+        t0 = time.time()
+        sep, report = compress(model, step, data=data, train=train, target=_target(args))
+        seconds = time.time() - t0
+        name = "separable" if variant == "all" else f"separable {variant}"
+        models[name] = sep
+        variants.append({"name": name, "variant": variant, "step": step,
+                         "acc_after": acc(sep), "acc_init": acc(untuned),
+                         "params": params(sep), "macs": count_macs(sep, SHAPE),
+                         "replaced": report.summary["replaced"], "seconds": seconds,
+                         "init_seconds": init_seconds, "layers": report.layers})
+        print(f"{name}: {variants[-1]['acc_after']:.2%} after {seconds:.0f} s", flush=True)
+    rows, compiled = compile_all(models, args.backends, args.threads, work / "separable",
+                                 xs[:64])
+    how = time_rows(rows, compiled, runs=args.runs)
+    return {"acc_before": acc(model), "params_before": params(model),
+            "macs_before": count_macs(model, SHAPE), "variants": variants, "rows": rows,
+            "timing": how}
 
 
 def _target(args):
@@ -152,30 +174,40 @@ def markdown(fold: list[dict], sep: dict | None, args, machine: str) -> str:
                 "re-parameterizations / merges no exporter does.", "",
                 spread_note(fold[0]["timing"]), ""]
     if sep is not None:
-        p0, p1 = sep["params"]
-        m0, m1 = sep["macs"]
+        p0, m0, a0 = sep["params_before"], sep["macs_before"], sep["acc_before"]
         out += ["## arch.separable: ResNet-20", "",
-                f"{sep['replaced']} 3x3 convs → depthwise 3x3 + pointwise 1x1 (rank-1 SVD "
-                "init, pointwise weights refitted layer by layer by least squares on 256 "
-                f"training images), fine-tuned {args.epochs} epoch(s) on {args.train} images "
-                f"with distill 0.5 (lr {args.lr}, SGD, cosine); step {sep['seconds']:.0f} s. "
-                f"Accuracy right after the replacement, before fine-tuning: "
-                f"{sep.get('acc_init', float('nan')):.2%}.", "",
-                "| model | params | MACs | accuracy | backend | b1 ms | b64 ms | vs ResNet-20 "
-                "b64 |", "|---|---|---|---|---|---|---|---|"]
+                "3x3 convs → depthwise 3x3 + pointwise 1x1 (rank-1 SVD init, pointwise weights "
+                "refitted layer by layer by least squares on 256 training images), fine-tuned "
+                f"{args.epochs:g} epoch(s) on {args.train:,} images with distill "
+                f"{args.distill:g} from the original (lr {args.lr:g}, SGD, cosine, augment). "
+                "`separable`: every eligible conv (18; the 1-channel stem stays); `separable "
+                "0.33`: `target_params: 0.33`, the fewest replacements (largest parameter "
+                "savings first) that bring the model to a third of its parameters.", "",
+                "| model | convs replaced | params | MACs | accuracy (init → tuned) | step s | "
+                "backend | b1 ms | b64 ms | vs ResNet-20 b64 |",
+                "|---|---|---|---|---|---|---|---|---|---|"]
+        facts = {"resnet20": ("-", p0, m0, f"{a0:.2%}", "-")}
+        for v in sep["variants"]:
+            facts[v["name"]] = (v["replaced"], v["params"], v["macs"],
+                                f"{v['acc_init']:.2%} → {v['acc_after']:.2%}",
+                                f"{v['seconds']:.0f}")
         for backend in args.backends:
             base = next(x for x in sep["rows"] if x["model"] == "resnet20"
                         and x["backend"] == backend)
-            for kind, p, m, a in (("resnet20", p0, m0, sep["acc_before"]),
-                                  ("separable", p1, m1, sep["acc_after"])):
+            for kind, (n, p, m, a, sec) in facts.items():
                 row = next(x for x in sep["rows"] if x["model"] == kind
                            and x["backend"] == backend)
-                out.append(f"| {kind} | {p:,} | {m / 1e6:.2f} M | {a:.2%} | {backend} | "
-                           f"{ms_cell(row, 'latency_ms_b1', 3)} | "
+                out.append(f"| {kind} | {n} | {p:,} | {m / 1e6:.2f} M | {a} | {sec} | "
+                           f"{backend} | {ms_cell(row, 'latency_ms_b1', 3)} | "
                            f"{ms_cell(row, 'latency_ms_b64')} | {ratio_cell(row, base)} |")
-        out += ["", f"Params {p0 / p1:.1f}x fewer, MACs {m0 / m1:.1f}x fewer, accuracy "
-                f"{100 * (sep['acc_after'] - sep['acc_before']):+.2f} points.",
-                "", spread_note(sep["timing"])]
+        out.append("")
+        for v in sep["variants"]:
+            out.append(f"{v['name']}: params {p0 / v['params']:.1f}x fewer, MACs "
+                       f"{m0 / v['macs']:.1f}x fewer, accuracy "
+                       f"{100 * (v['acc_after'] - a0):+.2f} points (test set of "
+                       f"{args.test:,}); step {v['seconds']:.0f} s (replacement + refit alone "
+                       f"{v['init_seconds']:.0f} s).")
+        out += ["", spread_note(sep["timing"])]
     return "\n".join(out) + "\n"
 
 
@@ -183,12 +215,19 @@ def main(argv=None) -> None:
     parser = bench_timing.bench_parser(__doc__.splitlines()[0], epochs=3.0,
                                        parts=["fold", "separable"], out=RESULTS)
     parser.add_argument("--lr", type=float, default=0.02)
+    parser.add_argument("--distill", type=float, default=0.5,
+                        help="weight of the soft targets from the original ResNet-20")
+    parser.add_argument("--variants", nargs="+", default=["all"],
+                        help="arch.separable variants: all (every eligible conv) and/or "
+                        "target_params fractions, e.g. all 0.33")
     parser.add_argument("--measure-latency", action="store_true",
                         help="arch.separable chooses layers by timing them on ORT")
     parser.add_argument("--backends", nargs="+", default=["onnxruntime", "openvino"])
     args = bench_timing.parse_bench_args(parser, argv, train=2000, epochs=0.2, test=1000, runs=10)
     from lighten.data import DataSpec, load_data
 
+    if args.threads:  # training and the refit too, not only the timed backends
+        torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     data = load_data(DataSpec(name="fashion-mnist", limit_train=args.train,
                               limit_test=args.test))

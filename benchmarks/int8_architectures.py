@@ -421,7 +421,9 @@ def markdown(rows, args, machine_line, tag) -> str:
               f"together); {rows[0]['rounds']} rounds x {rows[0]['runs_per_round']} runs per "
               f"model and batch; {args.threads} threads. Agreement: top-1 match of the int8 "
               f"deployment with the float ONNX model on {args.test} Fashion-MNIST test images.",
-              "", "What ONNX Runtime runs in the int8 graph (after its optimizations):", "",
+              "", "What ONNX Runtime runs in the int8 graph (after its optimizations; data moves "
+              "such as Transpose, Reshape, Split, Gather and Pad are listed with the float ops but "
+              "carry int8 where no DequantizeLinear precedes them):", "",
               "| arch | integer ops | float ops left | Q / DQ nodes | DQ->Q pairs |",
               "|---|---|---|---|---|"]
     plain = [row for row in rows if "int8-plain/onnxruntime" in row["latency"]]
@@ -432,8 +434,10 @@ def markdown(rows, args, machine_line, tag) -> str:
                      f"{f['quantize']} / {f['dequantize']} | {f['dq_q_pairs']} |")
     if plain:
         lines += ["", "Same rounds, ONNX Runtime, the files exported without the graph "
-                  "simplification (`export_onnx(simplify=False)`: shape arithmetic left, int8 "
-                  "depthwise convs unpadded) against the default export:", "",
+                  "simplification (`export_onnx(simplify=False)`: none of "
+                  "lighten.graph.onnx_simplify's rewrites: shape arithmetic left, int8 depthwise "
+                  "convs and first-conv inputs unpadded, channel shuffles as reshape/transpose, "
+                  "token Linears as MatMul + Add) against the default export:", "",
                   "| arch | float b64 ms plain / simplified | int8 b64 ms plain / simplified | "
                   "int8/float b64 plain → simplified | int8/float b1 plain → simplified | "
                   "kernel sum b64 ms: float plain / simpl., int8 plain / simpl. | kernel "

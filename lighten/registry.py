@@ -71,6 +71,7 @@ _BUILTIN_STEP_MODULES = (
     "lighten.encode.entropy",
     "lighten.llm.steps",  # llm.weight_only, llm.smoothquant, llm.sparsegpt, llm.wanda
     "lighten.llm.encoder",  # llm.encoder_prune (heads, FFN neurons, layers of an encoder)
+    "lighten.llm.decoder_prune",  # llm.decoder_prune (GQA heads, FFN neurons, layers of an LLM)
 )
 
 

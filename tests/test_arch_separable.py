@@ -139,3 +139,87 @@ def test_bad_layer_names_are_one_clear_error():
     with pytest.raises(UnsupportedError, match="no module named 'c9'"):
         separable_(model, (torch.zeros(1, 1, 8, 8),),
                    SeparableConfig(layers=["c9"], measure_latency=False))
+
+
+def _slow_sequential_refit(model, batches):
+    """The first version's refit, as the reference: per layer, the inputs it receives now and
+    in the original model, each from a full forward pass over the calibration batches."""
+    from lighten.arch.separable import refit_pointwise
+    from lighten.modules import set_submodule
+
+    def inputs_of(m, name):
+        seen = []
+        h = m.get_submodule(name).register_forward_pre_hook(lambda mod, a: seen.append(a[0]))
+        with torch.no_grad():
+            for b in batches:
+                m(b)
+        h.remove()
+        return torch.cat(seen)
+
+    original = copy.deepcopy(model)
+    names = [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d)
+             and m.kernel_size == (3, 3) and m.in_channels >= 4]
+    for n in names:
+        conv = model.get_submodule(n)
+        pair, _ = separable_pair(conv)
+        refit_pointwise(conv, pair, inputs_of(model, n), target_input=inputs_of(original, n))
+        set_submodule(model, n, pair)
+    return model
+
+
+def test_two_pass_refit_equals_the_per_layer_reference():
+    """refit_sequential (two forward passes) fits the same pointwise weights as re-running the
+    model for every layer, and leaves BatchNorm statistics and the training mode as they were."""
+    torch.manual_seed(0)
+    model = ZOO["resnet20"](num_classes=10, input_shape=(1, 12, 12))
+    with torch.no_grad():  # trained-like BN statistics, so eval mode is not the identity
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.2, 0.2)
+                m.running_var.uniform_(0.5, 2)
+    model.eval()
+    batches = [torch.randn(8, 1, 12, 12) for _ in range(3)]
+    reference = _slow_sequential_refit(copy.deepcopy(model), batches)
+    fast = copy.deepcopy(model).train()
+    stats = {k: v.clone() for k, v in fast.state_dict().items() if "running" in k}
+    choices = separable_(fast, (batches[0][:1],), SeparableConfig(measure_latency=False),
+                         batches=batches)
+    assert fast.training
+    assert all(torch.equal(fast.state_dict()[k], v) for k, v in stats.items())
+    replaced = [c.name for c in choices if c.replaced]
+    assert len(replaced) == 18 and all(c.output_error is not None for c in choices
+                                       if c.replaced)
+    for n in replaced:  # equal up to float32 noise (one batch of 24 vs three of 8)
+        a, b = (m.get_submodule(n)[1].weight.detach() for m in (fast, reference))
+        assert float((a - b).norm() / b.norm()) < 1e-4, n
+    x = torch.randn(16, 1, 12, 12)
+    with torch.no_grad():
+        torch.testing.assert_close(fast.eval()(x), reference(x), rtol=1e-4, atol=1e-5)
+
+
+def test_target_params_replaces_the_fewest_layers_that_reach_it():
+    """target_params 1/3 on ResNet-20: the model ends under a third of its parameters with the
+    largest savings taken first; undoing any one replacement would miss the target, and the
+    early 16-channel convs (cheap in parameters) keep their full kernels."""
+    model = ZOO["resnet20"](num_classes=10, input_shape=(1, 28, 28)).eval()
+    total = _params(model)
+    choices = separable_(model, (torch.zeros(1, 1, 28, 28),),
+                         SeparableConfig(measure_latency=False, target_params=1 / 3))
+    done = [c for c in choices if c.replaced]
+    assert 0 < len(done) < 18
+    assert _params(model) <= total / 3
+    smallest = min(c.params_before - c.params_after for c in done)
+    assert _params(model) + smallest > total / 3  # no replaced layer is spare
+    kept = [c for c in choices if not c.replaced and c.name != "stem.0"]
+    assert kept and all("target_params" in c.reason for c in kept)
+    assert max(c.params_before - c.params_after for c in kept) <= smallest
+    assert all(isinstance(model.get_submodule(c.name), nn.Conv2d) for c in kept)
+
+
+def test_target_params_out_of_range_is_one_clear_error():
+    from lighten.errors import RecipeError
+
+    data = load_data(DataSpec(name="synthetic", samples=16, input_shape=[1, 8, 8],
+                              num_classes=4))
+    with pytest.raises((RecipeError, ValueError), match="target_params"):
+        compress(Tiny().eval(), {"arch.separable": {"target_params": 3}}, data=data)

@@ -11,7 +11,12 @@ import torch
 from torch import nn
 
 from lighten.export import _torch_export, fold_quantized_weights
-from lighten.graph.onnx_simplify import fold_shape_arithmetic, pad_depthwise_channels
+from lighten.graph.onnx_simplify import (
+    fold_shape_arithmetic,
+    pad_depthwise_channels,
+    pad_input_channels,
+    shuffle_as_gather,
+)
 from lighten.quant import PTQConfig, quantize_ptq_
 from lighten.quant.fallback import LayerTiming, candidate_sets
 from lighten.quant.qdq_graph import complete_qdq
@@ -264,3 +269,52 @@ def test_gelu_becomes_one_node_and_computes_the_same(tmp_path):
     ort.InferenceSession(proto.SerializeToString(), opts, providers=["CPUExecutionProvider"])
     ops = [n.op_type for n in onnx.load(tmp_path / "opt.onnx").graph.node]
     assert "Erf" not in ops and ops.count("Gelu") + ops.count("BiasGelu") == 1, ops
+
+
+def _optimized_ops(proto, tmp_path):
+    opts = ort.SessionOptions()
+    opts.optimized_model_filepath = str(tmp_path / "opt.onnx")
+    ort.InferenceSession(proto.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    return [n.op_type for n in onnx.load(tmp_path / "opt.onnx").graph.node]
+
+
+def test_channel_shuffle_becomes_one_int8_gather(tmp_path):
+    """view/transpose/reshape (with the Q/DQ pairs complete_qdq put between) -> one Gather."""
+    q = _quantized(Shuffle)
+    proto = _exported(q)
+    fold_shape_arithmetic(proto)  # the shuffle's sizes are constants first
+    before = copy.deepcopy(proto)
+    assert shuffle_as_gather(proto) == 2
+    assert not any(n.op_type == "Transpose" for n in proto.graph.node)
+    for batch in (1, 5):  # values only move: the same outputs, bit for bit
+        x = _inputs(batch)
+        np.testing.assert_array_equal(_run(proto, x, optimize=True),
+                                      _run(before, x, optimize=True))
+        np.testing.assert_array_equal(_run(proto, x), _run(before, x))
+    ops = _optimized_ops(proto, tmp_path)
+    assert ops.count("Gather") == 2 and ops.count("QLinearConcat") == 2, ops
+    assert ops.count("DequantizeLinear") <= 1, ops  # the Gather moves int8 values
+    float_proto = _exported(_trained(Shuffle))  # a float graph: the same rewrite, exact too
+    fold_shape_arithmetic(float_proto)
+    float_before = copy.deepcopy(float_proto)
+    assert shuffle_as_gather(float_proto) == 2
+    x = _inputs(3)
+    np.testing.assert_array_equal(_run(float_proto, x), _run(float_before, x))
+
+
+def test_first_conv_input_padded_to_four_channels(tmp_path):
+    """The stem conv reads 3 quantized channels: padded with the zero point to 4, exactly."""
+    q = _quantized(Shuffle)
+    proto = _exported(q)
+    before = copy.deepcopy(proto)
+    assert pad_input_channels(proto) == 1
+    assert pad_input_channels(proto) == 0  # already a multiple of 4
+    stem = [n for n in proto.graph.node if n.op_type == "Pad"]
+    assert len(stem) == 1
+    for batch in (1, 16):
+        x = _inputs(batch)
+        np.testing.assert_array_equal(_run(proto, x, optimize=True),
+                                      _run(before, x, optimize=True))
+        np.testing.assert_array_equal(_run(proto, x), _run(before, x))
+    ops = _optimized_ops(proto, tmp_path)
+    assert "Conv" not in ops and ops.count("QLinearConv") == 7, ops

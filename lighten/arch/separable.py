@@ -12,11 +12,12 @@ whole kernel in that form (``fit_error`` per layer). Weight space ignores the da
 ``calibration_samples`` (default 256 training inputs) the pointwise weights are then refitted by
 least squares on the layer's outputs, layer after layer in forward order: each pair is fitted
 to reproduce the *original* conv's output from the input it receives *after* the earlier
-layers were replaced, so it also absorbs their error (:func:`refit_pointwise`; ``output_error``
-per layer). On the shipped Fashion-MNIST ResNet-20 (18 convs replaced, 1,000 test images,
-no fine-tuning) the SVD fit alone kept 9.5% accuracy, independent per-layer refits 60.2%, the
-sequential refit 88.8% (baseline 93.3%). It is a start, not an equivalent: the step then
-recovers accuracy with ``finetune:`` (``distill:`` from the baseline).
+layers were replaced, so it also absorbs their error (:func:`refit_sequential`: two forward
+passes in all; ``output_error`` per layer). On the shipped Fashion-MNIST ResNet-20 (18 convs
+replaced, 1,000 test images, no fine-tuning) the SVD fit alone kept 9.5% accuracy,
+independent per-layer refits 60.2%, the sequential refit 88.8% (baseline 93.3%). It is a start,
+not an equivalent: the step then recovers accuracy with ``finetune:`` (``distill:`` from the
+baseline).
 
 **Which layers.** ``layers: auto`` takes every ``Conv2d`` with ``groups=1``, a kernel larger
 than 1 and at least :data:`MIN_IN_CHANNELS` input channels (a 1-3 channel stem would be left
@@ -24,7 +25,10 @@ with one shared filter per input channel), then keeps a replacement only where t
 backend runs it faster: the original layer and the pair are exported alone at the layer's input
 shape and timed together in interleaved rounds (``measure_latency: false`` skips the timing and
 keeps every candidate, e.g. in tests or to trade speed for parameters). A list of names takes
-exactly those layers (each must be such a conv).
+exactly those layers (each must be such a conv). ``target_params: 0.33`` then replaces only as
+many as bring the whole model to a third of its parameters, those saving most first
+(:func:`_keep_dense_within`): the wide late layers hold the parameters, the early ones the
+MACs, so fewer layers change and less accuracy has to be recovered.
 """
 
 from __future__ import annotations
@@ -58,6 +62,10 @@ class SeparableConfig(StepConfig):
     calibration_samples: int = Field(256, ge=0, description="training inputs the pointwise "
                                      "weights are refitted on (least squares on the layer's "
                                      "outputs); 0: the weight-only SVD fit")
+    target_params: float | None = Field(None, gt=0, lt=1, description="replace only until "
+                                        "the model has at most this fraction of its parameters "
+                                        "(0.33: 3x fewer), the layers that save most first; "
+                                        "the rest stay dense")
     ignore: list[str] = Field(default_factory=list, description="modules left alone")
     # replacing layers is re-training, like pruning: the pruning steps' fine-tune defaults
     finetune: PruneFinetuneConfig | None = None
@@ -118,24 +126,12 @@ MAX_ROWS = 65536  # output positions the least-squares refit uses per layer
 
 
 @torch.no_grad()
-def refit_pointwise(conv: nn.Conv2d, pair: nn.Sequential, x: torch.Tensor, *,
-                    target_input: torch.Tensor | None = None) -> tuple[float, float]:
-    """Refit ``pair``'s pointwise weights (in place) so that ``pair(x)`` matches
-    ``conv(target_input)`` (default ``x``) in least squares, the depthwise filters fixed: a
-    linear regression of the conv's outputs on the depthwise outputs, one per output channel.
-    Unlike the weight-space fit it weighs input channels by how the data excites them, and
-    with ``target_input`` (what the layer received in the original model, ``x`` being what it
-    receives after earlier layers were replaced) it also absorbs those layers' error.
-    Returns the relative output error (before, after); the refit is kept only when lower."""
-    target = conv(x if target_input is None else target_input)
-    if conv.bias is not None:
-        target = target - conv.bias.reshape(1, -1, 1, 1)
-    z = pair[0](x)  # (N, C_in, H', W')
-    zs = z.permute(0, 2, 3, 1).reshape(-1, z.shape[1]).double()
-    ys = target.permute(0, 2, 3, 1).reshape(-1, target.shape[1]).double()
-    if len(zs) > MAX_ROWS:
-        pick = torch.randperm(len(zs), generator=torch.Generator().manual_seed(0))[:MAX_ROWS]
-        zs, ys = zs[pick], ys[pick]
+def _solve_pointwise(pair: nn.Sequential, zs: torch.Tensor, ys: torch.Tensor
+                     ) -> tuple[float, float]:
+    """Least-squares pointwise weights of ``pair`` from depthwise outputs ``zs`` (rows,
+    C_in) to targets ``ys`` (rows, C_out, bias removed); kept only when they fit better.
+    Returns the relative error (before, after)."""
+    zs, ys = zs.double(), ys.double()
     old = pair[1].weight.double().flatten(1).t()  # (C_in, C_out)
     gram = zs.t() @ zs
     ridge = 1e-6 * gram.diagonal().mean().clamp_min(1e-12)
@@ -148,28 +144,98 @@ def refit_pointwise(conv: nn.Conv2d, pair: nn.Sequential, x: torch.Tensor, *,
     return before, min(before, after)
 
 
-def _layer_inputs(model: nn.Module, batches, names) -> dict[str, torch.Tensor]:
-    """The inputs each named module receives over ``batches`` (concatenated)."""
-    seen: dict[str, list[torch.Tensor]] = {n: [] for n in names}
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    """(N, C, H, W) -> (N*H*W, C): one row per output position."""
+    return t.permute(0, 2, 3, 1).reshape(-1, t.shape[1])
 
-    def hook(name):
-        def record(module, args) -> None:
-            seen[name].append(args[0].detach())
-        return record
 
-    handles = [model.get_submodule(n).register_forward_pre_hook(hook(n)) for n in names]
+def _pick(n: int) -> torch.Tensor | None:
+    """The seeded subset of ``n`` positions the refit uses, None for all of them."""
+    if n <= MAX_ROWS:
+        return None
+    return torch.randperm(n, generator=torch.Generator().manual_seed(0))[:MAX_ROWS]
+
+
+@torch.no_grad()
+def refit_pointwise(conv: nn.Conv2d, pair: nn.Sequential, x: torch.Tensor, *,
+                    target_input: torch.Tensor | None = None) -> tuple[float, float]:
+    """Refit ``pair``'s pointwise weights (in place) so that ``pair(x)`` matches
+    ``conv(target_input)`` (default ``x``) in least squares, the depthwise filters fixed: a
+    linear regression of the conv's outputs on the depthwise outputs, one per output channel.
+    Unlike the weight-space fit it weighs input channels by how the data excites them, and
+    with ``target_input`` (what the layer received in the original model, ``x`` being what it
+    receives after earlier layers were replaced) it also absorbs those layers' error.
+    Returns the relative output error (before, after); the refit is kept only when lower."""
+    target = conv(x if target_input is None else target_input)
+    if conv.bias is not None:
+        target = target - conv.bias.reshape(1, -1, 1, 1)
+    zs, ys = _rows(pair[0](x)), _rows(target)
+    pick = _pick(len(zs))
+    if pick is not None:
+        zs, ys = zs[pick], ys[pick]
+    return _solve_pointwise(pair, zs, ys)
+
+
+def _concat(batches) -> tuple[torch.Tensor, ...]:
+    """Calibration batches (tensors or ``Inputs`` tuples) as one ``model(*inputs)`` batch."""
+    parts = [b if isinstance(b, tuple) else (b,) for b in batches]
+    return tuple(torch.cat(column) for column in zip(*parts, strict=True))
+
+
+@torch.no_grad()
+def refit_sequential(model: nn.Module, pairs: dict[str, nn.Sequential], batches
+                     ) -> dict[str, float]:
+    """Put every ``pairs[name]`` in place of conv ``name`` of ``model`` and refit its pointwise
+    weights in forward order, each to reproduce the original conv's output from the input it
+    receives once the earlier pairs run: two forward passes in all. Pass 1 records each conv's
+    output on the calibration inputs (a seeded subset of at most :data:`MAX_ROWS` positions);
+    pass 2 runs the model with the pairs swapped in, each refitted by a pre-hook on the input
+    arriving there, so every later layer already sees the refitted earlier ones. (Re-running
+    the model per layer, as a first version did, cost 2 x 18 full passes on ResNet-20.) Eval
+    mode (BatchNorm statistics untouched); a conv called twice is fitted on its first call.
+    Returns the relative output error per name."""
+    inputs = _concat(batches)
+    targets: dict[str, tuple[torch.Tensor | None, torch.Tensor]] = {}
+    errors: dict[str, float] = {}
+
+    def record(name):
+        def hook(conv, args, out):
+            if name not in targets:
+                ys = _rows(out if conv.bias is None else out - conv.bias.reshape(1, -1, 1, 1))
+                pick = _pick(len(ys))
+                targets[name] = (pick, ys if pick is None else ys[pick])
+        return hook
+
+    def refit(name):
+        def hook(pair, args):
+            if name not in errors:
+                pick, ys = targets[name]
+                zs = _rows(pair[0](args[0]))
+                errors[name] = _solve_pointwise(pair, zs if pick is None else zs[pick], ys)[1]
+        return hook
+
+    def run(hooks) -> None:
+        try:
+            model(*inputs)
+        finally:
+            for h in hooks:
+                h.remove()
+
+    was_training = model.training
+    model.eval()
     try:
-        with torch.no_grad():
-            for batch in batches:
-                model(*(batch if isinstance(batch, tuple) else (batch,)))
+        run([model.get_submodule(n).register_forward_hook(record(n)) for n in pairs])
+        for name, pair in pairs.items():
+            set_submodule(model, name, pair.train(False))
+        run([pair.register_forward_pre_hook(refit(n)) for n, pair in pairs.items()])
     finally:
-        for h in handles:
-            h.remove()
-    return {n: torch.cat(v) for n, v in seen.items() if v}
+        model.train(was_training)
+    return errors
 
 
 def _input_shapes(model: nn.Module, inputs, names) -> dict[str, tuple[int, ...]]:
-    """Input shape (batch 1 dropped) of each named module, from one forward pass."""
+    """Input shape (batch 1 dropped) of each named module, from one eval-mode forward pass
+    (BatchNorm statistics untouched)."""
     shapes: dict[str, tuple[int, ...]] = {}
 
     def hook(name):
@@ -178,10 +244,12 @@ def _input_shapes(model: nn.Module, inputs, names) -> dict[str, tuple[int, ...]]
         return record
 
     handles = [model.get_submodule(n).register_forward_pre_hook(hook(n)) for n in names]
+    was_training = model.training
     try:
         with torch.no_grad():
-            model(*inputs)
+            model.eval()(*inputs)
     finally:
+        model.train(was_training)
         for h in handles:
             h.remove()
     return shapes
@@ -224,6 +292,22 @@ def time_pairs(pairs: list[tuple[nn.Module, nn.Module, tuple[int, ...]]], *, bac
                 compiled.append(loaded)
         stats = time_interleaved(compiled, runs=runs, batches=(batch,)).stats[batch]
     return [(stats[2 * k].median, stats[2 * k + 1].median) for k in range(len(pairs))]
+
+
+def _keep_dense_within(choices: list[LayerChoice], total: int, target: float) -> None:
+    """Un-choose replacements (in place) until the fewest that bring the model to at most
+    ``target`` x its ``total`` parameters are left, taking the largest parameter savings first
+    (on ResNet-20 the wide last-stage convs: most parameters, fewest positions, so the early
+    high-resolution layers, cheap in parameters, keep their full kernels)."""
+    now, budget = total, target * total
+    for c in sorted((c for c in choices if c.replaced),
+                    key=lambda c: c.params_after - c.params_before):  # most saved first
+        if now <= budget:
+            c.replaced = False
+            c.reason = (f"not needed for target_params {target:g}: the model is at "
+                        f"{now / total:.3f} of its parameters without it")
+        else:
+            now -= c.params_before - c.params_after
 
 
 def separable_(model: nn.Module, inputs, config: SeparableConfig | None = None, *,
@@ -272,16 +356,17 @@ def separable_(model: nn.Module, inputs, config: SeparableConfig | None = None, 
             if c.replaced and after >= before and config.layers == "auto":
                 c.replaced = False
                 c.reason = f"not faster on {backend}: {after:.3g} vs {before:.3g} ms"
-    original = copy.deepcopy(model) if batches is not None else None
-    batches = list(batches) if batches is not None else None
-    for c, pair in zip(choices, pairs, strict=True):  # in forward order
-        if not c.replaced:
-            continue
-        if original is not None:  # fit to what the layer now receives, after earlier pairs
-            now = _layer_inputs(model, batches, [c.name])[c.name]
-            was = _layer_inputs(original, batches, [c.name])[c.name]
-            c.output_error = refit_pointwise(modules[c.name], pair, now, target_input=was)[1]
-        set_submodule(model, c.name, pair)
+    if config.target_params is not None:
+        _keep_dense_within(choices, sum(p.numel() for p in model.parameters()),
+                           config.target_params)
+    chosen = {c.name: pair for c, pair in zip(choices, pairs, strict=True) if c.replaced}
+    if batches is not None and chosen:  # fit to what each layer receives after earlier pairs
+        errors = refit_sequential(model, chosen, list(batches))
+        for c in choices:
+            c.output_error = errors.get(c.name)
+    else:
+        for name, pair in chosen.items():
+            set_submodule(model, name, pair)
     return choices
 
 
@@ -294,6 +379,7 @@ def arch_separable(model: nn.Module, config: SeparableConfig, ctx: StepContext) 
 
     example = ctx.example_inputs(1)
     macs_before = count_macs(model, example)
+    params_before = sum(p.numel() for p in model.parameters())
     batches = (list(ctx.calibration_batches(config.calibration_samples))
                if config.calibration_samples else None)
     choices = separable_(model, example, config, backend=ctx.target.backend,
@@ -324,6 +410,12 @@ def arch_separable(model: nn.Module, config: SeparableConfig, ctx: StepContext) 
         ctx.note(f"arch.separable: {len(done)} of {len(choices)} conv(s) -> depthwise + "
                  f"pointwise; params {sum(c.params_before for c in done)} -> "
                  f"{sum(c.params_after for c in done)} in those layers")
+    params_after = sum(p.numel() for p in model.parameters())
+    if config.target_params is not None and params_after > config.target_params * params_before:
+        ctx.note(f"arch.separable: target_params {config.target_params:g} not reached: "
+                 f"{params_after / params_before:.3f} of the parameters with every eligible "
+                 "conv replaced (see the reasons of the kept ones)")
     ctx.summary.update(macs_before=macs_before, macs_after=count_macs(model, example),
+                       params_before=params_before, params_after=params_after,
                        replaced=len(done))
     return ctx.finetune(model, config.finetune)

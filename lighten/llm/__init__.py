@@ -13,4 +13,7 @@ to give block ``i + 1`` its inputs; the model is never copied, and the peak memo
 Sentence encoders (:mod:`lighten.llm.embedding`, :mod:`lighten.llm.encoder`): the ``embedding``
 task (R8 linear probe, mean cosine to the original) and ``llm.encoder_prune`` (heads, FFN
 neurons and layers of a BERT-family encoder, recovered by distillation from the original).
+Decoders (:mod:`lighten.llm.decoder_prune`): ``llm.decoder_prune`` removes GQA-consistent
+attention heads, FFN neurons and whole layers of a Llama-family LM, recovered by logit
+distillation from the model before pruning.
 """

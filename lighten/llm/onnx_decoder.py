@@ -124,7 +124,12 @@ class OnnxDecoder(nn.Module):
                                                     accuracy_level))
             for name in _MLP:
                 setattr(layer, name, _export_linear(getattr(block.mlp, name), accuracy_level))
+            # per block, from the projection widths: llm.decoder_prune may have removed heads
+            # (and a reloaded artifact's config still names the source's counts)
+            layer.heads = block.self_attn.q_proj.out_features // self.head_dim
+            layer.kv_heads = block.self_attn.k_proj.out_features // self.head_dim
             self.layers.append(layer)
+        self.heads, self.kv_heads = self.layers[0].heads, self.layers[0].kv_heads
 
     @property
     def nbits_layers(self) -> int:
@@ -151,11 +156,13 @@ class OnnxDecoder(nn.Module):
         keys = torch.arange(t + p)[None, :]
         mask = torch.where(keys > (torch.arange(t) + p)[:, None],
                            torch.tensor(torch.finfo(torch.float32).min), torch.tensor(0.0))
-        rep, hd, kvh = self.heads // self.kv_heads, self.head_dim, self.kv_heads
+        hd = self.head_dim
         present = []
         for i, layer in enumerate(self.layers):
+            heads, kvh = layer.heads, layer.kv_heads
+            rep = heads // kvh
             x = self._rms(layer.norm1, h)
-            q = layer.q_proj(x).reshape(b, t, self.heads, hd).transpose(1, 2)  # (B, H, T, hd)
+            q = layer.q_proj(x).reshape(b, t, heads, hd).transpose(1, 2)  # (B, H, T, hd)
             k = layer.k_proj(x).reshape(b, t, kvh, hd).transpose(1, 2)  # (B, kvH, T, hd)
             v = layer.v_proj(x).reshape(b, t, kvh, hd).transpose(1, 2)
             q, k = self._rotate(q, cos, sin), self._rotate(k, cos, sin)
@@ -167,7 +174,7 @@ class OnnxDecoder(nn.Module):
             scores = q.reshape(b, kvh, rep * t, hd) @ k.transpose(2, 3) / math.sqrt(hd)
             scores = scores.reshape(b, kvh, rep, t, t + p) + mask
             attn = torch.softmax(scores, dim=-1).reshape(b, kvh, rep * t, t + p)
-            o = (attn @ v).reshape(b, self.heads, t, hd).transpose(1, 2).reshape(b, t, -1)
+            o = (attn @ v).reshape(b, heads, t, hd).transpose(1, 2).reshape(b, t, -1)
             h = h + layer.o_proj(o)
             x = self._rms(layer.norm2, h)
             h = h + layer.down_proj(F.silu(layer.gate_proj(x)) * layer.up_proj(x))
@@ -179,8 +186,8 @@ class OnnxDecoder(nn.Module):
         return (logits, *present)
 
     def empty_past(self, batch: int = 1, length: int = 0) -> list[torch.Tensor]:
-        shape = (batch, self.kv_heads, length, self.head_dim)
-        return [torch.zeros(shape) for _ in range(2 * len(self.layers))]
+        return [torch.zeros(batch, layer.kv_heads, length, self.head_dim)
+                for layer in self.layers for _ in range(2)]
 
     def names(self) -> tuple[list[str], list[str]]:
         past = [f"past_{kind}_{i}" for i in range(len(self.layers)) for kind in ("key", "value")]
@@ -279,9 +286,9 @@ def _past_shape(sess) -> tuple[int, int, int]:
 
 def run_decoder(sess, ids: np.ndarray, past: list[np.ndarray] | None = None):
     """One call: ``(logits, present)`` for ``ids`` (B, T) after the cache ``past``."""
-    layers, kvh, hd = _past_shape(sess)
-    if past is None:
-        past = [np.zeros((ids.shape[0], kvh, 0, hd), np.float32) for _ in range(2 * layers)]
+    if past is None:  # kv heads may differ per block (llm.decoder_prune)
+        past = [np.zeros((ids.shape[0], int(i.shape[1]), 0, int(i.shape[3])), np.float32)
+                for i in sess.get_inputs() if i.name.startswith("past_")]
     names = [i.name for i in sess.get_inputs()]
     out = sess.run(None, dict(zip(names, [ids.astype(np.int64), *past], strict=True)))
     return out[0], out[1:]

@@ -17,7 +17,9 @@ again without changing a value, and ONNX Runtime runs the concat, split and shuf
 (QLinearConcat) instead of dequantizing into float between two integer convs. Modules whose
 float result feeds a functional op (a sigmoid gate, an average pool before a concat) get an
 output quantizer (:class:`~lighten.quant.modules.QuantOutput`, :attr:`QuantPlan.outputs`), so
-the sigmoid / pool runs as QLinearSigmoid / QLinearAveragePool.
+the sigmoid / pool runs as QLinearSigmoid / QLinearAveragePool. A Linear whose result is read
+only by ops that compute in float anyway (GELU, LayerNorm, residual adds feeding those: an
+MLP-Mixer or transformer MLP) gets no output quantizer: ORT's int8 matmul emits float itself.
 """
 
 from __future__ import annotations
@@ -46,6 +48,10 @@ _MOVE_FUNCTIONS = (torch.transpose, torch.permute, torch.chunk, torch.split, ope
                    torch.squeeze, torch.unsqueeze)
 _MOVE_METHODS = ("transpose", "permute", "chunk", "split", "expand")
 _CAT_FUNCTIONS = (torch.cat, torch.concat)
+# Ops ONNX Runtime runs in float only (no integer kernel takes them): a Linear read only by
+# these (or by residual adds feeding them) keeps a float output (:func:`_float_readers_only`).
+_FLOAT_MODULES = (nn.GELU, nn.LayerNorm)
+_FLOAT_FUNCTIONS = (F.gelu, F.layer_norm)
 # Modules whose output gets a quantizer when a functional op (not a quantized layer) reads it.
 _OUTPUT_MODULES = (nn.Sigmoid, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d, nn.AdaptiveAvgPool1d,
                    nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d)
@@ -116,7 +122,10 @@ def _plan_from_graph(model: nn.Module, graph, candidates: list[str], *,
             src = _trace_back(node.args[0] if node.args else None, modules, points, relu_points,
                               cats=integer_ops)
             layer.input_from = src
-            layer.output_quant = not _reaches_output(out_node, modules)
+            layer.output_quant = not (
+                _reaches_output(out_node, modules)
+                or (integer_ops and isinstance(modules[node.target], nn.Linear)
+                    and _float_readers_only(out_node, modules, wanted)))
             points[out_node] = node.target
             plan.layers[node.target] = layer
         elif node.target in wanted:  # a shared module: no absorption, no reuse
@@ -156,6 +165,39 @@ def _only_layers_read(node, modules, layers) -> bool:
             continue
         return False
     return True
+
+
+def _float_readers_only(node, modules, layers, seen=None) -> bool:
+    """True when every reader of ``node`` computes in float whatever it is given: GELU,
+    LayerNorm, or a residual add whose own result reaches only such ops (through moves).
+    A Linear read only by those gains nothing from an output quantizer: ONNX Runtime runs its
+    int8 matmul with a float result and the bias fused (MatMulIntegerToFloat, QGemm), and the
+    quantize/dequantize pair in between would only cost time and add rounding error."""
+    seen = {} if seen is None else seen
+    if node in seen:
+        return seen[node]
+    seen[node] = False  # (a graph has no cycles; keeps a revisit finite)
+    users = list(node.users)
+    ok = bool(users)
+    for user in users:
+        if user.op == "output" or (user.op == "call_module" and user.target in layers):
+            ok = False
+        elif _is_float_op(user, modules):
+            continue
+        elif _is_add(user) or _is_passthrough(user, modules) or _is_move(user):
+            ok = _float_readers_only(user, modules, layers, seen)
+        else:
+            ok = False
+        if not ok:
+            break
+    seen[node] = ok
+    return ok
+
+
+def _is_float_op(node, modules) -> bool:
+    if node.op == "call_module":
+        return isinstance(modules[node.target], _FLOAT_MODULES)
+    return node.op == "call_function" and node.target in _FLOAT_FUNCTIONS
 
 
 def _concat_groups(graph, modules, points) -> list[list[str]]:

@@ -27,7 +27,7 @@ from __future__ import annotations
 import numpy as np
 
 MOVE_OPS = {"Reshape", "Transpose", "Flatten", "Squeeze", "Unsqueeze", "MaxPool", "Identity",
-            "Slice", "Split", "Expand"}
+            "Slice", "Split", "Expand", "Gather"}  # (Gather: its data input, input 0)
 # ops ORT runs on int8 when DequantizeLinear feeds them and QuantizeLinear reads them
 FUSABLE_OPS = {"Concat", "Add", "Mul", "Sigmoid", "GlobalAveragePool", "AveragePool"}
 
