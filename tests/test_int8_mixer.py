@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from lighten.export import _torch_export, fold_quantized_weights
-from lighten.graph.onnx_simplify import fuse_gelu, linear_as_gemm
+from lighten.graph.onnx_simplify import fold_shape_arithmetic, fuse_gelu, linear_as_gemm
 from lighten.quant import PTQConfig, quantize_ptq_
 from lighten.quant.qdq_graph import complete_qdq
 from lighten.task import InputSpec
@@ -128,3 +128,31 @@ def test_export_of_a_mixer_checks_and_stays_close(tmp_path):
     with torch.no_grad():
         ref, out = model(x), q(x)
     assert (out - ref).abs().max() < 0.1 * ref.abs().max()  # a float output: no worse
+
+
+class ChannelsLast(nn.Module):
+    """A bias-free Linear on (B, H, W, C) (a ConvNeXt-style MLP) and a residual add."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(12, 24, bias=False), nn.Linear(24, 12)
+        self.act, self.head = nn.GELU(), nn.Linear(12, 5)
+
+    def forward(self, x):  # (B, 16, 12) -> (B, 4, 4, 12)
+        x = x.view(x.size(0), 4, 4, 12)
+        x = x + self.fc2(self.act(self.fc1(x)))
+        return self.head(x.mean((1, 2)))
+
+
+def test_linear_as_gemm_without_bias_on_4d_tokens():
+    q = _quantized(_model(ChannelsLast))
+    proto = _exported(q)
+    fold_shape_arithmetic(proto)
+    before = copy.deepcopy(proto)
+    assert linear_as_gemm(proto) == 2
+    gemms = [n for n in proto.graph.node if n.op_type == "Gemm"]
+    assert sorted(len(n.input) for n in gemms) == [2, 3, 3]  # fc1 has no bias; head is 2-D
+    x = np.random.default_rng(1).normal(size=(9, *SHAPE)).astype(np.float32)
+    a = _session(before).run(None, {"input": x})[0]
+    b = _session(proto).run(None, {"input": x})[0]
+    assert np.abs(a - b).max() <= 1e-5 * max(1.0, np.abs(a).max())

@@ -38,7 +38,7 @@ def write_tab(folder: Path, split: str, n: int, seed: int) -> None:
     (folder / f"reuters-r8-{split}.tab").write_text("\n".join(rows) + "\n")
 
 
-def tiny_encoder(folder: Path, *, layers: int = 2, seed: int = 0) -> Path:
+def tiny_encoder(folder: Path, *, layers: int = 2, seed: int = 0, init: float = 0.1) -> Path:
     """A random BERT (4 heads of 8, FFN 64) with a word-level BERT tokenizer of the words above,
     saved with a sentence-transformers ``modules.json`` (mean pooling + Normalize). Weights are
     drawn 5x wider than BERT's init so that sentences get clearly distinct embeddings."""
@@ -46,11 +46,11 @@ def tiny_encoder(folder: Path, *, layers: int = 2, seed: int = 0) -> Path:
     words = sorted({w for ws in TOPICS.values() for w in ws} | set(FILLER))
     vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words]
     (folder / "vocab.txt").write_text("\n".join(vocab) + "\n")
-    tf.BertTokenizerFast(vocab_file=str(folder / "vocab.txt")).save_pretrained(folder)
+    tf.BertTokenizerFast(vocab=str(folder / "vocab.txt")).save_pretrained(folder)  # v5: vocab=
     torch.manual_seed(seed)
     config = tf.BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=layers,
                            num_attention_heads=4, intermediate_size=64,
-                           max_position_embeddings=64, initializer_range=0.1)
+                           max_position_embeddings=64, initializer_range=init)
     tf.BertModel(config).save_pretrained(folder)
     (folder / "modules.json").write_text('[{"type": "sentence_transformers.models.Normalize"}]')
     return folder

@@ -16,18 +16,22 @@ optimizers cannot see through a computed Reshape (shape inference stops there).
   MatMul + Add(bias), as Reshape -> Gemm -> Reshape: ONNX Runtime then runs one QGemm with the
   int32 bias inside instead of MatMulIntegerToFloat, a bias DequantizeLinear and a float Add.
   Same integer sums; only the float rounding of the bias add may differ.
-* :func:`pad_input_channels` (int8 graphs) gives a conv on 1-3 quantized input channels (an
-  image model's first conv) zero channels up to 4: ORT's int8 conv runs 1 channel 1.4x and 3
-  channels 1.7x slower than 4. Exact: a pad channel holds the zero point, times zero weights.
+* :func:`pad_input_channels` (int8 graphs) gives a stride-1 conv on 1-3 quantized input
+  channels (an image model's first conv) zero channels up to 4: ORT's int8 conv runs 1 channel
+  1.4x and 3 channels 1.7x slower than 4. Exact: a pad channel holds the zero point, times
+  zero weights.
+* :func:`fold_shuffle_into_convs` (int8 graphs) removes a channel shuffle read only by convs
+  (ShuffleNet's last unit of a stage): the convs take their input channels permuted instead
+  (a depthwise conv its filters, and the shuffle moves past it). Exact.
 * :func:`fuse_gelu` (int8 graphs) writes the erf GELU as one ``com.microsoft.Gelu``: ORT fuses
   it in float graphs but not between DequantizeLinear and QuantizeLinear. Same function; the
   kernel rounds floats differently (the one ORT's float graph uses).
-* :func:`shuffle_as_gather` (int8 graphs) writes a channel shuffle (``view(b, g, c // g, h, w)
-  .transpose(1, 2).reshape(b, c, h, w)``) as one Gather of the channels: ORT runs it on int8
-  and needs one NHWC/NCHW transpose fewer around it. Exact: values only move.
 
 Tried and dropped: a channel shuffle rewritten channels-last (so ORT cancels its NHWC/NCHW
 transposes) leaves a 5-D uint8 Transpose that ORT runs 10x slower than the three it replaces.
+A channel shuffle as one Gather of the channels (exact; ORT runs it on int8, 5% less kernel
+time on the ShuffleNet-style model): OpenVINO 2026.4 computes ``Concat -> Gather(axis=1) -> 1x1
+Conv`` wrongly (max |diff| 26 on 48 channels), so the file would not be portable.
 :func:`simplify` applies the kept rewrites at export (:func:`lighten.export.export_onnx`).
 """
 
@@ -48,9 +52,9 @@ def simplify(proto, *, quantized: bool) -> dict[str, int]:
     only where int8 convs run channels-last)."""
     done = {"shape_values_folded": fold_shape_arithmetic(proto)}
     if quantized:
+        done["shuffles_folded"] = fold_shuffle_into_convs(proto)  # before the padding
         done["depthwise_padded"] = pad_depthwise_channels(proto)
         done["input_channels_padded"] = pad_input_channels(proto)
-        done["shuffles_as_gather"] = shuffle_as_gather(proto)
         done["linears_as_gemm"] = linear_as_gemm(proto)  # before fuse_gelu: shapes infer
         done["gelu_fused"] = fuse_gelu(proto)
     return done
@@ -391,6 +395,19 @@ class _ConvParams:
         else:
             self.value = None
 
+    def take(self, axis: int, order: np.ndarray, tag: str) -> str:
+        """The tensor with its entries along ``axis`` reordered (per-channel scales too)."""
+        c = self.consts
+        if self.dq is None:
+            return c.add(f"{self.name}__{tag}", np.take(self.value, order, axis=axis))
+        q_axis = _attr(self.dq, "axis", 1) % max(self.value.ndim, 1)
+        for k, name in enumerate(self.dq.input):
+            v = c.get(name) if name else None
+            if v is None or (k > 0 and (v.size == 1 or axis != q_axis)):
+                continue
+            self.dq.input[k] = c.add(f"{name}__{tag}", np.take(v, order, axis=0 if k else axis))
+        return self.name
+
     def pad(self, axis: int, size: int, tag: str) -> str:
         """The tensor padded with zeros along ``axis`` (per-channel scales with ones)."""
         c = self.consts
@@ -542,11 +559,13 @@ INPUT_MULTIPLE = 4  # ORT's int8 conv (NHWC) packs input channels in fours
 
 
 def pad_input_channels(proto, multiple: int = INPUT_MULTIPLE) -> int:
-    """Give each int8 Conv (group 1) that reads fewer than ``multiple`` channels straight from a
-    QuantizeLinear zero channels up to ``multiple``, in place; returns how many. The int8 input
-    gets a Pad with its zero point (a new DequantizeLinear reads it), the weights zero input
-    channels. Measured (ORT 1.32, batch 64, 28x28, 32 filters of 3x3, 1 thread): 1 channel
-    0.87 ms, padded to 4 0.61 ms + 0.06 ms for the Pad; 3 channels 1.0 ms, padded 0.63 ms."""
+    """Give each int8 Conv (group 1, stride 1) that reads fewer than ``multiple`` channels
+    straight from a QuantizeLinear zero channels up to ``multiple``, in place; returns how many.
+    The int8 input gets a Pad with its zero point (a new DequantizeLinear reads it), the weights
+    zero input channels. Measured (ORT 1.32, batch 64, 28x28, 32 filters of 3x3, 1 thread):
+    1 channel 0.87 ms, padded to 4 0.61 ms + 0.06 ms for the Pad and its wider NHWC transpose;
+    3 channels 1.0 ms, padded 0.63 ms. A strided conv (a 4x4/4 patch embedding: 0.14 -> 0.13 ms)
+    saves less than the Pad costs, so only stride 1 is padded."""
     from onnx import helper
 
     graph = proto.graph
@@ -554,7 +573,8 @@ def pad_input_channels(proto, multiple: int = INPUT_MULTIPLE) -> int:
     readers = _readers(graph)
     new_nodes: dict[int, list] = {}
     for conv in graph.node:
-        if conv.op_type != "Conv" or _attr(conv, "group", 1) != 1 or len(conv.input) < 2:
+        if (conv.op_type != "Conv" or _attr(conv, "group", 1) != 1 or len(conv.input) < 2
+                or any(s != 1 for s in _attr(conv, "strides", []))):
             continue
         dq = consts.producer.get(conv.input[0])
         q = consts.producer.get(dq.input[0]) if dq is not None and dq.input else None
@@ -760,39 +780,79 @@ def _is_bias(name: str, consts, n_out: int) -> bool:
 # ----------------------------------------------------------------------------- channel shuffle
 
 
-def shuffle_as_gather(proto) -> int:
-    """Replace each channel shuffle ``Reshape(x, (B, g, C/g, ...)) -> Transpose(0, 2, 1, ...) ->
-    Reshape(., (B, C, ...))`` by ``Gather(x, perm, axis=1)``, in place; returns how many.
-    Quantize/dequantize pairs between the three (on ``x``'s own int8 grid, as
-    :func:`lighten.quant.qdq_graph.complete_qdq` inserts them) go too. In an int8 graph ONNX
-    Runtime runs the Gather on int8 (one op instead of a 5-D transpose, two reshapes and one
-    of the NHWC/NCHW transposes around them). Exact: every value only moves."""
-    from onnx import helper
-
+def fold_shuffle_into_convs(proto) -> int:
+    """Remove each channel shuffle ``Reshape(x, (B, g, C/g, ...)) -> Transpose(0, 2, 1, ...) ->
+    Reshape(., (B, C, ...))`` whose result only convs read, in place; returns how many. A conv
+    of shuffled channels is the conv with its input channels permuted; a depthwise conv of them
+    is the depthwise conv with its filters permuted, followed by the same shuffle, which moves
+    on to its readers in turn. Quantize/dequantize (per-tensor) and ReLU between commute with
+    the shuffle. In an int8 graph ONNX Runtime runs each shuffle as three transposes (two of
+    them NHWC/NCHW conversions) and two reshapes; after the fold nothing moves. Exact: the
+    same products, summed in another order (integers: the same sums)."""
     graph = proto.graph
     consts = _Consts(graph)
     readers = _readers(graph)
     outputs = {o.name for o in graph.output}
     shapes = _infer(proto)
-    replace: dict[int, object] = {}
-    for r1 in graph.node:
+    count = 0
+    for r1 in list(graph.node):
         if r1.op_type != "Reshape":
             continue
         found = _shuffle_parts(r1, consts, readers, outputs, shapes)
         if found is None:
             continue
         r2, channels, groups = found
+        convs: list = []
+        if not _conv_readers(r2.output[0], channels, consts, readers, outputs, convs):
+            continue
         perm = np.arange(channels).reshape(groups, channels // groups).T.reshape(-1)
-        index = consts.add(f"{r1.name or r1.output[0]}_perm", perm.astype(np.int64))
-        replace[id(r2)] = helper.make_node("Gather", [r1.input[0], index], [r2.output[0]],
-                                           name=f"{r1.name or r1.output[0]}_shuffle", axis=1)
-    if not replace:
-        return 0
-    nodes = [replace.get(id(n), n) for n in graph.node]
-    del graph.node[:]
-    graph.node.extend(nodes)
-    _drop_dead(graph)
-    return len(replace)
+        inverse = np.argsort(perm)  # shuffled[c] = x[perm[c]], so conv(shuffled) = conv'(x)
+        tag = f"perm{count}"
+        for conv, axis in convs:  # axis 1: input channels; 0: a depthwise conv's filters
+            conv.input[1] = _ConvParams(consts, readers, conv.input[1]).take(axis, inverse, tag)
+            if axis == 0 and len(conv.input) > 2 and conv.input[2]:  # and its bias
+                conv.input[2] = _ConvParams(consts, readers, conv.input[2]).take(0, inverse, tag)
+        for node in readers.get(r2.output[0], []):
+            for k, name in enumerate(node.input):
+                if name == r2.output[0]:
+                    node.input[k] = r1.input[0]
+        readers = _readers(graph)
+        count += 1
+    if count:
+        _drop_dead(graph)
+    return count
+
+
+def _conv_readers(name, channels, consts, readers, outputs, found, depth=0) -> bool:
+    """Collect (conv, axis to permute) for every conv reading ``name`` through per-tensor Q/DQ
+    and ReLU; False when anything else reads it (or a depthwise conv's result)."""
+    users = readers.get(name, [])
+    if name in outputs or not users or depth > 16:
+        return False
+    for u in users:
+        if u.op_type in _ZERO_KEEPING and u.input[0] == name and _zero_keeping(u, consts):
+            if not _conv_readers(u.output[0], channels, consts, readers, outputs, found,
+                                 depth + 1):
+                return False
+            continue
+        if u.op_type != "Conv" or u.input[0] != name or name in u.input[1:]:
+            return False
+        w = _ConvParams(consts, readers, u.input[1])
+        b = _ConvParams(consts, readers, u.input[2]) if len(u.input) > 2 and u.input[2] \
+            else None
+        if w.value is None or w.value.ndim < 3 or (b is not None and b.value is None):
+            return False
+        group = _attr(u, "group", 1)
+        if group == 1 and w.value.shape[1] == channels:
+            found.append((u, 1))
+        elif group == channels == w.value.shape[0] and w.value.shape[1] == 1:
+            found.append((u, 0))  # the shuffle moves on past it
+            if not _conv_readers(u.output[0], channels, consts, readers, outputs, found,
+                                 depth + 1):
+                return False
+        else:
+            return False
+    return True
 
 
 def _shuffle_parts(r1, consts, readers, outputs, shapes):

@@ -20,6 +20,10 @@ dimension) scores ``var(x_j) * ||W[:, j]||^2``, the output error of replacing it
 head sums its dimensions. The removed features' mean contribution ``W[:, gone] @ mean[gone]``
 moves into the out projection's bias, so pruning costs only their fluctuation.
 
+Layer-wise reconstruction (``reconstruct``, on by default; ``llm/encoder_recover.py``): after
+FFN pruning each layer's FFN out projection is refitted in closed form so the pruned layer's
+output matches the original's on the calibration sentences.
+
 Recovery (``distill:``): the pruned encoder learns to reproduce the original's embeddings
 (``1 - cosine``) on unlabeled sentences of the training split; the original's embeddings are
 computed once.
@@ -27,6 +31,7 @@ computed once.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from dataclasses import dataclass
 
@@ -51,6 +56,9 @@ class EncoderDistill(StrictModel):
     lr: float = Field(1e-4, gt=0)
     batch_size: int = Field(16, ge=1)
     tokens: float = Field(0.0, ge=0, description="weight of the per-token hidden-state loss")
+    int8: bool = Field(False, description="distill through quant.dynamic's int8 grid (fake "
+                       "quantization, straight-through): recovers the int8 error of a "
+                       "following quant.dynamic as well")
 
 
 class EncoderPruneConfig(PruneStepConfig):
@@ -61,6 +69,9 @@ class EncoderPruneConfig(PruneStepConfig):
     ffn_multiple: int = Field(16, ge=1, description="kept FFN width rounded to this multiple")
     keep_layers: list[int] | None = Field(None, description="indices of the layers kept")
     samples: int = Field(128, ge=1, description="calibration sentences for the importance")
+    reconstruct: bool = Field(True, description="refit each layer's FFN out projection by "
+                              "least squares to the original's layer output (after FFN "
+                              "pruning, when no layer is dropped)")
     distill: EncoderDistill | None = Field(None, description="recover from the original")
 
 
@@ -348,7 +359,8 @@ def encoder_prune(model: nn.Module, config: EncoderPruneConfig, ctx: StepContext
                           "replace finetune: with distill: {epochs: 1} (recovery from the "
                           "original's embeddings)")
     teacher = None
-    if config.distill is not None:  # the original: the run's baseline, else the model as given
+    refit = config.reconstruct and bool(config.ffn) and not config.keep_layers
+    if config.distill is not None or refit:  # the original: the baseline, else the model given
         teacher = ctx.baseline if ctx.baseline is not None else copy.deepcopy(model)
     calib = _sentence_batches(ctx, config.samples, 16) if (config.heads or config.ffn) else []
     before = sum(p.numel() for p in model.parameters())
@@ -358,11 +370,21 @@ def encoder_prune(model: nn.Module, config: EncoderPruneConfig, ctx: StepContext
     ctx.note(f"encoder: layers {facts['layers']}, heads per layer {facts['heads']}, FFN widths "
              f"{facts['ffn']}; parameters {before:,} -> {after:,}")
     ctx.summary.update({"encoder_" + k: v for k, v in facts.items()})
+    if refit and teacher is not None:
+        from lighten.llm.encoder_recover import reconstruct_ffn_
+
+        errors = reconstruct_ffn_(model, teacher.eval(), calib)
+        ctx.note("FFN out projections refitted to the original's layer outputs (relative "
+                 f"residual per layer {', '.join(f'{e:.3f}' for e in errors)})")
     if config.distill is not None and teacher is not None:
+        from lighten.llm.encoder_recover import fake_int8
+
         d = config.distill
         batches = _sentence_batches(ctx, d.samples, d.batch_size)
-        history = distill_embeddings_(model, teacher.eval(), batches, epochs=d.epochs, lr=d.lr,
-                                      tokens=d.tokens, seed=ctx.seed)
+        with fake_int8(model, reduce_range=ctx.target.reduce_range) if d.int8 else \
+                contextlib.nullcontext():
+            history = distill_embeddings_(model, teacher.eval(), batches, epochs=d.epochs,
+                                          lr=d.lr, tokens=d.tokens, seed=ctx.seed)
         ctx.note(f"distilled from the original: 1 - cosine per epoch "
                  f"{', '.join(f'{h:.4f}' for h in history)}")
         ctx.summary["distill_loss"] = history

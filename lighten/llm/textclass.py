@@ -203,7 +203,8 @@ def fit_classifier_(model: SentenceClassifier, train: LabeledSentences, *, epoch
     Returns the loss per epoch."""
     from sklearn.linear_model import LogisticRegression
 
-    from lighten.train import TrainConfig, train as train_loop
+    from lighten.train import TrainConfig
+    from lighten.train import train as train_loop
 
     if len(set(train.labels.tolist())) < 2:
         raise DataError("fit_classifier_ needs training sentences of at least two classes")

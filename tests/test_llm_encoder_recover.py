@@ -1,0 +1,125 @@
+"""Layer-wise FFN reconstruction and int8-aware distillation (lighten.llm.encoder_recover) on a
+tiny random BERT (helpers of test_llm_embedding): real numerics, nothing downloaded."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from lighten.errors import ModelError
+
+pytest.importorskip("transformers")
+
+from test_llm_embedding import SEQ, tiny_encoder, write_tab  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("recover")
+    tab = tmp / "tab"
+    tab.mkdir()
+    write_tab(tab, "train", 128, 1)
+    write_tab(tab, "test", 48, 2)
+    return {"tab": tab, "model": tiny_encoder(tmp / "bert", layers=3), "tmp": tmp}
+
+
+@pytest.fixture(autouse=True)
+def _tab_env(world, monkeypatch):
+    monkeypatch.setenv("LIGHTEN_ORANGE_TEXT", str(world["tab"]))
+    monkeypatch.setenv("LIGHTEN_CACHE", str(world["tmp"] / "cache"))
+
+
+def data(world, **kw):
+    from lighten.data import DataSpec, load_data
+
+    return load_data(DataSpec(name="sentences", corpus="r8",
+                              tokenizer={"hf": str(world["model"])}, seq_len=SEQ, **kw))
+
+
+def batches(dataset, n: int, size: int = 16):
+    return [(torch.stack([dataset[i][0][0] for i in range(j, min(j + size, n))]),
+             torch.stack([dataset[i][0][1] for i in range(j, min(j + size, n))]))
+            for j in range(0, n, size)]
+
+
+def cosine(model, teacher, test) -> float:
+    from lighten.llm.embedding import mean_cosine
+
+    with torch.no_grad():
+        return mean_cosine(torch.cat([model(*b) for b in test]),
+                           torch.cat([teacher(*b) for b in test]))
+
+
+def encoder(world):
+    from lighten.llm.sources import build_hf
+
+    return build_hf(str(world["model"]))
+
+
+def test_reconstruction_recovers_ffn_pruning(world):
+    from lighten.llm.encoder import prune_encoder_
+    from lighten.llm.encoder_recover import reconstruct_ffn_
+
+    d = data(world)
+    calib, test = batches(d.train, 128), batches(d.test, 48)
+    teacher = encoder(world)
+    # an unpruned copy is reproduced: the least-squares fit finds the weights it has
+    same = copy.deepcopy(teacher)
+    errors = reconstruct_ffn_(same, teacher, calib, ridge=1e-8)
+    assert max(errors) < 1e-6 and cosine(same, teacher, test) > 0.99999
+    pruned = copy.deepcopy(teacher)
+    prune_encoder_(pruned, calib, ffn=0.5, ffn_multiple=8)
+    before = cosine(pruned, teacher, test)
+    errors = reconstruct_ffn_(pruned, teacher, calib)
+    after = cosine(pruned, teacher, test)  # held-out sentences
+    assert len(errors) == 3 and all(0 < e < 1 for e in errors)
+    assert 1 - after < (1 - before) / 2, (before, after)
+    dropped = copy.deepcopy(teacher)
+    prune_encoder_(dropped, [], keep_layers=[0, 2])
+    with pytest.raises(ModelError, match="one to one"):
+        reconstruct_ffn_(dropped, teacher, calib)
+
+
+def test_fake_int8_is_quant_dynamic(world):
+    from lighten.llm.encoder_recover import FakeInt8Linear, fake_int8
+    from lighten.quant.dynamic import quantize_dynamic_
+
+    d = data(world)
+    test = batches(d.test, 48)
+    model = encoder(world)
+    int8 = quantize_dynamic_(copy.deepcopy(model), target=None)
+    reduce = int8.hf.encoder.layer[0].output.dense.qmax == 63
+    with fake_int8(model, reduce_range=reduce):
+        assert isinstance(model.hf.encoder.layer[0].output.dense, FakeInt8Linear)
+        with torch.no_grad():
+            fake = torch.cat([model(*b) for b in test])
+        model(*test[0]).sum().backward()  # straight-through: the float weights get gradients
+    with torch.no_grad():
+        real = torch.cat([int8(*b) for b in test])
+    assert torch.allclose(fake, real, atol=1e-4), (fake - real).abs().max()
+    dense = model.hf.encoder.layer[0].output.dense
+    assert type(dense) is nn.Linear and dense.weight.grad is not None  # put back, trained
+    assert dense.weight.grad.abs().sum() > 0
+
+
+def test_int8_aware_distillation_through_the_step(world):
+    import lighten
+    from lighten.llm.encoder_recover import fake_int8
+
+    d = data(world, limit_test=48)
+    test = batches(d.test, 48)
+    model = encoder(world)
+    steps = {"llm.encoder_prune": {"ffn": 0.5, "ffn_multiple": 8, "samples": 64,
+                                   "distill": {"epochs": 3, "samples": 128, "lr": 1e-3,
+                                               "tokens": 1.0, "int8": True}}}
+    out, report = lighten.compress(model, steps, data=d)
+    assert any("refitted" in n for n in report.notes)
+    assert any("distilled from the original" in n for n in report.notes)
+    plain, _ = lighten.compress(model, {"llm.encoder_prune": {
+        "ffn": 0.5, "ffn_multiple": 8, "samples": 64, "reconstruct": False}}, data=d)
+    assert cosine(out, model, test) > cosine(plain, model, test)
+    with fake_int8(out), fake_int8(plain):  # what quant.dynamic will deploy
+        assert cosine(out, model, test) > cosine(plain, model, test)
