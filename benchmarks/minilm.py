@@ -71,13 +71,16 @@ def parse_args(argv=None):
     p.add_argument("--distill-samples", type=int, default=2400,
                    help="unlabeled docs for distillation (R8 training docs not in the probe, "
                         "then 20 Newsgroups)")
-    p.add_argument("--calib", type=int, default=256,
+    p.add_argument("--calib", type=int, default=384,
                    help="of those, docs for the importance and the layer-wise reconstruction")
     p.add_argument("--no-reconstruct", dest="reconstruct", action="store_false",
                    help="skip the layer-wise FFN reconstruction")
-    p.add_argument("--epochs", type=float, default=0.0, help="float distillation epochs")
-    p.add_argument("--qat-epochs", type=float, default=1.0,
-                   help="distillation epochs through fake int8 (the int8 rows)")
+    p.add_argument("--epochs", type=float, default=0.0,
+                   help="float distillation epochs of the pruned rows (after reconstruction)")
+    p.add_argument("--qat-epochs", type=float, default=0.0,
+                   help="distillation epochs through fake int8 of the pruned rows")
+    p.add_argument("--student-epochs", type=float, default=1.0,
+                   help="float distillation epochs of the layer-dropped student")
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--tokens", type=float, default=1.0,
                    help="weight of the per-token hidden-state distillation loss")
@@ -219,7 +222,7 @@ def newsgroups(n: int) -> list[str]:
 def main(argv=None) -> dict:
     args = parse_args(argv)
     torch.manual_seed(0)
-    torch.set_num_threads(max(args.threads, 1))
+    torch.set_num_threads(1)  # training and calibration; ORT gets --threads for the rows
     t0 = time.perf_counter()
     model, tok = load()
     model.eval()
@@ -264,8 +267,9 @@ def main(argv=None) -> dict:
             how += " + layer-wise FFN reconstruction"
             add(f"{label} + reconstructed", export(student, work / f"{key}.onnx", args.seq_len,
                                                    sample), how, {**info, "distill_s": 0})
-        history = distill_embeddings_(student, model, distill_set, epochs=args.epochs,
-                                      lr=args.lr, tokens=args.tokens) if args.epochs else []
+        epochs = args.student_epochs if "keep_layers" in cfg else args.epochs
+        history = distill_embeddings_(student, model, distill_set, epochs=epochs,
+                                      lr=args.lr, tokens=args.tokens) if epochs else []
         qat = []
         if args.qat_epochs:
             with fake_int8(student):
@@ -273,11 +277,12 @@ def main(argv=None) -> dict:
                                           lr=args.lr, tokens=args.tokens, seed=1)
         seconds = time.perf_counter() - start
         info.update(distill_loss=history, qat_loss=qat, distill_s=round(seconds, 1))
-        steps = " + distilled" if history else ""
+        steps = (" + reconstructed" if recon is not None else "") + (
+            " + distilled" if history else "")
         steps += " + int8-aware distilled" if qat else ""
-        if history and not qat:
+        if (history or recon is None) and not qat:
             add(f"{label}{steps}", export(student, work / f"{key}_d.onnx", args.seq_len, sample),
-                how + " + distillation", info)
+                how + (" + distillation" if history else ""), info)
         add(f"{label}{steps} + int8", export(int8_lighten(student), work / f"{key}_int8.onnx",
                                             args.seq_len, sample),
             how + (" + distillation" if history else "")
@@ -411,7 +416,8 @@ def write(result: dict, out: Path) -> None:
         f"{result['threads']} ORT threads, {a['runs']} interleaved rounds (shared machine: "
         f"indicative); pruning: importance and layer-wise reconstruction on {a['calib']} "
         f"documents; distillation: {a['distill_samples']} unlabeled documents disjoint from the "
-        f"probe's, {a['epochs']} float + {a['qat_epochs']} int8-aware epochs of 16, lr "
+        f"probe's, batches of 16, pruned rows {a['epochs']} float + {a['qat_epochs']} "
+        f"int8-aware epochs, student {a.get('student_epochs')} epochs, lr "
         f"{a['lr']}, token-loss weight {a.get('tokens', 0)}; {result['seconds']} s in all.",
         "",
         "| model | ms / batch | speed-up | ONNX bytes | cosine to original (mean / 5th pct) "

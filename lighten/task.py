@@ -388,9 +388,13 @@ def make_task(*, name: str | None = None, python: str | None = None,
         from lighten.llm.embedding import EmbeddingTask
 
         BUILTIN[name] = EmbeddingTask
+    if name == "text-classification" and name not in BUILTIN:  # the llm extra's as well
+        from lighten.llm.textclass import TextClassificationTask
+
+        BUILTIN[name] = TextClassificationTask
     if name not in BUILTIN:
         raise DataError(f"unknown task {name!r}; choose one of {', '.join(BUILTIN)}, "
-                        "embedding or "
+                        "embedding, text-classification or "
                         "{python: file.py:make}")
     try:
         return BUILTIN[name](**kwargs)

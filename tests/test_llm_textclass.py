@@ -78,6 +78,10 @@ def test_task_data_and_fine_tune(trained):
     assert metrics["accuracy"] >= trained["probe_acc"] - 0.05 and metrics["macro_f1"] > 0.6
     assert trained["history"][-1] < trained["history"][0]
     assert task.agreement(out, out) == 1.0
+    from lighten.task import task_from_dict
+
+    again = task_from_dict(task.describe())  # artifacts and run.json rebuild it
+    assert isinstance(again, type(task)) and again.describe() == task.describe()
 
 
 def test_int8_and_pruning_through_compress(trained):

@@ -12,7 +12,10 @@ to give block ``i + 1`` its inputs; the model is never copied, and the peak memo
 
 Sentence encoders (:mod:`lighten.llm.embedding`, :mod:`lighten.llm.encoder`): the ``embedding``
 task (R8 linear probe, mean cosine to the original) and ``llm.encoder_prune`` (heads, FFN
-neurons and layers of a BERT-family encoder, recovered by distillation from the original).
+neurons and layers of a BERT-family encoder, recovered by a layer-wise FFN reconstruction
+and distillation from the original, optionally through fake int8: :mod:`lighten.llm.
+encoder_recover`); the ``text-classification`` task (:mod:`lighten.llm.textclass`: the encoder
+plus a linear head fine-tuned on R8 labels).
 Decoders (:mod:`lighten.llm.decoder_prune`): ``llm.decoder_prune`` removes GQA-consistent
 attention heads, FFN neurons and whole layers of a Llama-family LM, recovered by logit
 distillation from the model before pruning.
