@@ -226,8 +226,6 @@ def main(argv=None) -> None:
     args = bench_timing.parse_bench_args(parser, argv, train=2000, epochs=0.2, test=1000, runs=10)
     from lighten.data import DataSpec, load_data
 
-    if args.threads:  # training and the refit too, not only the timed backends
-        torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     data = load_data(DataSpec(name="fashion-mnist", limit_train=args.train,
                               limit_test=args.test))

@@ -130,11 +130,17 @@ def bench_parser(description: str, *, epochs: float, parts: list[str], out: Path
 
 def parse_bench_args(parser: argparse.ArgumentParser, argv=None, **quick) -> argparse.Namespace:
     """``parser``'s arguments with ``argv`` kept (the results state the command) and, under
-    ``--quick``, the ``quick`` values in place of the defaults."""
+    ``--quick``, the ``quick`` values in place of the defaults. ``--threads`` also caps
+    PyTorch's own threads (training, calibration), not only the timed backends': two threads
+    on two shared cores wait on each other (a training step measured 8x slower under load)."""
     args = parser.parse_args(argv)
     args.argv = list(argv if argv is not None else sys.argv[1:])
     if args.quick:
         vars(args).update(quick)
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     return args
 
 
