@@ -384,22 +384,21 @@ def classification(args, model, tok, r8_train, test, names, calib, work, sample)
 
 
 def machine() -> str:
+    """CPU model, core count and the SIMD flags that decide the int8 kernels (the plan's
+    machine line)."""
+    import os
     import platform
 
-    flags, text = set(), ""
     try:
         text = Path("/proc/cpuinfo").read_text()
-        for line in text.splitlines():
-            if line.startswith("flags"):
-                flags = set(line.split(":", 1)[1].split())
-                break
     except OSError:
-        pass
+        text = ""
+    lines = text.splitlines()
+    flags = next((set(x.split(":", 1)[1].split()) for x in lines if x.startswith("flags")), set())
+    name = next((x.split(":", 1)[1].strip() for x in lines if x.startswith("model name")),
+                platform.processor() or platform.machine())
     simd = [f for f in ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8") if f in flags]
-    import os
-
-    return f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, " \
-           f"{' '.join(simd) or 'no AVX2'}"
+    return f"{name}, {os.cpu_count()} CPUs, {' '.join(simd) or 'no AVX2'}"
 
 
 def write(result: dict, out: Path) -> None:
