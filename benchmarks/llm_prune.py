@@ -42,8 +42,8 @@ CONFIGS = {
     "heads_group": ("KV groups 3 -> 2 per layer (with their query heads; KV cache -1/3)",
                     {"heads": 0.25, "head_mode": "group"}),
     "drop2": ("2 of 30 layers dropped (lowest Block Influence)", {"drop_layers": 2}),
-    "all": ("FFN -25% + heads 9 -> 6 (within) + 2 layers dropped",
-            {"ffn": 0.25, "heads": 0.25, "head_mode": "within", "drop_layers": 2}),
+    "all": ("FFN -25% + KV groups 3 -> 2 + 2 layers dropped",
+            {"ffn": 0.25, "heads": 0.25, "head_mode": "group", "drop_layers": 2}),
 }
 
 

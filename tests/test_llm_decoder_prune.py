@@ -127,7 +127,7 @@ def test_without_gqa_heads_go_one_by_one():
         vocab_size=50, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
         num_attention_heads=4, num_key_value_heads=4)).eval())
     x = torch.randint(0, 50, (2, 8))
-    facts = prune_decoder_(model, [x], heads=0.5)
+    facts = prune_decoder_(model, [x], heads=0.5, head_mode="within")
     assert facts["heads"] == [(2, 2)] and model(x).shape == (2, 8, 50)
 
 
@@ -145,12 +145,13 @@ def test_importance_ranks_the_unimportant_last(setup):
         layers[1].mlp.down_proj.weight.mul_(1e-3)
     stats = decoder_statistics(model, [windows(data)])
     assert min(range(3), key=lambda i: stats.influence[i]) == 1
-    within = plan_pruning(model, stats, heads=0.5, ffn=0.25, ffn_multiple=16)
+    within = plan_pruning(model, stats, heads=0.5, head_mode="within", ffn=0.25,
+                          ffn_multiple=16)
     assert 1 not in within.blocks[0].q_heads and 0 in within.blocks[0].q_heads
     assert not set(range(40)) & set(within.blocks[0].ffn)  # 48 go: the 40 weak ones first
     stats.attn_score[1] = stats.attn_score[1].clone()
     stats.attn_score[1][:32] += 1.0  # the zeroed block: make group 0 clearly the stronger
-    group = plan_pruning(model, stats, heads=0.5, head_mode="group")
+    group = plan_pruning(model, stats, heads=0.5)  # the default: whole KV groups
     assert group.blocks[1].kv_heads == [0] and group.blocks[1].q_heads == [0, 1]
     dropped = plan_pruning(model, stats, drop_layers=1)
     assert dropped.layers == [0, 2]
@@ -255,7 +256,7 @@ def test_decoder_prune_through_the_runner(setup):
     assert (out / "deploy" / "llm.decoder_prune" / "model.onnx").is_file()
     report = json.loads(next((out / "stages").glob("*llm.decoder_prune.report.json"))
                         .read_text())
-    assert report["summary"]["decoder_heads"] == [[2, 2], [2, 2]]
+    assert report["summary"]["decoder_heads"] == [[2, 1], [2, 1]]  # one KV group of two
     actions = {r["action"] for r in report["layers"]}
     assert actions == {"prune heads", "prune neurons", "remove layer"}
 
