@@ -130,8 +130,13 @@ def load(folder: Path, args):
     return model, data
 
 
-@torch.inference_mode()
-def perplexity(model, dataset, batch: int = 4) -> float:
+def perplexity(model, dataset, batch: int = 4, *, inference_mode: bool = True) -> float:
+    # optimum-quanto's frozen weights cannot be read under inference_mode: no_grad for it
+    with torch.inference_mode() if inference_mode else torch.no_grad():
+        return _perplexity(model, dataset, batch)
+
+
+def _perplexity(model, dataset, batch: int) -> float:
     nll, count = 0.0, 0
     for start in range(0, len(dataset), batch):
         items = [dataset[i] for i in range(start, min(start + batch, len(dataset)))]
@@ -330,7 +335,7 @@ def one(method: str, args) -> dict:
     row["step_seconds"] = time.perf_counter() - start
     if "perplexity" not in row:  # the ORT peers measured theirs through ORT
         start = time.perf_counter()
-        row["perplexity"] = perplexity(model, data.test)
+        row["perplexity"] = perplexity(model, data.test, inference_mode=method != "quanto")
         row["eval_seconds"] = time.perf_counter() - start
     row["eval_tokens"] = len(data.test) * args.seq_len
     if spec == "peer" and "bytes" not in row:

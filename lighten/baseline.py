@@ -63,8 +63,8 @@ def load_baseline(model: nn.Module, recipe: Recipe, data) -> str | None:
 
     if recipe.model.weights:  # build_model loaded them (a lighten artifact's model included)
         return f"weights {recipe.model.weights}"
-    if getattr(recipe.model, "hf", None):  # a pretrained transformers model: never trained here
-        return f"pretrained weights of hf {recipe.model.hf}"
+    if getattr(recipe.model, "hf", None) and not data.task.trains_pretrained:
+        return f"pretrained weights of hf {recipe.model.hf}"  # used as loaded, never trained
     if recipe.model.zoo:
         shipped = shipped_checkpoint(recipe.model.zoo, data.name)
         if shipped is not None:
@@ -83,7 +83,6 @@ def train_baseline(prepared: Prepared, recipe: Recipe, out: Path, *, progress: b
     weights as an uninterrupted training); then cache it and drop the checkpoint."""
     from lighten import train_state
     from lighten.memory import PeakMemory
-    from lighten.train import train
 
     model, data = prepared.model, prepared.data
     cfg = recipe.train.model_copy(update={"seed": recipe.seed})
@@ -94,7 +93,8 @@ def train_baseline(prepared: Prepared, recipe: Recipe, out: Path, *, progress: b
                if meta and meta.get("key") == key else "")
     start = time.perf_counter()
     with PeakMemory() as peak:
-        train(model, data.train, cfg, progress=progress, task=data.task, checkpoint=checkpoint)
+        # the task's own fit (default: train on its loss; a text classifier fits its head first)
+        data.task.fit_baseline(model, data.train, cfg, progress=progress, checkpoint=checkpoint)
     prepared.baseline_peak_mib = peak.peak_mb
     model.eval()
     cached = cache_path(recipe)

@@ -140,6 +140,18 @@ class Task:
         """Extra keyword arguments a ``python:`` model factory receives (if it accepts them)."""
         return {}
 
+    #: a pretrained ``model: {hf: ...}`` is the baseline as loaded; a task whose model adds
+    #: untrained layers to it (a classifier head) sets this, and the runner trains the baseline
+    trains_pretrained = False
+
+    def fit_baseline(self, model: Any, train: Any, cfg: Any, *, progress: bool = False,
+                     checkpoint: Any = None) -> list[float]:
+        """Train the recipe's baseline in place (the runner's baseline stage; ``cfg``: the
+        recipe's ``train:`` block): :func:`lighten.train.train` on :meth:`loss`."""
+        from lighten.train import train as train_loop
+
+        return train_loop(model, train, cfg, progress=progress, task=self, checkpoint=checkpoint)
+
     def describe(self) -> dict[str, Any]:
         """JSON facts recorded with a run and an artifact (:func:`task_from_dict` reverses)."""
         made_by = getattr(self, "made_by", None)  # set by make_task for python: factories

@@ -5,9 +5,11 @@ fine-tune, then int8 and structured pruning through ``lighten.compress``."""
 from __future__ import annotations
 
 import copy
+import json
 
 import pytest
 import torch
+import yaml
 
 from lighten.errors import DataError, ModelError
 
@@ -119,3 +121,87 @@ def test_errors(world, trained):
 
     with pytest.raises(DataError, match="own tokenizer"):
         labeled_sentences_bundle("r8", tokenizer="char", seq_len=SEQ)
+
+
+def classify_recipe(world, **train) -> dict:
+    """``lighten run``'s recipe: the tiny BERT + a head, trained as the baseline stage, then
+    int8 and FFN pruning with layer-wise reconstruction (recipes/minilm_r8_classify.yaml)."""
+    src = str(world["model"])
+    return {"name": "tiny-classify", "model": {"hf": src},
+            "data": {"name": "sentences", "corpus": "r8", "task": "text-classification",
+                     "tokenizer": {"hf": src}, "seq_len": SEQ},
+            "train": {"epochs": 2, "lr": 1e-3, "batch_size": 16, **train},
+            "deploy": {"latency_runs": 3},
+            "steps": [{"llm.encoder_prune": {"ffn": 0.25, "ffn_multiple": 8, "samples": 32}},
+                      {"quant.dynamic": {}}]}
+
+
+def test_lighten_run_trains_the_head_as_baseline_then_compresses(world, tmp_path):
+    from lighten.cli.main import main
+
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(classify_recipe(world)))
+    out = tmp_path / "run"
+    assert main(["run", str(tmp_path / "r.yaml"), "--output", str(out), "--quiet"]) == 0
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["stage"] for r in rows] == ["baseline", "llm.encoder_prune", "quant.dynamic"]
+    base, pruned, int8 = rows
+    notes = json.loads((out / "run.json").read_text())["notes"]
+    assert any(n.startswith("baseline: trained here (2") for n in notes)  # not "pretrained"
+    # the trained head separates the three topics; compression keeps the classifier's answers
+    assert base["accuracy"] > 0.6 and base["agreement"] == 1.0
+    assert pruned["params"] < base["params"] and pruned["agreement"] > 0.85
+    assert int8["agreement"] > 0.85 and int8["accuracy"] >= base["accuracy"] - 0.15
+    assert int8["bytes"] < pruned["bytes"] and int8.get("integer_ops")
+    from lighten.artifact import load_artifact
+
+    model, manifest = load_artifact(out / "stages" / "01-llm.encoder_prune.safetensors")
+    assert manifest["task"]["kind"] == "text-classification"
+    assert model.head.out_features == 3 and model.hf.encoder.layer[0].intermediate.dense \
+        .out_features == 48
+
+
+def test_recipe_baseline_is_the_probe_head_with_zero_epochs(world, tmp_path):
+    """``train.epochs: 0``: the baseline is the frozen encoder with its probe head -- the same
+    head fit_classifier_ gives from Python -- so the recipe and Python paths agree."""
+    from lighten.baseline import prepare
+    from lighten.llm.sources import build_hf
+    from lighten.llm.textclass import SentenceClassifier, fit_classifier_
+    from lighten.recipe import load_recipe
+
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(classify_recipe(world, epochs=0)))
+    recipe = load_recipe(tmp_path / "r.yaml")
+    prepared = prepare(recipe)
+    assert prepared.baseline_source is None  # trained in the run, not "pretrained weights"
+    data, model = prepared.data, prepared.model
+    assert data.task.kind == "text-classification" and isinstance(model, SentenceClassifier)
+    assert data.task.fit_baseline(model, data.train, recipe.train) == []
+    ref = SentenceClassifier.from_encoder(build_hf(str(world["model"])), data.num_classes)
+    fit_classifier_(ref, data.train, epochs=0)
+    torch.testing.assert_close(model.head.weight, ref.head.weight)
+    assert data.task.score(logits(model, data.test), data.test.labels) > 0.6
+
+
+def test_recipe_errors_and_shipped_recipes(world):
+    from lighten.data import DataSpec
+    from lighten.errors import RecipeError
+    from lighten.recipe import load_recipe
+
+    with pytest.raises(ValueError, match="task: text-classification"):
+        DataSpec(name="sentences", corpus="r8", task="language-model")
+    with pytest.raises(ModelError, match="linear head"):
+        task = bundle(world).task
+        from lighten.llm.sources import build_hf
+
+        task.fit_baseline(build_hf(str(world["model"])), bundle(world).train, None)
+    from pathlib import Path
+
+    recipes = Path(__file__).resolve().parents[1] / "recipes"
+    for name in ("minilm_r8.yaml", "minilm_r8_classify.yaml"):  # the shipped ones parse
+        try:
+            recipe = load_recipe(recipes / name)
+        except RecipeError as err:
+            pytest.fail(f"{name}: {err}")
+        prune = [s for s in recipe.steps if s.name == "llm.encoder_prune"][0].config
+        assert prune.ffn == 0.125 and prune.reconstruct and prune.distill is None
+    assert load_recipe(recipes / "minilm_r8_classify.yaml").data.task.name == \
+        "text-classification"

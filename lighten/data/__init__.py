@@ -25,7 +25,8 @@ __all__ = ["DataBundle", "DataSpec", "TaskSpec", "bundle_from_datasets", "data_s
 class TaskSpec(StrictModel):
     """``data.task``: a built-in task ``name`` or ``python: tasks.py:make`` returning a Task."""
 
-    name: Literal["classification", "language-model", "embedding"] | None = None
+    name: Literal["classification", "language-model", "embedding", "text-classification"] \
+        | None = None
     python: str | None = Field(None, description="'file.py:function' -> lighten.task.Task")
     kwargs: dict[str, Any] = Field(default_factory=dict,
                                    description="passed to the task (missing facts: from the data)")
@@ -72,7 +73,8 @@ class DataSpec(StrictModel):
     seq_len: int = Field(128, ge=1, description="text: tokens per window")
     task: Annotated[TaskSpec | None, BeforeValidator(_task_shorthand)] = Field(
         None, description="what the model is for: classification (default), language-model, "
-                          "or {python: tasks.py:make}")
+                          "or {python: tasks.py:make}; name: sentences takes embedding "
+                          "(default) or text-classification")
 
     @model_validator(mode="after")
     def _one_source(self) -> DataSpec:
@@ -91,7 +93,12 @@ class DataSpec(StrictModel):
         if self.path and self.name != "text":
             raise ValueError("data.path is the text file of name: text; for other data use "
                              "root (fashion-mnist) or python")
-        if self.task is not None and self.python is None:
+        if self.task is not None and self.name == "sentences":  # R8 for embeddings or labels
+            if self.task.name not in ("embedding", "text-classification") or self.task.kwargs:
+                raise ValueError("data name: sentences takes task: embedding (the default: "
+                                 "linear-probe accuracy) or task: text-classification (labelled "
+                                 "sentences for a classifier head), without kwargs")
+        elif self.task is not None and self.python is None:
             raise ValueError("data.task is for python: data (built-in data sets its own task: "
                              "text is language-model, the others classification); remove it")
         return self
@@ -102,7 +109,7 @@ _APPLIES_TO = {"samples": ("synthetic",), "input_shape": ("synthetic",),
                "num_classes": ("synthetic",), "root": ("fashion-mnist",), "path": ("text",),
                "corpus": ("text", "sentences"), "tokenizer": ("text", "sentences"),
                "seq_len": ("text", "sentences"),
-               "task": ("python",)}
+               "task": ("python", "sentences")}
 
 
 def data_settings(spec: DataSpec) -> dict:
@@ -153,6 +160,12 @@ def load_data(spec: DataSpec) -> DataBundle:
 
         tok = spec.tokenizer if isinstance(spec.tokenizer, str) else \
             spec.tokenizer.model_dump(exclude_none=True)
+        if spec.task is not None and spec.task.name == "text-classification":
+            from lighten.llm.textclass import labeled_sentences_bundle  # R8's labels, both splits
+
+            return labeled_sentences_bundle(spec.corpus, tokenizer=tok, seq_len=spec.seq_len,
+                                            limit_train=spec.limit_train,
+                                            limit_test=spec.limit_test)
         return load_sentences(spec.corpus, tokenizer=tok, seq_len=spec.seq_len,
                               limit_train=spec.limit_train, limit_test=spec.limit_test)
     if spec.name == "text":

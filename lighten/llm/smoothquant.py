@@ -13,7 +13,9 @@ times larger) coarsen every other token's grid; with it SmolLM2-135M lost 18% pe
 (``benchmarks/llm.py --quick``). ``activations: tensor`` keeps the
 per-tensor uint8 form of ``quant.dynamic`` (ONNX ``DynamicQuantizeLinear``). In ONNX, per token
 is ``ReduceMax(|x|)`` → ``Round(x / s)`` shifted to uint8 (+128, an exact scalar zero point) →
-``MatMulInteger`` → times ``s · w_scale``; ORT's integer kernels run it.
+``MatMulInteger`` → times ``s · w_scale`` → ``Sum`` with the bias; ORT's integer kernels run it
+(one fused ``MatMulIntegerToFloat``; a bias ``Add`` would be fused too, and that kernel scales
+the bias by the per-token ``s`` as well).
 
 The reference folds ``1/s`` into the preceding LayerNorm; here :class:`SmoothQuantLinear`
 keeps it (``x * input_scale``), so any Linear can be smoothed.
@@ -50,6 +52,7 @@ class PerTokenS8:
     """Per-token activation quantizer for :class:`~lighten.quant.dynamic.IntegerLinear`."""
 
     quantize = staticmethod(per_token_int8)
+    row_scales = True  # the bias is added after ORT's fused integer matmul (a Sum), not inside
 
     @staticmethod
     def symbolic(g, x):

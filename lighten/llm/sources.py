@@ -213,7 +213,8 @@ def _normalizes(folder: Path) -> bool:
 
 def build_hf(source: str, *, task=None, options: dict | None = None) -> nn.Module:
     """What ``model: {hf: SOURCE, kwargs: {...}}`` builds: a :class:`CausalLM` for a
-    language-model task (or ``head: causal-lm``), else a :class:`SentenceEncoder`.
+    language-model task (or ``head: causal-lm``), else a :class:`SentenceEncoder` (with a
+    linear head, :class:`~lighten.llm.textclass.SentenceClassifier`, for text-classification).
 
     ``options`` (the spec's kwargs): ``gguf`` (file in the folder), ``head``,
     ``attn_implementation``."""
@@ -229,4 +230,8 @@ def build_hf(source: str, *, task=None, options: dict | None = None) -> nn.Modul
                           attn_implementation=options.get("attn_implementation", "eager"))
     if head == "causal-lm":
         return CausalLM(model).eval()
+    if getattr(task, "kind", None) == "text-classification":  # + a linear head, to be trained
+        from lighten.llm.textclass import SentenceClassifier
+
+        return SentenceClassifier(model, task.classes, normalize=_normalizes(src.folder)).eval()
     return SentenceEncoder(model, normalize=_normalizes(src.folder)).eval()

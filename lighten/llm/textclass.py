@@ -10,6 +10,10 @@ task (R8's training and test splits, labelled). :func:`fit_classifier_` starts t
 logistic-regression probe on the frozen embeddings (a good head in one closed-form-like fit,
 so a short end-to-end fine-tune does not drag the encoder around a random head) and then trains
 encoder and head together with :func:`lighten.train.train`.
+
+From a recipe: ``model: {hf: SOURCE}`` and ``data: {name: sentences, corpus: r8, task:
+text-classification, tokenizer: {hf: SOURCE}}`` build the classifier (a new head); its baseline
+stage is :meth:`TextClassificationTask.fit_baseline` (probe head, then the ``train:`` block).
 """
 
 from __future__ import annotations
@@ -27,7 +31,8 @@ from lighten.llm.sources import SentenceEncoder
 from lighten.task import InputSpec, Task
 
 __all__ = ["LabeledSentences", "SentenceClassifier", "TextClassificationTask",
-           "fit_classifier_", "labeled_sentences_bundle", "load_labeled_sentences"]
+           "fit_classifier_", "fit_probe_head_", "labeled_sentences_bundle",
+           "load_labeled_sentences"]
 
 
 class SentenceClassifier(SentenceEncoder):
@@ -73,6 +78,7 @@ class TextClassificationTask(Task):
 
     kind = "text-classification"
     primary = "accuracy"
+    trains_pretrained = True  # the head is new: a recipe's baseline stage trains it
 
     def __init__(self, vocab_size: int, seq_len: int, classes: int, *,
                  tokenizer: dict | None = None, class_names: list[str] | None = None):
@@ -131,6 +137,19 @@ class TextClassificationTask(Task):
                             f"tensors of shape ({self.seq_len},)")
         if not isinstance(y, Tensor) or y.ndim != 0 or y.is_floating_point():
             raise DataError(f"{where} text-classification targets must be int64 class indices")
+
+    def fit_baseline(self, model: nn.Module, train: Any, cfg: Any, *, progress: bool = False,
+                     checkpoint: Any = None) -> list[float]:
+        """The recipe's baseline stage: the head from a logistic-regression probe on the frozen
+        embeddings, then encoder + head on cross-entropy for ``train.epochs`` (0: probe only)."""
+        if not isinstance(getattr(model, "head", None), nn.Linear):
+            raise ModelError(f"text-classification trains a model with a linear head (a "
+                             f"SentenceClassifier, what model: {{hf: ...}} builds); got "
+                             f"{type(model).__name__}")
+        fit_probe_head_(model, _as_labeled(train))
+        if cfg.epochs <= 0:
+            return []
+        return super().fit_baseline(model, train, cfg, progress=progress, checkpoint=checkpoint)
 
     def _facts(self) -> dict[str, Any]:
         facts = {"kind": self.kind, "vocab_size": self.vocab_size, "seq_len": self.seq_len,
@@ -195,16 +214,42 @@ def _embeddings(model: SentenceClassifier, data: LabeledSentences, batch: int = 
         model.train(was)
 
 
+def _as_labeled(data: Dataset) -> LabeledSentences:
+    """``data`` as :class:`LabeledSentences` (a Subset or another dataset of the same items)."""
+    if isinstance(data, LabeledSentences):
+        return data
+    items = [data[i] for i in range(len(data))]
+    if not items:
+        raise DataError("the text classifier's training split is empty; raise data.limit_train")
+    return LabeledSentences(torch.stack([x[0] for x, _ in items]),
+                            torch.stack([x[1] for x, _ in items]),
+                            torch.stack([torch.as_tensor(y) for _, y in items]))
+
+
 def fit_classifier_(model: SentenceClassifier, train: LabeledSentences, *, epochs: float = 1.0,
                     lr: float = 5e-5, batch_size: int = 16, seed: int = 0,
                     probe_c: float = 10.0) -> list[float]:
     """Train ``model`` in place: the head from a logistic-regression probe on the frozen
     embeddings, then encoder + head on cross-entropy (``epochs`` 0: the probe head only).
     Returns the loss per epoch."""
-    from sklearn.linear_model import LogisticRegression
-
     from lighten.train import TrainConfig
     from lighten.train import train as train_loop
+
+    fit_probe_head_(model, train, probe_c=probe_c)
+    if epochs <= 0:
+        return []
+    task = TextClassificationTask(model.hf.config.vocab_size, train.ids.shape[1],
+                                  model.head.out_features)
+    cfg = TrainConfig(epochs=epochs, lr=lr, batch_size=batch_size, optimizer="adam",
+                      schedule="cosine", seed=seed)
+    return train_loop(model, train, cfg, task=task, progress=False)
+
+
+def fit_probe_head_(model: SentenceClassifier, train: LabeledSentences, *,
+                    probe_c: float = 10.0) -> None:
+    """Set ``model.head`` to a logistic-regression probe fitted on the frozen embeddings of
+    ``train``: a good head in one fit, so that fine-tuning does not start from a random one."""
+    from sklearn.linear_model import LogisticRegression
 
     if len(set(train.labels.tolist())) < 2:
         raise DataError("fit_classifier_ needs training sentences of at least two classes")
@@ -224,10 +269,3 @@ def fit_classifier_(model: SentenceClassifier, train: LabeledSentences, *, epoch
     with torch.no_grad():
         model.head.weight.copy_(weight)
         model.head.bias.copy_(bias)
-    if epochs <= 0:
-        return []
-    task = TextClassificationTask(model.hf.config.vocab_size, train.ids.shape[1],
-                                  model.head.out_features)
-    cfg = TrainConfig(epochs=epochs, lr=lr, batch_size=batch_size, optimizer="adam",
-                      schedule="cosine", seed=seed)
-    return train_loop(model, train, cfg, task=task, progress=False)

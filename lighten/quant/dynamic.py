@@ -58,6 +58,8 @@ def dynamic_quantize_u8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, to
 class PerTensorU8:
     """Activation quantizer of ``quant.dynamic``: ONNX ``DynamicQuantizeLinear`` (uint8)."""
 
+    row_scales = False  # one scale per tensor (see IntegerLinear.symbolic)
+
     @staticmethod
     def quantize(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(codes minus zero point, scale)``; both exact integers in float."""
@@ -102,7 +104,12 @@ class IntegerLinear(torch.autograd.Function):
         acc = g.op("MatMulInteger", q, w_t, z)
         y = g.op("Mul", g.op("Cast", acc, to_i=_ONNX_FLOAT), g.op("Mul", s, w_scale))
         if bias is not None and not (hasattr(bias, "node") and bias.node().mustBeNone()):
-            y = g.op("Add", y, bias)
+            # ORT fuses MatMulInteger-Cast-Mul and a following Add of a constant bias into one
+            # MatMulIntegerToFloat, whose kernel applies a per-row A scale after the bias:
+            # (acc * w_scale + bias) * s. A Sum is left out of the fusion (acc * s * w_scale
+            # stays one fused kernel, then + bias); a per-tensor scale keeps the fused Add.
+            per_tensor = getattr(quantizer, "row_scales", True) is False
+            y = g.op("Add" if per_tensor else "Sum", y, bias)
         return y
 
 
