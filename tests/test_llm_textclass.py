@@ -1,6 +1,7 @@
 """The ``text-classification`` task (lighten.llm.textclass) on a tiny random BERT and made-up
 Reuters-like ``.tab`` files (helpers of test_llm_embedding): a probe-initialised head, a short
-fine-tune, then int8 and structured pruning through ``lighten.compress``."""
+fine-tune, then int8 and structured pruning through ``lighten.compress`` and through ``lighten
+run`` (the baseline stage trains the head; the shipped MiniLM recipes parse)."""
 
 from __future__ import annotations
 
@@ -188,11 +189,11 @@ def test_recipe_errors_and_shipped_recipes(world):
 
     with pytest.raises(ValueError, match="task: text-classification"):
         DataSpec(name="sentences", corpus="r8", task="language-model")
-    with pytest.raises(ModelError, match="linear head"):
-        task = bundle(world).task
-        from lighten.llm.sources import build_hf
+    from lighten.llm.sources import build_hf
 
-        task.fit_baseline(build_hf(str(world["model"])), bundle(world).train, None)
+    data = bundle(world)
+    with pytest.raises(ModelError, match="linear head"):  # a bare encoder: nothing to classify
+        data.task.fit_baseline(build_hf(str(world["model"])), data.train, None)
     from pathlib import Path
 
     recipes = Path(__file__).resolve().parents[1] / "recipes"
