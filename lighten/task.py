@@ -164,24 +164,9 @@ class Task:
 # ----------------------------------------------------------------------------- classification
 
 
-class ClassificationTask(Task):
-    """One float input of ``input_shape``; logits ``(B, num_classes)``; labels int64 ``(B,)``."""
-
-    kind = "classification"
-    perturbable = True
-
-    def __init__(self, input_shape: Sequence[int], num_classes: int):
-        self._shape = tuple(int(d) for d in input_shape)
-        self._classes = int(num_classes)
-        self.inputs = (InputSpec("input", self._shape, torch.float32),)
-
-    @property
-    def input_shape(self) -> tuple[int, ...]:
-        return self._shape
-
-    @property
-    def num_classes(self) -> int:
-        return self._classes
+class ClassLogitsTask(Task):
+    """Logits ``(B, C)`` against int64 class labels ``(B,)``: cross-entropy, accuracy and
+    macro-F1, top-1 agreement. Image and text classification differ only in their inputs."""
 
     def loss(self, outputs: Tensor, targets: Tensor, *, label_smoothing: float = 0.0) -> Tensor:
         return F.cross_entropy(outputs, targets, label_smoothing=label_smoothing)
@@ -200,6 +185,26 @@ class ClassificationTask(Task):
         from lighten.measure.metrics import agreement
 
         return agreement(outputs, reference)
+
+
+class ClassificationTask(ClassLogitsTask):
+    """One float input of ``input_shape``; logits ``(B, num_classes)``; labels int64 ``(B,)``."""
+
+    kind = "classification"
+    perturbable = True
+
+    def __init__(self, input_shape: Sequence[int], num_classes: int):
+        self._shape = tuple(int(d) for d in input_shape)
+        self._classes = int(num_classes)
+        self.inputs = (InputSpec("input", self._shape, torch.float32),)
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return self._shape
+
+    @property
+    def num_classes(self) -> int:
+        return self._classes
 
     def check_outputs(self, outputs: Any, batch: int, *, name: str = "the model",
                       hint: str = "") -> None:

@@ -21,14 +21,13 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
 from lighten.errors import DataError, ModelError
 from lighten.llm.embedding import corpus_documents, tokenize
 from lighten.llm.sources import SentenceEncoder
-from lighten.task import InputSpec, Task
+from lighten.task import ClassLogitsTask, InputSpec
 
 __all__ = ["LabeledSentences", "SentenceClassifier", "TextClassificationTask",
            "fit_classifier_", "fit_probe_head_", "labeled_sentences_bundle",
@@ -73,7 +72,7 @@ class LabeledSentences(Dataset):
         return (self.ids[i], self.mask[i]), self.labels[i]
 
 
-class TextClassificationTask(Task):
+class TextClassificationTask(ClassLogitsTask):
     """``ids (B, T), mask (B, T)`` int64 -> logits ``(B, classes)``; labels int64 ``(B,)``."""
 
     kind = "text-classification"
@@ -98,24 +97,6 @@ class TextClassificationTask(Task):
         ids, mask = super().random_inputs(batch, seed=seed)
         mask[:, 0] = 1  # at least one real token per sentence
         return ids, mask
-
-    def loss(self, outputs: Tensor, targets: Tensor, *, label_smoothing: float = 0.0) -> Tensor:
-        return F.cross_entropy(outputs, targets, label_smoothing=label_smoothing)
-
-    def metrics(self, outputs: Tensor, targets: Tensor) -> dict[str, float]:
-        from lighten.measure.metrics import accuracy, macro_f1
-
-        return {"accuracy": accuracy(outputs, targets), "macro_f1": macro_f1(outputs, targets)}
-
-    def score(self, outputs: Tensor, targets: Tensor) -> float:
-        from lighten.measure.metrics import accuracy
-
-        return accuracy(outputs, targets)
-
-    def agreement(self, outputs: Tensor, reference: Tensor) -> float:
-        from lighten.measure.metrics import agreement
-
-        return agreement(outputs, reference)
 
     def check_outputs(self, outputs: Any, batch: int, *, name: str = "the model",
                       hint: str = "") -> None:
