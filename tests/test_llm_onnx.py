@@ -165,6 +165,11 @@ def test_cli_exports_a_run_stage_with_kv_cache(setup, capsys):
     graph = onnx.load(str(tmp / "kv.onnx")).graph
     assert sum(list(i.dims) == [vocab, 64] for i in graph.initializer) == 1  # tied head: one copy
     assert logits.shape[:2] == (1, 3) and present[0].shape[2] == 3
+    assert main(["export", str(stage), "--onnx", str(tmp / "kv4.onnx"), "--kv-cache",
+                 "--accuracy-level", "4"]) == 0
+    levels = {a.i for n in onnx.load(str(tmp / "kv4.onnx")).graph.node
+              if n.op_type == "MatMulNBits" for a in n.attribute if a.name == "accuracy_level"}
+    assert levels == {4}
     with pytest.raises(Exception, match="KV-cache|decoder"):
         from lighten.llm.onnx_decoder import export_decoder
 
