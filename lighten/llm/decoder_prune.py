@@ -42,7 +42,7 @@ from pydantic import Field
 from torch import Tensor, nn
 
 from lighten.errors import ModelError, RecipeError
-from lighten.llm.encoder import _cols, _cols_compensated, _keep_count, _rows
+from lighten.llm.slicing import keep_count, linear_cols, linear_cols_compensated, linear_rows
 from lighten.modules import require_modules
 from lighten.registry import register_step
 from lighten.step import PruneStepConfig, StepContext, StrictModel
@@ -266,17 +266,17 @@ def plan_pruning(model: nn.Module, stats: DecoderStats | None, *, heads: float =
             per_head = stats.attn_score[i].reshape(h, attn.head_dim).sum(1)  # (h,)
             if head_mode == "group" or rep == 1:  # without GQA a group is one head
                 per_group = per_head.reshape(kv, rep).sum(1)
-                groups = per_group.topk(_keep_count(kv, heads)).indices.sort().values.tolist()
+                groups = per_group.topk(keep_count(kv, heads)).indices.sort().values.tolist()
                 block.kv_heads = groups
                 block.q_heads = [g * rep + r for g in groups for r in range(rep)]
             else:
-                keep = _keep_count(rep, heads)
+                keep = keep_count(rep, heads)
                 top = per_head.reshape(kv, rep).topk(keep, dim=1).indices.sort(dim=1).values
                 block.kv_heads = list(range(kv))
                 block.q_heads = (top + torch.arange(kv)[:, None] * rep).reshape(-1).tolist()
         if ffn and not {name, f"{name}.mlp"} & skip:
             width = layer.mlp.down_proj.in_features
-            n = _keep_count(width, ffn, ffn_multiple)
+            n = keep_count(width, ffn, ffn_multiple)
             block.ffn = stats.ffn_score[i].topk(n).indices.sort().values.tolist()
         plan.blocks[i] = block
     return plan
@@ -300,16 +300,18 @@ def apply_plan_(model: nn.Module, plan: DecoderPlan, stats: DecoderStats | None 
         if block.q_heads is not None:
             d = attn.head_dim
             q, kv = _dims(block.q_heads, d), _dims(block.kv_heads, d)
-            attn.q_proj = _rows(attn.q_proj, q)
-            attn.k_proj, attn.v_proj = _rows(attn.k_proj, kv), _rows(attn.v_proj, kv)
-            attn.o_proj = (_cols_compensated(attn.o_proj, q, stats.attn_mean[i])
-                           if compensate and stats is not None else _cols(attn.o_proj, q))
+            attn.q_proj = linear_rows(attn.q_proj, q)
+            attn.k_proj, attn.v_proj = linear_rows(attn.k_proj, kv), linear_rows(attn.v_proj, kv)
+            attn.o_proj = (linear_cols_compensated(attn.o_proj, q, stats.attn_mean[i])
+                           if compensate and stats is not None else linear_cols(attn.o_proj, q))
             attn.num_key_value_groups = len(block.q_heads) // len(block.kv_heads)
         if block.ffn is not None:
             idx = torch.tensor(block.ffn)
-            mlp.gate_proj, mlp.up_proj = _rows(mlp.gate_proj, idx), _rows(mlp.up_proj, idx)
-            mlp.down_proj = (_cols_compensated(mlp.down_proj, idx, stats.ffn_mean[i])
-                             if compensate and stats is not None else _cols(mlp.down_proj, idx))
+            mlp.gate_proj = linear_rows(mlp.gate_proj, idx)
+            mlp.up_proj = linear_rows(mlp.up_proj, idx)
+            mlp.down_proj = (linear_cols_compensated(mlp.down_proj, idx, stats.ffn_mean[i])
+                             if compensate and stats is not None
+                             else linear_cols(mlp.down_proj, idx))
     if len(plan.layers) != len(layers):
         kept = nn.ModuleList([layers[i] for i in plan.layers])
         model.set_submodule(path, kept)

@@ -41,6 +41,7 @@ from pydantic import Field
 from torch import Tensor, nn
 
 from lighten.errors import ModelError, RecipeError
+from lighten.llm.slicing import keep_count, linear_cols_compensated, linear_rows
 from lighten.registry import register_step
 from lighten.step import PruneStepConfig, StepContext, StrictModel
 
@@ -102,24 +103,6 @@ def _bert_layer(layer: nn.Module) -> bool:
         layer.attention.self, "attention_head_size")
 
 
-def _rows(linear: nn.Linear, keep: Tensor) -> nn.Linear:
-    new = nn.Linear(linear.in_features, len(keep), bias=linear.bias is not None)
-    with torch.no_grad():
-        new.weight.copy_(linear.weight[keep])
-        if linear.bias is not None:
-            new.bias.copy_(linear.bias[keep])
-    return new
-
-
-def _cols(linear: nn.Linear, keep: Tensor) -> nn.Linear:
-    new = nn.Linear(len(keep), linear.out_features, bias=linear.bias is not None)
-    with torch.no_grad():
-        new.weight.copy_(linear.weight[:, keep])
-        if linear.bias is not None:
-            new.bias.copy_(linear.bias)
-    return new
-
-
 # ----------------------------------------------------------------------------- importance
 
 
@@ -177,29 +160,7 @@ def _importance(model: nn.Module, layers: nn.ModuleList, batches) -> _Stats:
     return stats
 
 
-def _cols_compensated(linear: nn.Linear, keep: Tensor, mean: Tensor) -> nn.Linear:
-    """Input columns ``keep`` of ``linear``; the removed features' mean contribution moves into
-    the bias, so a removed feature acts as its calibration mean instead of zero."""
-    new = _cols(linear, keep)
-    gone = torch.ones(linear.in_features, dtype=torch.bool)
-    gone[keep] = False
-    with torch.no_grad():
-        shift = linear.weight[:, gone] @ mean[gone]
-        if new.bias is None:
-            new.bias = nn.Parameter(shift)
-        else:
-            new.bias.add_(shift)
-    return new
-
-
 # ----------------------------------------------------------------------------- surgery
-
-
-def _keep_count(total: int, ratio: float, multiple: int = 1) -> int:
-    keep = total - int(round(total * ratio))
-    if multiple > 1:
-        keep = max(multiple, int(round(keep / multiple)) * multiple)
-    return max(1, min(total, keep))
 
 
 def prune_encoder_(model: nn.Module, batches: list[tuple[Tensor, Tensor]], *, heads: float = 0.0,
@@ -227,22 +188,22 @@ def prune_encoder_(model: nn.Module, batches: list[tuple[Tensor, Tensor]], *, he
         d = attn.attention_head_size
         h = attn.query.out_features // d
         if heads and scores is not None:
-            n = _keep_count(h, heads)
+            n = keep_count(h, heads)
             per_head = scores.attn_score[i].reshape(h, d).sum(1)
             top = per_head.topk(n).indices.sort().values
             idx = (top[:, None] * d + torch.arange(d)).reshape(-1)
             for name in ("query", "key", "value"):
-                setattr(attn, name, _rows(getattr(attn, name), idx))
-            layer.attention.output.dense = _cols_compensated(
+                setattr(attn, name, linear_rows(getattr(attn, name), idx))
+            layer.attention.output.dense = linear_cols_compensated(
                 layer.attention.output.dense, idx, scores.attn_mean[i])
             attn.num_attention_heads, attn.all_head_size, h = n, n * d, n
         facts["heads"].append(h)
         width = inter.dense.out_features
         if ffn and scores is not None:
-            n = _keep_count(width, ffn, ffn_multiple)
+            n = keep_count(width, ffn, ffn_multiple)
             idx = scores.ffn_score[i].topk(n).indices.sort().values
-            inter.dense = _rows(inter.dense, idx)
-            out.dense = _cols_compensated(out.dense, idx, scores.ffn_mean[i])
+            inter.dense = linear_rows(inter.dense, idx)
+            out.dense = linear_cols_compensated(out.dense, idx, scores.ffn_mean[i])
             width = n
         facts["ffn"].append(width)
     return facts
