@@ -152,6 +152,17 @@ def probe_accuracy(embeddings: Tensor, targets: Tensor, *, c: float = PROBE_C
             "macro_f1": float(f1_score(labels[score], pred, average="macro"))}
 
 
+def check_ids_mask(x: Any, seq_len: int, where: str, task: str) -> None:
+    """DataError unless ``x`` is a sentence's ``(ids, mask)``: two int64 ``(seq_len,)``
+    tensors."""
+    ok = (isinstance(x, (tuple, list)) and len(x) == 2
+          and all(isinstance(t, Tensor) and not t.is_floating_point() and t.shape == (seq_len,)
+                  for t in x))
+    if not ok:
+        raise DataError(f"{where} {task} inputs must be (ids, mask), int64 tensors of shape "
+                        f"({seq_len},)")
+
+
 class EmbeddingTask(Task):
     """``ids (B, T), mask (B, T)`` int64 -> embedding ``(B, D)``; targets ``(B, 2)`` =
     ``[label, fold]`` for the probe (``-1`` on unlabeled training sentences)."""
@@ -206,13 +217,8 @@ class EmbeddingTask(Task):
 
     def check_item(self, item: Any, where: str) -> None:
         super().check_item(item, where)
-        (x, y), want = item, (self.seq_len,)
-        ok = (isinstance(x, (tuple, list)) and len(x) == 2
-              and all(isinstance(t, Tensor) and not t.is_floating_point() and t.shape == want
-                      for t in x))
-        if not ok:
-            raise DataError(f"{where} embedding inputs must be (ids, mask), int64 tensors of "
-                            f"shape ({self.seq_len},)")
+        x, y = item
+        check_ids_mask(x, self.seq_len, where, "embedding")
         if not isinstance(y, Tensor) or y.shape != (2,):
             raise DataError(f"{where} embedding targets must be int64 [label, fold] (fold 0: "
                             "probe training, 1: probe test, -1: unlabeled)")

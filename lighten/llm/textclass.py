@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset
 
 from lighten.errors import DataError, ModelError
-from lighten.llm.embedding import corpus_documents, tokenize
+from lighten.llm.embedding import check_ids_mask, corpus_documents, tokenize
 from lighten.llm.sources import SentenceEncoder
 from lighten.task import ClassLogitsTask, InputSpec
 
@@ -109,13 +109,8 @@ class TextClassificationTask(ClassLogitsTask):
 
     def check_item(self, item: Any, where: str) -> None:
         super().check_item(item, where)
-        (x, y), want = item, (self.seq_len,)
-        ok = (isinstance(x, (tuple, list)) and len(x) == 2
-              and all(isinstance(t, Tensor) and not t.is_floating_point() and t.shape == want
-                      for t in x))
-        if not ok:
-            raise DataError(f"{where} text-classification inputs must be (ids, mask), int64 "
-                            f"tensors of shape ({self.seq_len},)")
+        x, y = item
+        check_ids_mask(x, self.seq_len, where, "text-classification")
         if not isinstance(y, Tensor) or y.ndim != 0 or y.is_floating_point():
             raise DataError(f"{where} text-classification targets must be int64 class indices")
 
