@@ -17,9 +17,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from lighten.llm.rtn import dequantize, fake_quantize, group_grid, grouped, quantize_with
+from lighten.llm.rtn import dequantize, group_grid, grouped, quantize_with
 from lighten.modules import register_module_type
-from lighten.quant.weight_only import WeightOnlyLinear
+from lighten.quant.weight_only import WeightOnlyLinear, int_range, range_grid
 
 ALPHAS = tuple(i / 20 for i in range(20))  # 0, 0.05, ..., 0.95
 CLIPS = tuple(1 - i / 20 for i in range(10))  # 1.0 .. 0.55 of each group's range
@@ -31,18 +31,36 @@ def _scales(absmean: torch.Tensor, alpha: float) -> torch.Tensor:
 
 
 @torch.no_grad()
-def search_scale(weights: list[torch.Tensor], x: torch.Tensor, absmean: torch.Tensor,
-                 **grid) -> tuple[torch.Tensor, float]:
+def search_scale(weights: list[torch.Tensor], x: torch.Tensor, absmean: torch.Tensor, *,
+                 bits: int, group_size: int, symmetric: bool) -> tuple[torch.Tensor, float]:
     """The input scale ``s`` (in,) and its ``α`` minimizing ``||x Wᵀ - (x/s) Q(W s)ᵀ||²`` over
-    the layers ``weights`` that read the rows ``x`` (n, in)."""
-    w = torch.cat([t.float() for t in weights])  # (out_total, in)
-    ref = x @ w.T
+    the layers ``weights`` that read the rows ``x`` (n, in).
+
+    Memory: one padded float buffer of the group's weights is reused for every ``α`` (scaled,
+    rounded and dequantized in place) instead of the half-dozen weight-sized temporaries of
+    ``fake_quantize(w * s)``; the arithmetic is the same, so the errors are bit-identical."""
+    rows, cols = sum(t.shape[0] for t in weights), weights[0].shape[1]
+    ref = x @ torch.cat([t.float() for t in weights]).T  # (n, out_total); the copy is freed
+    groups = -(-cols // group_size)
+    buf = torch.zeros(rows, groups * group_size)  # padding columns are re-zeroed each time
+    wq, padded = buf[:, :cols], buf.view(rows, groups, group_size)
+    qmin, qmax = int_range(bits)
     best, best_err = torch.ones_like(absmean), float("inf")
     best_alpha = 0.0
     for alpha in ALPHAS:
         s = _scales(absmean, alpha)
-        approx = (x / s) @ fake_quantize(w * s, **grid).T
-        err = float((approx - ref).pow(2).mean())
+        start = 0
+        for t in weights:  # wq = W·diag(s), layer by layer into the shared buffer
+            wq[start:start + len(t)].copy_(t).mul_(s)
+            start += len(t)
+        buf[:, cols:] = 0
+        lo, hi = padded.amin(-1).clamp(max=0), padded.amax(-1).clamp(min=0)  # group_grid
+        scale, zero = range_grid(lo, hi, bits=bits, symmetric=symmetric)
+        scale, zero = scale[..., None], zero[..., None]
+        padded.div_(scale).round_().add_(zero).clamp_(qmin, qmax)  # quantize_with
+        padded.sub_(zero).mul_(scale)  # dequantize: Q(W s) in wq
+        approx = (x / s) @ wq.T
+        err = float(approx.sub_(ref).pow_(2).mean())
         if err < best_err:
             best, best_err, best_alpha = s, err, alpha
     return best, best_alpha
