@@ -278,12 +278,6 @@ def session(model_bytes_or_path, *, threads: int | None = None):
     return ort.InferenceSession(src, opts, providers=["CPUExecutionProvider"])
 
 
-def _past_shape(sess) -> tuple[int, int, int]:
-    """(layers, kv heads, head dim) from the session's inputs."""
-    pasts = [i for i in sess.get_inputs() if i.name.startswith("past_key_")]
-    return len(pasts), int(pasts[0].shape[1]), int(pasts[0].shape[3])
-
-
 def run_decoder(sess, ids: np.ndarray, past: list[np.ndarray] | None = None):
     """One call: ``(logits, present)`` for ``ids`` (B, T) after the cache ``past``."""
     if past is None:  # kv heads may differ per block (llm.decoder_prune)
