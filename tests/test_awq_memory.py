@@ -74,9 +74,8 @@ def ref_stats(chunks: list[torch.Tensor], rows: int) -> tuple[torch.Tensor, torc
     return (total / sum(len(x) for x in chunks)).float(), sample
 
 
-def block_inputs(model: nn.Module, batches) -> list[list[tuple]]:
+def block_inputs(model: nn.Module, blocks: nn.ModuleList, batches) -> list[list[tuple]]:
     """Each block's (args, kwargs) per batch, as ``model`` (the quantized one) feeds them."""
-    _, blocks = find_blocks(model)
     seen: list[list[tuple]] = [[] for _ in blocks]
     hooks = [b.register_forward_pre_hook(
         lambda m, a, k, i=i: seen[i].append((a, k)), with_kwargs=True)
@@ -121,22 +120,40 @@ def causal_lm(folder):
 
 
 def test_sample_rows_own_their_memory():
-    """The kept rows are copies: a batch's full (tokens, in) input is not held alive by them
-    (on SmolLM2-135M those views pinned ~107 MiB per block, all calibration batches' inputs
-    of every Linear)."""
+    """The kept rows are copies in the statistics' own buffer, sized before the pass: no
+    batch's full (tokens, in) input is held alive by them (on SmolLM2-135M those views pinned
+    ~107 MiB per block: every calibration batch's input of every Linear). More forwards than
+    announced grow the buffer; the rows are the same either way."""
     torch.manual_seed(0)
     layer = nn.Linear(48, 16)
-    stats = LayerInputs(layer, rows=32)
-    xs = [torch.randn(4, 200, 48) for _ in range(3)]
-    with torch.no_grad():
-        for x in xs:
-            layer(x)
-    stats.remove()
-    for part in stats._sample:
-        assert part.untyped_storage().nbytes() == part.numel() * part.element_size()
+    xs = [torch.randn(2, 50, 48) for _ in range(12)]  # 4 rows kept each: 48, thinned to 32
     _, want = ref_stats([x.reshape(-1, 48) for x in xs], 32)
-    assert torch.equal(stats.sample, want)
+    for calls in (12, 1):
+        stats = LayerInputs(layer, rows=32, calls=calls)
+        with torch.no_grad():
+            for x in xs:
+                layer(x)
+        stats.remove()
+        got = stats.sample
+        assert got.untyped_storage().data_ptr() not in {
+            x.untyped_storage().data_ptr() for x in xs}
+        assert got.untyped_storage().nbytes() <= 12 * 32 * 48 * 4
+        assert torch.equal(got, want)
     assert torch.allclose(stats.absmean, torch.cat(xs).reshape(-1, 48).abs().mean(0))
+
+
+def test_run_block_frees_each_input_once_used():
+    """The next block's inputs replace this block's batch by batch (the list is emptied)."""
+    from lighten.llm.blockwise import BlockInput, run_block
+
+    block = nn.Linear(8, 8)
+    xs = [torch.randn(2, 5, 8) for _ in range(3)]
+    inputs = [BlockInput((x,), {}) for x in xs]
+    out = run_block(block, inputs)
+    assert inputs == [] and len(out) == 3
+    with torch.no_grad():
+        for o, x in zip(out, xs, strict=True):
+            assert torch.equal(o.args[0], block(x))
 
 
 @pytest.mark.parametrize(("bits", "symmetric", "rows", "shape"),
@@ -148,7 +165,7 @@ def test_awq_matches_the_reference_search(folder, bits, symmetric, rows, shape):
     from lighten.llm.steps import LLMWeightOnlyConfig, quantize_llm_
 
     model = causal_lm(folder)
-    float_blocks = find_blocks(copy.deepcopy(model))[1]
+    stack, float_blocks = find_blocks(copy.deepcopy(model))
     vocab = model.hf.config.vocab_size
     g = torch.Generator().manual_seed(bits)
     n, b, t = shape
@@ -157,8 +174,9 @@ def test_awq_matches_the_reference_search(folder, bits, symmetric, rows, shape):
                               awq_rows=rows, calib_samples=n * b, batch_size=b)
     result = quantize_llm_(model, cfg, batches)
     assert len(result.layers) == 14
-    _, blocks = find_blocks(model)
-    for i, inputs in enumerate(block_inputs(model, batches)):
+    blocks = model.get_submodule(stack)
+    scaled = 0
+    for i, inputs in enumerate(block_inputs(model, blocks, batches)):
         seen = layer_inputs(float_blocks[i], inputs)
         for group in GROUPS:
             absmean, sample = ref_stats(seen[group[0]], rows)
@@ -166,6 +184,7 @@ def test_awq_matches_the_reference_search(folder, bits, symmetric, rows, shape):
             grid = {"bits": bits, "group_size": min(32, weights[0].shape[1]),
                     "symmetric": symmetric}
             s = ref_search_scale(weights, sample, absmean, **grid)
+            scaled += not torch.all(s == 1)
             for name, w in zip(group, weights, strict=True):
                 layer = blocks[i].get_submodule(name)
                 ws = w.float() * s[None, :]
@@ -177,3 +196,4 @@ def test_awq_matches_the_reference_search(folder, bits, symmetric, rows, shape):
                 assert torch.equal(layer.weight_zero_point, zero.to(torch.int8)), where
                 codes = layer.weight_int.reshape(len(w), -1)[:, : w.shape[1]]
                 assert torch.equal(codes, q.to(torch.int8)), where
+    assert scaled >= 2  # the outlier channels get a scale (not the trivial α = 0 everywhere)

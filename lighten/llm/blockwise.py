@@ -106,16 +106,22 @@ class LayerInputs:
 
     ``hessian``: ``2 XᵀX / n`` (float64 sums); ``absmean`` / ``absmax`` per input channel;
     ``sample``: up to ``rows`` input rows, spread over the batches (AWQ evaluates candidate
-    scales on them).
+    scales on them). ``calls``: how many forwards will run (the sample buffer's capacity).
     """
 
-    def __init__(self, layer: nn.Linear, *, hessian: bool = False, rows: int = 0):
+    def __init__(self, layer: nn.Linear, *, hessian: bool = False, rows: int = 0,
+                 calls: int = 1):
         cols = layer.in_features
         self.xtx = torch.zeros(cols, cols, dtype=torch.float64) if hessian else None
         self.abs_total = torch.zeros(cols, dtype=torch.float64)
         self.absmax = torch.zeros(cols)
         self.count = 0
-        self.rows, self._sample = rows, []
+        # the kept rows are copied into one buffer made now, before the pass: a view would pin
+        # each batch's whole input (~107 MiB a block on SmolLM2-135M), and small copies made
+        # between the forward's large temporaries fragment the heap (+100 MiB resident there);
+        # capacity never written costs no resident memory
+        self.rows, self._kept = rows, 0
+        self._rows = torch.empty(rows * max(calls, 1), cols) if rows else torch.empty(0, cols)
         self._handle = layer.register_forward_pre_hook(self._hook)
 
     def _hook(self, module, args) -> None:
@@ -128,9 +134,14 @@ class LayerInputs:
             self.xtx += xd.T @ xd
         if self.rows:
             step = max(1, x.shape[0] // max(1, self.rows // 8))
-            # a copy: a view (x[::step]) would keep the batch's whole input alive until the
-            # block is done, every batch of every Linear (~107 MiB a block on SmolLM2-135M)
-            self._sample.append(x[::step][: self.rows].clone())
+            part = x[::step][: self.rows]
+            end = self._kept + len(part)
+            if end > len(self._rows):  # more forwards than announced
+                grown = torch.empty(2 * end, x.shape[1])
+                grown[: self._kept] = self._rows[: self._kept]
+                self._rows = grown
+            self._rows[self._kept:end] = part
+            self._kept = end
 
     def remove(self) -> None:
         self._handle.remove()
@@ -145,7 +156,7 @@ class LayerInputs:
 
     @property
     def sample(self) -> torch.Tensor:
-        rows = torch.cat(self._sample) if self._sample else torch.empty(0)
+        rows = self._rows[: self._kept]
         if len(rows) > self.rows:
             rows = rows[torch.linspace(0, len(rows) - 1, self.rows).long()]
         return rows
@@ -194,7 +205,8 @@ def calibrate_blockwise(model: nn.Module, batches: Iterable,
             prefix = f"{stack_name}.{i}"
             names = [n for n, m in block.named_modules()
                      if isinstance(m, nn.Linear) and f"{prefix}.{n}" not in ignore]
-            stats = {n: LayerInputs(block.get_submodule(n), hessian=hessian, rows=rows)
+            stats = {n: LayerInputs(block.get_submodule(n), hessian=hessian, rows=rows,
+                                    calls=len(inputs))
                      for n in names}
             try:
                 with torch.no_grad():
