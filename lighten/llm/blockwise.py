@@ -14,11 +14,13 @@ of the model); here only one block's inputs exist at a time:
    every block is calibrated on what the compressed blocks before it really produce.
 
 The model is changed in place and never copied. :class:`PeakMemory` samples the process's
-resident memory while this runs, so the report can say how much calibration cost.
+resident memory while this runs, so the report can say how much calibration cost; between
+blocks the heap's free pages go back to the system (:func:`release_free_memory`).
 """
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -118,8 +120,8 @@ class LayerInputs:
         self.count = 0
         # the kept rows are copied into one buffer made now, before the pass: a view would pin
         # each batch's whole input (~107 MiB a block on SmolLM2-135M), and small copies made
-        # between the forward's large temporaries fragment the heap (+100 MiB resident there);
-        # capacity never written costs no resident memory
+        # between the forward's large temporaries fragment the heap (+100 MiB resident on a
+        # SmolLM2-shaped model); capacity never written costs no resident memory
         self.rows, self._kept = rows, 0
         self._rows = torch.empty(rows * max(calls, 1), cols) if rows else torch.empty(0, cols)
         self._handle = layer.register_forward_pre_hook(self._hook)
@@ -202,6 +204,7 @@ def calibrate_blockwise(model: nn.Module, batches: Iterable,
                                    "calibration data")
         bar = _bar(len(blocks), progress)
         for i, block in enumerate(blocks):
+            release_free_memory()  # the freed temporaries of the blocks before
             prefix = f"{stack_name}.{i}"
             names = [n for n, m in block.named_modules()
                      if isinstance(m, nn.Linear) and f"{prefix}.{n}" not in ignore]
@@ -232,6 +235,28 @@ def calibrate_blockwise(model: nn.Module, batches: Iterable,
     result.seconds = time.perf_counter() - start
     result.peak_rss_mb, result.start_rss_mb = peak.peak_mb, peak.start_mb
     return result
+
+
+@functools.cache
+def _malloc_trim():
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    try:
+        return getattr(ctypes.CDLL(name), "malloc_trim", None) if name else None
+    except OSError:
+        return None
+
+
+def release_free_memory() -> None:
+    """Give the heap's free pages back to the system (glibc ``malloc_trim``; a no-op
+    elsewhere). Called between blocks: otherwise the freed temporaries of earlier blocks stay
+    resident, scattered among the long-lived quantized weights, and the peak creeps up block
+    after block (SmolLM2-135M AWQ: calibration peak +716 -> +228 MiB over the start)."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
 
 
 def _bar(total: int, progress: bool):
