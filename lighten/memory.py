@@ -21,6 +21,7 @@ tensor), paid only when a budget is asked for.
 from __future__ import annotations
 
 import contextvars
+import functools
 import math
 import os
 import re
@@ -246,18 +247,35 @@ class MemoryBudget:
         return max(1, min(batch_size, (available - footprint.fixed) // footprint.per_sample))
 
 
-def _return_freed_memory(threshold: int = 128 * 1024) -> None:
-    """Fix glibc's mmap threshold so freed large blocks leave the process (no-op elsewhere)."""
+@functools.cache
+def _libc():
+    """The C library, for glibc's allocator controls (None where it cannot be loaded)."""
     import ctypes
     import ctypes.util
 
     name = ctypes.util.find_library("c")
     try:
-        libc = ctypes.CDLL(name) if name else None
-        if libc is not None and hasattr(libc, "mallopt"):
-            libc.mallopt(-3, threshold)  # -3: M_MMAP_THRESHOLD
+        return ctypes.CDLL(name) if name else None
     except OSError:
-        pass
+        return None
+
+
+def _return_freed_memory(threshold: int = 128 * 1024) -> None:
+    """Fix glibc's mmap threshold so freed large blocks leave the process (no-op elsewhere)."""
+    libc = _libc()
+    if libc is not None and hasattr(libc, "mallopt"):
+        libc.mallopt(-3, threshold)  # -3: M_MMAP_THRESHOLD
+
+
+def release_free_memory() -> None:
+    """Give the heap's free pages back to the system (glibc ``malloc_trim``; a no-op
+    elsewhere). Block-wise LLM calibration calls it between blocks: otherwise the freed
+    temporaries of earlier blocks stay resident, scattered among the long-lived quantized
+    weights, and the peak creeps up block after block (SmolLM2-135M AWQ: calibration peak
+    +716 -> +228 MiB over the start)."""
+    libc = _libc()
+    if libc is not None and hasattr(libc, "malloc_trim"):
+        libc.malloc_trim(0)
 
 
 _CURRENT: contextvars.ContextVar[MemoryBudget | None] = contextvars.ContextVar(
