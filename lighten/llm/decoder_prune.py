@@ -42,7 +42,13 @@ from pydantic import Field
 from torch import Tensor, nn
 
 from lighten.errors import ModelError, RecipeError
-from lighten.llm.slicing import keep_count, linear_cols, linear_cols_compensated, linear_rows
+from lighten.llm.slicing import (
+    find_layer_stack,
+    keep_count,
+    linear_cols,
+    linear_cols_compensated,
+    linear_rows,
+)
 from lighten.modules import require_modules
 from lighten.registry import register_step
 from lighten.step import PruneStepConfig, StepContext, StrictModel
@@ -97,14 +103,12 @@ def _causal_lm(model: nn.Module) -> nn.Module:
 
 def decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
     """``(path, ModuleList)`` of the decoder blocks; ModelError when the layout is not Llama's."""
-    for name, module in model.named_modules():
-        if name.endswith("layers") and isinstance(module, nn.ModuleList) and len(module):
-            if all(_llama_layer(layer) for layer in module):
-                return name, module
-    raise ModelError("no Llama-layout decoder found (a ModuleList '*.layers' whose blocks have "
-                     "self_attn.{q,k,v,o}_proj and mlp.{gate,up,down}_proj Linears); "
-                     "llm.decoder_prune supports Llama-family causal LMs (Llama, SmolLM, "
-                     "Mistral, Qwen2); BERT-family encoders use llm.encoder_prune")
+    return find_layer_stack(
+        model, "layers", _llama_layer,
+        "no Llama-layout decoder found (a ModuleList '*.layers' whose blocks have "
+        "self_attn.{q,k,v,o}_proj and mlp.{gate,up,down}_proj Linears); llm.decoder_prune "
+        "supports Llama-family causal LMs (Llama, SmolLM, Mistral, Qwen2); BERT-family "
+        "encoders use llm.encoder_prune")
 
 
 def _llama_layer(layer: nn.Module) -> bool:

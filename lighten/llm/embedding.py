@@ -163,20 +163,13 @@ def check_ids_mask(x: Any, seq_len: int, where: str, task: str) -> None:
                         f"({seq_len},)")
 
 
-class EmbeddingTask(Task):
-    """``ids (B, T), mask (B, T)`` int64 -> embedding ``(B, D)``; targets ``(B, 2)`` =
-    ``[label, fold]`` for the probe (``-1`` on unlabeled training sentences)."""
+class SentenceInputs:
+    """What the sentence tasks (embedding, text classification) share: ``ids`` and ``mask``
+    inputs of ``seq_len`` int64 tokens, ``classes`` and random sentences with a real first
+    token. Mixed in before a :class:`~lighten.task.Task`."""
 
-    kind = "embedding"
-    primary = "accuracy"
-
-    def __init__(self, vocab_size: int, seq_len: int, *, tokenizer: dict | None = None,
-                 classes: int = 0):
-        if int(vocab_size) < 2 or int(seq_len) < 1:
-            raise DataError(f"embedding task needs vocab_size >= 2 and seq_len >= 1, got "
-                            f"{vocab_size} and {seq_len}")
+    def _set_sentences(self, vocab_size: int, seq_len: int, classes: int) -> None:
         self.vocab_size, self.seq_len, self.classes = int(vocab_size), int(seq_len), int(classes)
-        self.tokenizer = tokenizer
         self.inputs = (InputSpec("ids", (self.seq_len,), torch.int64, high=self.vocab_size),
                        InputSpec("mask", (self.seq_len,), torch.int64, high=2))
 
@@ -189,6 +182,22 @@ class EmbeddingTask(Task):
         ids, mask = super().random_inputs(batch, seed=seed)
         mask[:, 0] = 1
         return ids, mask
+
+
+class EmbeddingTask(SentenceInputs, Task):
+    """``ids (B, T), mask (B, T)`` int64 -> embedding ``(B, D)``; targets ``(B, 2)`` =
+    ``[label, fold]`` for the probe (``-1`` on unlabeled training sentences)."""
+
+    kind = "embedding"
+    primary = "accuracy"
+
+    def __init__(self, vocab_size: int, seq_len: int, *, tokenizer: dict | None = None,
+                 classes: int = 0):
+        if int(vocab_size) < 2 or int(seq_len) < 1:
+            raise DataError(f"embedding task needs vocab_size >= 2 and seq_len >= 1, got "
+                            f"{vocab_size} and {seq_len}")
+        self._set_sentences(vocab_size, seq_len, classes)
+        self.tokenizer = tokenizer
 
     def loss(self, outputs: Tensor, targets: Tensor, *, label_smoothing: float = 0.0) -> Tensor:
         raise UnsupportedError("the embedding task has no label loss to fine-tune on; recover a "

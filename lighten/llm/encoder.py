@@ -41,7 +41,7 @@ from pydantic import Field
 from torch import Tensor, nn
 
 from lighten.errors import ModelError, RecipeError
-from lighten.llm.slicing import keep_count, linear_cols_compensated, linear_rows
+from lighten.llm.slicing import find_layer_stack, keep_count, linear_cols_compensated, linear_rows
 from lighten.registry import register_step
 from lighten.step import PruneStepConfig, StepContext, StrictModel
 
@@ -81,14 +81,11 @@ class EncoderPruneConfig(PruneStepConfig):
 
 def encoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
     """``(path, ModuleList)`` of the encoder's layers; ModelError when the layout is not BERT's."""
-    for name, module in model.named_modules():
-        if name.endswith("encoder.layer") and isinstance(module, nn.ModuleList) and len(module):
-            if all(_bert_layer(layer) for layer in module):
-                return name, module
-    raise ModelError("no BERT-layout encoder found (a ModuleList '*.encoder.layer' whose layers "
-                     "have attention.self.query/key/value, attention.output.dense, "
-                     "intermediate.dense and output.dense); llm.encoder_prune supports "
-                     "BERT-family encoders (BERT, RoBERTa, MiniLM)")
+    return find_layer_stack(
+        model, "encoder.layer", _bert_layer,
+        "no BERT-layout encoder found (a ModuleList '*.encoder.layer' whose layers have "
+        "attention.self.query/key/value, attention.output.dense, intermediate.dense and "
+        "output.dense); llm.encoder_prune supports BERT-family encoders (BERT, RoBERTa, MiniLM)")
 
 
 def _bert_layer(layer: nn.Module) -> bool:

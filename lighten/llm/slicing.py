@@ -1,12 +1,28 @@
-"""Slicing the Linears of a transformer block: the surgery ``llm.encoder_prune`` and
-``llm.decoder_prune`` share (plain ``nn.Linear`` results, so artifacts need no custom types)."""
+"""The block surgery ``llm.encoder_prune`` and ``llm.decoder_prune`` share: finding the stack of
+blocks, and slicing Linears (plain ``nn.Linear`` results, so artifacts need no custom types)."""
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
 
-__all__ = ["keep_count", "linear_cols", "linear_cols_compensated", "linear_rows"]
+from lighten.errors import ModelError
+
+__all__ = ["find_layer_stack", "keep_count", "linear_cols", "linear_cols_compensated",
+           "linear_rows"]
+
+
+def find_layer_stack(model: nn.Module, suffix: str, is_layer: Callable[[nn.Module], bool],
+                     missing: str) -> tuple[str, nn.ModuleList]:
+    """``(path, ModuleList)`` of the first non-empty ModuleList whose name ends with ``suffix``
+    and whose every block passes ``is_layer``; ModelError ``missing`` when there is none."""
+    for name, module in model.named_modules():
+        if name.endswith(suffix) and isinstance(module, nn.ModuleList) and len(module):
+            if all(is_layer(layer) for layer in module):
+                return name, module
+    raise ModelError(missing)
 
 
 def keep_count(total: int, ratio: float, multiple: int = 1) -> int:

@@ -25,9 +25,9 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset
 
 from lighten.errors import DataError, ModelError
-from lighten.llm.embedding import check_ids_mask, corpus_documents, tokenize
+from lighten.llm.embedding import SentenceInputs, check_ids_mask, corpus_documents, tokenize
 from lighten.llm.sources import SentenceEncoder
-from lighten.task import ClassLogitsTask, InputSpec
+from lighten.task import ClassLogitsTask
 
 __all__ = ["LabeledSentences", "SentenceClassifier", "TextClassificationTask",
            "fit_classifier_", "fit_probe_head_", "labeled_sentences_bundle",
@@ -72,7 +72,7 @@ class LabeledSentences(Dataset):
         return (self.ids[i], self.mask[i]), self.labels[i]
 
 
-class TextClassificationTask(ClassLogitsTask):
+class TextClassificationTask(SentenceInputs, ClassLogitsTask):
     """``ids (B, T), mask (B, T)`` int64 -> logits ``(B, classes)``; labels int64 ``(B,)``."""
 
     kind = "text-classification"
@@ -84,19 +84,8 @@ class TextClassificationTask(ClassLogitsTask):
         if int(vocab_size) < 2 or int(seq_len) < 1 or int(classes) < 2:
             raise DataError(f"text-classification needs vocab_size >= 2, seq_len >= 1 and "
                             f"classes >= 2, got {vocab_size}, {seq_len} and {classes}")
-        self.vocab_size, self.seq_len, self.classes = int(vocab_size), int(seq_len), int(classes)
+        self._set_sentences(vocab_size, seq_len, classes)
         self.tokenizer, self.class_names = tokenizer, class_names
-        self.inputs = (InputSpec("ids", (self.seq_len,), torch.int64, high=self.vocab_size),
-                       InputSpec("mask", (self.seq_len,), torch.int64, high=2))
-
-    @property
-    def num_classes(self) -> int:
-        return self.classes
-
-    def random_inputs(self, batch: int, *, seed: int = 0) -> tuple[Tensor, ...]:
-        ids, mask = super().random_inputs(batch, seed=seed)
-        mask[:, 0] = 1  # at least one real token per sentence
-        return ids, mask
 
     def check_outputs(self, outputs: Any, batch: int, *, name: str = "the model",
                       hint: str = "") -> None:
