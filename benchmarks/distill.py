@@ -83,9 +83,23 @@ def _distill(student_seed_model, options: dict, data, teacher, seed: int, epochs
 
 
 def _student_options(method: str, args=None) -> dict:
+    """The distill step's options for one students row; ``--augment`` gives every row (labels
+    included) the same consistent-teaching views."""
+    augment = _augment(args)
+    extra = {"augment": augment} if augment else {}
     if method == "label":
-        return {"losses": {"ce": 1.0}}
-    return {"method": method, **_kd_options(args)}
+        return {"losses": {"ce": 1.0}, **extra}
+    return {"method": method, **_kd_options(args), **extra}
+
+
+def _augment(args) -> dict | None:
+    """--augment crop=2 flip=1 mixup=0.2 views=4 -> the step's augment: block (None: off)."""
+    items = getattr(args, "augment", None)
+    if not items:
+        return None
+    from lighten.distill.augment import AugmentConfig
+
+    return AugmentConfig(**dict(i.split("=", 1) for i in items)).model_dump()
 
 
 def _kd_options(args) -> dict:
@@ -103,47 +117,89 @@ def _fresh(zoo: str, seed: int):
 
 def students(args, data, teacher, rows) -> None:
     for student in args.students:
-        for method in args.methods:
+        epochs = args.epochs if student == "lenet5" else (args.resnet_epochs or args.epochs)
+        methods = args.methods if student == "lenet5" else (args.resnet_methods or args.methods)
+        for method in methods:
             for seed in args.seeds:
                 options = _student_options(method, args)
                 base = _fresh("lenet5", seed)
                 if student != "lenet5":  # derived from the teacher, re-initialized
                     options = {**options, "teacher": "baseline", "student": {"width": 0.25}}
-                model, report, sec = _distill(base, options, data, teacher, seed, args.epochs)
+                model, report, sec = _distill(base, options, data, teacher, seed, epochs)
                 fit = report.summary.get("teacher_fit")
                 if fit and not any(r["section"] == "teacher" for r in rows):
                     rows.append({"section": "teacher", "student": "resnet20", "seed": 0,
+                                 "method": "teacher fit on the training views",
                                  "test_accuracy": _acc(teacher, data), **fit})
                     print(rows[-1], flush=True)
                 acc = _acc(model, data)
                 rows.append({"section": "students", "student": student, "method": method,
                              "seed": seed, "accuracy": acc, "seconds": round(sec, 1),
+                             "epochs": epochs, "augment": _augment(args),
                              "params": sum(p.numel() for p in model.parameters())})
                 print(rows[-1], flush=True)
 
 
 def mutual(args, data, teacher, rows) -> None:
+    """Each DML peer against its twin: the same initial weights, seed and epochs, labels only
+    (``losses: {ce: 1}``); peer k's initial weights are ``make_peers``'s, rebuilt here."""
+    from lighten.distill.mutual import make_peers
+
     for seed in args.seeds:
         _, report, sec = _distill(_fresh("lenet5", seed), {"method": "mutual", "peers": 2}, data,
                                   teacher, seed, args.epochs)
-        for k, peer in enumerate(report.summary["peers"]):
+        peers = report.summary["peers"]
+        for k, peer in enumerate(peers):
             rows.append({"section": "mutual", "student": "lenet5", "method": f"mutual peer{k}",
                          "seed": seed, "accuracy": peer["accuracy"], "seconds": round(sec, 1)})
             print(rows[-1], flush=True)
+        for k, init in enumerate(make_peers(_fresh("lenet5", seed), len(peers), seed=seed)):
+            model, _, sec = _distill(init, {"losses": {"ce": 1.0}}, data, teacher, seed,
+                                     args.epochs)
+            rows.append({"section": "mutual", "student": "lenet5",
+                         "method": f"twin of peer{k} (labels)", "seed": seed,
+                         "accuracy": _acc(model, data), "seconds": round(sec, 1)})
+            print(rows[-1], flush=True)
+
+
+ENSEMBLE = ("resnet20", "mobilenetv2", "lenet5")
+_SINGLE: dict[tuple, dict] = {}  # (teacher, seed, epochs) -> hinton student row: reused
+
+
+def _single(args, data, teachers: dict, zoo: str, seed: int) -> dict:
+    """The hinton LeNet-5 student of one shipped teacher (computed once per run)."""
+    key = (zoo, seed, args.epochs)
+    if key not in _SINGLE:
+        model, _, sec = _distill(_fresh("lenet5", seed), {"method": "hinton",
+                                                          **_kd_options(args)},
+                                 data, teachers[zoo], seed, args.epochs)
+        _SINGLE[key] = {"accuracy": _acc(model, data), "bytes": _bytes(model, data),
+                        "seconds": round(sec, 1)}
+    return _SINGLE[key]
+
+
+def _teachers(data) -> dict:
+    return {z: _teacher(z, data) for z in ENSEMBLE}
 
 
 def ensemble(args, data, teacher, rows) -> None:
+    """Three teachers' averaged soft targets against the best single teacher's student (hinton
+    from each teacher alone, same settings)."""
     from lighten.train import evaluate
 
-    teachers = {z: _teacher(z, data) for z in ("resnet20", "mobilenetv2", "lenet5")}
+    teachers = _teachers(data)
     for z, t in teachers.items():
         rows.append({"section": "ensemble", "student": z, "method": "teacher", "seed": 0,
                      "accuracy": evaluate(t, data.test)})
         print(rows[-1], flush=True)
     refs = ["baseline", {"zoo": "mobilenetv2"}, {"zoo": "lenet5"}]
     for seed in args.seeds:
+        for z in ENSEMBLE:
+            rows.append({"section": "ensemble", "student": "lenet5", "method": f"hinton from {z}",
+                         "seed": seed, **_single(args, data, teachers, z, seed)})
+            print(rows[-1], flush=True)
         model, _, sec = _distill(_fresh("lenet5", seed), {"method": "ensemble", "teachers": refs,
-                                                          "weights": "accuracy",
+                                                          "weights": args.ensemble_weights,
                                                           **_kd_options(args)},
                                  data, teacher, seed, args.epochs)
         rows.append({"section": "ensemble", "student": "lenet5", "method": "ensemble (3)",
@@ -152,13 +208,19 @@ def ensemble(args, data, teacher, rows) -> None:
 
 
 def multitask(args, data, teacher, rows) -> None:
+    """One two-headed LeNet-5 (Fashion-MNIST + MNIST digits) against one LeNet-5 per task,
+    each taught by the same teacher with the same loss, and the bytes of each."""
     from lighten.models import ZOO
     from lighten.train import TrainConfig, train
 
     digits = _data(None, None, "mnist")
     mnist_teacher = ZOO["lenet5"]()
     torch.manual_seed(0)
-    train(mnist_teacher, digits.train, TrainConfig(epochs=3, lr=1e-3), progress=False)
+    train(mnist_teacher, digits.train, TrainConfig(epochs=20, lr=1e-3), progress=False)
+    mnist_teacher.eval()
+    rows.append({"section": "multitask", "student": "lenet5 (mnist teacher)", "method": "teacher",
+                 "seed": 0, "accuracy": _acc(mnist_teacher, digits)})
+    print(rows[-1], flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         weights = Path(tmp) / "mnist_teacher.safetensors"
         from safetensors.torch import save_file
@@ -180,6 +242,10 @@ def multitask(args, data, teacher, rows) -> None:
                              "accuracy": t["accuracy"], "bytes": nbytes,
                              "seconds": round(sec, 1)})
                 print(rows[-1], flush=True)
+            one = _single(args, data, {"resnet20": teacher}, "resnet20", seed)
+            rows.append({"section": "multitask", "student": "lenet5",
+                         "method": "single: fashion-mnist", "seed": seed, **one})
+            print(rows[-1], flush=True)
             single, _, sec = _distill(_fresh("lenet5", seed),
                                       {"method": "hinton", **_kd_options(args)}, digits,
                                       mnist_teacher, seed, args.epochs * _ratio(data, digits))
@@ -187,6 +253,42 @@ def multitask(args, data, teacher, rows) -> None:
                          "seed": seed, "accuracy": _acc(single, digits),
                          "bytes": _bytes(single, digits), "seconds": round(sec, 1)})
             print(rows[-1], flush=True)
+
+
+def group_bars(rows: list[dict]) -> list[str]:
+    """Issue #12's bars for the mutual / ensemble / multitask sections (means over seeds)."""
+    def mean(section, method, student=None):
+        rs = [r["accuracy"] for r in rows if r["section"] == section and r["method"] == method
+              and (student is None or r["student"] == student)]
+        return 100 * _mean(rs) if rs else None
+
+    out = []
+    for k in range(8):
+        peer, twin = mean("mutual", f"mutual peer{k}"), mean("mutual", f"twin of peer{k} (labels)")
+        if peer is None or twin is None:
+            break
+        out.append(f"- mutual peer{k} {peer:.2f} vs its twin {twin:.2f}: {peer - twin:+.2f} "
+                   f"({'pass' if peer > twin else 'FAIL'})")
+    singles = {z: mean("ensemble", f"hinton from {z}") for z in ENSEMBLE}
+    singles = {z: v for z, v in singles.items() if v is not None}
+    both = mean("ensemble", "ensemble (3)")
+    if singles and both is not None:
+        best = max(singles, key=singles.get)
+        out.append(f"- ensemble {both:.2f} vs the best single teacher's student ({best}) "
+                   f"{singles[best]:.2f}: {both - singles[best]:+.2f} "
+                   f"({'pass' if both > singles[best] else 'FAIL'})")
+    for task in ("fashion-mnist", "mnist"):
+        multi, one = mean("multitask", f"multitask: {task}"), mean("multitask", f"single: {task}")
+        if multi is not None and one is not None:
+            out.append(f"- multitask {task} {multi:.2f} vs single-task {one:.2f}: "
+                       f"{multi - one:+.2f} ({'pass' if multi >= one - 1 else 'FAIL'}: within 1)")
+    two = next((r["bytes"] for r in rows if r["method"].startswith("multitask:")), None)
+    ones = [next((r["bytes"] for r in rows if r["method"] == f"single: {t}"), None)
+            for t in ("fashion-mnist", "mnist")]
+    if two and all(ones):
+        out.append(f"- bytes: two-headed {two:,} vs two single students {sum(ones):,} "
+                   f"({two / sum(ones):.2f}x)")
+    return ["", "## bars (issue #12)", "", *out] if out else []
 
 
 def _ratio(data, digits) -> float:
@@ -236,6 +338,10 @@ def render(rows: list[dict], args) -> str:
            f"Command: `python benchmarks/distill.py {' '.join(args.argv)}`; "
            f"{args.epochs:g} epochs, seeds {args.seeds}, train {args.train or 60000} / test "
            f"{args.test or 10000} images; teacher ResNet-20 (shipped). Test accuracy, %.", ""]
+    taught = {r["student"]: r for r in rows if r["section"] == "students"}
+    for student, r in taught.items():  # per-student epochs and the views every row shared
+        out.append(f"students, {student}: {r['epochs']:g} epochs, augment "
+                   f"{r['augment'] or 'none (the fixed training set)'}.")
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
         if "accuracy" in r:
@@ -270,6 +376,7 @@ def render(rows: list[dict], args) -> str:
         out += ["", "## teacher cache", "",
                 f"{label} (ResNet-20 -> LeNet-5): {off:.1f} s with the teacher run every "
                 f"step, {on:.1f} s with its logits cached once: {off / on:.2f}x faster."]
+    out += group_bars(rows)
     return "\n".join(out) + "\n"
 
 
@@ -288,9 +395,18 @@ def main(argv=None) -> None:
                         help="students section: which losses")
     parser.add_argument("--students", nargs="+", default=["lenet5", "resnet20x0.25"],
                         choices=["lenet5", "resnet20x0.25"])
+    parser.add_argument("--resnet-epochs", type=float, default=None,
+                        help="students: epochs of the 1/4-width ResNet-20 rows (default --epochs)")
+    parser.add_argument("--resnet-methods", nargs="+", default=None, choices=list(METHODS),
+                        help="students: losses of the 1/4-width ResNet-20 rows (default --methods)")
+    parser.add_argument("--augment", nargs="*", default=None,
+                        help="students: consistent teaching for every row, the distill step's "
+                        "augment keys: crop=2 flip=1 mixup=0.2 views=4")
     parser.add_argument("--temperature", type=float, default=None, help="KD temperature")
     parser.add_argument("--alpha", type=float, default=None, help="hinton: soft-target weight")
     parser.add_argument("--beta", type=float, default=None, help="dkd: non-target weight")
+    parser.add_argument("--ensemble-weights", default="accuracy", choices=["equal", "accuracy"],
+                        help="ensemble section: the teachers' weights")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)

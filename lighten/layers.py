@@ -158,7 +158,8 @@ def _builtin_specs() -> list[LayerSpec]:
                   "layernorm", {"norm": _S + "layernorm"}),
         LayerSpec(nn.GroupNorm, ("num_groups", "num_channels", "eps", "affine"), "groupnorm"),
         LayerSpec(nn.Embedding, ("num_embeddings", "embedding_dim", "padding_idx", "max_norm",
-                                 "norm_type", "scale_grad_by_freq", "sparse")),
+                                 "norm_type", "scale_grad_by_freq", "sparse"),
+                  dynamic_quant="lighten.quant.embedding:Int8Embedding"),
         LayerSpec(nn.Identity, (), "same"),  # e.g. a BatchNorm folded away
         LayerSpec(nn.LSTM, dynamic_quant="lighten.quant.dynamic_rnn:DynamicQuantLSTM"),
         # embedding width pruned by prune.channels (it becomes a PrunedMultiheadAttention)

@@ -47,6 +47,7 @@ MODELS = model_source(RESIDUAL_BLOCK, CNN, textwrap.dedent('''
 SPACE = SimpleNamespace(widths=[0.5, 1.0, 1.5], expansions=[0.5, 1.0], depths="auto",
                         kernels=None, blocks=["conv"], round_to=4, ignore=[])
 TINY = {"trials": 2, "proxy": {"epochs": 0.25, "train": 64, "holdout": 32},
+        "rerank": {"top": 1, "epochs": 0.25, "train": 128, "holdout": 64},
         "finetune": {"epochs": 0.1}}
 
 

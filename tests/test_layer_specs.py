@@ -194,6 +194,7 @@ def what_steps_do(model: nn.Module, x: torch.Tensor) -> dict[str, set[str]]:
     from lighten.prune.structured import ChannelPruneConfig, NeuronPruneConfig, prune_channels_
     from lighten.quant.dynamic import DynamicQuantLinear, quantize_dynamic_
     from lighten.quant.dynamic_rnn import DynamicQuantLSTM
+    from lighten.quant.embedding import Int8Embedding
     from lighten.quant.modules import _QuantLayer
     from lighten.quant.ptq import PTQConfig, quantize_ptq_
     from lighten.quant.weight_only import WeightOnlyConfig, _WeightOnlyLayer, quantize_weight_only_
@@ -217,7 +218,8 @@ def what_steps_do(model: nn.Module, x: torch.Tensor) -> dict[str, set[str]]:
         "prunable (heads)": _changed(model, heads),
         "quantizable": _replaced_by(model, ptq, _QuantLayer),
         "quantizable (dynamic)": _replaced_by(model, dynamic,
-                                              (DynamicQuantLinear, DynamicQuantLSTM)),
+                                              (DynamicQuantLinear, DynamicQuantLSTM,
+                                               Int8Embedding)),
         "quantizable (weight-only)": _replaced_by(model, weight_only, _WeightOnlyLayer),
     }
 

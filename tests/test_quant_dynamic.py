@@ -140,7 +140,7 @@ def test_step_notes_layers_left_float_and_errors():
         DynamicConfig(bits=16)
     with pytest.raises(ValidationError):
         DynamicConfig(calibration="minmax")
-    with pytest.raises(UnsupportedError, match="no nn.Linear or nn.LSTM"):
+    with pytest.raises(UnsupportedError, match="found no nn.Linear, nn.LSTM or nn.Embedding"):
         quantize_dynamic_(nn.Sequential(nn.Conv2d(1, 2, 3)))
     with pytest.raises(UnsupportedError, match="no module named 'x'"):
         quantize_dynamic_(mlp(), DynamicConfig(ignore=["x"]))

@@ -70,7 +70,8 @@ def run_study(*, storage: Path, name: str, sampler: str, seed: int, trials: int,
     if done:
         progress(f"arch.nas: resuming the search: {done} trial(s) already done")
     elif reference is not None and not study.trials:
-        study.enqueue_trial(reference)  # the model's own shape, fitted to the budget first
+        # the model's own shape, fitted to the budget first (a finalist of the rerank)
+        study.enqueue_trial(reference, user_attrs={"enqueued": "reference"})
     start = time.perf_counter()
 
     def objective(trial):

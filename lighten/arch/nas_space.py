@@ -191,6 +191,15 @@ class DerivedSpace:
                 arch[f"{s.name}.{knob}"] = own
         return arch
 
+    def shallowest(self) -> dict:
+        """The model's own shape with every stage at its smallest depth choice."""
+        arch = self.reference()
+        for s in self.stages:
+            depths = self.choices(s).get("depth")
+            if depths:
+                arch[f"{s.name}.depth"] = min(depths)
+        return arch
+
     def describe(self, arch: dict) -> str:
         parts = []
         for s in self.stages:

@@ -207,8 +207,10 @@ def _kd(b: Batch, p: LossParams) -> Tensor:
 @register_loss("hinton", "teacher")
 def _hinton(b: Batch, p: LossParams) -> Tensor:
     """``alpha T^2 KL(p_T || p_S) + (1 - alpha) CE`` (Hinton et al. 2015)."""
-    return hinton_loss(b.student, _need(b.teacher, "a teacher", "hinton"), b.labels,
-                       temperature=p.temperature, alpha=p.alpha)
+    # the label part through the task's loss: a mixed view's label is mixed too
+    teacher = _need(b.teacher, "a teacher", "hinton")
+    return p.alpha * soft_target_loss(b.student, teacher, p.temperature) \
+        + (1 - p.alpha) * b.task_loss(b.student, b.labels)
 
 
 @register_loss("dkd", "teacher")

@@ -119,7 +119,7 @@ class Objective:
                  params: LossParams | None = None, teachers: Sequence[nn.Module] = (),
                  teacher_weights: Sequence[float] | None = None, layers="auto",
                  exit_layers="auto", head_hidden: int = 0, num_classes: int | None = None,
-                 cache: bool = True, warmup_steps: int = 0):
+                 cache: bool = True, warmup_steps: int = 0, augment=None):
         self.losses = {name: float(w) for name, w in losses.items() if w}
         specs = [get_loss(n) for n in self.losses]
         needs = set().union(*(s.needs for s in specs)) if specs else set()
@@ -170,7 +170,18 @@ class Objective:
         self.cached: Tensor | None = None
         self.teacher_fit: dict[str, float] | None = None  # with a cache: teacher on train set
         logits_only = not ({"features", "embeddings"} & needs)
-        if self.teachers is not None and cache and logits_only and _scalar_labels(train_set):
+        self.augment = augment  # AugmentConfig: student and teacher see the same views
+        if augment is not None:
+            from lighten.distill.augment import AugmentedViews, view_logits
+
+            self.dataset = AugmentedViews(train_set, augment)
+            if self.teachers is not None and cache and logits_only and augment.views:
+                self.cached = view_logits(self.teachers, self.dataset, task)
+                labels = self.dataset.labels.repeat(augment.views)
+                self.teacher_fit = teacher_fit(self.cached, labels, params.temperature)
+            else:
+                self.module.live_teacher = self.teachers is not None
+        elif self.teachers is not None and cache and logits_only and _scalar_labels(train_set):
             self.cached, labels = _predict_teachers(self.teachers, train_set, task,
                                                     with_labels=True)
             self.teacher_fit = teacher_fit(self.cached, labels, params.temperature)
@@ -183,13 +194,21 @@ class Objective:
 
     # ------------------------------------------------------------------------------ the loss
     def loss(self, outputs: dict, targets: Tensor, *, label_smoothing: float = 0.0) -> Tensor:
-        if self.cached is not None:
+        if self.augment is not None:  # views: [y_a, y_b, lam, cached row]
+            from lighten.distill.augment import mixed_cross_entropy, split_targets
+
+            labels, other, lam, row = split_targets(targets)
+            teacher = self.cached.to(targets.device)[row] if self.cached is not None else \
+                outputs["teacher"]
+        elif self.cached is not None:
             labels, index = targets[:, 0], targets[:, 1]
             teacher = self.cached.to(targets.device)[index]
         else:
             labels, teacher = targets, outputs["teacher"]
 
         def task_loss(o: Tensor, y: Tensor) -> Tensor:
+            if self.augment is not None and self.augment.mixup and y is labels:
+                return mixed_cross_entropy(o, labels, other, lam, label_smoothing=label_smoothing)
             return self.base_task.loss(o, y, label_smoothing=label_smoothing)
 
         logits = outputs["students"]

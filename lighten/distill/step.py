@@ -11,6 +11,13 @@
                                       {data: {name: mnist}, teacher: ...}]}
 ```
 
+``augment: {crop: 2, flip: true, mixup: 0.2, views: 4}`` is consistent teaching (Beyer et al.
+2022): the student and the teacher see the same randomly cropped / flipped / mixed view of each
+image, the labels follow the view (a mixed image's label is mixed), and with ``views: K`` the
+teacher's logits are cached once for K fixed views of the training set (K teacher passes)
+instead of running it every step. A label-only student through this step (``losses: {ce: 1}``)
+gets the same views, so the comparison is fair.
+
 Each method is a default composition of registered losses (:data:`METHOD_LOSSES`); ``losses:``
 replaces it (``{hinton: 1, attention: 1000}``). The student's source spec becomes the stage's
 (``ctx.source_spec``), so its artifact rebuilds from the student's own zoo / python: model, or
@@ -24,6 +31,7 @@ from typing import Any, Literal
 from pydantic import Field, ValidationInfo, field_validator, model_validator
 from torch import nn
 
+from lighten.distill.augment import AugmentConfig
 from lighten.distill.losses import LOSSES, LossParams
 from lighten.distill.models import parse_ref, resolve_student, resolve_teacher
 from lighten.registry import register_step
@@ -111,6 +119,10 @@ class DistillConfig(StepConfig):
     keep_heads: bool = Field(False, description="self: keep the exit heads in the saved model")
     head_hidden: int = Field(0, ge=0, description="self: hidden width of each exit head")
     cache_teacher: bool = Field(True, description="cache teacher logits when the data is fixed")
+    augment: AugmentConfig | None = Field(
+        None, description="consistent teaching: {crop, flip, mixup, views}; student and teacher "
+        "see the same augmented view (lighten.distill.augment); views: K caches the teacher "
+        "on K fixed views, 0 runs it live")
     finetune: DistillFinetuneConfig = Field(default_factory=DistillFinetuneConfig)
 
     @model_validator(mode="after")
@@ -131,6 +143,9 @@ class DistillConfig(StepConfig):
             raise ValueError("tasks: [...] goes with method: multitask (and it needs them)")
         if self.method == "multitask" and len(self.tasks) < 2:
             raise ValueError("method: multitask needs at least two tasks")
+        if self.augment is not None and self.method == "multitask":
+            raise ValueError("augment goes with one training set; method: multitask mixes "
+                             "several (remove augment)")
         if "peers" in self.model_fields_set and self.method != "mutual":
             raise ValueError("peers goes with method: mutual")
         refs = {"teacher": self.teacher, "student": self.student}
@@ -181,13 +196,19 @@ def distill(model: nn.Module, config: DistillConfig, ctx: StepContext) -> nn.Mod
         students = make_peers(student.model, config.peers, seed=ctx.seed)
     weights = _ensemble_weights(config, teachers, ctx) if config.method == "ensemble" else None
     augment = bool(getattr(ctx.train_config, "augment", False))
+    if augment and config.augment is not None:
+        from lighten.errors import RecipeError
+
+        raise RecipeError("distill augment and train.augment would augment twice; keep the "
+                          "distill step's augment (teacher and student see the same view) and "
+                          "set train.augment: false")
     objective = Objective(
         students, task=ctx.task, train_set=ctx.data.train, example=ctx.example_inputs(2),
         losses=losses, params=config.loss_params(), teachers=[t.model for t in teachers],
         teacher_weights=weights, layers=config.layers, exit_layers=config.layers,
         head_hidden=config.head_hidden, num_classes=ctx.data.num_classes,
         cache=config.cache_teacher and config.finetune.epochs >= 1 and not augment,
-        warmup_steps=_warmup_steps(config, ctx))
+        warmup_steps=_warmup_steps(config, ctx), augment=config.augment)
     _describe(ctx, config, student.label, labels, objective)
     try:
         ctx.finetune(objective.module, config.finetune, dataset=objective.dataset,
@@ -261,7 +282,15 @@ def _describe(ctx: StepContext, config: DistillConfig, student: str, teachers: l
         for name in st.exits:
             ctx.layer(name, "exit head", after="kept" if config.keep_heads else
                       "training only", reason="self-distillation")
-    if objective.cached is not None:
+    if objective.cached is not None and config.augment is not None:
+        a = config.augment
+        ctx.note(f"consistent teaching: {a.views} fixed views of each of the "
+                 f"{len(objective.dataset)} training images (crop {a.crop}, flip {a.flip}, "
+                 f"mixup {a.mixup:g}), teacher logits cached once per view")
+    elif config.augment is not None:
+        ctx.note("consistent teaching: a fresh augmented view every step, the teacher run on "
+                 "the same view")
+    elif objective.cached is not None:
         ctx.note(f"teacher logits cached once for {len(objective.dataset)} training samples "
                  "(fixed data, no augmentation)")
     if objective.teacher_fit is not None:

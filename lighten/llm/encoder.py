@@ -24,9 +24,11 @@ Layer-wise reconstruction (``reconstruct``, on by default; ``llm/encoder_recover
 FFN pruning each layer's FFN out projection is refitted in closed form so the pruned layer's
 output matches the original's on the calibration sentences.
 
-Recovery (``distill:``): the pruned encoder learns to reproduce the original's embeddings
-(``1 - cosine``) on unlabeled sentences of the training split; the original's embeddings are
-computed once.
+Recovery (``distill:``; ``llm/encoder_distill.py``): the pruned encoder learns to reproduce the
+original's embeddings (``1 - cosine``) on unlabeled sentences of the training split; a
+layer-dropped student also learns the original's intermediate states (``layers``, TinyBERT's
+layer map) and self-attention relations (``relations``, MiniLMv2), which an embedding loss alone
+does not reach.
 """
 
 from __future__ import annotations
@@ -36,11 +38,11 @@ import copy
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
-from pydantic import Field
+from pydantic import Field, model_validator
 from torch import Tensor, nn
 
 from lighten.errors import ModelError, RecipeError
+from lighten.llm.encoder_distill import distill_embeddings_
 from lighten.llm.slicing import find_layer_stack, keep_count, linear_cols_compensated, linear_rows
 from lighten.registry import register_step
 from lighten.step import PruneStepConfig, StepContext, StrictModel
@@ -60,6 +62,21 @@ class EncoderDistill(StrictModel):
     int8: bool = Field(False, description="distill through quant.dynamic's int8 grid (fake "
                        "quantization, straight-through): recovers the int8 error of a "
                        "following quant.dynamic as well")
+    layers: float = Field(0.0, ge=0, description="weight of the layer-wise loss: each student "
+                          "layer's states against its teacher layer (layer_map)")
+    relations: float = Field(0.0, ge=0, description="weight of MiniLMv2's Q-Q/K-K/V-V "
+                             "self-attention relation loss on the mapped layers")
+    layer_map: list[int] | None = Field(None, description="teacher layer learned by each "
+                                        "student layer (default: uniform, last to last)")
+    warmup: float = Field(0.0, ge=0, lt=1, description="fraction of the steps with a linear "
+                          "learning-rate warm-up (then linear decay to 0)")
+
+    @model_validator(mode="after")
+    def _map_needs_a_layer_loss(self):
+        if self.layer_map is not None and not (self.layers or self.relations):
+            raise ValueError("distill layer_map only applies with layers > 0 or relations > 0; "
+                             "set one (e.g. layers: 1) or remove layer_map")
+        return self
 
 
 class EncoderPruneConfig(PruneStepConfig):
@@ -210,84 +227,6 @@ def _hf_root(model: nn.Module) -> nn.Module:
     return getattr(model, "hf", model)
 
 
-# ----------------------------------------------------------------------------- distillation
-
-
-class _LastHidden:
-    """Keeps the last hidden states ``(B, T, D)`` of the transformers model inside a wrapper."""
-
-    def __init__(self, model: nn.Module):
-        self.value: Tensor | None = None
-        root = _hf_root(model)
-        self.handle = root.register_forward_hook(self._hook) if root is not model else None
-
-    def _hook(self, module, args, output):
-        self.value = getattr(output, "last_hidden_state", None)
-
-    def remove(self):
-        if self.handle is not None:
-            self.handle.remove()
-
-
-def _token_loss(student: Tensor, teacher: Tensor, mask: Tensor) -> Tensor:
-    """Mean ``1 - cosine`` of the token states over the real (unmasked) tokens."""
-    cos = F.cosine_similarity(student, teacher, dim=-1)  # (B, T)
-    weights = mask.to(cos.dtype)
-    return ((1 - cos) * weights).sum() / weights.sum().clamp_min(1)
-
-
-def distill_embeddings_(student: nn.Module, teacher: nn.Module,
-                        batches: list[tuple[Tensor, Tensor]], *, epochs: float = 1.0,
-                        lr: float = 1e-4, tokens: float = 0.0, seed: int = 0) -> list[float]:
-    """Train ``student`` in place so its embeddings match ``teacher``'s (``1 - cosine``), plus
-    ``tokens`` x the same loss on every real token's last hidden state (a denser signal: T
-    targets per sentence instead of one); dropout stays off. Returns the mean loss of each
-    epoch (a fraction: the last is partial)."""
-    t_tap = _LastHidden(teacher) if tokens else None
-    try:
-        with torch.no_grad():
-            targets, hidden = [], []
-            for ids, mask in batches:
-                targets.append(teacher(ids, mask))
-                hidden.append(t_tap.value.detach() if t_tap is not None else None)
-    finally:
-        if t_tap is not None:
-            t_tap.remove()
-    s_tap = _LastHidden(student) if tokens else None
-    if s_tap is not None and s_tap.handle is None:
-        raise ModelError("distillation on tokens needs a wrapped transformers model (.hf)")
-    opt = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=lr,
-                            weight_decay=0.0)
-    steps = max(1, int(round(epochs * len(batches))))
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 - s / steps)
-    g = torch.Generator().manual_seed(seed)
-    was_training = student.training
-    student.eval()  # no dropout: the target is a deterministic embedding
-    history, total, count, step = [], 0.0, 0, 0
-    try:
-        while step < steps:
-            for j in torch.randperm(len(batches), generator=g).tolist():
-                if step >= steps:
-                    break
-                ids, mask = batches[j]
-                loss = (1 - F.cosine_similarity(student(ids, mask), targets[j], dim=-1)).mean()
-                if s_tap is not None:
-                    loss = loss + tokens * _token_loss(s_tap.value, hidden[j], mask)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                sched.step()
-                total, count, step = total + float(loss.detach()), count + 1, step + 1
-            history.append(total / max(count, 1))
-            total, count = 0.0, 0
-    finally:
-        if s_tap is not None:
-            s_tap.remove()
-        student.train(was_training)
-        opt.zero_grad(set_to_none=True)
-    return history
-
-
 # ----------------------------------------------------------------------------- the step
 
 
@@ -342,7 +281,9 @@ def encoder_prune(model: nn.Module, config: EncoderPruneConfig, ctx: StepContext
         with fake_int8(model, reduce_range=ctx.target.reduce_range) if d.int8 else \
                 contextlib.nullcontext():
             history = distill_embeddings_(model, teacher.eval(), batches, epochs=d.epochs,
-                                          lr=d.lr, tokens=d.tokens, seed=ctx.seed)
+                                          lr=d.lr, tokens=d.tokens, layers=d.layers,
+                                          relations=d.relations, layer_map=d.layer_map,
+                                          warmup=d.warmup, seed=ctx.seed)
         ctx.note(f"distilled from the original: 1 - cosine per epoch "
                  f"{', '.join(f'{h:.4f}' for h in history)}")
         ctx.summary["distill_loss"] = history

@@ -13,7 +13,8 @@
   activations from the batch's range, ONNX ``DynamicQuantizeLinear`` rounding), with
   straight-through gradients, so distillation recovers the int8 error too (quantization-aware
   distillation); the float weights stay the parameters, and ``quant.dynamic`` afterwards gives
-  exactly the trained grid.
+  exactly the trained grid. Its ``nn.Embedding`` tables are rounded as ``quant.dynamic`` stores
+  them too (int8 rows, one scale per row: ``Int8Embedding``) unless ``embeddings=False``.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from torch import Tensor, nn
 
 from lighten.errors import ModelError
 
-__all__ = ["FakeInt8Linear", "fake_int8", "reconstruct_ffn_"]
+__all__ = ["FakeInt8Embedding", "FakeInt8Linear", "fake_int8", "reconstruct_ffn_"]
 
 
 def _layers(model: nn.Module) -> nn.ModuleList:
@@ -143,17 +144,36 @@ class FakeInt8Linear(nn.Module):
         return F.linear(x + (xq - x).detach(), wq, self.linear.bias)
 
 
+class FakeInt8Embedding(nn.Module):
+    """``embedding`` looked up as :class:`~lighten.quant.embedding.Int8Embedding` would: each
+    row rounded to ``[-127, 127]`` steps of its own largest entry; straight-through gradients."""
+
+    def __init__(self, embedding: nn.Embedding, qmax: int = 127):
+        super().__init__()
+        self.embedding, self.qmax = embedding, qmax
+
+    def forward(self, ids: Tensor) -> Tensor:
+        w = self.embedding.weight
+        scale = (w.detach().abs().amax(1, keepdim=True) / self.qmax).clamp_min(
+            torch.finfo(torch.float32).eps)
+        wq = w + (torch.clamp(torch.round(w / scale), -self.qmax, self.qmax) * scale - w).detach()
+        return F.embedding(ids, wq, self.embedding.padding_idx)
+
+
 @contextmanager
-def fake_int8(model: nn.Module, *, reduce_range: bool = False):
+def fake_int8(model: nn.Module, *, reduce_range: bool = False, embeddings: bool = True):
     """Inside the block, every ``nn.Linear`` of ``model`` runs as :class:`FakeInt8Linear`
-    (7-bit weights with ``reduce_range``, as ``quant.dynamic`` on x86 without VNNI); the
-    Linears are put back on exit, trained weights and all."""
+    (7-bit weights with ``reduce_range``, as ``quant.dynamic`` on x86 without VNNI) and every
+    ``nn.Embedding`` (``embeddings``: as ``quant.dynamic``'s option) as
+    :class:`FakeInt8Embedding`; the modules are put back on exit, trained weights and all."""
     qmax = 63 if reduce_range else 127
-    swapped = [(name, m) for name, m in model.named_modules() if type(m) is nn.Linear]
-    if not swapped:
+    swapped = [(name, m) for name, m in model.named_modules() if type(m) is nn.Linear or (
+        embeddings and type(m) is nn.Embedding and m.max_norm is None)]
+    if not any(type(m) is nn.Linear for _, m in swapped):
         raise ModelError("fake_int8 found no nn.Linear to quantize")
     for name, m in swapped:
-        model.set_submodule(name, FakeInt8Linear(m, qmax))
+        model.set_submodule(name, FakeInt8Linear(m, qmax) if type(m) is nn.Linear
+                            else FakeInt8Embedding(m))
     try:
         yield model
     finally:

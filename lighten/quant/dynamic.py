@@ -10,7 +10,9 @@ Runtime runs for the exported graph::
 No calibration data is needed. Weights are symmetric int8 (per output channel by default); on
 x86 without VNNI they use 7 bits by default, as in ``quant.ptq``, because the u8 x s8 kernels
 saturate with full-range weights. Each ``nn.LSTM`` becomes a ``DynamicQuantLSTM``
-(``quant/dynamic_rnn.py``: ORT's DynamicQuantizeLSTM); GRU/RNN stay float with a note.
+(``quant/dynamic_rnn.py``: ORT's DynamicQuantizeLSTM); GRU/RNN stay float with a note. Each
+``nn.Embedding`` becomes an ``Int8Embedding`` (``quant/embedding.py``: int8 rows gathered, then
+scaled) unless ``embeddings: false``.
 """
 
 from __future__ import annotations
@@ -38,6 +40,9 @@ class DynamicConfig(StepConfig):
     reduce_range: bool | None = Field(
         None, description="7-bit weights against U8S8 overflow; None = auto (target cpu is x86 "
         "without VNNI)")
+    embeddings: bool = Field(
+        True, description="int8 rows (one scale per row) for nn.Embedding tables too: a lookup "
+        "needs no integer kernel, and in a transformer the tables can be half of the weights")
     ignore: list[str] = Field(default_factory=list, description="module names left in float")
 
 
@@ -183,12 +188,13 @@ def quantize_dynamic_(model: nn.Module, config: DynamicConfig | None = None, *,
     reduce_range = target.reduce_range if cfg.reduce_range is None else cfg.reduce_range
     targets = [n for n, m in model.named_modules()  # types whose LayerSpec names a swap
                if dynamic_quant_class(m) is not None and n not in cfg.ignore
-               and not getattr(m, "proj_size", 0)]  # no integer kernel for LSTM projections
+               and not getattr(m, "proj_size", 0)  # no integer kernel for LSTM projections
+               and _embedding_eligible(n, m, cfg, notes)]
     targets = swappable(model, targets, notes)
     if not targets or "" in targets:
-        raise UnsupportedError("quant.dynamic found no nn.Linear or nn.LSTM inside the model to "
-                               "quantize (a bare layer must be wrapped in nn.Sequential); "
-                               "check ignore")
+        raise UnsupportedError("quant.dynamic found no nn.Linear, nn.LSTM or nn.Embedding inside "
+                               "the model to quantize (a bare layer must be wrapped in "
+                               "nn.Sequential); check ignore")
     for name in targets:
         layer = model.get_submodule(name)
         model.set_submodule(name, dynamic_quant_class(layer).from_float(
@@ -202,10 +208,23 @@ def quantize_dynamic_(model: nn.Module, config: DynamicConfig | None = None, *,
     return model.eval()
 
 
+def _embedding_eligible(name: str, module: nn.Module, cfg: DynamicConfig,
+                        notes: list[str]) -> bool:
+    """False for an ``nn.Embedding`` that stays float (``embeddings: false``, or ``max_norm``,
+    which rewrites rows on every lookup); True for every other module."""
+    if not isinstance(module, nn.Embedding):
+        return True
+    if cfg.embeddings and module.max_norm is not None:
+        notes.append(f"{name} (nn.Embedding with max_norm) stays float: its rows are "
+                     "renormalized on every lookup")
+    return cfg.embeddings and module.max_norm is None
+
+
 @register_step("quant.dynamic", DynamicConfig, quantizes=True)
 def quantize_dynamic(model: nn.Module, cfg: DynamicConfig, ctx: StepContext) -> nn.Module:
     """Int8 Linear/LSTM weights, activations quantized at run time (integer GEMMs on ORT)."""
     from lighten.quant.dynamic_rnn import DynamicQuantLSTM
+    from lighten.quant.embedding import Int8Embedding
     from lighten.verb import module_types, record_quant_layers
 
     before = module_types(model)
@@ -213,9 +232,11 @@ def quantize_dynamic(model: nn.Module, cfg: DynamicConfig, ctx: StepContext) -> 
     quantize_dynamic_(model, cfg, notes=notes, target=ctx.target)
     count = sum(isinstance(m, DynamicQuantLinear) for m in model.modules())
     lstms = sum(isinstance(m, DynamicQuantLSTM) for m in model.modules())
+    tables = sum(isinstance(m, Int8Embedding) for m in model.modules())
     weights = "int8" if cfg.bits == 8 else f"{cfg.bits}-bit (in int8 containers)"
     ctx.note(f"quant.dynamic: {count} Linear and {lstms} LSTM layers with {weights} weights and "
-             "run-time uint8 activation ranges (no calibration)")
+             "run-time uint8 activation ranges (no calibration)"
+             + (f"; {tables} embedding table(s) with {weights} rows" if tables else ""))
     for message in notes:
         ctx.note(message)
     record_quant_layers(ctx, before, model, notes)

@@ -106,6 +106,7 @@ def _load_builtin_facts() -> None:
         return
     _LOADED = True
     from lighten.quant.dynamic import DynamicQuantLinear
+    from lighten.quant.embedding import Int8Embedding
     from lighten.quant.modules import QuantAct, _QuantLayer
     from lighten.quant.weight_only import _WeightOnlyLayer
 
@@ -123,6 +124,11 @@ def _load_builtin_facts() -> None:
             weight_bits=m.bits, activation_bits="dynamic",
             granularity="per-channel" if m.per_channel else "per-tensor",
             weight_scale=m.weight_scale, weight_range_bits=_bits_of(m.qmax))
+
+    @register_quant_facts(Int8Embedding)
+    def _embedding(m) -> QuantFacts:  # a lookup: rows gathered, no activation quantization
+        return QuantFacts(weight_bits=m.bits, activation_bits="float", granularity="per-row",
+                          weight_scale=m.weight_scale, weight_range_bits=m.bits)
 
     @register_quant_facts(_WeightOnlyLayer)
     def _weight_only(m) -> QuantFacts:
