@@ -153,11 +153,14 @@ def main() -> None:
         windows = calib_ids(data, args.calib)  # the windows benchmarks/llm.py calibrates on
         result = quantize_llm_(model, cfg, list(windows.split(8)))
         torch_ppl = ppl_torch(model)
-        for level in (0, 4):
-            e = export_decoder(model, tmp / f"q{level}.onnx", sample_ids=prompt[:, :12],
-                               accuracy_level=level, rtol=1e-3 if level == 0 else 0.5)
+        for level, table in ((0, None), (4, None), (0, 8), (4, 8)):
+            e = export_decoder(model, tmp / f"q{level}-{table}.onnx", sample_ids=prompt[:, :12],
+                               accuracy_level=level, rtol=1e-3 if level == 0 else 0.5,
+                               table_bits=table)
             sess = session(e.path, threads=args.threads)
-            add(f"ONNX 4-bit g128 {args.method} (lighten, MatMulNBits accuracy_level {level})",
+            tables = "" if table is None else f", {table}-bit embedding / head table"
+            add(f"ONNX 4-bit g128 {args.method} (lighten, MatMulNBits accuracy_level {level}"
+                f"{tables})",
                 ppl_ort(sess), e.bytes, lambda sess=sess: ort_generate(sess, ids, new),
                 note=f"PyTorch perplexity of the same model {torch_ppl:.3f}; calibration "
                      f"{result.seconds:.0f} s; ORT vs PyTorch max abs diff {e.max_diff:.1e}, "
@@ -194,8 +197,11 @@ def main() -> None:
                      f"| {100 * (form['ppl'] / base_ppl - 1):+.1f}% | {mb} "
                      f"| {cell(speeds[i], '{:.1f}')} | {ratios[0]} | {ratios[1]} "
                      f"| {form['note']} |")
-    lines += ["", "The tied embedding / LM head (28M parameters, 113 MB) stays float32 in every "
-              "ONNX row; the head reads the embedding initializer (one copy)."]
+    lines += ["", "The tied embedding / LM head (28M parameters, 113 MB in float32) is one "
+              "initializer in every ONNX row: float32 (the head a Gemm reading the embedding "
+              "table), or with `table_bits: 8` (`lighten export --kv-cache --table-bits 8`) "
+              "int8 rows that the lookup gathers and the head's MatMulNBits multiplies with. "
+              "Next-token agreement is against the PyTorch model with its float table."]
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "llm-generate.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

@@ -44,6 +44,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import shlex
 import statistics
 import sys
 import tempfile
@@ -411,8 +412,8 @@ def main(argv=None) -> dict:
         r["latency_iqr_pct"] = iqr_pct(times)
         r["speedup"] = float(np.median(np.array(rounds[0]) / np.array(times)))
         r["onnx"] = r["onnx"].name
-    command = " ".join(["python benchmarks/minilm.py", *(argv if argv is not None else
-                                                         sys.argv[1:])])
+    command = shlex.join(["python", "benchmarks/minilm.py",
+                          *(argv if argv is not None else sys.argv[1:])])
     result = {"command": command, "args": vars(args), "rows": rows, "classify": classify,
               "seconds": round(time.perf_counter() - t0), "classes": names,
               "threads": args.threads, "machine": machine()}

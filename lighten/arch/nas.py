@@ -27,11 +27,13 @@ scaled uniformly (bisection on a width scale, 0.05 to 4) to the widest that fits
 trial is a candidate at the budget; only shapes that do not fit even at 5% width are rejected
 (pruned trials, not counted in ``trials``). The result's counted cost (and measured latency
 for a latency budget) is checked and reported. A prediction is not a measurement: under a
-latency budget the finalists (below) are timed whole together with the input model, and one
-that measures over the budget (less ``latency_margin``, for timing noise) is narrowed by its
-own measured/predicted ratio and timed again; the pick is among those measured within it (the
-budget is a fraction of the input model's latency *in the same rounds*, which is what the final
-check compares too: absolute times drift several % on a shared machine).
+latency budget the finalists (below) are timed whole together with the input model, and each
+is refitted to the budget (less ``latency_margin``, for timing noise) by its own
+measured/predicted ratio, narrower or wider, and timed again (a widened one that then measures
+over goes back); the pick is among those measured within it. The budget is a fraction of the
+input model's latency *in the same rounds*, which is what the final check compares too:
+absolute times drift several % on a shared machine (last session's result was 4% over a budget
+taken from a timing minutes earlier).
 
 **Search.** Optuna, TPE (default; the model's own shape is the first trial, so the uniformly
 narrowed model is always a candidate) or NSGA-II (accuracy and cost), seeded, in an SQLite
@@ -135,8 +137,16 @@ class RerankConfig(ProxyConfig):
     result is the best of these. ``top: 0`` picks by the short proxy alone."""
 
     top: int = Field(4, ge=0, description="best short-proxy candidates re-scored (0: off)")
-    train: int = Field(20000, ge=1, description="training samples each finalist trains on")
-    holdout: int = Field(5000, ge=1, description="held-out training samples it is scored on")
+    train: int | None = Field(None, ge=1, description="training samples each finalist trains "
+                              "on; unset: 4x proxy.train")
+    holdout: int | None = Field(None, ge=1, description="held-out training samples it is "
+                                "scored on; unset: 4x proxy.holdout")
+
+    def resolved(self, proxy: ProxyConfig) -> ProxyConfig:
+        """The second rung as a proxy: unset sizes and batch from the first rung."""
+        return ProxyConfig(epochs=self.epochs, train=self.train or 4 * proxy.train,
+                           holdout=self.holdout or 4 * proxy.holdout, lr_scale=self.lr_scale,
+                           batch_size=self.batch_size or proxy.batch_size)
 
 
 class NASFinetuneConfig(FinetuneConfig):
@@ -431,12 +441,13 @@ def nas_(model: nn.Module, config: NASConfig, ctx: StepContext) -> NASResult:
             r for r in ranked[config.rerank.top:] if r.get("enqueued")]
         if kind == "latency":
             measured_limit(finalists)
-        long_split = _proxy_split(ctx, config.rerank)
+        longer = config.rerank.resolved(config.proxy)
+        long_split = _proxy_split(ctx, longer)
         for r in finalists:
             if r.get("rerank_accuracy") is not None and r.get("rerank_scale") == r["scale"]:
                 continue  # a resumed search: already re-scored at this width
             t0 = time.perf_counter()
-            acc = proxy_score(rebuild(r), ctx, config.rerank, long_split, ctx.seed + r["trial"])
+            acc = proxy_score(rebuild(r), ctx, longer, long_split, ctx.seed + r["trial"])
             r.update(rerank_accuracy=acc, rerank_scale=r["scale"],
                      rerank_seconds=round(time.perf_counter() - t0, 2))
             # finished trials cannot change: the second rung is kept on the study

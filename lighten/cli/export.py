@@ -33,6 +33,10 @@ def add_arguments(parser) -> None:
                         help="with --kv-cache: MatMulNBits compute type (0: float32, matches "
                              "PyTorch; 4: int8 activations, about 1.5x the tokens/s here at a "
                              "little more perplexity)")
+    parser.add_argument("--table-bits", type=int, choices=(4, 8), metavar="B",
+                        help="with --kv-cache: store the embedding table and the LM head (one "
+                             "copy when tied) as B-bit rows, gathered for the lookup and "
+                             "multiplied by MatMulNBits (default: float32 as in the model)")
     parser.add_argument("--bits", type=int, metavar="B",
                         help="a dynamic.any_precision artifact: export its B-bit model (one of "
                              "its trained precisions; default: the saved one)")
@@ -101,7 +105,7 @@ def _export_decoder(args, resolved) -> int:
                           accuracy_level=args.accuracy_level,
                           # int8 activations (levels 1-4) move logits by percents, not 1e-3
                           rtol=1e-3 if args.accuracy_level == 0 else 0.25,
-                          metadata=task_metadata(resolved.task))
+                          metadata=task_metadata(resolved.task), table_bits=args.table_bits)
     print(f"wrote {done.path} ({human_bytes(done.bytes)}): {done.summary()}")
     return 0
 

@@ -30,6 +30,7 @@ import math
 import os
 import time
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,6 +41,7 @@ from torch import nn
 
 from lighten.errors import ExportError, UnsupportedError
 from lighten.llm.onnx_nbits import NBitsLinear, supports_nbits
+from lighten.quant.weight_only import WeightOnlyLinear
 
 _ATTN = ("q_proj", "k_proj", "v_proj", "o_proj")
 _MLP = ("gate_proj", "up_proj", "down_proj")
@@ -93,13 +95,65 @@ def _export_linear(layer: nn.Module, accuracy_level: int) -> nn.Module:
     return NBitsLinear(layer, accuracy_level=accuracy_level) if supports_nbits(layer) else layer
 
 
+def _table_group(width: int) -> int:
+    """MatMulNBits block for a table row of ``width``: the largest power of two <= 128 that
+    divides it (MatMulNBits blocks are powers of two >= 16)."""
+    for size in (128, 64, 32, 16):
+        if width % size == 0:
+            return size
+    raise UnsupportedError(f"table_bits needs a hidden size that is a multiple of 16 "
+                           f"(MatMulNBits blocks), not {width}; export without table_bits")
+
+
+class NBitsTable(nn.Module):
+    """An embedding table stored once as ``bits``-bit symmetric rows (round to nearest, one
+    float16 scale per block of the row) that serves both as the lookup and, for a tied LM head,
+    as the head's ``MatMulNBits`` weight.
+
+    Why: in a small LLM the vocabulary table is a large share of the weights (SmolLM2-135M:
+    28 M of 135 M parameters, 113 MB of a 175 MB 4-bit file), and ORT's MatMulNBits quantizer
+    leaves it float. The lookup gathers the packed rows of the same initializer the head
+    reads, so the file holds one copy.
+    """
+
+    def __init__(self, weight: torch.Tensor, *, bits: int, accuracy_level: int = 0):
+        super().__init__()
+        from lighten.llm.rtn import rtn
+
+        rows, width = weight.shape
+        size = _table_group(width)
+        layer = WeightOnlyLinear(width, rows, bias=False, bits=bits, group_size=size,
+                                 symmetric=True)
+        q, scale, zero = rtn(weight.detach().float(), bits=bits, group_size=size, symmetric=True)
+        layer.set_quantized(q, scale, zero)
+        self.head = NBitsLinear(layer, accuracy_level=accuracy_level)
+        self.width = width
+
+    def lookup(self, ids: torch.Tensor) -> torch.Tensor:
+        """The dequantized rows of ``ids``: Gather(packed rows) -> unpack -> (code - zero) * scale
+        in ONNX; equal to the rows the head multiplies with."""
+        m = self.head.meta
+        rows = self.head.b[ids].to(torch.int32)  # (..., blocks, bytes per block)
+        if m["bits"] == 4:  # two codes per byte, low nibble first
+            rows = torch.stack((rows % 16, rows // 16), dim=-1).flatten(-2)
+        blocks = rows.shape[-2]
+        # indices into the flat (N * blocks) scales: a reshaped view would be constant-folded
+        # into a second copy; the zero point of a symmetric grid is the constant 2^(bits-1)
+        scales = self.head.scales[ids.unsqueeze(-1) * blocks + torch.arange(blocks)]
+        w = (rows - 2 ** (m["bits"] - 1)).float() * scales.unsqueeze(-1)
+        return w.flatten(-2)[..., : self.width]
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return self.head(h)
+
+
 class OnnxDecoder(nn.Module):
     """``(input_ids, *past) -> (logits, *present)`` over the modules of a causal LM (module doc).
 
     The block Linears are swapped for their export forms here (packed MatMulNBits buffers);
     the norms, embeddings and the model itself are shared, not copied."""
 
-    def __init__(self, model: nn.Module, *, accuracy_level: int = 0):
+    def __init__(self, model: nn.Module, *, accuracy_level: int = 0, table_bits: int | None = None):
         super().__init__()
         hf = _causal_lm(model)
         _check(hf)
@@ -107,7 +161,10 @@ class OnnxDecoder(nn.Module):
         self.embed = hf.model.embed_tokens
         self.final_norm = hf.model.norm
         self.head = hf.lm_head
-        self.tied = hf.lm_head.weight is self.embed.weight
+        self.tied = getattr(hf.lm_head, "weight", None) is getattr(self.embed, "weight", False)
+        self.table = self.head_table = None
+        if table_bits is not None:
+            self._quantize_tables(table_bits, accuracy_level)
         self.heads = cfg.num_attention_heads
         self.kv_heads = getattr(cfg, "num_key_value_heads", None) or self.heads
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.heads
@@ -131,6 +188,21 @@ class OnnxDecoder(nn.Module):
             self.layers.append(layer)
         self.heads, self.kv_heads = self.layers[0].heads, self.layers[0].kv_heads
 
+    def _quantize_tables(self, bits: int, accuracy_level: int) -> None:
+        """``table_bits``: the embedding table (and the LM head: the same table when tied) as
+        :class:`NBitsTable`."""
+        if bits not in (4, 8):
+            raise UnsupportedError(f"table_bits must be 4 or 8 (MatMulNBits widths), got {bits}")
+        if type(self.embed) is not nn.Embedding:
+            raise UnsupportedError(f"table_bits quantizes a float nn.Embedding; the model's is "
+                                   f"{type(self.embed).__name__} (already quantized?)")
+        self.table = NBitsTable(self.embed.weight, bits=bits, accuracy_level=accuracy_level)
+        if self.tied:
+            self.head_table = self.table
+        elif type(self.head) is nn.Linear and self.head.bias is None:
+            self.head_table = NBitsTable(self.head.weight, bits=bits,
+                                         accuracy_level=accuracy_level)
+
     @property
     def nbits_layers(self) -> int:
         return sum(isinstance(m, NBitsLinear) for m in self.modules())
@@ -148,7 +220,7 @@ class OnnxDecoder(nn.Module):
     def forward(self, input_ids: torch.Tensor, *past: torch.Tensor):
         b, t = input_ids.shape[0], input_ids.shape[1]
         p = past[0].shape[2]
-        h = self.embed(input_ids)  # (B, T, D)
+        h = self.embed(input_ids) if self.table is None else self.table.lookup(input_ids)
         pos = (torch.arange(t) + p).float()
         freqs = pos[:, None] * self.inv_freq[None, :]
         emb = torch.cat((freqs, freqs), dim=-1)  # (T, head_dim)
@@ -179,7 +251,9 @@ class OnnxDecoder(nn.Module):
             x = self._rms(layer.norm2, h)
             h = h + layer.down_proj(F.silu(layer.gate_proj(x)) * layer.up_proj(x))
         h = self._rms(self.final_norm, h)
-        if self.tied and self.head.bias is None:
+        if self.head_table is not None:
+            logits = self.head_table(h)
+        elif self.tied and self.head.bias is None:
             logits = _TiedHead.apply(h.reshape(b * t, -1), self.embed.weight).reshape(b, t, -1)
         else:
             logits = self.head(h)
@@ -216,10 +290,15 @@ class DecoderExport:
 
 def export_decoder(model: nn.Module, path: str | os.PathLike, *, verify: bool = True,
                    accuracy_level: int = 0, opset: int = 17, sample_ids: torch.Tensor | None = None,
-                   metadata: dict | None = None, rtol: float = 1e-3) -> DecoderExport:
+                   metadata: dict | None = None, rtol: float = 1e-3,
+                   table_bits: int | None = None) -> DecoderExport:
     """Write ``model`` (a causal LM) as a KV-cache ONNX decoder to ``path`` and check it in ORT:
     a prefill of ``sample_ids`` and one cached step must give the logits of ``model`` on the
-    whole sequence within ``rtol`` of their largest magnitude. Nothing is written on failure."""
+    whole sequence within ``rtol`` of their largest magnitude. Nothing is written on failure.
+
+    ``table_bits`` (4 or 8) stores the embedding table and the LM head as :class:`NBitsTable`
+    (one copy when tied); the check then compares with ``model`` run on those same rows, and
+    ``DecoderExport.agreement`` against the float table says what the rounding changed."""
     import onnx
 
     from lighten.provenance import atomic_write_bytes
@@ -227,7 +306,7 @@ def export_decoder(model: nn.Module, path: str | os.PathLike, *, verify: bool = 
     path = Path(path)
     was_training = model.training
     model.eval()
-    wrapper = OnnxDecoder(model, accuracy_level=accuracy_level).eval()
+    wrapper = OnnxDecoder(model, accuracy_level=accuracy_level, table_bits=table_bits).eval()
     inputs, outputs = wrapper.names()
     example = (torch.zeros(1, 3, dtype=torch.long), *wrapper.empty_past(1, 2))
     axes = {"input_ids": {0: "batch", 1: "seq"}, "logits": {0: "batch", 1: "seq"}}
@@ -261,9 +340,41 @@ def export_decoder(model: nn.Module, path: str | os.PathLike, *, verify: bool = 
         ids = sample_ids if sample_ids is not None else torch.randint(0, vocab, (1, 9),
                                                                       generator=torch.Generator()
                                                                       .manual_seed(0))
-        result.max_diff, result.agreement = check_decoder(model, data, ids, rtol=rtol)
+        if table_bits is None:
+            result.max_diff, result.agreement = check_decoder(model, data, ids, rtol=rtol)
+        else:  # exactness against the same rows; agreement against the float tables
+            with _tables_in(model, wrapper):
+                result.max_diff, _ = check_decoder(model, data, ids, rtol=rtol)
+            result.agreement = check_decoder(model, data, ids, rtol=float("inf"))[1]
     atomic_write_bytes(path, data)
     return result
+
+
+class _TableLookup(nn.Module):
+    """An :class:`NBitsTable`'s lookup in an ``nn.Embedding``'s place (for the export check)."""
+
+    def __init__(self, table: NBitsTable):
+        super().__init__()
+        self.table = table
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.table.lookup(ids)
+
+
+@contextmanager
+def _tables_in(model: nn.Module, wrapper: OnnxDecoder):
+    """Inside the block, ``model`` looks its tokens up in (and, with a quantized head, computes
+    its logits with) the wrapper's quantized tables; put back on exit."""
+    hf = _causal_lm(model)
+    embed, head = hf.model.embed_tokens, hf.lm_head
+    try:
+        if wrapper.table is not None:
+            hf.model.embed_tokens = _TableLookup(wrapper.table)
+        if wrapper.head_table is not None:
+            hf.lm_head = wrapper.head_table
+        yield model
+    finally:
+        hf.model.embed_tokens, hf.lm_head = embed, head
 
 
 def session(model_bytes_or_path, *, threads: int | None = None):

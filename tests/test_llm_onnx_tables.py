@@ -1,0 +1,84 @@
+"""``table_bits``: the KV-cache decoder stores its embedding table (and the tied LM head, the same
+table) once as 8- or 4-bit rows, which the lookup gathers and MatMulNBits multiplies with."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from _llm_common import tiny_llama, write_text
+
+from lighten.data import DataSpec, load_data
+from lighten.errors import UnsupportedError
+from lighten.models import ModelSpec, build_model
+
+pytest.importorskip("transformers")
+pytest.importorskip("onnxruntime")
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("tables")
+    folder = tiny_llama(tmp / "model", hidden=48)  # 48 = 3 blocks of 16
+    write_text(tmp / "t.txt")
+    data = load_data(DataSpec(name="text", path=str(tmp / "t.txt"),
+                              tokenizer={"hf": str(folder)}, seq_len=16))
+    model = build_model(ModelSpec(hf=str(folder)), input_shape=data.input_shape,
+                        num_classes=data.num_classes, task=data.task).eval()
+    return tmp, model, data
+
+
+def test_lookup_rows_are_the_heads_weight_within_half_a_step():
+    from lighten.llm.onnx_decoder import NBitsTable
+    from lighten.llm.onnx_nbits import dequantize_nbits
+
+    torch.manual_seed(0)
+    weight = torch.randn(50, 48) * torch.logspace(-2, 0, 50)[:, None]
+    for bits in (8, 4):
+        table = NBitsTable(weight, bits=bits)
+        m = table.head.meta
+        assert m["block_size"] == 16 and m["bits"] == bits  # 48 = 3 blocks of 16
+        head_w = dequantize_nbits(table.head.b, table.head.scales, table.head.zero_points, **m)
+        ids = torch.tensor([[0, 7, 49], [3, 3, 1]])
+        assert torch.equal(table.lookup(ids), head_w[ids])
+        step = weight.abs().amax(1, keepdim=True) / (2 ** (bits - 1) - 1)
+        assert bool(((head_w - weight).abs() <= step / 2 + 1e-3 * step).all())
+        h = torch.randn(5, 48)
+        assert torch.allclose(table(h), h @ head_w.T, atol=1e-5)
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_decoder_holds_one_quantized_table_and_matches_its_rows(setup, bits):
+    import onnx
+
+    from lighten.llm.onnx_decoder import export_decoder
+
+    tmp, model, data = setup
+    ids = torch.stack([data.test[i][0] for i in range(2)])[:, :10]
+    plain = export_decoder(model, tmp / "float.onnx", sample_ids=ids)
+    done = export_decoder(model, tmp / f"t{bits}.onnx", sample_ids=ids, table_bits=bits)
+    assert done.max_diff < 1e-4  # exact against the model run on the same rows
+    assert done.agreement >= (0.9 if bits == 8 else 0.5)  # against the float table
+    vocab, hidden = model.hf.model.embed_tokens.weight.shape
+    graph = onnx.load(str(done.path)).graph
+    tables = [t for t in graph.initializer if t.dims and t.dims[0] == vocab]
+    assert len(tables) == 1 and tables[0].data_type == onnx.TensorProto.UINT8  # no float copy
+    assert int(np.prod(tables[0].dims)) == vocab * hidden * bits // 8
+    ops = [n.op_type for n in graph.node]
+    assert ops.count("MatMulNBits") == 1 and "Gemm" not in ops  # the tied head
+    blocks = hidden // 16
+    table_bytes = vocab * hidden * bits // 8 + vocab * blocks * (4 + bits / 8)  # + scales, zeros
+    # float32 table gone, packed table in; a few kB of lookup nodes
+    assert 0 < (plain.bytes - done.bytes) - (4 * vocab * hidden - table_bytes) + 4096 < 8192
+
+
+def test_table_bits_errors(setup):
+    from lighten.llm.onnx_decoder import OnnxDecoder
+
+    _, model, _ = setup
+    with pytest.raises(UnsupportedError, match="table_bits must be 4 or 8"):
+        OnnxDecoder(model, table_bits=3)
+    from lighten.llm.onnx_decoder import NBitsTable
+
+    with pytest.raises(UnsupportedError, match="multiple of 16"):
+        NBitsTable(torch.randn(10, 40), bits=8)
