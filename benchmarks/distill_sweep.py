@@ -5,9 +5,11 @@ teacher's logits computed once for all runs.
     python benchmarks/distill_sweep.py --epochs 20 --seeds 0 --holdout 5000 \\
         --augment crop=2 flip=1 mixup=0.2 views=4 -- label hinton:0.5:2 dkd:2:2
 
-A config is ``label``, ``hinton:ALPHA:T`` (``ALPHA T^2 KL + (1 - ALPHA) CE``) or ``dkd:BETA:T``
+A config is ``label``, ``hinton:ALPHA:T`` (``ALPHA T^2 KL + (1 - ALPHA) CE``), ``dkd:BETA:T``
 (``CE + TCKD + BETA NCKD``, ramped in over the first quarter of the steps, as the ``distill``
-step does). Each run is the library's own objective (``lighten.distill.objective.Objective``,
+step does) or another method of the step (``relational:ALPHA:T``: hinton + RKD; with
+``--augment views=K`` the teacher's embeddings are cached per view too).
+Each run is the library's own objective (``lighten.distill.objective.Objective``,
 with ``augment`` the step's :class:`~lighten.distill.augment.AugmentConfig`) trained by the
 library's loop (``lighten.train.train``: Adam lr 1e-3, cosine, batch 128), a fresh LeNet-5
 seeded as ``benchmarks/distill.py`` seeds it. ``--holdout N`` trains on all but the last N
@@ -27,8 +29,10 @@ import torch
 
 
 def _losses(kind: str) -> dict[str, float]:
-    return {"label": {"ce": 1.0}, "hinton": {"hinton": 1.0},
-            "dkd": {"ce": 1.0, "dkd": 1.0}}[kind]
+    """``label``: cross-entropy alone; otherwise the distill step's method of that name."""
+    from lighten.distill.step import METHOD_LOSSES
+
+    return {"ce": 1.0} if kind == "label" else dict(METHOD_LOSSES[kind])
 
 
 def _augment(items: list[str] | None):

@@ -87,6 +87,10 @@ def parse_args(argv=None):
                         "then 20 Newsgroups)")
     p.add_argument("--calib", type=int, default=384,
                    help="of those, docs for the importance and the layer-wise reconstruction")
+    p.add_argument("--calib-from", choices=("distill", "r8-train"), default="distill",
+                   help="calibration docs: the first --calib distillation docs, or the first "
+                        "--calib R8 training docs (unlabeled; with --probe-train all they are "
+                        "the probe's fit documents, never its test documents)")
     p.add_argument("--no-reconstruct", dest="reconstruct", action="store_false",
                    help="skip the layer-wise FFN reconstruction")
     p.add_argument("--epochs", type=float, default=0.0,
@@ -325,7 +329,8 @@ def main(argv=None) -> dict:
         student_set = length_batches(tok, chunked, args.seq_len, args.student_batch)
         student_chunks = len(chunked)
         print(f"student: {student_chunks} chunks of {args.student_corpus}", flush=True)
-    calib = batches_of(tok, distill_texts[:args.calib], args.seq_len, 32)
+    calib_texts = r8_train[0] if args.calib_from == "r8-train" else distill_texts
+    calib = batches_of(tok, calib_texts[:args.calib], args.seq_len, 32)
     timed = batches_of(tok, te_texts[:args.batch], args.seq_len, args.batch)[0]
     sample = (probe[0][0][:4], probe[0][1][:4])
     print(f"R8: probe {len(tr_texts)} train / {len(te_texts)} test docs, distillation on "
@@ -515,6 +520,7 @@ def write(result: dict, out: Path) -> None:
         f"{a['seq_len']} tokens; latency: batch of {a['batch']} sentences, "
         f"{result['threads']} ORT threads, {a['runs']} interleaved rounds (shared machine: "
         f"indicative); pruning: importance and layer-wise reconstruction on {a['calib']} "
+        f"{'R8 training' if a.get('calib_from') == 'r8-train' else 'distillation'} "
         f"documents; distillation: {a['distill_samples']} unlabeled documents disjoint from the "
         f"probe's, batches of 16, pruned rows {a['epochs']} float + {a['qat_epochs']} "
         f"int8-aware epochs, student {a.get('student_epochs')} epochs, lr "

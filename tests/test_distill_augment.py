@@ -136,3 +136,22 @@ def test_distill_step_with_augment_end_to_end_and_its_errors():
         compress(nn.Sequential(nn.Flatten(), nn.Linear(64, 10)),
                  {"distill": {"augment": {"crop": 0, "flip": False}}}, data=data,
                  baseline=teacher, seed=0)
+
+
+def test_relational_reads_the_teachers_cached_embedding_of_the_same_view():
+    """With views, RKD needs no live teacher: each row's cached embedding is the teacher's
+    classifier input on the view the student trains on."""
+    torch.manual_seed(0)
+    teacher, data = freeze(_net()), _data()
+    obj = Objective([_net()], task=ClassificationTask((1, 6, 6), 3), train_set=data,
+                    example=(data.tensors[0][:2],), losses={"hinton": 1.0, "relational": 1.0},
+                    teachers=[teacher], augment=AugmentConfig(crop=1, views=2))
+    assert not obj.module.live_teacher and obj.cached_embeddings.shape == (2 * len(data), 16)
+    x, targets = next(iter(make_loader(obj.dataset, 8, shuffle=True, seed=1)))
+    row = targets[:, 3].long()
+    with torch.no_grad():
+        assert torch.allclose(obj.cached_embeddings[row], teacher[:5](x), atol=1e-5)
+    losses = train(obj.module, obj.dataset, TrainConfig(epochs=1, batch_size=8),
+                   task=obj.task, progress=False)
+    assert math.isfinite(losses[0])
+    obj.close()

@@ -49,7 +49,9 @@ def test_mutual_measures_every_peer_and_returns_the_best(setup):
     assert len(peers) == 3 and len({p["accuracy"] for p in peers}) > 1  # different inits
     rows = [r for r in report.layers if r["module"].startswith("peer")]
     chosen = [r for r in rows if r["after"] == "chosen"]
-    assert len(chosen) == 1 and chosen[0]["accuracy"] == max(p["accuracy"] for p in peers)
+    best = max(range(3), key=lambda k: peers[k]["selection"])  # never chosen on the test split
+    assert len(chosen) == 1 and chosen[0]["module"] == f"peer{best}"
+    assert "training images" in chosen[0]["reason"]
     from lighten.train import evaluate
 
     assert evaluate(model, data.test) == pytest.approx(chosen[0]["accuracy"])

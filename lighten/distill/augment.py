@@ -215,26 +215,31 @@ def mixed_cross_entropy(logits: Tensor, y_a: Tensor, y_b: Tensor, lam: Tensor, *
     return F.cross_entropy(logits, soft.to(logits.dtype), label_smoothing=label_smoothing)
 
 
-_MEMO: dict[tuple, Tensor] = {}
+_MEMO: dict[tuple, tuple[Tensor, Tensor | None]] = {}
 
 
-def view_logits(teachers, views: AugmentedViews, task, *, batch_size: int = 512) -> Tensor:
-    """The teachers' logits for every image of every view, ``(K * N, C)``, row ``v * N + i``.
+def view_logits(teachers, views: AugmentedViews, task, *, tap=None, embedding: str | None = None,
+                batch_size: int = 512) -> tuple[Tensor, Tensor | None]:
+    """The teachers' logits for every image of every view, ``(K * N, C)``, row ``v * N + i``;
+    with ``tap`` / ``embedding`` (a teacher :class:`~lighten.distill.features.FeatureTap` key
+    such as ``fc:input``) also that embedding per row (relational losses read nothing else).
     Remembered for the last (teacher weights, images, views) so runs compared in one process
     (labels, hinton, dkd, seeds) pay the K teacher passes once."""
     key = (_fingerprint(teachers.models), _fingerprint([views.images]),
-           views.cfg.model_dump_json(), views.n)
+           views.cfg.model_dump_json(), views.n, embedding)
     if key in _MEMO:
         return _MEMO[key]
-    out = []
+    out, emb = [], []
     with torch.inference_mode():
         for v in range(views.cfg.views):
             for start in range(0, views.n, batch_size):
                 index = torch.arange(start, min(views.n, start + batch_size))
                 x = views.render(v, index)[0]
                 out.append(teachers(tuple(task.as_inputs(x))).float())
+                if embedding is not None:
+                    emb.append(tap.features[embedding].flatten(1).float().clone())
     _MEMO.clear()
-    _MEMO[key] = torch.cat(out)
+    _MEMO[key] = (torch.cat(out), torch.cat(emb) if emb else None)
     return _MEMO[key]
 
 

@@ -4,7 +4,9 @@ Each peer minimizes its cross-entropy plus the KL divergence from every other pe
 distribution (``mutual`` loss, the others' outputs detached), all in one training loop. Peer 0
 is the student as resolved; the others are the same architecture re-initialized with their own
 seed, so they disagree at the start and have something to teach. Every peer is measured on the
-test split (one row each); the most accurate is the stage's output.
+test split (one row each); the most accurate on the selection split (validation, else training
+images: :func:`~lighten.distill.selection.selection_split`, never the test split) is the stage's
+output.
 """
 
 from __future__ import annotations
@@ -23,28 +25,33 @@ def make_peers(student: nn.Module, count: int, *, seed: int) -> list[nn.Module]:
 
 
 def choose_peer(peers: list[nn.Module], ctx) -> nn.Module:
-    """Measure every peer on the test split; return the most accurate (first on a tie)."""
+    """Measure every peer on the test split (reported); return the most accurate on the
+    selection split (first on a tie): choosing on the test split would flatter the stage."""
+    from lighten.distill.selection import selection_split
+
+    on, where = selection_split(ctx)
+    tests = [_metrics(peer, ctx.data.test, ctx) for peer in peers]
+    chosen = [_metrics(peer, on, ctx) for peer in peers]
+    primary = ctx.task.primary
+    sign = 1 if ctx.task.higher_is_better else -1
+    best = max(range(len(peers)), key=lambda k: sign * chosen[k][primary])
+    for k, (m, c) in enumerate(zip(tests, chosen, strict=True)):
+        ctx.layer(f"peer{k}", "train", after="chosen" if k == best else "dropped",
+                  reason=f"{where}: {primary} {c[primary]:.4f}; test {m[primary]:.4f}",
+                  **{primary: m[primary], "accuracy": m["accuracy"]})
+    ctx.summary["peers"] = [{primary: m[primary], "accuracy": m["accuracy"],
+                             "selection": c[primary]} for m, c in zip(tests, chosen, strict=True)]
+    ctx.note(f"mutual: {len(peers)} peers, test {primary} "
+             + ", ".join(f"{m[primary]:.4f}" for m in tests) + f"; peer{best} is the stage "
+             f"output (chosen on {where}: " + ", ".join(f"{c[primary]:.4f}" for c in chosen)
+             + ")")
+    return peers[best]
+
+
+def _metrics(model: nn.Module, dataset, ctx) -> dict:
     from lighten.train import predict
 
-    scores = []
-    for peer in peers:
-        outputs = predict(peer, ctx.data.test, task=ctx.task)
-        targets = _targets(ctx.data.test)
-        metrics = ctx.task.metrics(outputs, targets)
-        scores.append(metrics)
-    primary = ctx.task.primary
-    higher = ctx.task.higher_is_better
-    values = [m[primary] for m in scores]
-    best = max(range(len(peers)), key=lambda k: values[k] if higher else -values[k])
-    for k, m in enumerate(scores):
-        ctx.layer(f"peer{k}", "train", after="chosen" if k == best else "dropped",
-                  reason=f"test {primary} {m[primary]:.4f}",
-                  **{primary: m[primary], "accuracy": m["accuracy"]})
-    ctx.summary["peers"] = [{primary: m[primary], "accuracy": m["accuracy"]} for m in scores]
-    ctx.note(f"mutual: {len(peers)} peers, test {primary} "
-             + ", ".join(f"{v:.4f}" for v in values) + f"; peer{best} is the stage output "
-             "(chosen on the test split)")
-    return peers[best]
+    return ctx.task.metrics(predict(model, dataset, task=ctx.task), _targets(dataset))
 
 
 def _targets(dataset):

@@ -168,6 +168,7 @@ class Objective:
         self.module = DistillModule([s.model for s in self.students], extras)
         self.module.teacher_fn = self.teachers
         self.cached: Tensor | None = None
+        self.cached_embeddings: Tensor | None = None  # augment views + relational
         self.teacher_fit: dict[str, float] | None = None  # with a cache: teacher on train set
         logits_only = not ({"features", "embeddings"} & needs)
         self.augment = augment  # AugmentConfig: student and teacher see the same views
@@ -175,8 +176,12 @@ class Objective:
             from lighten.distill.augment import AugmentedViews, view_logits
 
             self.dataset = AugmentedViews(train_set, augment)
-            if self.teachers is not None and cache and logits_only and augment.views:
-                self.cached = view_logits(self.teachers, self.dataset, task)
+            # relational losses read the teacher's embedding only: cached per view as well
+            embedding = f"{t_inputs[0]}:input" if t_inputs else None
+            if self.teachers is not None and cache and augment.views and "features" not in needs:
+                self.cached, self.cached_embeddings = view_logits(
+                    self.teachers, self.dataset, task, tap=self.teacher_tap,
+                    embedding=embedding if "embeddings" in needs else None)
                 labels = self.dataset.labels.repeat(augment.views)
                 self.teacher_fit = teacher_fit(self.cached, labels, params.temperature)
             else:
@@ -217,6 +222,8 @@ class Objective:
             self.steps += 1
             ramp = min(1.0, self.steps / self.warmup_steps)
         t_feats = self.teacher_tap.features if self.teacher_tap is not None else {}
+        if self.cached_embeddings is not None:
+            t_feats = {"cached:input": self.cached_embeddings.to(targets.device)[row]}
         total = logits[0].new_zeros(())
         for k, st in enumerate(self.students):
             feats = st.tap.features if st.tap is not None else {}

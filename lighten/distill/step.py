@@ -94,7 +94,8 @@ class DistillConfig(StepConfig):
                          "{python: t.py:build, weights: ...}, {stage: NAME}; + train: {epochs}")
     teachers: list[Any] | None = Field(None, description="ensemble: the teachers")
     weights: Literal["equal", "accuracy"] | list[float] = Field(
-        "equal", description="ensemble: teacher weights, fixed or from each one's test accuracy")
+        "equal", description="ensemble: teacher weights, fixed or from each one's accuracy on the "
+        "validation split (else training images; never the test split)")
     student: Any = Field("input", description="'input' (the stage's model), {zoo: ...}, "
                          "{python: s.py:build}, or derived: {width: 0.25} / {depth: 0.5} / "
                          "{prune: {target_macs: 0.5}}")
@@ -252,16 +253,19 @@ def _teachers(config: DistillConfig, ctx: StepContext, losses: dict[str, float])
 
 
 def _ensemble_weights(config: DistillConfig, teachers, ctx: StepContext) -> list[float]:
+    from lighten.distill.selection import selection_split
     from lighten.train import evaluate
 
-    accuracies = [evaluate(t.model, ctx.data.test, task=ctx.task) for t in teachers]
+    on, where = selection_split(ctx)  # never the test split (lighten.distill.selection)
+    accuracies = [evaluate(t.model, on, task=ctx.task) for t in teachers]
     for t, acc in zip(teachers, accuracies, strict=True):
-        ctx.layer(f"teacher {t.label}", "teach", after=f"test accuracy {acc:.4f}", accuracy=acc)
+        ctx.layer(f"teacher {t.label}", "teach", after=f"accuracy {acc:.4f} on {where}",
+                  accuracy=acc)
     ctx.summary["teacher_accuracy"] = accuracies
     if isinstance(config.weights, list):
         return list(config.weights)
     if config.weights == "accuracy":
-        ctx.note("ensemble weights from each teacher's test-split accuracy: "
+        ctx.note(f"ensemble weights from each teacher's accuracy on {where}: "
                  + ", ".join(f"{a:.4f}" for a in accuracies))
         return accuracies
     return [1.0] * len(teachers)

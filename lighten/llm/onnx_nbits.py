@@ -78,12 +78,27 @@ def dequantize_nbits(b: torch.Tensor, scales: torch.Tensor, zero_points: torch.T
     return w.reshape(N, -1)[:, :K]
 
 
+def int8_blocks(x: torch.Tensor, block_size: int) -> torch.Tensor:
+    """``x`` rounded as MatMulNBits ``accuracy_level`` 4 rounds its input before the integer
+    kernel: symmetric int8, one scale (largest magnitude / 127) per block of ``block_size``
+    along the last axis (ORT 1.32 agrees to float rounding, ~1e-6 of the output)."""
+    k = x.shape[-1]
+    pad = -k % block_size
+    blocks = F.pad(x, (0, pad)).reshape(*x.shape[:-1], -1, block_size)
+    scale = blocks.abs().amax(-1, keepdim=True) / 127
+    scale = torch.where(scale == 0, torch.ones_like(scale), scale)
+    rounded = torch.round(blocks / scale) * scale
+    return rounded.reshape(*x.shape[:-1], -1)[..., :k]
+
+
 class _MatMulNBits(torch.autograd.Function):
     """``x @ dequant(B)ᵀ``; exports as one ``com.microsoft::MatMulNBits`` node."""
 
     @staticmethod
     def forward(ctx, x, b, scales, zero_points, K, N, bits, block_size, accuracy):  # noqa: N803
         w = dequantize_nbits(b, scales, zero_points, K=K, N=N, bits=bits, block_size=block_size)
+        if accuracy == 4:
+            x = int8_blocks(x, block_size)
         return F.linear(x, w)
 
     @staticmethod
