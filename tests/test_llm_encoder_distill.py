@@ -114,3 +114,37 @@ def test_layer_wise_options_through_the_step(world):
         lighten.compress(model, {"llm.encoder_prune": {
             "keep_layers": [0, 2], "distill": {"layer_map": [1, 3]}}}, data=d)
     assert SEQ == d.task.seq_len
+
+
+def test_student_recipe_parses():
+    from pathlib import Path
+
+    from lighten.recipe import load_recipe
+
+    recipe = load_recipe(Path(__file__).resolve().parents[1] / "recipes" /
+                         "minilm_r8_student.yaml")
+    prune = [s for s in recipe.steps if s.name == "llm.encoder_prune"][0].config
+    assert prune.keep_layers == [0, 4, 5] and prune.distill.layers == prune.distill.relations == 1
+
+
+def test_hidden_state_losses_need_a_bert_layout():
+    from lighten.errors import ModelError
+    from lighten.llm.encoder_distill import distill_embeddings_
+
+    class Bag(torch.nn.Module):  # a bag-of-words encoder: no '*.encoder.layer' to tap
+        def __init__(self):
+            super().__init__()
+            self.table = torch.nn.EmbeddingBag(50, 8)
+
+        def forward(self, ids, mask):
+            return self.table(ids, per_sample_weights=mask.float(), mode="sum")
+
+    torch.manual_seed(0)
+    ids, mask = torch.randint(0, 50, (8, 6)), torch.ones(8, 6, dtype=torch.int64)
+    student, teacher = Bag(), Bag()
+    history = distill_embeddings_(student, teacher, [(ids, mask)], epochs=20, lr=1e-2)
+    assert history[-1] < history[0]  # the embedding loss alone works for any encoder
+    with pytest.raises(ModelError, match="tokens, layers, relations"):
+        distill_embeddings_(student, teacher, [(ids, mask)], tokens=1.0)
+    with pytest.raises(RecipeError, match="warmup"):
+        distill_embeddings_(student, teacher, [(ids, mask)], warmup=1.5)

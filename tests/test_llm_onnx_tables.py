@@ -1,5 +1,7 @@
 """``table_bits``: the KV-cache decoder stores its embedding table (and the tied LM head, the same
-table) once as 8- or 4-bit rows, which the lookup gathers and MatMulNBits multiplies with."""
+table) once as 8- or 4-bit rows, which the lookup gathers and MatMulNBits multiplies with; and
+MatMulNBits' int8 activations (accuracy level 4, forced for 8-bit weights) are rounded in
+PyTorch exactly as ONNX Runtime rounds them."""
 
 from __future__ import annotations
 
@@ -101,3 +103,18 @@ def test_accuracy_level_4_is_matched_exactly_by_the_pytorch_rounding(setup):
     done = export_decoder(q, tmp / "l4.onnx", sample_ids=ids, accuracy_level=4)
     # float rounding only: PyTorch rounds the activations as the kernel does
     assert done.max_diff < 5e-4 * max(1.0, scale) and done.agreement > 0.5
+
+
+def test_eight_bit_layers_run_with_int8_activations_and_say_so(setup):
+    from lighten.llm.onnx_decoder import export_decoder
+    from lighten.llm.steps import LLMWeightOnlyConfig, quantize_llm_
+
+    tmp, model, data = setup
+    q = copy.deepcopy(model)
+    quantize_llm_(q, LLMWeightOnlyConfig(method="rtn", bits=8, group_size=16),
+                  [torch.stack([data.train[i][0] for i in range(4)])])
+    ids = torch.stack([data.test[i][0] for i in range(2)])[:, :10]
+    done = export_decoder(q, tmp / "w8.onnx", sample_ids=ids)  # level 0 asked
+    assert done.nbits_layers == done.int8_activation_layers == 14
+    assert "14 with int8 activations" in done.summary()
+    assert done.max_diff < 1e-3 and done.agreement >= 0.9

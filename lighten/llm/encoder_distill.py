@@ -40,8 +40,9 @@ def _layers(model: nn.Module) -> nn.ModuleList:
     for name, module in model.named_modules():
         if name.endswith("encoder.layer") and isinstance(module, nn.ModuleList) and len(module):
             return module
-    raise ModelError("layer-wise distillation needs a BERT-family encoder ('*.encoder.layer'); "
-                     "set layers: 0 and relations: 0 for other models")
+    raise ModelError("distillation of hidden states (tokens, layers, relations) needs a "
+                     "BERT-family encoder ('*.encoder.layer'); set them to 0 for other models "
+                     "(the embedding loss alone works for any encoder)")
 
 
 def default_layer_map(teacher_layers: int, student_layers: int) -> list[int]:

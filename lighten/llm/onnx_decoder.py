@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lighten.errors import ExportError, UnsupportedError
-from lighten.llm.onnx_nbits import NBitsLinear, supports_nbits
+from lighten.llm.onnx_nbits import NBitsLinear, packed_bits, supports_nbits
 from lighten.quant.weight_only import WeightOnlyLinear
 
 _ATTN = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -92,7 +92,11 @@ class _TiedHead(torch.autograd.Function):
 
 
 def _export_linear(layer: nn.Module, accuracy_level: int) -> nn.Module:
-    return NBitsLinear(layer, accuracy_level=accuracy_level) if supports_nbits(layer) else layer
+    if not supports_nbits(layer):
+        return layer
+    if packed_bits(layer.bits) == 8:  # ORT 1.32 has no fast float path for 8-bit MatMulNBits
+        accuracy_level = 4  # (70x slower than a float MatMul at 576 x 1536); level 4 is fast
+    return NBitsLinear(layer, accuracy_level=accuracy_level)
 
 
 def _table_group(width: int) -> int:
@@ -212,6 +216,11 @@ class OnnxDecoder(nn.Module):
     def nbits_layers(self) -> int:
         return sum(isinstance(m, NBitsLinear) for m in self.modules())
 
+    @property
+    def int8_activation_layers(self) -> int:
+        """MatMulNBits nodes at accuracy level 4 (int8 activations), asked for or forced."""
+        return sum(isinstance(m, NBitsLinear) and m.accuracy_level == 4 for m in self.modules())
+
     @staticmethod
     def _rms(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
         eps = getattr(norm, "variance_epsilon", getattr(norm, "eps", 1e-6))
@@ -284,13 +293,19 @@ class DecoderExport:
     layers: int
     max_diff: float | None = None
     agreement: float | None = None
+    int8_activation_layers: int = 0  # MatMulNBits at accuracy level 4
+    table_bits: int | None = None
 
     def summary(self) -> str:
         check = ("" if self.max_diff is None else
                  f"; ORT vs PyTorch (prefill + cached step): max |diff| {self.max_diff:.2e}, "
                  f"next-token agreement {100 * self.agreement:.1f}%")
+        level4 = (f" ({self.int8_activation_layers} with int8 activations, accuracy level 4)"
+                  if self.int8_activation_layers else "")
+        table = ("" if self.table_bits is None else
+                 f", {self.table_bits}-bit embedding / LM head table")
         return (f"KV-cache decoder, {self.layers} blocks, {self.nbits_layers} MatMulNBits "
-                f"layers{check}")
+                f"layers{level4}{table}{check}")
 
 
 def export_decoder(model: nn.Module, path: str | os.PathLike, *, verify: bool = True,
@@ -341,13 +356,15 @@ def export_decoder(model: nn.Module, path: str | os.PathLike, *, verify: bool = 
         entry = proto.metadata_props.add()
         entry.key, entry.value = str(key), str(value)
     data = proto.SerializeToString()
-    result = DecoderExport(path, len(data), wrapper.nbits_layers, len(wrapper.layers))
+    result = DecoderExport(path, len(data), wrapper.nbits_layers, len(wrapper.layers),
+                           int8_activation_layers=wrapper.int8_activation_layers,
+                           table_bits=table_bits)
     if verify:
         vocab = wrapper.embed.num_embeddings
         ids = sample_ids if sample_ids is not None else torch.randint(0, vocab, (1, 9),
                                                                       generator=torch.Generator()
                                                                       .manual_seed(0))
-        if accuracy_level == 0 and table_bits is None:  # end to end: ORT against the model
+        if not wrapper.int8_activation_layers and table_bits is None:  # ORT against model
             result.max_diff, result.agreement = check_decoder(model, data, ids, rtol=rtol)
         else:  # int8 activations / quantized tables: ORT against the wrapper computing the
             # same (tight), agreement with the model as it is (what the rounding changed)
