@@ -367,10 +367,11 @@ def render(rows: list[dict], args) -> str:
         out.append(f"| {student} | {method} | {per} | {mean:.2f} | {delta} | {nbytes} |")
     fit = next((r for r in rows if r["section"] == "teacher"), None)
     if fit:
+        where = "training views (dominant label)" if _augment(args) else "training set"
         out += ["", "## teacher", "",
-                f"ResNet-20: test {100 * fit['test_accuracy']:.2f}%, training set "
+                f"ResNet-20: test {100 * fit['test_accuracy']:.2f}%, {where} "
                 f"{100 * fit['train_accuracy']:.2f}%; mean probability of the true class on the "
-                f"training set {fit['true_class_prob']:.3f} at T 1, "
+                f"{where} {fit['true_class_prob']:.3f} at T 1, "
                 f"{fit['true_class_prob_at_t']:.3f} at the distillation temperature."]
     timed = [r for r in rows if r["section"] == "cache"]
     if len(timed) == 2:

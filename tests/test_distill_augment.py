@@ -155,3 +155,16 @@ def test_relational_reads_the_teachers_cached_embedding_of_the_same_view():
                    task=obj.task, progress=False)
     assert math.isfinite(losses[0])
     obj.close()
+
+
+def test_relational_on_the_fixed_data_caches_the_embedding_by_sample():
+    torch.manual_seed(0)
+    teacher, data = freeze(_net()), _data()
+    obj = Objective([_net()], task=ClassificationTask((1, 6, 6), 3), train_set=data,
+                    example=(data.tensors[0][:2],), losses={"hinton": 1.0, "relational": 1.0},
+                    teachers=[teacher])
+    assert not obj.module.live_teacher and obj.cached_embeddings.shape == (len(data), 16)
+    x, targets = next(iter(make_loader(obj.dataset, 8, shuffle=True, seed=1)))
+    with torch.no_grad():
+        assert torch.allclose(obj.cached_embeddings[targets[:, 1]], teacher[:5](x), atol=1e-5)
+    obj.close()

@@ -134,10 +134,10 @@ def test_hidden_state_losses_need_a_bert_layout():
     class Bag(torch.nn.Module):  # a bag-of-words encoder: no '*.encoder.layer' to tap
         def __init__(self):
             super().__init__()
-            self.table = torch.nn.EmbeddingBag(50, 8)
+            self.table = torch.nn.EmbeddingBag(50, 8, mode="sum")
 
         def forward(self, ids, mask):
-            return self.table(ids, per_sample_weights=mask.float(), mode="sum")
+            return self.table(ids, per_sample_weights=mask.float())
 
     torch.manual_seed(0)
     ids, mask = torch.randint(0, 50, (8, 6)), torch.ones(8, 6, dtype=torch.int64)

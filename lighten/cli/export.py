@@ -103,8 +103,9 @@ def _export_decoder(args, resolved) -> int:
 
     done = export_decoder(resolved.model, args.onnx, verify=not args.no_verify,
                           accuracy_level=args.accuracy_level,
-                          # levels 1-3 compute in 16-bit floats, which PyTorch does not mimic
-                          rtol=1e-3 if args.accuracy_level in (0, 4) else 0.25,
+                          # int8 activations (level 4) and 16-bit floats (levels 1-3) move
+                          # deep models' logits by percents, not 1e-3
+                          rtol=1e-3 if args.accuracy_level == 0 else 0.25,
                           metadata=task_metadata(resolved.task), table_bits=args.table_bits)
     print(f"wrote {done.path} ({human_bytes(done.bytes)}): {done.summary()}")
     return 0

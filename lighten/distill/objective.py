@@ -191,6 +191,14 @@ class Objective:
                                                     with_labels=True)
             self.teacher_fit = teacher_fit(self.cached, labels, params.temperature)
             self.dataset: Dataset = IndexedDataset(train_set)
+        elif (self.teachers is not None and cache and needs & {"features", "embeddings"}
+              == {"embeddings"} and _scalar_labels(train_set)):
+            # relational reads the teacher's logits and embedding only: both cached once
+            self.cached, labels, self.cached_embeddings = _predict_teachers(
+                self.teachers, train_set, task, with_labels=True, tap=self.teacher_tap,
+                embedding=f"{t_inputs[0]}:input")
+            self.teacher_fit = teacher_fit(self.cached, labels, params.temperature)
+            self.dataset = IndexedDataset(train_set)
         else:
             self.dataset = train_set
             self.module.live_teacher = self.teachers is not None
@@ -206,8 +214,8 @@ class Objective:
             teacher = self.cached.to(targets.device)[row] if self.cached is not None else \
                 outputs["teacher"]
         elif self.cached is not None:
-            labels, index = targets[:, 0], targets[:, 1]
-            teacher = self.cached.to(targets.device)[index]
+            labels, row = targets[:, 0], targets[:, 1]
+            teacher = self.cached.to(targets.device)[row]
         else:
             labels, teacher = targets, outputs["teacher"]
 
@@ -255,17 +263,24 @@ class Objective:
 
 
 def _predict_teachers(teachers: Teachers, dataset: Dataset, task, *,
-                      with_labels: bool = False):
+                      with_labels: bool = False, tap: FeatureTap | None = None,
+                      embedding: str | None = None):
     """The teachers' combined logits for every sample, in order (eval mode, no grad); with
-    ``with_labels`` also the samples' labels."""
+    ``with_labels`` also the samples' labels; with ``tap`` / ``embedding`` (a tap key such as
+    ``fc:input``) also that embedding per sample, returned last."""
     from lighten.data import make_loader
 
-    out, labels = [], []
+    out, labels, emb = [], [], []
     with torch.inference_mode():
         for x, y in make_loader(dataset, 512, shuffle=False):
             out.append(teachers(tuple(task.as_inputs(x))).float())
             labels.append(torch.as_tensor(y))
-    return (torch.cat(out), torch.cat(labels)) if with_labels else torch.cat(out)
+            if embedding is not None:
+                emb.append(tap.features[embedding].flatten(1).float().clone())
+    result = (torch.cat(out), torch.cat(labels)) if with_labels else (torch.cat(out),)
+    if embedding is not None:
+        result = (*result, torch.cat(emb))
+    return result if len(result) > 1 else result[0]
 
 
 def teacher_fit(logits: Tensor, labels: Tensor, temperature: float) -> dict[str, float]:

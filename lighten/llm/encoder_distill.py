@@ -72,7 +72,7 @@ class DistillTaps:
     (``states``) and its query/key/value projections ``(B, T, H*d)`` (``qkv``)."""
 
     def __init__(self, model: nn.Module, which: list[int], *, states: bool, qkv: bool):
-        layers = _layers(model)
+        layers = _layers(model) if which else []
         self.states: dict[int, Tensor] = {}
         self.qkv: dict[tuple[int, str], Tensor] = {}
         self.heads: dict[int, int] = {}
