@@ -6,7 +6,7 @@ with the same budget; the search's wall time and the latency predictor's median 
         [--trials 40] [--time-budget 30m] [--proxy-train 5000] [--proxy-epochs 1]
         [--proxy-holdout 1000] [--proxy-batch 64] [--proxy-lr-scale 1] [--init inherit]
         [--rerank-top 4] [--rerank-train 20000] [--rerank-epochs 1] [--rerank-holdout 5000]
-        [--seeds 1] [--runs 40] [--threads 2] [--parts macs latency]
+        [--seeds 1] [--latency-uniform both] [--runs 40] [--threads 2] [--parts macs latency]
         [--out benchmarks/results] [--tag NAME]
 
 Training (every contender): the shipped ResNet-20 checkpoint's recipe (SGD 0.1, momentum 0.9,
@@ -270,7 +270,7 @@ def run_latency(data, args, work: Path) -> dict:
     out["contenders"]["uniform"] = {"scale": scale, "measured_ratio": r,
                                     "fit_seconds": time.time() - t0}
     if scale is not None:
-        for inherit in (False, True):
+        for inherit in (False, True)[args.latency_uniform == "inherited":]:
             uni, _ = uniform(data, args, None, inherit=inherit, scale=scale)
             name = "uniform width x{:.2f} ({})".format(scale, "inherited" if inherit
                                                        else "scratch")
@@ -462,6 +462,9 @@ def main(argv=None) -> None:
     parser.add_argument("--rerank-holdout", type=int, default=5000)
     parser.add_argument("--seeds", type=int, default=1, help="trainings per contender")
     parser.add_argument("--tag", default="", help="result files nas<-tag>.{md,json}")
+    parser.add_argument("--latency-uniform", choices=["both", "inherited"], default="both",
+                        help="uniform contenders of the latency part: from scratch and "
+                        "inherited, or only inherited (the stronger one in the MACs part)")
     parser.add_argument("--init", choices=["inherit", "scratch"], default="inherit")
     args = bench_timing.parse_bench_args(
         parser, argv, train=2000, test=1000, epochs=0.5, runs=10, trials=4, proxy_train=512,
