@@ -217,8 +217,8 @@ def multitask(args, data, teacher, rows) -> None:
     from lighten.train import TrainConfig, train
 
     digits = _data(None, None, "mnist")
+    torch.manual_seed(0)  # before building: the teacher must not depend on earlier sections
     mnist_teacher = ZOO["lenet5"]()
-    torch.manual_seed(0)
     train(mnist_teacher, digits.train, TrainConfig(epochs=20, lr=1e-3), progress=False)
     mnist_teacher.eval()
     rows.append({"section": "multitask", "student": "lenet5 (mnist teacher)", "method": "teacher",
