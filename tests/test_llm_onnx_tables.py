@@ -89,15 +89,22 @@ def test_table_bits_errors(setup):
         NBitsTable(torch.randn(10, 40), bits=8)
 
 
-def test_accuracy_level_4_is_matched_exactly_by_the_pytorch_rounding(setup):
-    from lighten.llm.onnx_decoder import export_decoder
+def rtn_copy(setup, bits: int):
+    """(a copy of the model with ``bits``-bit RTN weights in groups of 16, sample ids)."""
     from lighten.llm.steps import LLMWeightOnlyConfig, quantize_llm_
 
-    tmp, model, data = setup
+    _, model, data = setup
     q = copy.deepcopy(model)
-    quantize_llm_(q, LLMWeightOnlyConfig(method="rtn", bits=4, group_size=16),
+    quantize_llm_(q, LLMWeightOnlyConfig(method="rtn", bits=bits, group_size=16),
                   [torch.stack([data.train[i][0] for i in range(4)])])
-    ids = torch.stack([data.test[i][0] for i in range(2)])[:, :10]
+    return q, torch.stack([data.test[i][0] for i in range(2)])[:, :10]
+
+
+def test_accuracy_level_4_is_matched_exactly_by_the_pytorch_rounding(setup):
+    from lighten.llm.onnx_decoder import export_decoder
+
+    tmp = setup[0]
+    q, ids = rtn_copy(setup, 4)
     with torch.no_grad():
         scale = float(q(ids).abs().max())
     done = export_decoder(q, tmp / "l4.onnx", sample_ids=ids, accuracy_level=4)
@@ -107,13 +114,9 @@ def test_accuracy_level_4_is_matched_exactly_by_the_pytorch_rounding(setup):
 
 def test_eight_bit_layers_run_with_int8_activations_and_say_so(setup):
     from lighten.llm.onnx_decoder import export_decoder
-    from lighten.llm.steps import LLMWeightOnlyConfig, quantize_llm_
 
-    tmp, model, data = setup
-    q = copy.deepcopy(model)
-    quantize_llm_(q, LLMWeightOnlyConfig(method="rtn", bits=8, group_size=16),
-                  [torch.stack([data.train[i][0] for i in range(4)])])
-    ids = torch.stack([data.test[i][0] for i in range(2)])[:, :10]
+    tmp = setup[0]
+    q, ids = rtn_copy(setup, 8)
     done = export_decoder(q, tmp / "w8.onnx", sample_ids=ids)  # level 0 asked
     assert done.nbits_layers == done.int8_activation_layers == 14
     assert "14 with int8 activations" in done.summary()

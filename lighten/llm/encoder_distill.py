@@ -31,18 +31,17 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lighten.errors import ModelError, RecipeError
+from lighten.llm.slicing import find_layer_stack
 
 __all__ = ["DistillTaps", "default_layer_map", "distill_embeddings_", "relation_loss"]
 
 
 def _layers(model: nn.Module) -> nn.ModuleList:
     """The ``*.encoder.layer`` list (its Linears may be wrapped by ``fake_int8``)."""
-    for name, module in model.named_modules():
-        if name.endswith("encoder.layer") and isinstance(module, nn.ModuleList) and len(module):
-            return module
-    raise ModelError("distillation of hidden states (tokens, layers, relations) needs a "
-                     "BERT-family encoder ('*.encoder.layer'); set them to 0 for other models "
-                     "(the embedding loss alone works for any encoder)")
+    return find_layer_stack(model, "encoder.layer", lambda _: True,
+                            "distillation of hidden states (tokens, layers, relations) needs a "
+                            "BERT-family encoder ('*.encoder.layer'); set them to 0 for other "
+                            "models (the embedding loss alone works for any encoder)")[1]
 
 
 def default_layer_map(teacher_layers: int, student_layers: int) -> list[int]:

@@ -26,17 +26,16 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lighten.errors import ModelError
+from lighten.llm.slicing import find_layer_stack
 
 __all__ = ["FakeInt8Embedding", "FakeInt8Linear", "fake_int8", "reconstruct_ffn_"]
 
 
 def _layers(model: nn.Module) -> nn.ModuleList:
     """The ``*.encoder.layer`` list (its Linears may be wrapped by :func:`fake_int8`)."""
-    for name, module in model.named_modules():
-        if name.endswith("encoder.layer") and isinstance(module, nn.ModuleList) and len(module):
-            return module
-    raise ModelError("no '*.encoder.layer' ModuleList found; reconstruct_ffn_ supports "
-                     "BERT-family encoders (BERT, RoBERTa, MiniLM)")
+    return find_layer_stack(model, "encoder.layer", lambda _: True,
+                            "no '*.encoder.layer' ModuleList found; reconstruct_ffn_ supports "
+                            "BERT-family encoders (BERT, RoBERTa, MiniLM)")[1]
 
 
 class _Stop(Exception):
