@@ -291,15 +291,13 @@ def kernel_ms(paths, *, batch: int, threads: int, rounds: int) -> list[float]:
     ignores the runs another process interrupted."""
     import onnxruntime as ort
 
-    from lighten.backends.onnxrt import DISABLED_OPTIMIZERS
+    from lighten.backends.onnxrt import DISABLED_OPTIMIZERS, session_options
 
     sessions = []
     prefix = Path(tempfile.mkdtemp(prefix="lighten-prof-")) / "p"
     for path in paths:
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads, opts.inter_op_num_threads = threads, 1
+        opts = session_options(threads)
         opts.enable_profiling, opts.profile_file_prefix = True, str(prefix)
-        opts.log_severity_level = 3
         sessions.append(ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"],
                                              disabled_optimizers=DISABLED_OPTIMIZERS))
     x = np.random.default_rng(0).standard_normal((batch, *SHAPE)).astype(np.float32)

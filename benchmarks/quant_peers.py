@@ -31,7 +31,7 @@ import torch
 from bench_timing import ms_cell, overlap, ratio_cell, spread_note, time_rows
 
 from lighten.backends import get_backend
-from lighten.backends.onnxrt import OrtCompiled, integer_ops
+from lighten.backends.onnxrt import OnnxRuntimeBackend, OrtCompiled, session_options
 from lighten.backends.torch_eager import TorchCompiled
 from lighten.data import DataSpec, load_data
 from lighten.export import INPUT_NAME, OUTPUT_NAME
@@ -47,18 +47,8 @@ SHAPE = (1, 28, 28)
 
 
 def ort_file(path: Path, threads: int) -> OrtCompiled:
-    """An ONNX file another tool wrote, on ORT with the same session settings as our backend."""
-    import onnx
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads, opts.inter_op_num_threads = threads, 1
-    opts.optimized_model_filepath = str(path.with_suffix(".optimized.onnx"))
-    opts.log_severity_level = 3
-    session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-    ops = {n.op_type: 1 for n in onnx.load(opts.optimized_model_filepath).graph.node}
-    return OrtCompiled(session, input_shape=SHAPE, onnx_path=path,
-                       info={"integer_ops": integer_ops(ops)})
+    """An ONNX file another tool wrote, opened by our ORT backend: the same session settings."""
+    return OnnxRuntimeBackend(threads=threads).compile_file(path, input_shape=SHAPE)
 
 
 def float_onnx(model, calib, work: Path, threads: int) -> dict:
@@ -234,9 +224,7 @@ def matmul_ceiling(threads: int, runs: int, work: Path) -> dict:
     for kind, (a, b) in cases.items():
         proto = _matmul_graph(kind, a, b)
         if kind != "qdq":
-            opts = ort.SessionOptions()
-            opts.intra_op_num_threads = threads
-            session = ort.InferenceSession(proto.SerializeToString(), opts,
+            session = ort.InferenceSession(proto.SerializeToString(), session_options(threads),
                                            providers=["CPUExecutionProvider"])
             calls["onnxruntime", kind] = _Call(lambda s=session, a=a: s.run(None, {"a": a}))
         if kind != "int8":

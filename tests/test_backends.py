@@ -121,3 +121,22 @@ def test_openvino_missing_is_a_clear_error():
             get_backend("openvino")
     else:
         pytest.skip("openvino is installed")
+
+
+def test_ort_sessions_stop_spinning_when_a_run_returns(model, tmp_path):
+    """Every ORT session lighten times (the backend's, the early-exit segments', peers' files)
+    comes from session_options: threads pinned, and worker threads that stop spinning when a run
+    returns, so two models timed in turn do not share the cores with each other's spin-waits."""
+    from lighten.backends.onnxrt import SESSION_CONFIG, session_options
+
+    compiled = get_backend("onnxruntime", threads=2).compile(model, input_shape=(1, 8, 8),
+                                                             workdir=tmp_path / "a")
+    again = get_backend("onnxruntime", threads=2).compile_file(tmp_path / "a" / "model.onnx",
+                                                              input_shape=(1, 8, 8))
+    assert SESSION_CONFIG == {"session.force_spinning_stop": "1"}
+    for opts in (compiled._session.get_session_options(), again._session.get_session_options(),
+                 session_options(3)):
+        assert opts.get_session_config_entry("session.force_spinning_stop") == "1"
+    assert compiled._session.get_session_options().intra_op_num_threads == 2
+    assert session_options(3).intra_op_num_threads == 3
+    assert session_options(None).intra_op_num_threads == default_threads()

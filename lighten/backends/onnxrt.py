@@ -29,6 +29,30 @@ _INTEGER_OPS = {"QGemm", "DynamicQuantizeMatMul", "DynamicQuantizeLinear", "Conv
 # 8.6 vs 0.72 ms, 1 thread, AVX-512 EPYC); it fires wherever the Add's shapes are known.
 DISABLED_OPTIMIZERS = ["SkipLayerNormFusion"]
 
+# ORT's worker threads keep spin-waiting for a while after a run ends. With two models in one
+# process on 2 cores (every interleaved timing, a user's pipeline), the next model's run shares
+# the cores with the last one's spinning threads: on a 2-vCPU VM an int8 model alternated between
+# 7-8 and 15 ms spells next to its float twin. Spinning stays on during a run, where it helps,
+# and stops when the run returns (benchmarks/results/ort_spinning.md).
+SESSION_CONFIG = {"session.force_spinning_stop": "1"}
+
+
+def session_options(threads: int | None = None):
+    """lighten's ORT session options: ``threads`` intra-op threads (None: all usable cores), one
+    inter-op thread, sequential execution, every graph optimization, and :data:`SESSION_CONFIG`.
+    Every session lighten times is opened with these, so models compare on equal terms."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads or default_threads()
+    opts.inter_op_num_threads = 1
+    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    opts.log_severity_level = 3  # the NCHWc "hardware specific" warning is expected
+    for key, value in SESSION_CONFIG.items():
+        opts.add_session_config_entry(key, value)
+    return opts
+
 
 def integer_ops(op_types: dict[str, int]) -> list[str]:
     """The op types in ``op_types`` that compute on integers."""
@@ -134,13 +158,8 @@ class OnnxRuntimeBackend:
     def _session(self, onnx_path: Path, optimized_path: Path):
         import onnxruntime as ort
 
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = self.threads
-        opts.inter_op_num_threads = 1
-        opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        opts = session_options(self.threads)
         opts.optimized_model_filepath = str(optimized_path)
-        opts.log_severity_level = 3  # the NCHWc "hardware specific" warning is expected
         try:
             session = ort.InferenceSession(str(onnx_path), opts,
                                            providers=["CPUExecutionProvider"],

@@ -101,16 +101,11 @@ class SegmentRuntime:
     def __init__(self, workdir: Path, *, threads: int | None = None):
         import onnxruntime as ort
 
-        from lighten.backends import default_threads
+        from lighten.backends.onnxrt import session_options
 
         workdir = Path(workdir)
         spec = json.loads((workdir / "runtime.json").read_text())
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = threads or default_threads()
-        opts.inter_op_num_threads = 1
-        opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        opts.log_severity_level = 3
+        opts = session_options(threads)
         try:
             self.sessions = [ort.InferenceSession(str(workdir / name), opts,
                                                   providers=["CPUExecutionProvider"])
@@ -250,12 +245,9 @@ def measure_dynamic(model, dataset, *, task=None, workdir: Path | None = None,
 def _session_fn(path: Path, threads: int | None):
     import onnxruntime as ort
 
-    from lighten.backends import default_threads
+    from lighten.backends.onnxrt import session_options
 
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = threads or default_threads()
-    opts.inter_op_num_threads = 1
-    opts.log_severity_level = 3
+    opts = session_options(threads)
     session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
     name = session.get_inputs()[0].name
     return lambda x: session.run(None, {name: np.ascontiguousarray(x, dtype=np.float32)})[0]
