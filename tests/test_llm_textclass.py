@@ -1,5 +1,5 @@
 """The ``text-classification`` task (lighten.llm.textclass) on a tiny random BERT and made-up
-Reuters-like ``.tab`` files (helpers of test_llm_embedding): a probe-initialised head, a short
+Reuters-like ``.tab`` files (tests/_llm_helpers.py): a probe-initialised head, a short
 fine-tune, then int8 and structured pruning through ``lighten.compress`` and through ``lighten
 run`` (the baseline stage trains the head; the shipped MiniLM recipes parse)."""
 
@@ -17,23 +17,9 @@ from lighten.errors import DataError, ModelError
 pytest.importorskip("transformers")
 pytest.importorskip("sklearn")
 
-from test_llm_embedding import SEQ, tiny_encoder, write_tab  # noqa: E402
+from _llm_helpers import SEQ, encoder_world  # noqa: E402
 
-
-@pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("textclass")
-    tab = tmp / "tab"
-    tab.mkdir()
-    write_tab(tab, "train", 96, 1)
-    write_tab(tab, "test", 48, 2)
-    return {"tab": tab, "model": tiny_encoder(tmp / "bert", layers=2, init=0.02), "tmp": tmp}
-
-
-@pytest.fixture(autouse=True)
-def _tab_env(world, monkeypatch):
-    monkeypatch.setenv("LIGHTEN_ORANGE_TEXT", str(world["tab"]))
-    monkeypatch.setenv("LIGHTEN_CACHE", str(world["tmp"] / "cache"))
+world, _tab_env = encoder_world("textclass", train=96, layers=2, init=0.02)
 
 
 def bundle(world):

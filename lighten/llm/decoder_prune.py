@@ -49,6 +49,7 @@ from lighten.llm.slicing import (
     linear_cols_compensated,
     linear_rows,
 )
+from lighten.llm.train_loop import train_steps
 from lighten.modules import require_modules
 from lighten.registry import register_step
 from lighten.step import PruneStepConfig, StepContext, StrictModel
@@ -402,38 +403,26 @@ def distill_logits_(student: nn.Module, batches: list[Tensor], targets: list[Ten
     for p in student.parameters():
         if id(p) in frozen:
             p.requires_grad_(False)
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    steps = max(1, int(round(epochs * len(batches))))
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 - s / steps)
-    g = torch.Generator().manual_seed(seed)
+    t = temperature
+
+    def loss_of(j: int) -> Tensor:
+        logits = student(batches[j])  # (B, T, V)
+        with torch.no_grad():
+            teacher = head(targets[j])
+        v = logits.shape[-1]
+        return F.kl_div(F.log_softmax(logits.reshape(-1, v) / t, dim=-1),
+                        F.log_softmax(teacher.reshape(-1, v) / t, dim=-1),
+                        log_target=True, reduction="batchmean") * t * t
+
     was_training = student.training
     student.eval()
-    t = temperature
-    history, total, count, step = [], 0.0, 0, 0
     try:
-        while step < steps:
-            for j in torch.randperm(len(batches), generator=g).tolist():
-                if step >= steps:
-                    break
-                logits = student(batches[j])  # (B, T, V)
-                with torch.no_grad():
-                    teacher = head(targets[j])
-                v = logits.shape[-1]
-                loss = F.kl_div(F.log_softmax(logits.reshape(-1, v) / t, dim=-1),
-                                F.log_softmax(teacher.reshape(-1, v) / t, dim=-1),
-                                log_target=True, reduction="batchmean") * t * t
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                sched.step()
-                total, count, step = total + float(loss.detach()), count + 1, step + 1
-            history.append(total / max(count, 1))
-            total, count = 0.0, 0
+        history = train_steps(params, loss_of, len(batches), epochs=epochs, lr=lr, seed=seed,
+                              schedule=lambda s, steps: 1.0 - s / steps)
     finally:
         for p in student.parameters():
             p.requires_grad_(flags.get(id(p), True))
         student.train(was_training)
-        opt.zero_grad(set_to_none=True)
     return history
 
 

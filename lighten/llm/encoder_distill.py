@@ -32,6 +32,7 @@ from torch import Tensor, nn
 
 from lighten.errors import ModelError, RecipeError
 from lighten.llm.slicing import find_layer_stack
+from lighten.llm.train_loop import train_steps
 
 __all__ = ["DistillTaps", "default_layer_map", "distill_embeddings_", "relation_loss"]
 
@@ -182,46 +183,33 @@ def distill_embeddings_(student: nn.Module, teacher: nn.Module,
             cache[j] = found
         return found
 
-    opt = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=lr,
-                            weight_decay=0.0)
-    steps = max(1, int(round(epochs * len(batches))))
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _schedule(s, steps, warmup))
-    g = torch.Generator().manual_seed(seed)
+    def loss_of(j: int) -> Tensor:
+        emb, t_states, t_qkv = targets(j)
+        ids, mask = trimmed[j]
+        loss = (1 - F.cosine_similarity(student(ids, mask), emb, dim=-1)).mean()
+        if tokens:
+            loss = loss + tokens * _state_loss(s_taps.states[s_n - 1], t_states[t_n - 1], mask)
+        if layers:
+            loss = loss + layers * sum(_state_loss(s_taps.states[k], t_states[t], mask)
+                                       for k, t in pairs) / len(pairs)
+        if relations:
+            loss = loss + relations * sum(relation_loss(
+                {n: s_taps.qkv[(k, n)] for n in ("query", "key", "value")},
+                {n: t_qkv[(t, n)] for n in ("query", "key", "value")}, mask,
+                student_heads=s_taps.heads[k], teacher_heads=t_taps.heads[t])
+                for k, t in pairs) / len(pairs)
+        return loss
+
     was_training, t_training = student.training, teacher.training
     student.eval()  # no dropout: the target is a deterministic embedding
     teacher.eval()
-    history, total, count, step = [], 0.0, 0, 0
     try:
-        while step < steps:
-            for j in torch.randperm(len(batches), generator=g).tolist():
-                if step >= steps:
-                    break
-                emb, t_states, t_qkv = targets(j)
-                ids, mask = trimmed[j]
-                loss = (1 - F.cosine_similarity(student(ids, mask), emb, dim=-1)).mean()
-                if tokens:
-                    loss = loss + tokens * _state_loss(s_taps.states[s_n - 1],
-                                                       t_states[t_n - 1], mask)
-                if layers:
-                    loss = loss + layers * sum(_state_loss(s_taps.states[k], t_states[t], mask)
-                                               for k, t in pairs) / len(pairs)
-                if relations:
-                    loss = loss + relations * sum(relation_loss(
-                        {n: s_taps.qkv[(k, n)] for n in ("query", "key", "value")},
-                        {n: t_qkv[(t, n)] for n in ("query", "key", "value")}, mask,
-                        student_heads=s_taps.heads[k], teacher_heads=t_taps.heads[t])
-                        for k, t in pairs) / len(pairs)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                sched.step()
-                total, count, step = total + float(loss.detach()), count + 1, step + 1
-            history.append(total / max(count, 1))
-            total, count = 0.0, 0
+        history = train_steps([p for p in student.parameters() if p.requires_grad], loss_of,
+                              len(batches), epochs=epochs, lr=lr, seed=seed,
+                              schedule=lambda s, steps: _schedule(s, steps, warmup))
     finally:
         s_taps.remove()
         t_taps.remove()
         student.train(was_training)
         teacher.train(t_training)
-        opt.zero_grad(set_to_none=True)
     return history

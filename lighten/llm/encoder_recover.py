@@ -27,6 +27,7 @@ from torch import Tensor, nn
 
 from lighten.errors import ModelError
 from lighten.llm.slicing import find_layer_stack
+from lighten.quant.dynamic import symmetric_codes
 
 __all__ = ["FakeInt8Embedding", "FakeInt8Linear", "fake_int8", "reconstruct_ffn_"]
 
@@ -120,6 +121,13 @@ def reconstruct_ffn_(student: nn.Module, teacher: nn.Module, batches, *,
     return errors
 
 
+def _int8_rows(w: Tensor, qmax: int) -> Tensor:
+    """``w`` on the grid ``quant.dynamic`` stores (one scale per row, ``[-qmax, qmax]``), with a
+    straight-through gradient to the float ``w``."""
+    codes, scale = symmetric_codes(w.detach(), qmax)
+    return w + (codes * scale[:, None] - w).detach()
+
+
 class FakeInt8Linear(nn.Module):
     """``linear`` computed as :class:`~lighten.quant.dynamic.DynamicQuantLinear` would: weights
     rounded per output channel to ``[-qmax, qmax]``, the input to uint8 over the whole tensor's
@@ -130,10 +138,7 @@ class FakeInt8Linear(nn.Module):
         self.linear, self.qmax = linear, qmax
 
     def forward(self, x: Tensor) -> Tensor:
-        w = self.linear.weight
-        scale = (w.detach().abs().amax(1, keepdim=True) / self.qmax).clamp_min(
-            torch.finfo(torch.float32).eps)
-        wq = w + (torch.clamp(torch.round(w / scale), -self.qmax, self.qmax) * scale - w).detach()
+        wq = _int8_rows(self.linear.weight, self.qmax)
         lo = torch.clamp(x.detach().min(), max=0.0)
         hi = torch.clamp(x.detach().max(), min=0.0)
         s = (hi - lo) / 255.0
@@ -152,11 +157,8 @@ class FakeInt8Embedding(nn.Module):
         self.embedding, self.qmax = embedding, qmax
 
     def forward(self, ids: Tensor) -> Tensor:
-        w = self.embedding.weight
-        scale = (w.detach().abs().amax(1, keepdim=True) / self.qmax).clamp_min(
-            torch.finfo(torch.float32).eps)
-        wq = w + (torch.clamp(torch.round(w / scale), -self.qmax, self.qmax) * scale - w).detach()
-        return F.embedding(ids, wq, self.embedding.padding_idx)
+        return F.embedding(ids, _int8_rows(self.embedding.weight, self.qmax),
+                           self.embedding.padding_idx)
 
 
 @contextmanager

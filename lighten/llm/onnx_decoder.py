@@ -119,16 +119,18 @@ class NBitsTable(nn.Module):
     leaves it float. The lookup gathers the packed rows of the same initializer the head
     reads, so the file holds one copy. An 8-bit head always runs MatMulNBits at accuracy level
     4 (int8 activations per block; PyTorch rounds them the same way), the only fast 8-bit path.
-    Use 8: a 4-bit table alone raised SmolLM2-135M's perplexity 27% in a one-off PyTorch check
-    on 16 Austen windows (8-bit: 0.04%).
+    Use 8: on SmolLM2-135M (float blocks, 8 Austen windows, through ORT) a 4-bit table alone
+    raises the perplexity 28%, an 8-bit one 0.3% (``benchmarks/llm_generate.py --table-bits 4
+    8``: benchmarks/results/llm-s23/llm-generate.md).
     """
 
     def __init__(self, weight: torch.Tensor, *, bits: int, accuracy_level: int = 0):
         super().__init__()
         from lighten.llm.rtn import rtn
 
-        if bits == 8:  # ORT 1.32's 8-bit MatMulNBits in float is ~30x slower than a float
-            accuracy_level = 4  # Gemm (SmolLM2's head: 300 vs 11 ms a token; level 4: 1.5 ms)
+        if bits == 8:  # ORT 1.32's 8-bit MatMulNBits in float is ~35x slower than a float
+            accuracy_level = 4  # Gemm (SmolLM2's head: 276 vs 7.8 ms a token; level 4: 1.4 ms;
+            # llm_generate.py --head-levels: benchmarks/results/llm-s23/llm-generate-head.md)
 
         rows, width = weight.shape
         size = _table_group(width)

@@ -60,6 +60,20 @@ def dynamic_quantize_u8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, to
     return q, scale, zero
 
 
+def symmetric_codes(w: torch.Tensor, qmax: int, *,
+                    per_channel: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """``w (rows, cols)`` rounded to the symmetric grid ``[-qmax, qmax]`` with one scale per row
+    (or one for the tensor): ``(codes as float, scale (rows,) or ())``, ``scale * codes ~ w``.
+
+    The one rounding of every int8 weight ``quant.dynamic`` stores (Linear, LSTM, embedding
+    rows) and of ``llm.encoder_recover.fake_int8``, which must train on exactly that grid.
+    A zero row gets the smallest scale (float32 eps) and zero codes."""
+    amax = w.abs().amax(dim=1) if per_channel else w.abs().amax()
+    scale = (amax / qmax).clamp_min(torch.finfo(torch.float32).eps)
+    codes = torch.clamp(torch.round(w / (scale[:, None] if per_channel else scale)), -qmax, qmax)
+    return codes, scale
+
+
 class PerTensorU8:
     """Activation quantizer of ``quant.dynamic``: ONNX ``DynamicQuantizeLinear`` (uint8)."""
 
@@ -147,12 +161,9 @@ class DynamicQuantLinear(nn.Module):
 
     @torch.no_grad()
     def set_weight(self, weight: torch.Tensor) -> None:
-        w = weight.float()
-        amax = w.abs().amax(dim=1) if self.per_channel else w.abs().amax().reshape(1)
-        scale = (amax / self.qmax).clamp_min(torch.finfo(torch.float32).eps)
+        codes, scale = symmetric_codes(weight.float(), self.qmax, per_channel=self.per_channel)
         self.weight_scale.copy_(scale)
-        q = torch.clamp(torch.round(w / scale[:, None]), -self.qmax, self.qmax)
-        self.weight_int.copy_(q.to(torch.int8))
+        self.weight_int.copy_(codes.to(torch.int8))
 
     def dequantized_weight(self) -> torch.Tensor:
         return self.weight_int.float() * self.weight_scale[:, None]
@@ -167,8 +178,7 @@ class DynamicQuantLinear(nn.Module):
 
     @classmethod
     def from_artifact(cls, config: dict) -> DynamicQuantLinear:
-        c = dict(config)
-        return cls(c.pop("in_features"), c.pop("out_features"), **c)
+        return cls(**config)
 
     def extra_repr(self) -> str:
         return (f"{self.in_features}, {self.out_features}, w{self.bits}"

@@ -27,7 +27,7 @@ from torch import nn
 
 from lighten.errors import UnsupportedError
 from lighten.modules import register_module_type
-from lighten.quant.dynamic import dynamic_quantize_u8
+from lighten.quant.dynamic import dynamic_quantize_u8, symmetric_codes
 
 _TORCH_TO_ONNX_GATES = (0, 3, 1, 2)  # PyTorch chunks i, f, g, o -> ONNX i, o, f, c
 
@@ -202,12 +202,8 @@ class DynamicQuantLSTM(nn.Module):
 
     def _quantize(self, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``weight (4H, in)`` -> int8 ``(in, 4H)`` and scales ``(4H,)`` (or ``()``)."""
-        w = weight.float()
-        amax = w.abs().amax(dim=1) if self.per_channel else w.abs().amax()
-        scale = (amax / self.qmax).clamp_min(torch.finfo(torch.float32).eps)
-        per_row = scale[:, None] if self.per_channel else scale
-        q = torch.clamp(torch.round(w / per_row), -self.qmax, self.qmax)
-        return q.to(torch.int8).T.contiguous(), scale
+        codes, scale = symmetric_codes(weight.float(), self.qmax, per_channel=self.per_channel)
+        return codes.to(torch.int8).T.contiguous(), scale
 
     def dequantized_weights(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Float ``W (D, in, 4H)`` and ``R (D, H, 4H)`` as the integer kernels see them."""
@@ -256,8 +252,7 @@ class DynamicQuantLSTM(nn.Module):
 
     @classmethod
     def from_artifact(cls, config: dict) -> DynamicQuantLSTM:
-        c = dict(config)
-        return cls(c.pop("input_size"), c.pop("hidden_size"), **c)
+        return cls(**config)
 
     def extra_repr(self) -> str:
         return (f"{self.input_size}, {self.hidden_size}, num_layers={self.num_layers}, "

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from lighten.modules import register_module_type
+from lighten.quant.dynamic import symmetric_codes
 
 
 @register_module_type
@@ -54,10 +55,8 @@ class Int8Embedding(nn.Module):
 
     @torch.no_grad()
     def set_weight(self, weight: torch.Tensor) -> None:
-        w = weight.float()
-        scale = (w.abs().amax(dim=1) / self.qmax).clamp_min(torch.finfo(torch.float32).eps)
+        codes, scale = symmetric_codes(weight.float(), self.qmax)
         self.weight_scale.copy_(scale)
-        codes = torch.clamp(torch.round(w / scale[:, None]), -self.qmax, self.qmax)
         self.weight_int.copy_(codes.to(torch.int8))
 
     def dequantized_weight(self) -> torch.Tensor:
@@ -72,8 +71,7 @@ class Int8Embedding(nn.Module):
 
     @classmethod
     def from_artifact(cls, config: dict) -> Int8Embedding:
-        c = dict(config)
-        return cls(c.pop("num_embeddings"), c.pop("embedding_dim"), **c)
+        return cls(**config)
 
     def extra_repr(self) -> str:
         return f"{self.num_embeddings}, {self.embedding_dim}, int{self.bits} rows"
