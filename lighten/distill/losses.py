@@ -75,6 +75,53 @@ def dkd_loss(student: Tensor, teacher: Tensor, labels: Tensor, *, temperature: f
     return alpha * tckd + beta * nckd
 
 
+def standardize(logits: Tensor, eps: float = 1e-7) -> Tensor:
+    """Z-score each row of logits over the classes: ``(z - mean) / std`` (unbiased std)."""
+    mean = logits.mean(-1, keepdim=True)
+    return (logits - mean) / (logits.std(-1, keepdim=True) + eps)
+
+
+def hinton_ls_loss(student: Tensor, teacher: Tensor, labels: Tensor, *,
+                   temperature: float = 2.0, alpha: float = 0.9) -> Tensor:
+    """Hinton KD on standardized logits (Sun et al., CVPR 2024, "Logit Standardization in KD").
+
+    Plain KD asks the student to match the teacher's logits in range and spread as well as in
+    their relations; a small student cannot, and the shared temperature punishes it for that.
+    Z-scoring both sides before the softmax keeps only the relations (the effective
+    temperature becomes ``T * std`` of each sample's own logits). The label term reads the raw
+    logits: ``alpha * T^2 * KL(p_T~ || p_S~) + (1 - alpha) * CE(y, p_S)``.
+    """
+    ce = F.cross_entropy(student.reshape(-1, student.shape[-1]), labels.reshape(-1))
+    soft = soft_target_loss(standardize(student), standardize(teacher), temperature)
+    return alpha * soft + (1 - alpha) * ce
+
+
+def _pearson(a: Tensor, b: Tensor, dim: int, eps: float = 1e-8) -> Tensor:
+    """Pearson correlation of ``a`` and ``b`` along ``dim``."""
+    a, b = a - a.mean(dim, keepdim=True), b - b.mean(dim, keepdim=True)
+    return (a * b).sum(dim) / (a.norm(dim=dim) * b.norm(dim=dim) + eps)
+
+
+def dist_loss(student: Tensor, teacher: Tensor, *, temperature: float = 1.0,
+              inter: float = 1.0, intra: float = 1.0) -> Tensor:
+    """DIST (Huang et al., NeurIPS 2022): ``T^2 (inter (1 - rho_rows) + intra (1 - rho_cols))``.
+
+    KL asks for the teacher's exact probabilities; a much weaker student gains more from
+    matching their *relations*: per sample, the Pearson correlation of the class
+    probabilities (inter-class: which classes look alike), and per class, the correlation over
+    the batch (intra-class: which samples are more of that class). Correlation ignores shift
+    and scale, so the student is free to be less (or more) confident than the teacher.
+    """
+    _check_same(student, teacher)
+    classes = student.shape[-1]
+    t = temperature
+    p_s = F.softmax(student.reshape(-1, classes) / t, -1)  # (B, C)
+    p_t = F.softmax(teacher.reshape(-1, classes) / t, -1)
+    rows = 1 - _pearson(p_s, p_t, 1).mean()
+    cols = 1 - _pearson(p_s, p_t, 0).mean()
+    return t * t * (inter * rows + intra * cols)
+
+
 def hint_loss(student_feature: Tensor, teacher_feature: Tensor) -> Tensor:
     """FitNets (Romero et al. 2015): mean squared error between the (adapted) student feature
     and the teacher's; a larger map is average-pooled to the smaller one's size."""
@@ -218,6 +265,21 @@ def _dkd(b: Batch, p: LossParams) -> Tensor:
     """Decoupled KD: ``alpha TCKD + beta NCKD`` (Zhao et al. 2022), ramped in (``warmup``)."""
     return b.ramp * dkd_loss(b.student, _need(b.teacher, "a teacher", "dkd"), b.labels,
                     temperature=p.temperature, alpha=p.dkd_alpha, beta=p.dkd_beta)
+
+
+@register_loss("hinton_ls", "teacher")
+def _hinton_ls(b: Batch, p: LossParams) -> Tensor:
+    """Hinton KD on z-scored logits (logit standardization, Sun et al. 2024)."""
+    teacher = _need(b.teacher, "a teacher", "hinton_ls")
+    soft = soft_target_loss(standardize(b.student), standardize(teacher), p.temperature)
+    return p.alpha * soft + (1 - p.alpha) * b.task_loss(b.student, b.labels)
+
+
+@register_loss("dist", "teacher")
+def _dist(b: Batch, p: LossParams) -> Tensor:
+    """DIST: inter- + intra-class Pearson relations of the probabilities (Huang et al. 2022)."""
+    return dist_loss(b.student, _need(b.teacher, "a teacher", "dist"),
+                     temperature=p.temperature)
 
 
 @register_loss("hint", "features")
