@@ -7,8 +7,10 @@ teacher's logits computed once for all runs.
 
 A config is ``label``, ``hinton:ALPHA:T`` (``ALPHA T^2 KL + (1 - ALPHA) CE``), ``dkd:BETA:T``
 (``CE + TCKD + BETA NCKD``, ramped in over the first quarter of the steps, as the ``distill``
-step does) or another method of the step (``relational:ALPHA:T``: hinton + RKD; with
-``--augment views=K`` the teacher's embeddings are cached per view too).
+step does), ``hinton_ls:ALPHA:T`` (hinton on z-scored logits, Sun et al. 2024), ``dist:W:T``
+(``CE + W T^2 (inter + intra)`` Pearson relations, DIST) or another method of the step
+(``relational:ALPHA:T``: hinton + RKD; with ``--augment views=K`` the teacher's embeddings are
+cached per view too).
 Each run is the library's own objective (``lighten.distill.objective.Objective``,
 with ``augment`` the step's :class:`~lighten.distill.augment.AugmentConfig`) trained by the
 library's loop (``lighten.train.train``: Adam lr 1e-3, cosine, batch 128), a fresh LeNet-5
@@ -28,11 +30,16 @@ from pathlib import Path
 import torch
 
 
-def _losses(kind: str) -> dict[str, float]:
-    """``label``: cross-entropy alone; otherwise the distill step's method of that name."""
+def _losses(kind: str, weight: float) -> dict[str, float]:
+    """``label``: cross-entropy alone; ``dist``: CE + ``weight`` x DIST; otherwise the distill
+    step's method of that name (its knob, alpha or beta, goes through the loss params)."""
     from lighten.distill.step import METHOD_LOSSES
 
-    return {"ce": 1.0} if kind == "label" else dict(METHOD_LOSSES[kind])
+    if kind == "label":
+        return {"ce": 1.0}
+    if kind == "dist":
+        return {"ce": 1.0, "dist": weight}
+    return dict(METHOD_LOSSES[kind])
 
 
 def _augment(items: list[str] | None):
@@ -41,6 +48,22 @@ def _augment(items: list[str] | None):
     if not items:
         return None
     return AugmentConfig(**dict(item.split("=", 1) for item in items))
+
+
+def _student(name: str, teacher, example, seed: int):
+    """A fresh student, seeded: a zoo name (``lenet5``), ``resnet8`` (the zoo's ResNet-20 with
+    one basic block per stage) or ``resnet20xW`` (derived from the teacher at width W,
+    re-initialized: the ``distill`` step's ``student: {width: W}``)."""
+    from lighten.distill.models import derive_student
+    from lighten.models import ZOO
+    from lighten.models.resnet import ResNet20
+
+    torch.manual_seed(seed)
+    if name == "resnet8":
+        return ResNet20(blocks=1)
+    if name.startswith("resnet20x"):
+        return derive_student(teacher, example[0], width=float(name[9:]), seed=seed)[0]
+    return ZOO[name]()
 
 
 def main(argv=None) -> None:
@@ -61,8 +84,11 @@ def main(argv=None) -> None:
                         help="score on the last N training images (trained on the rest)")
     parser.add_argument("--augment", nargs="*", default=None,
                         help="distill augment keys: crop=2 flip=1 mixup=0.2 views=4")
-    parser.add_argument("--student", default="lenet5")
+    parser.add_argument("--student", default="lenet5",
+                        help="a zoo name, resnet8, or resnet20xW (the teacher at width W)")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--channels-last", action="store_true",
+                        help="train the student in channels_last (oneDNN's fast CPU layout)")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -87,18 +113,23 @@ def main(argv=None) -> None:
         params = LossParams(temperature=t, alpha=a, dkd_beta=a)
         for seed in args.seeds:
             torch.manual_seed(seed)
-            model = ZOO[args.student]()
-            start = time.perf_counter()
+            model = _student(args.student, teacher, example, seed)
+            if args.channels_last:
+                model = model.to(memory_format=torch.channels_last)
+            start, cpu = time.perf_counter(), time.process_time()
             objective = Objective([model], task=data.task, train_set=train_set, example=example,
-                                  losses=_losses(kind), params=params, teachers=[teacher],
+                                  losses=_losses(kind, a), params=params, teachers=[teacher],
                                   warmup_steps=math.ceil(0.25 * steps) if kind == "dkd" else 0,
                                   augment=augment)
             if objective.teacher_fit is not None and not fitted:
                 print(f"teacher on the training views: {objective.teacher_fit}", flush=True)
                 fitted = True
-            train(objective.module, objective.dataset,
-                  TrainConfig(epochs=args.epochs, lr=1e-3, batch_size=128, seed=seed),
-                  task=objective.task, progress=False)
+            losses = train(objective.module, objective.dataset,
+                           TrainConfig(epochs=args.epochs, lr=1e-3, batch_size=128, seed=seed),
+                           task=objective.task, progress=False)
+            print(f"{config} seed {seed}: training loss per epoch "
+                  f"{' '.join(f'{v:.4f}' for v in losses)}; "
+                  f"{time.process_time() - cpu:.0f} CPU s", flush=True)
             objective.close()
             acc = evaluate(model, score_set)
             line = (f"| {config} | {args.epochs:g} | {seed} | {100 * acc:.2f} | "

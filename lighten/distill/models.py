@@ -8,9 +8,10 @@ copies: eval mode, ``requires_grad`` off, never in an optimizer.
 A *student* is the stage's input model (``input``, the default), a zoo / ``python:`` model, or
 derived from a base model (the teacher unless another is named): ``width: 0.25`` keeps a
 quarter of every channel group (``prune.channels`` surgery), ``depth: 0.5`` removes half of the
-residual blocks (``prune.layers``), ``prune: {target_macs: 0.5}`` is a channel-pruned copy that
-keeps the base's weights. A width/depth-derived student is re-initialized (``init: random``);
-its artifact still starts from the base's source spec, the resized layers in its edit log.
+residual blocks (``prune.layers``), ``prune: {target_macs: 0.5}`` is a channel-pruned copy
+that keeps the base's weights (:func:`derive_student`: width / depth from Python). A
+width/depth-derived student is re-initialized (``init: random``); its artifact still starts
+from the base's source spec, the resized layers in its edit log.
 """
 
 from __future__ import annotations
@@ -239,21 +240,45 @@ def resolve_student(value: Any, ctx, model: nn.Module, teacher: Resolved | None,
     return Resolved(student.train(), spec, label)
 
 
-def _derive(model: nn.Module, ref: StudentRef, ctx, label: str) -> tuple[nn.Module, str]:
+def derive_student(base: nn.Module, example: torch.Tensor, *, width: float | None = None,
+                   depth: float | None = None, seed: int = 0, target=None,
+                   init: Literal["keep", "random"] = "random") -> tuple[nn.Module, list[str]]:
+    """A smaller copy of ``base`` (left as it is): ``depth`` keeps that share of its removable
+    residual blocks (chosen at random, seeded), ``width`` that share of every channel group;
+    ``init: random`` re-initializes it (seeded). Returns the student (train mode) and what was
+    done, for notes."""
+    student = copy.deepcopy(base).train()
+    for p in student.parameters():
+        p.requires_grad_(True)
+    parts = _shrink(student, width, depth, example, seed=seed, target=target)
+    if init == "random":
+        student = _reinit(student, seed)
+    return student, parts
+
+
+def _shrink(model: nn.Module, width: float | None, depth: float | None, example, *, seed: int,
+            target) -> list[str]:
     from lighten.prune.layers import LayerPruneConfig, prune_layers_
     from lighten.prune.structured import ChannelPruneConfig, prune_channels_
 
-    example = ctx.example_input(2)
     parts = []
-    if ref.depth is not None and ref.depth < 1:
-        report = prune_layers_(model, LayerPruneConfig(ratio=1 - ref.depth, importance="random"),
-                               example, seed=ctx.seed)
-        parts.append(f"depth {ref.depth:g} ({len(report.removed)} blocks removed)")
-    if ref.width is not None and ref.width < 1:
-        report = prune_channels_(model, ChannelPruneConfig(ratio=1 - ref.width), example,
-                                 seed=ctx.seed, target=ctx.target)
-        parts.append(f"width {ref.width:g} ({report.channels_after}/{report.channels_before} "
+    if depth is not None and depth < 1:
+        report = prune_layers_(model, LayerPruneConfig(ratio=1 - depth, importance="random"),
+                               example, seed=seed)
+        parts.append(f"depth {depth:g} ({len(report.removed)} blocks removed)")
+    if width is not None and width < 1:
+        report = prune_channels_(model, ChannelPruneConfig(ratio=1 - width), example,
+                                 seed=seed, target=target)
+        parts.append(f"width {width:g} ({report.channels_after}/{report.channels_before} "
                      "channels)")
+    return parts
+
+
+def _derive(model: nn.Module, ref: StudentRef, ctx, label: str) -> tuple[nn.Module, str]:
+    from lighten.prune.structured import ChannelPruneConfig, prune_channels_
+
+    example = ctx.example_input(2)
+    parts = _shrink(model, ref.width, ref.depth, example, seed=ctx.seed, target=ctx.target)
     if ref.prune is not None:
         try:
             cfg = ChannelPruneConfig(**ref.prune)
