@@ -199,8 +199,12 @@ def test_latency_budget_uses_the_calibrated_table_and_measures_the_result(settin
         1.5 * s["input_latency_ms"])
     with open(next((tmp_path / "stages").glob("nas-*")) / "candidates.csv") as f:
         rows = list(csv.DictReader(f))
-    predicted = [float(r["predicted_ms"]) for r in rows if r["state"] == "complete"]
-    assert predicted and max(predicted) <= s["budget"]  # every candidate within the prediction
+    complete = [r for r in rows if r["state"] == "complete"]
+    assert complete
+    for r in complete:  # every candidate within the prediction, unless a finalist was widened
+        # after its whole-model timing showed the predictor pessimistic (it then fits measured)
+        if float(r["predicted_ms"]) > s["budget"]:
+            assert r.get("search_scale") and r.get("within_budget") == "True", r
     # the result was timed whole on ONNX Runtime and the predictor's error reported
     assert s["measured_ms"] > 0 and isinstance(s["budget_met"], bool)
     assert 0 <= s["predictor_median_error"] and s["predictor_checked"] >= 1
