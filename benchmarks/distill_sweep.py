@@ -7,7 +7,8 @@ teacher's logits computed once for all runs.
 
 A config is ``label``, ``hinton:ALPHA:T`` (``ALPHA T^2 KL + (1 - ALPHA) CE``), ``dkd:BETA:T``
 (``CE + TCKD + BETA NCKD``, ramped in over the first quarter of the steps, as the ``distill``
-step does), ``hinton_ls:ALPHA:T`` (hinton on z-scored logits, Sun et al. 2024), ``dist:W:T``
+step does), ``dkd_ls:BETA:T`` (the same on z-scored logits), ``hinton_ls:ALPHA:T`` (hinton on
+z-scored logits, Sun et al. 2024), ``dist:W:T``
 (``CE + W T^2 (inter + intra)`` Pearson relations, DIST) or another method of the step
 (``relational:ALPHA:T``: hinton + RKD; with ``--augment views=K`` the teacher's embeddings are
 cached per view too).
@@ -117,9 +118,10 @@ def main(argv=None) -> None:
             if args.channels_last:
                 model = model.to(memory_format=torch.channels_last)
             start, cpu = time.perf_counter(), time.process_time()
+            warmup = math.ceil(0.25 * steps) if kind.startswith("dkd") else 0
             objective = Objective([model], task=data.task, train_set=train_set, example=example,
                                   losses=_losses(kind, a), params=params, teachers=[teacher],
-                                  warmup_steps=math.ceil(0.25 * steps) if kind == "dkd" else 0,
+                                  warmup_steps=warmup,
                                   augment=augment)
             if objective.teacher_fit is not None and not fitted:
                 print(f"teacher on the training views: {objective.teacher_fit}", flush=True)

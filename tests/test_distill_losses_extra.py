@@ -14,6 +14,7 @@ from lighten.distill.losses import (
     Batch,
     LossParams,
     dist_loss,
+    dkd_ls_loss,
     get_loss,
     hinton_ls_loss,
     standardize,
@@ -81,6 +82,27 @@ def test_dist_is_t2_times_inter_plus_intra_pearson_distance():
         pytest.approx(0.0, abs=1e-5)
 
 
+def _dkd_by_hand(sz, tz, y, t, beta):
+    """TCKD + beta NCKD of one sample, times T^2, from the softmax definitions."""
+    ps, pt = _softmax(sz, t), _softmax(tz, t)
+    tckd = _kl([pt[y], 1 - pt[y]], [ps[y], 1 - ps[y]])
+    rest_s = _softmax([v for i, v in enumerate(sz) if i != y], t)
+    rest_t = _softmax([v for i, v in enumerate(tz) if i != y], t)
+    return t * t * (tckd + beta * _kl(rest_t, rest_s))
+
+
+def test_dkd_ls_is_dkd_on_z_scored_logits():
+    t, beta = 0.5, 8.0
+    expected = sum(_dkd_by_hand(_zscore(sz), _zscore(tz), y, t, beta)
+                   for sz, tz, y in zip(S, T, Y, strict=True)) / 2
+    got = dkd_ls_loss(torch.tensor(S), torch.tensor(T), torch.tensor(Y), temperature=t,
+                      beta=beta)
+    assert float(got) == pytest.approx(expected, rel=1e-5)
+    # a student whose logits are the teacher's up to scale and shift is already there
+    same = dkd_ls_loss(3 * torch.tensor(T) - 1, torch.tensor(T), torch.tensor(Y), temperature=t)
+    assert float(same) == pytest.approx(0.0, abs=1e-5)
+
+
 def test_registered_as_losses_that_need_a_teacher():
     s, t, y = torch.tensor(S), torch.tensor(T), torch.tensor(Y)
     b = Batch(student=s, labels=y, task_loss=F.cross_entropy, teacher=t)
@@ -89,10 +111,14 @@ def test_registered_as_losses_that_need_a_teacher():
         float(hinton_ls_loss(s, t, y, temperature=2.0, alpha=0.8)), rel=1e-6)
     assert float(get_loss("dist").fn(b, p)) == pytest.approx(
         float(dist_loss(s, t, temperature=2.0)), rel=1e-6)
+    b.ramp = 0.5  # dkd_ls ramps in like dkd
+    assert float(get_loss("dkd_ls").fn(b, LossParams(temperature=0.5, dkd_beta=8.0))) == \
+        pytest.approx(0.5 * float(dkd_ls_loss(s, t, y, temperature=0.5, beta=8.0)), rel=1e-6)
     assert get_loss("dist").needs == get_loss("hinton_ls").needs == frozenset({"teacher"})
+    assert get_loss("dkd_ls").needs == frozenset({"teacher"})
 
 
-@pytest.mark.parametrize("method", ["hinton_ls", "dist"])
+@pytest.mark.parametrize("method", ["hinton_ls", "dist", "dkd_ls"])
 def test_distill_step_trains_a_student_with_the_method(method):
     from lighten import compress
     from lighten.data import DataSpec, load_data
@@ -108,7 +134,8 @@ def test_distill_step_trains_a_student_with_the_method(method):
                              data=data, baseline=teacher, seed=0,
                              train=TrainConfig(batch_size=32))
     assert report.summary["losses"] == {"hinton_ls": {"hinton_ls": 1.0},
-                                        "dist": {"ce": 1.0, "dist": 1.0}}[method]
+                                        "dist": {"ce": 1.0, "dist": 1.0},
+                                        "dkd_ls": {"ce": 1.0, "dkd_ls": 1.0}}[method]
     assert not torch.equal(model[1].weight, before)  # it trained
     assert all(torch.isfinite(p).all() for p in model.parameters())
 

@@ -96,6 +96,15 @@ def hinton_ls_loss(student: Tensor, teacher: Tensor, labels: Tensor, *,
     return alpha * soft + (1 - alpha) * ce
 
 
+def dkd_ls_loss(student: Tensor, teacher: Tensor, labels: Tensor, *, temperature: float = 2.0,
+                alpha: float = 1.0, beta: float = 8.0) -> Tensor:
+    """Decoupled KD on standardized logits (Sun et al. 2024 report DKD gains most from it):
+    both parts of :func:`dkd_loss` compare z-scored rows, so the student matches the teacher's
+    target / non-target relations without matching its logit scale."""
+    return dkd_loss(standardize(student), standardize(teacher), labels,
+                    temperature=temperature, alpha=alpha, beta=beta)
+
+
 def _pearson(a: Tensor, b: Tensor, dim: int, eps: float = 1e-8) -> Tensor:
     """Pearson correlation of ``a`` and ``b`` along ``dim``."""
     a, b = a - a.mean(dim, keepdim=True), b - b.mean(dim, keepdim=True)
@@ -265,6 +274,13 @@ def _dkd(b: Batch, p: LossParams) -> Tensor:
     """Decoupled KD: ``alpha TCKD + beta NCKD`` (Zhao et al. 2022), ramped in (``warmup``)."""
     return b.ramp * dkd_loss(b.student, _need(b.teacher, "a teacher", "dkd"), b.labels,
                     temperature=p.temperature, alpha=p.dkd_alpha, beta=p.dkd_beta)
+
+
+@register_loss("dkd_ls", "teacher")
+def _dkd_ls(b: Batch, p: LossParams) -> Tensor:
+    """Decoupled KD on z-scored logits (logit standardization), ramped in like ``dkd``."""
+    return b.ramp * dkd_ls_loss(b.student, _need(b.teacher, "a teacher", "dkd_ls"), b.labels,
+                                temperature=p.temperature, alpha=p.dkd_alpha, beta=p.dkd_beta)
 
 
 @register_loss("hinton_ls", "teacher")

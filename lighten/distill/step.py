@@ -37,8 +37,8 @@ from lighten.distill.models import parse_ref, resolve_student, resolve_teacher
 from lighten.registry import register_step
 from lighten.step import FinetuneConfig, StepConfig, StepContext, StrictModel
 
-Method = Literal["hinton", "dkd", "hinton_ls", "dist", "hint", "attention", "relational",
-                 "self", "mutual", "ensemble", "multitask"]
+Method = Literal["hinton", "dkd", "dkd_ls", "hinton_ls", "dist", "hint", "attention",
+                 "relational", "self", "mutual", "ensemble", "multitask"]
 
 # method -> the losses it trains with, {name: weight}. Feature methods add their term to Hinton
 # KD (the combination torchdistill / RepDistiller report); weights: RepDistiller's defaults
@@ -46,6 +46,7 @@ Method = Literal["hinton", "dkd", "hinton_ls", "dist", "hint", "attention", "rel
 METHOD_LOSSES: dict[str, dict[str, float]] = {
     "hinton": {"hinton": 1.0},
     "dkd": {"ce": 1.0, "dkd": 1.0},
+    "dkd_ls": {"ce": 1.0, "dkd_ls": 1.0},  # DKD on z-scored logits (Sun et al. 2024)
     "hinton_ls": {"hinton_ls": 1.0},  # logit standardization (Sun et al. 2024)
     "dist": {"ce": 1.0, "dist": 1.0},  # DIST (Huang et al. 2022); its weight: losses:
     "hint": {"hinton": 1.0, "hint": 1.0},
