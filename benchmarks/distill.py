@@ -87,16 +87,10 @@ def _distill(student_seed_model, options: dict, data, teacher, seed: int, epochs
     start, cpu = time.perf_counter(), time.process_time()
     model, report = compress(student_seed_model, {"distill": cfg}, data=data, baseline=teacher,
                              seed=seed, train=TrainConfig(lr=1e-3, batch_size=128))
-    _CPU[0] = time.process_time() - cpu  # this process's CPU seconds: load-independent cost
-    return model, report, time.perf_counter() - start
-
-
-_CPU = [0.0]  # CPU seconds of the last _distill call
-
-
-def _cost(sec: float) -> dict:
-    """Wall and CPU seconds of the last training (wall depends on the machine's load)."""
-    return {"seconds": round(sec, 1), "cpu_seconds": round(_CPU[0], 1)}
+    # wall seconds depend on the machine's load; this process's CPU seconds do not
+    cost = {"seconds": round(time.perf_counter() - start, 1),
+            "cpu_seconds": round(time.process_time() - cpu, 1)}
+    return model, report, cost
 
 
 def _known(args, section: str, method: str, seed: int) -> dict | None:
@@ -170,7 +164,7 @@ def students(args, data, teacher, rows) -> None:
                 base = _fresh("lenet5", seed)
                 if student != "lenet5":  # derived from the teacher, re-initialized
                     options = {**options, "teacher": "baseline", "student": {"width": 0.25}}
-                model, report, sec = _distill(base, options, data, teacher, seed, epochs)
+                model, report, cost = _distill(base, options, data, teacher, seed, epochs)
                 fit = report.summary.get("teacher_fit")
                 if fit and not any(r["section"] == "teacher" for r in rows):
                     rows.append({"section": "teacher", "student": "resnet20", "seed": 0,
@@ -179,7 +173,7 @@ def students(args, data, teacher, rows) -> None:
                     print(rows[-1], flush=True)
                 acc = _acc(model, data)
                 rows.append({"section": "students", "student": student, "method": method,
-                             "seed": seed, "accuracy": acc, "seconds": round(sec, 1),
+                             "seed": seed, "accuracy": acc, "seconds": cost["seconds"],
                              "epochs": epochs, "augment": _augment(args),
                              "params": sum(p.numel() for p in model.parameters())})
                 print(rows[-1], flush=True)
@@ -198,23 +192,23 @@ def mutual(args, data, teacher, rows) -> None:
             for r in known:
                 _emit(args, rows, r)
         else:
-            _, report, sec = _distill(_fresh("lenet5", seed), {"method": "mutual", "peers": 2},
-                                      data, teacher, seed, args.epochs)
+            _, report, cost = _distill(_fresh("lenet5", seed), {"method": "mutual", "peers": 2},
+                                       data, teacher, seed, args.epochs)
             for name, peer in zip(names, report.summary["peers"], strict=True):
                 _emit(args, rows, {"section": "mutual", "student": "lenet5", "method": name,
                                    "seed": seed, "epochs": args.epochs,
-                                   "accuracy": peer["accuracy"], **_cost(sec)})
+                                   "accuracy": peer["accuracy"], **cost})
         for k, init in enumerate(make_peers(_fresh("lenet5", seed), len(names), seed=seed)):
             method = f"twin of peer{k} (labels)"
             row = _known(args, "mutual", method, seed)
             if row is None and getattr(args, "twins", None) is not None and k not in args.twins:
                 continue  # --twins: this peer's twin is not trained in this call
             if row is None:
-                model, _, sec = _distill(init, {"losses": {"ce": 1.0}}, data, teacher, seed,
-                                         args.epochs)
+                model, _, cost = _distill(init, {"losses": {"ce": 1.0}}, data, teacher, seed,
+                                          args.epochs)
                 row = {"section": "mutual", "student": "lenet5", "method": method,
                        "seed": seed, "epochs": args.epochs, "accuracy": _acc(model, data),
-                       **_cost(sec)}
+                       **cost}
             _emit(args, rows, row)
 
 
@@ -234,11 +228,11 @@ def _single(args, data, teachers: dict, zoo: str, seed: int) -> dict:
             # bytes depend on the architecture only: those of a fresh LeNet-5
             _SINGLE[key].setdefault("bytes", _bytes(_fresh("lenet5", seed), data))
         else:
-            model, _, sec = _distill(_fresh("lenet5", seed), {"method": "hinton",
-                                                              **_kd_options(args)},
-                                     data, teachers[zoo], seed, args.epochs)
+            model, _, cost = _distill(_fresh("lenet5", seed), {"method": "hinton",
+                                                               **_kd_options(args)},
+                                      data, teachers[zoo], seed, args.epochs)
             _SINGLE[key] = {"epochs": args.epochs, "accuracy": _acc(model, data),
-                            "bytes": _bytes(model, data), **_cost(sec)}
+                            "bytes": _bytes(model, data), **cost}
     return _SINGLE[key]
 
 
@@ -265,13 +259,13 @@ def ensemble(args, data, teacher, rows) -> None:
                                **_single(args, data, teachers, z, seed)})
         row = _known(args, "ensemble", "ensemble (3)", seed)
         if row is None:
-            model, _, sec = _distill(_fresh("lenet5", seed),
-                                     {"method": "ensemble", "teachers": refs,
-                                      "weights": args.ensemble_weights, **_kd_options(args)},
-                                     data, teacher, seed, args.epochs)
+            model, _, cost = _distill(_fresh("lenet5", seed),
+                                      {"method": "ensemble", "teachers": refs,
+                                       "weights": args.ensemble_weights, **_kd_options(args)},
+                                      data, teacher, seed, args.epochs)
             row = {"section": "ensemble", "student": "lenet5", "method": "ensemble (3)",
                    "seed": seed, "epochs": args.epochs, "accuracy": _acc(model, data),
-                   **_cost(sec)}
+                   **cost}
         _emit(args, rows, row)
 
 
@@ -319,29 +313,29 @@ def multitask(args, data, teacher, rows) -> None:
                 for r in known:
                     _emit(args, rows, r)
             else:
-                model, report, sec = _distill(_fresh("lenet5", seed),
-                                              {"method": "multitask", "tasks": tasks,
-                                               **_kd_options(args)},
-                                              data, teacher, seed, args.epochs)
+                model, report, cost = _distill(_fresh("lenet5", seed),
+                                               {"method": "multitask", "tasks": tasks,
+                                                **_kd_options(args)},
+                                               data, teacher, seed, args.epochs)
                 nbytes = _bytes(model, data)
                 for t in report.summary["tasks"]:
                     _emit(args, rows, {"section": "multitask", "student": "lenet5 two-headed",
                                        "method": f"multitask: {t['task']}", "seed": seed,
                                        "epochs": args.epochs, "accuracy": t["accuracy"],
-                                       "bytes": nbytes, **_cost(sec)})
+                                       "bytes": nbytes, **cost})
             one = _single(args, data, {"resnet20": teacher}, "resnet20", seed)
             _emit(args, rows, {"section": "multitask", "student": "lenet5",
                                "method": "single: fashion-mnist", "seed": seed, **one})
             row = _known(args, "multitask", "single: mnist", seed)
             if row is None:
                 epochs = args.epochs * _ratio(data, digits)
-                single, _, sec = _distill(_fresh("lenet5", seed),
-                                          {"method": "hinton", **_kd_options(args)}, digits,
-                                          mnist_teacher, seed, epochs)
+                single, _, cost = _distill(_fresh("lenet5", seed),
+                                           {"method": "hinton", **_kd_options(args)}, digits,
+                                           mnist_teacher, seed, epochs)
                 row = {"section": "multitask", "student": "lenet5", "method": "single: mnist",
                        "seed": seed, "epochs": args.epochs, "mnist_epochs": round(epochs, 2),
                        "accuracy": _acc(single, digits), "bytes": _bytes(single, digits),
-                       **_cost(sec)}
+                       **cost}
             _emit(args, rows, row)
 
 
@@ -426,10 +420,10 @@ def cache(args, data, teacher, rows) -> None:
     """Caching runs the teacher once over the training set instead of once per epoch."""
     epochs = max(args.epochs, 3)
     for cached in (True, False):
-        _, _, sec = _distill(_fresh("lenet5", 0), {"method": "hinton", "cache_teacher": cached},
-                             data, teacher, 0, epochs)
+        _, _, cost = _distill(_fresh("lenet5", 0), {"method": "hinton", "cache_teacher": cached},
+                              data, teacher, 0, epochs)
         rows.append({"section": "cache", "student": "lenet5", "method": f"hinton {epochs:g} "
-                     "epochs", "seed": 0, "cached": cached, "seconds": round(sec, 1)})
+                     "epochs", "seed": 0, "cached": cached, "seconds": cost["seconds"]})
         print(rows[-1], flush=True)
 
 
