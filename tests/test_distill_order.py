@@ -1,10 +1,12 @@
-"""Consistent-teaching distillation (``distill: {augment: ...}``) between other steps, on a
-``python:`` CNN outside the zoo: after structured pruning, before int8 quantization. Every
+"""Distillation between other steps, on a ``python:`` CNN outside the zoo: consistent teaching
+(``distill: {augment: ...}``) and the logit losses beyond Hinton KD, after structured pruning,
+before int8 quantization. Every
 stage's artifact reloads and computes what the in-memory model computed, and the last one
 exports to ONNX with its self-check passing."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 from _models import CNN, RESIDUAL_BLOCK, model_source
 
@@ -17,7 +19,9 @@ from lighten.models import ModelSpec, build_model
 AUGMENT = {"crop": 1, "flip": True, "mixup": 0.2, "views": 2}
 
 
-def test_augmented_distill_after_pruning_and_before_int8(tmp_path):
+@pytest.mark.parametrize("options", [{"augment": AUGMENT}, {"method": "dkd_ls"},
+                                     {"method": "dist"}], ids=["augment", "dkd_ls", "dist"])
+def test_distill_after_pruning_and_before_int8(options, tmp_path):
     (tmp_path / "models.py").write_text(model_source(RESIDUAL_BLOCK, CNN))
     spec = {"python": f"{tmp_path / 'models.py'}:cnn", "input_shape": [1, 8, 8]}
     data = load_data(DataSpec(name="synthetic", samples=96, input_shape=[1, 8, 8],
@@ -28,7 +32,7 @@ def test_augmented_distill_after_pruning_and_before_int8(tmp_path):
 
     pruned, _ = lighten.compress(base, {"prune.channels": {"ratio": 0.25}}, data=data, seed=1)
     student, report = lighten.compress(
-        pruned, {"distill": {"augment": AUGMENT, "finetune": {"epochs": 0.5}}}, data=data, seed=2)
+        pruned, {"distill": {**options, "finetune": {"epochs": 0.5}}}, data=data, seed=2)
     quantized, _ = lighten.compress(student, {"quant.ptq": {"calib_samples": 32}}, data=data,
                                     seed=3)
     assert student.blocks[0].conv1.out_channels == pruned.blocks[0].conv1.out_channels < 16
