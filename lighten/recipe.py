@@ -193,6 +193,9 @@ def parse_recipe(raw: Any, *, source: str = "<dict>", base_dir: Path = Path(".")
         raise RecipeError(f"{source}: {_describe(err, schema)}") from None
     steps = tuple(_parse_step(i, entry, source, base_dir) for i, entry in enumerate(top.steps))
     check_step_order([s.name for s in steps], where=source)
+    from lighten.distill.models import check_stage_refs  # {stage: NAME} refs, up front
+
+    check_stage_refs(steps, where=source)
     model = _resolve_paths(top.model, base_dir, ("python", "weights"))
     data = _resolve_paths(top.data, base_dir, ("python", "root", "path"))
     if getattr(data.task, "python", None):  # data.task: {python: tasks.py:make}

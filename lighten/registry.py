@@ -35,8 +35,9 @@ class StepSpec:
         """What data ``config`` makes this step read (None: it runs on the model alone)."""
         own = self.needs_data(config) if self.needs_data else None
         finetune = getattr(config, "finetune", None)
-        tuning = ("labelled training data for finetune:"
-                  if finetune is not None and finetune.epochs else None)
+        tuning = ("labelled training data for finetune:"  # unless the step already reads it
+                  if finetune is not None and finetune.epochs
+                  and not (own or "").startswith("labelled training data") else None)
         return " and ".join(dict.fromkeys(x for x in (own, tuning) if x)) or None
 
 

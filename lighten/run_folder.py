@@ -105,7 +105,7 @@ def prepare_output(out: Path, *, fresh: bool) -> None:
         stages = out / "stages"
         if stages.is_dir():
             for old in [*stages.glob("*.safetensors"), *stages.glob("*.layers.json"),
-                        *stages.glob("*.report.json")]:
+                        *stages.glob("*.report.json"), *stages.glob("nas-*/study.db")]:
                 old.unlink()
     (out / "stages").mkdir(parents=True, exist_ok=True)
 
@@ -141,8 +141,13 @@ def resumed_target(target: Target, recipe: Recipe, state: dict | None,
 
 
 def unique_stage_names(recipe: Recipe) -> list[str]:
+    return stage_names_of(recipe.steps)
+
+
+def stage_names_of(steps) -> list[str]:
+    """Each step's stage name: its name, with ``#2``, ``#3`` on repeats."""
     names, seen = [], {}
-    for step in recipe.steps:
+    for step in steps:
         seen[step.name] = seen.get(step.name, 0) + 1
         names.append(step.name if seen[step.name] == 1 else f"{step.name}#{seen[step.name]}")
     return names

@@ -60,7 +60,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, ValidationInfo, field_validator, model_validator
 from torch import nn
 
 from lighten.errors import RecipeError, UnsupportedError
@@ -107,7 +107,13 @@ class NASSpaceConfig(StrictModel):
         return v
 
     @model_validator(mode="after")
-    def _factory(self):
+    def _factory(self, info: ValidationInfo):
+        base_dir = (info.context or {}).get("base_dir") if info is not None else None
+        if self.python and base_dir is not None:  # recipe-relative, as the model: block
+            file_part, sep, rest = self.python.partition(":")
+            candidate = Path(base_dir) / file_part
+            if not Path(file_part).is_absolute() and candidate.exists():
+                self = self.model_copy(update={"python": f"{candidate.resolve()}{sep}{rest}"})
         if self.python is not None and not self.params:
             raise ValueError("space.python needs params: {name: [choices], ...}")
         if self.params and self.python is None:
@@ -357,7 +363,8 @@ def nas_(model: nn.Module, config: NASConfig, ctx: StepContext) -> NASResult:
             return None
         facts = _facts(m, example, table, space, builder)
         facts[kind if kind != "latency" else "predicted_ms"] = c
-        facts.update(scale=round(scale, 4), describe=space.describe(arch))
+        # the exact scale: rebuilding at a rounded one can cross a width's rounding boundary
+        facts.update(scale=scale, describe=space.describe(arch))
         for k, v in facts.items():
             trial.set_user_attr(k, v)
         return Candidate(arch, scale, c, facts)
@@ -421,7 +428,7 @@ def nas_(model: nn.Module, config: NASConfig, ctx: StepContext) -> NASResult:
                 continue  # no other width of this shape: it stays as measured
             before[r["trial"]] = {k: r[k] for k in ("scale", "predicted_ms", "measured_ms",
                                                     "within_budget")}
-            r.update(search_scale=r.get("search_scale", r["scale"]), scale=round(scale, 4),
+            r.update(search_scale=r.get("search_scale", r["scale"]), scale=scale,
                      predicted_ms=round(c, 4))
             moved.append(r)
         if moved:

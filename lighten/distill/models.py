@@ -25,7 +25,7 @@ import torch
 from pydantic import Field, ValidationInfo, model_validator
 from torch import nn
 
-from lighten.errors import ModelError, RecipeError
+from lighten.errors import ModelError, RecipeError, UnsupportedError
 from lighten.step import StrictModel
 
 
@@ -106,8 +106,15 @@ def parse_ref(value: Any, *, role: str, context: dict | None = None) -> str | Mo
                           "path (.safetensors) or a mapping {zoo: ...} / {python: file.py:build, "
                           "weights: ...} / {stage: NAME}")
     if isinstance(value, dict):
+        from pydantic import ValidationError
+
+        from lighten.recipe import _describe
+
         cls = StudentRef if role == "student" else ModelRef
-        return cls.model_validate(value, context=context)
+        try:
+            return cls.model_validate(value, context=context)
+        except ValidationError as err:  # one line naming the key, not pydantic's header
+            raise RecipeError(_describe(err, cls)) from None
     raise RecipeError(f"{role}: expected a name or a mapping, got {type(value).__name__}")
 
 
@@ -162,6 +169,29 @@ def _stage_file(name: str, ctx) -> Path:
         raise ModelError(f"stage {name!r} has no artifact in {Path(ctx.workdir) / 'stages'}; "
                          "name an earlier stage of this run (its steps[].name or step name)")
     return found[-1]
+
+
+def check_stage_refs(steps, *, where: str) -> None:
+    """Refuse, before any work, a ``{stage: NAME}`` teacher / student that names no earlier
+    stage of the recipe (a typo, or a later step): it failed only once its step ran."""
+    from lighten.errors import did_you_mean
+    from lighten.run_folder import stage_names_of
+
+    stages = stage_names_of(steps)
+    for i, step in enumerate(steps):
+        names = ["baseline", *stages[:i]]
+        cfg = step.config
+        refs = [getattr(cfg, "teacher", None), getattr(cfg, "student", None),
+                *(getattr(cfg, "teachers", None) or []),
+                *(t.teacher for t in getattr(cfg, "tasks", None) or []),
+                getattr(getattr(cfg, "finetune", None), "teacher", None)]
+        for ref in refs:
+            stage = ref.stage if isinstance(ref, ModelRef) else (
+                ref.get("stage") if isinstance(ref, dict) else None)
+            if stage is not None and stage not in names:
+                raise RecipeError(f"{where}: steps[{i}] {step.name}: stage {stage!r} is not an "
+                                  f"earlier stage of this recipe{did_you_mean(stage, names)}; "
+                                  f"earlier stages: {', '.join(names)}")
 
 
 def train_first(model: nn.Module, ref: ModelRef, ctx, *, data=None, seed: int = 0) -> None:
@@ -259,7 +289,7 @@ def derive_student(base: nn.Module, example: torch.Tensor, *, width: float | Non
 def _shrink(model: nn.Module, width: float | None, depth: float | None, example, *, seed: int,
             target) -> list[str]:
     from lighten.prune.layers import LayerPruneConfig, prune_layers_
-    from lighten.prune.structured import ChannelPruneConfig, prune_channels_
+    from lighten.prune.structured import ChannelPruneConfig, prunable_groups, prune_channels_
 
     parts = []
     if depth is not None and depth < 1:
@@ -267,10 +297,19 @@ def _shrink(model: nn.Module, width: float | None, depth: float | None, example,
                                example, seed=seed)
         parts.append(f"depth {depth:g} ({len(report.removed)} blocks removed)")
     if width is not None and width < 1:
-        report = prune_channels_(model, ChannelPruneConfig(ratio=1 - width), example,
-                                 seed=seed, target=target)
-        parts.append(f"width {width:g} ({report.channels_after}/{report.channels_before} "
-                     "channels)")
+        # every group: conv channels and Linear-made neurons (an MLP has only the latter)
+        counts = []
+        for scope in ("channels", "neurons"):
+            if not prunable_groups(model, example, scope=scope):
+                continue
+            report = prune_channels_(model, ChannelPruneConfig(ratio=1 - width), example,
+                                     scope=scope, seed=seed, target=target)
+            counts.append(f"{report.channels_after}/{report.channels_before} {scope}")
+        if not counts:
+            raise UnsupportedError("student width: the base model has no prunable channels or "
+                                   "neurons (every group is pinned by the input or output); "
+                                   "name a smaller student model (zoo / python) instead")
+        parts.append(f"width {width:g} ({', '.join(counts)})")
     return parts
 
 

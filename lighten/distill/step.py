@@ -63,7 +63,8 @@ class DistillFinetuneConfig(FinetuneConfig):
     """``finetune:`` of the distill step: how long and how fast the student trains (a fresh
     student trains at the recipe's lr: ``lr_scale`` 1)."""
 
-    epochs: float = Field(3, ge=0, description="epochs of student training")
+    epochs: float = Field(3, gt=0, description="epochs of student training (> 0: the "
+                          "stage is the trained student, never an untrained one)")
     lr_scale: float = Field(1.0, gt=0, description="without lr: this multiple of train lr")
 
     @model_validator(mode="after")

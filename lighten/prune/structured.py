@@ -531,7 +531,7 @@ def prune_channels_(model: nn.Module, config: ChannelPruneConfig, example_input:
     if target is not None:
         reached = report.macs_after if what == "macs" else report.params_after
         report.notes.append(f"{what} target {target:.0%}: reached "
-                            f"{reached / start[what]:.1%} of baseline")
+                            f"{reached / start[what]:.1%} of the step's input model")
     return report
 
 
