@@ -361,10 +361,15 @@ def _finalists(s: dict) -> list[str]:
 def _predictor(s: dict) -> str:
     if "predictor_median_error" not in s:
         return "latency predictor: not run"
+    ratio = ("" if "predictor_ratio_error" not in s else
+             f" and {s['predictor_ratio_error']:.1%} as a fraction of the input model's time "
+             f"(timed in the same rounds; the input model measured {s['input_latency_ms']:.3f} "
+             f"ms at calibration, {s['input_check_ms']:.3f} ms at the check: the machine's "
+             "load moves ms, not fractions)")
     return (f"latency predictor (per-layer ORT table + affine fit): median error "
-            f"{s['predictor_median_error']:.1%} on {s['predictor_checked']} model(s) it was not "
-            f"fitted on; result predicted {s['predicted_ms']:.3f} ms, measured "
-            f"{s['measured_ms']:.3f} ms (batch 1)")
+            f"{s['predictor_median_error']:.1%} in ms{ratio} on {s['predictor_checked']} "
+            f"model(s) it was not fitted on; result predicted {s['predicted_ms']:.3f} ms, "
+            f"measured {s['measured_ms']:.3f} ms (batch 1)")
 
 
 def _seeds_note(args) -> list[str]:

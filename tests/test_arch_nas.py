@@ -208,6 +208,9 @@ def test_latency_budget_uses_the_calibrated_table_and_measures_the_result(settin
     # the result was timed whole on ONNX Runtime and the predictor's error reported
     assert s["measured_ms"] > 0 and isinstance(s["budget_met"], bool)
     assert 0 <= s["predictor_median_error"] and s["predictor_checked"] >= 1
+    # the load-independent error: predicted vs measured fraction of the input model's time
+    assert 0 <= s["predictor_ratio_error"] < float("inf") and s["input_check_ms"] > 0
+    assert any("as a fraction of the input model's time" in n for n in report.notes)
     assert any("latency predictor" in n for n in report.notes)
 
 
