@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -21,6 +23,7 @@ from lighten.target import Target
 
 STATE_VERSION = 1
 BASELINE_CHECKPOINT = Path("checkpoints") / "baseline.safetensors"
+LOCK_FILE = ".lighten.lock"
 
 
 def check_output_dir(out: Path) -> None:
@@ -37,9 +40,39 @@ def check_not_foreign(out: Path) -> None:
     into without --overwrite: its files are someone's work."""
     if not out.is_dir() or (out / "state.json").exists() or (out / "run.json").exists():
         return
-    if next(out.iterdir(), None) is not None:
+    if next((p for p in out.iterdir() if p.name != LOCK_FILE), None) is not None:
         raise RecipeError(f"{out} is not empty and holds no lighten run; choose another "
                           "--output, or pass --overwrite to write the run into it anyway")
+
+
+@contextmanager
+def run_lock(out: Path) -> Iterator[None]:
+    """Hold ``out`` for one run: a second ``lighten run`` or ``--resume`` on the same folder
+    is refused instead of writing into it at the same time. An advisory ``flock``, which the
+    OS drops when the process ends however it ends, so a killed run leaves no stale lock.
+    (Where ``fcntl`` does not exist, Windows, runs are not locked.)"""
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / LOCK_FILE, "a+", encoding="utf-8") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "another process"
+            raise RecipeError(f"{out} is in use by another lighten run ({holder}); wait for "
+                              "it to finish, or choose another --output") from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"pid {os.getpid()}\n")
+        handle.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def check_resumable(out: Path, state: dict, recipe: Recipe) -> None:

@@ -46,6 +46,7 @@ from lighten.run_folder import (
     read_state,
     reference_logits,
     resumed_target,
+    run_lock,
     save_reference,
     unique_stage_names,
 )
@@ -81,13 +82,20 @@ def run_recipe(
 
 def _run_recipe(recipe: Recipe, *, resume: bool, overwrite: bool, progress: bool,
                 output: str | Path | None) -> RunResult:
-    from lighten.memory import fit_training_batch
-    from lighten.provenance import recipe_hash
-
     out = Path(output or recipe.output)
     check_output_dir(out)
     if not overwrite:
         check_not_foreign(out)
+    with run_lock(out):
+        return _run_in(recipe, out, resume=resume, overwrite=overwrite, progress=progress)
+
+
+def _run_in(recipe: Recipe, out: Path, *, resume: bool, overwrite: bool,
+            progress: bool) -> RunResult:
+    """The run itself, in ``out``, which this process holds (:func:`run_lock`)."""
+    from lighten.memory import fit_training_batch
+    from lighten.provenance import recipe_hash
+
     recipe_dict = recipe.to_dict()
     digest = recipe_hash(recipe_dict)
     state = None if overwrite and not resume else read_state(out)  # --overwrite: any state

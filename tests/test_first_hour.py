@@ -242,6 +242,19 @@ def test_overwrite_or_an_empty_folder_is_accepted(tmp_path):
     assert [r["stage"] for r in result.rows] == ["baseline", "prune.magnitude"]
 
 
+def test_a_run_folder_in_use_is_refused_until_it_is_released(tmp_path):
+    recipe = load_recipe(write_recipe(tmp_path, epochs=1))
+    out = tmp_path / "held"
+    with run_folder.run_lock(out):  # another run holds the folder
+        with pytest.raises(RecipeError, match=r"in use by another lighten run \(pid \d+\)"):
+            runner.run_recipe(recipe, progress=False, output=out)
+        assert sorted(p.name for p in out.iterdir()) == [run_folder.LOCK_FILE]  # nothing written
+    result = runner.run_recipe(recipe, progress=False, output=out)
+    assert [r["stage"] for r in result.rows] == ["baseline", "prune.magnitude"]
+    with pytest.raises(RecipeError, match="in use"), run_folder.run_lock(out):
+        runner.run_recipe(recipe, progress=False, output=out, resume=True)
+
+
 # --- 5. measure and analyze read a python: data hook ---------------------------------------------
 
 @pytest.mark.parametrize("prefix", ["", "python:"])
