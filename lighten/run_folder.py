@@ -106,8 +106,10 @@ def check_recipe_change(out: Path, state: dict, recipe_dict: dict) -> None:
     if isinstance(old, dict):
         finished = max(len(state["done"]) - 1, 0)  # steps behind the finished stages
         old_steps, new_steps = old.get("steps", []), recipe_dict.get("steps", [])
-        changed = differences({k: v for k, v in old.items() if k != "steps"},
-                               {k: v for k, v in recipe_dict.items() if k != "steps"}, "")
+        # where the run is written and what it is called change no result
+        ignored = {"steps", "output", "name"}
+        changed = differences({k: v for k, v in old.items() if k not in ignored},
+                               {k: v for k, v in recipe_dict.items() if k not in ignored}, "")
         for i in range(finished):
             mine = new_steps[i] if i < len(new_steps) else "(removed)"
             changed += differences(old_steps[i], mine, f"steps[{i}]")

@@ -1,5 +1,6 @@
 """--resume after a recipe change: appended steps just run, a changed finished step is named,
-a finished run is left untouched, and a run resumed on another CPU keeps its target."""
+a new name or output: is no change, a finished run is left untouched, and a run resumed on
+another CPU keeps its target."""
 
 from __future__ import annotations
 
@@ -49,6 +50,16 @@ def test_a_changed_finished_step_is_refused_naming_what_changed(tmp_path):
         path = write_recipe(tmp_path, steps=ONE_STEP)
         path.write_text(path.read_text().replace("epochs: 3", "epochs: 2"))
         runner.run_recipe(load_recipe(path), resume=True, progress=False)
+
+
+def test_a_renamed_or_moved_recipe_resumes_the_run_given_by_output(tmp_path):
+    _run(tmp_path, ONE_STEP)
+    path = write_recipe(tmp_path, steps=TWO_STEPS)
+    path.write_text(path.read_text().replace("name: e2e", "name: renamed").replace(
+        f"output: {tmp_path / 'out'}", f"output: {tmp_path / 'elsewhere'}"))
+    result = runner.run_recipe(load_recipe(path), resume=True, progress=False,
+                               output=tmp_path / "out")
+    assert [r["stage"] for r in result.rows] == ["baseline", "prune.magnitude", "quant.dynamic"]
 
 
 def test_resuming_a_finished_run_rewrites_nothing(tmp_path):
