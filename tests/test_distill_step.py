@@ -161,6 +161,15 @@ def test_self_distillation_heads_only_when_asked(setup, tmp_path):
                                   "input_shape": [1, 8, 8]}, data, tmp_path)
     assert isinstance(loaded.exit_heads, ExitHeads)
     assert torch.equal(loaded.exit_heads.heads[0][-1].weight, kept.exit_heads.heads[0][-1].weight)
+    # a later step that resizes the layer a head reads drops the head, saying so: the saved
+    # model never carries a head that cannot run
+    narrowed = kept.exit_heads.shapes[0][0]
+    pruned, report = compress(kept, {"prune.channels": {"ratio": 0.5}}, data=data, seed=0)
+    assert not hasattr(pruned, "exit_heads")
+    assert any("exit heads dropped" in n and "features.5" in n for n in report.notes)
+    assert narrowed == 16 and pruned.features[3].out_channels < 16
+    _roundtrip(pruned, {"python": f"{setup['path']}:teacher", "input_shape": [1, 8, 8]}, data,
+               tmp_path)
 
 
 def test_finetune_distills_from_any_teacher_with_any_loss(setup):

@@ -65,6 +65,45 @@ class ExitHeads(nn.Module):
                    int(config.get("hidden", 0)))
 
 
+def drop_stale_exit_heads(model: nn.Module, example: tuple) -> list[str]:
+    """Drop the kept exit heads (``model.exit_heads``) whose layer no longer gives the shape
+    they were built for: a later step resized or removed it (channel pruning narrows the
+    layer, not the head, which the forward never calls). A head that cannot run is no head:
+    the saved model keeps only heads that work, and the note says what to do. Returns notes."""
+    import torch
+
+    heads = getattr(model, "exit_heads", None)
+    if not isinstance(heads, ExitHeads):
+        return []
+    modules, seen = dict(model.named_modules()), {}
+
+    def hook(name):
+        return lambda module, args, out: seen.__setitem__(name, list(out.shape[1:]))
+
+    handles = [modules[n].register_forward_hook(hook(n)) for n in heads.layers if n in modules]
+    try:
+        with torch.no_grad():
+            model.eval()(*example)
+    finally:
+        for h in handles:
+            h.remove()
+    keep = [i for i, (n, shape) in enumerate(zip(heads.layers, heads.shapes, strict=True))
+            if seen.get(n) == shape]
+    if len(keep) == len(heads.layers):
+        return []
+    stale = ", ".join(f"{n} ({heads.shapes[i]} -> {seen.get(n, 'gone')})"
+                      for i, n in enumerate(heads.layers) if i not in keep)
+    if keep:
+        kept = ExitHeads([heads.layers[i] for i in keep], [heads.shapes[i] for i in keep],
+                         heads.num_classes, heads.hidden)
+        kept.heads = nn.ModuleList(heads.heads[i] for i in keep)
+        model.exit_heads = kept
+    else:
+        del model.exit_heads
+    return [f"exit heads dropped: the layers they read changed shape: {stale}; to keep heads, "
+            "put the distill step with keep_heads after the steps that resize layers"]
+
+
 @register_module_type
 class MultiHead(nn.Module):
     """One Linear head per task over shared features; returns ``heads[select]``'s logits, or a
