@@ -73,6 +73,15 @@ def start_model(args):
                                                                      input_shape=SHAPE)
 
 
+def deploy_target(args):
+    """The step's deployment target: ORT at ``--threads``, the thread count every other timing
+    of this script uses (the step's default, all cores, would calibrate its latency table and
+    check its budget at another thread count than the table's rows are timed at)."""
+    from lighten.target import Target
+
+    return Target.this_machine("onnxruntime", threads=args.threads)
+
+
 def nas_step(args, target: dict) -> dict:
     return {"arch.nas": {**target, "init": args.init, "trials": args.trials,
                          "time_budget": args.time_budget,
@@ -209,7 +218,8 @@ def run_macs(data, args, work: Path) -> dict:
     again: dict = {}
     t0 = time.time()
     nas, report = compress(start_model(args), nas_step(args, {"target_macs": 0.5}), data=data,
-                           train=train_config(args), workdir=work / "nas-macs")
+                           train=train_config(args), workdir=work / "nas-macs",
+                           target=deploy_target(args))
     s = report.summary
     out["nas"] = {"seconds": time.time() - t0, "summary": s, "layers": report.layers,
                   "notes": report.notes}
@@ -256,7 +266,8 @@ def run_latency(data, args, work: Path) -> dict:
 
     t_all = t0 = time.time()
     nas, report = compress(start_model(args), nas_step(args, {"target_latency": 0.5}),
-                           data=data, train=train_config(args), workdir=work / "nas-latency")
+                           data=data, train=train_config(args), workdir=work / "nas-latency",
+                           target=deploy_target(args))
     s = report.summary
     out: dict = {"seconds": time.time() - t0, "summary": s, "layers": report.layers,
                  "notes": report.notes, "contenders": {}}
