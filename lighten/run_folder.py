@@ -8,6 +8,7 @@ finished stages and the baseline's reference outputs are read back from disk.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 from collections.abc import Iterator
@@ -51,12 +52,26 @@ def run_lock(out: Path) -> Iterator[None]:
     is refused instead of writing into it at the same time. An advisory ``flock``, which the
     OS drops when the process ends however it ends, so a killed run leaves no stale lock.
     (Where ``fcntl`` does not exist, Windows, runs are not locked.)"""
-    try:
-        import fcntl
-    except ImportError:
+    if importlib.util.find_spec("fcntl") is None:
         yield
         return
+    created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
+    try:
+        with _locked(out):
+            yield
+    finally:
+        lock = out / LOCK_FILE
+        if created and [p.name for p in out.iterdir()] == [LOCK_FILE]:
+            lock.unlink(missing_ok=True)  # a run refused before writing anything leaves
+            out.rmdir()  # no folder behind
+
+
+@contextmanager
+def _locked(out: Path) -> Iterator[None]:
+    """The advisory lock on ``out``'s lock file, which says who holds it."""
+    import fcntl
+
     with open(out / LOCK_FILE, "a+", encoding="utf-8") as handle:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -181,10 +181,11 @@ def run_step(model: nn.Module, config: BaseModel, ctx: StepContext) -> tuple[nn.
         result = spec.apply(model, config, ctx)
     if not isinstance(result, nn.Module):
         raise TypeError(f"step {spec.name} returned {type(result).__name__}, not a model")
-    from lighten.distill.heads import drop_stale_exit_heads
+    if getattr(result, "exit_heads", None) is not None:  # kept heads: do they still fit?
+        from lighten.distill.heads import drop_stale_exit_heads
 
-    for note in drop_stale_exit_heads(result, ctx.example_inputs()):
-        ctx.note(f"{spec.name}: {note}")
+        for note in drop_stale_exit_heads(result, ctx.example_inputs()):
+            ctx.note(f"{spec.name}: {note}")
     seconds = time.perf_counter() - start
     params_after, nonzero_after = count_params(result)
     summary = {**ctx.summary, "params_before": params_before, "params_after": params_after,
