@@ -190,7 +190,7 @@ def parse_recipe(raw: Any, *, source: str = "<dict>", base_dir: Path = Path(".")
     try:
         top = schema.model_validate(raw)
     except ValidationError as err:
-        raise RecipeError(f"{source}: {_describe(err, schema)}") from None
+        raise RecipeError(f"{source}: {describe_validation_error(err, schema)}") from None
     steps = tuple(_parse_step(i, entry, source, base_dir) for i, entry in enumerate(top.steps))
     check_step_order([s.name for s in steps], where=source)
     from lighten.distill.models import check_stage_refs  # {stage: NAME} refs, up front
@@ -260,7 +260,8 @@ def parse_step(entry: dict, *, where: str, base_dir: Path | None = None) -> Pars
         # base_dir: model files a step names (a distill teacher) are relative to the recipe
         config = spec.config_type.model_validate(options or {}, context={"base_dir": base_dir})
     except ValidationError as err:
-        raise RecipeError(f"{where} {name}: {_describe(err, spec.config_type)}") from None
+        message = describe_validation_error(err, spec.config_type)
+        raise RecipeError(f"{where} {name}: {message}") from None
     return ParsedStep(name, config)
 
 
@@ -279,7 +280,7 @@ def _resolve_paths(spec: BaseModel, base_dir: Path, fields: tuple[str, ...]) -> 
     return spec.model_copy(update=update) if update else spec
 
 
-def _describe(err: ValidationError, schema: type[BaseModel]) -> str:
+def describe_validation_error(err: ValidationError, schema: type[BaseModel]) -> str:
     """One line for the first problem: where, what, and what is allowed."""
     # a typo shows up as "unknown key" and "missing key"; the unknown key is the useful one
     errors = sorted(err.errors(), key=lambda e: e["type"] != "extra_forbidden")

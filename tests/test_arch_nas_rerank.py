@@ -54,6 +54,7 @@ def test_finalists_are_the_proxy_best_and_the_model_shape_and_the_pick_is_their_
                                            -f["trial"]))
     assert s["chosen_trial"] == chosen["trial"] and s["rerank_accuracy"] == \
         chosen["rerank_accuracy"]
+    assert not any("no more than the first" in n for n in report.notes)  # 256 > 64 images
     assert count_macs(out, (1, 8, 8)) <= 0.5 * count_macs(model, (1, 8, 8))
     scored = [r for r in rows if r.get("rerank_accuracy")]
     assert sorted(int(r["trial"]) for r in scored) == sorted(f["trial"] for f in finalists)

@@ -306,7 +306,8 @@ def test_stock_encoder_rows_say_what_structured_pruning_does():
     model = Tokens().eval()
     rows = {r.name: r.cells["prunable (structured)"] for r in check_model(model, (1, 8, 8))}
     data = load_data(DataSpec(name="synthetic", samples=32, input_shape=[1, 8, 8]))
-    pruned, _ = lighten.compress(model, {"prune.neurons": {"ratio": 0.5}}, data=data)
+    pruned, report = lighten.compress(model, {"prune.neurons": {"ratio": 0.5}}, data=data)
     assert pruned.enc.layers[0].linear1.out_features < 64
+    assert any("prunable neurons" in n for n in report.notes)  # not "channels"
     assert rows["enc.layers.0.linear1"] == rows["enc.layers.1.linear2"] == "yes"
     assert rows["enc.layers.0.self_attn"] == "yes"  # its q/k/v input columns: the width

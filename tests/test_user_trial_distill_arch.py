@@ -79,6 +79,11 @@ def test_width_student_of_an_mlp_narrows_its_neurons():
     # nothing to narrow: one error that says what to do instead
     with pytest.raises(UnsupportedError, match="name a smaller student model"):
         derive_student(nn.Sequential(nn.Flatten(), nn.Linear(64, 10)), x, width=0.5)
+    # depth of a model without residual blocks: the error names the student key and the fix
+    with pytest.raises(UnsupportedError, match="^student depth: no removable residual block.*"
+                                               "use width or name a smaller student model"):
+        flat = nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10))
+        derive_student(flat, x, depth=0.5)
 
 
 def test_mutual_width_student_of_an_mlp_trains_through_compress(digits):
@@ -121,6 +126,8 @@ def test_nas_rebuilds_each_candidate_at_the_width_it_was_costed(digits, tmp_path
         data=digits, workdir=tmp_path, train=TrainConfig(batch_size=64, lr=1e-2))
     s = report.summary
     assert s["budget_met"] and s["params_after"] <= s["budget"]
+    # 1,437 digits: both rungs take all of them; the report says the rerank adds epochs only
+    assert any("no more than the first" in n for n in report.notes)
     example = (torch.zeros(1, 1, 8, 8),)
     space = derive_space(base, example, NASSpaceConfig(widths=[0.875]))
     builder = CandidateBuilder(base, space, example, inherit=True)

@@ -450,6 +450,11 @@ def nas_(model: nn.Module, config: NASConfig, ctx: StepContext) -> NASResult:
             measured_limit(finalists)
         longer = config.rerank.resolved(config.proxy)
         long_split = _proxy_split(ctx, longer)
+        if len(long_split[0]) <= len(split[0]) and len(long_split[1]) <= len(split[1]):
+            ctx.note(f"rerank: the data has {len(ctx.data.train)} training samples, so the "
+                     f"second rung trains on {len(long_split[0])} and scores on "
+                     f"{len(long_split[1])}, no more than the first: it re-scores the "
+                     f"finalists with {longer.epochs:g} epochs, not on more images")
         for r in finalists:
             if r.get("rerank_accuracy") is not None and r.get("rerank_scale") == r["scale"]:
                 continue  # a resumed search: already re-scored at this width

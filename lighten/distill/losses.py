@@ -195,7 +195,8 @@ class Batch:
     labels: Tensor                       # (B,)
     task_loss: Callable[[Tensor, Tensor], Tensor]  # the task's loss (cross-entropy)
     teacher: Tensor | None = None        # teacher logits (an ensemble: T * log of its probs)
-    pairs: list[tuple[Tensor, Tensor]] = field(default_factory=list)  # (adapted student, teacher)
+    pairs: list[tuple[Tensor, Tensor]] = field(default_factory=list)  # (student, teacher) maps
+    adapted: list[tuple[Tensor, Tensor]] = field(default_factory=list)  # the same, student adapted
     embeddings: tuple[Tensor, Tensor] | None = None  # (student, teacher) penultimate features
     exits: list[Tensor] = field(default_factory=list)  # logits of the student's exit heads
     peers: list[Tensor] = field(default_factory=list)  # other students' logits (detached)
@@ -217,7 +218,7 @@ class LossParams:
 class LossSpec:
     name: str
     fn: Callable[[Batch, LossParams], Tensor]
-    needs: frozenset[str]  # "teacher", "features", "embeddings", "exits", "peers"
+    needs: frozenset[str]  # "teacher", "features", "adapters", "embeddings", "exits", "peers"
     summary: str
 
 
@@ -298,16 +299,19 @@ def _dist(b: Batch, p: LossParams) -> Tensor:
                      temperature=p.temperature)
 
 
-@register_loss("hint", "features")
+@register_loss("hint", "features", "adapters")
 def _hint(b: Batch, p: LossParams) -> Tensor:
     """FitNets hints: MSE between adapted student features and the teacher's."""
-    pairs = _need(b.pairs, "matched feature layers", "hint")
+    pairs = _need(b.adapted, "matched feature layers with adapters", "hint")
     return sum(hint_loss(s, t) for s, t in pairs) / len(pairs)
 
 
 @register_loss("attention", "features")
 def _attention(b: Batch, p: LossParams) -> Tensor:
-    """Attention transfer between matched feature maps (Zagoruyko & Komodakis 2017)."""
+    """Attention transfer between matched feature maps (Zagoruyko & Komodakis 2017).
+
+    The student's own map, never an adapted one: a learned adapter could match the teacher's
+    attention for it, and the channel mean makes the widths irrelevant anyway."""
     pairs = _need(b.pairs, "matched feature layers", "attention")
     return sum(attention_loss(s, t) for s, t in pairs) / len(pairs)
 

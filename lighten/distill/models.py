@@ -108,13 +108,13 @@ def parse_ref(value: Any, *, role: str, context: dict | None = None) -> str | Mo
     if isinstance(value, dict):
         from pydantic import ValidationError
 
-        from lighten.recipe import _describe
+        from lighten.recipe import describe_validation_error
 
         cls = StudentRef if role == "student" else ModelRef
         try:
             return cls.model_validate(value, context=context)
         except ValidationError as err:  # one line naming the key, not pydantic's header
-            raise RecipeError(_describe(err, cls)) from None
+            raise RecipeError(describe_validation_error(err, cls)) from None
     raise RecipeError(f"{role}: expected a name or a mapping, got {type(value).__name__}")
 
 
@@ -293,8 +293,13 @@ def _shrink(model: nn.Module, width: float | None, depth: float | None, example,
 
     parts = []
     if depth is not None and depth < 1:
-        report = prune_layers_(model, LayerPruneConfig(ratio=1 - depth, importance="random"),
-                               example, seed=seed)
+        try:
+            report = prune_layers_(model, LayerPruneConfig(ratio=1 - depth, importance="random"),
+                                   example, seed=seed)
+        except UnsupportedError as err:
+            raise UnsupportedError(f"student depth: {err}; depth removes residual blocks, so "
+                                   "use width or name a smaller student model (zoo / python) "
+                                   "instead") from None
         parts.append(f"depth {depth:g} ({len(report.removed)} blocks removed)")
     if width is not None and width < 1:
         # every group: conv channels and Linear-made neurons (an MLP has only the latter)

@@ -34,6 +34,7 @@ from torch import nn
 from lighten.distill.augment import AugmentConfig
 from lighten.distill.losses import LOSSES, LossParams
 from lighten.distill.models import parse_ref, resolve_student, resolve_teacher
+from lighten.distill.objective import FEATURE_CACHE_BYTES
 from lighten.registry import register_step
 from lighten.step import FinetuneConfig, StepConfig, StepContext, StrictModel
 
@@ -285,8 +286,9 @@ def _describe(ctx: StepContext, config: DistillConfig, student: str, teachers: l
               reason=f"loss {losses}")
     for st in objective.students:
         for s_name, t_name, key in st.pairs:
-            ctx.layer(s_name, "match", before=f"teacher {t_name}",
-                      after=type(objective.module.extras[key]).__name__, reason="feature pair")
+            adapter = type(objective.module.extras[key]).__name__ if key else "no adapter"
+            ctx.layer(s_name, "match", before=f"teacher {t_name}", after=adapter,
+                      reason="feature pair")
         for name in st.exits:
             ctx.layer(name, "exit head", after="kept" if config.keep_heads else
                       "training only", reason="self-distillation")
@@ -299,8 +301,15 @@ def _describe(ctx: StepContext, config: DistillConfig, student: str, teachers: l
         ctx.note("consistent teaching: a fresh augmented view every step, the teacher run on "
                  "the same view")
     elif objective.cached is not None:
-        ctx.note(f"teacher logits cached once for {len(objective.dataset)} training samples "
-                 "(fixed data, no augmentation)")
+        maps = (f" and {len(objective.cached_features)} feature maps (bfloat16, "
+                f"{objective.feature_cache_bytes / 1e6:,.0f} MB)" if objective.cached_features
+                else "")
+        ctx.note(f"teacher logits{maps} cached once for {len(objective.dataset)} training "
+                 "samples (fixed data, no augmentation)")
+    elif "features" in objective.needs and objective.feature_cache_bytes > FEATURE_CACHE_BYTES:
+        ctx.note(f"the teacher's feature maps would take {objective.feature_cache_bytes / 1e9:.1f}"
+                 f" GB for {len(objective.dataset)} samples (cache limit "
+                 f"{FEATURE_CACHE_BYTES / 1e9:.1f} GB): the teacher runs every step")
     if objective.teacher_fit is not None:
         fit = objective.teacher_fit
         ctx.note(f"teacher on the training set: top-1 {fit['train_accuracy']:.4f}, mean "

@@ -115,9 +115,10 @@ class PruneReport:
     channels_after: int
     notes: list[str] = field(default_factory=list)
     sensitivity: ChannelSensitivity | None = None  # the last ratios: auto analysis
+    scope: Scope = "channels"  # what was counted: conv channels or Linear neurons
 
     def summary(self, step: str) -> str:
-        return (f"{step}: {self.channels_before} -> {self.channels_after} prunable channels; "
+        return (f"{step}: {self.channels_before} -> {self.channels_after} prunable {self.scope}; "
                 f"MACs {self.macs_after / max(self.macs_before, 1):.1%} and params "
                 f"{self.params_after / max(self.params_before, 1):.1%} of before")
 
@@ -497,7 +498,7 @@ def prune_channels_(model: nn.Module, config: ChannelPruneConfig, example_input:
         raise UnsupportedError(f"no prunable {scope} found (all groups are pinned by the model "
                                "input/output, ignore:, or grouped convs)")
     report = PruneReport(start["macs"], 0, start["params"], 0,
-                         sum(g.size for g in groups), 0)
+                         sum(g.size for g in groups), 0, scope=scope)
     report.notes += unfused_notes
     if unfused:
         report.notes.append(f"{', '.join(unfused)}: PyTorch transformer blocks unfused into "
