@@ -2,7 +2,8 @@
 mutual, ensemble and multi-task distillation and distillation-as-recovery pay?
 
     python benchmarks/distill.py [--quick] [--epochs 20] [--train N] [--test N] [--seeds 0 1]
-        [--sections students mutual ensemble multitask prune cache] [--methods ...]
+        [--sections students mutual ensemble multitask prune cache trained_mutual]
+        [--methods ...] [--mutual-loss mutual|mutual_gated]
         [--students lenet5 resnet20x0.25] [--temperature T] [--alpha A] [--beta B] [--out DIR]
         [--known FILE ...] [--resume]
 
@@ -26,7 +27,9 @@ and ``{"prune.channels": ...}``), same epochs and seeds for every row of a compa
   the bars of these three are checked at the end of ``distill.md``;
 * prune: ResNet-20 channel-pruned to 50% MACs, fine-tuned with and without distillation;
 * cache: hinton (>= 3 epochs) with the teacher logits cached once vs the teacher run every
-  step.
+  step;
+* trained_mutual: mutual learning started from the trained (shipped) LeNet-5, the paper's loss
+  against the gated one (``mutual_gated``): does the trained peer survive a fresh one?
 
 Writes ``distill.json`` and ``distill.md`` to ``--out`` (default benchmarks/results/), the json
 after every row. ``--known FILE`` takes rows (section, method, seed, epochs) already measured by
@@ -38,6 +41,7 @@ a long run can be cut into pieces (one seed or section per call) without repeati
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import statistics
 import tempfile
@@ -192,8 +196,11 @@ def mutual(args, data, teacher, rows) -> None:
             for r in known:
                 _emit(args, rows, r)
         else:
-            _, report, cost = _distill(_fresh("lenet5", seed), {"method": "mutual", "peers": 2},
-                                       data, teacher, seed, args.epochs)
+            config = {"method": "mutual", "peers": 2}
+            if args.mutual_loss is not None:
+                config["losses"] = {"ce": 1.0, args.mutual_loss: 1.0}
+            _, report, cost = _distill(_fresh("lenet5", seed), config, data, teacher, seed,
+                                       args.epochs)
             for name, peer in zip(names, report.summary["peers"], strict=True):
                 _emit(args, rows, {"section": "mutual", "student": "lenet5", "method": name,
                                    "seed": seed, "epochs": args.epochs,
@@ -427,8 +434,38 @@ def cache(args, data, teacher, rows) -> None:
         print(rows[-1], flush=True)
 
 
+def trained_mutual(args, data, teacher, rows) -> None:
+    """Mutual learning started from an already trained model (the shipped LeNet-5) rather
+    than from scratch: peer 0 is that model, peer 1 a fresh one. With the paper's loss the
+    random peer pulls the trained one toward its mistakes; the gated loss lets a peer teach a
+    sample only where it gives the true class more probability. Rows: every peer and the
+    stage output (chosen on held-out training images) per loss and seed."""
+    shipped = _teacher("lenet5", data)
+    _emit(args, rows, {"section": "trained_mutual", "student": "lenet5", "method": "input "
+                       "(shipped, trained)", "seed": 0, "accuracy": _acc(shipped, data)})
+    for seed in args.seeds:
+        model, _, cost = _distill(copy.deepcopy(shipped), {"losses": {"ce": 1.0}}, data,
+                                  teacher, seed, args.epochs)
+        _emit(args, rows, {"section": "trained_mutual", "student": "lenet5", "method": "labels "
+                           "only (ce), no peer", "seed": seed, "epochs": args.epochs,
+                           "accuracy": _acc(model, data), **cost})
+        for loss in ("mutual", "mutual_gated"):
+            model, report, cost = _distill(copy.deepcopy(shipped), {
+                "method": "mutual", "peers": 2, "losses": {"ce": 1.0, loss: 1.0}},
+                data, teacher, seed, args.epochs)
+            peers = [p["accuracy"] for p in report.summary["peers"]]
+            for k, acc in enumerate(peers):
+                _emit(args, rows, {"section": "trained_mutual", "student": "lenet5",
+                                   "method": f"{loss}: peer{k}", "seed": seed,
+                                   "epochs": args.epochs, "accuracy": acc, **cost})
+            _emit(args, rows, {"section": "trained_mutual", "student": "lenet5",
+                               "method": f"{loss}: stage output", "seed": seed,
+                               "epochs": args.epochs, "accuracy": _acc(model, data), **cost})
+
+
 SECTIONS = {"students": students, "mutual": mutual, "ensemble": ensemble,
-            "multitask": multitask, "prune": prune, "cache": cache}
+            "multitask": multitask, "prune": prune, "cache": cache,
+            "trained_mutual": trained_mutual}
 
 
 def _mean(values):
@@ -538,6 +575,8 @@ def main(argv=None) -> None:
     parser.add_argument("--beta", type=float, default=None, help="dkd: non-target weight")
     parser.add_argument("--ensemble-weights", default="accuracy", choices=["equal", "accuracy"],
                         help="ensemble section: the teachers' weights")
+    parser.add_argument("--mutual-loss", default=None, choices=["mutual", "mutual_gated"],
+                        help="mutual section: the peers' loss with ce (default: the method's)")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--known", type=Path, nargs="+", default=[],

@@ -11,7 +11,9 @@ step does), ``dkd_ls:BETA:T`` (the same on z-scored logits), ``hinton_ls:ALPHA:T
 z-scored logits, Sun et al. 2024), ``dist:W:T``
 (``CE + W T^2 (inter + intra)`` Pearson relations, DIST) or another method of the step
 (``relational:ALPHA:T``: hinton + RKD; with ``--augment views=K`` the teacher's embeddings are
-cached per view too).
+cached per view too; ``attention:ALPHA:T`` / ``hint:ALPHA:T``: hinton + attention transfer /
+FitNets, the teacher's matched feature maps cached once in bfloat16; ``--live-teacher`` runs
+the teacher every step instead).
 Each run is the library's own objective (``lighten.distill.objective.Objective``,
 with ``augment`` the step's :class:`~lighten.distill.augment.AugmentConfig`) trained by the
 library's loop (``lighten.train.train``: Adam lr 1e-3, cosine, batch 128), a fresh LeNet-5
@@ -90,6 +92,8 @@ def main(argv=None) -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--channels-last", action="store_true",
                         help="train the student in channels_last (oneDNN's fast CPU layout)")
+    parser.add_argument("--live-teacher", action="store_true",
+                        help="run the teacher every step instead of caching its outputs")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -121,7 +125,7 @@ def main(argv=None) -> None:
             warmup = math.ceil(0.25 * steps) if kind.startswith("dkd") else 0
             objective = Objective([model], task=data.task, train_set=train_set, example=example,
                                   losses=_losses(kind, a), params=params, teachers=[teacher],
-                                  warmup_steps=warmup,
+                                  warmup_steps=warmup, cache=not args.live_teacher,
                                   augment=augment)
             if objective.teacher_fit is not None and not fitted:
                 print(f"teacher on the training views: {objective.teacher_fit}", flush=True)

@@ -165,3 +165,25 @@ def test_teachers_get_no_gradient_and_cached_logits_equal_live_ones():
     assert not teacher.training
     assert all(torch.equal(a, b) for a, b in zip(before, teacher.parameters(), strict=True))
     assert not any(m._forward_hooks or m._forward_pre_hooks for m in student.modules())
+
+
+def test_gated_mutual_teaches_only_where_the_peer_knows_the_label_better():
+    s, t, y = torch.tensor(S), torch.tensor(T), torch.tensor(Y)
+    b = Batch(student=s, labels=y, task_loss=F.cross_entropy, peers=[t])
+    got = float(get_loss("mutual_gated").fn(b, LossParams()))
+    expected = 0.0
+    for sz, tz, label in zip(S, T, Y, strict=True):
+        gate = max(0.0, _softmax(tz)[label] - _softmax(sz)[label])
+        expected += gate * _kl(_softmax(tz), _softmax(sz)) / 2
+    # sample 0: the peer gives class 1 less than the student does (no pull); sample 1: more
+    assert _softmax(T[0])[1] < _softmax(S[0])[1] and _softmax(T[1])[2] > _softmax(S[1])[2]
+    assert got == pytest.approx(expected, rel=1e-5) and expected > 0
+    # a peer that knows every label worse than the learner teaches nothing, and gets no grad
+    weak = torch.zeros(2, 3, requires_grad=True)
+    s_grad = s.clone().requires_grad_()
+    strong = Batch(student=s_grad + torch.tensor([[0.0, 5.0, 0.0], [0.0, 0.0, 5.0]]), labels=y,
+                   task_loss=F.cross_entropy, peers=[weak])
+    loss = get_loss("mutual_gated").fn(strong, LossParams())
+    assert float(loss.detach()) == 0.0
+    loss.backward()
+    assert weak.grad is None or not weak.grad.any()

@@ -339,6 +339,30 @@ def _mutual(b: Batch, p: LossParams) -> Tensor:
     return sum(soft_target_loss(b.student, q, 1.0) for q in peers) / len(peers)
 
 
+def gated_mutual_loss(student: Tensor, peers: list[Tensor], labels: Tensor) -> Tensor:
+    """Mutual learning where a peer teaches a sample only as far as it knows it better:
+    ``mean_i sum_j g_ij KL_i(p_j || p_self) / n_peers`` with ``g_ij = max(0, p_j[y_i] -
+    p_self[y_i])`` (both at T = 1, detached). A random or weaker peer (a fresh peer beside a
+    trained student) then cannot pull the learner toward its mistakes, while equal peers still
+    teach each other wherever one is ahead."""
+    log_self = F.log_softmax(student, -1)
+    own = log_self.detach().exp().gather(1, labels[:, None]).squeeze(1)
+    total = student.new_zeros(())
+    for peer in peers:
+        _check_same(student, peer)
+        log_peer = F.log_softmax(peer.detach(), -1)
+        gate = (log_peer.exp().gather(1, labels[:, None]).squeeze(1) - own).clamp_min(0)
+        kl = (log_peer.exp() * (log_peer - log_self)).sum(-1)
+        total = total + (gate * kl).mean()
+    return total / len(peers)
+
+
+@register_loss("mutual_gated", "peers")
+def _mutual_gated(b: Batch, p: LossParams) -> Tensor:
+    """Mutual learning, each peer teaching only where it gives the true class more mass."""
+    return gated_mutual_loss(b.student, _need(b.peers, "peers", "mutual_gated"), b.labels)
+
+
 # --------------------------------------------------------------------------- finetune: distill
 
 
