@@ -3,7 +3,10 @@
 Each peer minimizes its cross-entropy plus the KL divergence from every other peer's predicted
 distribution (``mutual`` loss, the others' outputs detached), all in one training loop. Peer 0
 is the student as resolved; the others are the same architecture re-initialized with their own
-seed, so they disagree at the start and have something to teach. Every peer is measured on the
+seed, so they disagree at the start and have something to teach. When peer 0 arrives trained
+(:func:`gate_peers`), a fresh peer would drag it toward its mistakes; the peers then teach with
+the gated loss (``mutual_gated``: a sample only where the teacher knows its label better).
+Every peer is measured on the
 test split (one row each); the most accurate on the selection split (validation, else training
 images: :func:`~lighten.distill.selection.selection_split`, never the test split) is the stage's
 output.
@@ -22,6 +25,30 @@ def make_peers(student: nn.Module, count: int, *, seed: int) -> list[nn.Module]:
     """``student`` and ``count - 1`` re-initialized copies of it (seeds ``seed + k``)."""
     return [student] + [_reinit(copy.deepcopy(student), seed + 1000 * k).train()
                         for k in range(1, count)]
+
+
+def gate_peers(peers: list[nn.Module], gate, ctx) -> bool:
+    """Whether the peers train with the gated loss (``mutual_gated``): ``gate`` itself when it
+    is a bool; ``auto``: when peer 0 (the student as it arrived) beats every fresh peer on the
+    selection split by more than a quarter of their score, i.e. it was trained already. A
+    fresh peer would then pull it toward its mistakes through the paper's loss; from scratch
+    the paper's loss pays more (benchmarks/results/distill_mutual_gated/)."""
+    if gate != "auto":
+        return bool(gate)
+    from lighten.distill.selection import selection_split
+
+    on, where = selection_split(ctx, limit=2000)
+    primary = ctx.task.primary
+    sign = 1 if ctx.task.higher_is_better else -1
+    scores = [_metrics(peer, on, ctx)[primary] for peer in peers]
+    fresh = max(scores[1:], key=lambda v: sign * v)
+    trained = sign * (scores[0] - fresh) > 0.25 * abs(fresh)
+    if trained:
+        ctx.note(f"mutual: the student arrives trained ({primary} {scores[0]:.4f} on {where} "
+                 f"against the fresh peers' {fresh:.4f}): peers teach with the gated loss, "
+                 "each sample only where the teaching peer gives its label more probability "
+                 "(gate: false for the paper's loss)")
+    return trained
 
 
 def choose_peer(peers: list[nn.Module], ctx) -> nn.Module:

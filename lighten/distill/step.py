@@ -121,6 +121,11 @@ class DistillConfig(StepConfig):
     layers: Literal["auto"] | list[str] | dict[str, str] = Field(
         "auto", description="feature layers: auto (by resolution), [names] or {student: teacher}")
     peers: int = Field(2, ge=2, description="mutual: students trained together")
+    gate: bool | Literal["auto"] = Field(
+        "auto", description="mutual: a peer teaches a sample only where it gives the true class "
+        "more probability (loss mutual_gated); auto: on when the student arrives trained "
+        "(a fresh peer would pull it toward its mistakes: 90.4 -> 89.5% in 2 epochs), off "
+        "from scratch (the paper's loss, which pays more there)")
     tasks: list[TaskRef] | None = Field(None, description="multitask: [{data, teacher}, ...]")
     keep_heads: bool = Field(False, description="self: keep the exit heads in the saved model")
     head_hidden: int = Field(0, ge=0, description="self: hidden width of each exit head")
@@ -152,8 +157,12 @@ class DistillConfig(StepConfig):
         if self.augment is not None and self.method == "multitask":
             raise ValueError("augment goes with one training set; method: multitask mixes "
                              "several (remove augment)")
-        if "peers" in self.model_fields_set and self.method != "mutual":
-            raise ValueError("peers goes with method: mutual")
+        for key in ("peers", "gate"):
+            if key in self.model_fields_set and self.method != "mutual":
+                raise ValueError(f"{key} goes with method: mutual")
+        if "gate" in self.model_fields_set and self.losses is not None:
+            raise ValueError("gate picks the loss of method mutual's default; with losses: "
+                             "name mutual or mutual_gated yourself")
         refs = {"teacher": self.teacher, "student": self.student}
         for i, t in enumerate(self.teachers or []):
             refs[f"teachers[{i}]"] = t
@@ -197,9 +206,11 @@ def distill(model: nn.Module, config: DistillConfig, ctx: StepContext) -> nn.Mod
     student = resolve_student(config.student, ctx, model, first, seed=ctx.seed)
     students = [student.model]
     if config.method == "mutual":
-        from lighten.distill.mutual import make_peers
+        from lighten.distill.mutual import gate_peers, make_peers
 
         students = make_peers(student.model, config.peers, seed=ctx.seed)
+        if config.losses is None and gate_peers(students, config.gate, ctx):
+            losses = {"ce": 1.0, "mutual_gated": 1.0}
     weights = _ensemble_weights(config, teachers, ctx) if config.method == "ensemble" else None
     augment = bool(getattr(ctx.train_config, "augment", False))
     if augment and config.augment is not None:
