@@ -37,6 +37,7 @@ from lighten.errors import ModelError
 # teacher runs every step. 55,000 Fashion-MNIST images x ResNet-20's three stage ends: 2.4 GB.
 FEATURE_CACHE_BYTES = 4 << 30
 
+
 class Teachers:
     """Frozen teacher(s) -> logits. Several teachers: the weighted average of their softened
     probabilities ``p = sum_i w_i softmax(z_i / T)``, returned as ``T * log p`` so every loss
