@@ -27,7 +27,7 @@ def digits():
 def trained(digits):
     torch.manual_seed(0)
     model = ZOO["lenet5"](num_classes=10, input_shape=(1, 8, 8))
-    train(model, digits.train, TrainConfig(epochs=20, lr=3e-3, batch_size=64), progress=False)
+    train(model, digits.train, TrainConfig(epochs=10, lr=3e-3, batch_size=64), progress=False)
     return model.eval()
 
 
@@ -46,7 +46,7 @@ def test_a_trained_student_gets_the_gated_loss_and_keeps_its_accuracy(digits, tr
     paper, paper_report = _mutual(trained, digits, gate=False)
     assert paper_report.summary["losses"] == {"ce": 1.0, "mutual": 1.0}
     after, dragged = evaluate(gated, digits.test), evaluate(paper, digits.test)
-    # measured: 0.975 -> 0.967 gated, 0.897 with the paper's loss (one epoch, random peer 1)
+    # measured: 0.947 -> 0.939 gated, 0.867 with the paper's loss (one epoch, random peer 1)
     assert after > before - 0.03 and after > dragged + 0.03
 
 
