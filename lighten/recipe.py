@@ -285,6 +285,9 @@ def describe_validation_error(err: ValidationError, schema: type[BaseModel]) -> 
     # a typo shows up as "unknown key" and "missing key"; the unknown key is the useful one
     errors = sorted(err.errors(), key=lambda e: e["type"] != "extra_forbidden")
     first = errors[0]
+    union = _union_alternatives(errors)
+    if union is not None:
+        return union
     # pydantic puts validator and union-member tags in the path ('function-after[...]',
     # 'HFTokenizerSpec', "literal['char']"); never last: the last part is the user's own key
     *inner, last = first["loc"] or [""]
@@ -308,6 +311,33 @@ def describe_validation_error(err: ValidationError, schema: type[BaseModel]) -> 
     shown = f" (got {value!r})" if not isinstance(value, dict | list) else ""
     message = first["msg"].removeprefix("Value error, ")
     return f"{where}: {message}{shown}" if where else f"{message}{shown}"
+
+
+_TYPE_TAGS = {"bool", "int", "float", "str", "list", "dict", "none", "tuple", "set"}
+
+
+def _is_member_tag(part) -> bool:
+    """A tag pydantic adds to a location for one member of a union (``bool``,
+    ``literal['auto']``, ``function-after[...]``, a model's class name), not a user's key."""
+    return isinstance(part, str) and (part in _TYPE_TAGS or "[" in part
+                                      or part.startswith("function-") or part[:1].isupper())
+
+
+def _union_alternatives(errors: list[dict]) -> str | None:
+    """A value no member of a union accepted (``gate: maybe`` for ``bool | 'auto'``): one
+    line naming every alternative, instead of the first member's complaint under its tag."""
+    loc = tuple(errors[0]["loc"])
+    if len(loc) < 2 or not _is_member_tag(loc[-1]):
+        return None
+    same = [e for e in errors if tuple(e["loc"][:-1]) == loc[:-1] and _is_member_tag(e["loc"][-1])]
+    if len(same) < 2:
+        return None
+    wanted = list(dict.fromkeys(e["msg"].removeprefix("Value error, ").removeprefix(
+        "Input should be ").split(",")[0] for e in same))
+    where = _format_loc([p for p in loc[:-1] if not _is_member_tag(p)])
+    value = errors[0].get("input")
+    shown = f" (got {value!r})" if not isinstance(value, dict | list) else ""
+    return f"{where}: should be {' or '.join(wanted)}{shown}"
 
 
 def _format_loc(loc: list) -> str:

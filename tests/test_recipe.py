@@ -37,6 +37,9 @@ def test_good_recipe_parses_with_defaults():
         (with_changes(steps=[{"prune.magnitude": {"sparsity": 0.5, "scope": "all"}}]),
          "scope: Input should be 'global' or 'layer'"),
         (with_changes(deploy={"backend": "tpu"}), "deploy.backend: Input should be"),
+        # a union no member accepts: every alternative in one line, not one member's tag
+        (with_changes(steps=[{"distill": {"method": "mutual", "gate": "maybe"}}]),
+         "steps[0] distill: gate: should be a valid boolean or 'auto' (got 'maybe')"),
         (with_changes(colour="red"), "unknown key 'colour'; allowed keys: name, model"),
         ({k: v for k, v in GOOD.items() if k != "model"}, "missing required key 'model'"),
         (with_changes(steps=[{"a": {}, "b": {}}]), "each step is one mapping"),
