@@ -291,8 +291,7 @@ def describe_validation_error(err: ValidationError, schema: type[BaseModel]) -> 
     # pydantic puts validator and union-member tags in the path ('function-after[...]',
     # 'HFTokenizerSpec', "literal['char']"); never last: the last part is the user's own key
     *inner, last = first["loc"] or [""]
-    loc = [p for p in inner if not isinstance(p, str) or not (
-        p.startswith("function-") or p[:1].isupper() or "[" in p)] + [last]
+    loc = [p for p in inner if not _is_member_tag(p)] + [last]
     where = _format_loc(loc)
     if first["type"] == "extra_forbidden":
         allowed = _allowed_keys(schema, loc[:-1])

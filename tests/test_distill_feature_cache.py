@@ -99,4 +99,8 @@ def test_feature_maps_over_the_cache_limit_leave_the_teacher_live(monkeypatch):
     monkeypatch.setattr(objective_module, "FEATURE_CACHE_BYTES", 1000)
     obj, _, _ = _objective({"hinton": 1.0, "attention": 1000.0})
     assert obj.module.live_teacher and obj.cached is None and not obj.cached_features
+    assert obj.feature_cache_refused  # the step notes why the teacher runs every step
     obj.close()
+    unasked, _, _ = _objective({"hinton": 1.0, "attention": 1000.0}, cache=False)
+    assert unasked.module.live_teacher and not unasked.feature_cache_refused
+    unasked.close()

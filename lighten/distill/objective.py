@@ -182,6 +182,10 @@ class Objective:
         self.cached_features: dict[str, Tensor] = {}  # teacher layer -> (N, C, H, W) bfloat16
         self.feature_cache_bytes = len(train_set) * sum(
             math.prod(shape) for shape in t_shapes.values()) * 2
+        # fixed data, but the maps too big to keep: the teacher runs every step
+        self.feature_cache_refused = bool(
+            self.teachers is not None and cache and augment is None and t_shapes
+            and self.feature_cache_bytes > FEATURE_CACHE_BYTES)
         self.teacher_fit: dict[str, float] | None = None  # with a cache: teacher on train set
         self.augment = augment  # AugmentConfig: student and teacher see the same views
         if augment is not None:

@@ -34,7 +34,6 @@ from torch import nn
 from lighten.distill.augment import AugmentConfig
 from lighten.distill.losses import LOSSES, LossParams
 from lighten.distill.models import parse_ref, resolve_student, resolve_teacher
-from lighten.distill.objective import FEATURE_CACHE_BYTES
 from lighten.registry import register_step
 from lighten.step import FinetuneConfig, StepConfig, StepContext, StrictModel
 
@@ -317,7 +316,9 @@ def _describe(ctx: StepContext, config: DistillConfig, student: str, teachers: l
                 else "")
         ctx.note(f"teacher logits{maps} cached once for {len(objective.dataset)} training "
                  "samples (fixed data, no augmentation)")
-    elif "features" in objective.needs and objective.feature_cache_bytes > FEATURE_CACHE_BYTES:
+    elif objective.feature_cache_refused:
+        from lighten.distill.objective import FEATURE_CACHE_BYTES
+
         ctx.note(f"the teacher's feature maps would take {objective.feature_cache_bytes / 1e9:.1f}"
                  f" GB for {len(objective.dataset)} samples (cache limit "
                  f"{FEATURE_CACHE_BYTES / 1e9:.1f} GB): the teacher runs every step")
