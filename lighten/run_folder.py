@@ -157,7 +157,18 @@ def prepare_output(out: Path, *, fresh: bool) -> None:
             for old in [*stages.glob("*.safetensors"), *stages.glob("*.layers.json"),
                         *stages.glob("*.report.json"), *stages.glob("nas-*/study.db")]:
                 old.unlink()
+    remove_unfinished_writes(out)
     (out / "stages").mkdir(parents=True, exist_ok=True)
+
+
+def remove_unfinished_writes(out: Path) -> list[Path]:
+    """Delete the temp files of writes a killed run never finished (``*.tmp``: an atomic
+    write's ``.NAME.*.tmp``, a checkpoint's ``NAME.tmp``); the folder is held by this run
+    (:func:`run_lock`), so no other process is writing them. Returns what was removed."""
+    removed = [path for path in out.rglob("*.tmp") if path.is_file()]
+    for path in removed:
+        path.unlink(missing_ok=True)
+    return removed
 
 
 def load_finished(artifact: Path, out: Path) -> tuple[nn.Module, dict]:

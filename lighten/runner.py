@@ -95,6 +95,7 @@ def _run_in(recipe: Recipe, out: Path, *, resume: bool, overwrite: bool,
     """The run itself, in ``out``, which this process holds (:func:`run_lock`)."""
     from lighten.memory import fit_training_batch
     from lighten.provenance import recipe_hash
+    from lighten.verify import run_finished
 
     recipe_dict = recipe.to_dict()
     digest = recipe_hash(recipe_dict)
@@ -108,9 +109,11 @@ def _run_in(recipe: Recipe, out: Path, *, resume: bool, overwrite: bool,
         state = None
     if state:
         check_resumable(out, state, recipe)
-        if len(state["done"]) == len(recipe.steps) + 1 and state.get("recipe_hash") == digest:
+        if (len(state["done"]) == len(recipe.steps) + 1 and state.get("recipe_hash") == digest
+                and run_finished(out)):
             return RunResult(out, read_rows(out), list(state.get("notes", [])))  # all done:
-            # nothing is re-run or rewritten (run.json keeps its time)
+            # nothing is re-run or rewritten (run.json keeps its time); a run killed while
+            # timing its stages or writing its report goes on to do that below
 
     prepared = prepare(recipe)  # all user-input errors surface here (weights too; no training)
     # under --max-memory: refused now if the model cannot train even one sample at a time
@@ -224,7 +227,7 @@ def _execute(recipe, prepared: Prepared, out: Path, state, digest, recipe_dict, 
     atomic_write_text(out / "run.json", json.dumps(
         {**_run_info(recipe, digest, prov, notes, data), "status": "finished"}, indent=2))
     write_report(out)
-    write_checksums(out)
+    write_checksums(out, finished=True)  # the last write: the run is complete
     return RunResult(out, rows, notes)
 
 

@@ -124,8 +124,10 @@ def file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def write_checksums(out: Path) -> None:
-    """Record the sha256 of the run's result files (called after each stage and at the end)."""
+def write_checksums(out: Path, *, finished: bool = False) -> None:
+    """Record the sha256 of the run's result files (called after each stage and at the end).
+    ``finished``: the run's last write, so it also marks the run complete (:func:`run_finished`);
+    a run killed after its last stage but before this (timing, report) is not."""
     from lighten.provenance import atomic_write_text
 
     out = Path(out)
@@ -134,7 +136,16 @@ def write_checksums(out: Path) -> None:
     if stages.is_dir():
         files += sorted(p for p in stages.iterdir() if p.is_file() and not p.name.startswith("."))
     record = {p.relative_to(out).as_posix(): file_sha256(p) for p in files if p.is_file()}
-    atomic_write_text(out / CHECKSUMS, json.dumps({"version": 1, "sha256": record}, indent=1))
+    atomic_write_text(out / CHECKSUMS, json.dumps({"version": 1, "finished": finished,
+                                                   "sha256": record}, indent=1))
+
+
+def run_finished(out: Path) -> bool:
+    """Whether the run in ``out`` wrote its last file (:func:`write_checksums` ``finished``)."""
+    try:
+        return json.loads((Path(out) / CHECKSUMS).read_text()).get("finished") is True
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def verify_run(out: str | os.PathLike) -> tuple[int, list[str]]:

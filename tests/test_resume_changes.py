@@ -71,6 +71,26 @@ def test_resuming_a_finished_run_rewrites_nothing(tmp_path):
     assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == files
 
 
+def test_a_run_killed_after_its_last_stage_is_finished_by_resume(tmp_path):
+    """Killed while timing the stages or writing the report: every stage is done, but the
+    report is missing and a write was cut short. --resume times and reports, trains nothing."""
+    _run(tmp_path, ONE_STEP)
+    out = tmp_path / "out"
+    artifact = out / "stages" / "01-prune.magnitude.safetensors"
+    trained = artifact.read_bytes()
+    (out / "report.md").unlink()
+    checksums = json.loads((out / "checksums.json").read_text())
+    (out / "checksums.json").write_text(json.dumps({**checksums, "finished": False}))
+    stray = out / "deploy" / "prune.magnitude" / ".model.onnx.x1y2z3.tmp"
+    stray.write_bytes(b"half an onnx file")
+    result = _run(tmp_path, ONE_STEP, resume=True)
+    assert [r["stage"] for r in result.rows] == ["baseline", "prune.magnitude"]
+    assert all(r.get("latency_ms_b1") for r in result.rows)
+    assert (out / "report.md").is_file() and not stray.exists()
+    assert artifact.read_bytes() == trained
+    assert json.loads((out / "checksums.json").read_text())["finished"] is True
+
+
 def test_a_run_resumed_on_another_cpu_keeps_building_for_its_recorded_cpu(tmp_path):
     _run(tmp_path, ONE_STEP)
     out = tmp_path / "out"
