@@ -62,7 +62,7 @@ def main(argv=None) -> int:
     from lighten.artifact import artifact_bytes, load_artifact, save_artifact
     from lighten.data import DataSpec, load_data
     from lighten.models import ZOO, load_weights, shipped_checkpoint
-    from lighten.train import TrainConfig
+    from lighten.training import TrainConfig
 
     if args.threads:  # training too, not only ONNX Runtime
         torch.set_num_threads(args.threads)

@@ -103,7 +103,7 @@ def _variant_step(variant: str, args, finetune: bool = True) -> dict:
 def separable_part(data, args, work: Path) -> dict:
     from lighten import compress
     from lighten.measure import count_macs
-    from lighten.train import TrainConfig
+    from lighten.training import TrainConfig
 
     model = shipped("resnet20")
     train = TrainConfig(epochs=args.epochs, lr=0.1, batch_size=128, optimizer="sgd",

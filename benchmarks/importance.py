@@ -27,7 +27,7 @@ from lighten.data import DataSpec, load_data
 from lighten.measure import count_macs
 from lighten.provenance import atomic_write_text, describe_machine, machine
 from lighten.prune.structured import ChannelPruneConfig, prune_channels_
-from lighten.train import evaluate
+from lighten.training import evaluate
 
 
 def markdown(rows: list[dict], epochs: float) -> str:

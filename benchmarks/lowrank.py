@@ -52,7 +52,7 @@ def baseline():
 
 def finetune(model, data, epochs: float):
     """The step's fine-tune: 0.1 x the checkpoint's training lr, the rest as it was trained."""
-    from lighten.train import TrainConfig, train
+    from lighten.training import TrainConfig, train
 
     cfg = TrainConfig(epochs=epochs, lr=0.01, batch_size=128, optimizer="sgd", momentum=0.9,
                       weight_decay=5e-4, schedule="cosine", augment=True)

@@ -46,14 +46,14 @@ SHAPE = (1, 28, 28)
 
 
 def train_config(args, seed: int = 0):
-    from lighten.train import TrainConfig
+    from lighten.training import TrainConfig
 
     return TrainConfig(epochs=args.epochs, lr=0.1, batch_size=128, optimizer="sgd",
                        momentum=0.9, weight_decay=5e-4, schedule="cosine", seed=seed)
 
 
 def accuracy(model, data) -> float:
-    from lighten.train import evaluate
+    from lighten.training import evaluate
 
     return float(evaluate(model.eval(), data.test))
 
@@ -128,7 +128,7 @@ def uniform(data, args, budget_macs: float | None, *, inherit: bool, scale: floa
     trained from scratch or from the inherited channels."""
     from lighten.arch.nas_build import fit_to_budget
     from lighten.measure import count_macs
-    from lighten.train import train
+    from lighten.training import train
 
     builder, ref = uniform_builder(inherit)
     if scale is None:
@@ -147,7 +147,7 @@ def nas_again(data, args, summary: dict, seed: int):
     from lighten.arch.nas import NASSpaceConfig
     from lighten.arch.nas_build import CandidateBuilder
     from lighten.arch.nas_space import derive_space
-    from lighten.train import train
+    from lighten.training import train
 
     model = start_model(args)
     example = (torch.zeros(1, *SHAPE),)

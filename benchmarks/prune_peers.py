@@ -6,7 +6,7 @@
 
 Both methods start from the same shipped checkpoint, aim at <= 50% of the baseline MACs with
 L2-magnitude channel importance (classifier untouched, per-layer ratios), and get the very same
-fine-tuning budget from ``lighten.train.train``. MACs and parameters come from one counter
+fine-tuning budget from ``lighten.training.train``. MACs and parameters come from one counter
 (``lighten.measure``) for every row, so the budgets are comparable; latency is the ONNX Runtime
 backend (the deployment target): all rows of a model timed together in interleaved rounds
 after the last row is fine-tuned (``lighten.measure.timing``: the median, ± half the
@@ -41,7 +41,7 @@ from lighten.models import ModelSpec, build_model, load_weights
 from lighten.provenance import atomic_write_text, describe_machine, machine, versions
 from lighten.prune.structured import ChannelPruneConfig, prune_channels_
 from lighten.target import Target
-from lighten.train import TrainConfig, evaluate, predict, train
+from lighten.training import TrainConfig, evaluate, predict, train
 
 RESULTS = Path(__file__).parent / "results"
 WEIGHTS = Path(__file__).parent.parent / "lighten" / "models" / "weights"

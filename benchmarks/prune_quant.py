@@ -38,7 +38,7 @@ from lighten.measure import count_macs, count_params
 from lighten.provenance import atomic_write_text, describe_machine, machine, versions
 from lighten.step import StepContext
 from lighten.target import Target
-from lighten.train import TrainConfig
+from lighten.training import TrainConfig
 from lighten.verb import resolve_config, run_step
 
 MODEL = "resnet20"

@@ -36,7 +36,7 @@ def main(argv=None) -> None:
     from lighten import compress
     from lighten.artifact import ENTROPY_FLAG, save_artifact
     from lighten.data import DataSpec, load_data
-    from lighten.train import evaluate
+    from lighten.training import evaluate
 
     data = load_data(DataSpec(name="fashion-mnist", limit_train=512, limit_test=args.test))
     base = _model()

@@ -40,7 +40,7 @@ def _row(stage: str, model, data, workdir: Path, seconds: float) -> tuple[dict, 
     from lighten.artifact import save_artifact
     from lighten.backends import get_backend
     from lighten.measure import count_macs, count_params
-    from lighten.train import evaluate
+    from lighten.training import evaluate
 
     path = workdir / f"{stage}.safetensors"
     size = save_artifact(model, path, model_spec={"zoo": "resnet20"}, input_shape=[1, 28, 28],
@@ -60,7 +60,7 @@ def run(args) -> list[dict]:
     from lighten.data import DataSpec, load_data
     from lighten.prune import ChannelPruneConfig
     from lighten.share.pq import PQConfig
-    from lighten.train import TrainConfig
+    from lighten.training import TrainConfig
 
     torch.manual_seed(0)
     data = load_data(DataSpec(name="fashion-mnist", limit_train=args.train,

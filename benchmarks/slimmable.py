@@ -66,7 +66,7 @@ def main(argv=None) -> int:
     from lighten.dynamic.slimmable_runtime import export_width, width_latency
     from lighten.export import export_onnx
     from lighten.models import ZOO
-    from lighten.train import TrainConfig, train
+    from lighten.training import TrainConfig, train
 
     threads = args.threads or default_threads()
     if args.threads:  # training too, not only ONNX Runtime

@@ -45,7 +45,7 @@ def _recipe_schema():
     """Built lazily: the data/model/train specs live in modules that import torch."""
     from lighten.data import DataSpec
     from lighten.models import ModelSpec
-    from lighten.train import TrainConfig
+    from lighten.training import TrainConfig
 
     class RecipeSchema(StrictModel):
         name: str = Field(min_length=1)
@@ -75,7 +75,7 @@ class Recipe:
     name: str
     model: Any  # lighten.models.ModelSpec
     data: Any  # lighten.data.DataSpec
-    train: Any  # lighten.train.TrainConfig
+    train: Any  # lighten.training.TrainConfig
     deploy: DeployConfig
     measure: MeasureConfig
     steps: tuple[ParsedStep, ...]

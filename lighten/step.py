@@ -19,7 +19,7 @@ from lighten.target import Target
 
 if TYPE_CHECKING:
     from lighten.data import DataBundle
-    from lighten.train import Callback, LossTerm, TrainConfig
+    from lighten.training import Callback, LossTerm, TrainConfig
 
 
 class StrictModel(BaseModel):
@@ -200,12 +200,12 @@ class StepContext:
     ) -> nn.Module:
         """Fine-tune ``model`` in place with the shared loop; a no-op when ``config`` is None.
 
-        Pruned weights stay exactly zero (``keep_zeros``: :class:`lighten.train.KeepZeros`, the
-        rule is :func:`lighten.train.pruned_masks`); with ``keep_zeros=False`` they may regrow,
+        Pruned weights stay exactly zero (``keep_zeros``: :class:`lighten.training.KeepZeros`, the
+        rule is :func:`lighten.training.pruned_masks`); with ``keep_zeros=False`` they may regrow,
         and a note and a warning say so before training starts."""
         if config is None or config.epochs == 0:
             return model
-        from lighten.train import KeepZeros, pruned_masks, train
+        from lighten.training import KeepZeros, pruned_masks, train
 
         base = self.train_config
         cfg = base.model_copy(

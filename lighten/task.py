@@ -147,8 +147,8 @@ class Task:
     def fit_baseline(self, model: Any, train: Any, cfg: Any, *, progress: bool = False,
                      checkpoint: Any = None) -> list[float]:
         """Train the recipe's baseline in place (the runner's baseline stage; ``cfg``: the
-        recipe's ``train:`` block): :func:`lighten.train.train` on :meth:`loss`."""
-        from lighten.train import train as train_loop
+        recipe's ``train:`` block): :func:`lighten.training.train` on :meth:`loss`."""
+        from lighten.training import train as train_loop
 
         return train_loop(model, train, cfg, progress=progress, task=self, checkpoint=checkpoint)
 

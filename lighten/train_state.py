@@ -1,4 +1,4 @@
-"""Resumable training: :func:`lighten.train.train`'s state at an epoch end, in one file.
+"""Resumable training: :func:`lighten.training.train`'s state at an epoch end, in one file.
 
 One ``.safetensors`` file, written atomically (temp file + ``os.replace``), nothing pickled:
 

@@ -39,7 +39,7 @@ from lighten.step import StepContext
 if TYPE_CHECKING:
     from lighten.data import DataBundle
     from lighten.registry import StepSpec
-    from lighten.train import TrainConfig
+    from lighten.training import TrainConfig
 
 __all__ = ["Report", "compress", "resolve_config", "run_step"]
 
@@ -141,7 +141,7 @@ def compress(
         teacher = frozen_copy(model)
     work = model if inplace else copy.deepcopy(model)
     if train is None:
-        from lighten.train import TrainConfig
+        from lighten.training import TrainConfig
 
         train = TrainConfig()
     extra = {} if target is None else {"target": _as_target(target)}  # else this machine

@@ -380,7 +380,7 @@ def memory_rows(_tmp: Path) -> list[dict]:
         training_footprint,
     )
     from lighten.models import resnet20
-    from lighten.train import TrainConfig, predict, train
+    from lighten.training import TrainConfig, predict, train
 
     if rss_bytes() is None:
         return []

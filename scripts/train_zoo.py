@@ -23,7 +23,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, uninstalled
 from lighten.data import DataSpec, load_data  # noqa: E402
 from lighten.models import WEIGHTS_DIR, ZOO  # noqa: E402
-from lighten.train import Callback, TrainConfig, evaluate, train  # noqa: E402
+from lighten.training import Callback, TrainConfig, evaluate, train  # noqa: E402
 
 SEED = 0
 # Chosen to reach the target accuracy in the fewest epochs on a small CPU.

@@ -210,6 +210,7 @@ def kill_anywhere(root: Path, *, kills: int, seed: int = 0) -> tuple[KillReport,
             mismatches += [f"{out.name}: {what} differ" for what in ("rows", "stages")
                            if got[what] != expected[what]]
             mismatches += [f"{out.name}: left {p}" for p in leftovers(out)]
+            mismatches += [f"{out.name}: {gap}" for gap in unfinished(out)]
         else:
             mismatches.append(f"{out.name}: no metrics.jsonl after the final resume")
         chain += 1
@@ -219,3 +220,16 @@ def kill_anywhere(root: Path, *, kills: int, seed: int = 0) -> tuple[KillReport,
 def leftovers(out: Path) -> list[str]:
     """Temp files still in ``out`` after a run finished: resume must not leave any."""
     return [str(p.relative_to(out)) for p in out.rglob("*.tmp")]
+
+
+def unfinished(out: Path) -> list[str]:
+    """What a resumed run that finished still lacks: a kill while the stages were timed or the
+    report written must not leave a run that --resume counts as done without them."""
+    from lighten.verify import run_finished
+
+    gaps = [] if (out / "report.md").is_file() else ["no report.md"]
+    if not run_finished(out):
+        gaps.append("checksums.json does not mark the run finished")
+    if json.loads((out / "run.json").read_text()).get("status") != "finished":
+        gaps.append("run.json status is not 'finished'")
+    return gaps

@@ -48,7 +48,7 @@ def attn_spec(tmp_path):
 
 def _ctx(data=None) -> StepContext:
     from lighten.data import DataSpec, load_data
-    from lighten.train import TrainConfig
+    from lighten.training import TrainConfig
 
     data = data or load_data(DataSpec(name="synthetic", samples=32, input_shape=[6, 16],
                                       num_classes=3))

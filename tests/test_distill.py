@@ -13,7 +13,7 @@ from lighten.distill import soft_target_loss
 from lighten.errors import ModelError
 from lighten.models import ZOO
 from lighten.step import FinetuneConfig, StepContext
-from lighten.train import TrainConfig, predict
+from lighten.training import TrainConfig, predict
 
 
 def test_soft_target_loss_is_t_squared_kl_and_zero_for_equal_logits():

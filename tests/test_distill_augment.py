@@ -19,7 +19,7 @@ from lighten.distill.models import freeze
 from lighten.distill.objective import Objective
 from lighten.errors import RecipeError
 from lighten.task import ClassificationTask
-from lighten.train import TrainConfig, train
+from lighten.training import TrainConfig, train
 
 
 def _net():

@@ -18,7 +18,7 @@ from lighten.distill.losses import hinton_loss, soft_target_loss
 from lighten.distill.models import freeze
 from lighten.distill.objective import Objective
 from lighten.task import ClassificationTask
-from lighten.train import TrainConfig, train
+from lighten.training import TrainConfig, train
 
 
 def _net():

@@ -13,7 +13,7 @@ from lighten import compress
 from lighten.artifact import load_artifact, save_artifact
 from lighten.data import DataSpec, load_data
 from lighten.models import ZOO, load_weights, shipped_checkpoint
-from lighten.train import TrainConfig
+from lighten.training import TrainConfig
 
 FT = {"epochs": 1}
 TRAIN = TrainConfig(lr=1e-3, batch_size=64)
@@ -115,7 +115,7 @@ def test_mutual_peers_with_kl_weight_zero_are_their_independent_twins(fashion):
                                                 "losses": {"ce": 1.0, "mutual": 0.0},
                                                 "finetune": FT}},
                          data=fashion, seed=0, train=TRAIN)
-    from lighten.train import evaluate
+    from lighten.training import evaluate
 
     got = [p["accuracy"] for p in report.summary["peers"]]
     assert got == pytest.approx([evaluate(t, fashion.test) for t in twins], abs=1e-9)
@@ -127,7 +127,7 @@ def test_mutual_kl_pulls_the_peers_together(fashion):
     far less on unseen images than the same peers trained without it."""
     from lighten.distill.mutual import make_peers
     from lighten.distill.objective import Objective
-    from lighten.train import train
+    from lighten.training import train
 
     example = (fashion.train[0][0][None].repeat(2, 1, 1, 1),)
     gaps = {}

@@ -122,7 +122,7 @@ def test_registered_as_losses_that_need_a_teacher():
 def test_distill_step_trains_a_student_with_the_method(method):
     from lighten import compress
     from lighten.data import DataSpec, load_data
-    from lighten.train import TrainConfig
+    from lighten.training import TrainConfig
 
     data = load_data(DataSpec(name="digits", limit_train=256, limit_test=64))
     torch.manual_seed(0)

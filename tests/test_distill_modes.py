@@ -13,7 +13,7 @@ from test_distill_step import MODELS
 from lighten import compress
 from lighten.artifact import load_artifact, save_artifact
 from lighten.data import DataSpec, load_data
-from lighten.train import TrainConfig, train
+from lighten.training import TrainConfig, train
 
 FT = {"epochs": 1, "lr": 3e-3}
 
@@ -52,7 +52,7 @@ def test_mutual_measures_every_peer_and_returns_the_best(setup):
     best = max(range(3), key=lambda k: peers[k]["selection"])  # never chosen on the test split
     assert len(chosen) == 1 and chosen[0]["module"] == f"peer{best}"
     assert "training images" in chosen[0]["reason"]
-    from lighten.train import evaluate
+    from lighten.training import evaluate
 
     assert evaluate(model, data.test) == pytest.approx(chosen[0]["accuracy"])
     assert "from no teacher" in report.notes[0]  # peers teach each other

@@ -13,7 +13,7 @@ from lighten import compress
 from lighten.data import DataSpec, load_data
 from lighten.errors import RecipeError
 from lighten.models import ZOO
-from lighten.train import TrainConfig, evaluate, train
+from lighten.training import TrainConfig, evaluate, train
 
 TRAIN = TrainConfig(batch_size=64, lr=3e-3)
 

@@ -15,7 +15,7 @@ from lighten import compress
 from lighten.artifact import load_artifact, save_artifact
 from lighten.data import DataSpec, load_data
 from lighten.errors import RecipeError
-from lighten.train import TrainConfig
+from lighten.training import TrainConfig
 
 MODELS = '''
 import torch
@@ -68,7 +68,7 @@ def setup(tmp_path_factory):
     data = load_data(DataSpec(name="digits", limit_train=600, limit_test=200))
     torch.manual_seed(0)
     teacher = module.teacher()
-    from lighten.train import train
+    from lighten.training import train
 
     train(teacher, data.train, TrainConfig(epochs=2, lr=3e-3, batch_size=32), progress=False)
     weights = root / "teacher.safetensors"

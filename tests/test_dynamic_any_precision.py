@@ -21,7 +21,7 @@ from lighten.dynamic.any_precision_layers import NestedQuantConv, NestedQuantLin
 from lighten.errors import LightenError, ModelError, RecipeError, UnsupportedError
 from lighten.export import export_onnx
 from lighten.models import ModelSpec, build_model
-from lighten.train import TrainConfig, evaluate, train
+from lighten.training import TrainConfig, evaluate, train
 
 TRAIN = TrainConfig(epochs=1, lr=0.01, batch_size=64)
 

@@ -23,7 +23,7 @@ from lighten.dynamic.runtime import SegmentRuntime, export_segments
 from lighten.errors import CheckpointError, RecipeError, UnsupportedError
 from lighten.measure.macs import count_macs
 from lighten.models import ZOO
-from lighten.train import TrainConfig, train
+from lighten.training import TrainConfig, train
 
 TRAIN = TrainConfig(epochs=1, lr=0.01, batch_size=64)
 

@@ -18,7 +18,7 @@ from lighten.dynamic.early_exit import holdout_split
 from lighten.dynamic.gating import GatedModel, GatingConfig
 from lighten.measure.macs import count_macs
 from lighten.models import ModelSpec, build_model
-from lighten.train import TrainConfig, train
+from lighten.training import TrainConfig, train
 
 TRAIN = TrainConfig(epochs=1, lr=0.01, batch_size=64)
 

@@ -20,7 +20,7 @@ from lighten.dynamic.slimmable_layers import SlimConv, SwitchableBatchNorm
 from lighten.dynamic.slimmable_runtime import export_width, pick_width
 from lighten.errors import LightenError, UnsupportedError
 from lighten.models import ModelSpec, build_model
-from lighten.train import TrainConfig
+from lighten.training import TrainConfig
 
 NET = model_source(RESIDUAL_BLOCK, '''
 class Net(nn.Module):

@@ -29,7 +29,7 @@ def digits():
 @pytest.fixture(scope="module")
 def lenet300(digits):
     """LeNet-300-100 on 8x8 digits, trained briefly so its weights are bell-shaped."""
-    from lighten.train import TrainConfig, train
+    from lighten.training import TrainConfig, train
 
     torch.manual_seed(0)
     model = build_model(ModelSpec(zoo="lenet300"), input_shape=digits.input_shape,

@@ -19,7 +19,7 @@ from lighten.prune.magnitude import MagnitudePruneConfig, budget_note
 from lighten.recipe import parse_step
 from lighten.registry import load_builtin_steps
 from lighten.step import FinetuneConfig, PruneFinetuneConfig, StepContext
-from lighten.train import Callback, TrainConfig, evaluate, train
+from lighten.training import Callback, TrainConfig, evaluate, train
 from lighten.verb import compress
 
 README = Path(__file__).resolve().parents[1] / "README.md"

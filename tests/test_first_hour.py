@@ -19,14 +19,14 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import lighten.train
+import lighten.training
 from lighten import run_folder, runner
 from lighten.cli.main import main
 from lighten.data import DataSpec, load_data
 from lighten.errors import RecipeError
 from lighten.models import ZOO
 from lighten.recipe import load_recipe
-from lighten.train import Callback, TrainConfig, train
+from lighten.training import Callback, TrainConfig, train
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -137,8 +137,8 @@ def test_checkpoint_of_other_training_is_not_used(tmp_path):
 
 def _interrupt_baseline_after(monkeypatch, epoch: int) -> None:
     """The runner's baseline training gets a callback that presses Ctrl-C after ``epoch``."""
-    real = lighten.train.train
-    monkeypatch.setattr(lighten.train, "train",
+    real = lighten.training.train
+    monkeypatch.setattr(lighten.training, "train",
                         functools.partial(real, callbacks=[StopAfter(epoch)]))
 
 

@@ -21,7 +21,7 @@ from lighten.quant.weight_only import (
     rtn_quantize,
 )
 from lighten.step import FinetuneConfig, StepContext
-from lighten.train import TrainConfig, pruned_masks
+from lighten.training import TrainConfig, pruned_masks
 
 PRUNE = {
     "prune.magnitude": {"sparsity": 0.7},

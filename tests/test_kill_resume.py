@@ -16,6 +16,6 @@ def test_a_dozen_kills_then_resume_equal_an_uninterrupted_run(tmp_path):
     report, mismatches = kill_anywhere(tmp_path, kills=12, seed=0)
     assert report.kills >= 12
     assert report.problems == []  # every file complete after every kill
-    assert mismatches == []  # same rows (timing aside), same tensors and manifests, no temp files
+    assert mismatches == []  # same rows (timing aside), tensors, manifests; no temp files; finished
     # the kills reached the work itself, not only start-up
     assert sum(not p.startswith("(starting up)") for p in report.phases) >= 6

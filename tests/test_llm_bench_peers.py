@@ -60,7 +60,7 @@ def test_ort_quantizer_peer_on_our_float_decoder(llm, setup, name):
 
 def test_peers_calibrate_on_the_windows_lighten_calibrates_on(llm, setup):
     from lighten.step import StepContext
-    from lighten.train import TrainConfig
+    from lighten.training import TrainConfig
 
     _, data = setup
     ctx = StepContext(data=data, train_config=TrainConfig(), baseline=None, workdir=None)

@@ -20,7 +20,7 @@ from lighten.memory import (
     rss_bytes,
     training_footprint,
 )
-from lighten.train import TrainConfig, predict, train
+from lighten.training import TrainConfig, predict, train
 
 pytestmark = pytest.mark.skipif(rss_bytes() is None, reason="needs /proc/self/statm (Linux)")
 

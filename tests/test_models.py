@@ -217,7 +217,7 @@ def test_shipped_checkpoints_load_and_are_accurate(name, floor):
     """Each shipped file loads strictly and classifies 1000 real test images well."""
     from lighten.data import DataSpec, load_data
     from lighten.data import fashion_mnist as fm
-    from lighten.train import evaluate
+    from lighten.training import evaluate
 
     assert shipped_checkpoint(name, "no-such-data") is None
     path = shipped_checkpoint(name, "fashion-mnist")

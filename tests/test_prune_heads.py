@@ -220,7 +220,7 @@ def test_taylor_random_and_errors(src: Path):
 def test_recipe_step(tmp_path: Path, src: Path):
     from lighten.data import bundle_from_datasets
     from lighten.step import FinetuneConfig, StepContext
-    from lighten.train import TrainConfig
+    from lighten.training import TrainConfig
 
     data = torch.utils.data.TensorDataset(randn(32, *SHAPE), torch.arange(32) % 5)
     bundle = bundle_from_datasets(data, data)

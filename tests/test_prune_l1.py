@@ -26,7 +26,7 @@ def bn_cnn():
 def context(n=128):
     from lighten.data import DataBundle
     from lighten.step import StepContext
-    from lighten.train import TrainConfig
+    from lighten.training import TrainConfig
 
     g = torch.Generator().manual_seed(1)
     protos = torch.randn(4, 1, 8, 8, generator=g)

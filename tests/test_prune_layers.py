@@ -167,7 +167,7 @@ def test_ratio_ignore_and_errors():
 def test_recipe_step_prunes_and_finetunes(tmp_path: Path):
     from lighten.data import DataSpec, load_data
     from lighten.step import FinetuneConfig, StepContext
-    from lighten.train import TrainConfig
+    from lighten.training import TrainConfig
 
     step = get_step("prune.layers")
     assert step.config_type is LayerPruneConfig

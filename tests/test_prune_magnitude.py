@@ -86,7 +86,7 @@ def _context(n=96):
 
     from lighten.data import DataBundle
     from lighten.step import StepContext
-    from lighten.train import TrainConfig
+    from lighten.training import TrainConfig
 
     g = torch.Generator().manual_seed(1)
     protos = torch.randn(4, 1, 8, 8, generator=g)

@@ -83,7 +83,7 @@ def test_onnx_export_matches(tmp_path):
 def _context(n=64):
     from lighten.data import DataBundle
     from lighten.step import StepContext
-    from lighten.train import TrainConfig
+    from lighten.training import TrainConfig
 
     g = torch.Generator().manual_seed(1)
     ds = TensorDataset(torch.randn(n, 1, 8, 8, generator=g), torch.randint(0, 4, (n,), generator=g))

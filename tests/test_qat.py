@@ -12,7 +12,7 @@ from lighten.quant.lsq import LearnedFakeQuant, fake_quant_ste, lsq_gradient_sca
 from lighten.quant.qat import QATAct, QATConfig, QATLayer, convert_qat, prepare_qat
 from lighten.quant.quantizer import QuantSpec
 from lighten.step import FinetuneConfig, StepContext
-from lighten.train import TrainConfig, evaluate, train
+from lighten.training import TrainConfig, evaluate, train
 
 torch.set_num_threads(1)
 

@@ -11,7 +11,7 @@ from lighten.quant.lsq import LearnedFakeQuant
 from lighten.quant.qat import QATConfig, QATLayer, convert_qat, prepare_qat
 from lighten.quant.quantizer import QuantSpec
 from lighten.step import FinetuneConfig
-from lighten.train import TrainConfig, train
+from lighten.training import TrainConfig, train
 
 torch.set_num_threads(1)
 

@@ -193,7 +193,7 @@ def test_layer_report_lists_conv1d(pair):
 def test_qat_trains_and_converts_conv1d(tmp_path):
     from lighten.quant.qat import QATConfig, QATLayer, convert_qat, prepare_qat
     from lighten.step import FinetuneConfig
-    from lighten.train import TrainConfig, train
+    from lighten.training import TrainConfig, train
 
     model = _float()
     x = _data(128, 0)

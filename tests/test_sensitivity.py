@@ -29,7 +29,7 @@ def trained_tiny():
 
 
 def test_table_rows_baseline_and_model_restored(tmp_path):
-    from lighten.train import evaluate
+    from lighten.training import evaluate
 
     model, data = trained_tiny()
     before = {k: v.clone() for k, v in model.state_dict().items()}

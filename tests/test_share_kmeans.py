@@ -21,7 +21,7 @@ from lighten.errors import ModelError, RecipeError
 from lighten.models import ModelSpec, build_model
 from lighten.recipe import parse_recipe
 from lighten.share.kmeans import KMeansConfig, SharedWeight, kmeans_1d
-from lighten.train import evaluate
+from lighten.training import evaluate
 
 SPEC = {"zoo": "lenet300"}
 
@@ -37,7 +37,7 @@ def pruned(digits):
     torch.manual_seed(0)
     model = build_model(ModelSpec(zoo="lenet300"), input_shape=digits.input_shape,
                         num_classes=10)
-    from lighten.train import TrainConfig, train
+    from lighten.training import TrainConfig, train
 
     train(model, digits.train, TrainConfig(epochs=2, lr=0.003, batch_size=64), progress=False)
     out, _ = compress(model, {"prune.magnitude": {"sparsity": 0.8, "scope": "layer"}})

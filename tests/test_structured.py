@@ -160,7 +160,7 @@ def test_zoo_models_reach_half_the_macs(name):
 def test_neurons_step_from_the_registry_prunes_hidden_linear_features(tmp_path: Path):
     from lighten.data import DataSpec, load_data
     from lighten.step import FinetuneConfig, StepContext
-    from lighten.train import TrainConfig
+    from lighten.training import TrainConfig
 
     step = get_step("prune.neurons")
     data = load_data(DataSpec(name="synthetic", samples=64, input_shape=[1, 8, 8]))

@@ -37,7 +37,7 @@ def _mlp():
 def _context(target: Target):
     from lighten.data import bundle_from_datasets
     from lighten.step import StepContext
-    from lighten.train import TrainConfig
+    from lighten.training import TrainConfig
 
     g = torch.Generator().manual_seed(1)
     ds = TensorDataset(torch.randn(64, 1, 8, 8, generator=g), torch.randint(0, 4, (64,),

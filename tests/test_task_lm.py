@@ -23,7 +23,7 @@ from lighten.recipe import parse_recipe
 from lighten.runner import run_recipe
 from lighten.step import StepContext
 from lighten.task import ClassificationTask, LanguageModelTask, Task, make_task
-from lighten.train import TrainConfig, evaluate
+from lighten.training import TrainConfig, evaluate
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_LM = REPO / "recipes" / "tiny_lm.py"

@@ -10,7 +10,7 @@ from torch.utils.data import TensorDataset
 from lighten.data import DataSpec, load_data
 from lighten.errors import DataError, LightenError
 from lighten.models import ZOO
-from lighten.train import Callback, TrainConfig, augment_batch, evaluate, predict, train
+from lighten.training import Callback, TrainConfig, augment_batch, evaluate, predict, train
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,7 @@ from lighten import compress, load_data
 from lighten.data import DataSpec
 from lighten.distill.models import derive_student
 from lighten.errors import LightenError, UnsupportedError
-from lighten.train import TrainConfig
+from lighten.training import TrainConfig
 
 
 class MLPNet(nn.Module):

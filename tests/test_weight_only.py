@@ -24,7 +24,7 @@ from lighten.quant.weight_only import (
     rtn_quantize,
 )
 from lighten.step import StepContext
-from lighten.train import TrainConfig
+from lighten.training import TrainConfig
 
 SPEC = {"python": "tests/nowhere.py:net", "input_shape": [1]}
 

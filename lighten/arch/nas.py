@@ -255,7 +255,7 @@ def proxy_score(model: nn.Module, ctx: StepContext, proxy: ProxyConfig, split, s
     """Train ``model`` briefly on the proxy subset (in place); its held-out score."""
     from torch.utils.data import Subset
 
-    from lighten.train import evaluate, train
+    from lighten.training import evaluate, train
 
     base = ctx.train_config
     cfg = base.model_copy(update={"epochs": proxy.epochs, "seed": seed,

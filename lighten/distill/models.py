@@ -196,7 +196,7 @@ def check_stage_refs(steps, *, where: str) -> None:
 
 def train_first(model: nn.Module, ref: ModelRef, ctx, *, data=None, seed: int = 0) -> None:
     """Train ``model`` on ``data`` (default the step's) as ``ref.train`` says, in place."""
-    from lighten.train import train
+    from lighten.training import train
 
     data = data if data is not None else ctx.data
     base = ctx.train_config

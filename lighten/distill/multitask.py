@@ -44,7 +44,7 @@ class MultiTaskDataset(Dataset):
 
 
 class _MultiTaskLoss:
-    """The task :func:`lighten.train.train` sees: per task, its losses on its samples' head."""
+    """The task :func:`lighten.training.train` sees: per task, its losses on its samples' head."""
 
     def __init__(self, base, losses, params, teachers: list[Teachers], cached, weights):
         self.base, self.losses, self.params = base, losses, params
@@ -138,7 +138,7 @@ def distill_multitask(model: nn.Module, config, ctx) -> nn.Module:
 
 
 def _measure_tasks(model, head: MultiHead, datas, names, teachers, ctx) -> None:
-    from lighten.train import evaluate
+    from lighten.training import evaluate
 
     rows = []
     for k, (d, n, t) in enumerate(zip(datas, names, teachers, strict=True)):

@@ -76,7 +76,7 @@ def choose_peer(peers: list[nn.Module], ctx) -> nn.Module:
 
 
 def _metrics(model: nn.Module, dataset, ctx) -> dict:
-    from lighten.train import predict
+    from lighten.training import predict
 
     return ctx.task.metrics(predict(model, dataset, task=ctx.task), _targets(dataset))
 

@@ -1,6 +1,6 @@
 """One distillation objective: students, frozen teachers, trainable extras, one loss.
 
-The shared training loop (``lighten.train.train``) trains a module on a task's loss. Here the
+The shared training loop (``lighten.training.train``) trains a module on a task's loss. Here the
 module is :class:`DistillModule` (the student(s) plus adapters and exit heads, so one optimizer
 trains them all; the teachers are held outside its parameters) and the task is
 :class:`ObjectiveTask`, whose loss is the weighted sum of the registered losses. After training
@@ -93,7 +93,7 @@ class IndexedDataset(Dataset):
 
 
 class ObjectiveTask:
-    """The task :func:`lighten.train.train` sees: the base task's inputs, the objective's loss."""
+    """What :func:`lighten.training.train` sees: the base task's inputs, the objective's loss."""
 
     def __init__(self, base, objective: Objective):
         self.base, self.objective = base, objective

@@ -269,7 +269,7 @@ def _teachers(config: DistillConfig, ctx: StepContext, losses: dict[str, float])
 
 def _ensemble_weights(config: DistillConfig, teachers, ctx: StepContext) -> list[float]:
     from lighten.distill.selection import selection_split
-    from lighten.train import evaluate
+    from lighten.training import evaluate
 
     on, where = selection_split(ctx)  # never the test split (lighten.distill.selection)
     accuracies = [evaluate(t.model, on, task=ctx.task) for t in teachers]

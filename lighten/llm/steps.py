@@ -31,7 +31,7 @@ from lighten.llm.wanda import wanda_mask
 from lighten.modules import require_modules
 from lighten.registry import register_step
 from lighten.step import PruneStepConfig, StepConfig, StepContext
-from lighten.train import pruned_mask
+from lighten.training import pruned_mask
 
 
 class _Calibrated(StepConfig):

@@ -9,7 +9,7 @@ classification ones (accuracy, macro-F1, top-1 agreement with the original), and
 task (R8's training and test splits, labelled). :func:`fit_classifier_` starts the head from a
 logistic-regression probe on the frozen embeddings (a good head in one closed-form-like fit,
 so a short end-to-end fine-tune does not drag the encoder around a random head) and then trains
-encoder and head together with :func:`lighten.train.train`.
+encoder and head together with :func:`lighten.training.train`.
 
 From a recipe: ``model: {hf: SOURCE}`` and ``data: {name: sentences, corpus: r8, task:
 text-classification, tokenizer: {hf: SOURCE}}`` build the classifier (a new head); its baseline
@@ -197,8 +197,8 @@ def fit_classifier_(model: SentenceClassifier, train: LabeledSentences, *, epoch
     """Train ``model`` in place: the head from a logistic-regression probe on the frozen
     embeddings, then encoder + head on cross-entropy (``epochs`` 0: the probe head only).
     Returns the loss per epoch."""
-    from lighten.train import TrainConfig
-    from lighten.train import train as train_loop
+    from lighten.training import TrainConfig
+    from lighten.training import train as train_loop
 
     fit_probe_head_(model, train, probe_c=probe_c)
     if epochs <= 0:

@@ -175,7 +175,7 @@ def measure_channel_sensitivity(
     from tqdm.auto import tqdm
 
     from lighten.progress import on_terminal
-    from lighten.train import evaluate
+    from lighten.training import evaluate
 
     if len(inputs) == 0:
         raise UnsupportedError("channel sensitivity needs labelled samples; the data given "

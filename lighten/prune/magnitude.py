@@ -32,7 +32,7 @@ from lighten.errors import UnsupportedError
 from lighten.modules import require_modules
 from lighten.registry import register_step
 from lighten.step import PruneStepConfig, StepContext
-from lighten.train import KeepMasks  # the one mask keeper (also used by ctx.finetune)
+from lighten.training import KeepMasks  # the one mask keeper (also used by ctx.finetune)
 
 Masks = dict[str, torch.Tensor]
 

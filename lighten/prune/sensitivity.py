@@ -148,7 +148,7 @@ def analyze(
     from tqdm.auto import tqdm
 
     from lighten.progress import on_terminal
-    from lighten.train import evaluate
+    from lighten.training import evaluate
 
     if kind not in KINDS:
         raise UnsupportedError(f"sensitivity kind {kind!r} is unknown; use one of {sorted(KINDS)}")

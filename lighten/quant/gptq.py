@@ -7,7 +7,7 @@ error, which is what keeps 4-bit and 3-bit weights close to float. Grids are gro
 scale is fixed when its first column is reached, from the already-updated weights (as in the
 reference implementation without ``static_groups``).
 
-A pruned layer (``mask``: some weights exactly 0, see :func:`lighten.train.pruned_mask`) keeps
+A pruned layer (``mask``: some weights exactly 0, see :func:`lighten.training.pruned_mask`) keeps
 its zeros: a pruned weight is fixed at 0 and takes no part in the compensation. Each row is
 quantized against the Hessian restricted to its own kept columns, ``(H_kk + λI)⁻¹`` (the exact
 masked OBS update; SparseGPT's shared-factor trick instead sends the error of zeroing a weight

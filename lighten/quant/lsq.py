@@ -91,7 +91,7 @@ class LearnedFakeQuant(nn.Module):
         self.register_buffer("zero_point", zero_point.detach().to(torch.int32).clone())
 
     def no_weight_decay(self) -> list[nn.Parameter]:
-        """Parameters :func:`lighten.train.train` must not decay: the learned log-scale."""
+        """Parameters :func:`lighten.training.train` must not decay: the learned log-scale."""
         return [self.log_scale] if self.learn else []
 
     @property

@@ -11,7 +11,7 @@ calibration data). ``bias_correction`` adds ``(W - Ŵ) E[x]`` to the bias so the
 does not drift.
 
 Pruned zeros stay zero: a weight that is exactly 0 in a pruned layer
-(:func:`lighten.train.pruned_mask`) gets its group's zero point (dequantized exactly 0) with
+(:func:`lighten.training.pruned_mask`) gets its group's zero point (dequantized exactly 0) with
 every method, and GPTQ / AdaRound compensate only among the kept weights.
 """
 
@@ -34,7 +34,7 @@ from lighten.quant.gptq import InputStats, exact_masked, gptq_quantize, im2col_s
 from lighten.registry import register_step
 from lighten.step import StepConfig, StepContext
 from lighten.task import Inputs, batch_inputs
-from lighten.train import pruned_mask
+from lighten.training import pruned_mask
 
 _MIN_SCALE = 2.0**-14  # smallest normal float16: scales are stored in half precision
 _ONNX_FLOAT = 1
