@@ -55,16 +55,20 @@ def run_lock(out: Path) -> Iterator[None]:
     if importlib.util.find_spec("fcntl") is None:
         yield
         return
-    created = not out.exists()
+    new_folders = [p for p in (out, *out.parents) if not p.exists()]  # innermost first
     out.mkdir(parents=True, exist_ok=True)
     try:
         with _locked(out):
             yield
     finally:
-        lock = out / LOCK_FILE
-        if created and [p.name for p in out.iterdir()] == [LOCK_FILE]:
-            lock.unlink(missing_ok=True)  # a run refused before writing anything leaves
-            out.rmdir()  # no folder behind
+        if new_folders and [p.name for p in out.iterdir()] == [LOCK_FILE]:
+            # a run refused before writing anything leaves no folder behind (nor the
+            # parents it made: `lighten demo` without its data leaves no empty runs/)
+            (out / LOCK_FILE).unlink(missing_ok=True)
+            for folder in new_folders:
+                if any(folder.iterdir()):
+                    break
+                folder.rmdir()
 
 
 @contextmanager

@@ -70,6 +70,19 @@ def test_env_prints_versions_and_machine(capsys):
     assert facts["versions"]["torch"] == torch.__version__
 
 
+def test_a_reader_that_stops_early_is_no_error():
+    """`lighten env | head`: the closed pipe ends the command quietly, not as a lighten bug."""
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-m", "lighten.cli", "env"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.close()  # the reader is gone before the first line is written
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 141
+    assert "error" not in err
+
+
 def test_check_python_model_shows_the_untraceable_module(model_file, capsys):
     assert main(["check", f"{model_file}:build", "--input-shape", "1,8,8"]) == 0
     out = capsys.readouterr().out

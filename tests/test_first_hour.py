@@ -23,7 +23,7 @@ import lighten.training
 from lighten import run_folder, runner
 from lighten.cli.main import main
 from lighten.data import DataSpec, load_data
-from lighten.errors import RecipeError
+from lighten.errors import LightenError, RecipeError
 from lighten.models import ZOO
 from lighten.recipe import load_recipe
 from lighten.training import Callback, TrainConfig, train
@@ -253,6 +253,19 @@ def test_a_run_folder_in_use_is_refused_until_it_is_released(tmp_path):
     assert [r["stage"] for r in result.rows] == ["baseline", "prune.magnitude"]
     with pytest.raises(RecipeError, match="in use"), run_folder.run_lock(out):
         runner.run_recipe(recipe, progress=False, output=out, resume=True)
+
+
+def test_a_run_refused_for_missing_data_leaves_no_new_folders(tmp_path, monkeypatch):
+    """`lighten demo` without Fashion-MNIST: no empty runs/demo, and no empty runs/ either."""
+    monkeypatch.setenv("LIGHTEN_FASHION_MNIST", str(tmp_path / "no-dataset-here"))
+    path = write_recipe(tmp_path, epochs=1)
+    text = path.read_text()
+    path.write_text(text[:text.index("data:")] + "data: {name: fashion-mnist}\n"
+                    + text[text.index("\n", text.index("data:")) + 1:])
+    out = tmp_path / "runs" / "demo"
+    with pytest.raises(LightenError, match="Fashion-MNIST not found"):
+        runner.run_recipe(load_recipe(path), progress=False, output=out)
+    assert not (tmp_path / "runs").exists()
 
 
 # --- 5. measure and analyze read a python: data hook ---------------------------------------------

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 import traceback
 from collections.abc import Sequence
@@ -68,6 +69,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             traceback.print_exc()
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # `lighten env | head`: the reader left, nothing is wrong
+        _silence_stdout()
+        return 141  # 128 + SIGPIPE, what a command killed by the closed pipe returns
     except KeyboardInterrupt:
         hint = (" finished stages (and the baseline's finished training epochs) are saved; "
                 "rerun the same command with --resume to continue."
@@ -83,6 +87,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                   "(a lighten bug; rerun with --debug for the traceback and report it)",
                   file=sys.stderr)
         return 1
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null so the interpreter's final flush does not raise again."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
 
 
 if __name__ == "__main__":
