@@ -65,6 +65,9 @@ class Task:
     inputs: tuple[InputSpec, ...] = ()
     #: robustness probes perturb float images; other inputs are skipped with a note
     perturbable = False
+    #: the outputs are class logits (a softmax over the last axis is meaningful): what
+    #: soft-target distillation (hinton, dkd, mutual, ...) compares
+    class_logits = False
 
     # -- inputs
     @property
@@ -168,6 +171,8 @@ class ClassLogitsTask(Task):
     """Logits ``(B, C)`` against int64 class labels ``(B,)``: cross-entropy, accuracy and
     macro-F1, top-1 agreement. Image and text classification differ only in their inputs."""
 
+    class_logits = True
+
     def loss(self, outputs: Tensor, targets: Tensor, *, label_smoothing: float = 0.0) -> Tensor:
         return F.cross_entropy(outputs, targets, label_smoothing=label_smoothing)
 
@@ -233,6 +238,7 @@ class LanguageModelTask(Task):
     kind = "language-model"
     primary = "perplexity"
     higher_is_better = False
+    class_logits = True  # over the vocabulary, per position
 
     def __init__(self, vocab_size: int, seq_len: int, *, tokenizer: dict | None = None):
         if int(vocab_size) < 2 or int(seq_len) < 1:

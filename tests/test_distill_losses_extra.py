@@ -114,8 +114,9 @@ def test_registered_as_losses_that_need_a_teacher():
     b.ramp = 0.5  # dkd_ls ramps in like dkd
     assert float(get_loss("dkd_ls").fn(b, LossParams(temperature=0.5, dkd_beta=8.0))) == \
         pytest.approx(0.5 * float(dkd_ls_loss(s, t, y, temperature=0.5, beta=8.0)), rel=1e-6)
-    assert get_loss("dist").needs == get_loss("hinton_ls").needs == frozenset({"teacher"})
-    assert get_loss("dkd_ls").needs == frozenset({"teacher"})
+    soft = frozenset({"teacher", "class_logits"})
+    assert get_loss("dist").needs == get_loss("hinton_ls").needs == soft
+    assert get_loss("dkd_ls").needs == soft
 
 
 @pytest.mark.parametrize("method", ["hinton_ls", "dist", "dkd_ls"])

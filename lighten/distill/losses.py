@@ -218,7 +218,9 @@ class LossParams:
 class LossSpec:
     name: str
     fn: Callable[[Batch, LossParams], Tensor]
-    needs: frozenset[str]  # "teacher", "features", "adapters", "embeddings", "exits", "peers"
+    # "teacher", "features", "adapters", "embeddings", "exits", "peers"; "class_logits": the
+    # loss takes a softmax of the outputs, so the task's outputs must be class logits
+    needs: frozenset[str]
     summary: str
 
 
@@ -255,13 +257,13 @@ def _ce(b: Batch, p: LossParams) -> Tensor:
     return b.task_loss(b.student, b.labels)
 
 
-@register_loss("kd", "teacher")
+@register_loss("kd", "teacher", "class_logits")
 def _kd(b: Batch, p: LossParams) -> Tensor:
     """Soft targets alone: ``T^2 KL(p_T || p_S)``."""
     return soft_target_loss(b.student, _need(b.teacher, "a teacher", "kd"), p.temperature)
 
 
-@register_loss("hinton", "teacher")
+@register_loss("hinton", "teacher", "class_logits")
 def _hinton(b: Batch, p: LossParams) -> Tensor:
     """``alpha T^2 KL(p_T || p_S) + (1 - alpha) CE`` (Hinton et al. 2015)."""
     # the label part through the task's loss: a mixed view's label is mixed too
@@ -270,21 +272,21 @@ def _hinton(b: Batch, p: LossParams) -> Tensor:
         + (1 - p.alpha) * b.task_loss(b.student, b.labels)
 
 
-@register_loss("dkd", "teacher")
+@register_loss("dkd", "teacher", "class_logits")
 def _dkd(b: Batch, p: LossParams) -> Tensor:
     """Decoupled KD: ``alpha TCKD + beta NCKD`` (Zhao et al. 2022), ramped in (``warmup``)."""
     return b.ramp * dkd_loss(b.student, _need(b.teacher, "a teacher", "dkd"), b.labels,
                     temperature=p.temperature, alpha=p.dkd_alpha, beta=p.dkd_beta)
 
 
-@register_loss("dkd_ls", "teacher")
+@register_loss("dkd_ls", "teacher", "class_logits")
 def _dkd_ls(b: Batch, p: LossParams) -> Tensor:
     """Decoupled KD on z-scored logits (logit standardization), ramped in like ``dkd``."""
     return b.ramp * dkd_ls_loss(b.student, _need(b.teacher, "a teacher", "dkd_ls"), b.labels,
                                 temperature=p.temperature, alpha=p.dkd_alpha, beta=p.dkd_beta)
 
 
-@register_loss("hinton_ls", "teacher")
+@register_loss("hinton_ls", "teacher", "class_logits")
 def _hinton_ls(b: Batch, p: LossParams) -> Tensor:
     """Hinton KD on z-scored logits (logit standardization, Sun et al. 2024)."""
     teacher = _need(b.teacher, "a teacher", "hinton_ls")
@@ -292,7 +294,7 @@ def _hinton_ls(b: Batch, p: LossParams) -> Tensor:
     return p.alpha * soft + (1 - p.alpha) * b.task_loss(b.student, b.labels)
 
 
-@register_loss("dist", "teacher")
+@register_loss("dist", "teacher", "class_logits")
 def _dist(b: Batch, p: LossParams) -> Tensor:
     """DIST: inter- + intra-class Pearson relations of the probabilities (Huang et al. 2022)."""
     return dist_loss(b.student, _need(b.teacher, "a teacher", "dist"),
@@ -323,7 +325,7 @@ def _relational(b: Batch, p: LossParams) -> Tensor:
     return rkd_loss(s, t)
 
 
-@register_loss("self", "exits")
+@register_loss("self", "exits", "class_logits")
 def _self(b: Batch, p: LossParams) -> Tensor:
     """Self-distillation: each exit head learns the labels and the final head's soft targets."""
     exits = _need(b.exits, "exit heads", "self")
@@ -332,7 +334,7 @@ def _self(b: Batch, p: LossParams) -> Tensor:
                for e in exits) / len(exits)
 
 
-@register_loss("mutual", "peers")
+@register_loss("mutual", "peers", "class_logits")
 def _mutual(b: Batch, p: LossParams) -> Tensor:
     """Deep mutual learning: ``KL(p_peer || p_self)`` averaged over the other peers (T = 1)."""
     peers = _need(b.peers, "peers", "mutual")
@@ -357,7 +359,7 @@ def gated_mutual_loss(student: Tensor, peers: list[Tensor], labels: Tensor) -> T
     return total / len(peers)
 
 
-@register_loss("mutual_gated", "peers")
+@register_loss("mutual_gated", "peers", "class_logits")
 def _mutual_gated(b: Batch, p: LossParams) -> Tensor:
     """Mutual learning, each peer teaching only where it gives the true class more mass."""
     return gated_mutual_loss(b.student, _need(b.peers, "peers", "mutual_gated"), b.labels)

@@ -311,13 +311,18 @@ def _cache_teachers(teachers: Teachers, dataset: Dataset, task, *,
     return torch.cat(out), torch.cat(labels), torch.cat(emb) if emb else None, kept
 
 
-def teacher_fit(logits: Tensor, labels: Tensor, temperature: float) -> dict[str, float]:
+def teacher_fit(logits: Tensor, labels: Tensor, temperature: float) -> dict[str, float] | None:
     """How much a teacher has to teach on the training set: its top-1 accuracy there and the
     mean probability it gives the true class at T = 1 and at the distillation temperature.
 
     A teacher barely more accurate on the training set than the student can get by itself, or
     one whose softened targets put little mass on the true class, makes soft targets a weaker
-    signal than the labels (issue #12: ResNet-20 teacher 93.5% / 0.90 / 0.51 at T 4)."""
+    signal than the labels (issue #12: ResNet-20 teacher 93.5% / 0.90 / 0.51 at T 4).
+    None where the outputs are not class logits ``(N, C)`` against class ids ``(N,)`` (a
+    regression, per-token logits)."""
+    if (logits.dim() != 2 or labels.shape != logits.shape[:1]
+            or labels.dtype not in (torch.int64, torch.int32)):
+        return None
     p1 = F.softmax(logits, -1).gather(1, labels[:, None]).mean()
     pt = F.softmax(logits / temperature, -1).gather(1, labels[:, None]).mean()
     acc = (logits.argmax(-1) == labels).float().mean()

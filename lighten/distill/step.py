@@ -200,6 +200,7 @@ def distill(model: nn.Module, config: DistillConfig, ctx: StepContext) -> nn.Mod
     from lighten.distill.objective import Objective
 
     losses = config.loss_weights()
+    _check_outputs_fit(losses, ctx.task)
     teachers, labels = _teachers(config, ctx, losses)
     first = teachers[0] if teachers else None
     student = resolve_student(config.student, ctx, model, first, seed=ctx.seed)
@@ -240,6 +241,22 @@ def distill(model: nn.Module, config: DistillConfig, ctx: StepContext) -> nn.Mod
         ctx.source_spec = student.source_spec
         ctx.summary["source_spec"] = student.source_spec
     return result.eval()
+
+
+def _check_outputs_fit(losses: dict[str, float], task) -> None:
+    """Soft-target losses compare softmaxes of the outputs: refused, with the losses that do
+    apply, where the task's outputs are not class logits (a regression, say)."""
+    from lighten.distill.losses import get_loss
+    from lighten.errors import RecipeError
+
+    soft = [name for name in losses if "class_logits" in get_loss(name).needs]
+    if soft and not getattr(task, "class_logits", False):
+        raise RecipeError(
+            f"distill loss {', '.join(soft)} compares class probabilities, but the {task.kind} "
+            "task's outputs are not class logits; give the step losses that do not, e.g. "
+            "losses: {ce: 1, hint: 1} (or attention, relational in place of hint), or, if the "
+            "outputs are class logits, set class_logits = True on the task (or subclass "
+            "lighten.task.ClassLogitsTask)")
 
 
 def _warmup_steps(config: DistillConfig, ctx: StepContext) -> int:
