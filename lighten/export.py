@@ -103,7 +103,8 @@ def export_onnx(
     was_training = model.training
     model.eval()
     try:
-        proto = _torch_export(model, specs, opset)
+        frozen: list[str] = []
+        proto = _torch_export(model, specs, opset, frozen)
         folded = fold_quantized_weights(proto)
         from lighten.quant.qdq_graph import complete_qdq
 
@@ -125,8 +126,11 @@ def export_onnx(
                 sample_inputs = _default_samples(specs)
             # an embedding has no classes: the argmax of its vector is no prediction to agree on
             top1 = (metadata or {}).get("lighten.task.kind") != "embedding"
-            by_batch = _verify(model, data, sample_inputs, specs, quantized=quantized, atol=atol,
-                               top1=top1)
+            try:
+                by_batch = _verify(model, data, sample_inputs, specs, quantized=quantized,
+                                   atol=atol, top1=top1)
+            except ExportError as err:
+                raise _blame_frozen_control_flow(err, frozen) from None
             max_diff = max(d for d, _ in by_batch.values())
             agree = min(a for _, a in by_batch.values())
     finally:
@@ -134,6 +138,20 @@ def export_onnx(
     atomic_write_bytes(path, data)
     return ExportCheck(path, max_diff, agree, len(data), quantized, folded, by_batch,
                        given if verify else "")
+
+
+def _blame_frozen_control_flow(err: ExportError, frozen: list[str]) -> ExportError:
+    """A graph that computes something else, traced through Python control flow: the frozen
+    branch is the likely cause, and a looser tolerance would only ship the wrong graph."""
+    text = str(err)
+    if not frozen or "does not match PyTorch" not in text:
+        return err
+    lines = "; ".join(frozen[:3]) + (f" (+{len(frozen) - 3} more)" if len(frozen) > 3 else "")
+    return ExportError(
+        text.split("; pass atol=")[0] + f"; the ONNX trace froze Python control flow at "
+        f"{lines}: the graph always takes the branch the batch-1 example took. Make that code "
+        "traceable (e.g. torch.where over tensors, no `if` on sizes or values), or run "
+        "`lighten check` to see which modules it affects")
 
 
 def _check_destination(path: Path) -> None:
@@ -224,7 +242,11 @@ def _check_shape(input_shape) -> tuple[int, ...]:
     return shape
 
 
-def _torch_export(model: nn.Module, specs: Sequence[InputSpec], opset: int):
+def _torch_export(model: nn.Module, specs: Sequence[InputSpec], opset: int,
+                  frozen: list[str] | None = None):
+    """The TorchScript export of ``model`` as an ONNX proto. ``frozen`` (when given) receives
+    the user's source lines where the trace froze Python control flow (a TracerWarning): the
+    first suspects when the graph then computes something else than the model."""
     import onnx
 
     own = getattr(model, "onnx_graph", None)
@@ -237,6 +259,9 @@ def _torch_export(model: nn.Module, specs: Sequence[InputSpec], opset: int):
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
+            if frozen is not None:
+                warnings.showwarning = _tracer_warning_recorder(frozen)
+                warnings.simplefilter("always", torch.jit.TracerWarning)
             torch.onnx.export(
                 model,
                 example,
@@ -254,6 +279,33 @@ def _torch_export(model: nn.Module, specs: Sequence[InputSpec], opset: int):
             "replace the unsupported operation or run `lighten check` to find the module"
         ) from exc
     return onnx.load_from_string(buf.getvalue())
+
+
+def _tracer_warning_recorder(frozen: list[str]):
+    """A ``warnings.showwarning`` that appends the user's line of each TracerWarning."""
+    import inspect
+    import linecache
+
+    package = os.path.dirname(os.path.abspath(__file__)) + os.sep
+    torch_dir = os.path.dirname(torch.__file__) + os.sep
+
+    def record(message, category, *_):
+        if not issubclass(category, torch.jit.TracerWarning):
+            return
+        frame = inspect.currentframe()
+        while frame is not None:
+            path = os.path.abspath(frame.f_code.co_filename)
+            if not path.startswith((package, torch_dir)) and os.path.basename(path) not in (
+                    "warnings.py", "contextlib.py"):
+                line = linecache.getline(path, frame.f_lineno).strip()
+                where = f"{os.path.basename(path)}:{frame.f_lineno}" + (
+                    f" (`{line}`)" if line else "")
+                if where not in frozen:
+                    frozen.append(where)
+                return
+            frame = frame.f_back
+
+    return record
 
 
 # ---------------------------------------------------------------- int8 weight folding

@@ -135,6 +135,26 @@ def test_traced_python_constant_fails_verification(tmp_path):
         export_onnx(DataDependent(), tmp_path / "d.onnx", input_shape=(6,))
 
 
+def test_a_branch_on_the_batch_size_is_named_not_excused_by_a_tolerance(tmp_path):
+    class BatchBranch(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.one, self.many = nn.Linear(6, 3), nn.Linear(6, 3)
+
+        def forward(self, x):
+            if x.shape[0] > 1:
+                return self.many(x)
+            return self.one(x)
+
+    torch.manual_seed(0)
+    with pytest.raises(ExportError) as caught:
+        export_onnx(BatchBranch(), tmp_path / "b.onnx", input_shape=(6,))
+    message = str(caught.value)
+    assert "froze Python control flow at test_export.py:" in message
+    assert "(`if x.shape[0] > 1:`)" in message and "atol" not in message
+    assert not (tmp_path / "b.onnx").exists()
+
+
 def test_bad_input_shape_and_samples(tmp_path):
     with pytest.raises(ExportError, match="input_shape"):
         export_onnx(nn.Linear(3, 2), tmp_path / "a.onnx", input_shape=(0, 3))

@@ -159,6 +159,9 @@ def test_two_input_artifact_exports_and_measures(tmp_path, capsys, monkeypatch):
     meta = {p.key: p.value for p in proto.metadata_props}
     assert meta["lighten.task.kind"] == "pair"
     assert [i["name"] for i in json.loads(meta["lighten.inputs"])] == ["a", "b"]
+    argv = ["export", str(path), "--onnx", str(onnx_path), "--data", "pair.py:load"]
+    assert main(argv) == 0  # the count is of samples, not of the model's two inputs
+    assert f"checked on {min(64, len(data.test))} real test samples" in capsys.readouterr().out
     argv = ["measure", str(path), "--data", "pair.py:load", "--json", "--latency-runs", "3"]
     assert main(argv) == 0
     row = json.loads(capsys.readouterr().out)

@@ -136,4 +136,5 @@ def _check_data(args, resolved, meta: dict):
     split = data.test if len(data.test) else data.train
     x, _ = default_collate([split[i] for i in range(min(CHECK_SAMPLES, len(split)))])
     samples = resolved.task.as_inputs(x)
-    return samples, f"{len(x)} real test samples of {where}", data.preprocessing()
+    count = len(samples[0])  # a batch per model input: its rows are the samples
+    return samples, f"{count} real test samples of {where}", data.preprocessing()
