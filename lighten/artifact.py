@@ -119,6 +119,10 @@ def save_artifact(model: nn.Module, path: str | os.PathLike, *, model_spec: dict
                               f"num_classes, got {input_shape!r} and {num_classes!r}") from None
     if task is not None and not isinstance(task, dict):
         task = task.describe()
+    if shape is None:  # the spec's or the task's: a load builds the source with it
+        given = (model_spec or {}).get("input_shape") or (task or {}).get("input_shape")
+        shape = None if given is None else [int(d) for d in given]
+    model_spec = _checked_spec(model_spec, shape)
     source, _ = _source_model(model_spec, shape, num_classes, task)
     if model_spec is not None:
         # a wrapper built around the source model (early exit, gating) by lighten.compress, which
@@ -205,6 +209,30 @@ def _join_tiny(parts: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor],
     stored = {k: t for k, t in parts.items() if k not in tiny}
     stored[BLOB_KEY] = blob
     return stored, index
+
+
+def _checked_spec(model_spec: dict | None, shape: list[int] | None) -> dict | None:
+    """``model_spec`` as load_artifact will read it, refused now (not at load time) when it
+    cannot be; a python: spec without input_shape takes the artifact's."""
+    from pydantic import ValidationError
+
+    from lighten.models import ModelSpec
+    from lighten.recipe import describe_validation_error
+
+    if model_spec is None:
+        return None
+    spec = dict(model_spec)
+    if spec.get("python") is not None and spec.get("input_shape") is None and shape:
+        spec["input_shape"] = list(shape)
+    try:
+        ModelSpec(**{k: v for k, v in spec.items() if k != "weights"})
+    except ValidationError as err:
+        raise CheckpointError(f"model_spec {model_spec}: "
+                              f"{describe_validation_error(err, ModelSpec)}; a load could not "
+                              "build the model from it") from None
+    except TypeError as err:
+        raise CheckpointError(f"model_spec {model_spec}: {err}") from None
+    return spec
 
 
 def _source_model(model_spec: dict | None, input_shape, num_classes, task: dict | None
@@ -543,9 +571,15 @@ def _build_from_spec(path: Path, manifest: dict, *, trust: bool = False) -> nn.M
     spec = {k: v for k, v in manifest["model_spec"].items() if k != "weights"}  # file has them
     try:
         model_spec = ModelSpec(**spec)
-    except (ValidationError, TypeError) as err:
-        raise CheckpointError(f"{path} has an invalid model_spec {spec} ({type(err).__name__}); "
-                              "pass load_artifact(..., model=...)") from None
+    except ValidationError as err:
+        from lighten.recipe import describe_validation_error
+
+        raise CheckpointError(f"{path} has an invalid model_spec {spec} "
+                              f"({describe_validation_error(err, ModelSpec)}); pass "
+                              "load_artifact(..., model=...)") from None
+    except TypeError as err:
+        raise CheckpointError(f"{path} has an invalid model_spec {spec} ({err}); pass "
+                              "load_artifact(..., model=...)") from None
     if model_spec.python is not None:
         check_code_allowed(model_spec.python, str(path), trust=trust)
     try:
@@ -786,8 +820,9 @@ def check_finite(model: nn.Module, state: dict, path: str | os.PathLike) -> None
 
 
 def _retie(model: nn.Module, entries: dict) -> None:
-    """Parameters saved as one (``alias``: an LM head tied to its embedding) are one object
-    again, so fine-tuning the reloaded model keeps them tied."""
+    """Tensors saved as one (``alias``: an LM head tied to its embedding, tied layers'
+    quantized weights) are one object again, so fine-tuning the reloaded model keeps them
+    tied and it counts them once."""
     for name, entry in entries.items():
         if entry.get("encoding") != "alias":
             continue
@@ -797,6 +832,9 @@ def _retie(model: nn.Module, entries: dict) -> None:
         param = source._parameters.get(src_attr)
         if param is not None and attr in owner._parameters:
             owner._parameters[attr] = param
+        buffer = source._buffers.get(src_attr)  # a quantized tied weight (int8, scales)
+        if buffer is not None and owner._buffers.get(attr) is not None:
+            owner._buffers[attr] = buffer
 
 
 def _match_dtypes(model: nn.Module, state: dict) -> None:

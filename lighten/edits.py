@@ -189,7 +189,9 @@ def describe_module(module: nn.Module, path: str) -> dict:
         f"cannot save {_where(path)}: its type {type(module).__qualname__} is not what the "
         "source model has there and lighten cannot rebuild it from a description; register it "
         "(lighten.modules.register_module_type with artifact_config/from_artifact, or a layer "
-        "spec in lighten.layers), or build it in the model factory the recipe names")
+        "spec in lighten.layers), or name a function that builds it: a recipe's model: "
+        "{python: FILE.py:FUNCTION}, save_artifact(..., model_spec={'python': "
+        "'FILE.py:FUNCTION', 'input_shape': [...]})")
 
 
 def _rebuilt_matches(module: nn.Module, edit: dict) -> bool:

@@ -167,12 +167,14 @@ def run_step(model: nn.Module, config: BaseModel, ctx: StepContext) -> tuple[nn.
     from lighten.measure import count_params
     from lighten.memory import PeakMemory, step_footprint
     from lighten.registry import step_for_config
+    from lighten.ties import tied_groups
 
     spec = step_for_config(config)
     _check_data(spec, config, None if isinstance(ctx.data, _NoData) else ctx.data)
     _check_float(spec, model)
     notes_at, layers_at = len(ctx.notes), len(ctx.layers)
     params_before, nonzero_before = count_params(model)
+    ties = tied_groups(model)
     start = time.perf_counter()
     # under a memory budget, calibration batches are sized from this (measured before the
     # step attaches any hook or observer to the model)
@@ -187,6 +189,7 @@ def run_step(model: nn.Module, config: BaseModel, ctx: StepContext) -> tuple[nn.
         for note in drop_stale_exit_heads(result, ctx.example_inputs()):
             ctx.note(f"{spec.name}: {note}")
     seconds = time.perf_counter() - start
+    _keep_ties(result, ties, spec.name, ctx)
     params_after, nonzero_after = count_params(result)
     summary = {**ctx.summary, "params_before": params_before, "params_after": params_after,
                "nonzero_before": nonzero_before, "nonzero_after": nonzero_after,
@@ -197,6 +200,20 @@ def run_step(model: nn.Module, config: BaseModel, ctx: StepContext) -> tuple[nn.
                     notes=list(ctx.notes[notes_at:]), layers=list(ctx.layers[layers_at:]),
                     summary=summary)
     return result.eval(), report
+
+
+def _keep_ties(result: nn.Module, ties: list[list[str]], step: str, ctx: StepContext) -> None:
+    """Layers that shared a weight before the step share its new form after (stored once);
+    where they cannot, the note says which and how to keep them tied."""
+    from lighten.ties import retie
+
+    retied, broken = retie(result, ties)
+    if retied:
+        ctx.note(f"{step}: tied weights stay stored once: {'; '.join(retied)}")
+    for paths in broken:
+        ctx.note(f"{step}: {paths} shared one weight and now store it separately (more bytes "
+                 "than before); to keep the tie, leave them all as they were (ignore: the "
+                 "ones this step changed) or change them all alike")
 
 
 def _check_float(spec: StepSpec, model: nn.Module) -> None:

@@ -409,6 +409,32 @@ def test_non_tensor_state_is_refused(tmp_path):
                       input_shape=(2,), num_classes=2)
 
 
+def test_a_model_spec_a_load_could_not_build_is_refused_at_save_time(tmp_path):
+    model = nn.Sequential(nn.Flatten(), nn.Linear(4, 2))
+    with pytest.raises(CheckpointError, match="model_spec .*model.python needs model.input_shape"):
+        save_artifact(model, tmp_path / "a.safetensors", model_spec={"python": "net.py:build"})
+    assert not (tmp_path / "a.safetensors").exists()
+    with pytest.raises(CheckpointError, match="model_spec .*zoo"):
+        save_artifact(model, tmp_path / "a.safetensors", model_spec={"zoo": 5},
+                      input_shape=(4,), num_classes=2)
+
+
+def test_the_input_shape_comes_from_the_spec_or_the_task_when_not_given(tmp_path):
+    from lighten.artifact import _read_manifest
+    from lighten.task import ClassificationTask
+
+    (tmp_path / "net.py").write_text("from torch import nn\n\n\ndef build(num_classes=2, "
+                                     "input_shape=(4,)):\n    return nn.Linear(4, num_classes)\n")
+    source = f"{tmp_path / 'net.py'}:build"
+    path = tmp_path / "a.safetensors"
+    save_artifact(nn.Linear(4, 2), path, model_spec={"python": source}, num_classes=2,
+                  task=ClassificationTask((4,), 2))
+    manifest = _read_manifest(path)
+    assert manifest["input_shape"] == [4] and manifest["model_spec"]["input_shape"] == [4]
+    loaded, _ = load_artifact(path, trust=True)
+    assert loaded(torch.ones(1, 4)).shape == (1, 2)
+
+
 # ----------------------------------------------------------------------------- sparse property
 
 
