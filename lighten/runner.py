@@ -215,6 +215,8 @@ def _execute(recipe, prepared: Prepared, out: Path, state, digest, recipe_dict, 
         if peak_mib is not None:  # training / calibration of this stage (not its measuring)
             row["peak_memory_mib"] = round(peak_mib, 1)
         rows.append(row)
+        if step is not None and (fell := drop_note(rows[-2], row, step, data.task)):
+            notes.append(fell)
         done.append(stage)
         atomic_write_text(out / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
         atomic_write_text(out / "state.json", json.dumps(
@@ -229,6 +231,35 @@ def _execute(recipe, prepared: Prepared, out: Path, state, digest, recipe_dict, 
     write_report(out)
     write_checksums(out, finished=True)  # the last write: the run is complete
     return RunResult(out, rows, notes)
+
+
+ACCURACY_DROP_NOTED = 0.05  # 5 points of accuracy (or 10% of another primary metric)
+
+
+def drop_note(before: dict, after: dict, step, task) -> str | None:
+    """A note when a stage lost much of its input's primary metric, with what usually helps:
+    a step run without fine-tuning is the common cause (``lowrank.svd {rank: auto}``)."""
+    key = task.primary
+    old, new = before.get(key), after.get(key)
+    if not isinstance(old, (int, float)) or not isinstance(new, (int, float)):
+        return None
+    worse = (old - new) if task.higher_is_better else (new - old)
+    if key == "accuracy":
+        if worse < ACCURACY_DROP_NOTED:
+            return None
+        change = f"{worse * 100:.1f} points ({old:.2%} -> {new:.2%})"
+    else:
+        if worse < 0.1 * abs(old):
+            return None
+        change = f"from {old:.4g} to {new:.4g}"
+    finetune = getattr(step.config, "finetune", "absent")
+    if finetune is None or getattr(finetune, "epochs", None) == 0:
+        hint = "give the step finetune: {epochs: 2} to recover, or a gentler setting"
+    elif finetune == "absent":
+        hint = "choose a gentler setting, or follow the step with one that fine-tunes"
+    else:
+        hint = "fine-tune longer, or choose a gentler setting"
+    return f"{step.name}: {key} fell {change}; {hint}"
 
 
 def _run_info(recipe: Recipe, digest: str, prov: dict, notes: list, data) -> dict:

@@ -62,7 +62,10 @@ def test_decoder_holds_one_quantized_table_and_matches_its_rows(setup, bits):
     ids = torch.stack([data.test[i][0] for i in range(2)])[:, :10]
     plain = export_decoder(model, tmp / "float.onnx", sample_ids=ids)
     done = export_decoder(model, tmp / f"t{bits}.onnx", sample_ids=ids, table_bits=bits)
-    assert done.max_diff < 1e-4  # exact against the model run on the same rows
+    # against the model run on the same rows: exact but where a float reordering flips an int8
+    # rounding tie of the 8-bit head's activations (CPU-dependent: 1.1e-3 on an Intel AMX
+    # machine, < 1e-4 on AMD AVX-512); a wrong table or scale is off by whole logits
+    assert done.max_diff < (5e-3 if bits == 8 else 1e-4)
     assert done.agreement >= (0.9 if bits == 8 else 0.5)  # against the float table
     vocab, hidden = model.hf.model.embed_tokens.weight.shape
     graph = onnx.load(str(done.path)).graph

@@ -103,3 +103,26 @@ def test_a_run_resumed_on_another_cpu_keeps_building_for_its_recorded_cpu(tmp_pa
     assert state["target"]["cpu"] == other
     assert any("resumed on a" in n and other in n for n in state["notes"])
     assert read_rows(out)[-1]["stage"] == "quant.dynamic"
+
+
+def test_a_stage_that_loses_much_accuracy_is_noted_with_what_helps(tmp_path):
+    from types import SimpleNamespace
+
+    from lighten.recipe import parse_step
+    from lighten.runner import drop_note
+    from lighten.task import ClassificationTask, LanguageModelTask
+
+    task = ClassificationTask((1, 8, 8), 4)
+    entry = {"prune.magnitude": {"sparsity": 0.9, "finetune": {"epochs": 0}}}
+    step = SimpleNamespace(name="prune.magnitude", config=parse_step(entry, where="t").config)
+    note = drop_note({"accuracy": 0.9}, {"accuracy": 0.3}, step, task)
+    assert note == ("prune.magnitude: accuracy fell 60.0 points (90.00% -> 30.00%); give the "
+                    "step finetune: {epochs: 2} to recover, or a gentler setting")
+    assert drop_note({"accuracy": 0.9}, {"accuracy": 0.87}, step, task) is None
+    lm = LanguageModelTask(16, 8)
+    assert "perplexity fell from 10 to 12" in drop_note({"perplexity": 10.0},
+                                                        {"perplexity": 12.0}, step, lm)
+    assert drop_note({"perplexity": 10.0}, {"perplexity": 10.5}, step, lm) is None
+    result = _run(tmp_path, "\n  - prune.magnitude: {sparsity: 0.995, finetune: {epochs: 0}}\n")
+    base, pruned = (r["accuracy"] for r in result.rows)
+    assert (base - pruned >= 0.05) == any("accuracy fell" in n for n in result.notes)

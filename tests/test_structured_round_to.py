@@ -48,3 +48,17 @@ def test_round_to_auto_uses_the_target_cpu_channel_block(cpu, block):
 def test_round_to_refuses_what_is_not_a_positive_count_or_auto(bad):
     with pytest.raises(ValueError, match="round_to"):
         ChannelPruneConfig(target_macs=0.5, round_to=bad)
+
+
+def test_a_ratio_that_rounds_back_to_every_full_width_is_said_and_not_fine_tuned():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 12, 3, padding=1), nn.ReLU(), nn.Conv2d(12, 8, 3),
+                          nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 3))
+    x = torch.randn(2, 1, 8, 8)
+    before = model(x)
+    tuned = []
+    report = prune_channels_(model, ChannelPruneConfig(ratio=0.2, round_to=8), x,
+                             finetune=lambda m, share: tuned.append(share))
+    assert report.channels_after == report.channels_before and tuned == []
+    assert any("nothing was removed: rounded to multiples of 8" in n for n in report.notes)
+    torch.testing.assert_close(model(x), before)

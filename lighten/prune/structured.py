@@ -518,9 +518,10 @@ def prune_channels_(model: nn.Module, config: ChannelPruneConfig, example_input:
         keeps = _plan_step(model, groups, scores, config, step=(i, k), goal=goal, what=what,
                            input_shape=input_shape, round_to=round_to, report=report,
                            eval_batches=eval_batches, progress=progress)
+        removed = any(len(keep) < g.size for keep, g in zip(keeps, groups, strict=True))
         apply_keep_(model, groups, keeps)
         model.zero_grad(set_to_none=True)
-        if finetune is not None:
+        if finetune is not None and removed:  # nothing removed: nothing to recover from
             finetune(model, 1 / k)
     if _output_shape(model, example_input) != out_shape:
         raise ModelError(f"pruning changed the output shape from {out_shape}; this is a lighten "
@@ -529,6 +530,11 @@ def prune_channels_(model: nn.Module, config: ChannelPruneConfig, example_input:
     report.params_after = _measure(model, "params", input_shape)
     report.channels_after = sum(g.size for g in prunable_groups(
         model, example_input, scope=scope, ignore=config.ignore))
+    if report.channels_after == report.channels_before:
+        why = (f"rounded to multiples of {round_to} channels, the ratio leaves every group "
+               "whole; lower round_to (round_to: 1 keeps exact counts) or raise the ratio"
+               if round_to and round_to > 1 else "the ratio leaves every group whole; raise it")
+        report.notes.append(f"nothing was removed: {why}; no fine-tuning was run")
     if target is not None:
         reached = report.macs_after if what == "macs" else report.params_after
         report.notes.append(f"{what} target {target:.0%}: reached "
