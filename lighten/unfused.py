@@ -271,21 +271,32 @@ class _UnfusedStack(nn.Module):
 
     _layer: type[_UnfusedLayer]
 
-    def __init__(self, layer_config: dict, num_layers: int, *, norm: bool = False,
-                 norm_eps: float = 1e-5, use_nested_tensor: bool = False):
+    def __init__(self, layer_config: dict | None, num_layers: int, *, norm: bool = False,
+                 norm_eps: float = 1e-5, use_nested_tensor: bool = False,
+                 d_model: int | None = None):
         super().__init__()
-        self.layers = nn.ModuleList(self._layer.from_artifact(layer_config)
-                                    for _ in range(num_layers))
+        # no layer config: every layer was removed (prune.layers); the artifact's edits put
+        # back what stands in their place
+        self.layers = nn.ModuleList(
+            self._layer.from_artifact(layer_config) if layer_config else nn.Identity()
+            for _ in range(num_layers))
         self.num_layers = num_layers
-        self.norm = nn.LayerNorm(layer_config["d_model"], eps=norm_eps) if norm else None
+        width = layer_config["d_model"] if layer_config else d_model
+        self.norm = nn.LayerNorm(width, eps=norm_eps) if norm else None
         self.use_nested_tensor = use_nested_tensor
 
     def artifact_config(self) -> dict:
+        """From the first layer still a transformer layer (prune.layers may have replaced
+        others, the first included, by what is left of them)."""
         norm = self.norm
-        return {"layer_config": self.layers[0].artifact_config(), "num_layers": len(self.layers),
-                "norm": norm is not None,
-                "norm_eps": norm.eps if isinstance(norm, nn.LayerNorm) else 1e-5,
-                "use_nested_tensor": self.use_nested_tensor}
+        layer = next((m for m in self.layers if isinstance(m, _UnfusedLayer)), None)
+        config = {"layer_config": None if layer is None else layer.artifact_config(),
+                  "num_layers": len(self.layers), "norm": norm is not None,
+                  "norm_eps": norm.eps if isinstance(norm, nn.LayerNorm) else 1e-5,
+                  "use_nested_tensor": self.use_nested_tensor}
+        if layer is None and isinstance(norm, nn.LayerNorm):
+            config["d_model"] = norm.normalized_shape[-1]
+        return config
 
     @classmethod
     def from_artifact(cls, config: dict) -> _UnfusedStack:

@@ -182,3 +182,35 @@ def test_recipe_step_prunes_and_finetunes(tmp_path: Path):
     assert count_params(out)[0] < before
     assert any(n.startswith("prune.layers: removed 3") for n in ctx.notes)
     assert any("projection shortcut" in n for n in ctx.notes)
+
+
+def test_a_pre_norm_pytorch_transformer_layer_is_a_removable_block(tmp_path):
+    """nn.TransformerEncoderLayer(norm_first=True) computes x + attn(norm(x)) + ff(...): one
+    residual chain, removed whole; the stock layer (fused, untraceable) is unfused first."""
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True, norm_first=True)
+    model = nn.Sequential(nn.Linear(8, 16), nn.TransformerEncoder(layer, 3,
+                                                                  enable_nested_tensor=False),
+                          nn.Flatten(), nn.Linear(4 * 16, 5)).eval()
+    x = torch.randn(6, 4, 8)
+    report = prune_layers_(model, LayerPruneConfig(count=1), x, batches=labelled(x, 5))
+    assert len(report.removed) == 1 and report.removed[0].startswith("1.layers.")
+    gone = int(report.removed[0].rsplit(".", 1)[1])
+    stack = model[1]
+    assert isinstance(stack.layers[gone], SkippedBlock)
+    h = model[0](x)  # the model is now the remaining two layers, run by hand
+    for i, kept in enumerate(stack.layers):
+        if i != gone:
+            h = kept(h)
+    torch.testing.assert_close(model(x), model[3](model[2](h)))
+    path = tmp_path / "p.safetensors"
+    save_artifact(model, path, model_spec=None, input_shape=[4, 8], num_classes=5)
+    loaded, _ = load_artifact(path, model=None)
+    torch.testing.assert_close(loaded(x), model(x))
+
+
+def test_post_norm_transformer_layers_are_not_residual_blocks():
+    layer = nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True)
+    model = nn.Sequential(nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)).eval()
+    with pytest.raises(UnsupportedError, match="no removable residual block found"):
+        prune_layers_(model, LayerPruneConfig(count=1), torch.randn(2, 4, 16))

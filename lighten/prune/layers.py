@@ -100,6 +100,11 @@ class SkippedBlock(nn.Sequential):
     def __init__(self, *activations: nn.Module):
         super().__init__(*activations)
 
+    def forward(self, x, *_, **__):  # a block's other arguments (masks) fed only its branch
+        for activation in self:
+            x = activation(x)
+        return x
+
     def artifact_config(self) -> dict:
         return {"activations": [
             {"type": type(m).__name__,
@@ -129,9 +134,30 @@ class ResidualBlock:
     # True when ``branch`` names the block's last residual add (a pre-norm transformer block,
     # x + attn(x) + mlp(...)): the removed part is then that sum minus the block's input
     summed: bool = False
+    extra_args: bool = False  # forward takes more than x (a transformer layer's masks)
 
     def replacement(self) -> nn.Module:
-        return SkippedBlock(*self.activations) if self.activations else nn.Identity()
+        keep = self.activations or self.extra_args  # nn.Identity takes x alone
+        return SkippedBlock(*self.activations) if keep else nn.Identity()
+
+
+def trace_block(module: nn.Module) -> tuple[fx.GraphModule, dict]:
+    """``module`` traced on its first argument alone, its other (optional) arguments at their
+    defaults (a transformer layer's masks: None), and those defaults by name. Raises what
+    tracing raises, TypeError for a second argument without a default."""
+    import inspect
+
+    params = list(inspect.signature(module.forward).parameters.values())[1:]
+    positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD,
+                  inspect.Parameter.KEYWORD_ONLY)
+    concrete = {}
+    for param in params:
+        if param.kind not in positional:
+            continue  # *args / **kwargs: nothing to fix
+        if param.default is inspect.Parameter.empty:
+            raise TypeError(f"argument {param.name!r} has no default")
+        concrete[param.name] = param.default
+    return fx.symbolic_trace(module, concrete_args=concrete or None), concrete
 
 
 @dataclass
@@ -141,13 +167,16 @@ class _Found:
 
 
 def _block_inputs(model: nn.Module, example_input: torch.Tensor) -> dict[str, torch.Tensor]:
-    """The single tensor each submodule receives on ``example_input`` (others are skipped)."""
+    """The single tensor each submodule receives on ``example_input``; a call whose other
+    arguments are at their defaults counts (a transformer layer given mask=None), any other
+    call is skipped."""
     seen: dict[str, torch.Tensor] = {}
     hooks = []
 
     def hook(name):
         def record(module, args, kwargs):
-            if len(args) == 1 and not kwargs and isinstance(args[0], torch.Tensor):
+            if args and isinstance(args[0], torch.Tensor) and _rest_at_defaults(
+                    module, args, kwargs):
                 seen.setdefault(name, args[0].detach())
         return record
 
@@ -160,6 +189,25 @@ def _block_inputs(model: nn.Module, example_input: torch.Tensor) -> dict[str, to
         for h in hooks:
             h.remove()
     return seen
+
+
+def _rest_at_defaults(module: nn.Module, args: tuple, kwargs: dict) -> bool:
+    """Every argument of the call but the first is what the forward defaults it to."""
+    import inspect
+
+    if len(args) == 1 and not kwargs:
+        return True
+    try:
+        bound = inspect.signature(module.forward).bind(*args, **kwargs)
+    except TypeError:
+        return False
+    params = inspect.signature(module.forward).parameters
+    for name, value in list(bound.arguments.items())[1:]:
+        default = params[name].default
+        if default is inspect.Parameter.empty or not (value is default or (
+                isinstance(value, (bool, int, float, str)) and value == default)):
+            return False
+    return True
 
 
 def _run_eval(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -203,12 +251,13 @@ def _analyse(path: str, module: nn.Module, x: torch.Tensor, found: _Found) -> No
     from torch.fx.passes.shape_prop import ShapeProp
 
     try:
-        gm = fx.symbolic_trace(module)
+        gm, defaults = trace_block(module)
     except Exception:  # not traceable on its own: cannot be proven a residual block
         return
     inputs = [n for n in gm.graph.nodes if n.op == "placeholder"]
     output = next(n for n in gm.graph.nodes if n.op == "output")
-    if len(inputs) != 1 or not isinstance(output.args[0], fx.Node):
+    # the other arguments' placeholders only check that they hold their defaults
+    if len(inputs) != 1 + len(defaults) or not isinstance(output.args[0], fx.Node):
         return
     node, acts = output.args[0], []
     while not _is_add(node):
@@ -222,7 +271,7 @@ def _analyse(path: str, module: nn.Module, x: torch.Tensor, found: _Found) -> No
     a, b = node.args
     if not (isinstance(a, fx.Node) and isinstance(b, fx.Node)):
         return
-    (x_node,) = inputs
+    x_node = inputs[0]
     summed = False
     if _strip_identity(gm, a) is x_node and _strip_identity(gm, b) is not x_node:
         branch = b
@@ -240,7 +289,7 @@ def _analyse(path: str, module: nn.Module, x: torch.Tensor, found: _Found) -> No
     gm.eval()
     try:
         with torch.no_grad():
-            ShapeProp(gm).propagate(x)
+            ShapeProp(gm).propagate(x, *defaults.values())
     except Exception:
         return
     adds = _chain_adds(gm, node, x_node) if summed else [node]
@@ -250,7 +299,7 @@ def _analyse(path: str, module: nn.Module, x: torch.Tensor, found: _Found) -> No
         found.notes.append(f"{path}: residual add with shapes {sorted(shapes)} (broadcast) is "
                            "not removable")
         return
-    found.blocks.append(ResidualBlock(path, acts, branch.name, summed))
+    found.blocks.append(ResidualBlock(path, acts, branch.name, summed, bool(defaults)))
 
 
 def _chain_adds(gm: fx.GraphModule, node: fx.Node, x_node: fx.Node) -> list[fx.Node]:
@@ -325,7 +374,7 @@ class _Probe(nn.Module):
 
     def __init__(self, block: nn.Module, branch: str):
         super().__init__()
-        gm = fx.symbolic_trace(block)
+        gm, _ = trace_block(block)
         node = next(n for n in gm.graph.nodes if n.name == branch)
         gm.add_submodule("lighten_tap", _Tap(self))
         with gm.graph.inserting_after(node):
@@ -334,7 +383,7 @@ class _Probe(nn.Module):
         gm.recompile()
         self.gm, self.x, self.branch = gm, None, None
 
-    def forward(self, x):
+    def forward(self, x, *_, **__):  # traced with its other arguments at their defaults
         self.x = x
         return self.gm(x)
 
@@ -425,12 +474,23 @@ def prune_layers_(model: nn.Module, config: LayerPruneConfig, example_input: tor
     from lighten.measure import count_macs, count_params
 
     input_shape = example_input  # MACs counted on the real example (token ids stay int64)
+    from lighten.unfused import unfuse_
+
     out_shape = tuple(_run_eval(model, example_input).shape)
-    blocks, notes = find_residual_blocks(model, example_input, ignore=config.ignore)
+    # PyTorch's transformer layers cannot be traced (fused fast paths); their unfused forms,
+    # which compute the same, show a pre-norm layer's two residual adds
+    unfuse_notes: list[str] = []
+    unfused = unfuse_(model, ignore=config.ignore, attention=False, notes=unfuse_notes)
+    blocks, found = find_residual_blocks(model, example_input, ignore=config.ignore)
     n = len(blocks)
     if n == 0:
-        raise UnsupportedError("no removable residual block (output = input + branch(input) "
-                               "with equal shapes) found" + (f"; {notes[0]}" if notes else ""))
+        raise UnsupportedError(
+            "no removable residual block found: a submodule whose forward returns input + "
+            "branch(input) (or a chain of such adds, as in a pre-norm transformer layer) with "
+            "equal shapes; residual adds written inline in a parent's forward are not blocks "
+            "(move each block into its own module)" + (f"; {found[0]}" if found else ""))
+    notes = ([f"{', '.join(unfused)}: PyTorch transformer blocks unfused into plain modules so "
+              "their residual adds can be traced", *unfuse_notes] if unfused else []) + found
     k = config.count if config.count is not None else round(config.ratio * n)
     if k > n:
         raise UnsupportedError(f"count: {k} but the model has only {n} removable residual "
