@@ -125,7 +125,8 @@ def require_modules(model: nn.Module, names, *, key: str) -> None:
     known = {name for name, _ in model.named_modules()}
     unknown = [n for n in names if n not in known]
     if unknown:
-        from lighten.errors import UnsupportedError
+        from lighten.errors import UnsupportedError, did_you_mean
 
-        raise UnsupportedError(f"{key}: no module named {unknown[0]!r} in the model "
-                               f"(names look like {sorted(known - {''})[:3]})")
+        hint = did_you_mean(unknown[0], known - {""})
+        raise UnsupportedError(f"{key}: no module named {unknown[0]!r} in the model"
+                               + (hint or f" (names look like {sorted(known - {''})[:3]})"))

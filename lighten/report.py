@@ -150,11 +150,19 @@ PERPLEXITY_COLUMN = Column("ppl", lambda r, b: "-" if r.get("perplexity") is Non
                            else f"{r['perplexity']:.3f}")
 
 
+def _metric_column(key: str) -> Column:
+    """A task's own primary metric (``Task.primary``), as its value."""
+    return Column(key, lambda r, b: "-" if not isinstance(r.get(key), (int, float))
+                  else f"{r[key]:.4g}")
+
+
 def _columns(rows: Sequence[dict]) -> tuple[Column, ...]:
-    """The stage columns, with perplexity after accuracy where a row has it."""
-    if not any(r.get("perplexity") is not None for r in rows):
-        return STAGE_COLUMNS
-    return (*STAGE_COLUMNS[:3], PERPLEXITY_COLUMN, *STAGE_COLUMNS[3:])
+    """The stage columns, with perplexity (a language model) or a user task's primary metric
+    after accuracy where the rows have it."""
+    extra = [PERPLEXITY_COLUMN] if any(r.get("perplexity") is not None for r in rows) else []
+    extra += [_metric_column(k) for k in dict.fromkeys(
+        r["primary_metric"] for r in rows if r.get("primary_metric"))]
+    return (*STAGE_COLUMNS[:3], *extra, *STAGE_COLUMNS[3:]) if extra else STAGE_COLUMNS
 
 
 def _cells(rows: Sequence[dict]) -> tuple[list[str], list[list[str]]]:

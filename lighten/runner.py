@@ -116,6 +116,7 @@ def _run_in(recipe: Recipe, out: Path, *, resume: bool, overwrite: bool,
             # timing its stages or writing its report goes on to do that below
 
     prepared = prepare(recipe)  # all user-input errors surface here (weights too; no training)
+    _check_first_step_names(recipe, prepared.model)
     # under --max-memory: refused now if the model cannot train even one sample at a time
     fit_training_batch(prepared.model, prepared.data.task.example_inputs, 1,
                        optimizer=recipe.train.optimizer, what="this run")
@@ -125,6 +126,28 @@ def _run_in(recipe: Recipe, out: Path, *, resume: bool, overwrite: bool,
     if prepared.baseline_source is None and not (state and "baseline" in state["done"]):
         train_baseline(prepared, recipe, out, progress=progress)
     return _execute(recipe, prepared, out, state, digest, recipe_dict, progress=progress)
+
+
+def _check_first_step_names(recipe: Recipe, model: nn.Module) -> None:
+    """The first step's ``ignore:`` names modules of the model as built: a typo is refused
+    before the baseline trains, not after. (Later steps see a model earlier steps changed.)"""
+    from lighten.modules import require_modules
+
+    if not recipe.steps:
+        return
+    step = recipe.steps[0]
+    ignore = getattr(step.config, "ignore", None)
+    if not (isinstance(ignore, list) and all(isinstance(n, str) for n in ignore)):
+        return
+    from lighten.unfused import STOCK_TYPES, unfuse_
+
+    if any(isinstance(m, STOCK_TYPES) for m in model.modules()):
+        import copy
+
+        # steps unfuse PyTorch's transformer blocks first: their inner names count too
+        model = copy.deepcopy(model)
+        unfuse_(model)
+    require_modules(model, ignore, key=f"steps[0].{step.name}.ignore")
 
 
 def _write_started(out: Path, recipe: Recipe, digest: str, recipe_dict: dict, data) -> None:

@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any
 from pydantic import BaseModel
 from torch import nn
 
-from lighten.errors import DataError, RecipeError
+from lighten.errors import DataError, LightenError, ModelError, RecipeError
 from lighten.step import StepContext
 
 if TYPE_CHECKING:
@@ -135,6 +135,9 @@ def compress(
                             progress=progress, workdir=workdir, train=train, seed=seed,
                             inplace=inplace)
     spec, cfg = resolve_config(config)
+    data = _as_bundle(data)
+    if not isinstance(model, nn.Module):
+        raise ModelError(f"compress needs an nn.Module, got {type(model).__name__}")
     _check_data(spec, cfg, data)
     teacher = baseline
     if teacher is None and _may_use_baseline(spec, cfg):
@@ -149,7 +152,48 @@ def compress(
                       train_config=train, baseline=teacher,
                       workdir=Path(workdir) if workdir is not None else Path(tempfile.gettempdir()),
                       seed=seed, progress=progress, **extra)
-    return run_step(work, cfg, ctx)
+    try:
+        return run_step(work, cfg, ctx)
+    except LightenError:
+        raise
+    except Exception:
+        if data is not None:  # a model that cannot take the data's inputs: say that instead
+            _check_runs(model if not inplace else work, data)
+        raise
+
+
+def _as_bundle(data) -> DataBundle | None:
+    """A DataBundle, or the ``(train, test)`` pair of datasets a ``python:`` data hook returns."""
+    from lighten.data import DataBundle, bundle_from_datasets
+    from lighten.errors import DataError
+
+    if data is None or isinstance(data, DataBundle):
+        return data
+    if isinstance(data, (tuple, list)) and len(data) == 2:
+        return bundle_from_datasets(*data)
+    raise DataError(f"data= takes a DataBundle (lighten.data.load_data, bundle_from_datasets) "
+                    f"or a (train, test) pair of datasets, got {type(data).__name__}")
+
+
+def _check_runs(model: nn.Module, data: DataBundle) -> None:
+    """Whether ``model`` runs on the data's inputs: a mismatch (the usual cause of a raw error
+    deep inside a step) becomes one line naming the shapes."""
+    import torch
+
+    inputs = data.task.example_inputs(2)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode():
+            model(*inputs)
+    except Exception as exc:  # a wrong shape fails somewhere inside the user's layers
+        shapes = [list(x.shape[1:]) for x in inputs]
+        raise ModelError(f"the model cannot run on the data's inputs (per-sample shape "
+                         f"{shapes[0] if len(shapes) == 1 else shapes}): {type(exc).__name__}: "
+                         f"{str(exc).splitlines()[0][:160]}; give data whose inputs the model "
+                         "takes") from None
+    finally:
+        model.train(was_training)
 
 
 def _may_use_baseline(spec: StepSpec, config: BaseModel) -> bool:
@@ -209,7 +253,10 @@ def _keep_ties(result: nn.Module, ties: list[list[str]], step: str, ctx: StepCon
 
     retied, broken = retie(result, ties)
     if retied:
-        ctx.note(f"{step}: tied weights stay stored once: {'; '.join(retied)}")
+        more = f"; and {len(retied) - 2} more groups" if len(retied) > 2 else ""
+        groups = f"{len(retied)} group{'s' if len(retied) > 1 else ''}"
+        ctx.note(f"{step}: tied weights stay stored once ({groups}): "
+                 f"{'; '.join(retied[:2])}{more}")
     for paths in broken:
         ctx.note(f"{step}: {paths} shared one weight and now store it separately (more bytes "
                  "than before); to keep the tie, leave them all as they were (ignore: the "
@@ -360,9 +407,10 @@ _QUANTIZABLE_KINDS = (nn.Linear, nn.modules.conv._ConvNd, nn.RNNBase, nn.Multihe
 
 
 def record_quant_layers(ctx: StepContext, before: Mapping[str, str], model: nn.Module,
-                        notes: list[str]) -> None:
+                        notes: list[str], ignore=()) -> None:
     """One row per quantized module (bits, granularity) and per weight layer left in float,
-    with the reason from the step's notes (``"<module> left in float: <why>"``)."""
+    with the reason from the step's notes (``"<module> left in float: <why>"``), else
+    ``ignore:`` or the step having no quantized form of that layer type."""
     from lighten.quant.layer_report import quant_facts
 
     done: list[str] = []  # rows already written: their children are covered
@@ -375,6 +423,8 @@ def record_quant_layers(ctx: StepContext, before: Mapping[str, str], model: nn.M
         done.append(name)
         reason = _reason(name, notes)
         if facts is None:
+            reason = reason or ("listed in ignore" if name in ignore else
+                                f"this step has no quantized form of {type(module).__name__}")
             ctx.layer(name, "keep float", type=type(module).__name__,
                       before=before.get(name, "-"), after="float", reason=reason)
             continue

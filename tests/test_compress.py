@@ -410,3 +410,36 @@ def test_runner_writes_each_steps_report_and_the_report_renders_it(tmp_path, mon
     markdown = (tmp_path / "out" / "report.md").read_text()
     assert "## Layers: prune.magnitude" in markdown and "## Layers: quant.dynamic" in markdown
     assert "| 3 | quantize | Linear | w8, dynamic activations | - |" in markdown
+
+
+def test_compress_takes_a_train_test_pair_and_names_a_shape_mismatch():
+    from torch.utils.data import TensorDataset
+
+    from lighten.errors import DataError, ModelError
+
+    g = torch.Generator().manual_seed(0)
+    pair = (TensorDataset(torch.randn(64, 6, generator=g), torch.arange(64) % 3),
+            TensorDataset(torch.randn(16, 6, generator=g), torch.arange(16) % 3))
+    model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3))
+    pruned, _ = compress(model, {"prune.magnitude": {"sparsity": 0.5}}, data=pair)
+    assert float((pruned[0].weight == 0).float().mean()) >= 0.4
+    with pytest.raises(ModelError, match=r"cannot run on the data's inputs \(per-sample shape "
+                                         r"\[6\]\): RuntimeError: mat1 and mat2"):
+        compress(nn.Sequential(nn.Linear(5, 3)), "quant.ptq", data=pair)
+    with pytest.raises(ModelError, match="needs an nn.Module, got function"):
+        compress(lambda x: x, "quant.dynamic", data=pair)
+    with pytest.raises(DataError, match=r"a \(train, test\) pair of datasets, got dict"):
+        compress(model, "quant.dynamic", data={"train": pair[0]})
+
+
+def test_a_layer_type_the_step_cannot_quantize_says_so():
+    from torch.utils.data import TensorDataset
+
+    g = torch.Generator().manual_seed(0)
+    pair = (TensorDataset(torch.randn(64, 2, 16, generator=g), torch.arange(64) % 3),
+            TensorDataset(torch.randn(16, 2, 16, generator=g), torch.arange(16) % 3))
+    model = nn.Sequential(nn.Conv1d(2, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 14, 3))
+    _, report = compress(model, {"quant.weight_only": {"bits": 4, "method": "rtn"}}, data=pair)
+    row = next(r for r in report.layers if r["module"] == "0")
+    assert row["action"] == "keep float"
+    assert row["reason"] == "this step has no quantized form of Conv1d"

@@ -268,6 +268,19 @@ def test_a_run_refused_for_missing_data_leaves_no_new_folders(tmp_path, monkeypa
     assert not (tmp_path / "runs").exists()
 
 
+def test_a_typo_in_the_first_steps_ignore_is_refused_before_the_baseline_trains(tmp_path):
+    from lighten.errors import UnsupportedError
+
+    path = write_recipe(tmp_path, epochs=50)  # would train for a while
+    path.write_text(path.read_text().replace("finetune: {epochs: 0}",
+                                             "finetune: {epochs: 0}, ignore: ['4.']"))
+    with pytest.raises(UnsupportedError, match=r"steps\[0\]\.prune\.magnitude\.ignore: no "
+                                               r"module named '4\.' in the model; did you mean "
+                                               r"'4'\?"):
+        runner.run_recipe(load_recipe(path), progress=False)
+    assert not (tmp_path / "out" / "stages" / "00-baseline.safetensors").exists()
+
+
 # --- 5. measure and analyze read a python: data hook ---------------------------------------------
 
 @pytest.mark.parametrize("prefix", ["", "python:"])

@@ -224,3 +224,33 @@ def test_multihead_attention_macs_are_counted():
     projections = 4 * tokens * dim * dim  # q, k, v and out projections
     scores = 2 * tokens * tokens * dim  # q·kᵀ and attention·v
     assert count_macs(Attn(), (tokens, dim)) == projections + scores
+
+
+def test_quantized_lstm_and_grouped_weights_count_their_real_weights():
+    from lighten.quant.dynamic import quantize_dynamic_
+    from lighten.quant.weight_only import WeightOnlyConfig, quantize_weight_only_
+
+    class Seq(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.rnn, self.fc = nn.LSTM(6, 12, batch_first=True), nn.Linear(12, 3)
+
+        def forward(self, x):
+            return self.fc(self.rnn(x)[0][:, -1])
+
+    model = Seq()
+    weights = sum(p.numel() for n, p in model.named_parameters() if "weight" in n)
+    floats = count_params(model)[0]
+    float_energy = energy_estimate(model, (5, 6))
+    quantize_dynamic_(model)
+    assert count_params(model)[0] == floats  # int8 LSTM weights are weights too
+    assert weights < floats
+    dynamic_energy = energy_estimate(model, (5, 6))  # int8 MACs, int8 weights read
+    assert dynamic_energy.pj_per_inference < 0.5 * float_energy.pj_per_inference
+
+    conv = nn.Sequential(nn.Conv2d(8, 4, 3))  # 72 columns: groups of 32 pad to 96
+    params = count_params(conv)[0]
+    quantize_weight_only_(conv, WeightOnlyConfig(bits=4, group_size=32, method="rtn"))
+    assert tuple(conv[0].weight_int.shape) == (4, 3, 32)
+    assert count_params(conv)[0] == params
+    assert energy_estimate(conv, (8, 5, 5)).layers[0]["weight_bits"] == 4

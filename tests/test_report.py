@@ -153,3 +153,15 @@ def test_unreadable_layer_table_is_named_in_the_report(tmp_path):
     (out / "stages" / "02-quant.ptq.layers.json").write_text("{not json")
     md, _ = write_report(out)
     assert "02-quant.ptq.layers.json is unreadable" in md.read_text()
+
+
+def test_a_user_tasks_primary_metric_gets_its_own_column():
+    rows = [{"stage": "baseline", "accuracy": None, "neg_mse": -0.6353,
+             "primary_metric": "neg_mse", "bytes": 100},
+            {"stage": "quant.ptq", "accuracy": None, "neg_mse": -0.7,
+             "primary_metric": "neg_mse", "bytes": 50}]
+    header, *lines = format_stage_table(rows).splitlines()
+    assert header.split()[:4] == ["stage", "acc", "Δacc", "pts"]
+    assert header.split()[4] == "neg_mse"
+    assert "-0.6353" in lines[1] and "-0.7" in lines[2]
+    assert "neg_mse" not in format_stage_table(ROWS)

@@ -69,7 +69,7 @@ def test_quantized_tied_layers_store_one_int8_weight_and_reload_tied(net, data, 
     quantized, report = compress(model, step, data=data)
     assert quantized.b.weight_int is quantized.a.weight_int
     assert count_params(quantized)[0] == params  # the tied weight counted once, as before
-    assert any("tied weights stay stored once: a, b" in n for n in report.notes)
+    assert any("tied weights stay stored once (1 group): a, b" in n for n in report.notes)
     path = tmp_path / "q.safetensors"
     save_artifact(quantized, path, model_spec={"python": source, "input_shape": [16]},
                   input_shape=[16], num_classes=4)

@@ -37,9 +37,10 @@ def leaf(an: Analysis, node: fx.Node) -> Layout:
         name = type(module).__name__
         raise UnsupportedError(
             f"module {node.target!r} ({name}) is not understood by the channel analysis "
-            f"({why}); structured pruning cannot follow it. If channels pass through it, "
-            f"register_layer_spec(LayerSpec({name}, graph_kind='same')) (lighten.layers); "
-            "else use prune.magnitude")
+            f"({why}); structured pruning cannot follow it. If it acts on each channel on its "
+            f"own, register_layer_spec(LayerSpec({name}, graph_kind='same')) "
+            "(lighten.layers); if it mixes channels (an RNN such as GRU or LSTM does), use "
+            "prune.magnitude, which needs no channel analysis")
     fix = (f"; if channels pass through it, lighten.graph.FUNCTION_KINDS[{op_name(node)}] "
            "= 'same'" if node.op == "call_function" else "")
     raise UnsupportedError(f"{where(node)}: operation {op_name(node)} is not understood "

@@ -34,8 +34,10 @@ The model (simple on purpose; every choice is stated):
 * ``sparse_pj`` skips the MACs of zero weights (as a sparse kernel would); memory is unchanged.
   ``pj_per_inference`` is the dense figure: lighten's runtimes execute pruned weights densely.
 
-Bit widths are read from each module that stores a weight (a ``weight`` Parameter or an integer
-``weight_int`` buffer): ``weight_bits`` and ``activation_bits``, 32 when missing or None.
+Bit widths are read from each module that stores a weight (``weight*`` Parameters, or integer
+``weight*_int*`` buffers): a quantized module's own facts (``quant_facts``; dynamic activations
+count as 8 bit, weight-only layers compute in float), else its ``weight_bits`` and
+``activation_bits``, 32 when missing or None.
 """
 
 from __future__ import annotations
@@ -46,7 +48,7 @@ import torch
 from torch import nn
 
 from lighten.measure.macs import count_macs_by_module
-from lighten.measure.params import INT_WEIGHT_BUFFER
+from lighten.measure.params import stored_weights
 
 FP32_MULT_PJ = 3.7
 FP32_ADD_PJ = 0.9
@@ -77,17 +79,24 @@ def mac_pj(weight_bits: int, activation_bits: int) -> float:
     return FP32_MULT_PJ + FP32_ADD_PJ
 
 
-def _stored_weight(module: nn.Module) -> torch.Tensor | None:
-    params = dict(module.named_parameters(recurse=False))
-    if "weight" in params:
-        return params["weight"]
-    buf = dict(module.named_buffers(recurse=False)).get(INT_WEIGHT_BUFFER)
-    return buf if buf is not None and not buf.is_floating_point() else None
+def _bits(module: nn.Module) -> tuple[int, int]:
+    """(weight bits, activation bits) the module stores and computes at: a quantized module's
+    own facts (dynamic activations are int8 at run time; weight-only layers compute in float),
+    else its ``weight_bits`` / ``activation_bits`` attributes, else 32."""
+    from lighten.quant.layer_report import quant_facts
+
+    facts = quant_facts(module)
+    if facts is None:
+        return (int(getattr(module, "weight_bits", None) or 32),
+                int(getattr(module, "activation_bits", None) or 32))
+    acts = facts.activation_bits
+    return (int(facts.weight_bits or 32),
+            8 if acts == "dynamic" else 32 if isinstance(acts, str) else int(acts))
 
 
 def energy_estimate(model: nn.Module, input_shape) -> EnergyEstimate:
     """Estimate energy of one inference at batch 1 (see the module docstring for the model)."""
-    weighted = {name: m for name, m in model.named_modules() if _stored_weight(m) is not None}
+    weighted = {name: m for name, m in model.named_modules() if stored_weights(m)}
     io_numel: dict[str, int] = {}
 
     def hook(name):
@@ -108,12 +117,13 @@ def energy_estimate(model: nn.Module, input_shape) -> EnergyEstimate:
     own = _own_macs(weighted, macs)
     layers = []
     for name, module in weighted.items():
-        wb = int(getattr(module, "weight_bits", None) or 32)
-        ab = int(getattr(module, "activation_bits", None) or 32)
-        weight = _stored_weight(module)
-        bias = dict(module.named_parameters(recurse=False)).get("bias")
-        density = float(torch.count_nonzero(weight.detach())) / max(1, weight.numel())
-        weight_bits_total = weight.numel() * wb + (bias.numel() * 32 if bias is not None else 0)
+        wb, ab = _bits(module)
+        weights = stored_weights(module)
+        numel = sum(w.numel() for w in weights)
+        biases = sum(b.numel() for n, b in module.named_parameters(recurse=False)
+                     if n.startswith("bias"))
+        density = sum(int(torch.count_nonzero(w.detach())) for w in weights) / max(1, numel)
+        weight_bits_total = numel * wb + biases * 32
         compute = own[name] * mac_pj(wb, ab)
         layers.append({
             "name": name, "macs": own[name], "weight_bits": wb, "activation_bits": ab,

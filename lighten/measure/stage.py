@@ -96,6 +96,8 @@ def measure_stage(
         **{k: v for k, v in metrics.items() if k != "accuracy"},  # macro_f1, perplexity, ...
         "onnx_bytes": getattr(compiled, "bytes_on_disk", None),
     }
+    if task.primary not in ("accuracy", "perplexity"):  # a user task's own headline metric
+        row["primary_metric"] = task.primary
     if latency:
         row.update(time_interleaved([compiled], runs=latency_runs).row_fields(0))
     integer_ops = getattr(compiled, "info", {}).get("integer_ops")

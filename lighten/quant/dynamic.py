@@ -249,6 +249,6 @@ def quantize_dynamic(model: nn.Module, cfg: DynamicConfig, ctx: StepContext) -> 
              + (f"; {tables} embedding table(s) with {weights} rows" if tables else ""))
     for message in notes:
         ctx.note(message)
-    record_quant_layers(ctx, before, model, notes)
+    record_quant_layers(ctx, before, model, notes, ignore=getattr(cfg, "ignore", ()))
     ctx.finetune(model, cfg.finetune)  # biases and norms; the int8 weights stay fixed
     return model

@@ -238,5 +238,5 @@ def quantize_mixed(model: nn.Module, cfg: MixedConfig, ctx: StepContext) -> nn.M
                     target=ctx.target)
     for message in notes:
         ctx.note(message)
-    record_quant_layers(ctx, before, model, notes)
+    record_quant_layers(ctx, before, model, notes, ignore=getattr(cfg, "ignore", ()))
     return ctx.finetune(model, cfg.finetune)

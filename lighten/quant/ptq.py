@@ -161,7 +161,7 @@ def quantize_ptq(model: nn.Module, cfg: PTQConfig, ctx: StepContext) -> nn.Modul
                   target=ctx.target)
     for message in notes:
         ctx.note(message)
-    record_quant_layers(ctx, before, model, notes)
+    record_quant_layers(ctx, before, model, notes, ignore=getattr(cfg, "ignore", ()))
     quantized = sum(isinstance(m, _QuantLayer) for m in model.modules())
     ctx.note(f"quant.ptq: {quantized} layers int{cfg.bits} ({cfg.calibration} calibration, "
              f"{'per-channel' if cfg.per_channel else 'per-tensor'} weights)")

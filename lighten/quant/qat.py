@@ -254,7 +254,7 @@ def quantize_qat(model: nn.Module, cfg: QATConfig, ctx: StepContext) -> nn.Modul
     convert_qat(model)
     for message in notes:
         ctx.note(message)
-    record_quant_layers(ctx, before, model, notes)
+    record_quant_layers(ctx, before, model, notes, ignore=getattr(cfg, "ignore", ()))
     layers = [m for m in model.modules() if isinstance(m, _QuantLayer)]
     ctx.note(f"quant.qat: {len(layers)} layers w{cfg.weight_bits}a{cfg.activation_bits} after "
              f"{cfg.finetune.epochs:g} epochs of {'LSQ' if cfg.lsq else 'STE'} fine-tuning "

@@ -193,6 +193,11 @@ class _WeightOnlyLayer(nn.Module):
         self.register_buffer("weight_zero_point", torch.zeros(out, groups, dtype=torch.int8))
         self.bias = nn.Parameter(torch.zeros(out)) if bias else None
 
+    def unpadded_weight(self) -> torch.Tensor:
+        """The stored codes without the padding that fills each row's last group: the
+        layer's ``out x cols`` weights (what parameter counts count)."""
+        return self.weight_int.reshape(self.weight_int.shape[0], -1)[:, : self.cols]
+
     @property
     def stored_group_size(self) -> int:
         return self.weight_int.shape[2]
@@ -437,6 +442,6 @@ def quantize_weight_only(model: nn.Module, cfg: WeightOnlyConfig,
              "activations stay float")
     for message in notes:
         ctx.note(message)
-    record_quant_layers(ctx, before, model, notes)
+    record_quant_layers(ctx, before, model, notes, ignore=getattr(cfg, "ignore", ()))
     ctx.finetune(model, cfg.finetune)  # trains what stayed float (biases, norms); weights fixed
     return model
