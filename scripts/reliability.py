@@ -324,7 +324,8 @@ def kill_rows(tmp: Path, kills: int = 50) -> list[dict]:
              "cases": f"{report.kills} kills, {report.resumes} resumes",
              "result": f"incomplete files after a kill {len(report.problems)}; resumed runs "
                        f"differing from the uninterrupted one (metrics rows but timing, every "
-                       f"tensor, manifests but the save time; temp files left) "
+                       f"tensor, manifests but the save time; temp files left; no report or "
+                       f"not marked finished) "
                        f"{len(mismatches)}",
              "command": "python scripts/kill_anywhere.py --kills 50"}]
 
