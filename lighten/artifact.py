@@ -495,6 +495,10 @@ def _read_manifest(path: Path) -> dict:
             and head[2:3] not in (b"", b"\x00")
         if head[:2] == b"PK" or pickled or path.suffix in (".pt", ".pth", ".pkl", ".ckpt"):
             raise CheckpointError(f"{path} is a pickle/torch.save file; {_PICKLE_HINT}") from None
+        if path.suffix == ".onnx":
+            raise CheckpointError(f"{path} is an ONNX model, not a lighten artifact: give "
+                                  "the .safetensors stage file `lighten run` (or save_artifact) "
+                                  "wrote, from which the ONNX file was exported") from None
         detail = str(err).splitlines()[0] if str(err) else type(err).__name__
         raise CheckpointError(f"{path} is truncated or corrupt ({detail}); re-save it") from None
     if METADATA_KEY not in metadata:

@@ -105,10 +105,38 @@ def test_check_python_model_needs_input_shape(model_file, capsys):
     (["check", "missing.py:build", "--input-shape", "1,8,8"], "does not exist"),
     (["check", "gone.safetensors"], "does not exist"),
     (["report", "no/such/dir"], "no metrics"),
+    (["export", "lenet300", "--input-shape", "1,8,8", "--onnx", "x.onnx", "--accuracy-level",
+      "4"], "--accuracy-level applies to the --kv-cache decoder graph only"),
+    (["analyze", "lenet300", "--input-shape", "1,8,8", "--sensitivity", "--max-drop", "0.1"],
+     "add --target-sparsity S"),
 ])
 def test_bad_input_exits_2_with_a_clear_message(argv, needle, capsys):
     assert main(argv) == 2
     assert needle in capsys.readouterr().err
+
+
+def test_an_onnx_file_given_for_an_artifact_is_named_as_such(tmp_path, capsys):
+    path = tmp_path / "m.onnx"
+    assert main(["export", "lenet300", "--input-shape", "1,8,8", "--onnx", str(path)]) == 0
+    capsys.readouterr()
+    assert main(["verify", str(path)]) == 2
+    assert "is an ONNX model, not a lighten artifact" in capsys.readouterr().err
+
+
+def test_sensitivity_of_a_quantized_artifact_points_to_the_float_model(tmp_path, capsys):
+    from lighten import compress
+    from lighten.artifact import save_artifact
+    from lighten.data import DataSpec, load_data
+    from lighten.models import ZOO
+
+    data = load_data(DataSpec(name="digits", limit_train=256, limit_test=64))
+    model, _ = compress(ZOO["lenet300"](input_shape=(1, 8, 8)), {"quant.ptq": {
+        "calib_samples": 64}}, data=data)
+    path = tmp_path / "q.safetensors"
+    save_artifact(model, path, model_spec={"zoo": "lenet300"}, input_shape=[1, 8, 8],
+                  num_classes=10)
+    assert main(["analyze", str(path), "--sensitivity", "--data", "digits"]) == 2
+    assert "is quantized: sensitivity prunes float weights" in capsys.readouterr().err
 
 
 def test_check_wrong_input_shape_names_the_shape(model_file, capsys):

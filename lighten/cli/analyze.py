@@ -70,9 +70,18 @@ def run(args) -> int:
 
     if not args.sensitivity:
         raise LightenError("nothing to analyze; add --sensitivity")
+    if args.max_drop is not None and args.target_sparsity is None:
+        raise LightenError("--max-drop bounds the ratios --target-sparsity derives; add "
+                           "--target-sparsity S, or leave --max-drop out")
     resolved = resolve_model(args.model, input_shape=args.input_shape, weights=args.weights,
                              num_classes=args.num_classes, data=args.data,
                              trust=args.trust)
+    from lighten.quant.layer_report import has_quantized_layers
+
+    if has_quantized_layers(resolved.model):
+        raise UnsupportedError(f"{args.model} is quantized: sensitivity prunes float weights; "
+                               "analyze the float model it was made from (the run's earlier "
+                               "stage)")
     data = load_data_for(args.data, resolved)
 
     out = Path(args.output)

@@ -44,10 +44,17 @@ def add_arguments(parser) -> None:
 
 def run(args) -> int:
     from lighten.cli.model_ref import describe_task, resolve_model
+    from lighten.errors import LightenError
     from lighten.export import export_onnx, onnx_inputs, preprocessing_metadata, task_metadata
     from lighten.models.checkpoint import artifact_manifest
     from lighten.report import human_bytes
 
+    decoder_only = [flag for flag, given in (("--accuracy-level", args.accuracy_level != 0),
+                                             ("--table-bits", args.table_bits is not None))
+                    if given]
+    if decoder_only and not getattr(args, "kv_cache", False):
+        raise LightenError(f"{', '.join(decoder_only)} applies to the --kv-cache decoder graph "
+                           "only; add --kv-cache (a language model) or leave it out")
     resolved = resolve_model(args.model, input_shape=args.input_shape, weights=args.weights,
                              num_classes=args.num_classes, data=args.data,
                              trust=args.trust)
