@@ -182,6 +182,7 @@ def _execute(recipe, prepared: Prepared, out: Path, state, digest, recipe_dict, 
     target = resumed_target(Target.from_deploy(recipe.deploy), recipe, state, notes)
     if "baseline" not in done:  # on resume the baseline comes from its artifact, noted before
         notes.append(f"baseline: {prepared.baseline_source}")
+        notes.extend(shared_norm_notes(model, data.task.example_inputs(2)))
         if recipe.measure.robustness and not data.task.perturbable:
             notes.append(f"robustness probes skipped: noise and shifts perturb images, not the "
                          f"inputs of a {data.task.kind} task")
@@ -254,6 +255,32 @@ def _execute(recipe, prepared: Prepared, out: Path, state, digest, recipe_dict, 
     write_report(out)
     write_checksums(out, finished=True)  # the last write: the run is complete
     return RunResult(out, rows, notes)
+
+
+def shared_norm_notes(model: nn.Module, inputs: tuple) -> list[str]:
+    """A BatchNorm called at several places of one forward keeps one set of running statistics
+    for activations of different distributions: trained, it evaluates wrongly (often at chance),
+    a PyTorch pitfall worth naming."""
+    from torch.nn.modules.batchnorm import _BatchNorm
+
+    calls: dict[str, int] = {}
+    hooks = [m.register_forward_pre_hook(lambda m, a, name=name: calls.__setitem__(
+        name, calls.get(name, 0) + 1))
+        for name, m in model.named_modules() if isinstance(m, _BatchNorm)]
+    was_training = model.training
+    try:
+        model.eval()
+        with torch.no_grad():
+            model(*inputs)
+    except Exception:  # noqa: BLE001 - a model that cannot run is reported elsewhere
+        return []
+    finally:
+        for hook in hooks:
+            hook.remove()
+        model.train(was_training)
+    return [f"{name} ({n} calls per forward): one BatchNorm at several places shares running "
+            "statistics between them, so it evaluates wrongly once trained; give each place "
+            "its own BatchNorm" for name, n in calls.items() if n > 1]
 
 
 ACCURACY_DROP_NOTED = 0.05  # 5 points of accuracy (or 10% of another primary metric)

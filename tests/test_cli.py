@@ -265,3 +265,11 @@ def test_check_and_export_an_artifact(model_file, tmp_path, capsys):
     assert "input [1, 8, 8], 4 classes" in out and "Conv2d" in out
     assert main(["check", str(path), "--weights", str(path)]) == 2
     assert "drop --weights" in capsys.readouterr().err
+
+
+def test_a_token_model_given_a_float_shape_is_told_to_pass_its_text(tmp_path, capsys):
+    (tmp_path / "lm.py").write_text(
+        "from torch import nn\n\n\ndef build(vocab_size=32, seq_len=8):\n"
+        "    return nn.Sequential(nn.Embedding(vocab_size, 16), nn.Linear(16, vocab_size))\n")
+    assert main(["check", f"{tmp_path / 'lm.py'}:build", "--input-shape", "8"]) == 2
+    assert "it takes token ids: pass --data corpus.txt" in capsys.readouterr().err

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from lighten import runner
 from lighten.errors import RecipeError
@@ -126,3 +127,22 @@ def test_a_stage_that_loses_much_accuracy_is_noted_with_what_helps(tmp_path):
     result = _run(tmp_path, "\n  - prune.magnitude: {sparsity: 0.995, finetune: {epochs: 0}}\n")
     base, pruned = (r["accuracy"] for r in result.rows)
     assert (base - pruned >= 0.05) == any("accuracy fell" in n for n in result.notes)
+
+
+def test_a_batchnorm_called_twice_per_forward_is_named():
+    from torch import nn
+
+    from lighten.runner import shared_norm_notes
+
+    class Reuse(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.bn = nn.Linear(4, 4), nn.Linear(4, 4), nn.BatchNorm1d(4)
+
+        def forward(self, x):
+            return self.bn(self.b(self.bn(self.a(x))))
+
+    notes = shared_norm_notes(Reuse(), (torch.randn(2, 4),))
+    assert len(notes) == 1 and notes[0].startswith("bn (2 calls per forward): one BatchNorm")
+    assert shared_norm_notes(nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4)),
+                             (torch.randn(2, 4),)) == []

@@ -229,6 +229,20 @@ def _from_python(ref, input_shape, weights, num_classes, data, trust=False) -> R
     return ResolvedModel(model, tuple(input_shape), classes, ref, spec)
 
 
+def _input_hint(exc: Exception) -> str:
+    """What to pass when a model does not take one float tensor of --input-shape."""
+    text = str(exc)
+    if "indices" in text and ("Long" in text or "Int" in text):  # an nn.Embedding first
+        return ("it takes token ids: pass --data corpus.txt (a language model) or --data "
+                "python:FILE.py:FUNCTION whose task gives int64 inputs")
+    if "missing" in text and "required positional argument" in text:  # several inputs
+        return ("it takes several inputs, and FILE.py:FACTORY models get one tensor of "
+                "--input-shape here: give a recipe whose data names the task (data: {python: "
+                "..., task: ...}), or an artifact saved with its task (save_artifact(..., "
+                "task=...)), whose inputs the commands read")
+    return "check --input-shape"
+
+
 def _classifier_outputs(model, ref, input_shape, num_classes) -> int:
     """The class count of a classifier on one float input (ModelError when it is not one)."""
     import torch
@@ -241,7 +255,7 @@ def _classifier_outputs(model, ref, input_shape, num_classes) -> int:
     except Exception as exc:  # a wrong shape fails somewhere inside the user's layers
         first = (str(exc).strip().splitlines() or [""])[0][:160]
         raise ModelError(f"model {ref!r} cannot run on input shape {list(input_shape)} "
-                         f"({type(exc).__name__}: {first}); check --input-shape") from None
+                         f"({type(exc).__name__}: {first}); {_input_hint(exc)}") from None
     if not isinstance(out, torch.Tensor) or out.dim() != 2:
         got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
         raise ModelError(f"model {ref!r} returns {got}; lighten needs logits of shape "
