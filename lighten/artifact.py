@@ -219,8 +219,8 @@ def _checked_spec(model_spec: dict | None, shape: list[int] | None) -> dict | No
     from lighten.models import ModelSpec
     from lighten.recipe import describe_validation_error
 
-    if model_spec is None:
-        return None
+    if not model_spec:  # None or {}: no source named; a load needs model= (a skeleton)
+        return model_spec
     spec = dict(model_spec)
     if spec.get("python") is not None and spec.get("input_shape") is None and shape:
         spec["input_shape"] = list(shape)
