@@ -370,9 +370,9 @@ def _finalists(s: dict) -> list[str]:
 
 
 def _predictor(s: dict) -> str:
-    if "predictor_median_error" not in s:
+    if s.get("predictor_median_error") is None:
         return "latency predictor: not run"
-    ratio = ("" if "predictor_ratio_error" not in s else
+    ratio = ("" if s.get("predictor_ratio_error") is None else
              f" and {s['predictor_ratio_error']:.1%} as a fraction of the input model's time "
              f"(timed in the same rounds; the input model measured {s['input_latency_ms']:.3f} "
              f"ms at calibration, {s['input_check_ms']:.3f} ms at the check: the machine's "

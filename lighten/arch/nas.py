@@ -613,15 +613,17 @@ def arch_nas(model: nn.Module, config: NASConfig, ctx: StepContext) -> nn.Module
         # reads) against the fraction measured in the same rounds does not move with it
         p_in, m_in = extra["check_input_predicted_ms"], extra["check_input_ms"]
         ratio_errors = [abs((p / p_in) / (m / m_in) - 1) for p, m in pairs if m > 0 < p_in]
+        # an affine fit under load can predict a non-positive time for the input model: then
+        # there is no fraction to compare
+        error = statistics.median(errors) if errors else None
+        ratio_error = statistics.median(ratio_errors) if ratio_errors else None
         summary.update(predicted_ms=pairs[0][0], measured_ms=pairs[0][1],
                        input_latency_ms=extra.get("input_latency_ms"),
-                       predictor_median_error=statistics.median(errors),
-                       predictor_ratio_error=statistics.median(ratio_errors),
+                       predictor_median_error=error, predictor_ratio_error=ratio_error,
                        predictor_checked=len(errors), input_check_ms=m_in)
         ctx.note(f"arch.nas latency predictor ({ctx.target.backend}, per-layer table + affine "
                  f"fit on {extra.get('calibration_models')} model(s)): median error "
-                 f"{100 * statistics.median(errors):.1f}% in ms and "
-                 f"{100 * statistics.median(ratio_errors):.1f}% as a fraction of the input "
+                 f"{_percent(error)} in ms and {_percent(ratio_error)} as a fraction of the input "
                  f"model's time on {len(errors)} other model(s); the input model measured "
                  f"{extra.get('input_latency_ms', 0):.3g} ms at calibration and {m_in:.3g} ms "
                  f"at this check (the load moves ms, not fractions); result predicted "
@@ -638,3 +640,7 @@ def arch_nas(model: nn.Module, config: NASConfig, ctx: StepContext) -> nn.Module
     for t in extra.get("_temporary", []):
         t.cleanup()
     return chosen
+
+
+def _percent(share: float | None) -> str:
+    return "n/a" if share is None else f"{100 * share:.1f}%"
