@@ -121,7 +121,11 @@ def save_artifact(model: nn.Module, path: str | os.PathLike, *, model_spec: dict
         task = task.describe()
     if shape is None:  # the spec's or the task's: a load builds the source with it
         given = (model_spec or {}).get("input_shape") or (task or {}).get("input_shape")
-        shape = None if given is None else [int(d) for d in given]
+        try:
+            shape = None if given is None else [int(d) for d in given]
+        except (TypeError, ValueError):
+            raise CheckpointError(f"save_artifact needs input_shape like [1, 28, 28]; the "
+                                  f"model_spec / task give {given!r}") from None
     model_spec = _checked_spec(model_spec, shape)
     source, _ = _source_model(model_spec, shape, num_classes, task)
     if model_spec is not None:

@@ -294,6 +294,8 @@ def drop_note(before: dict, after: dict, step, task) -> str | None:
     if not isinstance(old, (int, float)) or not isinstance(new, (int, float)):
         return None
     worse = (old - new) if task.higher_is_better else (new - old)
+    if worse <= 0:
+        return None
     if key == "accuracy":
         if worse < ACCURACY_DROP_NOTED:
             return None

@@ -157,8 +157,10 @@ def compress(
     except LightenError:
         raise
     except Exception:
-        if data is not None:  # a model that cannot take the data's inputs: say that instead
-            _check_runs(model if not inplace else work, data)
+        # a model that cannot take the data's inputs: say that instead (the caller's model,
+        # untouched unless inplace, where the failed step may have half changed it)
+        if data is not None and not inplace:
+            _check_runs(model, data)
         raise
 
 
@@ -178,22 +180,10 @@ def _as_bundle(data) -> DataBundle | None:
 def _check_runs(model: nn.Module, data: DataBundle) -> None:
     """Whether ``model`` runs on the data's inputs: a mismatch (the usual cause of a raw error
     deep inside a step) becomes one line naming the shapes."""
-    import torch
+    from lighten.models import check_model_runs
 
-    inputs = data.task.example_inputs(2)
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.inference_mode():
-            model(*inputs)
-    except Exception as exc:  # a wrong shape fails somewhere inside the user's layers
-        shapes = [list(x.shape[1:]) for x in inputs]
-        raise ModelError(f"the model cannot run on the data's inputs (per-sample shape "
-                         f"{shapes[0] if len(shapes) == 1 else shapes}): {type(exc).__name__}: "
-                         f"{str(exc).splitlines()[0][:160]}; give data whose inputs the model "
-                         "takes") from None
-    finally:
-        model.train(was_training)
+    check_model_runs(model, data.task, name="the model",
+                     fix="; give data whose inputs the model takes")
 
 
 def _may_use_baseline(spec: StepSpec, config: BaseModel) -> bool:
@@ -246,7 +236,7 @@ def run_step(model: nn.Module, config: BaseModel, ctx: StepContext) -> tuple[nn.
     return result.eval(), report
 
 
-def _keep_ties(result: nn.Module, ties: list[list[str]], step: str, ctx: StepContext) -> None:
+def _keep_ties(result: nn.Module, ties: list, step: str, ctx: StepContext) -> None:
     """Layers that shared a weight before the step share its new form after (stored once);
     where they cannot, the note says which and how to keep them tied."""
     from lighten.ties import retie

@@ -141,11 +141,18 @@ def write_checksums(out: Path, *, finished: bool = False) -> None:
 
 
 def run_finished(out: Path) -> bool:
-    """Whether the run in ``out`` wrote its last file (:func:`write_checksums` ``finished``)."""
+    """Whether the run in ``out`` wrote its last file (:func:`write_checksums` ``finished``).
+    A run recorded before that mark existed counts as finished when its run.json says so and
+    its report is there."""
+    out = Path(out)
     try:
-        return json.loads((Path(out) / CHECKSUMS).read_text()).get("finished") is True
+        record = json.loads((out / CHECKSUMS).read_text())
+        if "finished" in record:
+            return record["finished"] is True
+        status = json.loads((out / "run.json").read_text()).get("status")
     except (OSError, ValueError, AttributeError):
         return False
+    return status == "finished" and (out / "report.md").is_file()
 
 
 def verify_run(out: str | os.PathLike) -> tuple[int, list[str]]:

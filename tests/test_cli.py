@@ -83,6 +83,17 @@ def test_a_reader_that_stops_early_is_no_error():
     assert "error" not in err
 
 
+def test_a_broken_pipe_of_the_commands_own_is_an_internal_error(monkeypatch, capsys):
+    import lighten.cli.env as env
+
+    def broken(args):
+        raise BrokenPipeError(32, "Broken pipe")  # e.g. a worker's pipe, not stdout's
+
+    monkeypatch.setattr(env, "run", broken)
+    assert main(["env"]) == 1
+    assert "internal error: BrokenPipeError" in capsys.readouterr().err
+
+
 def test_check_python_model_shows_the_untraceable_module(model_file, capsys):
     assert main(["check", f"{model_file}:build", "--input-shape", "1,8,8"]) == 0
     out = capsys.readouterr().out

@@ -423,9 +423,18 @@ def test_compress_takes_a_train_test_pair_and_names_a_shape_mismatch():
     model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3))
     pruned, _ = compress(model, {"prune.magnitude": {"sparsity": 0.5}}, data=pair)
     assert float((pruned[0].weight == 0).float().mean()) >= 0.4
-    with pytest.raises(ModelError, match=r"cannot run on the data's inputs \(per-sample shape "
-                                         r"\[6\]\): RuntimeError: mat1 and mat2"):
+    with pytest.raises(ModelError, match=r"cannot run on inputs of shape \[6\]: RuntimeError: "
+                                         r"mat1 and mat2.*; give data whose inputs the model"):
         compress(nn.Sequential(nn.Linear(5, 3)), "quant.ptq", data=pair)
+
+    class Asserts(nn.Module):  # a bare `assert` outside pytest: an exception with no message
+        def forward(self, x):
+            if x.shape[-1] != 5:
+                raise AssertionError
+            return x
+
+    with pytest.raises(ModelError, match=r"AssertionError: ; give data"):
+        compress(nn.Sequential(Asserts(), nn.Linear(5, 3)), "quant.ptq", data=pair)
     with pytest.raises(ModelError, match="needs an nn.Module, got function"):
         compress(lambda x: x, "quant.dynamic", data=pair)
     with pytest.raises(DataError, match=r"a \(train, test\) pair of datasets, got dict"):

@@ -239,12 +239,10 @@ def test_quantized_lstm_and_grouped_weights_count_their_real_weights():
             return self.fc(self.rnn(x)[0][:, -1])
 
     model = Seq()
-    weights = sum(p.numel() for n, p in model.named_parameters() if "weight" in n)
     floats = count_params(model)[0]
     float_energy = energy_estimate(model, (5, 6))
     quantize_dynamic_(model)
     assert count_params(model)[0] == floats  # int8 LSTM weights are weights too
-    assert weights < floats
     dynamic_energy = energy_estimate(model, (5, 6))  # int8 MACs, int8 weights read
     assert dynamic_energy.pj_per_inference < 0.5 * float_energy.pj_per_inference
 

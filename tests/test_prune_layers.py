@@ -209,6 +209,24 @@ def test_a_pre_norm_pytorch_transformer_layer_is_a_removable_block(tmp_path):
     torch.testing.assert_close(loaded(x), model(x))
 
 
+@pytest.mark.parametrize("count", [1, 2])
+def test_an_unfused_stack_saves_after_its_first_or_every_layer_is_removed(count, tmp_path):
+    from lighten.unfused import unfuse_
+
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True, norm_first=True)
+    model = nn.Sequential(nn.TransformerEncoder(layer, 2, norm=nn.LayerNorm(16),
+                                                enable_nested_tensor=False)).eval()
+    unfuse_(model)
+    x = torch.randn(3, 4, 16)
+    for i in range(count):  # what prune.layers leaves: the first (or every) layer skipped
+        model[0].layers[i] = SkippedBlock()
+    path = tmp_path / "s.safetensors"
+    save_artifact(model, path, model_spec=None, input_shape=[4, 16], num_classes=16)
+    loaded, _ = load_artifact(path)
+    torch.testing.assert_close(loaded(x), model(x))
+
+
 def test_post_norm_transformer_layers_are_not_residual_blocks():
     layer = nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True)
     model = nn.Sequential(nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)).eval()

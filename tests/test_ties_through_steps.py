@@ -14,7 +14,7 @@ from lighten import compress
 from lighten.artifact import load_artifact, save_artifact
 from lighten.data import DataSpec, load_data
 from lighten.measure import count_params
-from lighten.ties import retie, tied_groups
+from lighten.ties import Tie, retie, tied_groups
 
 NET_PY = textwrap.dedent("""
     import torch
@@ -58,7 +58,7 @@ def data():
 
 def test_tied_groups_lists_each_shared_weight_once(net):
     model, _ = net
-    assert tied_groups(model) == [["a", "b"]]
+    assert tied_groups(model) == [Tie("weight", ("a", "b")), Tie("bias", ("a", "b"))]
 
 
 @pytest.mark.parametrize("step", [{"quant.dynamic": {}}, {"quant.ptq": {"calib_samples": 64}}])
@@ -84,6 +84,7 @@ def test_a_tie_the_step_cannot_keep_is_reported(net, data):
                                  data=data)
     assert quantized.b.weight_int is not quantized.a.weight_int  # each saw its own inputs
     assert any("a, b shared one weight and now store it separately" in n for n in report.notes)
+    assert not any("stay stored once" in n for n in report.notes)
 
 
 def test_an_lm_head_tied_to_its_embedding_is_reported_when_only_the_head_is_quantized():
@@ -100,6 +101,29 @@ def test_an_lm_head_tied_to_its_embedding_is_reported_when_only_the_head_is_quan
 
     model = Tiny()
     groups = tied_groups(model)
-    assert groups == [["emb", "head"]]
+    assert groups == [Tie("weight", ("emb", "head"))]
     model.head = nn.Linear(16, 32, bias=False)  # what a step replacing the head leaves
     assert retie(model, groups) == ([], ["emb, head"])
+
+
+def test_only_what_the_tied_parameter_became_is_shared():
+    """A block whose gate vector is tied, its own norm and layer not: a step that leaves the
+    blocks as they are keeps everything else apart and reports nothing."""
+    from torch import nn
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.norm, self.fc = nn.LayerNorm(8), nn.Linear(8, 8)
+            self.gate = nn.Parameter(torch.ones(8))
+
+        def forward(self, x):
+            return self.fc(self.norm(x)) * self.gate
+
+    model = nn.Sequential(Block(), Block())
+    model[1].gate = model[0].gate
+    ties = tied_groups(model)
+    assert ties == [Tie("gate", ("0", "1"))]
+    model[0].fc = nn.Linear(8, 8)  # a step replacing something else entirely
+    assert retie(model, ties) == ([], [])
+    assert model[0].norm.weight is not model[1].norm.weight  # equal values, never tied

@@ -69,8 +69,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             traceback.print_exc()
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except BrokenPipeError:  # `lighten env | head`: the reader left, nothing is wrong
-        _silence_stdout()
+    except BrokenPipeError as e:
+        if not _stdout_closed():  # a pipe of the command's own (a worker, a subprocess)
+            return _internal_error(e, args.debug)
+        _silence_stdout()  # `lighten env | head`: the reader left, nothing is wrong
         return 141  # 128 + SIGPIPE, what a command killed by the closed pipe returns
     except KeyboardInterrupt:
         hint = (" finished stages (and the baseline's finished training epochs) are saved; "
@@ -79,14 +81,33 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"\ninterrupted.{hint}", file=sys.stderr)
         return 130
     except Exception as e:
-        if args.debug:
-            traceback.print_exc()
-        else:
-            first = (str(e).strip().splitlines() or [""])[0]
-            print(f"internal error: {type(e).__name__}: {first} "
-                  "(a lighten bug; rerun with --debug for the traceback and report it)",
-                  file=sys.stderr)
-        return 1
+        return _internal_error(e, args.debug)
+
+
+def _internal_error(e: Exception, debug: bool) -> int:
+    if debug:
+        traceback.print_exc()
+    else:
+        first = (str(e).strip().splitlines() or [""])[0]
+        print(f"internal error: {type(e).__name__}: {first} "
+              "(a lighten bug; rerun with --debug for the traceback and report it)",
+              file=sys.stderr)
+    return 1
+
+
+def _stdout_closed() -> bool:
+    """Whether stdout's reader is gone: poll() flags the write end of a pipe whose read end
+    closed with POLLERR (Linux, macOS). Without poll (Windows), assume it is."""
+    import select
+
+    if not hasattr(select, "poll"):
+        return True
+    try:
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(events & select.POLLERR for _, events in poller.poll(0))
+    except (OSError, ValueError):  # no real file behind stdout (captured): not a closed pipe
+        return False
 
 
 def _silence_stdout() -> None:

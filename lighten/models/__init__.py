@@ -129,20 +129,27 @@ def check_model_outputs(model: nn.Module, task, *, name: str = "the model",
                         hint: str = "") -> None:
     """Run ``model`` on the task's example inputs at batch 2 (eval mode, no grad) and check the
     outputs with ``task.check_outputs``: one ModelError line when it fails or the shape is off."""
+    task.check_outputs(check_model_runs(model, task, name=name), 2, name=name, hint=hint)
+
+
+def check_model_runs(model: nn.Module, task, *, name: str = "the model", fix: str = ""):
+    """``model``'s outputs on the task's example inputs at batch 2 (eval mode, no grad); a
+    model that cannot take them (a wrong shape fails somewhere inside the user's layers) is one
+    ModelError line naming the shapes, then ``fix``."""
     was_training = model.training
     model.eval()
     inputs = task.example_inputs(2)
     try:
         with torch.inference_mode():
-            out = model(*inputs)
-    except Exception as exc:  # a wrong shape fails somewhere inside the user's layers
+            return model(*inputs)
+    except Exception as exc:  # noqa: BLE001 - whatever the user's layers raise
         shape = list(inputs[0].shape[1:]) if len(inputs) == 1 else \
             [list(x.shape[1:]) for x in inputs]
+        first = (str(exc).strip().splitlines() or [""])[0][:160]
         raise ModelError(f"{name} cannot run on inputs of shape {shape}: "
-                         f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}") from exc
+                         f"{type(exc).__name__}: {first}{fix}") from exc
     finally:
         model.train(was_training)
-    task.check_outputs(out, 2, name=name, hint=hint)
 
 
 def shipped_checkpoint(zoo_name: str, data_name: str) -> Path | None:
