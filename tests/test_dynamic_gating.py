@@ -233,3 +233,15 @@ def test_threshold_target_follows_what_the_recipe_names():
     both = GatingConfig.model_validate({"target_macs": 0.6, "max_drop": 1.0})
     assert (both.target_macs, both.max_drop) == (0.6, 1.0)
     assert GatingConfig.model_validate({"finetune": {"epochs": 5}}).finetune.lr_scale == 0.3
+
+
+def test_a_quantized_gated_model_exports_and_runs_in_onnx_runtime(gated, digits, tmp_path):
+    """quant.ptq after dynamic.gating: the int8 gates' logits are reshaped inside the If
+    branches (ORT's QDQ propagation aborted the process on the outer-graph reshape)."""
+    from lighten.export import export_onnx
+
+    _, gm, _ = gated
+    quantized, _ = lighten.compress(gm, {"quant.ptq": {"calib_samples": 128}}, data=digits)
+    x = torch.stack([digits.test[i][0] for i in range(32)])
+    check = export_onnx(quantized, tmp_path / "q.onnx", input_shape=(1, 8, 8), sample_inputs=x)
+    assert check.quantized and check.agreement >= 0.95

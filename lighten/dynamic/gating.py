@@ -466,7 +466,8 @@ def gated_graph(gm: GatedModel, example: Tensor, *, opset: int = 17):
     with tempfile.TemporaryDirectory() as tmp:
 
         def inline(module: nn.Module, tag: str, x: Tensor, value: str):
-            proto = _export(module, x, Path(tmp) / f"{tag}.onnx", opset)
+            # the tag names graph nodes ("c0/gate"); the file name must not hold its slashes
+            proto = _export(module, x, Path(tmp) / f"{tag.replace('/', '_')}.onnx", opset)
             n, i, outs = _renamed(proto.graph, f"{tag}/", value)
             return n, i, outs[0]
 
@@ -490,15 +491,16 @@ def gated_graph(gm: GatedModel, example: Tensor, *, opset: int = 17):
                 continue
             current, h = flush(current, h, f"p{pos}")
             p = f"c{k}/"
-            logit = _gate_nodes(gm.gates[k], h, current, p, nodes, inits, inline)
+            raw, to_logit = _gate_nodes(gm.gates[k], h, current, p, nodes, inits, inline)
             bn, bi, bout = inline(module, f"b{k}", h, current)
             inits.append(numpy_helper.from_array(np.array(float(gm.threshold[k]), np.float32),
                                                  p + "t"))
             # If(max over rows of the logit > t): ReduceMax + Greater, no casts (fewer nodes at
             # batch 1, where each node's dispatch costs about as much as a small conv)
-            nodes += [helper.make_node("ReduceMax", [logit], [p + "max"], keepdims=0),
+            nodes += [helper.make_node("ReduceMax", [raw], [p + "max"], keepdims=0),
                       helper.make_node("Greater", [p + "max", p + "t"], [p + "any"])]
-            then_nodes = [*bn, helper.make_node("Greater", [logit, p + "t"], [p + "take"]),
+            then_nodes = [*bn, *to_logit,
+                          helper.make_node("Greater", [p + "logit", p + "t"], [p + "take"]),
                           helper.make_node("Where", [p + "take", bout, current], [p + "then"])]
             out_info = helper.make_tensor_value_info(p + "then", TensorProto.FLOAT, None)
             else_info = helper.make_tensor_value_info(p + "else", TensorProto.FLOAT, None)
@@ -526,11 +528,16 @@ def gated_graph(gm: GatedModel, example: Tensor, *, opset: int = 17):
 
 
 def _gate_nodes(gate: nn.Module, h: Tensor, value: str, p: str, nodes: list, inits: list,
-                inline) -> str:
+                inline) -> tuple[str, list]:
     """Append the nodes of ``gate`` reading ``value`` (shaped like ``h``); returns the name of
-    its logit shaped (B, 1, ..., 1) (rank of ``h``), which broadcasts against the block's
-    output. The default gate (pool, flatten, linear) on a feature map is written as
-    GlobalAveragePool + a 1x1 Conv: two nodes instead of four plus the reshape."""
+    its logit and the branch nodes that make it ``p + "logit"`` shaped (B, 1, ..., 1) (rank of
+    ``h``), which broadcasts against the block's output. The default gate (pool, flatten,
+    linear) on a feature map is written as GlobalAveragePool + a 1x1 Conv: two nodes instead
+    of four plus the reshape.
+
+    The reshape goes inside the If branch: ORT's QDQ propagation (1.32) aborts the process on
+    a DequantizeLinear -> Reshape whose output an If subgraph reads from the outer graph (a
+    quantized gate)."""
     from onnx import helper, numpy_helper
 
     layers = list(gate) if isinstance(gate, nn.Sequential) else []
@@ -546,14 +553,13 @@ def _gate_nodes(gate: nn.Module, h: Tensor, value: str, p: str, nodes: list, ini
         nodes += [helper.make_node("GlobalAveragePool", [value], [p + "pooled"]),
                   helper.make_node("Conv", [p + "pooled", p + "gate_w", p + "gate_b"],
                                    [p + "logit"])]
-        return p + "logit"
+        return p + "logit", []
     n, i, logit = inline(gate, p + "gate", h, value)
     nodes.extend(n)
     inits.extend(i)
     inits.append(numpy_helper.from_array(np.array([-1] + [1] * (h.dim() - 1), np.int64),
                                          p + "shape"))
-    nodes.append(helper.make_node("Reshape", [logit, p + "shape"], [p + "logit"]))
-    return p + "logit"
+    return logit, [helper.make_node("Reshape", [logit, p + "shape"], [p + "logit"])]
 
 
 def _export(module: nn.Module, x: Tensor, path: Path, opset: int):
