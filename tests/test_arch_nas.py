@@ -252,3 +252,30 @@ def test_clear_errors(setting, tmp_path, monkeypatch):
     with pytest.raises(UnsupportedError, match=r"pip install lighten\[nas\]"):
         lighten.compress(model, NASConfig(target_macs=0.5, **TINY), data=data,
                          workdir=tmp_path)
+
+
+def test_the_widths_of_grouped_convs_shrink_like_any_other():
+    """round_to counts a layer's channels: with 8 conv groups a channel group of 4 stands for
+    8 layer channels each, so at width 0.5 it keeps 2 (16 layer channels), where rounding the
+    group itself to round_to 4 kept such a model whole."""
+    from torch import nn
+
+    from lighten.arch.nas import NASSpaceConfig
+    from lighten.arch.nas_build import COSTS, CandidateBuilder
+    from lighten.arch.nas_space import derive_space
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(),
+                          nn.Conv2d(16, 32, 3, padding=1, groups=4), nn.BatchNorm2d(32),
+                          nn.ReLU(), nn.Conv2d(32, 32, 3, padding=1, groups=8),
+                          nn.BatchNorm2d(32), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                          nn.Linear(32, 10)).eval()
+    example = (torch.zeros(1, 1, 8, 8),)
+    space = derive_space(model, example, NASSpaceConfig(widths=[0.5, 1.0]))
+    builder = CandidateBuilder(model, space, example)
+    arch = {f"{s.name}.width": 0.5 for s in space.stages}
+    half = builder(arch, seed=0)
+    assert COSTS["macs"](half, example) < 0.6 * COSTS["macs"](model, example)
+    assert half(torch.zeros(2, 1, 8, 8)).shape == (2, 10)
+    assert all(m.out_channels % m.groups == 0 for m in half.modules()
+               if isinstance(m, nn.Conv2d))

@@ -387,8 +387,7 @@ def nas_(model: nn.Module, config: NASConfig, ctx: StepContext) -> NASResult:
         r.update(study.user_attrs.get(f"rerank.{r['trial']}", {}))
     done = [r for r in rows if r["state"] == "complete"]
     if not done:
-        raise UnsupportedError(f"arch.nas: no candidate fits the budget ({kind} <= "
-                               f"{budget:.4g}); raise the target or widen space.widths")
+        raise UnsupportedError(_nothing_fits(rows, kind, budget, reference_cost, space))
 
     def rebuild(row: dict, scale: float | None = None, meta: bool = False) -> nn.Module:
         arch = {k.removeprefix("choice."): v for k, v in row.items() if k.startswith("choice.")}
@@ -644,3 +643,20 @@ def arch_nas(model: nn.Module, config: NASConfig, ctx: StepContext) -> nn.Module
 
 def _percent(share: float | None) -> str:
     return "n/a" if share is None else f"{100 * share:.1f}%"
+
+
+def _nothing_fits(rows: list[dict], kind: str, budget: float, reference: float, space) -> str:
+    """Why no candidate fits: the usual (the budget is below the smallest widths), or the one
+    a user cannot guess (no choice of the space changes the model at all)."""
+    tried = [r[kind] for r in rows if isinstance(r.get(kind), (int, float))]
+    message = f"arch.nas: no candidate fits the budget ({kind} <= {budget:.4g})"
+    if tried and min(tried) >= 0.99 * reference and kind != "latency":
+        stages = getattr(space, "stages", None)
+        resizable = sum(s.groups for s in stages) if stages is not None else None
+        notes = getattr(space, "notes", None) or []
+        return (message + f": no choice of the search space changes this model's {kind} (the "
+                f"smallest widths still count {min(tried):.4g}, the input's {reference:.4g}"
+                + (f"; {resizable} resizable channel groups" if resizable is not None else "")
+                + (f"; {notes[0]}" if notes else "") + "); use prune.channels or a distill "
+                "student: {width: ...}, or give space: {python: ...} a factory to search")
+    return message + "; raise the target or widen space.widths"

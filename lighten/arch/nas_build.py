@@ -27,6 +27,7 @@ from torch import nn
 
 from lighten.arch.nas_space import DerivedSpace, module_keys, resizable_groups, stage_of_groups
 from lighten.modules import set_submodule
+from lighten.prune.structured import round_step
 from lighten.prune.surgery import axis_length, prune_module_
 
 __all__ = ["COSTS", "CandidateBuilder", "build_candidate", "fit_to_budget", "layer_macs",
@@ -174,7 +175,8 @@ class CandidateBuilder:
             mult = 1.0 if name is None else arch.get(f"{name}.width", 1.0) * scale
             if inner and name is not None:
                 mult *= arch.get(f"{name}.expansion", 1.0)
-            n = _width(g.size, mult, self.space.round_to)
+            # round_to counts a layer's channels; a grouped conv has several per group channel
+            n = _width(g.size, mult, round_step(g, self.space.round_to))
             sizes.append(min(n, g.size) if self.inherit else n)
         depths = tuple(arch.get(f"{s.name}.depth") for s in self.space.stages)
         resize_groups_(m, [g for g, _, _ in plan], sizes,

@@ -183,7 +183,7 @@ def plan_keep(groups: list[Group], scores: list[torch.Tensor | None],
         keeps = [keep_lowest_removed(group, s, r)
                  for group, s, r in zip(groups, scores, ratios, strict=True)]
     if round_to and round_to > 1:
-        keeps = [_round_up(keep, group.size, s, _round_step(group, round_to))
+        keeps = [_round_up(keep, group.size, s, round_step(group, round_to))
                  for keep, group, s in zip(keeps, groups, scores, strict=True)]
     return keeps
 
@@ -197,7 +197,7 @@ def keep_lowest_removed(group: Group, scores: torch.Tensor | None,
     return order[n_remove:].sort().values
 
 
-def _round_step(group: Group, round_to: int) -> int:
+def round_step(group: Group, round_to: int) -> int:
     """Group channels per ``round_to`` layer channels. One group channel can be several channels
     of a layer (a grouped conv keeps the same channels in each of its g groups), so widths are
     multiples of ``round_to`` once the group keeps multiples of ``round_to / gcd(round_to, k)``,
@@ -424,7 +424,7 @@ def _fill_to_goal(model, groups, scores, keeps, *, what: str, goal: float, input
         return _measure_keeps(model, groups, candidate, what, input_shape)
 
     def grow(g: int) -> list[torch.Tensor]:
-        grown = _round_up(keeps[g], groups[g].size, scores[g], _round_step(groups[g], step),
+        grown = _round_up(keeps[g], groups[g].size, scores[g], round_step(groups[g], step),
                           at_least=len(keeps[g]) + 1)
         return keeps[:g] + [grown] + keeps[g + 1:]
 
