@@ -252,3 +252,16 @@ def test_quantized_lstm_and_grouped_weights_count_their_real_weights():
     assert tuple(conv[0].weight_int.shape) == (4, 3, 32)
     assert count_params(conv)[0] == params
     assert energy_estimate(conv, (8, 5, 5)).layers[0]["weight_bits"] == 4
+
+
+def test_a_module_naming_its_integer_weights_has_them_counted():
+    class Codes(nn.Module):
+        integer_weight_names = ("codes",)
+
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("codes", torch.ones(4, 3, dtype=torch.int8))
+            self.register_buffer("scales", torch.ones(4))
+            self.bias = nn.Parameter(torch.zeros(4))
+
+    assert count_params(nn.Sequential(Codes())) == (16, 12)

@@ -166,6 +166,8 @@ class NestedTrainer(nn.Module, _Switchable):
 class _NestedStorage(nn.Module, _Switchable):
     """int8 ``codes`` (the weight's shape) + float32 ``scales`` (len(bits), out) + float bias."""
 
+    integer_weight_names = ("codes",)  # what parameter counts count (lighten.measure.params)
+
     def _init_storage(self, shape: list[int], bits: list[int], bias: bool) -> None:
         bits = [int(b) for b in bits]
         if not bits or bits != sorted(set(bits), reverse=True) or not 1 <= bits[-1] \

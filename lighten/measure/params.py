@@ -38,9 +38,12 @@ def weight_tensors(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
 
 def integer_weights(module: nn.Module) -> list[tuple[str, torch.Tensor]]:
     """The module's own integer weight buffers (``weight_int``, an LSTM's
-    ``weight_ih_int_l0``, ...), as stored."""
+    ``weight_ih_int_l0``, ...; a module naming them otherwise lists them in its
+    ``integer_weight_names``), as stored."""
+    named = getattr(module, "integer_weight_names", None)
     return [(name, b) for name, b in module.named_buffers(recurse=False)
-            if _INT_WEIGHT.match(name) and not b.is_floating_point()]
+            if (name in named if named else _INT_WEIGHT.match(name))
+            and not b.is_floating_point()]
 
 
 def stored_weights(module: nn.Module) -> list[torch.Tensor]:
