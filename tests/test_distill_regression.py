@@ -65,3 +65,27 @@ def test_teacher_fit_needs_class_logits_against_class_ids():
     fit = teacher_fit(logits, torch.tensor([0, 0]), 1.0)
     assert fit["train_accuracy"] == 0.5
     assert teacher_fit(torch.randn(4, 1), torch.randn(4), 1.0) is None
+
+
+def test_an_untrained_teacher_is_warned_about():
+    from torch.utils.data import TensorDataset
+
+    from lighten.data import bundle_from_datasets
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(200, 6, generator=g)
+    y = (x[:, 0] > 0).long() + 2 * (x[:, 1] > 0).long()  # 4 classes a model can learn
+    data = bundle_from_datasets(TensorDataset(x[:160], y[:160]), TensorDataset(x[160:], y[160:]))
+    torch.manual_seed(3)
+    teacher = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 4))
+    with torch.no_grad():
+        teacher[2].weight.zero_()
+        teacher[2].bias.copy_(torch.tensor([5.0, 0, 0, 0]))  # always class 0: chance level
+    _, report = compress(_model_4(), {"distill": {"finetune": {"epochs": 1}}}, data=data,
+                         baseline=teacher)
+    assert any(n.startswith("warning: the teacher is near chance") for n in report.notes)
+
+
+def _model_4():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 4))

@@ -345,5 +345,10 @@ def _describe(ctx: StepContext, config: DistillConfig, student: str, teachers: l
                  f"true-class probability {fit['true_class_prob']:.3f} (T 1), "
                  f"{fit['true_class_prob_at_t']:.3f} (T {config.temperature:g})")
         ctx.summary["teacher_fit"] = fit
+        classes = getattr(ctx.data, "num_classes", None)
+        if classes and fit["train_accuracy"] < 2.0 / classes:
+            ctx.note(f"warning: the teacher is near chance on the training set (top-1 "
+                     f"{fit['train_accuracy']:.2%}, {classes} classes): an untrained teacher "
+                     "teaches noise; give it weights: FILE or train: {epochs: N}")
     ctx.summary.update(method=config.method, losses=dict(objective.losses),
                        teachers=teachers, student=student)
