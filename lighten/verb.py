@@ -404,6 +404,7 @@ def record_quant_layers(ctx: StepContext, before: Mapping[str, str], model: nn.M
     from lighten.quant.layer_report import quant_facts
 
     done: list[str] = []  # rows already written: their children are covered
+    no_form: dict[str, list[str]] = {}  # layer type -> layers this step has no form of
     for name, module in model.named_modules():
         if not name or any(name.startswith(p + ".") for p in done):
             continue
@@ -413,6 +414,8 @@ def record_quant_layers(ctx: StepContext, before: Mapping[str, str], model: nn.M
         done.append(name)
         reason = _reason(name, notes)
         if facts is None:
+            if reason is None and name not in ignore:
+                no_form.setdefault(type(module).__name__, []).append(name)
             reason = reason or ("listed in ignore" if name in ignore else
                                 f"this step has no quantized form of {type(module).__name__}")
             ctx.layer(name, "keep float", type=type(module).__name__,
@@ -426,6 +429,10 @@ def record_quant_layers(ctx: StepContext, before: Mapping[str, str], model: nn.M
         ctx.layer(name, "quantize", type=type(module).__name__, before=before.get(name, "-"),
                   after=after, weight_bits=facts.weight_bits, activation_bits=a,
                   granularity=facts.granularity, group_size=facts.group_size, reason=reason)
+    for kind, names in no_form.items():  # said where users look, not only in the layer table
+        ctx.note(f"{len(names)} {kind} layer(s) stay float ({', '.join(names[:3])}"
+                 f"{', ...' if len(names) > 3 else ''}): this step has no quantized form of "
+                 f"{kind}")
 
 
 def _reason(name: str, notes: list[str]) -> str | None:

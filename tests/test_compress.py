@@ -452,3 +452,5 @@ def test_a_layer_type_the_step_cannot_quantize_says_so():
     row = next(r for r in report.layers if r["module"] == "0")
     assert row["action"] == "keep float"
     assert row["reason"] == "this step has no quantized form of Conv1d"
+    note = "1 Conv1d layer(s) stay float (0): this step has no quantized form of Conv1d"
+    assert note in report.notes

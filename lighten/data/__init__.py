@@ -251,8 +251,14 @@ def _check_item(item, name: str, split: str, *, input_shape=None):
         raise DataError(f"{name} {split} items must be (x, y) pairs, got {type(item).__name__}")
     x, y = item
     if not isinstance(x, torch.Tensor) or not x.is_floating_point():
-        raise DataError(f"{name} {split} inputs must be float tensors, got "
-                        f"{getattr(x, 'dtype', type(x).__name__)}; convert with .float()")
+        dtype = getattr(x, "dtype", type(x).__name__)
+        hint = ("; token ids (a model starting with nn.Embedding) need a task whose inputs "
+                "are int64: data: {python: ..., task: {python: tasks.py:make}} returning a "
+                "lighten.task.ClassificationTask subclass with InputSpec(..., dtype=torch.int64)"
+                if isinstance(x, torch.Tensor) and not x.is_floating_point()
+                else "; convert with .float()")
+        raise DataError(f"{name} {split} inputs must be float tensors for image "
+                        f"classification, got {dtype}{hint}")
     if input_shape is not None and tuple(x.shape) != input_shape:
         raise DataError(f"{name} test inputs have shape {tuple(x.shape)} but train inputs "
                         f"{input_shape}; both splits must share one input shape")

@@ -120,6 +120,19 @@ def _check_ignore(model: nn.Module, ignore: list[str]) -> None:
     require_modules(model, ignore, key="ignore")
 
 
+def _unfuse(model: nn.Module, ignore: list[str], ctx: StepContext) -> None:
+    """PyTorch's fused transformer layers read their Linears' ``.weight`` directly (the fast
+    path), which a quantized replacement no longer has: their unfused forms first, as the
+    quant.* steps do."""
+    from lighten.quant.eligibility import unfuse_stock_blocks
+
+    _check_ignore(model, ignore)
+    notes: list[str] = []
+    unfuse_stock_blocks(model, notes, ignore)
+    for note in notes:
+        ctx.note(note)
+
+
 def _materialize(batches: Iterable | None) -> list:
     out = list(batches or ())
     if not out:
@@ -256,6 +269,7 @@ def llm_weight_only(model: nn.Module, cfg: LLMWeightOnlyConfig, ctx: StepContext
     batches = None if cfg.method == "rtn" else ctx.calibration_batches(cfg.calib_samples,
                                                                         cfg.batch_size)
     rows: list[dict] = []
+    _unfuse(model, cfg.ignore, ctx)
     result = quantize_llm_(model, cfg, batches, rows=rows, progress=ctx.progress)
     _record(ctx, rows, result, f"llm.weight_only {cfg.method} w{cfg.bits} g{cfg.group_size}")
     ctx.finetune(model, cfg.finetune)
@@ -296,6 +310,7 @@ def llm_smoothquant(model: nn.Module, cfg: LLMSmoothQuantConfig, ctx: StepContex
     """SmoothQuant W8A8 for LLM blocks: smoothed int8 weights, dynamic uint8 activations."""
     reduce_range = ctx.target.reduce_range if cfg.reduce_range is None else cfg.reduce_range
     rows: list[dict] = []
+    _unfuse(model, cfg.ignore, ctx)
     result = smoothquant_(model, cfg, ctx.calibration_batches(cfg.calib_samples, cfg.batch_size),
                           reduce_range=reduce_range, rows=rows, progress=ctx.progress)
     _record(ctx, rows, result, f"llm.smoothquant alpha {cfg.alpha}"

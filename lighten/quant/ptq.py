@@ -163,7 +163,9 @@ def quantize_ptq(model: nn.Module, cfg: PTQConfig, ctx: StepContext) -> nn.Modul
         ctx.note(message)
     record_quant_layers(ctx, before, model, notes, ignore=getattr(cfg, "ignore", ()))
     quantized = sum(isinstance(m, _QuantLayer) for m in model.modules())
-    ctx.note(f"quant.ptq: {quantized} layers int{cfg.bits} ({cfg.calibration} calibration, "
+    width = (f"int{cfg.bits}" if cfg.weight_bits in (None, cfg.bits)
+             else f"w{cfg.weight_bits}a{cfg.bits}")
+    ctx.note(f"quant.ptq: {quantized} layers {width} ({cfg.calibration} calibration, "
              f"{'per-channel' if cfg.per_channel else 'per-tensor'} weights)")
     return ctx.finetune(model, cfg.finetune)
 
