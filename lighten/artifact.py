@@ -140,31 +140,47 @@ def save_artifact(model: nn.Module, path: str | os.PathLike, *, model_spec: dict
         else:
             edits = derive_edits(model, source)
     parts, entries = _encode_state(model.state_dict())
-    coder = None
-    if getattr(model, ENTROPY_FLAG, False):  # encode.entropy: parts entropy-coded (ANS)
-        from lighten.encode.streams import CODER as coder
-        from lighten.encode.streams import code_parts
+    header = {"model_spec": model_spec, "input_shape": shape, "num_classes": num_classes,
+              "edits": edits, "meta": meta, "task": task}
+    coding = bool(getattr(model, ENTROPY_FLAG, False))  # encode.entropy: coded parts (ANS)
+    if coding:
+        header["entropy_coding"] = True  # asked for, coded or not: a reload keeps asking
+    data = _artifact_bytes(path, parts, entries, None, header)
+    if coding:
+        from lighten.encode.streams import CODER, code_parts
 
-        parts, entries, _ = code_parts(parts, entries)
+        coded = _artifact_bytes(path, *code_parts(parts, entries)[:2], CODER, header)
+        # a model of short streams can come out larger, counts tables and entries included:
+        # then the file stays as it was (the loader reads either)
+        data = coded if len(coded) < len(data) else data
+    return atomic_write_bytes(path, data)
+
+
+def _artifact_bytes(path, parts: dict, entries: dict, coder, header: dict) -> bytes:
+    """The artifact file's bytes: ``parts`` (tiny ones joined into one blob) and the manifest."""
+    from safetensors.torch import save
+
+    from lighten.verify import stream_digests
+
     tensors, blob_index = _join_tiny(parts)
     manifest = {
         "format": FORMAT, "version": VERSION,
-        "model_spec": model_spec, "input_shape": shape, "num_classes": num_classes,
-        "edits": edits,
+        "model_spec": header["model_spec"], "input_shape": header["input_shape"],
+        "num_classes": header["num_classes"], "edits": header["edits"],
         # dense tensors need no entry (their stored dtype and shape say it all) unless they are
         # float32 values stored as float16
         "tensors": {k: e for k, e in entries.items()
                     if e["encoding"] != "dense" or "#" in k or "stored_dtype" in e},
-        "meta": dict(meta or {}),  # a copy: the save time is taken out below
+        "meta": dict(header["meta"] or {}),  # a copy: the save time is taken out below
     }
-    if task:
-        manifest["task"] = task
+    if header["task"]:
+        manifest["task"] = header["task"]
+    if header.get("entropy_coding"):
+        manifest["entropy_coding"] = True
     if blob_index:
         manifest["blob"] = blob_index
     if coder:
         manifest["coder"] = coder
-    from lighten.verify import stream_digests
-
     manifest["sha256"] = stream_digests(tensors)  # `lighten verify` checks every stored byte
     saved_at = _pop_timestamp(manifest["meta"])
     try:
@@ -172,10 +188,7 @@ def save_artifact(model: nn.Module, path: str | os.PathLike, *, model_spec: dict
     except (TypeError, ValueError) as err:
         raise CheckpointError(f"cannot save {path}: manifest is not JSON ({err}); model_spec, "
                               "meta and artifact_config() must hold plain JSON values") from None
-    from safetensors.torch import save
-
-    data = save(tensors, metadata={"format": "pt", METADATA_KEY: _envelope(text, saved_at)})
-    return atomic_write_bytes(path, data)
+    return save(tensors, metadata={"format": "pt", METADATA_KEY: _envelope(text, saved_at)})
 
 
 def _envelope(text: str, saved_at: str | None = None) -> str:
@@ -439,7 +452,7 @@ def load_artifact(path: str | os.PathLike, *, model: nn.Module | None = None,
         raise CheckpointError(f"{path}: its tensors do not decode as its manifest says "
                               f"({type(err).__name__}: {str(err)[:120]}); the file is corrupt, "
                               "re-save it") from None
-    if coder:  # saved again, it stays entropy-coded
+    if coder or manifest.get("entropy_coding"):  # saved again, it stays entropy-coded
         setattr(model, ENTROPY_FLAG, True)
     _check_fits(path, model, state)
     _match_dtypes(model, state)

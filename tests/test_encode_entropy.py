@@ -190,3 +190,19 @@ def test_deep_compression_benchmark_renders_its_tables():
     assert "| dc | encode.entropy | 20,000 | 53.4× | 0.8900 | -0.40 | 0.9500 |" in text
     assert "| fc.weight#mask | bits | 1,000 | 125 | 0.320 | 0.300 | +6.67% |" in text
     assert callable(bench.main) and bench.__doc__
+
+
+def test_coding_never_makes_the_file_larger(tmp_path):
+    """Short streams: counts tables and entries would outweigh the saving, so the file is
+    written uncoded (the request is kept: a reload saved again still tries to code)."""
+    holder = nn.Module()
+    holder.register_buffer("w", torch.arange(40, dtype=torch.int8))
+    plain, coded = tmp_path / "plain.safetensors", tmp_path / "coded.safetensors"
+    save_artifact(holder, plain, model_spec=None)
+    setattr(holder, ENTROPY_FLAG, True)
+    save_artifact(holder, coded, model_spec=None)
+    assert coded.stat().st_size <= plain.stat().st_size + 64  # + the request in the manifest
+    skeleton = nn.Module()
+    skeleton.register_buffer("w", torch.zeros(40, dtype=torch.int8))
+    loaded, _ = load_artifact(coded, model=skeleton)
+    assert torch.equal(loaded.w, holder.w) and getattr(loaded, ENTROPY_FLAG) is True
