@@ -167,7 +167,6 @@ def compress(
 def _as_bundle(data) -> DataBundle | None:
     """A DataBundle, or the ``(train, test)`` pair of datasets a ``python:`` data hook returns."""
     from lighten.data import DataBundle, bundle_from_datasets
-    from lighten.errors import DataError
 
     if data is None or isinstance(data, DataBundle):
         return data
