@@ -130,3 +130,18 @@ def require_modules(model: nn.Module, names, *, key: str) -> None:
         hint = did_you_mean(unknown[0], known - {""})
         raise UnsupportedError(f"{key}: no module named {unknown[0]!r} in the model"
                                + (hint or f" (names look like {sorted(known - {''})[:3]})"))
+
+
+def bake_parametrizations_(model: nn.Module) -> list[str]:
+    """Fold every ``torch.nn.utils.parametrize`` parametrization (weight_norm, spectral_norm,
+    orthogonal) into a plain tensor, in place: compression works on the weight a layer computes
+    with, which only then is its ``weight`` Parameter. Returns "module.tensor" per fold."""
+    from torch.nn.utils import parametrize
+
+    baked = []
+    for name, module in list(model.named_modules()):
+        if parametrize.is_parametrized(module):
+            for tensor in list(module.parametrizations.keys()):
+                parametrize.remove_parametrizations(module, tensor, leave_parametrized=True)
+                baked.append(f"{name}.{tensor}" if name else tensor)
+    return baked

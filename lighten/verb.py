@@ -206,6 +206,7 @@ def run_step(model: nn.Module, config: BaseModel, ctx: StepContext) -> tuple[nn.
     _check_data(spec, config, None if isinstance(ctx.data, _NoData) else ctx.data)
     _check_float(spec, model)
     notes_at, layers_at = len(ctx.notes), len(ctx.layers)
+    _bake_parametrizations(model, spec.name, ctx)
     params_before, nonzero_before = count_params(model)
     ties = tied_groups(model)
     start = time.perf_counter()
@@ -233,6 +234,19 @@ def run_step(model: nn.Module, config: BaseModel, ctx: StepContext) -> tuple[nn.
                     notes=list(ctx.notes[notes_at:]), layers=list(ctx.layers[layers_at:]),
                     summary=summary)
     return result.eval(), report
+
+
+def _bake_parametrizations(model: nn.Module, step: str, ctx: StepContext) -> None:
+    """weight_norm / spectral_norm layers hide their weight behind a parametrization, so
+    sensitivity, clustering and energy would read the wrong tensor (a user's quant.mixed gave
+    such layers 2 bits): each becomes the plain weight it computes with, before the step."""
+    from lighten.modules import bake_parametrizations_
+
+    baked = bake_parametrizations_(model)
+    if baked:
+        more = f" and {len(baked) - 3} more" if len(baked) > 3 else ""
+        ctx.note(f"{step}: parametrized {', '.join(baked[:3])}{more} folded into plain "
+                 "weights (weight_norm / spectral_norm: the weight each layer computes with)")
 
 
 def _keep_ties(result: nn.Module, ties: list, step: str, ctx: StepContext) -> None:

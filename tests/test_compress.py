@@ -454,3 +454,26 @@ def test_a_layer_type_the_step_cannot_quantize_says_so():
     assert row["reason"] == "this step has no quantized form of Conv1d"
     note = "1 Conv1d layer(s) stay float (0): this step has no quantized form of Conv1d"
     assert note in report.notes
+
+
+def test_weight_normalized_layers_are_compressed_through_their_real_weight():
+    """quant.mixed read a weight_norm layer's hidden parameters (it gave them 2 bits); the
+    parametrizations are folded into plain weights first, outputs unchanged."""
+    from torch.nn.utils.parametrizations import weight_norm
+    from torch.utils.data import TensorDataset
+
+    g = torch.Generator().manual_seed(0)
+    pair = (TensorDataset(torch.randn(96, 16, generator=g), torch.arange(96) % 3),
+            TensorDataset(torch.randn(32, 16, generator=g), torch.arange(32) % 3))
+    torch.manual_seed(0)
+    model = nn.Sequential(weight_norm(nn.Linear(16, 32)), nn.ReLU(), nn.Linear(32, 3)).eval()
+    x = torch.randn(4, 16)
+    with torch.no_grad():
+        before = model(x)
+    mixed, report = compress(model, {"quant.mixed": {"budget_bytes": 0.5, "calib_samples": 32}},
+                             data=pair)
+    assert any("parametrized 0.weight folded into plain weights" in n for n in report.notes)
+    chosen = next(n for n in report.notes if "budget weight bytes" in n)
+    assert "0=8" in chosen  # every layer fits at 8 bits: not the 2 bits a hidden tensor drew
+    with torch.no_grad():
+        assert float((mixed(x) - before).abs().max()) < 0.1 * float(before.abs().max())

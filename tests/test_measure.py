@@ -265,3 +265,12 @@ def test_a_module_naming_its_integer_weights_has_them_counted():
             self.bias = nn.Parameter(torch.zeros(4))
 
     assert count_params(nn.Sequential(Codes())) == (16, 12)
+
+
+def test_a_weight_normalized_layer_counts_its_weight_in_the_energy():
+    from torch.nn.utils.parametrizations import weight_norm
+
+    plain = nn.Sequential(nn.Linear(16, 8))
+    normed = nn.Sequential(weight_norm(nn.Linear(16, 8)))
+    assert energy_estimate(normed, (16,)).pj_per_inference == pytest.approx(
+        energy_estimate(plain, (16,)).pj_per_inference)

@@ -51,6 +51,10 @@ def stored_weights(module: nn.Module) -> list[torch.Tensor]:
     ``weight*`` parameters, else its integer weight buffers."""
     params = [p for name, p in module.named_parameters(recurse=False)
               if name.startswith("weight")]
+    parametrized = getattr(module, "parametrizations", None)  # weight_norm, spectral_norm
+    if parametrized is not None:
+        params += [getattr(module, name) for name in parametrized.keys()
+                   if name.startswith("weight")]
     if params:
         return params
     return [_unpadded(module, name, b) for name, b in integer_weights(module)]
