@@ -167,6 +167,7 @@ def _write_started(out: Path, recipe: Recipe, digest: str, recipe_dict: dict, da
 def _execute(recipe, prepared: Prepared, out: Path, state, digest, recipe_dict, *, progress):
     from lighten.artifact import save_artifact
     from lighten.backends import get_backend
+    from lighten.modules import bake_parametrizations_
     from lighten.progress import line as progress_line
     from lighten.provenance import atomic_write_text, provenance
     from lighten.report import write_report
@@ -183,6 +184,12 @@ def _execute(recipe, prepared: Prepared, out: Path, state, digest, recipe_dict, 
     if "baseline" not in done:  # on resume the baseline comes from its artifact, noted before
         notes.append(f"baseline: {prepared.baseline_source}")
         notes.extend(shared_norm_notes(model, data.task.example_inputs(2)))
+        baked = bake_parametrizations_(model)  # trained with them; deployed as plain weights
+        if baked:  # (spectral_norm's power iteration does not even export to ONNX)
+            notes.append(f"baseline: parametrized {', '.join(baked[:3])}"
+                         f"{' ...' if len(baked) > 3 else ''} folded into plain weights after "
+                         "training (weight_norm / spectral_norm: the weight each layer computes "
+                         "with)")
         if recipe.measure.robustness and not data.task.perturbable:
             notes.append(f"robustness probes skipped: noise and shifts perturb images, not the "
                          f"inputs of a {data.task.kind} task")

@@ -281,6 +281,24 @@ def test_a_typo_in_the_first_steps_ignore_is_refused_before_the_baseline_trains(
     assert not (tmp_path / "out" / "stages" / "00-baseline.safetensors").exists()
 
 
+def test_a_spectral_norm_model_runs_through_export_and_reloads(tmp_path):
+    """spectral_norm's power iteration does not export to ONNX: the run folds the
+    parametrizations into plain weights after the baseline trains (it failed there before)."""
+    path = write_recipe(tmp_path, epochs=1)
+    (tmp_path / "net.py").write_text(
+        "from torch import nn\nfrom torch.nn.utils.parametrizations import spectral_norm\n\n\n"
+        "def build():\n    return nn.Sequential(spectral_norm(nn.Conv2d(1, 4, 3)), nn.ReLU(), "
+        "nn.Flatten(), spectral_norm(nn.Linear(4 * 6 * 6, 3)))\n")
+    result = runner.run_recipe(load_recipe(path), progress=False)
+    assert [r["stage"] for r in result.rows] == ["baseline", "prune.magnitude"]
+    assert any("folded into plain weights after training" in n for n in result.notes)
+    from lighten.artifact import load_artifact
+
+    for artifact in sorted((tmp_path / "out" / "stages").glob("*.safetensors")):
+        model, _ = load_artifact(artifact, trust=True)
+        assert model(torch.zeros(2, 1, 8, 8)).shape == (2, 3)
+
+
 # --- 5. measure and analyze read a python: data hook ---------------------------------------------
 
 @pytest.mark.parametrize("prefix", ["", "python:"])
