@@ -197,11 +197,12 @@ def _rest_at_defaults(module: nn.Module, args: tuple, kwargs: dict) -> bool:
 
     if len(args) == 1 and not kwargs:
         return True
+    signature = inspect.signature(module.forward)
     try:
-        bound = inspect.signature(module.forward).bind(*args, **kwargs)
+        bound = signature.bind(*args, **kwargs)
     except TypeError:
         return False
-    params = inspect.signature(module.forward).parameters
+    params = signature.parameters
     for name, value in list(bound.arguments.items())[1:]:
         default = params[name].default
         if default is inspect.Parameter.empty or not (value is default or (
